@@ -1,0 +1,279 @@
+"""Tiny models, tokenizers and preference data built locally: the offline default.
+
+``toy:llama`` / ``toy:qwen2`` as ``model`` and ``toy`` as ``data`` make
+``mlx-dpo train`` work on a fresh machine with no network. The model has random
+weights in Hugging Face format (``config.json`` + ``model.safetensors`` +
+tokenizer files), so it also exercises the real loading and export code.
+
+The synthetic preference task: a prompt lists a few words; the chosen reply
+repeats them, the rejected reply lists other words. A LoRA learns this quickly,
+so held-out reward accuracy shows whether training works.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from .io import atomic_directory, atomic_write_text
+
+WORDS = (
+    "apple banana cherry grape lemon mango olive peach pear plum "
+    "red blue green black white amber coral ivory olive pink "
+    "cat dog fox owl bee cow yak elk emu ant "
+    "sun moon star rain snow wind fog sky sea hill"
+).split()
+WORDS = list(dict.fromkeys(WORDS))
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+ARCHS = {
+    "llama": dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+    ),
+    "qwen2": dict(
+        architectures=["Qwen2ForCausalLM"],
+        model_type="qwen2",
+        hidden_act="silu",
+        tie_word_embeddings=True,
+        rope_theta=1000000.0,
+        use_sliding_window=False,
+    ),
+}
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+
+
+def toy_corpus(n: int = 2000, seed: int = 0) -> list:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        words = rng.sample(WORDS, rng.randint(2, 8))
+        lines.append("Repeat: " + " ".join(words) + ". Answer: " + " ".join(words) + ".")
+        lines.append("user\nassistant\nsystem\n" + " ".join(rng.sample(WORDS, 4)))
+    return lines
+
+
+def build_bpe_tokenizer(out_dir: Union[str, Path], vocab_size: int = 512) -> None:
+    """Train a byte-level BPE tokenizer with ``tokenizers`` and save it in HF format."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    out_dir = Path(out_dir)
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(toy_corpus(), trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    tok.save(str(out_dir / "tokenizer.json"))
+    _write_tokenizer_config(out_dir, "PreTrainedTokenizerFast", add_bos=True)
+
+
+def build_sentencepiece_tokenizer(out_dir: Union[str, Path], vocab_size: int = 400) -> None:
+    """Train a SentencePiece (``tokenizer.model``) tokenizer, Llama-style."""
+    import sentencepiece as spm
+
+    out_dir = Path(out_dir)
+    corpus = out_dir / ".corpus.txt"
+    corpus.write_text("\n".join(toy_corpus()))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(out_dir / "tokenizer"),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        user_defined_symbols=["<|im_start|>", "<|im_end|>"],
+        byte_fallback=True,
+        minloglevel=2,
+    )
+    corpus.unlink()
+    (out_dir / "tokenizer.vocab").unlink(missing_ok=True)
+    _write_tokenizer_config(out_dir, "LlamaTokenizer", add_bos=True)
+
+
+def _write_tokenizer_config(out_dir: Path, cls: str, add_bos: bool) -> None:
+    config = {
+        "tokenizer_class": cls,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+        "add_bos_token": add_bos,
+        "add_eos_token": False,
+        "model_max_length": 4096,
+        "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+    }
+    atomic_write_text(out_dir / "tokenizer_config.json", json.dumps(config, indent=2))
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    atomic_write_text(out_dir / "special_tokens_map.json", json.dumps(special, indent=2))
+
+
+def build_toy_model(
+    out_dir: Union[str, Path],
+    arch: str = "llama",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    vocab_size: Optional[int] = None,
+    tokenizer: str = "bpe",
+    seed: int = 0,
+    dtype: str = "float32",
+) -> Path:
+    """Write a random-weight ``arch`` model in Hugging Face format to ``out_dir``.
+
+    ``tokenizer`` is ``bpe`` (``tokenizer.json``) or ``sentencepiece`` (``tokenizer.model``).
+    The vocabulary is the tokenizer's, padded up to ``vocab_size`` if given.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown toy architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    import mlx.core as mx
+
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir, overwrite=True) as tmp:
+        if tokenizer == "bpe":
+            build_bpe_tokenizer(tmp)
+            n_tok = json.loads((tmp / "tokenizer.json").read_text())["model"]["vocab"].__len__()
+        elif tokenizer == "sentencepiece":
+            build_sentencepiece_tokenizer(tmp)
+            import sentencepiece as spm
+
+            n_tok = spm.SentencePieceProcessor(model_file=str(tmp / "tokenizer.model")).vocab_size()
+        else:
+            raise ValueError(f"tokenizer must be 'bpe' or 'sentencepiece', got {tokenizer!r}")
+        vocab = max(vocab_size or 0, n_tok)
+        head_dim = hidden_size // num_heads
+        config = dict(
+            ARCHS[arch],
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_attention_heads=num_heads,
+            num_hidden_layers=num_layers,
+            num_key_value_heads=num_kv_heads,
+            head_dim=head_dim,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-6,
+            vocab_size=vocab,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+            torch_dtype=dtype,
+            initializer_range=0.02,
+        )
+        atomic_write_text(tmp / "config.json", json.dumps(config, indent=2))
+        atomic_write_text(
+            tmp / "generation_config.json",
+            json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}, indent=2),
+        )
+        rng = np.random.default_rng(seed)
+
+        def w(*shape, std=0.02):
+            return mx.array(rng.normal(0.0, std, size=shape).astype(np.float32)).astype(getattr(mx, dtype))
+
+        kv = num_kv_heads * head_dim
+        weights = {"model.embed_tokens.weight": w(vocab, hidden_size), "model.norm.weight": mx.ones(hidden_size)}
+        if not config["tie_word_embeddings"]:
+            weights["lm_head.weight"] = w(vocab, hidden_size)
+        for i in range(num_layers):
+            p = f"model.layers.{i}."
+            weights.update(
+                {
+                    p + "self_attn.q_proj.weight": w(num_heads * head_dim, hidden_size),
+                    p + "self_attn.k_proj.weight": w(kv, hidden_size),
+                    p + "self_attn.v_proj.weight": w(kv, hidden_size),
+                    p + "self_attn.o_proj.weight": w(hidden_size, num_heads * head_dim),
+                    p + "mlp.gate_proj.weight": w(intermediate_size, hidden_size),
+                    p + "mlp.up_proj.weight": w(intermediate_size, hidden_size),
+                    p + "mlp.down_proj.weight": w(hidden_size, intermediate_size),
+                    p + "input_layernorm.weight": mx.ones(hidden_size),
+                    p + "post_attention_layernorm.weight": mx.ones(hidden_size),
+                }
+            )
+            if arch == "qwen2":
+                weights[p + "self_attn.q_proj.bias"] = w(num_heads * head_dim)
+                weights[p + "self_attn.k_proj.bias"] = w(kv)
+                weights[p + "self_attn.v_proj.bias"] = w(kv)
+        weights = {k: v.astype(getattr(mx, dtype)) for k, v in weights.items()}
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
+    return out_dir
+
+
+def toy_pairs(n: int, seed: int = 0) -> list:
+    """Synthetic preference pairs: the chosen reply repeats the prompt's words."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        k = rng.randint(2, 5)
+        words = rng.sample(WORDS, k)
+        others = rng.sample([x for x in WORDS if x not in words], k)
+        pairs.append(
+            {
+                "prompt": "Repeat: " + " ".join(words) + ". Answer:",
+                "chosen": " " + " ".join(words) + ".",
+                "rejected": " " + " ".join(others) + ".",
+            }
+        )
+    return pairs
+
+
+def write_jsonl(path: Union[str, Path], records: list) -> None:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def build_toy_dataset(out_dir: Union[str, Path], n_train: int = 512, n_valid: int = 64, seed: int = 0) -> Path:
+    """Write ``train.jsonl`` and ``valid.jsonl`` (mlx-lm layout) with disjoint pairs."""
+    out_dir = Path(out_dir)
+    pairs = toy_pairs(n_train + n_valid, seed)
+    with atomic_directory(out_dir, overwrite=True) as tmp:
+        write_jsonl(tmp / "train.jsonl", pairs[:n_train])
+        write_jsonl(tmp / "valid.jsonl", pairs[n_train:])
+    return out_dir
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MLX_DPO_CACHE", Path.home() / ".cache" / "mlx_dpo"))
+
+
+def resolve_toy_model(spec: str) -> Path:
+    """``toy:llama`` -> a cached local model directory, built on first use."""
+    arch = spec.split(":", 1)[1] or "llama"
+    path = cache_root() / "toy" / f"model-{arch}-v1"
+    if not (path / "model.safetensors").exists():
+        build_toy_model(path, arch=arch)
+    return path
+
+
+def resolve_toy_data() -> Path:
+    path = cache_root() / "toy" / "data-v1"
+    if not (path / "valid.jsonl").exists():
+        build_toy_dataset(path)
+    return path
