@@ -1,0 +1,304 @@
+"""Model loading, quantization and switchable LoRA/DoRA adapters.
+
+The reference model is the *same* module with its adapters switched off
+(``adapter_mode(model, "base")``) or switched to a frozen reference copy
+(``"reference"``): there is never a second copy of the base weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Iterator, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tuner.dora import DoRALinear
+from mlx_lm.tuner.lora import LoRALinear
+
+from .config import ConfigError, DPOConfig
+
+MODES = ("policy", "base", "reference")
+
+
+def on_cpu() -> bool:
+    return mx.default_device() == mx.cpu
+
+
+def base_linear(linear: nn.Module, x: mx.array) -> mx.array:
+    """``linear(x)``; on the CPU backend a quantized weight is de-quantized per call.
+
+    MLX's CPU ``quantized_matmul`` is ~30x slower than de-quantize + fp32 GEMM, so on
+    the CPU the weight stays quantized at rest and is expanded just for this matmul.
+    On Metal the fused quantized kernel is used.
+    """
+    if isinstance(linear, nn.QuantizedLinear) and on_cpu():
+        w = mx.dequantize(
+            linear.weight,
+            linear.scales,
+            linear.get("biases"),
+            group_size=linear.group_size,
+            bits=linear.bits,
+            mode=linear.mode,
+        ).astype(x.dtype)
+        y = x @ w.T
+        return y + linear.bias if "bias" in linear else y
+    return linear(x)
+
+
+class SwitchableLoRALinear(LoRALinear):
+    """mlx-lm's ``LoRALinear`` (same parameter names and file format) whose adapter
+    can be switched off (``mode = "base"``) or switched to a frozen reference copy
+    (``mode = "reference"``, using ``ref_lora_a`` / ``ref_lora_b``).
+
+    ``y = W x + scale * B A dropout(x)`` (Hu et al. 2021, arXiv:2106.09685).
+    """
+
+    mode = "policy"
+
+    def __call__(self, x):
+        y = base_linear(self.linear, x)
+        if self.mode == "base":
+            return y
+        if self.mode == "reference":
+            a, b = self.ref_lora_a, self.ref_lora_b
+        else:
+            a, b, x = self.lora_a, self.lora_b, self.dropout(x)
+        return y + (self.scale * ((x @ a) @ b)).astype(x.dtype)
+
+
+class SwitchableDoRALinear(DoRALinear):
+    """mlx-lm's ``DoRALinear`` with the same switch (Liu et al. 2024, arXiv:2402.09353):
+    ``y = m * (W + scale B A) x / ||W + scale B A||_row``."""
+
+    mode = "policy"
+
+    def __call__(self, x):
+        if self.mode == "base":
+            return base_linear(self.linear, x)
+        if self.mode == "reference":
+            a, b, m = self.ref_lora_a, self.ref_lora_b, self.ref_m
+        else:
+            a, b, m = self.lora_a, self.lora_b, self.m
+        w = self._dequantized_weight()
+        z = ((self.dropout(x) if self.mode == "policy" else x) @ a) @ b
+        out = x @ w.T + (self.scale * z).astype(x.dtype)
+        denom = mx.stop_gradient(mx.linalg.norm(w + (self.scale * b.T) @ a.T, axis=1))
+        out = (m / denom).astype(x.dtype) * out
+        return out + self.linear.bias if "bias" in self.linear else out
+
+
+ADAPTER_CLASSES = (SwitchableLoRALinear, SwitchableDoRALinear)
+
+
+def adapter_layers(model: nn.Module) -> list:
+    return [m for _, m in model.named_modules() if isinstance(m, ADAPTER_CLASSES)]
+
+
+@contextlib.contextmanager
+def adapter_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    """Temporarily run ``model`` as ``policy``, ``base`` (adapters off) or ``reference``.
+
+    Inside ``mx.compile`` the mode is read at trace time, so a compiled step can run
+    the policy and the reference in one graph.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}")
+    layers = adapter_layers(model)
+    previous = [layer.mode for layer in layers]
+    for layer in layers:
+        layer.mode = mode
+    try:
+        yield
+    finally:
+        for layer, old in zip(layers, previous):
+            layer.mode = old
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def resolve_model_path(model: str, revision: Optional[str] = None) -> Path:
+    """A local directory, ``toy:<arch>`` (built locally), or a Hub id downloaded
+    with ``huggingface_hub`` into the normal HF cache."""
+    if model.startswith("toy:"):
+        from .toy import resolve_toy_model
+
+        return resolve_toy_model(model)
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model: {path} has no config.json (expected a Hugging Face or MLX model directory)")
+        return path
+    if model.count("/") != 1 or model.startswith((".", "/", "~")):
+        raise ConfigError(f"model: {model!r} is neither an existing directory nor a Hub id (org/name)")
+    from mlx_lm.utils import _download
+
+    return _download(model, revision=revision)
+
+
+def compute_dtype(cfg: DPOConfig) -> Optional[mx.Dtype]:
+    if cfg.compute_dtype != "auto":
+        return getattr(mx, cfg.compute_dtype)
+    return mx.float32 if on_cpu() else None  # bf16/fp16 matmul are slow on the CPU backend
+
+
+def load_model(cfg: DPOConfig) -> Tuple[nn.Module, object, Path]:
+    """Load model + tokenizer (mlx-lm), optionally quantize, cast, freeze.
+
+    Returns ``(model, tokenizer, model_path)``; no adapters are attached yet.
+    """
+    from mlx_lm.utils import load_model as mlx_load_model
+    from mlx_lm.utils import load_tokenizer, quantize_model
+
+    path = resolve_model_path(cfg.model, cfg.revision)
+    model, model_config = mlx_load_model(path, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = load_tokenizer(path, {"trust_remote_code": cfg.trust_remote_code} if cfg.trust_remote_code else None,
+                               eos_token_ids=model_config.get("eos_token_id"))
+    dtype = compute_dtype(cfg)
+    if dtype is not None:
+        cast_floats(model, dtype)
+    if cfg.quantize is not None:
+        if "quantization" in model_config:
+            raise ConfigError(f"model: {path} is already quantized; remove the quantize option")
+        model, _ = quantize_model(model, dict(model_config), cfg.quantize["group_size"], cfg.quantize["bits"])
+    disable_dropout(model)
+    model.freeze()
+    mx.eval(model.parameters())
+    return model, tokenizer, path
+
+
+def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
+    params = [
+        (k, v.astype(dtype)) for k, v in tree_flatten(model.parameters())
+        if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype
+    ]
+    if params:
+        model.load_weights(params, strict=False)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """TRL's ``disable_dropout``: the base model's dropout is off during DPO."""
+    found = [(name, nn.Identity()) for name, m in model.named_modules() if isinstance(m, nn.Dropout)]
+    if found:
+        model.update_modules(tree_unflatten(found))
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+def linear_keys(block: nn.Module) -> list:
+    return sorted(k for k, m in block.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear)))
+
+
+def add_adapters(model: nn.Module, cfg: DPOConfig) -> int:
+    """Attach switchable LoRA/DoRA layers to ``cfg.target_modules`` of the last
+    ``cfg.num_layers`` blocks. Returns the number of adapted blocks."""
+    blocks = model.layers
+    n = len(blocks) if cfg.num_layers < 0 else min(cfg.num_layers, len(blocks))
+    keys = set(cfg.target_modules)
+    available = set(linear_keys(blocks[0]))
+    missing = keys - available
+    if missing:
+        raise ConfigError(
+            f"lora_target_modules: {sorted(missing)} not found in the model's blocks; "
+            f"available: {sorted(available)}"
+        )
+    cls = SwitchableDoRALinear if cfg.adapter == "dora" else SwitchableLoRALinear
+    for block in blocks[len(blocks) - n:]:
+        layers = [
+            (k, cls.from_base(m, r=cfg.lora_rank, dropout=cfg.lora_dropout, scale=cfg.lora_scale))
+            for k, m in block.named_modules() if k in keys
+        ]
+        block.update_modules(tree_unflatten(layers))
+    model.freeze()
+    for layer in adapter_layers(model):
+        layer.unfreeze(keys=["lora_a", "lora_b", "m"], recurse=False, strict=False)
+    return n
+
+
+def setup_full_finetune(model: nn.Module, cfg: DPOConfig) -> int:
+    """Full fine-tuning of the last ``num_layers`` blocks (everything else frozen)."""
+    blocks = model.layers
+    n = len(blocks) if cfg.num_layers < 0 else min(cfg.num_layers, len(blocks))
+    model.freeze()
+    for block in blocks[len(blocks) - n:]:
+        if any(isinstance(m, nn.QuantizedLinear) for _, m in block.named_modules()):
+            raise ConfigError("train_type: full needs a non-quantized model (remove quantize)")
+        block.unfreeze()
+    return n
+
+
+def adapter_config(cfg: DPOConfig, num_layers: int, base_model: str) -> dict:
+    """mlx-lm's ``adapter_config.json`` so ``mlx_lm.generate --adapter-path`` works."""
+    return {
+        "fine_tune_type": "full" if cfg.train_type == "full" else cfg.adapter,
+        "num_layers": num_layers,
+        "lora_parameters": {
+            "rank": cfg.lora_rank,
+            "scale": cfg.lora_scale,
+            "dropout": cfg.lora_dropout,
+            "keys": list(cfg.target_modules),
+        },
+        "model": base_model,
+        "base_model": base_model,
+        "lora_alpha": cfg.lora_alpha,
+        "trainer": "mlx-dpo",
+    }
+
+
+def trainable_weights(model: nn.Module) -> dict:
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def load_adapter_weights(model: nn.Module, adapter_dir: Path, into: str = "policy") -> None:
+    """Load ``adapters.safetensors`` into the policy adapter (``lora_a``...) or into the
+    frozen reference copy (``ref_lora_a``...)."""
+    weights = mx.load(str(Path(adapter_dir) / "adapters.safetensors"))
+    params = dict(tree_flatten(model.parameters()))
+    renamed = []
+    for name, w in weights.items():
+        prefix, leaf = name.rsplit(".", 1)
+        target = name if into == "policy" else f"{prefix}.ref_{leaf}"
+        if target not in params:
+            raise ConfigError(f"{adapter_dir}: tensor {name} does not match this model's adapters "
+                              f"(check lora_rank, lora_target_modules, num_layers against its adapter_config.json)")
+        if params[target].shape != w.shape:
+            raise ConfigError(f"{adapter_dir}: {name} has shape {tuple(w.shape)}, expected {tuple(params[target].shape)}")
+        renamed.append((target, w.astype(params[target].dtype)))
+    model.load_weights(renamed, strict=False)
+
+
+def add_reference_copy(model: nn.Module) -> None:
+    """Give every adapter a frozen ``ref_*`` copy of its current weights."""
+    for layer in adapter_layers(model):
+        layer.ref_lora_a = mx.array(layer.lora_a)
+        layer.ref_lora_b = mx.array(layer.lora_b)
+        if isinstance(layer, SwitchableDoRALinear):
+            layer.ref_m = mx.array(layer.m)
+        layer.freeze(keys=[k for k in ("ref_lora_a", "ref_lora_b", "ref_m") if k in layer], recurse=False)
+
+
+def read_adapter_config(adapter_dir: Path) -> dict:
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        raise ConfigError(f"{adapter_dir}: no adapter_config.json (expected an mlx-lm adapter directory)")
+    return json.loads(path.read_text())
+
+
+def count_parameters(model: nn.Module) -> Tuple[int, int]:
+    """(total parameters as if de-quantized, trainable parameters)."""
+    total = sum(m.weight.size * 32 // m.bits for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear))
+    total += sum(v.size for k, v in tree_flatten(model.parameters())
+                 if v.dtype != mx.uint32 and not k.endswith((".scales", ".biases")) and ".ref_" not in k)
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    return total, trainable
+
+
+__all__ = [
+    "SwitchableLoRALinear", "SwitchableDoRALinear", "adapter_mode", "adapter_layers", "load_model",
+    "add_adapters", "setup_full_finetune", "adapter_config", "trainable_weights", "load_adapter_weights",
+    "add_reference_copy", "read_adapter_config", "resolve_model_path", "count_parameters",
+]
