@@ -1,16 +1,73 @@
-"""The ``mlx-dpo`` command line: a thin layer over the Python API."""
+"""The ``mlx-dpo`` command line: a thin layer over the Python API.
+
+Every ``DPOConfig`` field is also a command-line option (``--beta 0.2``,
+``--loss-type ipo``); the command line wins over ``--config FILE.yaml``, which
+wins over the defaults.
+"""
 
 from __future__ import annotations
 
 import sys
+import typing
+from dataclasses import fields
 
 import click
 
+from .config import ALIASES, ConfigError, DPOConfig
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+def config_options(func):
+    """Add one ``--option`` per config field (and per TRL alias)."""
+    hints = typing.get_type_hints(DPOConfig)
+    for f in reversed(fields(DPOConfig)):
+        name = f.name.replace("_", "-")
+        aliases = [f"--{a.replace('_', '-')}" for a, target in ALIASES.items() if target == f.name]
+        if hints[f.name] is bool:
+            func = click.option(f"--{name}/--no-{name}", f.name, default=None, help=f"(config: {f.name})")(func)
+        else:
+            func = click.option(f"--{name}", *aliases, f.name, default=None, metavar="VALUE",
+                                help=f"(config: {f.name})")(func)
+    return func
+
+
+def _overrides(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _fail(e: Exception) -> None:
+    click.echo(f"error: {e}", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="mlx-dpo")
 def main():
     """Preference fine-tuning (DPO and friends) with QLoRA on MLX."""
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML recipe (see configs/).")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in output_dir.")
+@click.option("--overwrite", is_flag=True, help="Replace a finished run in output_dir.")
+@config_options
+def train(config_file, resume, overwrite, **kwargs):
+    """Train LoRA/DoRA adapters (or chosen layers) with a DPO-family loss."""
+    from .config import resolve_config
+    from .data import DataError
+    from .trainer import DPOTrainer, NonFiniteError
+
+    overrides = _overrides(kwargs)
+    if resume:
+        overrides.setdefault("resume_from_checkpoint", "latest")
+    if overwrite:
+        overrides["overwrite_output_dir"] = True
+    try:
+        cfg = resolve_config(config_file, **overrides)
+        result = DPOTrainer(cfg).train()
+    except (ConfigError, DataError, NonFiniteError, FileNotFoundError) as e:
+        _fail(e)
+    summary = {k: round(v, 4) for k, v in result.eval_metrics.items() if k in ("eval_loss", "eval_rewards/accuracies")}
+    click.echo(f"saved adapters to {result.output_dir} {summary if summary else ''}")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,12 @@ class SwitchableLoRALinear(LoRALinear):
 
     mode = "policy"
 
+    @classmethod
+    def from_base(cls, linear, r=8, dropout=0.0, scale=20.0):
+        layer = LoRALinear.from_base(linear, r=r, dropout=dropout, scale=scale)
+        layer.__class__ = cls
+        return layer
+
     def __call__(self, x):
         y = base_linear(self.linear, x)
         if self.mode == "base":
@@ -74,6 +80,12 @@ class SwitchableDoRALinear(DoRALinear):
     ``y = m * (W + scale B A) x / ||W + scale B A||_row``."""
 
     mode = "policy"
+
+    @classmethod
+    def from_base(cls, linear, r=8, dropout=0.0, scale=20.0):
+        layer = DoRALinear.from_base(linear, r=r, dropout=dropout, scale=scale)
+        layer.__class__ = cls
+        return layer
 
     def __call__(self, x):
         if self.mode == "base":

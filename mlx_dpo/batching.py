@@ -1,0 +1,126 @@
+"""Batches of preference pairs: length-grouped, resumable order, bucketed shapes.
+
+Each pair's chosen and rejected sequences go through ONE forward pass: a batch of
+``B`` pairs is a ``(2B, L)`` token array, rows ``[0:B]`` = prompt + chosen and rows
+``[B:2B]`` = prompt + rejected, right-padded. Lengths are rounded up to a small
+set of buckets so ``mx.compile`` sees a handful of shapes per run, not one per step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+
+from .data import TokenizedPair
+
+
+def bucket_length(n: int, minimum: int = 32) -> int:
+    """Round ``n`` up to the next bucket: multiples of ``minimum`` up to 4x it, then
+    steps of a quarter of the next power of two (at most ~25% padding)."""
+    if n <= 4 * minimum:
+        return max(minimum, math.ceil(n / minimum) * minimum)
+    step = 2 ** (math.ceil(math.log2(n)) - 2)
+    return math.ceil(n / step) * step
+
+
+@dataclass
+class Batch:
+    """Host-side arrays of one batch (numpy; the step converts them to ``mx.array``).
+
+    - ``tokens``   (2B, L) int32: prompt + completion, right-padded
+    - ``positions`` (2B, T) int32: index of the hidden state that predicts each completion token
+    - ``targets``  (2B, T) int32: the completion tokens
+    - ``mask``     (2B, T) float32: 1 for real completion tokens
+    - ``indices``  (B,) dataset indices of the pairs (for precomputed reference log-probs)
+    """
+
+    tokens: np.ndarray
+    positions: np.ndarray
+    targets: np.ndarray
+    mask: np.ndarray
+    indices: np.ndarray
+    num_tokens: int
+
+    @property
+    def num_pairs(self) -> int:
+        return self.tokens.shape[0] // 2
+
+    def arrays(self) -> Dict[str, np.ndarray]:
+        return {"tokens": self.tokens, "positions": self.positions, "targets": self.targets, "mask": self.mask}
+
+
+def collate(pairs: List[TokenizedPair], indices: List[int], pad_id: int = 0, bucket: int = 32) -> Batch:
+    rows = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+    # Inputs are the sequence minus its last token; hidden state t predicts token t + 1.
+    seq_len = bucket_length(max(len(a) + len(b) for a, b in rows) - 1, bucket)
+    comp_len = bucket_length(max(len(b) for _, b in rows), min(bucket, 16))
+    n = len(rows)
+    tokens = np.full((n, seq_len), pad_id, dtype=np.int32)
+    positions = np.zeros((n, comp_len), dtype=np.int32)
+    targets = np.zeros((n, comp_len), dtype=np.int32)
+    mask = np.zeros((n, comp_len), dtype=np.float32)
+    num_tokens = 0
+    for i, (prompt, completion) in enumerate(rows):
+        seq = prompt + completion
+        tokens[i, : len(seq) - 1] = seq[:-1]
+        k = len(completion)
+        positions[i, :k] = np.arange(len(prompt) - 1, len(seq) - 1)
+        targets[i, :k] = completion
+        mask[i, :k] = 1.0
+        num_tokens += len(seq)
+    return Batch(tokens, positions, targets, mask, np.asarray(indices, dtype=np.int64), num_tokens)
+
+
+@dataclass
+class SamplerState:
+    epoch: int = 0
+    index: int = 0  # batches of this epoch already consumed
+    seed: int = 0
+
+
+class BatchSampler:
+    """Pairs grouped by length into batches of exactly ``batch_size`` (the remainder of
+    an epoch is dropped, as mlx-lm does); the batch order is shuffled per epoch with
+    ``seed + epoch``, so the order can be resumed exactly from ``(epoch, index)``."""
+
+    def __init__(self, pairs: List[TokenizedPair], batch_size: int, seed: int, shuffle: bool = True):
+        if len(pairs) < batch_size:
+            raise ValueError(f"{len(pairs)} training pairs is fewer than batch_size {batch_size}")
+        self.pairs = pairs
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.state = SamplerState(seed=seed)
+        order = sorted(range(len(pairs)), key=lambda i: (pairs[i].length, i))
+        self.groups = [order[i: i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def epoch_order(self, epoch: int) -> List[int]:
+        if not self.shuffle:
+            return list(range(len(self.groups)))
+        return list(np.random.default_rng(self.state.seed + epoch).permutation(len(self.groups)))
+
+    def __iter__(self) -> Iterator[List[int]]:
+        while True:
+            order = self.epoch_order(self.state.epoch)
+            while self.state.index < len(order):
+                group = self.groups[order[self.state.index]]
+                self.state.index += 1
+                yield group
+            self.state.epoch += 1
+            self.state.index = 0
+
+
+def eval_batches(pairs: List[TokenizedPair], batch_size: int, max_batches: int = -1) -> Iterator[List[int]]:
+    """Every eval pair once, grouped by length; the last batch may be smaller."""
+    order = sorted(range(len(pairs)), key=lambda i: (pairs[i].length, i))
+    groups = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    return iter(groups if max_batches < 0 else groups[:max_batches])
+
+
+def batch_of(pairs: List[TokenizedPair], indices: List[int], pad_id: int = 0, bucket: Optional[int] = None) -> Batch:
+    return collate([pairs[i] for i in indices], indices, pad_id, bucket or 32)
