@@ -1,0 +1,587 @@
+"""Preference losses (DPO and friends), TRL-compatible, traceable by ``mx.compile``.
+
+Notation for every loss below (all shapes ``(B,)``, one entry per pair):
+
+    c, r     policy log-prob of the chosen / rejected completion
+    rc, rr   reference log-prob of the same (0 when reference-free)
+    cl = c - rc,  rl = r - rr                 (chosen / rejected log-ratios)
+    h  = cl - rl = (c - r) - (rc - rr)        (the DPO "logits")
+    b  = beta,  eps = label_smoothing,  logsig = log sigmoid
+
+Two layers:
+
+* :func:`preference_loss` -- a pure function on per-sequence log-probs with the semantics
+  of TRL's ``DPOTrainer.dpo_loss`` (v0.2x), returning ``(losses, chosen_rewards,
+  rejected_rewards)``.
+* :func:`batch_loss` -- what the compiled training step calls: reduces token log-probs
+  (sum / mean / LD-DPO), mixes several losses (MPO), adds NLL terms (RPO, CPO, ORPO),
+  WPO weights, and returns the scalar loss, TRL-named metrics and the new loss state.
+
+``LOSSES`` is the one table from name to loss function; aliases point at the same function.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib
+import math
+from typing import Callable, Optional
+
+import mlx.core as mx
+
+from .config import ConfigError
+
+logsig = lambda x: -mx.logaddexp(0.0, -x)  # noqa: E731  log sigmoid, stable for large |x|
+
+
+def _loss(reduction="sum", reference_free=False, options=(), nll=None):
+    """Attach metadata to a loss: the log-prob reduction it uses, whether it needs a
+    reference model, which optional settings it understands, and its NLL weight
+    (``None``, ``"one"`` or the config field holding it)."""
+
+    def deco(fn):
+        fn.reduction, fn.reference_free, fn.options, fn.nll = reduction, reference_free, options, nll
+        return fn
+
+    return deco
+
+
+def _smoothed_sigmoid(x, eps):
+    """-(1-eps) logsig(x) - eps logsig(-x): the (conservative) logistic loss."""
+    return -(1 - eps) * logsig(x) - eps * logsig(-x)
+
+
+def _exp_cap(dtype) -> float:
+    """TRL's ``get_exp_cap``: log(dtype max) floored to 4 decimals (88.7228 for float32)."""
+    return math.floor(math.log(float(mx.finfo(dtype).max)) * 1e4) / 1e4
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses with a reference model. Signature: (c, r, rc, rr, beta, **options) -> per-pair losses.
+# ---------------------------------------------------------------------------------------------
+
+
+@_loss(options=("label_smoothing", "f_divergence_type"))
+def sigmoid(c, r, rc, rr, beta, label_smoothing=0.0, f_divergence_type="reverse_kl", f_alpha_divergence_coef=1.0, **_):
+    """DPO, Rafailov et al. 2023 (arXiv:2305.18290); with eps > 0 conservative DPO (cDPO,
+    Mitchell 2023). f-DPO (Wang et al. 2023, arXiv:2309.16240) swaps the divergence:
+
+        loss = -(1-eps) logsig(b h') - eps logsig(-b h')
+        reverse_kl:        h' = h
+        js_divergence:     h' = h - (softplus(cl) - softplus(rl))
+        alpha_divergence:  h' = (exp(-a rl) - exp(-a cl)) / a,  a = f_alpha_divergence_coef
+                           (exponents capped at log(dtype max), as TRL's cap_exp)
+    """
+    cl, rl = c - rc, r - rr
+    if f_divergence_type == "alpha_divergence":
+        a, cap = f_alpha_divergence_coef, _exp_cap(cl.dtype)
+        h = (mx.exp(mx.minimum(-a * rl, cap)) - mx.exp(mx.minimum(-a * cl, cap))) / a
+    elif f_divergence_type == "js_divergence":
+        h = cl - rl - (mx.logaddexp(0.0, cl) - mx.logaddexp(0.0, rl))
+    else:
+        h = cl - rl
+    return _smoothed_sigmoid(beta * h, label_smoothing)
+
+
+@_loss()
+def hinge(c, r, rc, rr, beta, **_):
+    """SLiC hinge, Zhao et al. 2023 (arXiv:2305.10425); RSO, Liu et al. 2023 (arXiv:2309.06657):
+
+        loss = relu(1 - b h)
+    """
+    return mx.maximum(1 - beta * ((c - rc) - (r - rr)), 0.0)
+
+
+@_loss(reduction="mean")
+def ipo(c, r, rc, rr, beta, **_):
+    """IPO, Azar et al. 2023 (arXiv:2310.12036), eq. 17, on *average* token log-probs:
+
+        loss = (h - 1/(2b))^2
+    """
+    return ((c - rc) - (r - rr) - 1 / (2 * beta)) ** 2
+
+
+@_loss(options=("label_smoothing",))
+def robust(c, r, rc, rr, beta, label_smoothing=0.0, **_):
+    """Robust DPO, Chowdhury et al. 2024 (arXiv:2403.00409), unbiased under flip rate eps:
+
+        loss = (-(1-eps) logsig(b h) + eps logsig(-b h)) / (1 - 2 eps)
+    """
+    x, eps = beta * ((c - rc) - (r - rr)), label_smoothing
+    return (-(1 - eps) * logsig(x) + eps * logsig(-x)) / (1 - 2 * eps)
+
+
+@_loss(options=("label_smoothing",))
+def exo_pair(c, r, rc, rr, beta, label_smoothing=0.0, **_):
+    """EXO (pairwise), Ji et al. 2024 (arXiv:2402.00856), eq. 16; eps = label_smoothing or
+    1e-3 when it is 0 (as TRL):
+
+        loss = sig(b h) (logsig(b h) - log(1-eps)) + sig(-b h) (logsig(-b h) - log eps)
+    """
+    x = beta * ((c - rc) - (r - rr))
+    eps = label_smoothing or 1e-3
+    return mx.sigmoid(x) * (logsig(x) - math.log(1 - eps)) + mx.sigmoid(-x) * (logsig(-x) - math.log(eps))
+
+
+@_loss()
+def nca_pair(c, r, rc, rr, beta, **_):
+    """NCA (pairwise), Chen et al. 2024 (arXiv:2402.05369):
+
+        loss = -logsig(b cl) - 0.5 logsig(-b cl) - 0.5 logsig(-b rl)
+    """
+    x, y = beta * (c - rc), beta * (r - rr)
+    return -logsig(x) - 0.5 * logsig(-x) - 0.5 * logsig(-y)
+
+
+@_loss()
+def bco_pair(c, r, rc, rr, beta, bco_mean=None, **_):
+    """BCO (pairwise), Jung et al. 2024 (arXiv:2404.04656), with reward shift delta:
+
+        loss = -logsig(b cl - delta) - logsig(-(b rl - delta))
+
+    ``delta`` (``bco_mean``) is TRL's RunningMoments mean of the batch-mean reward,
+    *including* this batch (see :func:`update_bco_state`); if not given, this batch's mean
+    reward (what TRL uses on its first step).
+    """
+    x, y = beta * (c - rc), beta * (r - rr)
+    if bco_mean is None:
+        bco_mean = mx.stop_gradient(mx.concatenate([x, y]).mean())
+    return -logsig(x - bco_mean) - logsig(-(y - bco_mean))
+
+
+@_loss()
+def sppo_hard(c, r, rc, rr, beta, **_):
+    """SPPO with hard win probabilities, Wu et al. 2024 (arXiv:2405.00675), eq. 4.7 with P=1/0:
+
+        loss = (cl - 1/(2b))^2 + (rl + 1/(2b))^2
+    """
+    return (c - rc - 0.5 / beta) ** 2 + (r - rr + 0.5 / beta) ** 2
+
+
+@_loss(options=("label_smoothing",))
+def aot(c, r, rc, rr, beta, label_smoothing=0.0, **_):
+    """AOT (paired), Melnyk et al. 2024 (arXiv:2406.05882): logistic loss on the sorted
+    quantiles of the policy and reference margins (couples the whole batch):
+
+        d = sort(c - r) - sort(rc - rr);  loss = -(1-eps) logsig(b d) - eps logsig(-b d)
+    """
+    d = mx.sort(c - r, axis=0) - mx.sort(rc - rr, axis=0)
+    return _smoothed_sigmoid(beta * d, label_smoothing)
+
+
+@_loss(options=("label_smoothing",))
+def aot_unpaired(c, r, rc, rr, beta, label_smoothing=0.0, **_):
+    """AOT (unpaired), Melnyk et al. 2024 (arXiv:2406.05882); TRL's ``aot_pair`` (renamed):
+
+        d = sort(cl) - sort(rl);  loss = -(1-eps) logsig(b d) - eps logsig(-b d)
+    """
+    d = mx.sort(c - rc, axis=0) - mx.sort(r - rr, axis=0)
+    return _smoothed_sigmoid(beta * d, label_smoothing)
+
+
+@_loss()
+def apo_zero(c, r, rc, rr, beta, **_):
+    """APO-zero, D'Oosterlinck et al. 2024 (arXiv:2408.06266), eq. 7 (raise chosen, lower rejected):
+
+        loss = 1 - sig(b cl) + sig(b rl)
+    """
+    return 1 - mx.sigmoid(beta * (c - rc)) + mx.sigmoid(beta * (r - rr))
+
+
+@_loss()
+def apo_down(c, r, rc, rr, beta, **_):
+    """APO-down, D'Oosterlinck et al. 2024 (arXiv:2408.06266), eq. 8 (lower both, rejected more):
+
+        loss = sig(b cl) + 1 - sig(b h)
+    """
+    cl, rl = c - rc, r - rr
+    return mx.sigmoid(beta * cl) + 1 - mx.sigmoid(beta * (cl - rl))
+
+
+@_loss(options=("discopop_tau",))
+def discopop(c, r, rc, rr, beta, discopop_tau=0.05, **_):
+    """DiscoPOP (log-ratio modulated loss), Lu et al. 2024 (arXiv:2406.08414), eq. 5:
+
+        x = b h;  m = sig(x / tau);  loss = (1-m) (-logsig(x)) + m exp(-x)
+    """
+    x = beta * ((c - rc) - (r - rr))
+    m = mx.sigmoid(x / discopop_tau)
+    return (1 - m) * -logsig(x) + m * mx.exp(-x)
+
+
+@_loss()
+def kto_pair(c, r, rc, rr, beta, **_):
+    """Paired KTO as in TRL 0.8, Ethayarajh et al. 2024 (arXiv:2402.01306), HALOs eq. 7; the KL
+    reference point of each side is the batch mean log-ratio of the *other* side (not detached):
+
+        KLc = max(mean(cl), 0),  KLr = max(mean(rl), 0)
+        loss = ((1 - sig(b (cl - KLr))) + (1 - sig(b (KLc - rl)))) / 2
+
+    (TRL concatenates the two halves into 2B losses; averaging per pair gives the same mean.)
+    """
+    cl, rl = c - rc, r - rr
+    kl_c, kl_r = mx.maximum(cl.mean(), 0.0), mx.maximum(rl.mean(), 0.0)
+    return ((1 - mx.sigmoid(beta * (cl - kl_r))) + (1 - mx.sigmoid(beta * (kl_c - rl)))) / 2
+
+
+@_loss(reduction="mean")
+def sigmoid_norm(c, r, rc, rr, beta, **_):
+    """Length-normalised DPO (Tulu 3, Lambert et al. 2024, arXiv:2411.15124; TRL ``sigmoid_norm``):
+    DPO on average token log-probs,
+
+        loss = -logsig(b h)   with c, r, rc, rr per-token means
+    """
+    return -logsig(beta * ((c - rc) - (r - rr)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference-free losses (rc, rr are ignored).
+# ---------------------------------------------------------------------------------------------
+
+
+@_loss(reduction="mean", reference_free=True, options=("label_smoothing",))
+def simpo(c, r, rc, rr, beta, label_smoothing=0.0, simpo_gamma=0.5, **_):
+    """SimPO, Meng et al. 2024 (arXiv:2405.14734), on average token log-probs, margin gamma
+    (= torchtune SimPOLoss = TRL CPO loss_type="simpo" with cpo_alpha=0):
+
+        x = b (c - r) - gamma;  loss = -(1-eps) logsig(x) - eps logsig(-x)
+    """
+    return _smoothed_sigmoid(beta * (c - r - simpo_gamma / beta), label_smoothing)
+
+
+@_loss(reference_free=True, options=("label_smoothing",), nll="cpo_alpha")
+def cpo(c, r, rc, rr, beta, label_smoothing=0.0, **_):
+    """CPO, Xu et al. 2024 (arXiv:2401.08417), eq. 3 (TRL CPOTrainer loss_type="sigmoid"):
+
+        loss = -(1-eps) logsig(b (c - r)) - eps logsig(-b (c - r))   + cpo_alpha * NLL(chosen)
+    """
+    return _smoothed_sigmoid(beta * (c - r), label_smoothing)
+
+
+@_loss(reduction="mean", reference_free=True, nll="one")
+def orpo(c, r, rc, rr, beta, **_):
+    """ORPO, Hong et al. 2024 (arXiv:2403.07691), eqs. 4-7; c, r are average token log-probs,
+    beta is the paper's lambda:
+
+        log_odds = (c - r) - (log(1 - e^c) - log(1 - e^r))
+        loss = -b logsig(log_odds)   + NLL(chosen)
+    """
+    log_odds = (c - r) - (mx.log(-mx.expm1(c)) - mx.log(-mx.expm1(r)))
+    return -beta * logsig(log_odds)
+
+
+LOSSES: dict[str, Callable] = {
+    "sigmoid": sigmoid,
+    "cdpo": sigmoid,
+    "hinge": hinge,
+    "rso": hinge,
+    "ipo": ipo,
+    "robust": robust,
+    "exo_pair": exo_pair,
+    "nca_pair": nca_pair,
+    "bco_pair": bco_pair,
+    "sppo_hard": sppo_hard,
+    "aot": aot,
+    "aot_unpaired": aot_unpaired,
+    "aot_pair": aot_unpaired,
+    "apo_zero": apo_zero,
+    "apo_down": apo_down,
+    "discopop": discopop,
+    "kto_pair": kto_pair,
+    "sigmoid_norm": sigmoid_norm,
+    "simpo": simpo,
+    "cpo": cpo,
+    "orpo": orpo,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The pure, TRL-compatible function.
+# ---------------------------------------------------------------------------------------------
+
+
+def preference_loss(
+    chosen_logps,
+    rejected_logps,
+    ref_chosen_logps=None,
+    ref_rejected_logps=None,
+    loss_type="sigmoid",
+    beta=0.1,
+    label_smoothing=0.0,
+    reference_free=False,
+    f_divergence_type="reverse_kl",
+    f_alpha_divergence_coef=1.0,
+    discopop_tau=0.05,
+    **extra,
+):
+    """Per-pair losses and implicit rewards, as TRL's ``DPOTrainer.dpo_loss``.
+
+    ``loss_type`` is a name in :data:`LOSSES` (or a callable with this signature).
+    Reference log-probs may be ``None`` for reference-free losses or ``reference_free=True``
+    (an implicit reference that gives every completion the same probability).
+    ``extra``: ``simpo_gamma`` (simpo), ``bco_mean`` (bco_pair running mean).
+
+    Returns ``(losses, chosen_rewards, rejected_rewards)``, each ``(B,)``; rewards are
+    ``beta * (logps - ref_logps)`` (``beta * logps`` when reference-free) and carry no gradient.
+    """
+    if callable(loss_type):
+        return loss_type(
+            chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta,
+            label_smoothing=label_smoothing, reference_free=reference_free, f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, **extra,
+        )
+    fn = LOSSES[loss_type]
+    c, r = chosen_logps, rejected_logps
+    if reference_free or fn.reference_free or ref_chosen_logps is None:
+        if not (reference_free or fn.reference_free):
+            raise ValueError(f"loss '{loss_type}' needs reference log-probs (or reference_free=True)")
+        rc, rr = mx.zeros_like(c), mx.zeros_like(r)
+    else:
+        rc, rr = ref_chosen_logps, ref_rejected_logps
+    losses = fn(
+        c, r, rc, rr, beta, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, **extra,
+    )
+    chosen_rewards = mx.stop_gradient(beta * (c - rc))
+    rejected_rewards = mx.stop_gradient(beta * (r - rr))
+    return losses, chosen_rewards, rejected_rewards
+
+
+def update_bco_state(state: dict, chosen_rewards, rejected_rewards) -> dict:
+    """One TRL ``RunningMoments.update`` with the scalar batch-mean reward (count grows by 1):
+
+        count' = count + 1;  mean' = mean + (x - mean) / count'
+
+    (TRL starts count at 1e-24 instead of 0: identical up to a 1e-24 relative difference.)
+    """
+    x = mx.stop_gradient(mx.concatenate([chosen_rewards, rejected_rewards]).mean())
+    count = state["bco_count"] + 1
+    mean = state["bco_running_mean"] + (x - state["bco_running_mean"]) / count
+    return {**state, "bco_running_mean": mean, "bco_count": count}
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom losses and loss metadata.
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_loss(name_or_callable) -> Callable:
+    """A callable with :func:`preference_loss`'s signature for a built-in name, a
+    ``"pkg.module:function"`` string (imported now) or a callable (returned as is).
+
+    Custom losses are called as ``fn(c, r, rc, rr, beta=..., label_smoothing=...,
+    reference_free=..., f_divergence_type=..., f_alpha_divergence_coef=..., discopop_tau=...,
+    simpo_gamma=...)`` and must return ``(losses, chosen_rewards, rejected_rewards)``.
+    Optional attributes: ``fn.reduction`` ("sum" | "mean" | "ld", default "sum") and
+    ``fn.reference_free`` (default False).
+    """
+    if callable(name_or_callable):
+        return name_or_callable
+    name = str(name_or_callable)
+    if name in LOSSES:
+        return functools.partial(preference_loss, loss_type=name)
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"loss_type '{name}': cannot import {attr} from {module} ({e})") from None
+        if not callable(fn):
+            raise ConfigError(f"loss_type '{name}' is not callable")
+        return fn
+    close = difflib.get_close_matches(name, sorted(LOSSES), n=1, cutoff=0.0)
+    raise ConfigError(
+        f"unknown loss_type '{name}'; did you mean '{close[0]}'? "
+        f"(known: {', '.join(sorted(LOSSES))}; or 'pkg.module:function' for a custom loss)"
+    )
+
+
+def _info(name_or_callable):
+    """(reduction, reference_free, options, nll) of a built-in or custom loss."""
+    fn = LOSSES.get(name_or_callable) if isinstance(name_or_callable, str) else None
+    if fn is None:
+        fn = resolve_loss(name_or_callable)
+        return getattr(fn, "reduction", "sum"), getattr(fn, "reference_free", False), None, None
+    return fn.reduction, fn.reference_free, fn.options, fn.nll
+
+
+def _reduction(name, cfg) -> str:
+    red = _info(name)[0]
+    return "ld" if red == "sum" and getattr(cfg, "ld_alpha", None) is not None else red
+
+
+def _loss_weights(cfg) -> list:
+    return list(cfg.loss_weights) if cfg.loss_weights is not None else [1.0] * len(cfg.loss_types)
+
+
+def reductions(cfg) -> list:
+    """Per-sequence reductions the configured loss(es) need, in order: sum, mean or ld
+    (LD-DPO replaces "sum" when ``ld_alpha`` is set). The reference dict passed to
+    :func:`batch_loss` must hold these keys."""
+    out = []
+    for name in cfg.loss_types:
+        red = _reduction(name, cfg)
+        if red not in out:
+            out.append(red)
+    return out
+
+
+def needs_reference(cfg) -> bool:
+    """False when ``reference_free`` is set or every configured loss is reference-free."""
+    return not cfg.reference_free and not all(_info(name)[1] for name in cfg.loss_types)
+
+
+def init_loss_state(cfg) -> dict:
+    """State carried between steps (bco_pair's running reward mean); {} if none is needed."""
+    if any(isinstance(n, str) and LOSSES.get(n) is bco_pair for n in cfg.loss_types):
+        return {"bco_running_mean": mx.array(0.0), "bco_count": mx.array(0.0)}
+    return {}
+
+
+def validate_loss_config(cfg) -> None:
+    """Raise :class:`ConfigError` for loss settings that cannot work together."""
+    names = cfg.loss_types
+    if not names:
+        raise ConfigError("loss_type is empty")
+    if len(set(map(str, names))) != len(names):
+        raise ConfigError(f"loss_type {names} repeats a name; give each loss once and weight it with loss_weights")
+    if cfg.loss_weights is not None and len(cfg.loss_weights) != len(names):
+        raise ConfigError(f"loss_weights has {len(cfg.loss_weights)} entries but loss_type has {len(names)}")
+    if cfg.beta <= 0:
+        raise ConfigError(f"beta must be > 0, got {cfg.beta}")
+    ld_alpha = getattr(cfg, "ld_alpha", None)
+    if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
+        raise ConfigError(f"ld_alpha must be in [0, 1], got {ld_alpha}")
+    if cfg.f_divergence_type == "alpha_divergence" and cfg.f_alpha_divergence_coef == 0:
+        raise ConfigError("f_alpha_divergence_coef must be non-zero for alpha_divergence")
+    for name in names:
+        resolve_loss(name)  # unknown names and custom imports fail here
+        red, _, options, nll = _info(name)
+        if red not in ("sum", "mean", "ld"):
+            raise ConfigError(f"custom loss {name}: reduction must be sum, mean or ld, got {red!r}")
+        if options is None:  # custom: it decides what it uses
+            continue
+        if cfg.label_smoothing > 0 and "label_smoothing" not in options:
+            raise ConfigError(
+                f"label_smoothing={cfg.label_smoothing} has no effect with loss_type '{name}'; it applies to "
+                "sigmoid (cDPO), robust, exo_pair, aot, aot_unpaired, simpo, cpo"
+            )
+        if name == "robust" and cfg.label_smoothing >= 0.5:
+            raise ConfigError("robust needs label_smoothing < 0.5 (it divides by 1 - 2*label_smoothing)")
+        if cfg.f_divergence_type != "reverse_kl" and "f_divergence_type" not in options:
+            raise ConfigError(
+                f"f_divergence_type={cfg.f_divergence_type} only applies to loss_type 'sigmoid', not '{name}'"
+            )
+        if cfg.use_weighting and name in ("aot", "aot_unpaired", "aot_pair"):
+            raise ConfigError(f"use_weighting (WPO) cannot be used with '{name}': it sorts the batch, so its "
+                              "losses no longer belong to one pair")
+        if ld_alpha is not None and red == "mean":
+            raise ConfigError(f"ld_alpha (LD-DPO) reweights summed log-probs; '{name}' uses average log-probs")
+        if nll is not None and cfg.rpo_alpha is not None:
+            raise ConfigError(f"rpo_alpha adds an NLL term; '{name}' already has one")
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch level: used inside the compiled training step.
+# ---------------------------------------------------------------------------------------------
+
+
+def reduce_logps(token_logps, mask, name, cfg):
+    """Reduce ``(2B, T)`` token log-probs (0 where mask == 0; rows [0:B] chosen, [B:2B]
+    rejected) to ``(2B,)``:
+
+        sum:   sum_t lp_t
+        mean:  sum_t lp_t / n                                   (n = completion tokens)
+        ld:    sum_{k <= l_p} lp + ld_alpha * sum_{k > l_p} lp  (LD-DPO, arXiv:2409.06411)
+
+    where k counts completion tokens from 1 and l_p = min(n_chosen, n_rejected) of the pair.
+    """
+    if name == "sum":
+        return token_logps.sum(-1)
+    if name == "mean":
+        return token_logps.sum(-1) / mx.maximum(mask.sum(-1), 1.0)
+    if name == "ld":
+        n = mask.sum(-1)
+        half = n.shape[0] // 2
+        shared = mx.minimum(n[:half], n[half:])
+        shared = mx.concatenate([shared, shared])[:, None]
+        front = (mx.cumsum(mask, axis=1) <= shared) * mask
+        return (token_logps * front).sum(-1) + cfg.ld_alpha * (token_logps * (mask - front)).sum(-1)
+    raise ValueError(f"unknown reduction {name!r}")
+
+
+def batch_loss(policy: dict, ref: Optional[dict], cfg, state: dict):
+    """Scalar loss, metrics and new state for one batch of B pairs.
+
+    ``policy``: token_logps, mask (2B, T); logits_sum (2B,); wpo_adjust (2B, T) if use_weighting.
+    ``ref``: {reduction: (2B,) reference log-probs} or None when reference-free.
+
+        loss = mean_i( w_i * (sum_k lw_k loss_k,i + rpo_alpha * NLL) ) + sum_k lw_k nll_k * NLL
+
+    with lw = loss_weights, w = WPO weights (1 without use_weighting), nll_k = cpo_alpha (cpo),
+    1 (orpo), 0 otherwise; NLL = mean cross-entropy over all chosen completion tokens.
+    """
+    tl, mask = policy["token_logps"], policy["mask"]
+    B = tl.shape[0] // 2
+    nll = -tl[:B].sum() / mx.maximum(mask[:B].sum(), 1.0)
+    reference_free = cfg.reference_free or ref is None
+    if ref is None and needs_reference(cfg):
+        raise ValueError("batch_loss: the configured loss needs reference log-probs (ref is None)")
+
+    reduced = {}
+    pair_loss, extra_loss, chosen_rewards, rejected_rewards = 0.0, 0.0, 0.0, 0.0
+    first_logps, has_nll, new_state = None, cfg.rpo_alpha is not None, dict(state)
+    for name, weight in zip(cfg.loss_types, _loss_weights(cfg)):
+        _, ref_free, _, nll_kind = _info(name)
+        red = _reduction(name, cfg)
+        if red not in reduced:
+            reduced[red] = reduce_logps(tl, mask, red, cfg)
+        c, r = reduced[red][:B], reduced[red][B:]
+        first_logps = reduced[red] if first_logps is None else first_logps
+        if ref_free or reference_free:
+            rc, rr = mx.zeros_like(c), mx.zeros_like(r)
+        elif red not in ref:
+            raise KeyError(f"batch_loss: ref has no '{red}' log-probs; build ref for every name in reductions(cfg)")
+        else:
+            rc, rr = ref[red][:B], ref[red][B:]
+        extra = {"simpo_gamma": cfg.simpo_gamma}
+        if isinstance(name, str) and LOSSES.get(name) is bco_pair:
+            new_state = update_bco_state(new_state, cfg.beta * (c - rc), cfg.beta * (r - rr))
+            extra["bco_mean"] = new_state["bco_running_mean"]
+        losses, cw, rw = preference_loss(
+            c, r, rc, rr, loss_type=name if isinstance(name, str) and name in LOSSES else resolve_loss(name),
+            beta=cfg.beta, label_smoothing=cfg.label_smoothing, reference_free=reference_free,
+            f_divergence_type=cfg.f_divergence_type, f_alpha_divergence_coef=cfg.f_alpha_divergence_coef,
+            discopop_tau=cfg.discopop_tau, **extra,
+        )
+        pair_loss = pair_loss + weight * losses
+        chosen_rewards = chosen_rewards + weight * cw  # TRL sums weighted rewards over losses
+        rejected_rewards = rejected_rewards + weight * rw
+        if nll_kind is not None:
+            has_nll = True
+            extra_loss = extra_loss + weight * (cfg.cpo_alpha if nll_kind == "cpo_alpha" else 1.0) * nll
+
+    if cfg.rpo_alpha is not None:
+        pair_loss = pair_loss + cfg.rpo_alpha * nll
+    if cfg.use_weighting:
+        per_seq = ((tl - policy["wpo_adjust"]) * mask).sum(-1) / mx.maximum(mask.sum(-1), 1.0)
+        pair_loss = pair_loss * mx.stop_gradient(mx.minimum(mx.exp(per_seq[:B] + per_seq[B:]), 1.0))
+    loss = pair_loss.mean() + extra_loss
+
+    sg = mx.stop_gradient
+    chosen_rewards, rejected_rewards = sg(chosen_rewards), sg(rejected_rewards)
+    logits_sum = sg(policy["logits_sum"])
+    metrics = {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).astype(mx.float32).mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": sg(first_logps[:B]).mean(),
+        "logps/rejected": sg(first_logps[B:]).mean(),
+        "logits/chosen": logits_sum[:B].sum() / mx.maximum(mask[:B].sum(), 1.0),
+        "logits/rejected": logits_sum[B:].sum() / mx.maximum(mask[B:].sum(), 1.0),
+    }
+    if has_nll:
+        metrics["nll_loss"] = sg(nll)
+    return loss, metrics, new_state
