@@ -70,5 +70,53 @@ def train(config_file, resume, overwrite, **kwargs):
     click.echo(f"saved adapters to {result.output_dir} {summary if summary else ''}")
 
 
+
+@main.command()
+@click.option("--adapter-path", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Training run directory (adapters.safetensors + adapter_config.json).")
+@click.option("--output", "-o", required=True, type=click.Path(), help="Directory to create.")
+@click.option("--model", default=None, help="Base model (default: the one recorded in the run).")
+@click.option("--format", "fmt", type=click.Choice(["hf", "mlx", "peft"]), default="hf", show_default=True,
+              help="hf: merged transformers model; mlx: merged mlx-lm model; peft: PEFT adapter.")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+              help="Weight dtype (default float16; float32 for peft).")
+@click.option("--verify", is_flag=True, help="Compare the export's logits with the MLX model's.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--upload-repo", default=None, metavar="USER/NAME", help="Then upload to this Hub repository.")
+@click.option("--private", is_flag=True, help="With --upload-repo: create the repository private.")
+def export(adapter_path, output, model, fmt, dtype, verify, overwrite, upload_repo, private):
+    """Export a run: merged HF/MLX model or PEFT adapter (atomic)."""
+    from .export import ExportError
+    from .export import export as run_export
+
+    try:
+        run_export(adapter_path, output, model=model, format=fmt, dtype=dtype, verify=verify, overwrite=overwrite)
+    except (ExportError, ConfigError, FileNotFoundError) as e:
+        _fail(e)
+    if upload_repo:
+        _upload(output, upload_repo, private=private)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--repo-id", required=True, metavar="USER/NAME", help="Hub repository (created if missing).")
+@click.option("--private", is_flag=True, help="Create the repository private.")
+@click.option("--revision", default=None, help="Branch to upload to (created if missing).")
+@click.option("--dry-run", is_flag=True, help="List what would be uploaded; upload nothing.")
+def upload(folder, repo_id, private, revision, dry_run):
+    """Upload an exported directory to the Hugging Face Hub with a model card.
+
+    The token comes from HF_TOKEN or `huggingface-cli login`."""
+    _upload(folder, repo_id, private=private, revision=revision, dry_run=dry_run)
+
+
+def _upload(folder, repo_id, **kwargs):
+    from .hub import upload as hub_upload
+
+    try:
+        hub_upload(folder, repo_id, **kwargs)
+    except Exception as e:  # hub errors (auth, network, permissions) carry no token
+        _fail(e)
+
 if __name__ == "__main__":
     sys.exit(main())
