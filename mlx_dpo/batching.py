@@ -19,10 +19,10 @@ from .data import TokenizedPair
 
 def bucket_length(n: int, minimum: int = 32) -> int:
     """Round ``n`` up to the next bucket: multiples of ``minimum`` up to 4x it, then
-    steps of a quarter of the next power of two (at most ~25% padding)."""
+    steps of an eighth of the next power of two (at most 25% padding)."""
     if n <= 4 * minimum:
         return max(minimum, math.ceil(n / minimum) * minimum)
-    step = 2 ** (math.ceil(math.log2(n)) - 2)
+    step = 2 ** (math.ceil(math.log2(n)) - 3)
     return math.ceil(n / step) * step
 
 

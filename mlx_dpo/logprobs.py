@@ -10,6 +10,7 @@ chunk's logits instead of keeping them).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Dict
 
 import mlx.core as mx
@@ -75,9 +76,10 @@ def completion_logps(model: nn.Module, batch: Dict[str, mx.array], with_wpo: boo
     n, t = targets.shape
     vocab = model.args.vocab_size if hasattr(model, "args") and hasattr(model.args, "vocab_size") else 1 << 16
     step = max(1, min(t, MAX_LOGIT_ELEMENTS // max(1, n * vocab))) if chunked else t
-    if step < t:
-        score = mx.checkpoint(score)
-    parts = [score(h[:, i: i + step], targets[:, i: i + step]) for i in range(0, t, step)]
+    parts = []
+    for i in range(0, t, step):
+        fn = partial(score, t_chunk=targets[:, i: i + step])  # targets are constants, not inputs
+        parts.append((mx.checkpoint(fn) if step < t else fn)(h[:, i: i + step]))
     outs = [mx.concatenate(p, axis=1) if len(p) > 1 else p[0] for p in zip(*parts)]
     result = {
         "token_logps": outs[0] * mask,

@@ -5,9 +5,10 @@
 weights in Hugging Face format (``config.json`` + ``model.safetensors`` +
 tokenizer files), so it also exercises the real loading and export code.
 
-The synthetic preference task: a prompt lists a few words; the chosen reply
-repeats them, the rejected reply lists other words. A LoRA learns this quickly,
-so held-out reward accuracy shows whether training works.
+The synthetic preference task: a prompt lists a few fruit and colour words; the
+chosen reply repeats them, the rejected reply lists animals and weather words. A
+LoRA learns this within a hundred steps, so held-out reward accuracy shows whether
+training works.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ WORDS = (
     "sun moon star rain snow wind fog sky sea hill"
 ).split()
 WORDS = list(dict.fromkeys(WORDS))
+PROMPT_WORDS, OTHER_WORDS = WORDS[:19], WORDS[19:]
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -233,8 +235,8 @@ def toy_pairs(n: int, seed: int = 0) -> list:
     pairs = []
     for _ in range(n):
         k = rng.randint(2, 5)
-        words = rng.sample(WORDS, k)
-        others = rng.sample([x for x in WORDS if x not in words], k)
+        words = rng.sample(PROMPT_WORDS, k)
+        others = rng.sample(OTHER_WORDS, k)
         pairs.append(
             {
                 "prompt": "Repeat: " + " ".join(words) + ". Answer:",
@@ -273,7 +275,7 @@ def resolve_toy_model(spec: str) -> Path:
 
 
 def resolve_toy_data() -> Path:
-    path = cache_root() / "toy" / "data-v1"
+    path = cache_root() / "toy" / "data-v2"
     if not (path / "valid.jsonl").exists():
         build_toy_dataset(path)
     return path

@@ -49,4 +49,4 @@ def llama_sp_dir(tmp_path_factory):
 def toy_data_dir(tmp_path_factory):
     from mlx_dpo.toy import build_toy_dataset
 
-    return build_toy_dataset(tmp_path_factory.mktemp("data") / "toy", n_train=64, n_valid=16)
+    return build_toy_dataset(tmp_path_factory.mktemp("data") / "toy", n_train=256, n_valid=32)
