@@ -221,7 +221,9 @@ def resolve_source(spec: str, subset: Optional[str] = None) -> Path:
         try:
             return Path(snapshot_download(repo_id=spec, repo_type="dataset", allow_patterns=patterns))
         except Exception as e:  # network, auth, offline mode without a cached copy, unknown repo
-            raise DataError(f"data: could not fetch dataset '{spec}' from the Hugging Face Hub: {e}") from None
+            raise DataError(
+                f"data: '{spec}' is not a local path, and fetching it as a Hugging Face Hub dataset failed: {e}"
+            ) from None
     raise DataError(f"data: {spec} does not exist (expected a file, a directory or a Hub dataset id org/name)")
 
 
@@ -312,10 +314,9 @@ def _json_rows(path: Path, text: str) -> List[Row]:
         if e.msg == "Extra data":  # JSON Lines saved as .json, common on the Hub
             return _jsonl_rows(path, text)
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-    if isinstance(data, dict):
-        return [Row(f"{path}:1", data)]
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a list of records, got {type(data).__name__}")
+        found = f"an object with keys {', '.join(map(str, data))}" if isinstance(data, dict) else type(data).__name__
+        raise DataError(f"{path}: expected a list of records (or JSON Lines), got {found}")
     rows = []
     for i, record in enumerate(data):
         if not isinstance(record, dict):
@@ -774,7 +775,10 @@ def load_datasets(cfg: DPOConfig, tokenizer, log=print) -> Tuple[List[TokenizedP
         stats = {"train": train_stats, "eval": eval_stats}
         source = ""
         if train:
-            save_cache(path, train, evals, stats)
+            try:
+                save_cache(path, train, evals, stats)
+            except OSError as e:  # a read-only cache only costs re-tokenizing next time
+                log(f"warning: could not cache the tokenized data at {path}: {e}")
     for name in ("train", "eval"):
         if stats.get(name):
             log(_summary(name, stats[name]) + source)

@@ -361,7 +361,7 @@ def test_hub_download_failure_is_a_data_error(bpe_tok, tmp_path, monkeypatch):
         raise OSError("offline")
 
     monkeypatch.setattr(data_mod, "snapshot_download", download)
-    with pytest.raises(DataError, match="could not fetch dataset 'org/missing'.*offline"):
+    with pytest.raises(DataError, match="'org/missing' is not a local path, and fetching it as a Hugging Face Hub dataset failed: offline"):
         load(bpe_tok, tmp_path, data="org/missing")
 
 
@@ -464,9 +464,12 @@ def test_bad_json_and_parquet_records_are_named_by_index(bpe_tok, tmp_path):
     (tmp_path / "d.json").write_text(json.dumps([PAIR, PAIR, {**PAIR, "prompt": 7}]))
     with pytest.raises(DataError, match=r"d.json record index 2: field 'prompt' must be a string, got int"):
         load(bpe_tok, tmp_path, data=str(tmp_path / "d.json"))
-    (tmp_path / "e.json").write_text('{"a": 1')
+    (tmp_path / "e.json").write_text('[{"a": 1')
     with pytest.raises(DataError, match=r"e.json:1: malformed JSON"):
         load(bpe_tok, tmp_path, data=str(tmp_path / "e.json"))
+    (tmp_path / "f.json").write_text(json.dumps({"prompt": ["a"], "chosen": ["b"], "rejected": ["c"]}))
+    with pytest.raises(DataError, match=r"f.json: expected a list of records \(or JSON Lines\), got an object with keys prompt"):
+        load(bpe_tok, tmp_path, data=str(tmp_path / "f.json"))
     path = write_parquet(tmp_path / "d.parquet", [PAIR, {**PAIR, "chosen": None}])
     with pytest.raises(DataError, match=r"d.parquet record index 1: field 'chosen' must be a string, got null"):
         load(bpe_tok, tmp_path, data=str(path))
