@@ -1,0 +1,131 @@
+"""Precomputed reference log-probabilities (TRL's ``precompute_ref_log_probs``).
+
+One inference pass over the train and eval pairs computes the reference
+log-probs (base with adapters off, or base + frozen reference adapter) reduced as
+the loss needs them, and stores them on disk keyed by (model, reference adapter,
+tokenized data, reductions). Training then skips the reference forward; a second
+run with the same key loads the file and runs no reference forward at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, List
+
+import mlx.core as mx
+import numpy as np
+
+from . import losses
+from .batching import collate, eval_batches
+from .data import TokenizedPair
+from .io import atomic_write_bytes
+from .logprobs import completion_logps
+from .model import adapter_mode
+
+if TYPE_CHECKING:
+    from .trainer import DPOTrainer
+
+CACHE_VERSION = 1
+
+
+def _hash_file(h, path: Path) -> None:
+    """Small files by content; weight files by name, size and mtime (cheap for 8B models)."""
+    st = path.stat()
+    if st.st_size < (1 << 20):
+        h.update(path.read_bytes())
+    else:
+        h.update(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+
+
+def cache_key(trainer: "DPOTrainer", pairs: List[TokenizedPair]) -> str:
+    cfg = trainer.cfg
+    h = hashlib.sha256()
+    model_path = Path(trainer.model_path)
+    if model_path.is_dir():
+        for p in sorted(model_path.glob("*.safetensors")) + sorted(model_path.glob("config.json")):
+            _hash_file(h, p)
+    else:
+        h.update(str(model_path).encode())
+    if trainer.reference_mode == "reference" and cfg.ref_adapter_path:
+        _hash_file(h, Path(cfg.ref_adapter_path) / "adapters.safetensors")
+    settings = {
+        "version": CACHE_VERSION, "model": cfg.model, "quantize": cfg.quantize, "compute_dtype": cfg.compute_dtype,
+        "reference": trainer.reference_mode, "train_type": cfg.train_type, "reductions": trainer.reductions,
+        "ld_alpha": cfg.ld_alpha, "prefix_sharing": cfg.prefix_sharing,
+    }
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for p in pairs:
+        h.update(np.asarray(p.prompt + [-1] + p.chosen + [-2] + p.rejected + [-3], dtype=np.int64).tobytes())
+    return h.hexdigest()[:32]
+
+
+def cache_file(trainer: "DPOTrainer", key: str) -> Path:
+    from .toy import cache_root
+
+    root = Path(trainer.cfg.cache_dir).expanduser() if trainer.cfg.cache_dir else cache_root()
+    return root / "ref_logps" / f"{key}.npz"
+
+
+def compute_reference_logps(trainer: "DPOTrainer", pairs: List[TokenizedPair]) -> Dict[str, np.ndarray]:
+    """Reference log-probs of ``pairs``: ``{reduction: (N, 2)}`` with columns (chosen, rejected)."""
+    cfg, model = trainer.cfg, trainer.model
+    mode = "base" if cfg.train_type == "full" else trainer.reference_mode
+
+    @partial(mx.compile, inputs=[model.state])
+    def forward(batch):
+        with adapter_mode(model, mode):
+            out = completion_logps(model, batch)
+        return {r: losses.reduce_logps(out["token_logps"], out["mask"], r, cfg) for r in trainer.reductions}
+
+    result = {r: np.zeros((len(pairs), 2), dtype=np.float32) for r in trainer.reductions}
+    batch_size = cfg.precompute_ref_batch_size or cfg.eval_batch_size or cfg.batch_size
+    was_training = model.training
+    model.eval()
+    groups = list(eval_batches(pairs, batch_size))
+    for indices in _progress(groups, trainer):
+        batch = collate([pairs[i] for i in indices], indices, trainer.pad_id)
+        out = forward({k: mx.array(v) for k, v in batch.arrays().items()})
+        mx.eval(out)
+        n = len(indices)
+        for r, values in out.items():
+            values = np.array(values)
+            result[r][indices, 0] = values[:n]
+            result[r][indices, 1] = values[n:]
+    trainer.reference_forwards = getattr(trainer, "reference_forwards", 0) + len(groups)
+    model.train(was_training)
+    return result
+
+
+def precompute_reference_logps(trainer: "DPOTrainer", pairs: List[TokenizedPair], split: str) -> Dict[str, np.ndarray]:
+    """Load the cached reference log-probs for ``pairs``, or compute and cache them."""
+    key = cache_key(trainer, pairs)
+    path = cache_file(trainer, key)
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as f:
+            cached = {r: f[r] for r in trainer.reductions if r in f.files}
+        if len(cached) == len(trainer.reductions) and all(v.shape == (len(pairs), 2) for v in cached.values()):
+            trainer.log(f"{split}: reference log-probs loaded from {path}")
+            return cached
+    if trainer.cfg.train_type == "full" and trainer.step > 0:
+        raise RuntimeError(
+            f"reference log-probs for full fine-tuning must come from the initial weights, but {path} is missing "
+            "after training started; restore the cache or start the run again")
+    trainer.log(f"{split}: precomputing reference log-probs for {len(pairs)} pairs")
+    result = compute_reference_logps(trainer, pairs)
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **result)
+    atomic_write_bytes(path, buf.getvalue())
+    return result
+
+
+def _progress(items, trainer):
+    if not trainer.cfg.progress_bar:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc="reference log-probs", leave=False)

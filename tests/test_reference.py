@@ -1,0 +1,183 @@
+"""Reference-model strategies: base, frozen SFT adapter, precomputed, TR-DPO, reference-free, full FT."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from mlx.utils import tree_flatten
+
+from mlx_dpo.batching import collate
+from mlx_dpo.cli import main
+from mlx_dpo.config import ConfigError, DPOConfig
+from mlx_dpo.logprobs import completion_logps
+from mlx_dpo.model import adapter_config, adapter_layers, add_adapters, load_model
+from mlx_dpo.trainer import DPOTrainer
+
+QUIET = dict(log=lambda *a: None)
+
+
+def cfg_for(model_dir, data_dir, tmp_path, **kw):
+    values = dict(model=str(model_dir), data=str(data_dir), output_dir=str(tmp_path / "run"), max_steps=4,
+                  batch_size=4, learning_rate=1e-2, logging_steps=2, eval_steps=0, progress_bar=False, seed=0)
+    values.update(kw)
+    return DPOConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def sft_adapter(llama_dir, tmp_path_factory):
+    """An mlx-lm adapter directory with non-zero LoRA weights (stands in for an SFT run)."""
+    cfg = DPOConfig(model=str(llama_dir))
+    model, _, _ = load_model(cfg)
+    n = add_adapters(model, cfg)
+    for i, layer in enumerate(adapter_layers(model)):
+        layer.lora_b = mx.random.normal(layer.lora_b.shape, key=mx.random.key(i)) * 0.3
+    out = tmp_path_factory.mktemp("sft")
+    mx.save_safetensors(str(out / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+    (out / "adapter_config.json").write_text(json.dumps(adapter_config(cfg, n, str(llama_dir))))
+    return out
+
+
+def batch_arrays(trainer, n=4):
+    batch = collate(trainer.train_pairs[:n], list(range(n)))
+    return batch, {k: mx.array(v) for k, v in batch.arrays().items()}
+
+
+def trainer_reference_sums(trainer, arrays):
+    return np.array(trainer.reference_logps(arrays)["sum"])
+
+
+def independent_sums(model_dir, arrays, adapter_path=None):
+    from mlx_lm import load
+
+    model, _ = load(str(model_dir), adapter_path=str(adapter_path) if adapter_path else None)
+    return np.array(completion_logps(model, arrays)["token_logps"].sum(-1))
+
+
+def test_adapter_reference_equals_separately_loaded_sft(llama_dir, toy_data_dir, tmp_path, sft_adapter):
+    cfg = cfg_for(llama_dir, toy_data_dir, tmp_path, reference="adapter", ref_adapter_path=str(sft_adapter))
+    trainer = DPOTrainer(cfg, **QUIET)
+    _, arrays = batch_arrays(trainer)
+    expected = independent_sums(llama_dir, arrays, sft_adapter)
+    base = independent_sums(llama_dir, arrays)
+    assert not np.allclose(expected, base, atol=1e-3)  # the SFT adapter matters
+    np.testing.assert_allclose(trainer_reference_sums(trainer, arrays), expected, atol=1e-4)
+    # the policy starts as a copy of the SFT adapter
+    np.testing.assert_allclose(np.array(completion_logps(trainer.model, arrays)["token_logps"].sum(-1)), expected, atol=1e-4)
+    trainer.train()
+    np.testing.assert_allclose(trainer_reference_sums(trainer, arrays), expected, atol=1e-4)
+    policy = np.array(completion_logps(trainer.model, arrays)["token_logps"].sum(-1))
+    assert np.abs(policy - expected).max() > 1e-3  # only the policy copy trained
+
+
+def test_ref_adapter_shape_mismatch_is_named(llama_dir, toy_data_dir, tmp_path, sft_adapter):
+    cfg = cfg_for(llama_dir, toy_data_dir, tmp_path, reference="adapter", ref_adapter_path=str(sft_adapter),
+                  lora_rank=4, lora_alpha=8)
+    with pytest.raises(ConfigError, match="rank: reference adapter has 8, config has 4"):
+        DPOTrainer(cfg, **QUIET)
+
+
+def test_precomputed_reference_is_cached_and_matches(llama_dir, toy_data_dir, tmp_path, monkeypatch):
+    import mlx_dpo.reference as reference
+
+    cfg = cfg_for(llama_dir, toy_data_dir, tmp_path, precompute_ref_log_probs=True, precompute_ref_batch_size=16,
+                  eval_steps=2)
+    first = DPOTrainer(cfg, **QUIET)
+    batch, arrays = batch_arrays(first)
+    expected = independent_sums(llama_dir, arrays)
+    first.train()
+    assert first.reference_forwards > 0
+    cached = first.ref_cache["train"]["sum"][:4]
+    np.testing.assert_allclose(cached[:, 0], expected[:4], atol=1e-4)
+    np.testing.assert_allclose(cached[:, 1], expected[4:], atol=1e-4)
+    assert "eval" in first.ref_cache
+    # the step uses the cached values, not a reference forward
+    assert np.array_equal(np.array(first.reference_logps(first.to_device(batch))["sum"]),
+                          np.concatenate([cached[:, 0], cached[:, 1]]).astype(np.float32))
+
+    # second run, same key: the file is reused and no reference forward runs
+    calls = []
+    monkeypatch.setattr(reference, "compute_reference_logps", lambda *a, **k: calls.append(1))
+    second = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path / "2", precompute_ref_log_probs=True,
+                                precompute_ref_batch_size=16, eval_steps=2), **QUIET)
+    second.train()
+    assert calls == [] and getattr(second, "reference_forwards", 0) == 0
+    assert second.trace_count >= 1
+
+
+def test_precomputed_and_live_reference_give_the_same_loss(llama_dir, toy_data_dir, tmp_path):
+    live = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path / "a"), **QUIET)
+    pre = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path / "b", precompute_ref_log_probs=True), **QUIET)
+    pre.precompute_reference()
+    batch = collate(live.train_pairs[:4], [0, 1, 2, 3])
+    a = live.grad_step(live.to_device(batch), live.loss_state)[0].item()
+    b = pre.grad_step(pre.to_device(batch), pre.loss_state)[0].item()
+    assert abs(a - b) < 1e-5
+
+
+def test_tr_dpo_follows_the_mixing_rule(llama_dir, toy_data_dir, tmp_path):
+    cfg = cfg_for(llama_dir, toy_data_dir, tmp_path, sync_ref_model=True, ref_model_mixup_alpha=0.25,
+                  ref_model_sync_steps=2, max_steps=2)
+    trainer = DPOTrainer(cfg, **QUIET)
+    layers = adapter_layers(trainer.model)
+    ref_before = [(np.array(l.ref_lora_a), np.array(l.ref_lora_b)) for l in layers]
+    assert all(np.all(b == 0) for _, b in ref_before)  # starts as the base (zero adapter)
+    _, arrays = batch_arrays(trainer)
+    with_base = independent_sums(llama_dir, arrays)
+    np.testing.assert_allclose(trainer_reference_sums(trainer, arrays), with_base, atol=1e-4)
+    trainer.train()
+    for l, (a0, b0) in zip(layers, ref_before):
+        np.testing.assert_allclose(np.array(l.ref_lora_a), 0.25 * np.array(l.lora_a) + 0.75 * a0, atol=1e-7)
+        np.testing.assert_allclose(np.array(l.ref_lora_b), 0.25 * np.array(l.lora_b) + 0.75 * b0, atol=1e-7)
+    assert not np.allclose(trainer_reference_sums(trainer, arrays), with_base, atol=1e-5)
+
+
+def test_tr_dpo_with_precompute_is_rejected(llama_dir, toy_data_dir, tmp_path):
+    with pytest.raises(ConfigError, match="sync_ref_model"):
+        cfg_for(llama_dir, toy_data_dir, tmp_path, sync_ref_model=True, precompute_ref_log_probs=True)
+
+
+def test_reference_free_skips_the_reference(llama_dir, toy_data_dir, tmp_path):
+    for kw in (dict(reference_free=True), dict(loss_type="simpo", beta=2.0)):
+        trainer = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path / kw.get("loss_type", "rf"), **kw), **QUIET)
+        _, arrays = batch_arrays(trainer)
+        assert trainer.reference_logps(arrays) is None
+        assert not trainer.precompute
+        trainer.train()
+
+
+def test_full_finetune_uses_precomputed_initial_reference(llama_dir, toy_data_dir, tmp_path):
+    cfg = cfg_for(llama_dir, toy_data_dir, tmp_path, train_type="full", num_layers=1, learning_rate=1e-4)
+    trainer = DPOTrainer(cfg, **QUIET)
+    assert trainer.precompute
+    _, arrays = batch_arrays(trainer)
+    expected = independent_sums(llama_dir, arrays)
+    frozen = {k: np.array(v) for k, v in tree_flatten(trainer.model.parameters()) if "layers.1." not in k}
+    trainer.train()
+    cached = trainer.ref_cache["train"]["sum"][:4]
+    np.testing.assert_allclose(np.concatenate([cached[:, 0], cached[:, 1]]), expected, atol=1e-4)
+    changed = [k for k, v in tree_flatten(trainer.model.parameters())
+               if k in frozen and not np.array_equal(np.array(v), frozen[k])]
+    assert changed == []  # only the last block trained
+    trained = [k for k, v in tree_flatten(trainer.model.trainable_parameters())]
+    assert trained and all("layers.1." in k for k in trained)
+
+
+@pytest.mark.parametrize("args", [
+    [],
+    ["--reference", "adapter", "--ref-adapter-path", "SFT"],
+    ["--precompute-ref-log-probs"],
+    ["--sync-ref-model", "--ref-model-sync-steps", "1"],
+    ["--reference-free"],
+])
+def test_each_strategy_trains_from_the_cli(llama_dir, toy_data_dir, tmp_path, sft_adapter, args):
+    args = [str(sft_adapter) if a == "SFT" else a for a in args]
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(main, ["train", "--model", str(llama_dir), "--data", str(toy_data_dir),
+                                       "--output-dir", str(out), "--max-steps", "3", "--batch-size", "4",
+                                       "--no-progress-bar", "--eval-steps", "3", *args])
+    assert result.exit_code == 0, result.output
+    assert (out / "adapters.safetensors").exists()
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(record["loss"]) and "eval_rewards/accuracies" in record
