@@ -116,7 +116,7 @@ def _upload(folder, repo_id, **kwargs):
     try:
         hub_upload(folder, repo_id, **kwargs)
     except Exception as e:  # hub errors (auth, network, permissions) carry no token
-        _fail(e)
+        _fail(f"upload to {repo_id} failed: {type(e).__name__}: {e}")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,8 +27,10 @@ CARD_CONFIG_KEYS = (
 
 
 def is_hub_id(name: Optional[str]) -> bool:
-    """``org/name`` that is not a local path."""
+    """``org/name`` that is not a local path (or a data file name)."""
     if not name or name.startswith(("/", ".", "~", "toy")) or Path(name).expanduser().exists():
+        return False
+    if name.lower().endswith((".json", ".jsonl", ".parquet", ".csv", ".txt", ".arrow")):
         return False
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
 
@@ -169,7 +171,7 @@ def upload(
         folder_path=str(folder), repo_id=repo_id, repo_type="model", revision=revision,
         commit_message=commit_message, ignore_patterns=[".*", "**/.*"],
     )
-    link = f"https://huggingface.co/{repo_id}" + (f"/tree/{revision}" if revision else "")
+    link = str(url) + (f"/tree/{revision}" if revision else "")
     print(f"Uploaded {folder} to {link}")
     return link
 

@@ -1,0 +1,307 @@
+"""Export: merged HF / MLX models and PEFT adapters reproduce the trained MLX model."""
+
+import json
+import re
+import struct
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mlx_dpo.cli import main
+from mlx_dpo.config import DPOConfig
+from mlx_dpo.export import ExportError, export, mlx_greedy, mlx_logits, prompt_batch
+from mlx_dpo.model import adapter_mode, add_adapters, load_adapter_weights, load_model
+
+PROMPTS = [
+    "Repeat: apple banana cherry. Answer:",
+    "<|im_start|>user\nname three colours<|im_end|>\n<|im_start|>assistant\n",
+    "Repeat: red moon. Answer: red",
+]
+TOL = 1e-3  # max |logit diff| relative to the logit scale
+
+
+def train_run(tmp_path_factory, base_dir, data_dir, name, **kwargs):
+    """Three DPO steps with a large learning rate, so the adapters move."""
+    from mlx_dpo.trainer import train
+
+    out = tmp_path_factory.mktemp(name) / "run"
+    cfg = DPOConfig(model=str(base_dir), data=str(data_dir), output_dir=str(out), max_steps=3, learning_rate=1e-2,
+                    batch_size=4, lora_rank=4, lora_alpha=8, max_length=64, logging_steps=1, eval_steps=3,
+                    max_eval_batches=1, progress_bar=False, seed=0, **kwargs)
+    train(cfg)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, llama_dir, qwen2_dir, toy_data_dir):
+    """Training runs built on first use, keyed by name."""
+    specs = {
+        "llama-lora": (llama_dir, {}),
+        "qwen2-lora": (qwen2_dir, {}),
+        "llama-dora": (llama_dir, {"adapter": "dora"}),
+        "qwen2-dora-last1": (qwen2_dir, {"adapter": "dora", "num_layers": 1}),
+        "llama-lora-4bit": (llama_dir, {"quantize": {"bits": 4, "group_size": 32}}),
+        "qwen2-dora-4bit": (qwen2_dir, {"adapter": "dora", "quantize": {"bits": 4, "group_size": 32}}),
+    }
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            base, kwargs = specs[name]
+            cache[name] = train_run(tmp_path_factory, base, toy_data_dir, name, **kwargs)
+        return cache[name]
+
+    return get
+
+
+def mlx_reference(run_dir):
+    """The trained model as the trainer saw it (quantized base + adapters), built independently."""
+    cfg = DPOConfig.from_yaml(run_dir / "config.yaml")
+    model, tokenizer, _ = load_model(cfg)
+    add_adapters(model, cfg)
+    load_adapter_weights(model, run_dir)
+    batch, lengths = prompt_batch(tokenizer, PROMPTS)
+    with adapter_mode(model, "base"):
+        base_logits = mlx_logits(model, batch)
+    return {
+        "batch": batch,
+        "lengths": lengths,
+        "logits": mlx_logits(model, batch),
+        "base_logits": base_logits,
+        "greedy": mlx_greedy(model, batch[0, : lengths[0]].tolist(), 6),
+        "tokenizer": tokenizer,
+    }
+
+
+def rel_diff(ref, other, lengths):
+    diff = max(np.abs(ref[i, :n] - other[i, :n]).max() for i, n in enumerate(lengths))
+    scale = max(np.abs(ref[i, :n]).max() for i, n in enumerate(lengths))
+    return float(diff / scale)
+
+
+def torch_outputs(model, ref):
+    from mlx_dpo.export import torch_greedy, torch_logits
+
+    return (torch_logits(model, ref["batch"], ref["lengths"]),
+            torch_greedy(model, ref["batch"][0, : ref["lengths"][0]].tolist(), 6))
+
+
+def safetensors_header(path):
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
+def assert_adapters_matter(ref, diff):
+    """The comparison is not vacuous: training moved the logits far more than the export error."""
+    moved = rel_diff(ref["logits"], ref["base_logits"], ref["lengths"])
+    print(f"adapters moved logits by {moved:.2e} of the logit scale")
+    assert moved > 20 * max(diff, 1e-6), (moved, diff)
+
+
+@pytest.mark.parametrize(
+    "name", ["llama-lora", "qwen2-lora", "llama-dora", "qwen2-dora-last1", "llama-lora-4bit", "qwen2-dora-4bit"]
+)
+def test_hf_export_matches_mlx(runs, name, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    run = runs(name)
+    ref = mlx_reference(run)
+    out = export(run, tmp_path / "hf", format="hf", dtype="float32")
+
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization" not in config and "quantization_config" not in config
+    assert config["torch_dtype"] == "float32" and config["dtype"] == "float32"
+    header = safetensors_header(out / "model.safetensors")
+    assert header["__metadata__"] == {"format": "pt"}
+    assert not any(k.endswith((".scales", ".biases")) or "lora" in k for k in header)
+    assert ("lm_head.weight" in header) == (not config["tie_word_embeddings"])
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        assert (out / f).is_file(), f
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    logits, greedy = torch_outputs(model, ref)
+    diff = rel_diff(ref["logits"], logits, ref["lengths"])
+    print(f"{name}: hf export max |logit diff| / logit scale = {diff:.2e}")
+    assert diff < TOL
+    assert greedy == ref["greedy"]
+    assert_adapters_matter(ref, diff)
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert tokenizer(PROMPTS[1])["input_ids"] == ref["tokenizer"].encode(PROMPTS[1])
+
+
+@pytest.mark.parametrize("name", ["llama-lora", "qwen2-dora-last1"])
+def test_peft_export_matches_mlx(runs, name, tmp_path, llama_dir, qwen2_dir):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    run = runs(name)
+    ref = mlx_reference(run)
+    out = export(run, tmp_path / "peft", format="peft")
+
+    config = json.loads((out / "adapter_config.json").read_text())
+    train_cfg = DPOConfig.from_yaml(run / "config.yaml")
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+    assert config["r"] == 4 and config["lora_alpha"] / config["r"] == train_cfg.lora_scale
+    assert config["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert config["use_dora"] == (train_cfg.adapter == "dora")
+    assert config["layers_to_transform"] == ([1] if name.endswith("last1") else None)
+    header = safetensors_header(out / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.self_attn.q_proj"
+    assert header[f"{key}.lora_A.weight"]["shape"] == [4, 64]
+    assert header[f"{key}.lora_B.weight"]["shape"] == [64, 4]
+    assert (f"{key}.lora_magnitude_vector" in header) == config["use_dora"]
+
+    base_dir = llama_dir if name.startswith("llama") else qwen2_dir
+    assert config["base_model_name_or_path"] == str(base_dir.resolve())
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    logits, greedy = torch_outputs(model, ref)
+    diff = rel_diff(ref["logits"], logits, ref["lengths"])
+    print(f"{name}: peft export max |logit diff| / logit scale = {diff:.2e}")
+    assert diff < TOL
+    assert greedy == ref["greedy"]
+    assert_adapters_matter(ref, diff)
+
+
+def test_peft_export_of_quantized_run_warns(runs, tmp_path, capsys):
+    out = export(runs("llama-lora-4bit"), tmp_path / "peft", format="peft")
+    assert "approximation" in capsys.readouterr().out
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_mlx_export_loads_with_mlx_lm(runs, tmp_path):
+    import mlx_lm
+
+    run = runs("qwen2-lora")
+    ref = mlx_reference(run)
+    out = export(run, tmp_path / "mlx", format="mlx", dtype="float32")
+    model, tokenizer = mlx_lm.load(str(out))
+    logits = mlx_logits(model, ref["batch"])
+    diff = rel_diff(ref["logits"], logits, ref["lengths"])
+    print(f"qwen2-lora: mlx export max |logit diff| / logit scale = {diff:.2e}")
+    assert diff < TOL
+    assert mlx_greedy(model, ref["batch"][0, : ref["lengths"][0]].tolist(), 6) == ref["greedy"]
+
+
+def test_mlx_export_of_quantized_run_is_requantized_merge(runs, tmp_path):
+    """The mlx export of a 4-bit run is exactly the merged float model quantized again."""
+    import mlx_lm
+    from mlx_lm.utils import quantize_model
+
+    run = runs("llama-lora-4bit")
+    ref = mlx_reference(run)
+    out = export(run, tmp_path / "mlx", format="mlx", dtype="float32")
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["bits"] == 4 and config["quantization"]["group_size"] == 32
+    model, _ = mlx_lm.load(str(out))
+
+    merged = export(run, tmp_path / "hf", format="hf", dtype="float32")
+    expected, _ = quantize_model(mlx_lm.load(str(merged))[0], {}, 32, 4)
+    diff = rel_diff(mlx_logits(expected, ref["batch"]), mlx_logits(model, ref["batch"]), ref["lengths"])
+    assert diff < 1e-5
+    approx = rel_diff(ref["logits"], mlx_logits(model, ref["batch"]), ref["lengths"])
+    print(f"llama-lora-4bit: re-quantized mlx export vs trained model: {approx:.2e} of the logit scale")
+
+
+def test_16bit_export(runs, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    run = runs("llama-lora")
+    ref = mlx_reference(run)
+    for dtype, st_dtype in (("float16", "F16"), ("bfloat16", "BF16")):
+        out = export(run, tmp_path / dtype, dtype=dtype)
+        assert json.loads((out / "config.json").read_text())["torch_dtype"] == dtype
+        header = safetensors_header(out / "model.safetensors")
+        assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {st_dtype}
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+        logits, _ = torch_outputs(model, ref)
+        assert rel_diff(ref["logits"], logits, ref["lengths"]) < 3e-2
+
+
+def test_sharded_export(runs, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    run = runs("llama-lora")
+    out = export(run, tmp_path / "hf", dtype="float32", max_shard_bytes=100_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and not (out / "model.safetensors").exists()
+    assert all(re.fullmatch(rf"model-\d{{5}}-of-{len(shards):05d}\.safetensors", s) for s in shards)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ref = mlx_reference(run)
+    logits, _ = torch_outputs(model, ref)
+    assert rel_diff(ref["logits"], logits, ref["lengths"]) < TOL
+
+
+def test_failed_export_leaves_nothing(runs, tmp_path, monkeypatch):
+    import mlx_dpo.export as export_module
+
+    calls = []
+    real_save = mx.save_safetensors
+
+    def failing_save(path, weights, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real_save(path, weights, metadata=metadata)
+
+    monkeypatch.setattr(export_module.mx, "save_safetensors", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        export(runs("llama-lora"), tmp_path / "out", max_shard_bytes=100_000)
+    assert len(calls) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_to_overwrite(runs, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="overwrite"):
+        export(runs("llama-lora"), out, format="peft")
+    assert (out / "keep.txt").read_text() == "mine"
+    export(runs("llama-lora"), out, format="peft", overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").is_file()
+
+
+def test_export_records_run_for_the_model_card(runs, tmp_path):
+    run = runs("llama-lora")
+    out = export(run, tmp_path / "out", format="peft")
+    info = json.loads((out / "mlx_dpo_export.json").read_text())
+    assert info["format"] == "peft" and info["run_dir"] == str(run.resolve())
+    assert info["final_metrics"]["train"]["step"] == 3 and "eval_loss" in info["final_metrics"]["eval"]
+    assert DPOConfig.from_yaml(out / "mlx_dpo_config.yaml").max_steps == 3
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: peft" in card and "eval_loss" in card
+
+
+def test_cli_export_with_verify(runs, tmp_path, llama_dir):
+    pytest.importorskip("transformers")
+    out = tmp_path / "cli"
+    args = ["export", "--adapter-path", str(runs("llama-lora")), "--output", str(out), "--model", str(llama_dir),
+            "--dtype", "float32", "--verify"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    match = re.search(r"max \|logit diff\| = (\S+) \((\S+) of the logit scale", result.output)
+    assert match and float(match.group(2)) < TOL, result.output
+    assert "greedy generations agree" in result.output
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 2 and "--overwrite" in again.output
+
+
+def test_cli_export_then_upload(runs, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    calls = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, **kw: calls.setdefault("create_repo", kw))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.setdefault("upload_folder", kw))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["export", "--adapter-path", str(runs("llama-lora")), "--output", str(out),
+                                       "--format", "peft", "--upload-repo", "me/dpo-peft", "--private"])
+    assert result.exit_code == 0, result.output
+    assert calls["create_repo"]["repo_id"] == "me/dpo-peft" and calls["create_repo"]["private"] is True
+    assert calls["upload_folder"]["folder_path"] == str(out)
+    assert "# me/dpo-peft" in (out / "README.md").read_text()
