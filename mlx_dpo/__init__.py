@@ -1,0 +1,18 @@
+"""mlx-dpo: preference fine-tuning (DPO and friends) with QLoRA on Apple's MLX."""
+
+from .config import ConfigError, DPOConfig
+from .losses import preference_loss
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # The trainer pulls in mlx-lm's model code; import it only when asked for.
+    if name in ("DPOTrainer", "train", "TrainResult"):
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(name)
+
+
+__all__ = ["DPOConfig", "ConfigError", "DPOTrainer", "TrainResult", "train", "preference_loss", "__version__"]
