@@ -4,6 +4,9 @@ Each pair's chosen and rejected sequences go through ONE forward pass: a batch o
 ``B`` pairs is a ``(2B, L)`` token array, rows ``[0:B]`` = prompt + chosen and rows
 ``[B:2B]`` = prompt + rejected, right-padded. Lengths are rounded up to a small
 set of buckets so ``mx.compile`` sees a handful of shapes per run, not one per step.
+
+With ``prefix=True`` the batch holds each prompt once instead (see ``prefix.py``):
+``prompt`` (B, P) left-padded, ``prompt_lens`` (B,) and ``completion`` (2B, T - 1).
 """
 
 from __future__ import annotations
@@ -35,24 +38,32 @@ class Batch:
     - ``targets``  (2B, T) int32: the completion tokens
     - ``mask``     (2B, T) float32: 1 for real completion tokens
     - ``indices``  (B,) dataset indices of the pairs (for precomputed reference log-probs)
+    - shared-prefix layout instead of ``tokens``/``positions``: ``prompt``, ``prompt_lens``, ``completion``
     """
 
-    tokens: np.ndarray
-    positions: np.ndarray
+    tokens: Optional[np.ndarray]
+    positions: Optional[np.ndarray]
     targets: np.ndarray
     mask: np.ndarray
     indices: np.ndarray
     num_tokens: int
+    prompt: Optional[np.ndarray] = None
+    prompt_lens: Optional[np.ndarray] = None
+    completion: Optional[np.ndarray] = None
 
     @property
     def num_pairs(self) -> int:
-        return self.tokens.shape[0] // 2
+        return self.targets.shape[0] // 2
 
     def arrays(self) -> Dict[str, np.ndarray]:
-        return {"tokens": self.tokens, "positions": self.positions, "targets": self.targets, "mask": self.mask}
+        keys = ("prompt", "prompt_lens", "completion") if self.prompt is not None else ("tokens", "positions")
+        return {**{k: getattr(self, k) for k in keys}, "targets": self.targets, "mask": self.mask}
 
 
-def collate(pairs: List[TokenizedPair], indices: List[int], pad_id: int = 0, bucket: int = 32) -> Batch:
+def collate(pairs: List[TokenizedPair], indices: List[int], pad_id: int = 0, bucket: int = 32,
+            prefix: bool = False) -> Batch:
+    if prefix:
+        return collate_prefix(pairs, indices, pad_id, bucket)
     rows = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
     # Inputs are the sequence minus its last token; hidden state t predicts token t + 1.
     seq_len = bucket_length(max(len(a) + len(b) for a, b in rows) - 1, bucket)
@@ -72,6 +83,29 @@ def collate(pairs: List[TokenizedPair], indices: List[int], pad_id: int = 0, buc
         mask[i, :k] = 1.0
         num_tokens += len(seq)
     return Batch(tokens, positions, targets, mask, np.asarray(indices, dtype=np.int64), num_tokens)
+
+
+def collate_prefix(pairs: List[TokenizedPair], indices: List[int], pad_id: int = 0, bucket: int = 32) -> Batch:
+    """Shared-prefix layout: prompts once, left-padded to a bucketed ``P``; chosen then
+    rejected completions (minus the last token) right-padded to ``T - 1``."""
+    completions = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    p_len = bucket_length(max(len(p.prompt) for p in pairs), min(bucket, 16))
+    comp_len = bucket_length(max(len(c) for c in completions), min(bucket, 16))
+    b, n = len(pairs), len(completions)
+    prompt = np.full((b, p_len), pad_id, dtype=np.int32)
+    for i, p in enumerate(pairs):
+        prompt[i, p_len - len(p.prompt):] = p.prompt
+    completion = np.full((n, comp_len - 1), pad_id, dtype=np.int32)
+    targets = np.zeros((n, comp_len), dtype=np.int32)
+    mask = np.zeros((n, comp_len), dtype=np.float32)
+    for i, c in enumerate(completions):
+        completion[i, : len(c) - 1] = c[:-1]
+        targets[i, : len(c)] = c
+        mask[i, : len(c)] = 1.0
+    num_tokens = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+    return Batch(None, None, targets, mask, np.asarray(indices, dtype=np.int64), num_tokens,
+                 prompt=prompt, prompt_lens=np.array([len(p.prompt) for p in pairs], dtype=np.int32),
+                 completion=completion)
 
 
 @dataclass
@@ -122,5 +156,6 @@ def eval_batches(pairs: List[TokenizedPair], batch_size: int, max_batches: int =
     return iter(groups if max_batches < 0 else groups[:max_batches])
 
 
-def batch_of(pairs: List[TokenizedPair], indices: List[int], pad_id: int = 0, bucket: Optional[int] = None) -> Batch:
-    return collate([pairs[i] for i in indices], indices, pad_id, bucket or 32)
+def batch_of(pairs: List[TokenizedPair], indices: List[int], pad_id: int = 0, bucket: Optional[int] = None,
+             prefix: bool = False) -> Batch:
+    return collate([pairs[i] for i in indices], indices, pad_id, bucket or 32, prefix)

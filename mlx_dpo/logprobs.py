@@ -53,20 +53,30 @@ def _score(logits: mx.array, targets: mx.array, with_wpo: bool):
 
 def completion_logps(model: nn.Module, batch: Dict[str, mx.array], with_wpo: bool = False,
                      chunked: bool = True) -> Dict[str, mx.array]:
-    """Per-token log-probs of the completion tokens of a ``(2B, L)`` batch.
+    """Per-token log-probs of the completion tokens of a ``(2B, L)`` batch (or of the
+    shared-prefix layout, see ``prefix.py``).
 
     Returns ``token_logps`` (2B, T) (0 where ``mask`` is 0), ``mask``, ``logits_sum``
     (2B,) = sum over completion tokens of the mean-over-vocab logit, and with
     ``with_wpo`` the per-token ``wpo_adjust`` = ``log sum_v p_v^2``.
     """
-    tokens, positions, targets, mask = batch["tokens"], batch["positions"], batch["targets"], batch["mask"]
-    if has_plain_head(model):
+    targets, mask = batch["targets"], batch["mask"]
+    if "prompt" in batch:  # shared-prefix layout: each prompt runs once
+        from .prefix import shared_prefix_hidden
+
+        h = shared_prefix_hidden(model, batch)
+
+        def score(h_chunk, t_chunk):
+            return _score(project(model, h_chunk), t_chunk, with_wpo)
+    elif has_plain_head(model):
+        tokens, positions = batch["tokens"], batch["positions"]
         h = model.model(tokens)
         h = mx.take_along_axis(h, positions[..., None], axis=1)  # (2B, T, H): only scoring positions
 
         def score(h_chunk, t_chunk):
             return _score(project(model, h_chunk), t_chunk, with_wpo)
     else:  # any other architecture: full logits, then pick the scoring positions
+        tokens, positions = batch["tokens"], batch["positions"]
         logits = model(tokens)
         h = mx.take_along_axis(logits, positions[..., None], axis=1)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,18 +26,19 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from . import losses
+from . import checkpoint, losses
 from .batching import Batch, BatchSampler, collate, eval_batches
 from .config import ConfigError, DPOConfig, resolve_config
 from .data import TokenizedPair, load_datasets
 from .logprobs import completion_logps
+from .prefix import use_prefix_sharing
 from .model import (adapter_config, adapter_layers, adapter_mode, add_adapters, add_reference_copy,
                     count_parameters, load_adapter_weights, load_model, read_adapter_config,
                     setup_full_finetune)
 from .schedule import build_schedule
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(checkpoint.TrainingError):
     """Loss or gradient became NaN/inf."""
 
 
@@ -65,6 +67,7 @@ class DPOTrainer:
         losses.validate_loss_config(cfg)
         self.output_dir = Path(cfg.output_dir).expanduser().resolve()
         self._check_output_dir()
+        self.resume_path = self._check_resume()
         mx.random.seed(cfg.seed)
         if model is None:
             model, tokenizer, self.model_path = load_model(cfg)
@@ -75,6 +78,7 @@ class DPOTrainer:
             train_pairs, eval_pairs = load_datasets(cfg, tokenizer, log=log)
         self.train_pairs, self.eval_pairs = train_pairs, eval_pairs or []
         self.pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+        self.prefix_sharing = use_prefix_sharing(cfg.prefix_sharing, model)
 
         self.use_reference = losses.needs_reference(cfg)
         self.precompute = cfg.precompute_ref_log_probs or (cfg.train_type == "full" and self.use_reference)
@@ -93,18 +97,44 @@ class DPOTrainer:
         self.optimizer.init(self.model.trainable_parameters())
         self.ref_cache: Dict[str, Dict[str, np.ndarray]] = {}
         self.step = 0
+        self.skipped_steps = 0
+        self.log_state: dict = {}  # the logging window, carried across a resume
         self.trace_count = 0
         self._build_steps()
+        self.data_fingerprint = checkpoint.data_fingerprint(self.train_pairs)
+        if self.resume_path is not None:
+            checkpoint.restore(self, checkpoint.load_checkpoint(self.resume_path))
+            self.log(f"resumed from {self.resume_path} (step {self.step})")
 
     # ------------------------------------------------------------------ setup
     def _check_output_dir(self) -> None:
         out = self.output_dir
         if out.exists() and not out.is_dir():
             raise ConfigError(f"output_dir: {out} exists and is not a directory")
-        finished = out / "adapters.safetensors"
-        if finished.exists() and not self.cfg.overwrite_output_dir and not self.cfg.resume_from_checkpoint:
+        if self.cfg.overwrite_output_dir or self.cfg.resume_from_checkpoint:
+            return
+        if (out / "adapters.safetensors").exists():
             raise ConfigError(f"output_dir: {out} already holds a finished run; pass --overwrite "
                               "(overwrite_output_dir: true) or choose another output_dir")
+        last = checkpoint.latest_checkpoint(out)
+        if last is not None:
+            raise ConfigError(f"output_dir: {out} holds checkpoints of an unfinished run (latest: {last.name}); "
+                              "pass --resume to continue it, --overwrite to start over, or choose another output_dir")
+
+    def _check_resume(self) -> Optional[Path]:
+        """The checkpoint to resume from, after checking its config against ours (before
+        anything is loaded or written)."""
+        if not self.cfg.resume_from_checkpoint:
+            return None
+        path = checkpoint.resolve_resume(self.cfg.resume_from_checkpoint, self.output_dir)
+        errors, notes = checkpoint.config_differences(checkpoint.read_config(path), self.cfg)
+        if errors:
+            raise ConfigError(f"cannot resume from {path}: the config changes what the run depends on: "
+                              + "; ".join(errors) + f". Use the checkpoint's values (see {path / 'config.yaml'}) "
+                              "or start a new run (another output_dir, or --overwrite)")
+        for note in notes:
+            self.log(f"resume: changed {note}")
+        return path
 
     def _setup_trainable(self) -> None:
         cfg, model = self.cfg, self.model
@@ -206,6 +236,10 @@ class DPOTrainer:
 
         self.grad_step, self.apply_update, self.eval_step = grad_step, apply_update, eval_step
 
+    def collate(self, pairs: List[TokenizedPair], indices: List[int]) -> Batch:
+        """Pad ``pairs[indices]`` into a batch (shared-prefix layout when enabled)."""
+        return collate([pairs[i] for i in indices], indices, self.pad_id, prefix=self.prefix_sharing)
+
     def to_device(self, batch: Batch, split: str = "train") -> Dict[str, mx.array]:
         arrays = {k: mx.array(v) for k, v in batch.arrays().items()}
         if self.precompute and self.use_reference:
@@ -234,7 +268,7 @@ class DPOTrainer:
         totals: Dict[str, float] = {}
         count = 0
         for indices in eval_batches(self.eval_pairs, bs, self.cfg.max_eval_batches):
-            batch = collate([self.eval_pairs[i] for i in indices], indices, self.pad_id)
+            batch = self.collate(self.eval_pairs, indices)
             loss, metrics = self.eval_step(self.to_device(batch, "eval"), self.loss_state)
             mx.eval(loss, metrics)
             n = batch.num_pairs
@@ -246,18 +280,52 @@ class DPOTrainer:
 
     # ------------------------------------------------------------------ training
     def train(self) -> TrainResult:
-        cfg = self.cfg
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(self.output_dir / "config.yaml")
+        """Train to ``total_steps``, checkpointing every ``save_steps`` and at the end.
+        SIGINT/SIGTERM: finish the step, checkpoint, raise ``TrainingInterrupted``."""
+        history = self._prepare_output_dir()
+        self.cfg.save(self.output_dir / "config.yaml")
         if self.precompute and self.use_reference:
             self.precompute_reference()
         self.model.train()
+        with checkpoint.StopSignals() as stop:
+            try:
+                return self._train_loop(history, stop)
+            except RuntimeError as e:
+                if isinstance(e, checkpoint.TrainingError) or not _is_out_of_memory(e):
+                    raise
+                raise checkpoint.TrainingError(
+                    f"step {self.step + 1}: out of memory ({e}). Try a smaller max_length, gradient_checkpointing: "
+                    "true, quantize: {bits: 4}, or a new run with a smaller batch_size (and more "
+                    f"gradient_accumulation_steps). Last good checkpoint: {self._last_checkpoint()}; "
+                    "gradient_checkpointing and compute_dtype may change on --resume.") from None
+
+    def _prepare_output_dir(self) -> List[dict]:
+        """Create the output dir, remove a killed run's temporaries; with --overwrite clear the
+        old run (only now, after config, model and data loaded fine); on resume keep the metric
+        records up to the checkpoint's step (returned) and drop newer checkpoints."""
+        out = self.output_dir
+        out.mkdir(parents=True, exist_ok=True)
+        for p in checkpoint.clean_stale(out):
+            self.log(f"removed stale temporary {p}")
+        metrics_file = out / "metrics.jsonl"
+        if self.resume_path is None:
+            if self.cfg.overwrite_output_dir:
+                checkpoint.clear_run(out)
+            metrics_file.write_text("")
+            return []
+        for newer in checkpoint.list_checkpoints(out):
+            if checkpoint.step_of(newer) > self.step:
+                self.log(f"removing {newer} (newer than the resumed step {self.step})")
+                checkpoint.remove_checkpoint(newer)
+        return checkpoint.truncate_metrics(metrics_file, self.step)
+
+    def _train_loop(self, history: List[dict], stop: checkpoint.StopSignals) -> TrainResult:
+        cfg = self.cfg
         metrics_file = self.output_dir / "metrics.jsonl"
-        metrics_file.write_text("")
-        history: List[dict] = []
-        window: Dict[str, float] = {}
-        window_steps, window_tokens, window_time = 0, 0, 0.0
-        last_eval: Dict[str, float] = {}
+        logs = self.log_state  # restored on resume
+        window: Dict[str, float] = dict(logs.get("window", {}))
+        window_steps, window_tokens, window_time = logs.get("steps", 0), logs.get("tokens", 0), logs.get("time", 0.0)
+        last_eval: Dict[str, float] = dict(logs.get("last_eval", {}))
         eval_every = cfg.logging_steps if cfg.eval_steps is None else cfg.eval_steps
         accum = cfg.gradient_accumulation_steps
         batches = iter(self.sampler)
@@ -266,11 +334,14 @@ class DPOTrainer:
                  f"{'none' if not self.use_reference else 'precomputed' if self.precompute else self.reference_mode}")
         bar = _progress(self.total_steps, cfg.progress_bar)
         while self.step < self.total_steps:
+            if stop.signum is not None:
+                bar.close()
+                self._stop(stop.signum)
             tic = time.perf_counter()
             grads_sum, step_metrics, tokens = None, {}, 0
             for _ in range(accum):
                 indices = next(batches)
-                batch = collate([self.train_pairs[i] for i in indices], indices, self.pad_id)
+                batch = self.collate(self.train_pairs, indices)
                 loss, metrics, new_state, grads, grad_sq = self.grad_step(self.to_device(batch), self.loss_state)
                 mx.eval(loss, metrics, new_state, grads, grad_sq)
                 values = {"loss": float(loss.item()), **{k: float(v.item()) for k, v in metrics.items()}}
@@ -312,6 +383,8 @@ class DPOTrainer:
                           "tokens_per_second": window_tokens / max(window_time, 1e-9),
                           "peak_memory_gb": peak_memory_gb()}
                 record["learning_rate"] = lr
+                if cfg.skip_nonfinite_steps:
+                    record["skipped_steps"] = self.skipped_steps
                 window, window_steps, window_tokens, window_time = {}, 0, 0, 0.0
             if eval_every and self.eval_pairs and (self.step % eval_every == 0 or self.step == self.total_steps):
                 last_eval = self.evaluate()
@@ -321,9 +394,12 @@ class DPOTrainer:
                 with open(metrics_file, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 bar.write(_format_record(record))
+            self.log_state = {"window": window, "steps": window_steps, "tokens": window_tokens,
+                              "time": window_time, "last_eval": last_eval}
             if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
-                self.save()
+                self.save_checkpoint()
         bar.close()
+        self.save_checkpoint()
         self.save()
         final = history[-1] if history else {}
         self.log(f"done: {self.step} steps, peak memory {peak_memory_gb():.3f} GB, adapters in {self.output_dir}")
@@ -334,14 +410,39 @@ class DPOTrainer:
         return self.sampler.state.epoch + self.sampler.state.index / max(1, len(self.sampler))
 
     def _nonfinite(self, values: dict, grad_norm_sq: float) -> None:
-        what = "loss" if not math.isfinite(values["loss"]) else "gradient norm"
-        msg = (f"step {self.step + 1}: non-finite {what} (loss={values['loss']}, grad_norm^2={grad_norm_sq}). "
-               f"Likely causes: learning_rate too high ({self.cfg.learning_rate}), beta too large ({self.cfg.beta}), "
-               f"or float16 overflow (use compute_dtype: float32/bfloat16).")
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        bad += [] if math.isfinite(grad_norm_sq) else ["gradient norm"]
+        msg = (f"step {self.step + 1}: non-finite {', '.join(bad)} (loss={values['loss']}, "
+               f"grad_norm^2={grad_norm_sq}). Likely causes: learning_rate too high ({self.cfg.learning_rate}), "
+               f"beta too large ({self.cfg.beta}), or float16 overflow (compute_dtype: {self.cfg.compute_dtype}; "
+               "use float32 or bfloat16).")
         if not self.cfg.skip_nonfinite_steps:
-            raise NonFiniteError(msg + " Set skip_nonfinite_steps: true to skip such steps.")
-        self.skipped_steps = getattr(self, "skipped_steps", 0) + 1
+            raise NonFiniteError(msg + f" Last good checkpoint: {self._last_checkpoint()}. "
+                                 "Set skip_nonfinite_steps: true to skip such steps.")
+        self.skipped_steps += 1
         self.log(msg + f" Skipped ({self.skipped_steps} so far).")
+
+    def _last_checkpoint(self) -> str:
+        last = checkpoint.latest_checkpoint(self.output_dir)
+        return f"{last} (resume with --resume)" if last else "none yet"
+
+    def _stop(self, signum: int) -> None:
+        """After SIGINT/SIGTERM: checkpoint, say how to resume, raise TrainingInterrupted."""
+        path = self.save_checkpoint()
+        out = self.output_dir
+        raise checkpoint.TrainingInterrupted(
+            signum, f"{signal.Signals(signum).name}: stopped after step {self.step}; checkpoint saved to {path}. "
+                    f"Resume with: mlx-dpo train --config {out / 'config.yaml'} --output-dir {out} --resume")
+
+    def save_checkpoint(self) -> Path:
+        """``checkpoints/step-N``: everything needed to resume exactly (see :mod:`.checkpoint`)."""
+        path = checkpoint.save_checkpoint(self, self.log_state)
+        self.log(f"checkpoint: {path}")
+        return path
+
+    def _adapter_config(self) -> dict:
+        base = self.cfg.model if self.cfg.model.startswith("toy:") else str(self.model_path)
+        return adapter_config(self.cfg, self.num_layers, base)
 
     def save(self, directory: Optional[Path] = None) -> Path:
         """Adapters in mlx-lm's format + resolved config."""
@@ -351,13 +452,22 @@ class DPOTrainer:
         directory.mkdir(parents=True, exist_ok=True)
         weights = dict(tree_flatten(self.model.trainable_parameters()))
         tmp = directory / ".adapters.safetensors.tmp.safetensors"
-        mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
-        tmp.replace(directory / "adapters.safetensors")
-        config = adapter_config(self.cfg, self.num_layers, str(self.cfg.model if self.cfg.model.startswith("toy:")
-                                                              else self.model_path))
-        atomic_write_text(directory / "adapter_config.json", json.dumps(config, indent=2))
-        self.cfg.save(directory / "config.yaml")
+        try:
+            mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
+            tmp.replace(directory / "adapters.safetensors")
+            atomic_write_text(directory / "adapter_config.json", json.dumps(self._adapter_config(), indent=2))
+            self.cfg.save(directory / "config.yaml")
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise checkpoint.CheckpointError(f"could not save adapters to {directory}: {e}. The last checkpoint is "
+                                             f"{self._last_checkpoint()}") from e
         return directory
+
+
+def _is_out_of_memory(e: Exception) -> bool:
+    text = str(e).lower()
+    return any(w in text for w in ("out of memory", "insufficient memory", "unable to allocate", "malloc",
+                                   "attempting to allocate"))
 
 
 def sync_reference(model: nn.Module, alpha: float) -> None:
@@ -383,7 +493,8 @@ def _checkpoint_block(block: nn.Module) -> None:
 
         return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
 
-    block.__class__ = type(type(block).__name__ + "Checkpointed", (type(block),), {"__call__": checkpointed})
+    block.__class__ = type(type(block).__name__ + "Checkpointed", (type(block),),
+                           {"__call__": checkpointed, "plain_call": fn})
 
 
 class _NoBar:

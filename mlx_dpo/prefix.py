@@ -1,0 +1,125 @@
+"""Shared-prefix forward: each pair's prompt runs once, chosen and rejected attend to it.
+
+Layout (built by ``batching.collate(..., prefix=True)``):
+
+- ``prompt``      (B, P): prompts LEFT-padded, so every prompt ends at column ``P - 1``
+- ``prompt_lens`` (B,): real prompt lengths (pad keys are hidden by the mask)
+- ``completion``  (2B, T - 1): completions minus their last token, right-padded;
+  rows ``[0:B]`` chosen, ``[B:2B]`` rejected of the same pairs
+
+Pass 1 runs the prompts through every block, recording each attention layer's keys
+and values. Pass 2 runs the 2B completions at RoPE offset ``P`` against
+``[prompt keys | own keys]``. RoPE scores depend on relative positions only, so the
+left-padding shift changes nothing; gradients reach the prompt through its keys and
+values exactly as in the unshared computation. The hidden state of the last prompt
+column scores the first completion token; completion column ``j`` scores token ``j + 1``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# mlx-lm models whose blocks are ``layer(h, mask, cache)`` with the standard KV-cache
+# interface (``offset`` + ``update_and_fetch``) and ``model.model.{embed_tokens,layers,norm}``.
+SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
+
+NEG = -1e9  # additive mask value (finite: no NaN for fully padded rows)
+
+
+def supports_prefix_sharing(model: nn.Module) -> bool:
+    inner = getattr(model, "model", None)
+    return (getattr(model, "model_type", None) in SUPPORTED and inner is not None
+            and all(hasattr(inner, k) for k in ("embed_tokens", "layers", "norm"))
+            and not any(getattr(layer, "use_sliding", False) for layer in inner.layers))
+
+
+def use_prefix_sharing(setting: str, model: nn.Module) -> bool:
+    """Resolve ``prefix_sharing: auto|true|false`` for ``model``."""
+    ok = supports_prefix_sharing(model)
+    if setting == "true" and not ok:
+        from .config import ConfigError
+
+        raise ConfigError(f"prefix_sharing: true is not supported for model_type "
+                          f"{getattr(model, 'model_type', '?')!r} (supported: {', '.join(sorted(SUPPORTED))})")
+    return ok and setting != "false"
+
+
+class _PrefixKV:
+    """A one-layer "KV cache": records the prompt's keys/values (``prefix=None``), or
+    prepends them, repeated for the chosen and rejected rows, to the completion's."""
+
+    def __init__(self, offset: int, prefix=None):
+        self.offset, self.prefix, self.kv = offset, prefix, None
+
+    def update_and_fetch(self, keys, values):
+        if self.prefix is None:
+            self.kv = (keys, values)
+            return keys, values
+        pk, pv = self.prefix
+        reps = keys.shape[0] // pk.shape[0]
+        pk, pv = mx.concatenate([pk] * reps), mx.concatenate([pv] * reps)
+        return mx.concatenate([pk, keys], axis=2), mx.concatenate([pv, values], axis=2)
+
+
+def prefix_masks(prompt_lens: mx.array, p: int, c: int, reps: int = 2, dtype=mx.float32):
+    """Additive masks: prompts (B, 1, P, P) causal with left-pad keys hidden (a pad
+    query still sees itself, so no row is empty); completions (reps*B, 1, C, P + C):
+    the real prompt keys + causal over the completion."""
+    start = (p - prompt_lens)[:, None, None, None]  # first real prompt column
+    qi = mx.arange(p)[:, None]
+    kj = mx.arange(p)[None, :]
+    ok = (kj <= qi) & ((kj >= start) | (kj == qi))
+    prompt_mask = mx.where(ok, 0.0, NEG).astype(dtype)
+    prompt_keys = mx.where(kj[None, None] >= start, 0.0, NEG)  # (B, 1, 1, P)
+    prompt_keys = mx.broadcast_to(prompt_keys, (prompt_lens.shape[0], 1, c, p))
+    prompt_keys = mx.concatenate([prompt_keys] * reps)
+    causal = mx.where(mx.arange(c)[None, :] <= mx.arange(c)[:, None], 0.0, NEG)
+    causal = mx.broadcast_to(causal, (prompt_keys.shape[0], 1, c, c))
+    return prompt_mask, mx.concatenate([prompt_keys, causal], axis=-1).astype(dtype)
+
+
+def _block(layer, h, mask, offset, prefix=None):
+    """One block with a ``_PrefixKV`` cache: returns ``(h, (keys, values))`` on the
+    prompt pass, ``(h, None)`` on the completion pass. A block wrapped by
+    ``gradient_checkpointing`` is checkpointed here as a pure function of arrays (the
+    recorded keys/values must be outputs of the checkpoint, not leaked tracers)."""
+    plain = getattr(type(layer), "plain_call", None)
+    if plain is None:
+        cache = _PrefixKV(offset, prefix)
+        out = layer(h, mask, cache)
+        return out, cache.kv
+
+    def inner(params, h, mask, *kv):
+        layer.update(params)
+        cache = _PrefixKV(offset, kv or None)
+        out = plain(layer, h, mask, cache)
+        return (out,) if kv else (out, *cache.kv)
+
+    outs = mx.checkpoint(inner)(layer.trainable_parameters(), h, mask, *(prefix or ()))
+    return outs[0], (None if prefix else outs[1:])
+
+
+def shared_prefix_hidden(model: nn.Module, batch: Dict[str, mx.array]) -> mx.array:
+    """Final-norm hidden states that score the completion tokens: (2B, T, H),
+    row ``r``, column ``j`` scores ``targets[r, j]``."""
+    inner = model.model
+    prompt, completion, lens = batch["prompt"], batch["completion"], batch["prompt_lens"]
+    p, c = prompt.shape[1], completion.shape[1]
+    reps = completion.shape[0] // prompt.shape[0]
+
+    h = inner.embed_tokens(prompt)
+    prompt_mask, completion_mask = prefix_masks(lens, p, c, reps, h.dtype)
+    kvs = []
+    for layer in inner.layers:
+        h, kv = _block(layer, h, prompt_mask, 0)
+        kvs.append(kv)
+    last = inner.norm(h[:, -1:])  # scores each pair's first completion token
+
+    h = inner.embed_tokens(completion)
+    for layer, kv in zip(inner.layers, kvs):
+        h, _ = _block(layer, h, completion_mask, p, kv)
+    h = inner.norm(h)
+    return mx.concatenate([mx.concatenate([last] * reps), h], axis=1)
