@@ -48,13 +48,18 @@ def main():
 @main.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML recipe (see configs/).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in output_dir.")
-@click.option("--overwrite", is_flag=True, help="Replace a finished run in output_dir.")
+@click.option("--overwrite", is_flag=True, help="Start over in output_dir (its old checkpoints and adapters are "
+              "removed once the config and data have loaded).")
 @config_options
 def train(config_file, resume, overwrite, **kwargs):
-    """Train LoRA/DoRA adapters (or chosen layers) with a DPO-family loss."""
+    """Train LoRA/DoRA adapters (or chosen layers) with a DPO-family loss.
+
+    Exit codes: 0 done, 1 training fault (non-finite loss, out of memory, disk full),
+    2 config/data error, 130/143 stopped by SIGINT/SIGTERM (a checkpoint was saved)."""
+    from .checkpoint import TrainingError, TrainingInterrupted
     from .config import resolve_config
     from .data import DataError
-    from .trainer import DPOTrainer, NonFiniteError
+    from .trainer import DPOTrainer
 
     overrides = _overrides(kwargs)
     if resume:
@@ -64,8 +69,17 @@ def train(config_file, resume, overwrite, **kwargs):
     try:
         cfg = resolve_config(config_file, **overrides)
         result = DPOTrainer(cfg).train()
-    except (ConfigError, DataError, NonFiniteError, FileNotFoundError) as e:
+    except TrainingInterrupted as e:
+        click.echo(str(e), err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted (nothing half-written is left behind)", err=True)
+        sys.exit(130)
+    except (ConfigError, DataError, FileNotFoundError) as e:
         _fail(e)
+    except (TrainingError, OSError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
     summary = {k: round(v, 4) for k, v in result.eval_metrics.items() if k in ("eval_loss", "eval_rewards/accuracies")}
     click.echo(f"saved adapters to {result.output_dir} {summary if summary else ''}")
 
@@ -117,6 +131,7 @@ def _upload(folder, repo_id, **kwargs):
         hub_upload(folder, repo_id, **kwargs)
     except Exception as e:  # hub errors (auth, network, permissions) carry no token
         _fail(f"upload to {repo_id} failed: {type(e).__name__}: {e}")
+
 
 if __name__ == "__main__":
     sys.exit(main())

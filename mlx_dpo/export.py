@@ -404,7 +404,8 @@ def export(
                 f"verify: max |logit diff| = {report['max_abs_diff']:.3g} "
                 f"({report['relative']:.3g} of the logit scale {report['logit_scale']:.3g}); "
                 f"greedy generations {'agree' if report['greedy_match'] else 'DIFFER'}"
-                + (" (16-bit export: differences of ~1e-2 relative are expected)" if dtype != "float32" else "")
+                + (" (re-quantizing the merged weights adds quantization error)" if format == "mlx" and run.quantization
+                   else " (16-bit export: differences of ~1e-2 relative are expected)" if dtype != "float32" else "")
             )
     return output
 
