@@ -31,6 +31,7 @@ from .batching import Batch, BatchSampler, collate, eval_batches
 from .config import ConfigError, DPOConfig, resolve_config
 from .data import TokenizedPair, load_datasets
 from .logprobs import completion_logps
+from .plan import Throughput, warn_if_too_big
 from .prefix import use_prefix_sharing
 from .model import (adapter_config, adapter_layers, adapter_mode, add_adapters, add_reference_copy,
                     count_parameters, load_adapter_weights, load_model, read_adapter_config,
@@ -332,7 +333,9 @@ class DPOTrainer:
         self.log(f"training: {self.total_steps} steps, {len(self.train_pairs)} pairs, batch {cfg.batch_size} x "
                  f"{accum} accumulation, loss {cfg.loss_type}, reference "
                  f"{'none' if not self.use_reference else 'precomputed' if self.precompute else self.reference_mode}")
-        bar = _progress(self.total_steps, cfg.progress_bar)
+        bar = _progress(self.total_steps, cfg.progress_bar, self.log)
+        warn_if_too_big(self, self.log)
+        throughput = Throughput()
         while self.step < self.total_steps:
             if stop.signum is not None:
                 bar.close()
@@ -369,6 +372,7 @@ class DPOTrainer:
                 sync_reference(self.model, cfg.ref_model_mixup_alpha)
             window_time += time.perf_counter() - tic
             window_tokens += tokens
+            throughput.add(tokens, time.perf_counter() - tic)
             window_steps += 1
             step_metrics["grad_norm"] = float(norm.item())
             step_metrics["learning_rate"] = lr
@@ -403,6 +407,8 @@ class DPOTrainer:
         self.save()
         final = history[-1] if history else {}
         self.log(f"done: {self.step} steps, peak memory {peak_memory_gb():.3f} GB, adapters in {self.output_dir}")
+        self.log(throughput.report(self.model, self.use_reference and not self.precompute))
+        self.throughput = throughput
         return TrainResult(self.output_dir, self.step, {k: v for k, v in final.items() if not k.startswith("eval_")},
                            last_eval, history)
 
@@ -498,22 +504,22 @@ def _checkpoint_block(block: nn.Module) -> None:
 
 
 class _NoBar:
+    def __init__(self, log: Callable = print):
+        self.write = log
+
     def update(self, n):
         pass
 
     def set_postfix(self, **kw):
         pass
 
-    def write(self, s):
-        print(s)
-
     def close(self):
         pass
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, log: Callable = print):
     if not enabled:
-        return _NoBar()
+        return _NoBar(log)
     from tqdm import tqdm
 
     return tqdm(total=total, desc="dpo", dynamic_ncols=True)
