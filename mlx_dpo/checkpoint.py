@@ -1,0 +1,409 @@
+"""Resumable training checkpoints, written atomically.
+
+Layout of ``OUTPUT_DIR/checkpoints/``::
+
+    step-N/
+        adapters.safetensors     trainable parameters (mlx-lm format) + adapter_config.json
+        reference.safetensors    frozen reference adapter copy (``ref_*``), when there is one
+        optimizer.safetensors    AdamW moments, step count (= LR schedule position)
+        state.safetensors        loss state (e.g. bco running mean), MLX and numpy RNG keys
+        trainer_state.json       step, skipped steps, sampler position, logging window
+        config.yaml              the resolved config
+    latest                       text file: name of the newest complete checkpoint
+
+A checkpoint is built in a temporary sibling directory, fsynced and renamed into
+place; only then is ``latest`` replaced (atomically). A process killed at any
+moment leaves every earlier checkpoint complete and ``latest`` never names a
+partial one; leftovers (``.step-N.*.tmp``, ``.step-N.deleting``) are removed on the
+next start. Only safetensors, JSON and YAML are ever read back (no pickle).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import mlx.core as mx
+import numpy as np
+import yaml
+from mlx.utils import tree_flatten
+
+from .batching import SamplerState
+from .config import ConfigError, DPOConfig
+from .io import atomic_directory, atomic_write_text, fsync_dir
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_FILES = ("adapters.safetensors", "optimizer.safetensors", "state.safetensors", "trainer_state.json", "config.yaml")
+
+# Config keys a resumed run must share with its checkpoint: they define the model,
+# the adapter shapes, the data (and its order), the loss and the reference.
+MUST_MATCH = (
+    "model", "revision", "quantize", "train_type", "adapter", "lora_rank", "lora_alpha", "lora_dropout",
+    "lora_target_modules", "num_layers",
+    "reference", "ref_adapter_path", "reference_free", "precompute_ref_log_probs", "sync_ref_model",
+    "ref_model_mixup_alpha", "ref_model_sync_steps",
+    "data", "eval_split", "dataset_subset", "dataset_split", "data_format", "columns", "prompt_template",
+    "system_prompt", "tools", "max_length", "max_prompt_length", "max_completion_length", "truncation_mode",
+    "loss_type", "loss_weights", "beta", "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef",
+    "discopop_tau", "rpo_alpha", "use_weighting", "ld_alpha", "simpo_gamma", "cpo_alpha",
+    "batch_size", "gradient_accumulation_steps", "seed",
+)
+# Keys that may change freely on resume (anything else is allowed but reported).
+FREE = ("max_steps", "num_train_epochs", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
+        "progress_bar", "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to",
+        "max_eval_batches", "eval_batch_size", "cache_dir", "precompute_ref_batch_size")
+
+
+class TrainingError(RuntimeError):
+    """Training stopped on a fault (non-finite values, out of memory, disk full)."""
+
+
+class CheckpointError(TrainingError):
+    """A checkpoint could not be written or read."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Stopped by SIGINT/SIGTERM; ``exit_code`` is 128 + the signal number."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum, self.message = signum, message
+        self.exit_code = 128 + signum
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# ---------------------------------------------------------------------- locating
+def checkpoints_dir(output_dir: Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS
+
+
+def step_of(path: Path) -> int:
+    match = _STEP_DIR.match(Path(path).name)
+    return int(match.group(1)) if match else -1
+
+
+def list_checkpoints(output_dir: Path) -> List[Path]:
+    """Complete checkpoint directories (``step-N``), oldest first."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) >= 0), key=step_of)
+
+
+def latest_checkpoint(output_dir: Path) -> Optional[Path]:
+    """The checkpoint ``latest`` names; the newest ``step-N`` if the pointer is missing or stale."""
+    root = checkpoints_dir(output_dir)
+    try:
+        name = (root / LATEST).read_text().strip()
+    except OSError:
+        name = ""
+    if _STEP_DIR.match(name) and (root / name).is_dir():
+        return root / name
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def clean_stale(output_dir: Path) -> List[Path]:
+    """Remove temporaries a killed process left behind (never a complete checkpoint):
+    ``.NAME.*.tmp`` files/dirs, ``.NAME.deleting`` and ``.NAME.old`` dirs."""
+    removed = []
+    for folder in (Path(output_dir), checkpoints_dir(output_dir)):
+        for p in folder.iterdir() if folder.is_dir() else []:
+            if p.name.startswith(".") and (p.name.endswith((".tmp", ".deleting", ".old")) or ".tmp." in p.name):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def clear_run(output_dir: Path) -> None:
+    """``--overwrite``: remove the old run's checkpoints, adapters and metrics (nothing else)."""
+    root = checkpoints_dir(output_dir)
+    if root.is_dir():
+        doomed = root.with_name(f".{CHECKPOINTS}.deleting")
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(root, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    for name in ("adapters.safetensors", "adapter_config.json", "metrics.jsonl"):
+        (Path(output_dir) / name).unlink(missing_ok=True)
+
+
+def resolve_resume(spec: str, output_dir: Path) -> Path:
+    """``latest`` (in ``output_dir``), a run directory (its latest) or a ``step-N`` directory."""
+    if spec in ("latest", "true", "True", "1"):
+        path = latest_checkpoint(output_dir)
+        if path is None:
+            raise ConfigError(f"resume_from_checkpoint: no checkpoint in {checkpoints_dir(output_dir)} to resume "
+                              "from; run without --resume to start a new run")
+        return path
+    path = Path(spec).expanduser().resolve()
+    if path.is_dir() and step_of(path) < 0:
+        found = latest_checkpoint(path) if (path / CHECKPOINTS).is_dir() else None
+        if found is None:
+            raise ConfigError(f"resume_from_checkpoint: {path} is neither a checkpoint (step-N) nor a run "
+                              "directory with checkpoints")
+        path = found
+    if not path.is_dir():
+        raise ConfigError(f"resume_from_checkpoint: {path} does not exist")
+    missing = [f for f in _FILES if not (path / f).is_file()]
+    if missing:
+        raise ConfigError(f"resume_from_checkpoint: {path} is not a complete checkpoint (missing {', '.join(missing)})")
+    return path
+
+
+# ---------------------------------------------------------------------- config check
+def config_differences(saved: dict, cfg: DPOConfig) -> Tuple[List[str], List[str]]:
+    """(errors, notes): changes to keys in MUST_MATCH, and to other non-FREE keys."""
+    try:
+        old = DPOConfig.from_dict(saved, "checkpoint config.yaml")
+    except ConfigError as e:
+        raise ConfigError(f"cannot read the checkpoint's config: {e}") from None
+    errors, notes = [], []
+    for key, now in cfg.to_dict().items():
+        then = getattr(old, key)
+        if key == "lora_target_modules":
+            then, now = sorted(old.target_modules), sorted(cfg.target_modules)
+        if _same(then, now) or key in FREE:
+            continue
+        (errors if key in MUST_MATCH else notes).append(f"{key}: checkpoint {then!r}, now {now!r}")
+    return errors, notes
+
+
+def _same(a, b) -> bool:
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str):  # the same local path spelled differently
+        pa, pb = Path(a).expanduser(), Path(b).expanduser()
+        return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+    return False
+
+
+def data_fingerprint(pairs) -> str:
+    h = hashlib.sha256()
+    for p in pairs:
+        for seq in (p.prompt, p.chosen, p.rejected):
+            h.update(np.asarray(seq, dtype=np.int64).tobytes())
+            h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------- saving
+def _write_arrays(path: Path, arrays: Dict[str, mx.array]) -> None:
+    mx.save_safetensors(str(path), arrays, metadata={"format": "mlx"})
+
+
+def reference_params(model) -> Dict[str, mx.array]:
+    """The frozen reference adapter copy (``ref_lora_a``, ``ref_lora_b``, ``ref_m``)."""
+    return {k: v for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1].startswith("ref_")}
+
+
+def save_checkpoint(trainer, log_state: dict) -> Path:
+    """Write ``checkpoints/step-N`` atomically, point ``latest`` at it, prune old ones."""
+    root = checkpoints_dir(trainer.output_dir)
+    name = f"step-{trainer.step}"
+    path = root / name
+    try:
+        if not path.is_dir():  # an existing step-N already holds this state (e.g. resumed, then stopped)
+            with atomic_directory(path) as tmp:
+                _write_checkpoint(trainer, tmp, log_state)
+        atomic_write_text(root / LATEST, name + "\n")
+    except OSError as e:
+        last = latest_checkpoint(trainer.output_dir)
+        why = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"could not save checkpoint {path}: {why}. No partial checkpoint was left; the last "
+                              f"good one is {last or 'none'}. Free space (or fix the path) and resume with "
+                              "--resume.") from e
+    prune(trainer.output_dir, trainer.cfg.save_total_limit, keep=path)
+    return path
+
+
+def _write_checkpoint(trainer, tmp: Path, log_state: dict) -> None:
+    cfg = trainer.cfg
+    _write_arrays(tmp / "adapters.safetensors", dict(tree_flatten(trainer.model.trainable_parameters())))
+    atomic_write_text(tmp / "adapter_config.json", json.dumps(trainer._adapter_config(), indent=2))
+    ref = reference_params(trainer.model)
+    if ref:
+        _write_arrays(tmp / "reference.safetensors", ref)
+    _write_arrays(tmp / "optimizer.safetensors", dict(tree_flatten(trainer.optimizer.state)))
+    np_state = np.random.get_state()
+    extra = {f"loss_state.{k}": v for k, v in trainer.loss_state.items()}
+    extra["rng.mlx"] = mx.random.state[0]
+    extra["rng.numpy"] = mx.array(np_state[1].astype(np.uint32))
+    _write_arrays(tmp / "state.safetensors", extra)
+    state = {
+        "format": FORMAT_VERSION,
+        "step": trainer.step,
+        "optimizer_step": int(trainer.optimizer.step.item()),
+        "skipped_steps": trainer.skipped_steps,
+        "sampler": asdict(trainer.sampler.state),
+        "num_batches": len(trainer.sampler),
+        "data_fingerprint": trainer.data_fingerprint,
+        "numpy_rng": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "log": log_state,
+    }
+    atomic_write_text(tmp / "trainer_state.json", json.dumps(state, indent=2))
+    cfg.save(tmp / "config.yaml")
+
+
+def prune(output_dir: Path, limit: Optional[int], keep: Optional[Path] = None) -> None:
+    """Keep the newest ``limit`` checkpoints (and ``keep``); delete the rest atomically
+    (rename to ``.step-N.deleting`` first, so no half-deleted ``step-N`` is ever visible)."""
+    if not limit or limit < 1:
+        return
+    found = list_checkpoints(output_dir)
+    for old in found[: max(0, len(found) - limit)]:
+        if keep is not None and old.resolve() == Path(keep).resolve():
+            continue
+        remove_checkpoint(old)
+
+
+def remove_checkpoint(path: Path) -> None:
+    doomed = path.with_name(f".{path.name}.deleting")
+    os.replace(path, doomed)
+    fsync_dir(path.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- loading
+@dataclass
+class Checkpoint:
+    path: Path
+    state: dict
+    config: dict
+    adapters: Dict[str, mx.array]
+    reference: Dict[str, mx.array]
+    optimizer: Dict[str, mx.array]
+    extra: Dict[str, mx.array]
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def read_config(path: Path) -> dict:
+    values = yaml.safe_load((Path(path) / "config.yaml").read_text())
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path}/config.yaml is not a mapping")
+    return values
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read a checkpoint (safetensors, JSON and YAML only)."""
+    path = Path(path)
+    missing = [f for f in _FILES if not (path / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{path} is not a complete checkpoint (missing {', '.join(missing)})")
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state.get("format") != FORMAT_VERSION:
+            raise CheckpointError(f"{path}: unsupported checkpoint format {state.get('format')!r}")
+        ref_file = path / "reference.safetensors"
+        return Checkpoint(path, state, read_config(path), mx.load(str(path / "adapters.safetensors")),
+                          mx.load(str(ref_file)) if ref_file.is_file() else {},
+                          mx.load(str(path / "optimizer.safetensors")), mx.load(str(path / "state.safetensors")))
+    except (OSError, ValueError, RuntimeError, yaml.YAMLError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from e
+
+
+def _check_same(what: str, path: Path, loaded: Dict[str, mx.array], expected: Dict[str, mx.array]) -> None:
+    if set(loaded) != set(expected):
+        extra, lost = sorted(set(loaded) - set(expected)), sorted(set(expected) - set(loaded))
+        raise CheckpointError(f"{path}: {what} do not match the model (unexpected: {extra[:3]}, missing: {lost[:3]})")
+    for k, v in loaded.items():
+        if v.shape != expected[k].shape:
+            raise CheckpointError(f"{path}: {what} {k} has shape {v.shape}, the model has {expected[k].shape}")
+
+
+def _set_leaves(tree, values: Dict[str, mx.array], prefix: str = "") -> None:
+    """Replace the leaves of a nested dict/list in place, keeping every container object
+    (the compiled step captured them by reference)."""
+    for k, v in list(tree.items() if isinstance(tree, dict) else enumerate(tree)):
+        if isinstance(v, (dict, list)):
+            _set_leaves(v, values, f"{prefix}{k}.")
+        else:
+            tree[k] = values[f"{prefix}{k}"]
+
+
+def restore(trainer, ckpt: Checkpoint) -> None:
+    """Load a checkpoint into a freshly built trainer (same config, data and model)."""
+    state, path = ckpt.state, ckpt.path
+    if state.get("num_batches") != len(trainer.sampler) or state.get("data_fingerprint") != trainer.data_fingerprint:
+        raise ConfigError(f"cannot resume from {path}: the training data differs from the checkpoint's "
+                          f"({len(trainer.sampler)} batches now, {state.get('num_batches')} then)")
+    model = trainer.model
+    _check_same("adapters", path, ckpt.adapters, dict(tree_flatten(model.trainable_parameters())))
+    _check_same("reference adapters", path, ckpt.reference, reference_params(model))
+    model.load_weights(list(ckpt.adapters.items()) + list(ckpt.reference.items()), strict=False)
+    _check_same("optimizer state", path, ckpt.optimizer, dict(tree_flatten(trainer.optimizer.state)))
+    _set_leaves(trainer.optimizer.state, ckpt.optimizer)
+    losses = {k.split(".", 1)[1]: v for k, v in ckpt.extra.items() if k.startswith("loss_state.")}
+    _check_same("loss state", path, losses, trainer.loss_state)
+    trainer.loss_state = losses
+    hi, lo = (int(x) for x in ckpt.extra["rng.mlx"].tolist())
+    mx.random.seed((hi << 32) | lo)  # key(seed) == [seed >> 32, seed & 0xffffffff]: restores the key exactly
+    pos, has_gauss, cached = state["numpy_rng"]
+    np.random.set_state(("MT19937", np.array(ckpt.extra["rng.numpy"]).astype(np.uint32), pos, has_gauss, cached))
+    trainer.step = int(state["step"])
+    trainer.skipped_steps = int(state["skipped_steps"])
+    trainer.sampler.state = SamplerState(**state["sampler"])
+    trainer.log_state = state["log"]
+    mx.eval(model.parameters(), trainer.optimizer.state, trainer.loss_state)
+
+
+def truncate_metrics(metrics_file: Path, step: int) -> List[dict]:
+    """Keep the records with ``step <= step`` (a resumed run rewrites the rest)."""
+    if not metrics_file.is_file():
+        return []
+    kept = []
+    for line in metrics_file.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a crash
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(record)
+    atomic_write_text(metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+# ---------------------------------------------------------------------- signals
+class StopSignals:
+    """While active, SIGINT/SIGTERM set ``signum`` (the loop finishes its step, saves and
+    stops); a second signal raises :class:`TrainingInterrupted` at once."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            raise TrainingInterrupted(signum, f"{name} again: stopped at once; saved checkpoints are intact")
+        self.signum = signum
+        # os.write, not print: a handler may run in the middle of another print
+        os.write(2, f"\n{name}: finishing this step, then saving a checkpoint (again to stop at once)\n".encode())
