@@ -100,6 +100,8 @@ class DPOConfig:
     eval_data: Optional[str] = None
     eval_split: float = 0.0
     dataset_subset: Optional[str] = None
+    dataset_revision: Optional[str] = None
+    """Branch, tag or commit of a Hub dataset (``revision`` is the model's)."""
     dataset_split: str = "train"
     eval_dataset_split: Optional[str] = None
     data_format: str = "auto"

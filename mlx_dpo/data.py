@@ -207,7 +207,7 @@ def _looks_like_hub_id(spec: str) -> bool:
     return bool(re.match(r"^[\w][\w.-]*/[\w][\w.-]*$", spec)) and not spec.lower().endswith(DATA_SUFFIXES)
 
 
-def resolve_source(spec: str, subset: Optional[str] = None) -> Path:
+def resolve_source(spec: str, subset: Optional[str] = None, revision: Optional[str] = None) -> Path:
     """A local file or directory for ``data``: ``toy``, a path, or a Hub dataset snapshot."""
     if spec == "toy":
         from .toy import resolve_toy_data
@@ -219,7 +219,8 @@ def resolve_source(spec: str, subset: Optional[str] = None) -> Path:
     if _looks_like_hub_id(spec):
         patterns = [f"{subset}/*", f"data/{subset}/*"] if subset else [f"*{s}" for s in DATA_SUFFIXES]
         try:
-            return Path(snapshot_download(repo_id=spec, repo_type="dataset", allow_patterns=patterns))
+            return Path(snapshot_download(repo_id=spec, repo_type="dataset", revision=revision,
+                                          allow_patterns=patterns))
         except Exception as e:  # network, auth, offline mode without a cached copy, unknown repo
             raise DataError(
                 f"data: '{spec}' is not a local path, and fetching it as a Hugging Face Hub dataset failed: {e}"
@@ -251,11 +252,11 @@ def _first_split(source: Path, splits, subset: Optional[str]) -> Optional[tuple]
 
 def plan_sources(cfg: DPOConfig) -> dict:
     """Which files (and split specs) make the train and eval sets: resolved, not read."""
-    source = resolve_source(cfg.data, cfg.dataset_subset)
+    source = resolve_source(cfg.data, cfg.dataset_subset, cfg.dataset_revision)
     plan = {"train": (split_files(source, cfg.dataset_split, cfg.dataset_subset), cfg.dataset_split), "eval": None}
     split = cfg.eval_dataset_split
     if cfg.eval_data:
-        eval_source = resolve_source(cfg.eval_data, cfg.dataset_subset)
+        eval_source = resolve_source(cfg.eval_data, cfg.dataset_subset, cfg.dataset_revision)
         if eval_source.is_file():
             plan["eval"] = ([eval_source], split or "eval")
         elif split:
@@ -683,7 +684,8 @@ def cache_key(plan: dict, cfg: DPOConfig, tokenizer) -> str:
     settings = {
         name: getattr(cfg, name)
         for name in (
-            "dataset_split", "eval_dataset_split", "dataset_subset", "eval_split", "seed", "data_format", "columns",
+            "dataset_split", "eval_dataset_split", "dataset_subset", "dataset_revision", "eval_split", "seed",
+            "data_format", "columns",
             "prompt_template", "system_prompt", "tools", "max_length", "max_prompt_length",
             "max_completion_length", "truncation_mode",
         )

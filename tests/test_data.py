@@ -332,8 +332,9 @@ def test_hub_snapshot_parquet(bpe_tok, tmp_path, monkeypatch):
     write_parquet(snap / "data" / "test-00000-of-00001.parquet", records(2, 100))
     write_parquet(snap / "data" / "train_sft-00000-of-00001.parquet", records(7, 200))  # another split
     calls = fake_hub(monkeypatch, snap)
-    train, evals, _ = load(bpe_tok, tmp_path, data="org/prefs", dataset_split="train[:75%]")
+    train, evals, _ = load(bpe_tok, tmp_path, data="org/prefs", dataset_split="train[:75%]", dataset_revision="v1")
     assert calls[0]["repo_id"] == "org/prefs" and calls[0]["repo_type"] == "dataset"
+    assert calls[0]["revision"] == "v1"
     assert (len(train), len(evals)) == (6, 2)
     local = write_jsonl(tmp_path / "local.jsonl", records(8))
     assert train == load(bpe_tok, tmp_path, data=str(local))[0][:6]
