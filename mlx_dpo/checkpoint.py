@@ -191,12 +191,13 @@ def _same(a, b) -> bool:
     return False
 
 
-def data_fingerprint(pairs) -> str:
-    h = hashlib.sha256()
-    for p in pairs:
-        for seq in (p.prompt, p.chosen, p.rejected):
-            h.update(np.asarray(seq, dtype=np.int64).tobytes())
-            h.update(b"|")
+def data_fingerprint(pairs, sample: int = 1000) -> str:
+    """Hash of every pair's lengths and of the tokens of ~``sample`` evenly spaced pairs
+    (cheap for large data sets; a changed data file changes it)."""
+    h = hashlib.sha256(np.array([(len(p.prompt), len(p.chosen), len(p.rejected)) for p in pairs],
+                                dtype=np.int64).tobytes())
+    for p in pairs[:: max(1, len(pairs) // sample)]:
+        h.update(np.asarray([*p.prompt, -1, *p.chosen, -1, *p.rejected], dtype=np.int64).tobytes())
     return h.hexdigest()[:16]
 
 

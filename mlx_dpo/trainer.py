@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -112,6 +113,13 @@ class DPOTrainer:
         out = self.output_dir
         if out.exists() and not out.is_dir():
             raise ConfigError(f"output_dir: {out} exists and is not a directory")
+        for key in ("model", "data", "ref_adapter_path"):
+            value = getattr(self.cfg, key)
+            if value and Path(value).expanduser().exists() and Path(value).expanduser().resolve() == out:
+                raise ConfigError(f"output_dir: {out} is the {key} directory; choose another output_dir")
+        existing = next(p for p in (out, *out.parents) if p.exists())
+        if not os.access(existing, os.W_OK):
+            raise ConfigError(f"output_dir: {existing} is not writable")
         if self.cfg.overwrite_output_dir or self.cfg.resume_from_checkpoint:
             return
         if (out / "adapters.safetensors").exists():
@@ -285,20 +293,20 @@ class DPOTrainer:
         SIGINT/SIGTERM: finish the step, checkpoint, raise ``TrainingInterrupted``."""
         history = self._prepare_output_dir()
         self.cfg.save(self.output_dir / "config.yaml")
-        if self.precompute and self.use_reference:
-            self.precompute_reference()
-        self.model.train()
-        with checkpoint.StopSignals() as stop:
-            try:
+        try:
+            if self.precompute and self.use_reference:
+                self.precompute_reference()
+            self.model.train()
+            with checkpoint.StopSignals() as stop:
                 return self._train_loop(history, stop)
-            except RuntimeError as e:
-                if isinstance(e, checkpoint.TrainingError) or not _is_out_of_memory(e):
-                    raise
-                raise checkpoint.TrainingError(
-                    f"step {self.step + 1}: out of memory ({e}). Try a smaller max_length, gradient_checkpointing: "
-                    "true, quantize: {bits: 4}, or a new run with a smaller batch_size (and more "
-                    f"gradient_accumulation_steps). Last good checkpoint: {self._last_checkpoint()}; "
-                    "gradient_checkpointing and compute_dtype may change on --resume.") from None
+        except RuntimeError as e:
+            if isinstance(e, checkpoint.TrainingError) or not _is_out_of_memory(e):
+                raise
+            raise checkpoint.TrainingError(
+                f"step {self.step + 1}: out of memory ({e}). Try a smaller max_length, gradient_checkpointing: "
+                "true, quantize: {bits: 4}, or a new run with a smaller batch_size (and more "
+                f"gradient_accumulation_steps). Last good checkpoint: {self._last_checkpoint()}; "
+                "gradient_checkpointing and compute_dtype may change on --resume.") from None
 
     def _prepare_output_dir(self) -> List[dict]:
         """Create the output dir, remove a killed run's temporaries; with --overwrite clear the

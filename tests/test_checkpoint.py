@@ -116,6 +116,11 @@ def test_resume_rejects_config_changes_that_matter(llama_dir, toy_data_dir, tmp_
         assert t.step == 2
     with pytest.raises(ConfigError, match="does not exist"):
         DPOTrainer(cfg_for(llama_dir, toy_data_dir, out, resume_from_checkpoint=str(tmp_path / "nope")), **QUIET)
+    # resuming a finished run with the same max_steps is a no-op
+    before = metrics(out)
+    assert DPOTrainer(cfg_for(llama_dir, toy_data_dir, out, max_steps=2, resume_from_checkpoint="latest"),
+                      **QUIET).train().step == 2
+    assert metrics(out) == before
 
 
 def test_finished_run_needs_overwrite_which_clears_only_after_validation(llama_dir, toy_data_dir, tmp_path):
@@ -123,6 +128,8 @@ def test_finished_run_needs_overwrite_which_clears_only_after_validation(llama_d
     DPOTrainer(cfg_for(llama_dir, toy_data_dir, out, max_steps=2), **QUIET).train()
     with pytest.raises(ConfigError, match="--overwrite"):
         DPOTrainer(cfg_for(llama_dir, toy_data_dir, out), **QUIET)
+    with pytest.raises(ConfigError, match="is the model directory"):
+        DPOTrainer(cfg_for(llama_dir, toy_data_dir, llama_dir, overwrite_output_dir=True), **QUIET)
     with pytest.raises(Exception):  # bad data: nothing of the old run is touched
         DPOTrainer(cfg_for(llama_dir, tmp_path / "missing.jsonl", out, overwrite_output_dir=True), **QUIET)
     assert (out / "adapters.safetensors").exists() and checkpoint.latest_checkpoint(out).name == "step-2"
