@@ -54,7 +54,7 @@ MUST_MATCH = (
     "lora_target_modules", "num_layers",
     "reference", "ref_adapter_path", "reference_free", "precompute_ref_log_probs", "sync_ref_model",
     "ref_model_mixup_alpha", "ref_model_sync_steps",
-    "data", "eval_split", "dataset_subset", "dataset_split", "data_format", "columns", "prompt_template",
+    "data", "dataset_revision", "eval_split", "dataset_subset", "dataset_split", "data_format", "columns", "prompt_template",
     "system_prompt", "tools", "max_length", "max_prompt_length", "max_completion_length", "truncation_mode",
     "loss_type", "loss_weights", "beta", "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef",
     "discopop_tau", "rpo_alpha", "use_weighting", "ld_alpha", "simpo_gamma", "cpo_alpha",
