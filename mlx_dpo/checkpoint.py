@@ -28,7 +28,7 @@ import re
 import shutil
 import signal
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -203,6 +203,13 @@ def data_fingerprint(pairs, sample: int = 1000) -> str:
 
 
 # ---------------------------------------------------------------------- saving
+def run_config(cfg: DPOConfig) -> DPOConfig:
+    """The config as saved with a run: the recipe, without this invocation's
+    ``resume_from_checkpoint`` / ``overwrite_output_dir`` (reusing it never resumes or
+    overwrites by surprise)."""
+    return replace(cfg, resume_from_checkpoint=None, overwrite_output_dir=False)
+
+
 def _write_arrays(path: Path, arrays: Dict[str, mx.array]) -> None:
     mx.save_safetensors(str(path), arrays, metadata={"format": "mlx"})
 
@@ -257,7 +264,7 @@ def _write_checkpoint(trainer, tmp: Path, log_state: dict) -> None:
         "log": log_state,
     }
     atomic_write_text(tmp / "trainer_state.json", json.dumps(state, indent=2))
-    cfg.save(tmp / "config.yaml")
+    run_config(cfg).save(tmp / "config.yaml")
 
 
 def prune(output_dir: Path, limit: Optional[int], keep: Optional[Path] = None) -> None:

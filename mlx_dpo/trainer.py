@@ -292,7 +292,7 @@ class DPOTrainer:
         """Train to ``total_steps``, checkpointing every ``save_steps`` and at the end.
         SIGINT/SIGTERM: finish the step, checkpoint, raise ``TrainingInterrupted``."""
         history = self._prepare_output_dir()
-        self.cfg.save(self.output_dir / "config.yaml")
+        checkpoint.run_config(self.cfg).save(self.output_dir / "config.yaml")
         try:
             if self.precompute and self.use_reference:
                 self.precompute_reference()
@@ -470,7 +470,7 @@ class DPOTrainer:
             mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
             tmp.replace(directory / "adapters.safetensors")
             atomic_write_text(directory / "adapter_config.json", json.dumps(self._adapter_config(), indent=2))
-            self.cfg.save(directory / "config.yaml")
+            checkpoint.run_config(self.cfg).save(directory / "config.yaml")
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise checkpoint.CheckpointError(f"could not save adapters to {directory}: {e}. The last checkpoint is "

@@ -96,7 +96,8 @@ def test_resume_reproduces_an_uninterrupted_run(llama_dir, toy_data_dir, tmp_pat
     ckpt = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(b))
     assert ckpt.state["step"] == 20 and ckpt.state["optimizer_step"] == 20 and ckpt.optimizer["step"].item() == 20
     assert ckpt.state["sampler"]["seed"] == 0 and "loss_state.bco_running_mean" in ckpt.extra
-    assert DPOConfig.from_yaml(ckpt.path / "config.yaml").loss_type == "bco_pair"
+    saved = DPOConfig.from_yaml(ckpt.path / "config.yaml")
+    assert saved.loss_type == "bco_pair" and saved.resume_from_checkpoint is None  # reusing it never auto-resumes
     assert json.loads((ckpt.path / "adapter_config.json").read_text())["lora_parameters"]["rank"] == 8
 
 
