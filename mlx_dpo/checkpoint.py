@@ -63,7 +63,7 @@ MUST_MATCH = (
 )
 # Keys that may change freely on resume (anything else is allowed but reported).
 FREE = ("max_steps", "num_train_epochs", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-        "progress_bar", "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "report_to",
+        "progress_bar", "output_dir", "overwrite_output_dir", "resume_from_checkpoint",
         "max_eval_batches", "eval_batch_size", "cache_dir", "precompute_ref_batch_size")
 
 

@@ -163,7 +163,6 @@ class DPOConfig:
     save_steps: int = 500
     save_total_limit: Optional[int] = None
     resume_from_checkpoint: Optional[str] = None
-    report_to: str = "none"
     progress_bar: bool = True
 
     # ------------------------------------------------------------------------
