@@ -1,0 +1,117 @@
+"""Prefix sharing: each pair's prompt runs once; log-probs and gradients equal the
+unshared (2B, L) computation within float32 tolerance."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_dpo.batching import collate
+from mlx_dpo.config import ConfigError, DPOConfig
+from mlx_dpo.data import TokenizedPair
+from mlx_dpo.logprobs import completion_logps
+from mlx_dpo.model import adapter_mode, add_adapters, load_model
+from mlx_dpo.prefix import use_prefix_sharing
+from mlx_dpo.trainer import DPOTrainer, _checkpoint_block
+
+
+def pairs_of(rng, n, vocab, eos=2):
+    """Prompts of different lengths (1..20), completions 1..12 tokens."""
+    out = []
+    for i in range(n):
+        p = [1] + [int(x) for x in rng.integers(4, vocab, [0, 19, 5, 11, 2][i % 5])]
+        c = [int(x) for x in rng.integers(4, vocab, rng.integers(0, 12))] + [eos]
+        r = [int(x) for x in rng.integers(4, vocab, rng.integers(0, 12))] + [eos]
+        out.append(TokenizedPair(p, c, r))
+    return out
+
+
+def adapted_model(model_dir):
+    cfg = DPOConfig(model=str(model_dir))
+    model, _, _ = load_model(cfg)
+    add_adapters(model, cfg)
+    for layer in [m for _, m in model.named_modules() if hasattr(m, "lora_b")]:
+        layer.lora_b = mx.random.normal(layer.lora_b.shape, key=mx.random.key(1)) * 0.1
+    return model
+
+
+def logps_and_grads(model, batch):
+    weights = mx.arange(batch["targets"].shape[1], dtype=mx.float32) + 1
+
+    def loss(m):
+        return (completion_logps(m, batch, with_wpo=True)["token_logps"] * weights).sum()
+
+    out = completion_logps(model, batch, with_wpo=True)
+    _, grads = nn.value_and_grad(model, loss)(model)
+    return out, dict(tree_flatten(grads))
+
+
+def device(batch):
+    return {k: mx.array(v) for k, v in batch.arrays().items()}
+
+
+@pytest.mark.parametrize("arch", ["llama_dir", "qwen2_dir"])
+@pytest.mark.parametrize("batch_size", [1, 5])
+def test_shared_prefix_equals_unshared(arch, batch_size, request):
+    model = adapted_model(request.getfixturevalue(arch))
+    pairs = pairs_of(np.random.default_rng(batch_size), batch_size, model.args.vocab_size)
+    plain, shared = collate(pairs, list(range(batch_size))), collate(pairs, list(range(batch_size)), prefix=True)
+    assert shared.prompt.shape[0] == batch_size and shared.completion.shape[0] == 2 * batch_size
+    assert shared.num_tokens == plain.num_tokens
+    for mode in ("policy", "base"):  # the policy and the reference (adapters off) take the same path
+        with adapter_mode(model, mode):
+            a, ga = logps_and_grads(model, device(plain))
+            b, gb = logps_and_grads(model, device(shared))
+        np.testing.assert_array_equal(np.array(a["mask"]), np.array(b["mask"]))
+        for key in ("token_logps", "logits_sum", "wpo_adjust"):
+            np.testing.assert_allclose(np.array(b[key]), np.array(a[key]), atol=2e-5, rtol=1e-5, err_msg=key)
+        assert ga.keys() == gb.keys()
+        for k in ga:
+            np.testing.assert_allclose(np.array(gb[k]), np.array(ga[k]), atol=2e-5, rtol=1e-4, err_msg=k)
+        if mode == "policy":
+            assert max(float(mx.abs(g).max()) for g in ga.values()) > 1e-3  # gradients are not trivially zero
+
+
+def test_shared_prefix_with_gradient_checkpointing(llama_dir):
+    model = adapted_model(llama_dir)
+    pairs = pairs_of(np.random.default_rng(7), 3, model.args.vocab_size)
+    a, ga = logps_and_grads(model, device(collate(pairs, [0, 1, 2])))
+    for block in model.layers:
+        _checkpoint_block(block)
+    b, gb = logps_and_grads(model, device(collate(pairs, [0, 1, 2], prefix=True)))
+    np.testing.assert_allclose(np.array(b["token_logps"]), np.array(a["token_logps"]), atol=2e-5)
+    for k in ga:
+        np.testing.assert_allclose(np.array(gb[k]), np.array(ga[k]), atol=2e-5, rtol=1e-4, err_msg=k)
+
+
+def test_trainer_step_same_with_and_without_prefix_sharing(qwen2_dir, toy_data_dir, tmp_path):
+    """Compiled step (live reference under adapter_mode + policy + loss): same loss and grads."""
+    results = []
+    for setting in ("false", "true"):
+        cfg = DPOConfig(model=str(qwen2_dir), data=str(toy_data_dir), output_dir=str(tmp_path / setting),
+                        batch_size=4, max_steps=2, progress_bar=False, seed=0, prefix_sharing=setting)
+        trainer = DPOTrainer(cfg, log=lambda *a: None)
+        for layer in [m for _, m in trainer.model.named_modules() if hasattr(m, "lora_b")]:
+            layer.lora_b = mx.random.normal(layer.lora_b.shape, key=mx.random.key(2)) * 0.05
+        assert trainer.prefix_sharing == (setting == "true")
+        batch = trainer.collate(trainer.train_pairs, [0, 1, 2, 3])
+        assert (batch.prompt is not None) == trainer.prefix_sharing
+        loss, metrics, _, grads, _ = trainer.grad_step(trainer.to_device(batch), trainer.loss_state)
+        results.append((loss.item(), {k: v.item() for k, v in metrics.items()}, dict(tree_flatten(grads))))
+    (l1, m1, g1), (l2, m2, g2) = results
+    assert abs(l1 - l2) < 1e-5
+    for k in m1:
+        assert abs(m1[k] - m2[k]) < 1e-4, k
+    for k in g1:
+        np.testing.assert_allclose(np.array(g2[k]), np.array(g1[k]), atol=1e-5, rtol=1e-4, err_msg=k)
+
+
+def test_prefix_sharing_setting(llama_dir):
+    model, _, _ = load_model(DPOConfig(model=str(llama_dir)))
+    assert use_prefix_sharing("auto", model) and use_prefix_sharing("true", model)
+    assert not use_prefix_sharing("false", model)
+    model.model_type = "gemma3"  # not a supported shape: auto falls back, true is an error
+    assert not use_prefix_sharing("auto", model)
+    with pytest.raises(ConfigError, match="prefix_sharing"):
+        use_prefix_sharing("true", model)
