@@ -84,6 +84,31 @@ def train(config_file, resume, overwrite, **kwargs):
     click.echo(f"saved adapters to {result.output_dir} {summary if summary else ''}")
 
 
+@main.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML recipe (see configs/).")
+@click.option("--memory-budget-gb", type=float, default=None,
+              help="Memory to plan for (default: 80% of this machine's).")
+@click.option("--steps", type=int, default=3, show_default=True, help="Timed steps per batch size.")
+@click.option("--json", "json_out", is_flag=True, help="Print the plan as JSON too.")
+@config_options
+def plan(config_file, memory_budget_gb, steps, json_out, **kwargs):
+    """Estimate peak memory and tokens/s of a run on this machine (a few timed
+    steps on the longest pairs) and the largest batch that fits the budget."""
+    import json
+
+    from .config import resolve_config
+    from .data import DataError
+    from .plan import plan as run_plan
+
+    try:
+        result = run_plan(resolve_config(config_file, **_overrides(kwargs)), memory_budget_gb, steps,
+                          log=click.echo)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        _fail(e)
+    if json_out:
+        click.echo(json.dumps(result, indent=2))
+
+
 
 @main.command()
 @click.option("--adapter-path", required=True, type=click.Path(exists=True, file_okay=False),
