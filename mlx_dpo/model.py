@@ -48,21 +48,26 @@ def base_linear(linear: nn.Module, x: mx.array) -> mx.array:
     return linear(x)
 
 
-class SwitchableLoRALinear(LoRALinear):
+class _Switchable:
+    """``mode``: ``policy`` (the trainable adapter), ``base`` (adapter off) or
+    ``reference`` (the frozen ``ref_*`` copy)."""
+
+    mode = "policy"
+
+    @classmethod
+    def from_base(cls, linear, r=8, dropout=0.0, scale=20.0):
+        layer = super().from_base(linear, r=r, dropout=dropout, scale=scale)  # mlx-lm's constructor
+        layer.__class__ = cls
+        return layer
+
+
+class SwitchableLoRALinear(_Switchable, LoRALinear):
     """mlx-lm's ``LoRALinear`` (same parameter names and file format) whose adapter
     can be switched off (``mode = "base"``) or switched to a frozen reference copy
     (``mode = "reference"``, using ``ref_lora_a`` / ``ref_lora_b``).
 
     ``y = W x + scale * B A dropout(x)`` (Hu et al. 2021, arXiv:2106.09685).
     """
-
-    mode = "policy"
-
-    @classmethod
-    def from_base(cls, linear, r=8, dropout=0.0, scale=20.0):
-        layer = LoRALinear.from_base(linear, r=r, dropout=dropout, scale=scale)
-        layer.__class__ = cls
-        return layer
 
     def __call__(self, x):
         y = base_linear(self.linear, x)
@@ -75,17 +80,9 @@ class SwitchableLoRALinear(LoRALinear):
         return y + (self.scale * ((x @ a) @ b)).astype(x.dtype)
 
 
-class SwitchableDoRALinear(DoRALinear):
+class SwitchableDoRALinear(_Switchable, DoRALinear):
     """mlx-lm's ``DoRALinear`` with the same switch (Liu et al. 2024, arXiv:2402.09353):
     ``y = m * (W + scale B A) x / ||W + scale B A||_row``."""
-
-    mode = "policy"
-
-    @classmethod
-    def from_base(cls, linear, r=8, dropout=0.0, scale=20.0):
-        layer = DoRALinear.from_base(linear, r=r, dropout=dropout, scale=scale)
-        layer.__class__ = cls
-        return layer
 
     def __call__(self, x):
         if self.mode == "base":
