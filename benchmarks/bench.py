@@ -32,6 +32,7 @@ SIZES = {  # name: build_toy_model arguments
 VARIANTS = {  # mlx-dpo settings
     "mlx-dpo (plain)": dict(prefix_sharing="false", precompute_ref_log_probs=False),
     "mlx-dpo (prefix)": dict(prefix_sharing="true", precompute_ref_log_probs=False),
+    "mlx-dpo (precompute)": dict(prefix_sharing="false", precompute_ref_log_probs=True),
     "mlx-dpo (prefix+precompute)": dict(prefix_sharing="true", precompute_ref_log_probs=True),
     "mlx-dpo (prefix+precompute+ckpt)": dict(prefix_sharing="true", precompute_ref_log_probs=True,
                                              gradient_checkpointing=True),

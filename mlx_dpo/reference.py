@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import losses
-from .batching import collate, eval_batches
+from .batching import eval_batches
 from .data import TokenizedPair
 from .io import atomic_write_bytes
 from .logprobs import completion_logps
@@ -86,7 +86,7 @@ def compute_reference_logps(trainer: "DPOTrainer", pairs: List[TokenizedPair]) -
     model.eval()
     groups = list(eval_batches(pairs, batch_size))
     for indices in _progress(groups, trainer):
-        batch = collate([pairs[i] for i in indices], indices, trainer.pad_id)
+        batch = trainer.collate(pairs, indices)  # shared-prefix layout when the trainer uses it
         out = forward({k: mx.array(v) for k, v in batch.arrays().items()})
         mx.eval(out)
         n = len(indices)
