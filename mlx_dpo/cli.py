@@ -23,7 +23,8 @@ def config_options(func):
         name = f.name.replace("_", "-")
         aliases = [f"--{a.replace('_', '-')}" for a, target in ALIASES.items() if target == f.name]
         if hints[f.name] is bool:
-            func = click.option(f"--{name}/--no-{name}", f.name, default=None, help=f"(config: {f.name})")(func)
+            flags = [f"--{flag}/--no-{flag}" for flag in (name, *(a[2:] for a in aliases))]
+            func = click.option(*flags, f.name, default=None, help=f"(config: {f.name})")(func)
         else:
             func = click.option(f"--{name}", *aliases, f.name, default=None, metavar="VALUE",
                                 help=f"(config: {f.name})")(func)
@@ -128,6 +129,8 @@ def export(adapter_path, output, model, fmt, dtype, verify, overwrite, upload_re
     from .export import ExportError
     from .export import export as run_export
 
+    if private and not upload_repo:
+        _fail(ConfigError("--private only applies with --upload-repo"))
     try:
         run_export(adapter_path, output, model=model, format=fmt, dtype=dtype, verify=verify, overwrite=overwrite)
     except (ExportError, ConfigError, FileNotFoundError) as e:

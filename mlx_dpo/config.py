@@ -47,6 +47,7 @@ DEFAULT_LORA_TARGETS = (
 )
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+QUANT_BITS = (2, 3, 4, 5, 6, 8)
 
 
 class ConfigError(ValueError):
@@ -193,9 +194,29 @@ class DPOConfig:
         _check_choice("f_divergence_type", self.f_divergence_type, ("reverse_kl", "js_divergence", "alpha_divergence"))
         self.prefix_sharing = str(self.prefix_sharing).lower()
         _check_choice("prefix_sharing", self.prefix_sharing, ("auto", "true", "false"))
-        for name in ("lora_rank", "batch_size", "gradient_accumulation_steps", "logging_steps"):
+        for name in ("lora_rank", "batch_size", "gradient_accumulation_steps", "logging_steps",
+                     "ref_model_sync_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_batch_size", "precompute_ref_batch_size", "max_prompt_length", "max_completion_length",
+                     "save_total_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1 (or unset), got {getattr(self, name)}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"max_length must be >= 2 (a prompt token and a completion token), got {self.max_length}")
+        for name in ("warmup_steps", "save_steps", "max_grad_norm", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.eval_steps is not None and self.eval_steps < 0:
+            raise ConfigError(f"eval_steps must be >= 0 (0 disables evaluation), got {self.eval_steps}")
+        if self.num_layers == 0 or self.num_layers < -1:
+            raise ConfigError(f"num_layers must be -1 (all blocks) or >= 1, got {self.num_layers}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ConfigError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_alpha <= 0:
+            raise ConfigError(f"lora_alpha must be > 0, got {self.lora_alpha}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         if not 0.0 <= self.eval_split < 1.0:
@@ -204,14 +225,24 @@ class DPOConfig:
             raise ConfigError(f"label_smoothing must be in [0, 0.5], got {self.label_smoothing}")
         if self.quantize is not None:
             if not isinstance(self.quantize, dict) or set(self.quantize) - {"bits", "group_size"}:
-                raise ConfigError("quantize must be a mapping with keys bits (4|8) and group_size (32|64|128)")
+                raise ConfigError("quantize must be a mapping with keys bits (e.g. 4 or 8) and group_size (32|64|128)")
             bits = self.quantize.get("bits", 4)
             group = self.quantize.get("group_size", 64)
-            if bits not in (2, 3, 4, 5, 6, 8) or group not in (32, 64, 128):
-                raise ConfigError(f"quantize: bits must be 4 or 8 and group_size 32, 64 or 128, got {self.quantize}")
+            if bits not in QUANT_BITS or group not in (32, 64, 128):
+                raise ConfigError(f"quantize: bits must be one of {', '.join(map(str, QUANT_BITS))} (4 or 8 "
+                                  f"recommended) and group_size 32, 64 or 128, got {self.quantize}")
             self.quantize = {"bits": bits, "group_size": group}
         if self.reference == "adapter" and not self.ref_adapter_path:
             raise ConfigError("reference: adapter needs ref_adapter_path (an mlx-lm adapter directory)")
+        if self.ref_adapter_path and self.reference != "adapter":
+            raise ConfigError("ref_adapter_path is set but reference is 'base', so it would be ignored; "
+                              "set reference: adapter (or remove ref_adapter_path)")
+        if self.train_type == "full" and self.reference == "adapter":
+            raise ConfigError("train_type: full has no adapters; reference: adapter needs train_type: adapter")
+        if self.train_type == "full" and self.sync_ref_model:
+            raise ConfigError("sync_ref_model (TR-DPO) mixes adapters; it needs train_type: adapter")
+        if self.resume_from_checkpoint and self.overwrite_output_dir:
+            raise ConfigError("resume_from_checkpoint and overwrite_output_dir contradict each other; choose one")
         if self.sync_ref_model and self.precompute_ref_log_probs:
             raise ConfigError("sync_ref_model (TR-DPO) updates the reference; it cannot be combined with precompute_ref_log_probs")
         if self.sync_ref_model and self.reference_free:

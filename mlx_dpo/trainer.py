@@ -40,6 +40,9 @@ from .model import (adapter_config, adapter_layers, adapter_mode, add_adapters, 
 from .schedule import build_schedule
 
 
+MAX_CONSECUTIVE_SKIPS = 10
+
+
 class NonFiniteError(checkpoint.TrainingError):
     """Loss or gradient became NaN/inf."""
 
@@ -88,9 +91,14 @@ class DPOTrainer:
         self.reductions = losses.reductions(cfg)
         self.loss_state = losses.init_loss_state(cfg)
 
+        if len(self.train_pairs) < cfg.batch_size:
+            raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(self.train_pairs)} training pairs")
         self.sampler = BatchSampler(self.train_pairs, cfg.batch_size, cfg.seed)
         self.total_steps = self._total_steps()
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
+        if warmup and cfg.lr_scheduler_type == "constant":
+            self.log("warning: lr_scheduler_type 'constant' has no warmup (as in transformers); "
+                     "use 'constant_with_warmup' for warmup_steps/warmup_ratio to apply")
         self.schedule = build_schedule(cfg.lr_scheduler_type, cfg.learning_rate, self.total_steps, warmup)
         self.optimizer = optim.AdamW(
             learning_rate=self.schedule, betas=[cfg.adam_beta1, cfg.adam_beta2], eps=cfg.adam_epsilon,
@@ -148,8 +156,6 @@ class DPOTrainer:
     def _setup_trainable(self) -> None:
         cfg, model = self.cfg, self.model
         if cfg.train_type == "full":
-            if cfg.sync_ref_model:
-                raise ConfigError("sync_ref_model needs adapters; not supported with train_type: full")
             self.num_layers = setup_full_finetune(model, cfg)
         else:
             self.num_layers = add_adapters(model, cfg)
@@ -186,7 +192,7 @@ class DPOTrainer:
     def _total_steps(self) -> int:
         if self.cfg.max_steps > 0:
             return self.cfg.max_steps
-        per_epoch = len(self.sampler) // self.cfg.gradient_accumulation_steps
+        per_epoch = max(1, len(self.sampler) // self.cfg.gradient_accumulation_steps)
         return max(1, math.ceil(self.cfg.num_train_epochs * per_epoch))
 
     @property
@@ -366,10 +372,9 @@ class DPOTrainer:
                 for k, v in values.items():
                     step_metrics[k] = step_metrics.get(k, 0.0) + v / accum
                 tokens += batch.num_tokens
-            if grads_sum is None:
-                self.step += 1
-                bar.update(1)
+            if grads_sum is None:  # skipped: the step is retried on the next batches
                 continue
+            self.consecutive_skips = 0
             if accum > 1:
                 grads_sum = tree_map(lambda g: g / accum, grads_sum)
             lr = float(self.schedule(self.optimizer.step).item())
@@ -434,7 +439,11 @@ class DPOTrainer:
             raise NonFiniteError(msg + f" Last good checkpoint: {self._last_checkpoint()}. "
                                  "Set skip_nonfinite_steps: true to skip such steps.")
         self.skipped_steps += 1
-        self.log(msg + f" Skipped ({self.skipped_steps} so far).")
+        self.consecutive_skips = getattr(self, "consecutive_skips", 0) + 1
+        if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+            raise NonFiniteError(msg + f" {self.consecutive_skips} steps in a row were non-finite: stopping. "
+                                 f"Last good checkpoint: {self._last_checkpoint()}.")
+        self.log(msg + f" Skipped ({self.skipped_steps} so far); step {self.step + 1} is retried on the next batches.")
 
     def _last_checkpoint(self) -> str:
         last = checkpoint.latest_checkpoint(self.output_dir)

@@ -34,12 +34,16 @@ def cfg_for(model_dir, data_dir, out, **kw):
 
 
 def inject(trainer, at_step, fault):
-    """Wrap the compiled step: ``fault(outputs)`` runs during step ``at_step`` (1-based)."""
+    """Wrap the compiled step: ``fault(outputs)`` runs once, during step ``at_step`` (1-based)."""
     step = trainer.grad_step
+    fired = []
 
     def wrapped(batch, loss_state):
         out = step(batch, loss_state)
-        return fault(out) if trainer.step + 1 == at_step else out
+        if trainer.step + 1 == at_step and not fired:
+            fired.append(True)
+            return fault(out)
+        return out
 
     trainer.grad_step = wrapped
 
@@ -164,7 +168,7 @@ def test_nonfinite_steps_can_be_skipped_and_are_counted(llama_dir, toy_data_dir,
     t = DPOTrainer(cfg_for(llama_dir, toy_data_dir, out, skip_nonfinite_steps=True), **QUIET)
     inject(t, 3, lambda o: (o[0] * float("nan"),) + tuple(o[1:]))
     result = t.train()
-    assert result.step == 6 and t.skipped_steps == 1 and t.optimizer.step.item() == 5
+    assert result.step == 6 and t.skipped_steps == 1 and t.optimizer.step.item() == 6  # the bad step is retried
     assert [(r["step"], r["skipped_steps"]) for r in metrics(out)] == [(2, 0), (4, 1), (6, 1)]
     assert checkpoint.load_checkpoint(out / "checkpoints" / "step-6").state["skipped_steps"] == 1
 

@@ -72,3 +72,45 @@ def test_every_field_is_a_cli_option():
     help_text = CliRunner().invoke(main, ["train", "--help"], terminal_width=200).output
     for f in fields(DPOConfig):
         assert f"--{f.name.replace('_', '-')}" in help_text, f.name
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"ref_adapter_path": "/tmp/x"}, "ref_adapter_path is set but reference is 'base'"),
+    ({"train_type": "full", "reference": "adapter", "ref_adapter_path": "/x"}, "train_type: full has no adapters"),
+    ({"train_type": "full", "sync_ref_model": True}, "needs train_type: adapter"),
+    ({"resume_from_checkpoint": "latest", "overwrite_output_dir": True}, "contradict"),
+    ({"ref_model_sync_steps": 0}, "ref_model_sync_steps must be >= 1"),
+    ({"eval_batch_size": 0}, "eval_batch_size must be >= 1"),
+    ({"num_layers": 0}, "num_layers must be -1"),
+    ({"max_prompt_length": 0}, "max_prompt_length must be >= 1"),
+    ({"warmup_ratio": 1.5}, "warmup_ratio must be in"),
+    ({"quantize": {"bits": 7}}, "bits must be one of 2, 3, 4, 5, 6, 8"),
+])
+def test_conflicting_or_out_of_range_options_are_errors(values, message):
+    with pytest.raises(ConfigError, match=message):
+        DPOConfig(**values)
+
+
+def test_bool_aliases_work_on_the_command_line(monkeypatch):
+    seen = {}
+
+    class FakeTrainer:
+        def __init__(self, cfg):
+            seen["cfg"] = cfg
+
+        def train(self):
+            raise SystemExit(0)
+
+    monkeypatch.setattr("mlx_dpo.trainer.DPOTrainer", FakeTrainer)
+    result = CliRunner().invoke(main, ["train", "--grad-checkpoint"])
+    assert result.exit_code == 0, result.output
+    assert seen["cfg"].gradient_checkpointing is True
+
+
+def test_epochs_with_more_accumulation_than_batches_still_count_epochs(llama_dir, toy_data_dir, tmp_path):
+    from mlx_dpo.trainer import DPOTrainer
+
+    cfg = DPOConfig(model=str(llama_dir), data=str(toy_data_dir), output_dir=str(tmp_path), batch_size=64,
+                    gradient_accumulation_steps=16, num_train_epochs=3, progress_bar=False)
+    trainer = DPOTrainer(cfg, log=lambda *a: None)
+    assert len(trainer.sampler) < 16 and trainer.total_steps == 3
