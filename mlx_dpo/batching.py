@@ -62,6 +62,10 @@ class Batch:
 
 def collate(pairs: List[TokenizedPair], indices: List[int], pad_id: int = 0, bucket: int = 32,
             prefix: bool = False) -> Batch:
+    empty = [i for i, p in zip(indices, pairs) if not p.prompt]
+    if empty:  # position len(prompt) - 1 would be -1: the first completion token scored from padding
+        raise ValueError(f"pairs {empty[:5]} have an empty prompt; the first completion token needs at least one "
+                         "prompt token (e.g. BOS) to be scored (tokenize_pairs drops such pairs)")
     if prefix:
         return collate_prefix(pairs, indices, pad_id, bucket)
     rows = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
@@ -150,10 +154,17 @@ class BatchSampler:
 
 
 def eval_batches(pairs: List[TokenizedPair], batch_size: int, max_batches: int = -1) -> Iterator[List[int]]:
-    """Every eval pair once, grouped by length; the last batch may be smaller."""
-    order = sorted(range(len(pairs)), key=lambda i: (pairs[i].length, i))
+    """Every eval pair once, grouped by length; the last batch may be smaller.
+
+    With ``max_batches >= 0`` only ``max_batches * batch_size`` pairs are evaluated: a
+    subset evenly spaced over the original order (the same on every call, and not
+    biased to the shortest pairs), then grouped by length."""
+    subset = range(len(pairs))
+    if 0 <= max_batches * batch_size < len(pairs):
+        subset = np.linspace(0, len(pairs), max_batches * batch_size, endpoint=False).astype(int).tolist()
+    order = sorted(subset, key=lambda i: (pairs[i].length, i))
     groups = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-    return iter(groups if max_batches < 0 else groups[:max_batches])
+    return iter(groups)
 
 
 def batch_of(pairs: List[TokenizedPair], indices: List[int], pad_id: int = 0, bucket: Optional[int] = None,

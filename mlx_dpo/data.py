@@ -53,7 +53,10 @@ token (possibly followed by whitespace, as chat templates end a turn with
 ``<eos>\\n``).
 
 Truncation follows TRL (see :func:`tokenize_pairs`); counts of truncated and
-dropped pairs are logged. The tokenized result is cached under
+dropped pairs are logged. A pair whose prompt encodes to no tokens (an empty
+prompt, or an implicit pair differing from its first character, with a tokenizer
+that adds no BOS, as Qwen2/Qwen3) is dropped: see :func:`tokenize_pairs`. The
+tokenized result is cached under
 ``<cache root>/tokenized/<hash>.npz`` (numpy arrays, no pickle), keyed by the data
 files (path, size, mtime), the tokenizer files and every setting that changes the
 result, so a second run skips reading and tokenizing.
@@ -78,7 +81,7 @@ import numpy as np
 
 from .config import DPOConfig
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: pairs with a 0-token prompt are dropped
 FIELDS = ("prompt", "chosen", "rejected")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
 EVAL_SPLITS = ("valid", "validation", "test")
@@ -614,6 +617,12 @@ def tokenize_pairs(records: list, tokenizer, cfg: DPOConfig) -> Tuple[List[Token
     - completions are cut to ``max_completion_length`` (keeping their start);
     - then completions are cut so ``prompt + completion <= max_length``; a pair left
       with no completion token (a prompt longer than ``max_length``) is dropped.
+
+    A pair whose prompt has 0 tokens after encoding and truncation (``""``, or an
+    implicit pair that differs from the first character, with a tokenizer that adds
+    no BOS) is dropped and counted as ``dropped_no_prompt``: the first completion token
+    is scored from the hidden state of the last prompt token, so it needs at least
+    one prompt token (e.g. BOS). TRL has the same requirement.
     """
     rows = [r if isinstance(r, Row) else Row(f"record index {i}", r) for i, r in enumerate(records)]
     mapping = _column_map(cfg)
@@ -639,6 +648,9 @@ def tokenize_pairs(records: list, tokenizer, cfg: DPOConfig) -> Tuple[List[Token
         rejected_ids = _encode_completion(tokenizer, prompt, prompt_ids, rejected, special)
         before = (len(prompt_ids), len(chosen_ids), len(rejected_ids))
         prompt_ids = _truncate(prompt_ids, cfg.max_prompt_length, cfg.truncation_mode)
+        if not prompt_ids:  # nothing to score the first completion token from
+            stats["dropped_no_prompt"] += 1
+            continue
         chosen_ids = _truncate(chosen_ids, cfg.max_completion_length, "keep_start")
         rejected_ids = _truncate(rejected_ids, cfg.max_completion_length, "keep_start")
         if cfg.max_length is not None:
@@ -758,7 +770,7 @@ def _summary(name: str, s: dict) -> str:
     text = f"{name}: {s['kept']} pairs ({s['truncated']} truncated, {s['dropped_too_long']} dropped as too long, "
     text += f"{s['dropped_identical']} skipped with chosen == rejected"
     if s.get("dropped_no_prompt"):
-        text += f", {s['dropped_no_prompt']} skipped with no implicit prompt to extract"
+        text += f", {s['dropped_no_prompt']} skipped with no prompt (no implicit prompt to extract, or 0 prompt tokens)"
     return text + ")"
 
 

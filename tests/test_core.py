@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_dpo.batching import BatchSampler, bucket_length, collate
+from mlx_dpo.batching import BatchSampler, bucket_length, collate, eval_batches
 from mlx_dpo.config import DPOConfig
 from mlx_dpo.data import TokenizedPair
 from mlx_dpo.logprobs import completion_logps, sequence_logps_reference
@@ -223,3 +223,25 @@ def test_gradient_accumulation_equals_big_batch(llama_dir, toy_data_dir, tmp_pat
     g4 = t4.grad_step(t4.to_device(collate(trainer.train_pairs[:4], [0, 1, 2, 3])), t4.loss_state)[3]
     for (k, a), (_, b), (_, c) in zip(tree_flatten(g1), tree_flatten(g2), tree_flatten(g4)):
         np.testing.assert_allclose((np.array(a) + np.array(b)) / 2, np.array(c), atol=1e-6, rtol=1e-4, err_msg=k)
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_collate_rejects_an_empty_prompt(prefix):
+    pairs = random_pairs(np.random.default_rng(0), 2, 100)
+    pairs[1] = TokenizedPair([], pairs[1].chosen, pairs[1].rejected)
+    with pytest.raises(ValueError, match=r"pairs \[7\] have an empty prompt"):
+        collate(pairs, [6, 7], prefix=prefix)
+
+
+def test_max_eval_batches_is_a_fixed_unbiased_subset():
+    pairs = random_pairs(np.random.default_rng(0), 400, 100)
+    lengths = np.array([p.length for p in pairs])
+    groups = list(eval_batches(pairs, 8, max_batches=5))
+    assert groups == list(eval_batches(pairs, 8, max_batches=5))  # the same subset on every call
+    subset = [i for g in groups for i in g]
+    assert len(groups) == 5 and all(len(g) == 8 for g in groups) and len(set(subset)) == 40
+    assert [lengths[i] for i in subset] == sorted(lengths[subset])  # still grouped by length
+    assert abs(lengths[subset].mean() - lengths.mean()) < 3 * lengths.std() / np.sqrt(40)  # within 3 standard errors
+    assert lengths[subset].mean() > np.sort(lengths)[:40].mean() + lengths.std()  # not the shortest pairs
+    everything = [i for g in eval_batches(pairs, 8) for i in g]
+    assert sorted(everything) == list(range(400))

@@ -181,10 +181,10 @@ def test_implicit_pairs_without_a_prompt_are_skipped(bpe_tok, tmp_path):
     ]
     path = write_jsonl(tmp_path / "i.jsonl", records[:1] + records[2:])
     train, _, lines = load(bpe_tok, tmp_path, data=str(path))
-    assert len(train) == 1 and "1 skipped with no implicit prompt" in lines[0]
+    assert len(train) == 1 and "1 skipped with no prompt" in lines[0]
     path = write_jsonl(tmp_path / "j.jsonl", [records[1], {"chosen": [user, {"role": "assistant", "content": "a"}], "rejected": [user, {"role": "assistant", "content": "b"}]}])
     train, _, lines = load(bpe_tok, tmp_path, data=str(path))
-    assert len(train) == 1 and "1 skipped with no implicit prompt" in lines[0]
+    assert len(train) == 1 and "1 skipped with no prompt" in lines[0]
 
 
 def test_forced_format(bpe_tok, tmp_path):
@@ -246,6 +246,41 @@ def test_counts_are_logged(bpe_tok, tmp_path):
     train, _, lines = load(bpe_tok, tmp_path, data=str(path), max_prompt_length=None, max_length=20)
     assert len(train) == 3
     assert lines == ["train: 3 pairs (0 truncated, 1 dropped as too long, 1 skipped with chosen == rejected)"]
+
+
+class NoBos:
+    """A tokenizer that adds no BOS (as Qwen2/Qwen3): the toy tokenizer minus its leading BOS."""
+
+    bos_token_id = None
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def encode(self, text, add_special_tokens=True):
+        ids = list(self._tok.encode(text, add_special_tokens=add_special_tokens))
+        return ids[1:] if ids[:1] == [self._tok.bos_token_id] else ids
+
+
+def test_pairs_with_no_prompt_tokens_are_dropped(bpe_tok, tmp_path):
+    """With no BOS an empty prompt has 0 tokens: the first completion token has nothing to be scored from."""
+    no_bos = NoBos(bpe_tok)
+    records = [
+        dict(PAIR),
+        {"prompt": "", "chosen": "yes", "rejected": "no"},  # standard, empty prompt
+        {"chosen": "yes it is", "rejected": "no it is not"},  # implicit, differs at the first character
+    ]
+    assert no_bos.encode("") == [] and no_bos.encode("a") == bpe_tok.encode("a")[1:]
+    pairs, stats = tokenize_pairs(records, no_bos, DPOConfig())
+    assert stats["kept"] == 1 and stats["dropped_no_prompt"] == 2
+    assert pairs[0].prompt == no_bos.encode(PAIR["prompt"])
+    pairs, stats = tokenize_pairs(records, bpe_tok, DPOConfig())  # BOS alone is a prompt
+    assert stats["kept"] == 3 and stats["dropped_no_prompt"] == 0 and pairs[1].prompt == [bpe_tok.bos_token_id]
+    path = write_jsonl(tmp_path / "d.jsonl", [dict(PAIR), records[1]])
+    train, _, lines = load(no_bos, tmp_path, data=str(path))
+    assert len(train) == 1 and "1 skipped with no prompt" in lines[0]
 
 
 # ---------------------------------------------------------------------------
