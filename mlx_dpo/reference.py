@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Dict, List
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from . import losses
 from .batching import eval_batches
 from .data import TokenizedPair
 from .io import atomic_write_bytes
 from .logprobs import completion_logps
-from .model import adapter_mode
+from .model import adapter_mode, compute_dtype
 
 if TYPE_CHECKING:
     from .trainer import DPOTrainer
@@ -40,6 +41,23 @@ def _hash_file(h, path: Path) -> None:
         h.update(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
 
 
+def weights_fingerprint(model) -> str:
+    """A cheap fingerprint of the weights the reference pass reads: name, shape, dtype and
+    (sum, sum |w|, sum w^2) in float32 of every frozen parameter (the base, a frozen
+    reference adapter). Trainable ones are left out: adapters start random and a resumed
+    full fine-tune has moved its trained blocks, neither of which changes the reference."""
+    trainable = {k for k, _ in tree_flatten(model.trainable_parameters())}
+    h = hashlib.sha256()
+    for name, w in tree_flatten(model.parameters()):
+        if name in trainable:
+            continue
+        x = w.astype(mx.float32)
+        stats = mx.stack([mx.sum(x), mx.sum(mx.abs(x)), mx.sum(x * x)])
+        h.update(f"{name}:{tuple(w.shape)}:{w.dtype}:".encode())
+        h.update(np.array(stats).tobytes())
+    return h.hexdigest()
+
+
 def cache_key(trainer: "DPOTrainer", pairs: List[TokenizedPair]) -> str:
     cfg = trainer.cfg
     h = hashlib.sha256()
@@ -51,8 +69,11 @@ def cache_key(trainer: "DPOTrainer", pairs: List[TokenizedPair]) -> str:
         h.update(str(model_path).encode())
     if trainer.reference_mode == "reference" and cfg.ref_adapter_path:
         _hash_file(h, Path(cfg.ref_adapter_path) / "adapters.safetensors")
+    # the weights actually in memory: a model passed to DPOTrainer need not be the one in cfg.model
+    h.update(weights_fingerprint(trainer.model).encode())
     settings = {
-        "version": CACHE_VERSION, "model": cfg.model, "quantize": cfg.quantize, "compute_dtype": cfg.compute_dtype,
+        "version": CACHE_VERSION, "model": cfg.model, "quantize": cfg.quantize,
+        "compute_dtype": str(compute_dtype(cfg)),  # resolved: "auto" means float32 on the CPU only
         "reference": trainer.reference_mode, "train_type": cfg.train_type, "reductions": trainer.reductions,
         "ld_alpha": cfg.ld_alpha, "prefix_sharing": cfg.prefix_sharing,
     }
@@ -104,8 +125,12 @@ def precompute_reference_logps(trainer: "DPOTrainer", pairs: List[TokenizedPair]
     key = cache_key(trainer, pairs)
     path = cache_file(trainer, key)
     if path.is_file():
-        with np.load(path, allow_pickle=False) as f:
-            cached = {r: f[r] for r in trainer.reductions if r in f.files}
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                cached = {r: f[r] for r in trainer.reductions if r in f.files}
+        except Exception as e:  # truncated or corrupt: recompute and overwrite it
+            trainer.log(f"warning: ignoring unreadable reference log-prob cache {path} ({e}); recomputing")
+            cached = {}
         if len(cached) == len(trainer.reductions) and all(v.shape == (len(pairs), 2) for v in cached.values()):
             trainer.log(f"{split}: reference log-probs loaded from {path}")
             return cached

@@ -181,3 +181,55 @@ def test_each_strategy_trains_from_the_cli(llama_dir, toy_data_dir, tmp_path, sf
     assert (out / "adapters.safetensors").exists()
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert np.isfinite(record["loss"]) and "eval_rewards/accuracies" in record
+
+
+def test_reference_cache_follows_the_weights_in_memory(llama_dir, toy_data_dir, tmp_path):
+    """A model passed to DPOTrainer is keyed by its weights, not by cfg.model's files."""
+    kw = dict(precompute_ref_log_probs=True, max_steps=1)
+    loaded = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path / "a", **kw), **QUIET)
+    loaded.precompute_reference()
+    same, tok, _ = load_model(loaded.cfg)
+    same = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path / "b", **kw), model=same, tokenizer=tok, **QUIET)
+    same.precompute_reference()
+    assert getattr(same, "reference_forwards", 0) == 0  # identical weights: the cache is reused
+    changed, tok, _ = load_model(loaded.cfg)
+    changed.model.norm.weight = changed.model.norm.weight * 2
+    changed = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path / "c", **kw), model=changed, tokenizer=tok, **QUIET)
+    changed.precompute_reference()
+    assert changed.reference_forwards > 0
+    assert not np.allclose(changed.ref_cache["train"]["sum"], loaded.ref_cache["train"]["sum"], atol=1e-3)
+
+
+def test_reference_cache_key_uses_the_resolved_compute_dtype(llama_dir, toy_data_dir, tmp_path):
+    from mlx_dpo.model import compute_dtype
+    from mlx_dpo.reference import cache_key
+
+    auto = cfg_for(llama_dir, toy_data_dir, tmp_path / "auto", precompute_ref_log_probs=True)
+    resolved = compute_dtype(auto)
+    if resolved is None:
+        pytest.skip("compute_dtype auto keeps the checkpoint's dtype on this device")
+    explicit = cfg_for(llama_dir, toy_data_dir, tmp_path / "explicit", precompute_ref_log_probs=True,
+                       compute_dtype=str(resolved).rsplit(".", 1)[-1])
+    a, b = DPOTrainer(auto, **QUIET), DPOTrainer(explicit, **QUIET)
+    assert cache_key(a, a.train_pairs) == cache_key(b, b.train_pairs)
+    other = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path / "bf16", precompute_ref_log_probs=True,
+                               compute_dtype="bfloat16"), **QUIET)
+    assert cache_key(other, other.train_pairs) != cache_key(a, a.train_pairs)
+
+
+def test_corrupt_reference_cache_is_recomputed(llama_dir, toy_data_dir, tmp_path):
+    from mlx_dpo.reference import cache_file, cache_key
+
+    messages = []
+    cfg = cfg_for(llama_dir, toy_data_dir, tmp_path / "a", precompute_ref_log_probs=True)
+    first = DPOTrainer(cfg, **QUIET)
+    first.precompute_reference()
+    path = cache_file(first, cache_key(first, first.train_pairs))
+    path.write_bytes(b"PK\x03\x04 truncated")
+    second = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path / "b", precompute_ref_log_probs=True),
+                        log=messages.append)
+    second.precompute_reference()
+    assert second.reference_forwards > 0 and any("unreadable" in m for m in messages)
+    np.testing.assert_allclose(second.ref_cache["train"]["sum"], first.ref_cache["train"]["sum"], atol=1e-5)
+    with np.load(path) as f:  # overwritten with a good file
+        np.testing.assert_allclose(f["sum"], first.ref_cache["train"]["sum"], atol=1e-5)
