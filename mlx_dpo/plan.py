@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Dict, Optional
@@ -100,6 +101,7 @@ def _timed_steps(trainer, batch_size: int, steps: int, warmup: int = 2) -> Dict[
     indices = pairs[-batch_size:]
     batch = trainer.collate(trainer.train_pairs, indices)
     arrays = trainer.to_device(batch)
+    trainer.model.train()  # as in training (lora_dropout on); mlx-lm loads models in eval mode
     mx.reset_peak_memory()
     seconds = 0.0
     for i in range(warmup + steps):
@@ -117,8 +119,7 @@ def plan(cfg, memory_budget_gb: Optional[float] = None, steps: int = 3, log=prin
     """Measure the configured run on this machine (see module docstring)."""
     from .trainer import DPOTrainer
 
-    cfg.output_dir = os.path.join(cfg.output_dir, ".plan")
-    cfg.overwrite_output_dir = True
+    cfg = dataclasses.replace(cfg, output_dir=os.path.join(cfg.output_dir, ".plan"), overwrite_output_dir=True)
     trainer = DPOTrainer(cfg, log=lambda *a: None)
     if trainer.precompute and trainer.use_reference:  # plan the step with dummy reference values
         import numpy as np

@@ -82,3 +82,24 @@ def test_throughput_skips_warmup():
     for tokens, seconds in [(100, 50.0), (100, 20.0), (100, 1.0), (300, 1.0)]:
         t.add(tokens, seconds)
     assert t.tokens_per_second == 200.0
+
+
+def test_plan_leaves_the_config_alone_and_times_training_mode(llama_dir, toy_data_dir, tmp_path, monkeypatch):
+    """``plan`` works on a copy of the config, and times the step with dropout on (train mode)."""
+    import mlx_dpo.plan as plan_module
+
+    cfg = DPOConfig(model=str(llama_dir), data=str(toy_data_dir), output_dir=str(tmp_path / "run"), batch_size=2,
+                    max_steps=2, progress_bar=False, lora_dropout=0.1)
+    seen, timed = [], plan_module._timed_steps
+
+    def spy(trainer, *args, **kwargs):
+        step = trainer.grad_step
+        trainer.grad_step = lambda *a: (seen.append(trainer.model.training), step(*a))[1]
+        return timed(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(plan_module, "_timed_steps", spy)
+    monkeypatch.setattr(plan_module, "gemm_peak_gflops", lambda: 100.0)
+    result = plan_module.plan(cfg, steps=1, log=lambda *a: None)
+    assert result["tokens_per_second"] > 0
+    assert cfg.output_dir == str(tmp_path / "run") and cfg.overwrite_output_dir is False
+    assert seen and all(seen)
