@@ -29,6 +29,7 @@ from .model import (
     ADAPTER_CLASSES,
     add_adapters,
     cast_floats,
+    dequantized_weight,
     load_adapter_weights,
     load_model,
     read_adapter_config,
@@ -72,8 +73,7 @@ class Run:
         with open(self.base_path / "config.json") as f:
             self.base_config = json.load(f)
         if self.fine_tune_type == "full":
-            weights = mx.load(str(self.path / "adapters.safetensors"))
-            self.model.load_weights(list(weights.items()), strict=False)
+            load_full_weights(self.model, self.path)
         else:
             add_adapters(self.model, self.cfg)
             load_adapter_weights(self.model, self.path)
@@ -96,6 +96,21 @@ class Run:
         if q:
             return {"bits": q["bits"], "group_size": q["group_size"], "mode": q.get("mode", "affine")}
         return None
+
+
+def load_full_weights(model: nn.Module, run_dir: Path) -> None:
+    """Load a full fine-tune's ``adapters.safetensors`` (trained blocks, mlx-lm names) into
+    ``model``, refusing tensors the model lacks or whose shape differs."""
+    params = dict(tree_flatten(model.parameters()))
+    weights = mx.load(str(run_dir / "adapters.safetensors"))
+    for name, w in weights.items():
+        if name not in params:
+            raise ExportError(f"{run_dir}: tensor {name} is not a parameter of the base model "
+                              "(was the run trained on another model? check --model and num_layers)")
+        if params[name].shape != w.shape:
+            raise ExportError(f"{run_dir}: {name} has shape {tuple(w.shape)}, the base model's has "
+                              f"{tuple(params[name].shape)} (was the run trained on another model? check --model)")
+    model.load_weights([(k, w.astype(params[k].dtype)) for k, w in weights.items()], strict=False)
 
 
 def run_config(run_dir: Path, adapter_cfg: dict, model: Optional[str] = None) -> DPOConfig:
@@ -149,12 +164,8 @@ def final_metrics(run_dir: Path) -> dict:
 
 def dense_weight(linear: nn.Module) -> mx.array:
     """The float32 weight of a (possibly quantized) linear or embedding layer."""
-    if isinstance(linear, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-        w = mx.dequantize(linear.weight, linear.scales, linear.get("biases"), group_size=linear.group_size,
-                          bits=linear.bits, mode=getattr(linear, "mode", "affine"))
-    else:
-        w = linear.weight
-    return w.astype(mx.float32)
+    quantized = isinstance(linear, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+    return (dequantized_weight(linear) if quantized else linear.weight).astype(mx.float32)
 
 
 def merged_linear(layer: nn.Module) -> nn.Linear:

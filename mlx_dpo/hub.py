@@ -13,10 +13,9 @@ from typing import Optional, Union
 
 import yaml
 
+from .export import EXPORT_INFO, RUN_CONFIG
 from .io import atomic_write_text
 
-EXPORT_INFO = "mlx_dpo_export.json"
-RUN_CONFIG = "mlx_dpo_config.yaml"
 LIBRARY = {"hf": "transformers", "mlx": "mlx", "peft": "peft"}
 CARD_CONFIG_KEYS = (
     "loss_type", "beta", "learning_rate", "lr_scheduler_type", "warmup_steps", "batch_size",
@@ -24,6 +23,8 @@ CARD_CONFIG_KEYS = (
     "train_type", "adapter", "lora_rank", "lora_alpha", "lora_dropout", "num_layers", "quantize",
     "reference", "data", "seed",
 )
+# Config keys that may hold local filesystem paths (shown in a card by their last component only).
+PATH_KEYS = ("model", "data", "eval_data", "ref_adapter_path", "output_dir", "cache_dir", "resume_from_checkpoint")
 
 
 def is_hub_id(name: Optional[str]) -> bool:
@@ -35,13 +36,23 @@ def is_hub_id(name: Optional[str]) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
 
 
+def public_name(value):
+    """A local path reduced to its last component (a card never shows where files live on
+    this machine); Hub ids, ``toy`` names and non-strings are returned unchanged."""
+    if not isinstance(value, str) or not value or is_hub_id(value) or value == "toy" or value.startswith("toy:"):
+        return value
+    return Path(value).expanduser().name or "<local>"
+
+
 def _read_export(folder: Path) -> tuple:
     info_path, config_path = folder / EXPORT_INFO, folder / RUN_CONFIG
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
     if not info and (folder / "adapter_config.json").is_file():
         info = {"format": "peft"}
-    return info, config or {}
+    config = {k: public_name(v) if k in PATH_KEYS else v for k, v in (config or {}).items()}
+    info = {k: public_name(v) if k in ("base_model", "run_dir", "data") else v for k, v in info.items()}
+    return info, config
 
 
 def model_card(folder: Union[str, Path], repo_id: Optional[str] = None, location: Optional[str] = None) -> str:

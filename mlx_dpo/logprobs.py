@@ -16,7 +16,7 @@ from typing import Dict
 import mlx.core as mx
 import mlx.nn as nn
 
-from .model import base_linear, on_cpu
+from .model import base_linear, dequantized_weight, on_cpu
 
 # Architectures whose ``Model.__call__`` is exactly ``head(model.model(x))``.
 PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "internlm3"}
@@ -34,9 +34,7 @@ def project(model: nn.Module, h: mx.array) -> mx.array:
     if getattr(model.args, "tie_word_embeddings", False) or not hasattr(model, "lm_head"):
         embed = model.model.embed_tokens
         if isinstance(embed, nn.QuantizedEmbedding) and on_cpu():
-            w = mx.dequantize(embed.weight, embed.scales, embed.get("biases"),
-                              group_size=embed.group_size, bits=embed.bits, mode=embed.mode)
-            return h @ w.astype(h.dtype).T
+            return h @ dequantized_weight(embed).astype(h.dtype).T
         return embed.as_linear(h)
     return base_linear(model.lm_head, h)
 

@@ -27,6 +27,12 @@ def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
 
+def dequantized_weight(module: nn.Module) -> mx.array:
+    """The de-quantized weight of a ``QuantizedLinear`` or ``QuantizedEmbedding``."""
+    return mx.dequantize(module.weight, module.scales, module.get("biases"), group_size=module.group_size,
+                         bits=module.bits, mode=getattr(module, "mode", "affine"))
+
+
 def base_linear(linear: nn.Module, x: mx.array) -> mx.array:
     """``linear(x)``; on the CPU backend a quantized weight is de-quantized per call.
 
@@ -35,15 +41,7 @@ def base_linear(linear: nn.Module, x: mx.array) -> mx.array:
     On Metal the fused quantized kernel is used.
     """
     if isinstance(linear, nn.QuantizedLinear) and on_cpu():
-        w = mx.dequantize(
-            linear.weight,
-            linear.scales,
-            linear.get("biases"),
-            group_size=linear.group_size,
-            bits=linear.bits,
-            mode=linear.mode,
-        ).astype(x.dtype)
-        y = x @ w.T
+        y = x @ dequantized_weight(linear).astype(x.dtype).T
         return y + linear.bias if "bias" in linear else y
     return linear(x)
 
@@ -309,5 +307,5 @@ def count_parameters(model: nn.Module) -> Tuple[int, int]:
 __all__ = [
     "SwitchableLoRALinear", "SwitchableDoRALinear", "adapter_mode", "adapter_layers", "load_model",
     "add_adapters", "setup_full_finetune", "adapter_config", "trainable_weights", "load_adapter_weights",
-    "add_reference_copy", "read_adapter_config", "resolve_model_path", "count_parameters",
+    "add_reference_copy", "read_adapter_config", "resolve_model_path", "count_parameters", "dequantized_weight",
 ]

@@ -8,6 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from mlx.utils import tree_flatten
 
 from mlx_dpo.cli import main
 from mlx_dpo.config import DPOConfig
@@ -305,3 +306,34 @@ def test_cli_export_then_upload(runs, tmp_path, monkeypatch):
     assert calls["create_repo"]["repo_id"] == "me/dpo-peft" and calls["create_repo"]["private"] is True
     assert calls["upload_folder"]["folder_path"] == str(out)
     assert "# me/dpo-peft" in (out / "README.md").read_text()
+
+
+def full_run(tmp_path, llama_dir, weights):
+    """A full fine-tune run directory holding ``weights`` as its trained blocks."""
+    run = tmp_path / "full"
+    run.mkdir()
+    (run / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "full", "num_layers": 1,
+                                                          "model": str(llama_dir)}))
+    mx.save_safetensors(str(run / "adapters.safetensors"), weights)
+    return run
+
+
+def test_full_finetune_export_loads_the_trained_weights(tmp_path, llama_dir):
+    name = "model.layers.1.mlp.up_proj.weight"
+    model, _, _ = load_model(DPOConfig(model=str(llama_dir)))
+    trained = dict(tree_flatten(model.parameters()))[name] * 2 + 1
+    out = export(full_run(tmp_path, llama_dir, {name: trained}), tmp_path / "out", format="mlx", dtype="float32")
+    np.testing.assert_allclose(np.array(mx.load(str(out / "model.safetensors"))[name]), np.array(trained))
+
+
+@pytest.mark.parametrize("case", ["unknown name", "other shape"])
+def test_full_finetune_export_of_a_mismatched_run_is_refused(tmp_path, llama_dir, case):
+    model, _, _ = load_model(DPOConfig(model=str(llama_dir)))
+    w = dict(tree_flatten(model.parameters()))["model.layers.1.mlp.up_proj.weight"]
+    if case == "unknown name":  # trained on a deeper model
+        name = "model.layers.7.mlp.up_proj.weight"
+    else:  # trained on a wider model
+        name, w = "model.layers.1.mlp.up_proj.weight", mx.zeros((w.shape[0] + 8, w.shape[1]))
+    with pytest.raises(ExportError, match=re.escape(name)):
+        export(full_run(tmp_path, llama_dir, {name: w}), tmp_path / "out", format="mlx")
+    assert not (tmp_path / "out").exists()

@@ -212,3 +212,19 @@ def test_upload_through_hub_client(export_dir, hub_server):
     assert not any(SECRET.encode() in body for _, _, body in hub_server)
     assert SECRET not in result.output
     assert not any(SECRET.encode() in p.read_bytes() for p in export_dir.rglob("*") if p.is_file())
+
+
+def test_model_card_hides_local_paths(export_dir, tmp_path):
+    home = str(tmp_path / "home" / "me")
+    config = {"model": f"{home}/models/my-base", "data": f"{home}/data/prefs.jsonl", "output_dir": f"{home}/runs/dpo",
+              "cache_dir": f"{home}/.cache", "ref_adapter_path": f"{home}/sft", "eval_data": "org/evals", "beta": 0.1}
+    (export_dir / "mlx_dpo_config.yaml").write_text(yaml.safe_dump(config))
+    info = json.loads((export_dir / "mlx_dpo_export.json").read_text())
+    info.update(base_model=f"{home}/models/my-base", run_dir=f"{home}/runs/dpo", data=config["data"])
+    (export_dir / "mlx_dpo_export.json").write_text(json.dumps(info))
+    card = model_card(export_dir, "me/my-dpo")
+    assert home not in card and str(tmp_path) not in card
+    full = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
+    assert full == {"model": "my-base", "data": "prefs.jsonl", "output_dir": "dpo", "cache_dir": ".cache",
+                    "ref_adapter_path": "sft", "eval_data": "org/evals", "beta": 0.1}
+    assert "`my-base`" in card and front_matter(card)["datasets"] == ["org/evals"]
