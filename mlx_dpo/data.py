@@ -608,6 +608,18 @@ def _new_stats(n: int) -> dict:
     return {"pairs": n, "kept": 0, "truncated": 0, "dropped_too_long": 0, "dropped_identical": 0, "dropped_no_prompt": 0}
 
 
+def check_format_options(examples: list, cfg: DPOConfig) -> None:
+    """Options that only one kind of data can use are errors, not silently ignored."""
+    chat = sum(1 for _, ex in examples if ex["chat"])
+    if chat == 0 and (cfg.system_prompt or cfg.tools):
+        name = "system_prompt" if cfg.system_prompt else "tools"
+        raise DataError(f"{name} applies to conversational data (message lists rendered with the chat template), "
+                        f"but {cfg.data} holds plain strings; remove {name} or use prompt_template")
+    if examples and chat == len(examples) and cfg.prompt_template:
+        raise DataError(f"prompt_template applies to plain-string data, but {cfg.data} is conversational "
+                        "(rendered with the chat template); remove prompt_template or use system_prompt")
+
+
 def tokenize_pairs(records: list, tokenizer, cfg: DPOConfig) -> Tuple[List[TokenizedPair], dict]:
     """Validate, render, tokenize and truncate pairs with TRL's meaning of the length options.
 
@@ -636,6 +648,7 @@ def tokenize_pairs(records: list, tokenizer, cfg: DPOConfig) -> Tuple[List[Token
             stats["dropped_" + example] += 1
         else:
             examples.append((row.where, example))
+    check_format_options(examples, cfg)
     pairs = []
     for where, ex in examples:
         if ex["chat"]:
@@ -777,6 +790,9 @@ def _summary(name: str, s: dict) -> str:
 def load_datasets(cfg: DPOConfig, tokenizer, log=print) -> Tuple[List[TokenizedPair], List[TokenizedPair]]:
     """Read, validate and tokenize the train and eval sets (cached); log truncation counts."""
     plan = plan_sources(cfg)
+    if plan["eval"] and cfg.eval_split > 0:
+        log(f"warning: eval_split {cfg.eval_split} is not used: the eval set comes from "
+            f"{', '.join(str(p) for p in plan['eval'][0])}")
     path = cache_path(cfg, cache_key(plan, cfg, tokenizer))
     cached = load_cache(path)
     if cached is not None:

@@ -38,3 +38,16 @@ def test_bad_data_fails_before_writing_anything(llama_dir, tmp_path):
     assert result.exit_code == 2
     assert "bad.jsonl:2" in result.output and "chosen" in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name, option, message", [
+    ("standard.jsonl", ["--system-prompt", "Be brief."], "system_prompt applies to conversational data"),
+    ("conversational.jsonl", ["--prompt-template", "Q: {prompt}"], "prompt_template applies to plain-string data"),
+])
+def test_options_the_data_cannot_use_are_errors(name, option, message, llama_dir, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--model", str(llama_dir), "--data", str(EXAMPLES / name),
+                                       "--output-dir", str(out), "--max-steps", "1", "--batch-size", "2",
+                                       "--no-progress-bar", *option])
+    assert result.exit_code == 2 and message in result.output
+    assert not out.exists()
