@@ -179,7 +179,7 @@ def main(argv=None):
 
 def print_table(results: list) -> None:
     peak = next((r["gemm_peak_gflops"] for r in results if "gemm_peak_gflops" in r), None)
-    print(f"\n| size | run | tokens/s | x mlx-lm-lora | x TRL | peak RSS MB | MFU |")
+    print("\n| size | run | tokens/s | x mlx-lm-lora | x TRL | peak RSS MB | MFU |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in results:
         same = [x for x in results if x["size"] == r["size"] and "tokens_per_second" in x]

@@ -40,7 +40,7 @@ def main():
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--losses", nargs="*", default=[n for n in LOSSES if n not in ALIASES])
     args = parser.parse_args()
-    print(f"| loss_type | eval acc before | eval acc after | eval margin before | after | eval loss | finite |")
+    print("| loss_type | eval acc before | eval acc after | eval margin before | after | eval loss | finite |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for loss in args.losses:

@@ -165,8 +165,3 @@ def eval_batches(pairs: List[TokenizedPair], batch_size: int, max_batches: int =
     order = sorted(subset, key=lambda i: (pairs[i].length, i))
     groups = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     return iter(groups)
-
-
-def batch_of(pairs: List[TokenizedPair], indices: List[int], pad_id: int = 0, bucket: Optional[int] = None,
-             prefix: bool = False) -> Batch:
-    return collate([pairs[i] for i in indices], indices, pad_id, bucket or 32, prefix)

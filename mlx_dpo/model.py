@@ -256,10 +256,6 @@ def adapter_config(cfg: DPOConfig, num_layers: int, base_model: str) -> dict:
     }
 
 
-def trainable_weights(model: nn.Module) -> dict:
-    return dict(tree_flatten(model.trainable_parameters()))
-
-
 def load_adapter_weights(model: nn.Module, adapter_dir: Path, into: str = "policy") -> None:
     """Load ``adapters.safetensors`` into the policy adapter (``lora_a``...) or into the
     frozen reference copy (``ref_lora_a``...)."""
@@ -306,6 +302,6 @@ def count_parameters(model: nn.Module) -> Tuple[int, int]:
 
 __all__ = [
     "SwitchableLoRALinear", "SwitchableDoRALinear", "adapter_mode", "adapter_layers", "load_model",
-    "add_adapters", "setup_full_finetune", "adapter_config", "trainable_weights", "load_adapter_weights",
+    "add_adapters", "setup_full_finetune", "adapter_config", "load_adapter_weights",
     "add_reference_copy", "read_adapter_config", "resolve_model_path", "count_parameters", "dequantized_weight",
 ]
