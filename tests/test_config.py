@@ -7,6 +7,22 @@ from mlx_dpo.cli import main
 from mlx_dpo.config import ConfigError, DPOConfig, resolve_config
 
 
+@pytest.fixture
+def captured_config(monkeypatch):
+    """Replace the trainer so `mlx-dpo train` only records the resolved config."""
+    seen = {}
+
+    class FakeTrainer:
+        def __init__(self, cfg):
+            seen["cfg"] = cfg
+
+        def train(self):
+            raise SystemExit(0)
+
+    monkeypatch.setattr("mlx_dpo.trainer.DPOTrainer", FakeTrainer)
+    return seen
+
+
 def test_yaml_then_overrides_then_defaults(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("beta: 0.3\nper_device_train_batch_size: 2\nloss_type: ipo\nquantize: {bits: 8}\n")
@@ -39,19 +55,10 @@ def test_alias_given_twice_is_an_error():
         DPOConfig.from_dict({"batch_size": 2, "per_device_train_batch_size": 4})
 
 
-def test_cli_overrides_yaml_and_rejects_unknown_options(tmp_path, monkeypatch):
+def test_cli_overrides_yaml_and_rejects_unknown_options(tmp_path, captured_config):
     path = tmp_path / "c.yaml"
     path.write_text("beta: 0.3\nmax_steps: 5\n")
-    seen = {}
-
-    class FakeTrainer:
-        def __init__(self, cfg):
-            seen["cfg"] = cfg
-
-        def train(self):
-            raise SystemExit(0)
-
-    monkeypatch.setattr("mlx_dpo.trainer.DPOTrainer", FakeTrainer)
+    seen = captured_config
     runner = CliRunner()
     result = runner.invoke(main, ["train", "--config", str(path), "--beta", "0.2", "--per-device-train-batch-size",
                                   "3", "--no-progress-bar", "--loss-type", "[sigmoid, bco_pair]"])
@@ -91,17 +98,8 @@ def test_conflicting_or_out_of_range_options_are_errors(values, message):
         DPOConfig(**values)
 
 
-def test_bool_aliases_work_on_the_command_line(monkeypatch):
-    seen = {}
-
-    class FakeTrainer:
-        def __init__(self, cfg):
-            seen["cfg"] = cfg
-
-        def train(self):
-            raise SystemExit(0)
-
-    monkeypatch.setattr("mlx_dpo.trainer.DPOTrainer", FakeTrainer)
+def test_bool_aliases_work_on_the_command_line(captured_config):
+    seen = captured_config
     result = CliRunner().invoke(main, ["train", "--grad-checkpoint"])
     assert result.exit_code == 0, result.output
     assert seen["cfg"].gradient_checkpointing is True
