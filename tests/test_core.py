@@ -245,3 +245,31 @@ def test_max_eval_batches_is_a_fixed_unbiased_subset():
     assert lengths[subset].mean() > np.sort(lengths)[:40].mean() + lengths.std()  # not the shortest pairs
     everything = [i for g in eval_batches(pairs, 8) for i in g]
     assert sorted(everything) == list(range(400))
+
+
+def test_base_dropout_is_disabled_and_lora_dropout_only_touches_the_policy(llama_dir):
+    """TRL's disable_dropout for the base; LoRA dropout acts on the policy path only, so the
+    reference (adapters off) stays deterministic in training mode."""
+    from mlx_dpo.model import disable_dropout
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+            self.drop = nn.Dropout(0.5)
+
+    block = Block()
+    disable_dropout(block)
+    assert isinstance(block.drop, nn.Identity)
+
+    cfg = DPOConfig(model=str(llama_dir), lora_dropout=0.5)
+    model, _, _ = load_model(cfg)
+    add_adapters(model, cfg)
+    for layer in [m for _, m in model.named_modules() if hasattr(m, "lora_b")]:
+        layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.5
+    model.train()
+    x = mx.array([[1, 40, 41, 42, 43]])
+    assert not np.allclose(np.array(model(x)), np.array(model(x)))  # dropout on the policy path
+    with adapter_mode(model, "base"):
+        first, second = np.array(model(x)), np.array(model(x))
+    assert np.array_equal(first, second)
