@@ -123,15 +123,20 @@ def test_hf_export_matches_mlx(runs, name, tmp_path):
         assert (out / f).is_file(), f
 
     model = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
-    logits, greedy = torch_outputs(model, ref)
-    diff = rel_diff(ref["logits"], logits, ref["lengths"])
-    print(f"{name}: hf export max |logit diff| / logit scale = {diff:.2e}")
-    assert diff < TOL
-    assert greedy == ref["greedy"]
-    assert_adapters_matter(ref, diff)
+    assert_torch_model_matches(model, ref, f"{name}: hf export")
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
     assert tokenizer(PROMPTS[1])["input_ids"] == ref["tokenizer"].encode(PROMPTS[1])
+
+
+def assert_torch_model_matches(model, ref, label):
+    """Logits within TOL of the MLX model's (relative to the logit scale), same greedy tokens."""
+    logits, greedy = torch_outputs(model, ref)
+    diff = rel_diff(ref["logits"], logits, ref["lengths"])
+    print(f"{label} max |logit diff| / logit scale = {diff:.2e}")
+    assert diff < TOL
+    assert greedy == ref["greedy"]
+    assert_adapters_matter(ref, diff)
 
 
 @pytest.mark.parametrize("name", ["llama-lora", "qwen2-dora-last1"])
@@ -160,12 +165,7 @@ def test_peft_export_matches_mlx(runs, name, tmp_path, llama_dir, qwen2_dir):
     assert config["base_model_name_or_path"] == str(base_dir.resolve())
     base = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     model = peft.PeftModel.from_pretrained(base, str(out)).eval()
-    logits, greedy = torch_outputs(model, ref)
-    diff = rel_diff(ref["logits"], logits, ref["lengths"])
-    print(f"{name}: peft export max |logit diff| / logit scale = {diff:.2e}")
-    assert diff < TOL
-    assert greedy == ref["greedy"]
-    assert_adapters_matter(ref, diff)
+    assert_torch_model_matches(model, ref, f"{name}: peft export")
 
 
 def test_peft_export_of_quantized_run_warns(runs, tmp_path, capsys):
