@@ -726,10 +726,9 @@ def cache_key(plan: dict, cfg: DPOConfig, tokenizer) -> str:
 
 
 def cache_path(cfg: DPOConfig, key: str) -> Path:
-    from .toy import cache_root
+    from .toy import cache_subdir
 
-    root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_root()
-    return root / "tokenized" / f"{key}.npz"
+    return cache_subdir(cfg.cache_dir, "tokenized") / f"{key}.npz"
 
 
 def _pack(pairs: List[TokenizedPair]) -> Tuple[np.ndarray, np.ndarray]:

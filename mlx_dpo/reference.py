@@ -84,10 +84,9 @@ def cache_key(trainer: "DPOTrainer", pairs: List[TokenizedPair]) -> str:
 
 
 def cache_file(trainer: "DPOTrainer", key: str) -> Path:
-    from .toy import cache_root
+    from .toy import cache_subdir
 
-    root = Path(trainer.cfg.cache_dir).expanduser() if trainer.cfg.cache_dir else cache_root()
-    return root / "ref_logps" / f"{key}.npz"
+    return cache_subdir(trainer.cfg.cache_dir, "ref_logps") / f"{key}.npz"
 
 
 def compute_reference_logps(trainer: "DPOTrainer", pairs: List[TokenizedPair]) -> Dict[str, np.ndarray]:

@@ -265,6 +265,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("MLX_DPO_CACHE", Path.home() / ".cache" / "mlx_dpo"))
 
 
+def cache_subdir(cache_dir: Optional[str], name: str) -> Path:
+    """``<cache_dir or cache_root()>/<name>``: where tokenized data and reference log-probs live."""
+    return (Path(cache_dir).expanduser() if cache_dir else cache_root()) / name
+
+
 def resolve_toy_model(spec: str) -> Path:
     """``toy:llama`` -> a cached local model directory, built on first use."""
     arch = spec.split(":", 1)[1] or "llama"
