@@ -38,7 +38,7 @@ import yaml
 from mlx.utils import tree_flatten
 
 from .batching import SamplerState
-from .config import ConfigError, DPOConfig
+from .config import ConfigError, DPOConfig, config_keys
 from .io import atomic_directory, atomic_write_text, fsync_dir
 
 CHECKPOINTS = "checkpoints"
@@ -46,26 +46,6 @@ LATEST = "latest"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _FILES = ("adapters.safetensors", "optimizer.safetensors", "state.safetensors", "trainer_state.json", "config.yaml")
-
-# Config keys a resumed run must share with its checkpoint: they define the model,
-# the adapter shapes, the data (and its order), the loss and the reference.
-MUST_MATCH = (
-    "model", "revision", "quantize", "train_type", "adapter", "lora_rank", "lora_alpha", "lora_dropout",
-    "lora_target_modules", "num_layers",
-    "reference", "ref_adapter_path", "reference_free", "precompute_ref_log_probs", "sync_ref_model",
-    "ref_model_mixup_alpha", "ref_model_sync_steps",
-    "data", "dataset_revision", "eval_split", "dataset_subset", "dataset_split", "data_format", "columns",
-    "prompt_template", "system_prompt", "tools", "max_length", "max_prompt_length", "max_completion_length",
-    "truncation_mode",
-    "loss_type", "loss_weights", "beta", "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef",
-    "discopop_tau", "rpo_alpha", "use_weighting", "ld_alpha", "simpo_gamma", "cpo_alpha",
-    "batch_size", "gradient_accumulation_steps", "seed",
-)
-# Keys that may change freely on resume (anything else is allowed but reported).
-FREE = ("max_steps", "num_train_epochs", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-        "progress_bar", "output_dir", "overwrite_output_dir", "resume_from_checkpoint",
-        "max_eval_batches", "eval_batch_size", "cache_dir", "precompute_ref_batch_size")
-
 
 class TrainingError(RuntimeError):
     """Training stopped on a fault (non-finite values, out of memory, disk full)."""
@@ -167,19 +147,22 @@ def resolve_resume(spec: str, output_dir: Path) -> Path:
 
 # ---------------------------------------------------------------------- config check
 def config_differences(saved: dict, cfg: DPOConfig) -> Tuple[List[str], List[str]]:
-    """(errors, notes): changes to keys in MUST_MATCH, and to other non-FREE keys."""
+    """(errors, notes): changes to keys a resumed run must share with its checkpoint (the
+    model, adapter shapes, reference, data and its order, the loss), and to the keys that
+    may change but are reported (see :func:`config.config_keys`)."""
     try:
         old = DPOConfig.from_dict(saved, "checkpoint config.yaml")
     except ConfigError as e:
         raise ConfigError(f"cannot read the checkpoint's config: {e}") from None
     errors, notes = [], []
+    must_match, free = set(config_keys("resume_match")), set(config_keys("resume_free"))
     for key, now in cfg.to_dict().items():
         then = getattr(old, key)
         if key == "lora_target_modules":
             then, now = sorted(old.target_modules), sorted(cfg.target_modules)
-        if _same(then, now) or key in FREE:
+        if _same(then, now) or key in free:
             continue
-        (errors if key in MUST_MATCH else notes).append(f"{key}: checkpoint {then!r}, now {now!r}")
+        (errors if key in must_match else notes).append(f"{key}: checkpoint {then!r}, now {now!r}")
     return errors, notes
 
 

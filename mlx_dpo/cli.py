@@ -17,18 +17,24 @@ from .config import ALIASES, ConfigError, DPOConfig
 
 
 def config_options(func):
-    """Add one ``--option`` per config field (and per TRL alias)."""
+    """Add one ``--option`` per config field (and per TRL alias), with the field's help."""
     hints = typing.get_type_hints(DPOConfig)
     for f in reversed(fields(DPOConfig)):
         name = f.name.replace("_", "-")
         aliases = [f"--{a.replace('_', '-')}" for a, target in ALIASES.items() if target == f.name]
+        text = f"{f.metadata['help']} [default: {_shown(f.default)}]"
         if hints[f.name] is bool:
             flags = [f"--{flag}/--no-{flag}" for flag in (name, *(a[2:] for a in aliases))]
-            func = click.option(*flags, f.name, default=None, help=f"(config: {f.name})")(func)
+            func = click.option(*flags, f.name, default=None, help=text)(func)
         else:
-            func = click.option(f"--{name}", *aliases, f.name, default=None, metavar="VALUE",
-                                help=f"(config: {f.name})")(func)
+            func = click.option(f"--{name}", *aliases, f.name, default=None, metavar="VALUE", help=text)(func)
     return func
+
+
+def _shown(default) -> str:
+    if default is None:
+        return "unset"
+    return str(default).lower() if isinstance(default, bool) else str(default)
 
 
 def _overrides(kwargs: dict) -> dict:

@@ -11,9 +11,9 @@ import dataclasses
 import difflib
 import json
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import yaml
 
@@ -54,117 +54,166 @@ class ConfigError(ValueError):
     """A configuration problem the user can fix: says which key and why."""
 
 
+ROLES = ("model", "adapter", "reference", "data", "loss", "optim", "run")
+# What a change of a key of each role means on --resume: "match" (refused), "note"
+# (allowed and reported), "free" (allowed silently). A field may override it.
+RESUME_BY_ROLE = {"model": "match", "adapter": "match", "reference": "match", "data": "match",
+                  "loss": "match", "optim": "note", "run": "free"}
+# Derived key lists a field can join beyond its role (``keys=...``):
+#   data_cache  the tokenized-data cache key (every ``data`` key is in it)
+#   ref_cache   the reference log-prob cache key (every ``model`` key is in it)
+#   card        the model card's "Training configuration" table
+KEY_LISTS = ("data_cache", "ref_cache", "card")
+
+
+def option(default: Any = None, help: str = "", role: str = "run", *, resume: Optional[str] = None,
+           keys: tuple = (), factory: Optional[Callable] = None):
+    """A :class:`DPOConfig` field with its help text and role (see :func:`config_keys`)."""
+    assert role in ROLES and resume in (None, "match", "note", "free") and set(keys) <= set(KEY_LISTS)
+    metadata = {"help": help, "role": role, "resume": resume or RESUME_BY_ROLE[role], "keys": tuple(keys)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class DPOConfig:
+    """Every option of a run; TRL's ``DPOConfig``/``TrainingArguments`` names where one exists."""
+
     # ---- model ---------------------------------------------------------------
-    model: str = "toy:llama"
-    """Local HF/MLX model directory, a Hub id, or ``toy:llama`` / ``toy:qwen2``
-    (a tiny random-weight model built locally; works offline)."""
-    revision: Optional[str] = None
-    trust_remote_code: bool = False
-    quantize: Optional[dict] = None
-    """Quantize the base at load time: ``{bits: 4|8, group_size: 32|64|128}``."""
-    compute_dtype: str = "auto"
-    """Dtype of the non-quantized weights during training: ``auto`` (float32 on
-    the CPU backend, the checkpoint's dtype on Metal), float32, bfloat16, float16."""
+    model: str = option("toy:llama", "Local HF/MLX model directory, a Hub id (org/name), or toy:llama / toy:qwen2 "
+                        "(a tiny random-weight model built locally; works offline).", "model")
+    revision: Optional[str] = option(None, "Branch, tag or commit of a Hub model.", "model")
+    trust_remote_code: bool = option(False, "Allow a Hub model's own Python code (transformers' flag).", "model",
+                                     resume="note")
+    quantize: Optional[dict] = option(None, "Quantize the base at load time (QLoRA): {bits: 4|8, group_size: "
+                                      "32|64|128}.", "model", keys=("card",))
+    compute_dtype: str = option("auto", "Dtype of the non-quantized weights and activations: auto (float32 on the "
+                                "CPU backend, the checkpoint's dtype on Metal), float32, bfloat16, float16.", "model",
+                                resume="note")
 
     # ---- adapters ------------------------------------------------------------
-    train_type: str = "adapter"
-    """``adapter`` (LoRA/DoRA on a frozen base) or ``full`` (train chosen layers)."""
-    adapter: str = "lora"
-    """``lora`` or ``dora``."""
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    """LoRA scale is ``lora_alpha / lora_rank`` (PEFT's convention)."""
-    lora_dropout: float = 0.0
-    lora_target_modules: Optional[list] = None
-    """Module paths inside a transformer block; default: attention + MLP projections."""
-    num_layers: int = -1
-    """Number of (last) transformer blocks that get adapters; -1 = all."""
-    gradient_checkpointing: bool = False
+    train_type: str = option("adapter", "adapter (LoRA/DoRA on a frozen base) or full (train the last num_layers "
+                             "blocks).", "adapter", keys=("ref_cache", "card"))
+    adapter: str = option("lora", "Adapter kind: lora or dora.", "adapter", keys=("card",))
+    lora_rank: int = option(8, "LoRA rank r (PEFT's r).", "adapter", keys=("card",))
+    lora_alpha: float = option(16.0, "LoRA alpha; the adapter scale is lora_alpha / lora_rank (PEFT's "
+                               "convention).", "adapter", keys=("card",))
+    lora_dropout: float = option(0.0, "Dropout on the adapter's input (policy pass only).", "adapter", keys=("card",))
+    lora_target_modules: Optional[list] = option(None, "Module paths inside a transformer block that get adapters "
+                                                 "(default: attention and MLP projections).", "adapter")
+    num_layers: int = option(-1, "Number of (last) transformer blocks that get adapters or are trained; -1 = all.",
+                             "adapter", keys=("card",))
+    gradient_checkpointing: bool = option(False, "Recompute each block's activations in the backward pass "
+                                          "(less memory, ~30% slower).", "adapter", resume="note")
 
     # ---- reference model -----------------------------------------------------
-    reference: str = "base"
-    """``base`` (adapters off) or ``adapter`` (frozen copy of ``ref_adapter_path``)."""
-    ref_adapter_path: Optional[str] = None
-    reference_free: bool = False
-    precompute_ref_log_probs: bool = False
-    precompute_ref_batch_size: Optional[int] = None
-    sync_ref_model: bool = False
-    ref_model_mixup_alpha: float = 0.6
-    ref_model_sync_steps: int = 512
+    reference: str = option("base", "Reference model: base (the same weights with adapters off) or adapter (a "
+                            "frozen copy of ref_adapter_path).", "reference", keys=("card",))
+    ref_adapter_path: Optional[str] = option(None, "mlx-lm adapter directory the policy starts from and the "
+                                             "reference stays at (reference: adapter).", "reference")
+    reference_free: bool = option(False, "Ignore the reference model (log-ratios against a uniform reference).",
+                                  "reference")
+    precompute_ref_log_probs: bool = option(False, "Compute the reference log-probs once before training (cached "
+                                            "on disk) instead of in every step.", "reference")
+    precompute_ref_batch_size: Optional[int] = option(None, "Batch size of the reference precompute pass (default: "
+                                                      "eval_batch_size, then batch_size).", "reference", resume="free")
+    sync_ref_model: bool = option(False, "TR-DPO: move the reference adapter towards the policy every "
+                                  "ref_model_sync_steps.", "reference")
+    ref_model_mixup_alpha: float = option(0.6, "TR-DPO mix: ref <- alpha * policy + (1 - alpha) * ref.", "reference")
+    ref_model_sync_steps: int = option(512, "TR-DPO: steps between reference updates.", "reference")
 
     # ---- data ----------------------------------------------------------------
-    data: str = "toy"
-    """JSONL/JSON/Parquet file, an mlx-lm style directory, a Hub dataset id, or
-    ``toy`` (a small synthetic preference set generated locally)."""
-    eval_data: Optional[str] = None
-    eval_split: float = 0.0
-    dataset_subset: Optional[str] = None
-    dataset_revision: Optional[str] = None
-    """Branch, tag or commit of a Hub dataset (``revision`` is the model's)."""
-    dataset_split: str = "train"
-    eval_dataset_split: Optional[str] = None
-    data_format: str = "auto"
-    """``auto``, ``standard``, ``conversational`` or ``implicit``."""
-    columns: Optional[dict] = None
-    """Column mapping, e.g. ``{prompt: question, chosen: response_j, rejected: response_k}``."""
-    prompt_template: Optional[str] = None
-    system_prompt: Optional[str] = None
-    tools: Optional[list] = None
-    max_length: Optional[int] = 1024
-    max_prompt_length: Optional[int] = 512
-    max_completion_length: Optional[int] = None
-    truncation_mode: str = "keep_end"
-    cache_dir: Optional[str] = None
-    """Where tokenized datasets and precomputed reference log-probs are cached
-    (default ``~/.cache/mlx_dpo``)."""
+    data: str = option("toy", "JSONL/JSON/Parquet file, an mlx-lm style directory, a Hub dataset id, or toy (a "
+                       "small synthetic preference set generated locally).", "data", keys=("card",))
+    eval_data: Optional[str] = option(None, "Evaluation data (same forms as data); default: the data's "
+                                      "valid/validation/test split, else eval_split.", "data", resume="note")
+    eval_split: float = option(0.0, "Fraction of the training records held out for evaluation (seeded) when "
+                               "there is no eval set.", "data")
+    dataset_subset: Optional[str] = option(None, "Subset (config) folder of a Hub dataset or directory.", "data")
+    dataset_revision: Optional[str] = option(None, "Branch, tag or commit of a Hub dataset (revision is the "
+                                             "model's).", "data")
+    dataset_split: str = option("train", "Training split, optionally sliced: train, train[:10%], train[10:20].",
+                                "data")
+    eval_dataset_split: Optional[str] = option(None, "Evaluation split of data (or of eval_data).", "data",
+                                               resume="note")
+    data_format: str = option("auto", "auto, standard (prompt/chosen/rejected strings), conversational (message "
+                              "lists) or implicit (chosen/rejected sharing a prompt).", "data")
+    columns: Optional[dict] = option(None, "Column mapping, e.g. {prompt: question, chosen: response_j, rejected: "
+                                     "response_k}.", "data")
+    prompt_template: Optional[str] = option(None, "Template wrapping string prompts, e.g. 'Question: "
+                                            "{prompt}\\n\\nAnswer: '.", "data")
+    system_prompt: Optional[str] = option(None, "System message prepended to conversational prompts that have "
+                                          "none.", "data")
+    tools: Optional[list] = option(None, "Tool definitions passed to the chat template (conversational data).",
+                                   "data")
+    max_length: Optional[int] = option(1024, "Maximum prompt + completion tokens; completions are cut to fit.",
+                                       "data", keys=("card",))
+    max_prompt_length: Optional[int] = option(512, "Maximum prompt tokens (cut as truncation_mode says).", "data",
+                                              keys=("card",))
+    max_completion_length: Optional[int] = option(None, "Maximum completion tokens (their start is kept).", "data")
+    truncation_mode: str = option("keep_end", "Which end of a long prompt to keep: keep_end or keep_start.", "data")
+    cache_dir: Optional[str] = option(None, "Where tokenized datasets and precomputed reference log-probs are "
+                                      "cached (default ~/.cache/mlx_dpo).", "run")
 
     # ---- loss ----------------------------------------------------------------
-    loss_type: Union[str, list] = "sigmoid"
-    loss_weights: Optional[list] = None
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    f_divergence_type: str = "reverse_kl"
-    f_alpha_divergence_coef: float = 1.0
-    discopop_tau: float = 0.05
-    rpo_alpha: Optional[float] = None
-    use_weighting: bool = False
-    ld_alpha: Optional[float] = None
-    simpo_gamma: float = 0.5
-    cpo_alpha: float = 1.0
+    loss_type: Union[str, list] = option("sigmoid", "Loss name (sigmoid, ipo, hinge, robust, bco_pair, ... see "
+                                         "docs/losses.md) or a list of them (a weighted mixture).", "loss",
+                                         keys=("card",))
+    loss_weights: Optional[list] = option(None, "Weights of a loss_type mixture (default: 1 each).", "loss")
+    beta: float = option(0.1, "Temperature of the implicit reward beta * log(pi / pi_ref); higher stays closer "
+                         "to the reference.", "loss", keys=("card",))
+    label_smoothing: float = option(0.0, "Assumed probability that a pair's preference label is flipped "
+                                    "(conservative/robust DPO), in [0, 0.5].", "loss")
+    f_divergence_type: str = option("reverse_kl", "f-DPO divergence: reverse_kl, js_divergence or "
+                                    "alpha_divergence.", "loss")
+    f_alpha_divergence_coef: float = option(1.0, "alpha of f_divergence_type: alpha_divergence.", "loss")
+    discopop_tau: float = option(0.05, "Temperature of the discopop loss.", "loss")
+    rpo_alpha: Optional[float] = option(None, "RPO: weight of an NLL loss on the chosen completions.", "loss")
+    use_weighting: bool = option(False, "WPO: weight each pair by its policy probability.", "loss")
+    ld_alpha: Optional[float] = option(None, "LD-DPO: weight of the completion tokens past the shorter one's "
+                                       "length.", "loss", keys=("ref_cache",))
+    simpo_gamma: float = option(0.5, "SimPO target reward margin gamma.", "loss")
+    cpo_alpha: float = option(1.0, "CPO/SimPO: weight of the NLL term on the chosen completions.", "loss")
 
     # ---- optimisation --------------------------------------------------------
-    learning_rate: float = 1e-6
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    lr_scheduler_type: str = "linear"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    batch_size: int = 4
-    eval_batch_size: Optional[int] = None
-    gradient_accumulation_steps: int = 1
-    max_steps: int = -1
-    num_train_epochs: float = 3.0
-    seed: int = 42
-    prefix_sharing: str = "auto"
-    """``auto`` / ``true`` / ``false``: run each pair's prompt once."""
-    skip_nonfinite_steps: bool = False
+    learning_rate: float = option(1e-6, "Peak learning rate of AdamW.", "optim", keys=("card",))
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay (0 disables).", "optim")
+    adam_beta1: float = option(0.9, "AdamW beta1 (first-moment decay).", "optim")
+    adam_beta2: float = option(0.999, "AdamW beta2 (second-moment decay).", "optim")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon (denominator term).", "optim")
+    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this (0 disables).", "optim")
+    lr_scheduler_type: str = option("linear", "Schedule: constant, constant_with_warmup, linear or cosine.",
+                                    "optim", keys=("card",))
+    warmup_steps: int = option(0, "Linear warmup steps (overrides warmup_ratio).", "optim", keys=("card",))
+    warmup_ratio: float = option(0.0, "Warmup as a fraction of the total steps.", "optim")
+    batch_size: int = option(4, "Pairs per micro-batch (TRL's per_device_train_batch_size).", "optim",
+                             resume="match", keys=("data_cache", "card"))
+    eval_batch_size: Optional[int] = option(None, "Pairs per evaluation batch (default: batch_size).", "run")
+    gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.", "optim", resume="match",
+                                              keys=("card",))
+    max_steps: int = option(-1, "Optimizer steps to train; -1 = num_train_epochs.", "optim", resume="free",
+                            keys=("card",))
+    num_train_epochs: float = option(3.0, "Epochs to train when max_steps is -1.", "optim", resume="free",
+                                     keys=("card",))
+    seed: int = option(42, "Seed of the data order, the eval_split hold-out, adapter init and dropout.", "optim",
+                       resume="match", keys=("data_cache", "card"))
+    prefix_sharing: str = option("auto", "auto / true / false: run each pair's prompt once for both completions.",
+                                 "optim", keys=("ref_cache",))
+    skip_nonfinite_steps: bool = option(False, "Skip (and retry) a step whose loss or gradients are not finite, "
+                                        "instead of stopping.", "optim")
 
     # ---- logging, eval, checkpoints -------------------------------------------
-    output_dir: str = "runs/dpo"
-    overwrite_output_dir: bool = False
-    logging_steps: int = 10
-    eval_steps: Optional[int] = None
-    """Evaluate every N steps (default: ``logging_steps``); 0 disables."""
-    max_eval_batches: int = -1
-    save_steps: int = 500
-    save_total_limit: Optional[int] = None
-    resume_from_checkpoint: Optional[str] = None
-    progress_bar: bool = True
+    output_dir: str = option("runs/dpo", "Run directory: adapters, checkpoints, metrics.jsonl, config.yaml.")
+    overwrite_output_dir: bool = option(False, "Start over in an output_dir that holds a run.")
+    logging_steps: int = option(10, "Log metrics every N optimizer steps.")
+    eval_steps: Optional[int] = option(None, "Evaluate every N steps (default: logging_steps); 0 disables.")
+    max_eval_batches: int = option(-1, "Evaluate on at most this many (evenly spaced) batches; -1 = all.")
+    save_steps: int = option(500, "Save a resumable checkpoint every N steps (and at the end); 0 = only at the end.")
+    save_total_limit: Optional[int] = option(None, "Keep only the newest N checkpoints.")
+    resume_from_checkpoint: Optional[str] = option(None, "latest, a run directory or a checkpoints/step-N "
+                                                   "directory to resume from.")
+    progress_bar: bool = option(True, "Show a progress bar (metric lines are printed either way).")
 
     # ------------------------------------------------------------------------
     def __post_init__(self):
@@ -278,6 +327,34 @@ class DPOConfig:
 
 def config_field_names() -> list:
     return [f.name for f in fields(DPOConfig)]
+
+
+def field_help(name: str) -> str:
+    return DPOConfig.__dataclass_fields__[name].metadata["help"]
+
+
+def config_keys(kind: str) -> tuple:
+    """Config keys by what they take part in, derived from each field's role and ``keys``:
+
+    - ``resume_match`` / ``resume_note`` / ``resume_free``: a change on resume is refused /
+      reported / allowed silently;
+    - ``data_cache``: every ``data`` key, plus those that join it (the seed of eval_split);
+    - ``ref_cache``: every ``model`` key, plus those that join it;
+    - ``card``: the keys shown in a model card's table.
+    """
+    out = []
+    for f in fields(DPOConfig):
+        meta = f.metadata
+        if kind.startswith("resume_"):
+            member = meta["resume"] == kind[len("resume_"):]
+        elif kind in KEY_LISTS:
+            role = {"data_cache": "data", "ref_cache": "model"}.get(kind)
+            member = meta["role"] == role or kind in meta["keys"]
+        else:
+            raise ValueError(f"unknown key list {kind!r}")
+        if member:
+            out.append(f.name)
+    return tuple(out)
 
 
 def normalize_keys(values: dict, source: str = "config") -> dict:

@@ -79,9 +79,9 @@ from typing import Any, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .config import DPOConfig
+from .config import DPOConfig, config_keys
 
-CACHE_VERSION = 2  # 2: pairs with a 0-token prompt are dropped
+CACHE_VERSION = 3  # 2: pairs with a 0-token prompt are dropped; 3: key from config roles
 FIELDS = ("prompt", "chosen", "rejected")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
 EVAL_SPLITS = ("valid", "validation", "test")
@@ -706,15 +706,7 @@ def _file_id(path: Path) -> list:
 
 
 def cache_key(plan: dict, cfg: DPOConfig, tokenizer) -> str:
-    settings = {
-        name: getattr(cfg, name)
-        for name in (
-            "dataset_split", "eval_dataset_split", "dataset_subset", "dataset_revision", "eval_split", "seed",
-            "data_format", "columns",
-            "prompt_template", "system_prompt", "tools", "max_length", "max_prompt_length",
-            "max_completion_length", "truncation_mode",
-        )
-    }
+    settings = {name: getattr(cfg, name) for name in config_keys("data_cache")}
     key = {
         "version": CACHE_VERSION,
         "train": [[_file_id(p) for p in plan["train"][0]], plan["train"][1]],

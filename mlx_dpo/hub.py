@@ -13,16 +13,11 @@ from typing import Optional, Union
 
 import yaml
 
+from .config import config_keys
 from .export import EXPORT_INFO, RUN_CONFIG
 from .io import atomic_write_text
 
 LIBRARY = {"hf": "transformers", "mlx": "mlx", "peft": "peft"}
-CARD_CONFIG_KEYS = (
-    "loss_type", "beta", "learning_rate", "lr_scheduler_type", "warmup_steps", "batch_size",
-    "gradient_accumulation_steps", "max_steps", "num_train_epochs", "max_length", "max_prompt_length",
-    "train_type", "adapter", "lora_rank", "lora_alpha", "lora_dropout", "num_layers", "quantize",
-    "reference", "data", "seed",
-)
 # Config keys that may hold local filesystem paths (shown in a card by their last component only).
 PATH_KEYS = ("model", "data", "eval_data", "ref_adapter_path", "output_dir", "cache_dir", "resume_from_checkpoint")
 
@@ -90,7 +85,7 @@ def model_card(folder: Union[str, Path], repo_id: Optional[str] = None, location
         q = info["quantize"]
         lines += [f"The adapters were trained on a {q.get('bits')}-bit quantized base (group size {q.get('group_size')}).", ""]
     lines += ["## Usage", "", *_usage(fmt, where, base), ""]
-    params = {k: config[k] for k in CARD_CONFIG_KEYS if k in config}
+    params = {k: config[k] for k in config_keys("card") if k in config}
     if params:
         lines += ["## Training configuration", "", "| key | value |", "|---|---|"]
         lines += [f"| {k} | `{json.dumps(v)}` |" for k, v in params.items()]

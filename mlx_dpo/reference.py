@@ -21,6 +21,7 @@ from mlx.utils import tree_flatten
 
 from . import losses
 from .batching import eval_batches
+from .config import config_keys
 from .data import TokenizedPair
 from .io import atomic_write_bytes
 from .logprobs import completion_logps
@@ -29,7 +30,7 @@ from .model import adapter_mode, compute_dtype
 if TYPE_CHECKING:
     from .trainer import DPOTrainer
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: key from config roles
 
 
 def _hash_file(h, path: Path) -> None:
@@ -71,12 +72,9 @@ def cache_key(trainer: "DPOTrainer", pairs: List[TokenizedPair]) -> str:
         _hash_file(h, Path(cfg.ref_adapter_path) / "adapters.safetensors")
     # the weights actually in memory: a model passed to DPOTrainer need not be the one in cfg.model
     h.update(weights_fingerprint(trainer.model).encode())
-    settings = {
-        "version": CACHE_VERSION, "model": cfg.model, "quantize": cfg.quantize,
-        "compute_dtype": str(compute_dtype(cfg)),  # resolved: "auto" means float32 on the CPU only
-        "reference": trainer.reference_mode, "train_type": cfg.train_type, "reductions": trainer.reductions,
-        "ld_alpha": cfg.ld_alpha, "prefix_sharing": cfg.prefix_sharing,
-    }
+    settings = {name: getattr(cfg, name) for name in config_keys("ref_cache")}
+    settings.update(version=CACHE_VERSION, compute_dtype=str(compute_dtype(cfg)),  # resolved: "auto" differs by device
+                    reference=trainer.reference_mode, reductions=trainer.reductions)
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for p in pairs:
         h.update(np.asarray(p.prompt + [-1] + p.chosen + [-2] + p.rejected + [-3], dtype=np.int64).tobytes())

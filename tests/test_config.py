@@ -112,3 +112,55 @@ def test_epochs_with_more_accumulation_than_batches_still_count_epochs(llama_dir
                     gradient_accumulation_steps=16, num_train_epochs=3, progress_bar=False)
     trainer = DPOTrainer(cfg, log=lambda *a: None)
     assert len(trainer.sampler) < 16 and trainer.total_steps == 3
+
+
+def test_every_option_has_help_and_the_cli_shows_it():
+    from dataclasses import fields
+
+    from mlx_dpo.config import ROLES
+
+    help_text = " ".join(CliRunner().invoke(main, ["train", "--help"], terminal_width=200).output.split())
+    for f in fields(DPOConfig):
+        assert f.metadata["role"] in ROLES, f.name
+        words = f.metadata["help"].split()
+        assert len(words) >= 3, f"{f.name} has no help text"
+        assert " ".join(words[:4]) in help_text, f.name
+    assert "(config:" not in help_text
+
+
+def test_key_lists_by_role():
+    """Spot checks of what each role implies (the lists used on resume, by caches and cards)."""
+    from mlx_dpo.config import config_keys
+
+    match, note, free = (set(config_keys(k)) for k in ("resume_match", "resume_note", "resume_free"))
+    assert not (match & note or match & free or note & free)
+    assert {"model", "lora_rank", "beta", "loss_type", "max_length", "batch_size", "seed"} <= match
+    assert {"learning_rate", "compute_dtype", "gradient_checkpointing"} <= note
+    assert {"output_dir", "max_steps", "logging_steps", "cache_dir"} <= free
+    assert {"max_prompt_length", "columns", "seed"} <= set(config_keys("data_cache"))
+    assert "beta" not in config_keys("ref_cache") and "beta" not in config_keys("data_cache")
+    assert {"quantize", "compute_dtype", "ld_alpha", "prefix_sharing"} <= set(config_keys("ref_cache"))
+
+
+@pytest.mark.parametrize("key", ["max_prompt_length", "truncation_mode", "prompt_template", "columns", "seed",
+                                 "max_completion_length", "eval_split"])
+def test_every_data_option_changes_the_tokenized_cache_key(key, tmp_path):
+    """A data option left out of the cache key would serve stale tokens."""
+    from mlx_dpo import data
+    from mlx_dpo.toy import write_jsonl
+
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    plan = {"train": ([path], "train"), "eval": None}
+
+    class Tok:
+        chat_template, eos_token_id, bos_token_id = None, 2, 1
+
+        def get_vocab(self):
+            return {"a": 0}
+
+    changed = {"max_prompt_length": 7, "truncation_mode": "keep_start", "prompt_template": "Q: {prompt}",
+               "columns": {"prompt": "q"}, "seed": 1, "max_completion_length": 3, "eval_split": 0.5}[key]
+    a = data.cache_key(plan, DPOConfig(), Tok())
+    b = data.cache_key(plan, DPOConfig(**{key: changed}), Tok())
+    assert a != b
