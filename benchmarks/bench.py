@@ -75,7 +75,7 @@ def worker(spec_path: str) -> None:
     from mlx_dpo.config import DPOConfig
     from mlx_dpo.data import TokenizedPair
     from mlx_dpo.model import load_model
-    from mlx_dpo.plan import gemm_peak_gflops
+    from mlx_dpo.perf import gemm_peak_gflops
     from mlx_dpo.trainer import DPOTrainer
 
     spec = json.loads(Path(spec_path).read_text())
@@ -98,7 +98,7 @@ def worker(spec_path: str) -> None:
     peak = gemm_peak_gflops()
     print("BENCH_RESULT " + json.dumps({
         "tokens_per_second": t.tokens_per_second, "gemm_peak_gflops": peak, "precompute_seconds": precompute_s,
-        "flops_per_token": __import__("mlx_dpo.plan", fromlist=["x"]).flops_per_token(
+        "flops_per_token": __import__("mlx_dpo.perf", fromlist=["x"]).flops_per_token(
             trainer.model, trainer.use_reference and not trainer.precompute),
         "mlx_peak_gb": mx.get_peak_memory() / 1e9}), flush=True)
 

@@ -39,7 +39,7 @@ def main():
     sys.path.insert(0, str(Path(__file__).parent))
     from bench import SIZES
 
-    from mlx_dpo.plan import gemm_peak_gflops
+    from mlx_dpo.perf import gemm_peak_gflops
 
     s = SIZES[args.size]
     h, inter, heads, kv = s["hidden_size"], s["intermediate_size"], s["num_heads"], s["num_kv_heads"]

@@ -1,7 +1,9 @@
 """mlx-dpo: preference fine-tuning (DPO and friends) with QLoRA on Apple's MLX."""
 
+from .callbacks import TrainerCallback
 from .config import ConfigError, DPOConfig
 from .losses import preference_loss
+from .state import TrainState
 
 __version__ = "0.1.0"
 
@@ -15,4 +17,5 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["DPOConfig", "ConfigError", "DPOTrainer", "TrainResult", "train", "preference_loss", "__version__"]
+__all__ = ["DPOConfig", "ConfigError", "DPOTrainer", "TrainResult", "TrainState", "TrainerCallback", "train",
+           "preference_loss", "__version__"]

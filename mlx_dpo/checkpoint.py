@@ -28,7 +28,7 @@ import re
 import shutil
 import signal
 import threading
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -37,9 +37,9 @@ import numpy as np
 import yaml
 from mlx.utils import tree_flatten
 
-from .batching import SamplerState
 from .config import ConfigError, DPOConfig, config_keys
 from .io import atomic_directory, atomic_write_text, fsync_dir
+from .state import TrainState
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -202,51 +202,42 @@ def reference_params(model) -> Dict[str, mx.array]:
     return {k: v for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1].startswith("ref_")}
 
 
-def save_checkpoint(trainer, log_state: dict) -> Path:
+def save_checkpoint(output_dir: Path, state: TrainState, model, optimizer, cfg: DPOConfig,
+                    adapter_config: dict) -> Path:
     """Write ``checkpoints/step-N`` atomically, point ``latest`` at it, prune old ones."""
-    root = checkpoints_dir(trainer.output_dir)
-    name = f"step-{trainer.step}"
+    root = checkpoints_dir(output_dir)
+    name = f"step-{state.step}"
     path = root / name
     try:
         if not path.is_dir():  # an existing step-N already holds this state (e.g. resumed, then stopped)
             with atomic_directory(path) as tmp:
-                _write_checkpoint(trainer, tmp, log_state)
+                _write_checkpoint(tmp, state, model, optimizer, cfg, adapter_config)
         atomic_write_text(root / LATEST, name + "\n")
     except OSError as e:
-        last = latest_checkpoint(trainer.output_dir)
+        last = latest_checkpoint(output_dir)
         why = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
         raise CheckpointError(f"could not save checkpoint {path}: {why}. No partial checkpoint was left; the last "
                               f"good one is {last or 'none'}. Free space (or fix the path) and resume with "
                               "--resume.") from e
-    prune(trainer.output_dir, trainer.cfg.save_total_limit, keep=path)
+    prune(output_dir, cfg.save_total_limit, keep=path)
     return path
 
 
-def _write_checkpoint(trainer, tmp: Path, log_state: dict) -> None:
-    cfg = trainer.cfg
-    _write_arrays(tmp / "adapters.safetensors", dict(tree_flatten(trainer.model.trainable_parameters())))
-    atomic_write_text(tmp / "adapter_config.json", json.dumps(trainer._adapter_config(), indent=2))
-    ref = reference_params(trainer.model)
+def _write_checkpoint(tmp: Path, state: TrainState, model, optimizer, cfg: DPOConfig, adapter_config: dict) -> None:
+    _write_arrays(tmp / "adapters.safetensors", dict(tree_flatten(model.trainable_parameters())))
+    atomic_write_text(tmp / "adapter_config.json", json.dumps(adapter_config, indent=2))
+    ref = reference_params(model)
     if ref:
         _write_arrays(tmp / "reference.safetensors", ref)
-    _write_arrays(tmp / "optimizer.safetensors", dict(tree_flatten(trainer.optimizer.state)))
+    _write_arrays(tmp / "optimizer.safetensors", dict(tree_flatten(optimizer.state)))
     np_state = np.random.get_state()
-    extra = {f"loss_state.{k}": v for k, v in trainer.loss_state.items()}
+    extra = {f"loss_state.{k}": v for k, v in state.loss_state.items()}
     extra["rng.mlx"] = mx.random.state[0]
     extra["rng.numpy"] = mx.array(np_state[1].astype(np.uint32))
     _write_arrays(tmp / "state.safetensors", extra)
-    state = {
-        "format": FORMAT_VERSION,
-        "step": trainer.step,
-        "optimizer_step": int(trainer.optimizer.step.item()),
-        "skipped_steps": trainer.skipped_steps,
-        "sampler": asdict(trainer.sampler.state),
-        "num_batches": len(trainer.sampler),
-        "data_fingerprint": trainer.data_fingerprint,
-        "numpy_rng": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "log": log_state,
-    }
-    atomic_write_text(tmp / "trainer_state.json", json.dumps(state, indent=2))
+    meta = {"format": FORMAT_VERSION, **state.to_json(), "optimizer_step": int(optimizer.step.item()),
+            "numpy_rng": [int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    atomic_write_text(tmp / "trainer_state.json", json.dumps(meta, indent=2))
     run_config(cfg).save(tmp / "config.yaml")
 
 
@@ -331,30 +322,29 @@ def _set_leaves(tree, values: Dict[str, mx.array], prefix: str = "") -> None:
             tree[k] = values[f"{prefix}{k}"]
 
 
-def restore(trainer, ckpt: Checkpoint) -> None:
-    """Load a checkpoint into a freshly built trainer (same config, data and model)."""
-    state, path = ckpt.state, ckpt.path
-    if state.get("num_batches") != len(trainer.sampler) or state.get("data_fingerprint") != trainer.data_fingerprint:
+def restore(ckpt: Checkpoint, state: TrainState, model, optimizer) -> TrainState:
+    """Load a checkpoint into a freshly built model and optimizer (same config, data and
+    model; their containers are updated in place, as the compiled step captured them) and
+    the global RNGs; returns ``state`` advanced to the checkpoint."""
+    saved, path = ckpt.state, ckpt.path
+    if saved.get("num_batches") != state.num_batches or saved.get("data_fingerprint") != state.data_fingerprint:
         raise ConfigError(f"cannot resume from {path}: the training data differs from the checkpoint's "
-                          f"({len(trainer.sampler)} batches now, {state.get('num_batches')} then)")
-    model = trainer.model
+                          f"({state.num_batches} batches now, {saved.get('num_batches')} then)")
     _check_same("adapters", path, ckpt.adapters, dict(tree_flatten(model.trainable_parameters())))
     _check_same("reference adapters", path, ckpt.reference, reference_params(model))
     model.load_weights(list(ckpt.adapters.items()) + list(ckpt.reference.items()), strict=False)
-    _check_same("optimizer state", path, ckpt.optimizer, dict(tree_flatten(trainer.optimizer.state)))
-    _set_leaves(trainer.optimizer.state, ckpt.optimizer)
-    losses = {k.split(".", 1)[1]: v for k, v in ckpt.extra.items() if k.startswith("loss_state.")}
-    _check_same("loss state", path, losses, trainer.loss_state)
-    trainer.loss_state = losses
+    _check_same("optimizer state", path, ckpt.optimizer, dict(tree_flatten(optimizer.state)))
+    _set_leaves(optimizer.state, ckpt.optimizer)
+    loss_state = {k.split(".", 1)[1]: v for k, v in ckpt.extra.items() if k.startswith("loss_state.")}
+    _check_same("loss state", path, loss_state, state.loss_state)
     hi, lo = (int(x) for x in ckpt.extra["rng.mlx"].tolist())
     mx.random.seed((hi << 32) | lo)  # key(seed) == [seed >> 32, seed & 0xffffffff]: restores the key exactly
-    pos, has_gauss, cached = state["numpy_rng"]
+    pos, has_gauss, cached = saved["numpy_rng"]
     np.random.set_state(("MT19937", np.array(ckpt.extra["rng.numpy"]).astype(np.uint32), pos, has_gauss, cached))
-    trainer.step = int(state["step"])
-    trainer.skipped_steps = int(state["skipped_steps"])
-    trainer.sampler.state = SamplerState(**state["sampler"])
-    trainer.log_state = state["log"]
-    mx.eval(model.parameters(), trainer.optimizer.state, trainer.loss_state)
+    restored = replace(state, loss_state=loss_state, log_history=list(state.log_history))
+    restored.load_json(saved)
+    mx.eval(model.parameters(), optimizer.state, restored.loss_state)
+    return restored
 
 
 def truncate_metrics(metrics_file: Path, step: int) -> List[dict]:

@@ -300,8 +300,83 @@ def count_parameters(model: nn.Module) -> Tuple[int, int]:
     return total, trainable
 
 
+# --------------------------------------------------------------------------- model surgery
+
+
+def setup_trainable(model: nn.Module, cfg: DPOConfig, use_reference: bool) -> int:
+    """Make the parts ``cfg`` trains trainable: adapters (starting from ``ref_adapter_path``
+    with ``reference: adapter``, plus a frozen reference copy when one is needed) or the
+    last blocks (full fine-tuning); checkpoint the blocks if asked. Returns the number
+    of trained blocks."""
+    if cfg.train_type == "full":
+        num_layers = setup_full_finetune(model, cfg)
+    else:
+        num_layers = add_adapters(model, cfg)
+        if cfg.reference == "adapter":
+            check_reference_adapter(cfg, num_layers)
+            load_adapter_weights(model, Path(cfg.ref_adapter_path))  # the policy starts as a copy
+        if (cfg.reference == "adapter" and use_reference) or cfg.sync_ref_model:
+            add_reference_copy(model)
+    if cfg.gradient_checkpointing:
+        for block in model.layers:
+            checkpoint_block(block)
+    return num_layers
+
+
+def check_reference_adapter(cfg: DPOConfig, num_layers: int) -> None:
+    """``ref_adapter_path``'s adapter_config.json must describe the adapters ``cfg`` builds."""
+    ref = read_adapter_config(Path(cfg.ref_adapter_path))
+    params = ref.get("lora_parameters", {})
+    ours = {"rank": cfg.lora_rank, "keys": list(cfg.target_modules), "num_layers": num_layers,
+            "fine_tune_type": cfg.adapter}
+    theirs = {"rank": params.get("rank"), "keys": params.get("keys") or list(cfg.target_modules),
+              "num_layers": ref.get("num_layers") if ref.get("num_layers", -1) >= 0 else num_layers,
+              "fine_tune_type": ref.get("fine_tune_type", "lora")}
+    diff = [f"{k}: reference adapter has {theirs[k]}, config has {ours[k]}"
+            for k in ours if theirs[k] != ours[k] and not (k == "keys" and set(theirs[k]) == set(ours[k]))]
+    if diff:
+        raise ConfigError(f"ref_adapter_path {cfg.ref_adapter_path} does not match the adapter config: "
+                          + "; ".join(diff))
+    if abs(params.get("scale", cfg.lora_scale) - cfg.lora_scale) > 1e-6:
+        raise ConfigError(f"ref_adapter_path: its LoRA scale {params.get('scale')} differs from "
+                          f"lora_alpha / lora_rank = {cfg.lora_scale}")
+
+
+def reference_mode(model: nn.Module) -> str:
+    """``reference`` when the adapters carry a frozen reference copy, else ``base``."""
+    return "reference" if any("ref_lora_a" in layer for layer in adapter_layers(model)) else "base"
+
+
+def sync_reference(model: nn.Module, alpha: float) -> None:
+    """TR-DPO (Gorbatovski et al. 2024, arXiv:2404.09656) soft update of the reference
+    adapter: ``ref <- alpha * policy + (1 - alpha) * ref``."""
+    for layer in adapter_layers(model):
+        layer.ref_lora_a = alpha * layer.lora_a + (1 - alpha) * layer.ref_lora_a
+        layer.ref_lora_b = alpha * layer.lora_b + (1 - alpha) * layer.ref_lora_b
+        if "ref_m" in layer:
+            layer.ref_m = alpha * layer.m + (1 - alpha) * layer.ref_m
+        mx.eval(layer.ref_lora_a, layer.ref_lora_b)
+
+
+def checkpoint_block(block: nn.Module) -> None:
+    """Recompute a transformer block's activations in the backward pass (mlx-lm's
+    ``grad_checkpoint``, per instance)."""
+    fn = type(block).__call__
+
+    def checkpointed(self, *args, **kwargs):
+        def inner(params, *a, **k):
+            self.update(params)
+            return fn(self, *a, **k)
+
+        return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+    block.__class__ = type(type(block).__name__ + "Checkpointed", (type(block),),
+                           {"__call__": checkpointed, "plain_call": fn})
+
+
 __all__ = [
     "SwitchableLoRALinear", "SwitchableDoRALinear", "adapter_mode", "adapter_layers", "load_model",
     "add_adapters", "setup_full_finetune", "adapter_config", "load_adapter_weights",
     "add_reference_copy", "read_adapter_config", "resolve_model_path", "count_parameters", "dequantized_weight",
+    "setup_trainable", "reference_mode", "sync_reference", "checkpoint_block",
 ]

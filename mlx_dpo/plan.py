@@ -1,15 +1,8 @@
-"""Plan a run before training: FLOPs, memory and speed on this machine.
+"""``mlx-dpo plan``: measure a run before training: memory and speed on this machine.
 
-- ``gemm_peak_gflops()``: a short float32 GEMM probe (the MFU denominator).
-- ``flops_per_token(model, forward_equivalents)``: ``fe x 2 x params``, params without
-  the input embedding table (a lookup, no FLOPs). A DPO step with a live reference
-  costs 3 forward-equivalents per token (reference forward, policy forward, policy
-  backward through frozen weights ~ 1 forward); with precomputed reference log-probs, 2.
-- ``static_memory_estimate(...)``: weights + adapter/optimizer state + activations,
-  a cheap formula used by ``train`` to warn before it starts.
-- ``plan(cfg)``: a few timed steps at the configured batch size and one smaller, a
-  linear fit of measured peak memory in the batch size, and the largest batch that
-  fits ``memory_budget_gb``.
+``plan(cfg)``: a few timed steps at the configured batch size and one smaller, a
+linear fit of measured peak memory in the batch size, and the largest batch that
+fits ``memory_budget_gb``. The figures themselves come from :mod:`.perf`.
 """
 
 from __future__ import annotations
@@ -20,79 +13,8 @@ import time
 from typing import Dict, Optional
 
 import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_flatten
 
-# Fallback when no probe is run: a float32 GEMM peak measured on a 2-core x86 CPU
-# with OpenBLAS (the reference machine of benchmarks/README.md).
-DEFAULT_PEAK_GFLOPS = 140.0
-
-
-def gemm_peak_gflops(n: int = 1024, repeats: int = 8) -> float:
-    """Best-of-``repeats`` float32 ``n x n`` matmul throughput on the default device."""
-    a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
-    mx.eval(a @ b)
-    best = float("inf")
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        mx.eval(a @ b)
-        best = min(best, time.perf_counter() - tic)
-    return 2 * n ** 3 / best / 1e9
-
-
-def compute_parameters(model: nn.Module) -> int:
-    """Parameters that take part in matmuls (as if de-quantized): all but the input
-    embedding table; a tied head counts the table once."""
-    from .model import count_parameters
-
-    total, _ = count_parameters(model)
-    embed = model.model.embed_tokens
-    n_embed = embed.weight.size * (32 // embed.bits if isinstance(embed, nn.QuantizedEmbedding) else 1)
-    tied = getattr(model.args, "tie_word_embeddings", False) or not hasattr(model, "lm_head")
-    return total if tied else total - n_embed
-
-
-def forward_equivalents(live_reference: bool) -> int:
-    return 3 if live_reference else 2
-
-
-def flops_per_token(model: nn.Module, live_reference: bool) -> float:
-    return forward_equivalents(live_reference) * 2.0 * compute_parameters(model)
-
-
-def mfu(tokens_per_second: float, flops_token: float, peak_gflops: float) -> float:
-    return tokens_per_second * flops_token / (peak_gflops * 1e9)
-
-
-def system_memory_bytes() -> int:
-    """Memory MLX may use: Metal's recommended working set, else physical RAM."""
-    info = mx.device_info()
-    for key in ("max_recommended_working_set_size", "memory_size"):
-        if info.get(key):
-            return int(info[key])
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def static_memory_estimate(model: nn.Module, batch_size: int, seq_len: int, prompt_len: int = 0,
-                           gradient_checkpointing: bool = False) -> Dict[str, float]:
-    """Rough peak bytes of one step: weights, trainable state (param, grad, Adam m, v),
-    activations kept for the backward pass (~16 hidden + 3 MLP + attention-score values
-    per token per layer, float32; one hidden per token per layer with checkpointing)
-    and a chunk of logits. ``prompt_len`` > 0: shared prefix (prompt counted once)."""
-    args = model.args
-    hidden, inter = args.hidden_size, getattr(args, "intermediate_size", 4 * args.hidden_size)
-    heads, layers = args.num_attention_heads, len(model.layers)
-    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    trainable = 4 * sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
-    tokens = 2 * batch_size * seq_len - (batch_size * prompt_len if prompt_len else 0)
-    per_token = hidden if gradient_checkpointing else 16 * hidden + 3 * inter + 2 * heads * seq_len
-    activations = 4 * tokens * layers * per_token
-    from .logprobs import MAX_LOGIT_ELEMENTS
-
-    logits = 3 * 4 * min(MAX_LOGIT_ELEMENTS, 2 * batch_size * seq_len * args.vocab_size)
-    total = weights + trainable + activations + logits
-    return {"weights": weights, "trainable_state": trainable, "activations": activations, "logits": logits,
-            "total": total}
+from .perf import flops_per_token, gemm_peak_gflops, mfu, system_memory_bytes
 
 
 def _timed_steps(trainer, batch_size: int, steps: int, warmup: int = 2) -> Dict[str, float]:
@@ -161,50 +83,3 @@ def plan(cfg, memory_budget_gb: Optional[float] = None, steps: int = 3, log=prin
         f"budget {result['memory_budget_gb']:.2f} GB -> largest batch_size {max_batch}"
         f"{'' if result['fits'] else '  (the configured batch does NOT fit)'}")
     return result
-
-
-class Throughput:
-    """Tokens/s over a run's steps after the first ``warmup`` (which include ``mx.compile``
-    tracing), and the model FLOPs utilisation it implies."""
-
-    def __init__(self, warmup: int = 3):
-        self.warmup, self.steps, self.tokens, self.seconds = warmup, 0, 0, 0.0
-
-    def add(self, tokens: int, seconds: float) -> None:
-        self.steps += 1
-        if self.steps > self.warmup:
-            self.tokens += tokens
-            self.seconds += seconds
-
-    @property
-    def tokens_per_second(self) -> Optional[float]:
-        return self.tokens / self.seconds if self.seconds > 0 else None
-
-    def report(self, model: nn.Module, live_reference: bool, peak_gflops: Optional[float] = None) -> str:
-        tps = self.tokens_per_second
-        if tps is None:
-            return f"throughput: too few steps to measure (first {self.warmup} are warm-up)"
-        peak = peak_gflops or gemm_peak_gflops()
-        fpt = flops_per_token(model, live_reference)
-        self.mfu = mfu(tps, fpt, peak)
-        return (f"throughput: {tps:.0f} tokens/s (steps after the first {self.warmup}), MFU {100 * self.mfu:.1f}% "
-                f"({forward_equivalents(live_reference)} x 2 x {compute_parameters(model) / 1e6:.1f}M params per token, "
-                f"float32 GEMM peak {peak:.0f} GFLOP/s)")
-
-
-def warn_if_too_big(trainer, log=print) -> Optional[Dict[str, float]]:
-    """Static estimate for the longest batch; warns when it exceeds this machine's memory."""
-    pairs = trainer.train_pairs
-    if not pairs:
-        return None
-    longest = max(pairs, key=lambda p: p.length)
-    seq = len(longest.prompt) + max(len(longest.chosen), len(longest.rejected))
-    est = static_memory_estimate(trainer.model, trainer.cfg.batch_size, seq,
-                                 len(longest.prompt) if trainer.prefix_sharing else 0,
-                                 trainer.cfg.gradient_checkpointing)
-    available = system_memory_bytes()
-    if est["total"] > 0.8 * available:
-        log(f"warning: estimated peak memory {est['total'] / 1e9:.2f} GB (weights {est['weights'] / 1e9:.2f}, "
-            f"activations {est['activations'] / 1e9:.2f}) exceeds 80% of the {available / 1e9:.1f} GB available; "
-            f"lower batch_size, max_length, or enable gradient_checkpointing (`mlx-dpo plan` measures it)")
-    return est

@@ -10,10 +10,11 @@ run with the same key loads the file and runs no reference forward at all.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -21,14 +22,11 @@ from mlx.utils import tree_flatten
 
 from . import losses
 from .batching import eval_batches
-from .config import config_keys
+from .config import DPOConfig, config_keys
 from .data import TokenizedPair
 from .io import atomic_write_bytes
 from .logprobs import completion_logps
-from .model import adapter_mode, compute_dtype
-
-if TYPE_CHECKING:
-    from .trainer import DPOTrainer
+from .model import adapter_mode, compute_dtype, reference_mode
 
 CACHE_VERSION = 2  # 2: key from config roles
 
@@ -59,52 +57,57 @@ def weights_fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def cache_key(trainer: "DPOTrainer", pairs: List[TokenizedPair]) -> str:
-    cfg = trainer.cfg
+def cache_key(model, pairs: List[TokenizedPair], cfg: DPOConfig, model_path: Path, reductions: List[str]) -> str:
+    """Hash of what the reference log-probs depend on: the model's files and the frozen
+    weights in memory, the reference adapter, the ``ref_cache`` config keys (compute dtype
+    resolved), the reductions and every pair's tokens."""
     h = hashlib.sha256()
-    model_path = Path(trainer.model_path)
+    model_path = Path(model_path)
     if model_path.is_dir():
         for p in sorted(model_path.glob("*.safetensors")) + sorted(model_path.glob("config.json")):
             _hash_file(h, p)
     else:
         h.update(str(model_path).encode())
-    if trainer.reference_mode == "reference" and cfg.ref_adapter_path:
+    mode = reference_mode(model)
+    if mode == "reference" and cfg.ref_adapter_path:
         _hash_file(h, Path(cfg.ref_adapter_path) / "adapters.safetensors")
     # the weights actually in memory: a model passed to DPOTrainer need not be the one in cfg.model
-    h.update(weights_fingerprint(trainer.model).encode())
+    h.update(weights_fingerprint(model).encode())
     settings = {name: getattr(cfg, name) for name in config_keys("ref_cache")}
     settings.update(version=CACHE_VERSION, compute_dtype=str(compute_dtype(cfg)),  # resolved: "auto" differs by device
-                    reference=trainer.reference_mode, reductions=trainer.reductions)
+                    reference=mode, reductions=list(reductions))
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for p in pairs:
         h.update(np.asarray(p.prompt + [-1] + p.chosen + [-2] + p.rejected + [-3], dtype=np.int64).tobytes())
     return h.hexdigest()[:32]
 
 
-def cache_file(trainer: "DPOTrainer", key: str) -> Path:
+def cache_file(cfg: DPOConfig, key: str) -> Path:
     from .toy import cache_subdir
 
-    return cache_subdir(trainer.cfg.cache_dir, "ref_logps") / f"{key}.npz"
+    return cache_subdir(cfg.cache_dir, "ref_logps") / f"{key}.npz"
 
 
-def compute_reference_logps(trainer: "DPOTrainer", pairs: List[TokenizedPair]) -> Dict[str, np.ndarray]:
-    """Reference log-probs of ``pairs``: ``{reduction: (N, 2)}`` with columns (chosen, rejected)."""
-    cfg, model = trainer.cfg, trainer.model
-    mode = "base" if cfg.train_type == "full" else trainer.reference_mode
+def compute_reference_logps(model, pairs: List[TokenizedPair], cfg: DPOConfig, collate: Callable,
+                            reductions: List[str], progress: bool = False) -> Tuple[Dict[str, np.ndarray], int]:
+    """Reference log-probs of ``pairs`` in inference mode: ``{reduction: (N, 2)}`` with
+    columns (chosen, rejected), and the number of batches run. ``collate(pairs, indices)`` builds a batch as the trainer does
+    (shared-prefix layout when it uses it)."""
+    mode = "base" if cfg.train_type == "full" else reference_mode(model)
 
     @partial(mx.compile, inputs=[model.state])
     def forward(batch):
         with adapter_mode(model, mode):
             out = completion_logps(model, batch)
-        return {r: losses.reduce_logps(out["token_logps"], out["mask"], r, cfg) for r in trainer.reductions}
+        return {r: losses.reduce_logps(out["token_logps"], out["mask"], r, cfg) for r in reductions}
 
-    result = {r: np.zeros((len(pairs), 2), dtype=np.float32) for r in trainer.reductions}
+    result = {r: np.zeros((len(pairs), 2), dtype=np.float32) for r in reductions}
     batch_size = cfg.precompute_ref_batch_size or cfg.eval_batch_size or cfg.batch_size
     was_training = model.training
     model.eval()
     groups = list(eval_batches(pairs, batch_size))
-    for indices in _progress(groups, trainer):
-        batch = trainer.collate(pairs, indices)  # shared-prefix layout when the trainer uses it
+    for indices in _progress(groups, progress):
+        batch = collate(pairs, indices)
         out = forward({k: mx.array(v) for k, v in batch.arrays().items()})
         mx.eval(out)
         n = len(indices)
@@ -112,41 +115,42 @@ def compute_reference_logps(trainer: "DPOTrainer", pairs: List[TokenizedPair]) -
             values = np.array(values)
             result[r][indices, 0] = values[:n]
             result[r][indices, 1] = values[n:]
-    trainer.reference_forwards = getattr(trainer, "reference_forwards", 0) + len(groups)
     model.train(was_training)
-    return result
+    return result, len(groups)
 
 
-def precompute_reference_logps(trainer: "DPOTrainer", pairs: List[TokenizedPair], split: str) -> Dict[str, np.ndarray]:
-    """Load the cached reference log-probs for ``pairs``, or compute and cache them."""
-    key = cache_key(trainer, pairs)
-    path = cache_file(trainer, key)
+def precompute_reference_logps(model, pairs: List[TokenizedPair], cfg: DPOConfig, collate: Callable, *,
+                               reductions: List[str], model_path: Path, split: str = "train",
+                               log: Callable = print, initial: bool = True) -> Tuple[Dict[str, np.ndarray], int]:
+    """Load the cached reference log-probs for ``pairs``, or compute and cache them.
+
+    Returns ``(values, reference batches run)`` (0 when loaded from the cache). ``initial``: the model still holds its initial weights
+    (a full fine-tune's reference can only be computed then)."""
+    path = cache_file(cfg, cache_key(model, pairs, cfg, model_path, reductions))
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as f:
-                cached = {r: f[r] for r in trainer.reductions if r in f.files}
+                cached = {r: f[r] for r in reductions if r in f.files}
         except Exception as e:  # truncated or corrupt: recompute and overwrite it
-            trainer.log(f"warning: ignoring unreadable reference log-prob cache {path} ({e}); recomputing")
+            log(f"warning: ignoring unreadable reference log-prob cache {path} ({e}); recomputing")
             cached = {}
-        if len(cached) == len(trainer.reductions) and all(v.shape == (len(pairs), 2) for v in cached.values()):
-            trainer.log(f"{split}: reference log-probs loaded from {path}")
-            return cached
-    if trainer.cfg.train_type == "full" and trainer.step > 0:
+        if len(cached) == len(reductions) and all(v.shape == (len(pairs), 2) for v in cached.values()):
+            log(f"{split}: reference log-probs loaded from {path}")
+            return cached, 0
+    if cfg.train_type == "full" and not initial:
         raise RuntimeError(
             f"reference log-probs for full fine-tuning must come from the initial weights, but {path} is missing "
             "after training started; restore the cache or start the run again")
-    trainer.log(f"{split}: precomputing reference log-probs for {len(pairs)} pairs")
-    result = compute_reference_logps(trainer, pairs)
-    import io
-
+    log(f"{split}: precomputing reference log-probs for {len(pairs)} pairs")
+    result, batches = compute_reference_logps(model, pairs, cfg, collate, reductions, progress=cfg.progress_bar)
     buf = io.BytesIO()
     np.savez(buf, **result)
     atomic_write_bytes(path, buf.getvalue())
-    return result
+    return result, batches
 
 
-def _progress(items, trainer):
-    if not trainer.cfg.progress_bar:
+def _progress(items, enabled: bool):
+    if not enabled:
         return items
     from tqdm import tqdm
 

@@ -7,19 +7,22 @@ one ``mx.compile``d function; the optimizer update (clipping + AdamW with bias
 correction) is a second compiled function, applied every
 ``gradient_accumulation_steps`` micro-batches and only when loss and gradients are
 finite.
+
+Progress lives in an explicit :class:`~mlx_dpo.state.TrainState` (``trainer.state``)
+that :mod:`.checkpoint` saves and restores; what watches training (the metrics file,
+console lines, the progress bar, yours) are :mod:`.callbacks`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,16 +32,19 @@ from mlx.utils import tree_flatten, tree_map
 
 from . import checkpoint, losses
 from .batching import Batch, BatchSampler, collate, eval_batches
+from .callbacks import CallbackList, console, default_callbacks
 from .config import ConfigError, DPOConfig, resolve_config
 from .data import TokenizedPair, load_datasets
+from .io import atomic_write_text
 from .logprobs import completion_logps
-from .plan import Throughput, warn_if_too_big
+from .model import adapter_config, adapter_mode, count_parameters, load_model, reference_mode, setup_trainable, \
+    sync_reference
+from .perf import Throughput, warn_if_too_big
 from .prefix import use_prefix_sharing
-from .model import (adapter_config, adapter_layers, adapter_mode, add_adapters, add_reference_copy,
-                    count_parameters, load_adapter_weights, load_model, read_adapter_config,
-                    setup_full_finetune)
+from .reference import precompute_reference_logps
+from .rundir import METRICS_FILE, check_output_dir, check_resume, prepare_output_dir
 from .schedule import build_schedule
-
+from .state import TrainState
 
 MAX_CONSECUTIVE_SKIPS = 10
 
@@ -61,18 +67,21 @@ def peak_memory_gb() -> float:
 
 
 class DPOTrainer:
-    """TRL-style trainer. ``DPOTrainer(cfg).train()``; the model, tokenizer and
-    tokenized pairs may be passed in (notebooks), otherwise they are loaded from ``cfg``."""
+    """TRL-style trainer. ``DPOTrainer(cfg).train()``; the model, tokenizer and tokenized
+    pairs may be passed in (notebooks), otherwise they are loaded from ``cfg``.
+
+    ``log`` receives every message and metric line (default: stdout, tqdm-safe);
+    ``callbacks`` are added after the built-in ones (see :mod:`.callbacks`)."""
 
     def __init__(self, cfg: DPOConfig, model: Optional[nn.Module] = None, tokenizer=None,
                  train_pairs: Optional[List[TokenizedPair]] = None,
-                 eval_pairs: Optional[List[TokenizedPair]] = None, log: Callable = print):
+                 eval_pairs: Optional[List[TokenizedPair]] = None, log: Optional[Callable] = None,
+                 callbacks: Optional[Iterable] = None):
         self.cfg = cfg
-        self.log = log
+        self.log = log or console
         losses.validate_loss_config(cfg)
-        self.output_dir = Path(cfg.output_dir).expanduser().resolve()
-        self._check_output_dir()
-        self.resume_path = self._check_resume()
+        self.output_dir = check_output_dir(cfg)
+        self.resume_path = check_resume(cfg, self.output_dir, self.log)
         mx.random.seed(cfg.seed)
         if model is None:
             model, tokenizer, self.model_path = load_model(cfg)
@@ -80,21 +89,44 @@ class DPOTrainer:
             self.model_path = Path(cfg.model)
         self.model, self.tokenizer = model, tokenizer
         if train_pairs is None:
-            train_pairs, eval_pairs = load_datasets(cfg, tokenizer, log=log)
+            train_pairs, eval_pairs = load_datasets(cfg, tokenizer, log=self.log)
         self.train_pairs, self.eval_pairs = train_pairs, eval_pairs or []
         self.pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
         self.prefix_sharing = use_prefix_sharing(cfg.prefix_sharing, model)
-
         self.use_reference = losses.needs_reference(cfg)
         self.precompute = cfg.precompute_ref_log_probs or (cfg.train_type == "full" and self.use_reference)
-        self._setup_trainable()
+        self.num_layers = setup_trainable(model, cfg, self.use_reference)
+        self.num_parameters, trainable = count_parameters(model)
+        self.log(f"parameters: {self.num_parameters / 1e6:.2f}M total, {trainable / 1e6:.3f}M trainable "
+                 f"({100 * trainable / max(self.num_parameters, 1):.3f}%)")
         self.reductions = losses.reductions(cfg)
-        self.loss_state = losses.init_loss_state(cfg)
-
         if len(self.train_pairs) < cfg.batch_size:
             raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(self.train_pairs)} training pairs")
         self.sampler = BatchSampler(self.train_pairs, cfg.batch_size, cfg.seed)
-        self.total_steps = self._total_steps()
+        self._build_optimizer()
+        self.state = TrainState(max_steps=self.total_steps, num_batches=len(self.sampler),
+                                data_fingerprint=checkpoint.data_fingerprint(self.train_pairs),
+                                sampler=self.sampler.state, loss_state=losses.init_loss_state(cfg))
+        self.callbacks = CallbackList(default_callbacks(self.output_dir / METRICS_FILE, self.log, cfg.progress_bar,
+                                                        callbacks))
+        self.ref_cache: Dict[str, Dict[str, np.ndarray]] = {}
+        self.reference_forwards = 0
+        self.trace_count = 0
+        self._build_steps()
+        if self.resume_path is not None:
+            self.state = checkpoint.restore(checkpoint.load_checkpoint(self.resume_path), self.state, self.model,
+                                            self.optimizer)
+            self.sampler.state = self.state.sampler
+            self.log(f"resumed from {self.resume_path} (step {self.step})")
+
+    # ------------------------------------------------------------------ setup
+    def _build_optimizer(self) -> None:
+        cfg = self.cfg
+        if cfg.max_steps > 0:
+            self.total_steps = cfg.max_steps
+        else:
+            per_epoch = max(1, len(self.sampler) // cfg.gradient_accumulation_steps)
+            self.total_steps = max(1, math.ceil(cfg.num_train_epochs * per_epoch))
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
         if warmup and cfg.lr_scheduler_type == "constant":
             self.log("warning: lr_scheduler_type 'constant' has no warmup (as in transformers); "
@@ -105,100 +137,18 @@ class DPOTrainer:
             weight_decay=cfg.weight_decay, bias_correction=True,
         )
         self.optimizer.init(self.model.trainable_parameters())
-        self.ref_cache: Dict[str, Dict[str, np.ndarray]] = {}
-        self.step = 0
-        self.skipped_steps = 0
-        self.log_state: dict = {}  # the logging window, carried across a resume
-        self.trace_count = 0
-        self._build_steps()
-        self.data_fingerprint = checkpoint.data_fingerprint(self.train_pairs)
-        if self.resume_path is not None:
-            checkpoint.restore(self, checkpoint.load_checkpoint(self.resume_path))
-            self.log(f"resumed from {self.resume_path} (step {self.step})")
 
-    # ------------------------------------------------------------------ setup
-    def _check_output_dir(self) -> None:
-        out = self.output_dir
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"output_dir: {out} exists and is not a directory")
-        for key in ("model", "data", "ref_adapter_path"):
-            value = getattr(self.cfg, key)
-            if value and Path(value).expanduser().exists() and Path(value).expanduser().resolve() == out:
-                raise ConfigError(f"output_dir: {out} is the {key} directory; choose another output_dir")
-        existing = next(p for p in (out, *out.parents) if p.exists())
-        if not os.access(existing, os.W_OK):
-            raise ConfigError(f"output_dir: {existing} is not writable")
-        if self.cfg.overwrite_output_dir or self.cfg.resume_from_checkpoint:
-            return
-        if (out / "adapters.safetensors").exists():
-            raise ConfigError(f"output_dir: {out} already holds a finished run; pass --overwrite "
-                              "(overwrite_output_dir: true) or choose another output_dir")
-        last = checkpoint.latest_checkpoint(out)
-        if last is not None:
-            raise ConfigError(f"output_dir: {out} holds checkpoints of an unfinished run (latest: {last.name}); "
-                              "pass --resume to continue it, --overwrite to start over, or choose another output_dir")
+    @property
+    def step(self) -> int:
+        return self.state.step
 
-    def _check_resume(self) -> Optional[Path]:
-        """The checkpoint to resume from, after checking its config against ours (before
-        anything is loaded or written)."""
-        if not self.cfg.resume_from_checkpoint:
-            return None
-        path = checkpoint.resolve_resume(self.cfg.resume_from_checkpoint, self.output_dir)
-        errors, notes = checkpoint.config_differences(checkpoint.read_config(path), self.cfg)
-        if errors:
-            raise ConfigError(f"cannot resume from {path}: the config changes what the run depends on: "
-                              + "; ".join(errors) + f". Use the checkpoint's values (see {path / 'config.yaml'}) "
-                              "or start a new run (another output_dir, or --overwrite)")
-        for note in notes:
-            self.log(f"resume: changed {note}")
-        return path
-
-    def _setup_trainable(self) -> None:
-        cfg, model = self.cfg, self.model
-        if cfg.train_type == "full":
-            self.num_layers = setup_full_finetune(model, cfg)
-        else:
-            self.num_layers = add_adapters(model, cfg)
-            if cfg.reference == "adapter":
-                self._check_ref_adapter()
-                load_adapter_weights(model, Path(cfg.ref_adapter_path))  # policy starts as a copy
-            if (cfg.reference == "adapter" and self.use_reference) or cfg.sync_ref_model:
-                add_reference_copy(model)
-        if cfg.gradient_checkpointing:
-            for block in model.layers:
-                _checkpoint_block(block)
-        total, trainable = count_parameters(model)
-        self.num_parameters = total
-        self.log(f"parameters: {total / 1e6:.2f}M total, {trainable / 1e6:.3f}M trainable "
-                 f"({100 * trainable / max(total, 1):.3f}%)")
-
-    def _check_ref_adapter(self) -> None:
-        ref = read_adapter_config(Path(self.cfg.ref_adapter_path))
-        params = ref.get("lora_parameters", {})
-        ours = {"rank": self.cfg.lora_rank, "keys": list(self.cfg.target_modules), "num_layers": self.num_layers,
-                "fine_tune_type": self.cfg.adapter}
-        theirs = {"rank": params.get("rank"), "keys": params.get("keys") or list(self.cfg.target_modules),
-                  "num_layers": ref.get("num_layers") if ref.get("num_layers", -1) >= 0 else self.num_layers,
-                  "fine_tune_type": ref.get("fine_tune_type", "lora")}
-        diff = [f"{k}: reference adapter has {theirs[k]}, config has {ours[k]}"
-                for k in ours if theirs[k] != ours[k] and not (k == "keys" and set(theirs[k]) == set(ours[k]))]
-        if diff:
-            raise ConfigError(f"ref_adapter_path {self.cfg.ref_adapter_path} does not match the adapter config: "
-                              + "; ".join(diff))
-        if abs(params.get("scale", self.cfg.lora_scale) - self.cfg.lora_scale) > 1e-6:
-            raise ConfigError(f"ref_adapter_path: its LoRA scale {params.get('scale')} differs from "
-                              f"lora_alpha / lora_rank = {self.cfg.lora_scale}")
-
-    def _total_steps(self) -> int:
-        if self.cfg.max_steps > 0:
-            return self.cfg.max_steps
-        per_epoch = max(1, len(self.sampler) // self.cfg.gradient_accumulation_steps)
-        return max(1, math.ceil(self.cfg.num_train_epochs * per_epoch))
+    @property
+    def loss_state(self) -> dict:
+        return self.state.loss_state
 
     @property
     def reference_mode(self) -> str:
-        has_copy = any("ref_lora_a" in layer for layer in adapter_layers(self.model))
-        return "reference" if has_copy else "base"
+        return reference_mode(self.model)
 
     # ------------------------------------------------------------------ the step
     def reference_logps(self, batch: Dict[str, mx.array]) -> Optional[Dict[str, mx.array]]:
@@ -268,11 +218,12 @@ class DPOTrainer:
     def precompute_reference(self) -> None:
         """Reference log-probs of every train/eval pair, once, in inference mode;
         cached on disk keyed by model, reference adapter, data and settings."""
-        from .reference import precompute_reference_logps
-
         for split, pairs in (("train", self.train_pairs), ("eval", self.eval_pairs)):
             if pairs:
-                self.ref_cache[split] = precompute_reference_logps(self, pairs, split)
+                self.ref_cache[split], batches = precompute_reference_logps(
+                    self.model, pairs, self.cfg, self.collate, reductions=self.reductions,
+                    model_path=self.model_path, split=split, log=self.log, initial=self.step == 0)
+                self.reference_forwards += batches
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> Dict[str, float]:
@@ -295,16 +246,17 @@ class DPOTrainer:
 
     # ------------------------------------------------------------------ training
     def train(self) -> TrainResult:
-        """Train to ``total_steps``, checkpointing every ``save_steps`` and at the end.
+        """Train to ``state.max_steps``, checkpointing every ``save_steps`` and at the end.
         SIGINT/SIGTERM: finish the step, checkpoint, raise ``TrainingInterrupted``."""
-        history = self._prepare_output_dir()
+        self.state.log_history = prepare_output_dir(self.output_dir, self.step, self.resume_path is not None,
+                                                    self.cfg.overwrite_output_dir, self.log)
         checkpoint.run_config(self.cfg).save(self.output_dir / "config.yaml")
         try:
             if self.precompute and self.use_reference:
                 self.precompute_reference()
             self.model.train()
             with checkpoint.StopSignals() as stop:
-                return self._train_loop(history, stop)
+                return self._train_loop(stop)
         except RuntimeError as e:
             if isinstance(e, checkpoint.TrainingError) or not _is_out_of_memory(e):
                 raise
@@ -313,120 +265,95 @@ class DPOTrainer:
                 "true, quantize: {bits: 4}, or a new run with a smaller batch_size (and more "
                 f"gradient_accumulation_steps). Last good checkpoint: {self._last_checkpoint()}; "
                 "gradient_checkpointing and compute_dtype may change on --resume.") from None
+        finally:
+            for cb in self.callbacks.callbacks:
+                getattr(cb, "close", lambda: None)()
 
-    def _prepare_output_dir(self) -> List[dict]:
-        """Create the output dir, remove a killed run's temporaries; with --overwrite clear the
-        old run (only now, after config, model and data loaded fine); on resume keep the metric
-        records up to the checkpoint's step (returned) and drop newer checkpoints."""
-        out = self.output_dir
-        out.mkdir(parents=True, exist_ok=True)
-        for p in checkpoint.clean_stale(out):
-            self.log(f"removed stale temporary {p}")
-        metrics_file = out / "metrics.jsonl"
-        if self.resume_path is None:
-            if self.cfg.overwrite_output_dir:
-                checkpoint.clear_run(out)
-            metrics_file.write_text("")
-            return []
-        for newer in checkpoint.list_checkpoints(out):
-            if checkpoint.step_of(newer) > self.step:
-                self.log(f"removing {newer} (newer than the resumed step {self.step})")
-                checkpoint.remove_checkpoint(newer)
-        return checkpoint.truncate_metrics(metrics_file, self.step)
-
-    def _train_loop(self, history: List[dict], stop: checkpoint.StopSignals) -> TrainResult:
-        cfg = self.cfg
-        metrics_file = self.output_dir / "metrics.jsonl"
-        logs = self.log_state  # restored on resume
-        window: Dict[str, float] = dict(logs.get("window", {}))
-        window_steps, window_tokens, window_time = logs.get("steps", 0), logs.get("tokens", 0), logs.get("time", 0.0)
-        last_eval: Dict[str, float] = dict(logs.get("last_eval", {}))
-        eval_every = cfg.logging_steps if cfg.eval_steps is None else cfg.eval_steps
-        accum = cfg.gradient_accumulation_steps
+    def _train_loop(self, stop: checkpoint.StopSignals) -> TrainResult:
+        cfg, state = self.cfg, self.state
         batches = iter(self.sampler)
-        self.log(f"training: {self.total_steps} steps, {len(self.train_pairs)} pairs, batch {cfg.batch_size} x "
-                 f"{accum} accumulation, loss {cfg.loss_type}, reference "
+        self.log(f"training: {state.max_steps} steps, {len(self.train_pairs)} pairs, batch {cfg.batch_size} x "
+                 f"{cfg.gradient_accumulation_steps} accumulation, loss {cfg.loss_type}, reference "
                  f"{'none' if not self.use_reference else 'precomputed' if self.precompute else self.reference_mode}")
-        bar = _progress(self.total_steps, cfg.progress_bar, self.log)
-        warn_if_too_big(self, self.log)
-        throughput = Throughput()
-        while self.step < self.total_steps:
+        warn_if_too_big(self.model, self.train_pairs, cfg.batch_size, self.prefix_sharing,
+                        cfg.gradient_checkpointing, self.log)
+        self.throughput = Throughput()
+        self.callbacks.on_train_begin(state)
+        while state.step < state.max_steps:
             if stop.signum is not None:
-                bar.close()
                 self._stop(stop.signum)
             tic = time.perf_counter()
-            grads_sum, step_metrics, tokens = None, {}, 0
-            for _ in range(accum):
-                indices = next(batches)
-                batch = self.collate(self.train_pairs, indices)
-                loss, metrics, new_state, grads, grad_sq = self.grad_step(self.to_device(batch), self.loss_state)
-                mx.eval(loss, metrics, new_state, grads, grad_sq)
-                values = {"loss": float(loss.item()), **{k: float(v.item()) for k, v in metrics.items()}}
-                grad_norm_sq = float(grad_sq.item())
-                if not math.isfinite(values["loss"]) or not math.isfinite(grad_norm_sq):
-                    self._nonfinite(values, grad_norm_sq)
-                    grads_sum = None
-                    break
-                self.loss_state = new_state
-                grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
-                for k, v in values.items():
-                    step_metrics[k] = step_metrics.get(k, 0.0) + v / accum
-                tokens += batch.num_tokens
-            if grads_sum is None:  # skipped: the step is retried on the next batches
+            accumulated = self._accumulate(batches)
+            if accumulated is None:  # skipped: the step is retried on the next batches
                 continue
-            self.consecutive_skips = 0
-            if accum > 1:
-                grads_sum = tree_map(lambda g: g / accum, grads_sum)
-            lr = float(self.schedule(self.optimizer.step).item())
-            norm = self.apply_update(grads_sum)
+            grads, metrics, tokens = accumulated
+            metrics["learning_rate"] = float(self.schedule(self.optimizer.step).item())
+            norm = self.apply_update(grads)
             mx.eval(norm, self.model.trainable_parameters(), self.optimizer.state)
-            self.step += 1
-            if cfg.sync_ref_model and self.step % cfg.ref_model_sync_steps == 0:
+            metrics["grad_norm"] = float(norm.item())
+            state.step += 1
+            if cfg.sync_ref_model and state.step % cfg.ref_model_sync_steps == 0:
                 sync_reference(self.model, cfg.ref_model_mixup_alpha)
-            window_time += time.perf_counter() - tic
-            window_tokens += tokens
-            throughput.add(tokens, time.perf_counter() - tic)
-            window_steps += 1
-            step_metrics["grad_norm"] = float(norm.item())
-            step_metrics["learning_rate"] = lr
-            for k, v in step_metrics.items():
-                window[k] = window.get(k, 0.0) + v
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_metrics['loss']:.4f}", acc=f"{step_metrics.get('rewards/accuracies', 0):.2f}")
-            record = None
-            if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
-                record = {"step": self.step, "epoch": round(self._epoch(), 4),
-                          **{k: v / window_steps for k, v in window.items()},
-                          "tokens_per_second": window_tokens / max(window_time, 1e-9),
-                          "peak_memory_gb": peak_memory_gb()}
-                record["learning_rate"] = lr
-                if cfg.skip_nonfinite_steps:
-                    record["skipped_steps"] = self.skipped_steps
-                window, window_steps, window_tokens, window_time = {}, 0, 0, 0.0
-            if eval_every and self.eval_pairs and (self.step % eval_every == 0 or self.step == self.total_steps):
-                last_eval = self.evaluate()
-                record = {**(record or {"step": self.step, "epoch": round(self._epoch(), 4)}), **last_eval}
-            if record is not None:
-                history.append(record)
-                with open(metrics_file, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                bar.write(_format_record(record))
-            self.log_state = {"window": window, "steps": window_steps, "tokens": window_tokens,
-                              "time": window_time, "last_eval": last_eval}
-            if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
+            seconds = time.perf_counter() - tic
+            self.throughput.add(tokens, seconds)
+            state.window.add(metrics, tokens, seconds)
+            self.callbacks.on_step_end(state, metrics)
+            self._log_and_evaluate(metrics["learning_rate"])
+            if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < state.max_steps:
                 self.save_checkpoint()
-        bar.close()
         self.save_checkpoint()
         self.save()
-        final = history[-1] if history else {}
-        self.log(f"done: {self.step} steps, peak memory {peak_memory_gb():.3f} GB, adapters in {self.output_dir}")
-        self.log(throughput.report(self.model, self.use_reference and not self.precompute))
-        self.throughput = throughput
-        return TrainResult(self.output_dir, self.step, {k: v for k, v in final.items() if not k.startswith("eval_")},
-                           last_eval, history)
+        self.callbacks.on_train_end(state)
+        self.log(f"done: {state.step} steps, peak memory {peak_memory_gb():.3f} GB, adapters in {self.output_dir}")
+        self.log(self.throughput.report(self.model, self.use_reference and not self.precompute))
+        final = state.log_history[-1] if state.log_history else {}
+        return TrainResult(self.output_dir, state.step,
+                           {k: v for k, v in final.items() if not k.startswith("eval_")},
+                           dict(state.window.last_eval), state.log_history)
 
-    def _epoch(self) -> float:
-        return self.sampler.state.epoch + self.sampler.state.index / max(1, len(self.sampler))
+    def _accumulate(self, batches):
+        """Gradients (averaged), metrics and tokens of ``gradient_accumulation_steps``
+        micro-batches; ``None`` when one was non-finite (the step is skipped)."""
+        accum, state = self.cfg.gradient_accumulation_steps, self.state
+        grads_sum, metrics, tokens = None, {}, 0
+        for _ in range(accum):
+            batch = self.collate(self.train_pairs, next(batches))
+            loss, out, new_state, grads, grad_sq = self.grad_step(self.to_device(batch), state.loss_state)
+            mx.eval(loss, out, new_state, grads, grad_sq)
+            values = {"loss": float(loss.item()), **{k: float(v.item()) for k, v in out.items()}}
+            grad_norm_sq = float(grad_sq.item())
+            if not math.isfinite(values["loss"]) or not math.isfinite(grad_norm_sq):
+                self._nonfinite(values, grad_norm_sq)
+                return None
+            state.loss_state = new_state
+            grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
+            for k, v in values.items():
+                metrics[k] = metrics.get(k, 0.0) + v / accum
+            tokens += batch.num_tokens
+        state.consecutive_skips = 0
+        if accum > 1:
+            grads_sum = tree_map(lambda g: g / accum, grads_sum)
+        return grads_sum, metrics, tokens
+
+    def _log_and_evaluate(self, learning_rate: float) -> None:
+        """At a logging step: the window's means as a record; at an eval step: evaluate and
+        add the ``eval_*`` metrics. The record goes to ``log_history`` and the callbacks."""
+        cfg, state = self.cfg, self.state
+        last = state.step == state.max_steps
+        record = None
+        if state.step % cfg.logging_steps == 0 or last:
+            record = {"step": state.step, "epoch": round(state.epoch, 4), **state.window.flush(),
+                      "peak_memory_gb": peak_memory_gb(), "learning_rate": learning_rate}
+            if cfg.skip_nonfinite_steps:
+                record["skipped_steps"] = state.skipped_steps
+        eval_every = cfg.logging_steps if cfg.eval_steps is None else cfg.eval_steps
+        if eval_every and self.eval_pairs and (state.step % eval_every == 0 or last):
+            state.window.last_eval = self.evaluate()
+            self.callbacks.on_evaluate(state, state.window.last_eval)
+            record = {**(record or {"step": state.step, "epoch": round(state.epoch, 4)}), **state.window.last_eval}
+        if record is not None:
+            state.log_history.append(record)
+            self.callbacks.on_log(state, record)
 
     def _nonfinite(self, values: dict, grad_norm_sq: float) -> None:
         bad = [k for k, v in values.items() if not math.isfinite(v)]
@@ -438,12 +365,13 @@ class DPOTrainer:
         if not self.cfg.skip_nonfinite_steps:
             raise NonFiniteError(msg + f" Last good checkpoint: {self._last_checkpoint()}. "
                                  "Set skip_nonfinite_steps: true to skip such steps.")
-        self.skipped_steps += 1
-        self.consecutive_skips = getattr(self, "consecutive_skips", 0) + 1
-        if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-            raise NonFiniteError(msg + f" {self.consecutive_skips} steps in a row were non-finite: stopping. "
+        self.state.skipped_steps += 1
+        self.state.consecutive_skips += 1
+        if self.state.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+            raise NonFiniteError(msg + f" {self.state.consecutive_skips} steps in a row were non-finite: stopping. "
                                  f"Last good checkpoint: {self._last_checkpoint()}.")
-        self.log(msg + f" Skipped ({self.skipped_steps} so far); step {self.step + 1} is retried on the next batches.")
+        self.log(msg + f" Skipped ({self.state.skipped_steps} so far); step {self.step + 1} is retried on the next "
+                 "batches.")
 
     def _last_checkpoint(self) -> str:
         last = checkpoint.latest_checkpoint(self.output_dir)
@@ -457,20 +385,22 @@ class DPOTrainer:
             signum, f"{signal.Signals(signum).name}: stopped after step {self.step}; checkpoint saved to {path}. "
                     f"Resume with: mlx-dpo train --config {out / 'config.yaml'} --output-dir {out} --resume")
 
+    # ------------------------------------------------------------------ saving
     def save_checkpoint(self) -> Path:
         """``checkpoints/step-N``: everything needed to resume exactly (see :mod:`.checkpoint`)."""
-        path = checkpoint.save_checkpoint(self, self.log_state)
+        path = checkpoint.save_checkpoint(self.output_dir, self.state, self.model, self.optimizer, self.cfg,
+                                          self.adapter_config())
         self.log(f"checkpoint: {path}")
+        self.callbacks.on_save(self.state, path)
         return path
 
-    def _adapter_config(self) -> dict:
+    def adapter_config(self) -> dict:
+        """mlx-lm's ``adapter_config.json`` for this run."""
         base = self.cfg.model if self.cfg.model.startswith("toy:") else str(self.model_path)
         return adapter_config(self.cfg, self.num_layers, base)
 
     def save(self, directory: Optional[Path] = None) -> Path:
         """Adapters in mlx-lm's format + resolved config."""
-        from .io import atomic_write_text
-
         directory = Path(directory or self.output_dir)
         directory.mkdir(parents=True, exist_ok=True)
         weights = dict(tree_flatten(self.model.trainable_parameters()))
@@ -478,7 +408,7 @@ class DPOTrainer:
         try:
             mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
             tmp.replace(directory / "adapters.safetensors")
-            atomic_write_text(directory / "adapter_config.json", json.dumps(self._adapter_config(), indent=2))
+            atomic_write_text(directory / "adapter_config.json", json.dumps(self.adapter_config(), indent=2))
             checkpoint.run_config(self.cfg).save(directory / "config.yaml")
         except OSError as e:
             tmp.unlink(missing_ok=True)
@@ -491,66 +421,6 @@ def _is_out_of_memory(e: Exception) -> bool:
     text = str(e).lower()
     return any(w in text for w in ("out of memory", "insufficient memory", "unable to allocate", "malloc",
                                    "attempting to allocate"))
-
-
-def sync_reference(model: nn.Module, alpha: float) -> None:
-    """TR-DPO (Gorbatovski et al. 2024, arXiv:2404.09656) soft update of the reference
-    adapter: ``ref <- alpha * policy + (1 - alpha) * ref``."""
-    for layer in adapter_layers(model):
-        layer.ref_lora_a = alpha * layer.lora_a + (1 - alpha) * layer.ref_lora_a
-        layer.ref_lora_b = alpha * layer.lora_b + (1 - alpha) * layer.ref_lora_b
-        if "ref_m" in layer:
-            layer.ref_m = alpha * layer.m + (1 - alpha) * layer.ref_m
-        mx.eval(layer.ref_lora_a, layer.ref_lora_b)
-
-
-def _checkpoint_block(block: nn.Module) -> None:
-    """Recompute a transformer block's activations in the backward pass (mlx-lm's
-    ``grad_checkpoint``, per instance)."""
-    fn = type(block).__call__
-
-    def checkpointed(self, *args, **kwargs):
-        def inner(params, *a, **k):
-            self.update(params)
-            return fn(self, *a, **k)
-
-        return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
-
-    block.__class__ = type(type(block).__name__ + "Checkpointed", (type(block),),
-                           {"__call__": checkpointed, "plain_call": fn})
-
-
-class _NoBar:
-    def __init__(self, log: Callable = print):
-        self.write = log
-
-    def update(self, n):
-        pass
-
-    def set_postfix(self, **kw):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, enabled: bool, log: Callable = print):
-    if not enabled:
-        return _NoBar(log)
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="dpo", dynamic_ncols=True)
-
-
-def _format_record(record: dict) -> str:
-    keys = ["step", "loss", "rewards/accuracies", "rewards/margins", "eval_loss", "eval_rewards/accuracies",
-            "learning_rate", "tokens_per_second", "peak_memory_gb"]
-    parts = []
-    for k in keys:
-        if k in record:
-            v = record[k]
-            parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
-    return " ".join(parts)
 
 
 def train(config=None, **overrides) -> TrainResult:

@@ -168,7 +168,7 @@ def test_nonfinite_steps_can_be_skipped_and_are_counted(llama_dir, toy_data_dir,
     t = DPOTrainer(cfg_for(llama_dir, toy_data_dir, out, skip_nonfinite_steps=True), **QUIET)
     inject(t, 3, lambda o: (o[0] * float("nan"),) + tuple(o[1:]))
     result = t.train()
-    assert result.step == 6 and t.skipped_steps == 1 and t.optimizer.step.item() == 6  # the bad step is retried
+    assert result.step == 6 and t.state.skipped_steps == 1 and t.optimizer.step.item() == 6  # the bad step is retried
     assert [(r["step"], r["skipped_steps"]) for r in metrics(out)] == [(2, 0), (4, 1), (6, 1)]
     assert checkpoint.load_checkpoint(out / "checkpoints" / "step-6").state["skipped_steps"] == 1
 
@@ -225,42 +225,35 @@ import sys
 from pathlib import Path
 import mlx.core as mx, mlx.nn as nn, mlx.optimizers as optim
 from mlx_dpo import checkpoint, losses
-from mlx_dpo.batching import BatchSampler
 from mlx_dpo.config import DPOConfig
 from mlx_dpo.data import TokenizedPair
+from mlx_dpo.state import TrainState
 
-class Stub:
-    pass
-
-t = Stub()
-t.output_dir = Path(sys.argv[1])
-t.cfg = DPOConfig(output_dir=str(t.output_dir), save_total_limit=3, loss_type="bco_pair")
-t.model = nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 512))
-t.optimizer = optim.AdamW(learning_rate=1e-3)
-t.optimizer.init(t.model.trainable_parameters())
-t.loss_state = losses.init_loss_state(t.cfg)
+out = Path(sys.argv[1])
+cfg = DPOConfig(output_dir=str(out), save_total_limit=3, loss_type="bco_pair")
+model = nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 512))
+optimizer = optim.AdamW(learning_rate=1e-3)
+optimizer.init(model.trainable_parameters())
 pairs = [TokenizedPair([1, i], [2], [3]) for i in range(8)]
-t.sampler = BatchSampler(pairs, 4, 0)
-t.data_fingerprint = checkpoint.data_fingerprint(pairs)
-t.step, t.skipped_steps, t.log_state = 0, 0, {}
-t._adapter_config = lambda: {"step": t.step}
+state = TrainState(max_steps=10 ** 9, num_batches=2, data_fingerprint=checkpoint.data_fingerprint(pairs),
+                   loss_state=losses.init_loss_state(cfg))
 if sys.argv[2]:
-    checkpoint.restore(t, checkpoint.load_checkpoint(checkpoint.latest_checkpoint(t.output_dir)))
-checkpoint.clean_stale(t.output_dir)
-print("ready", t.step, flush=True)
+    state = checkpoint.restore(checkpoint.load_checkpoint(checkpoint.latest_checkpoint(out)), state, model, optimizer)
+checkpoint.clean_stale(out)
+print("ready", state.step, flush=True)
 while True:
-    t.step += 1
-    t.model.update(nn.utils.tree_map(lambda p: mx.full(p.shape, float(t.step)), t.model.parameters()))
-    t.loss_state = {k: mx.array(float(t.step)) for k in t.loss_state}
-    t.log_state = {"step": t.step}
-    checkpoint.save_checkpoint(t, t.log_state)
+    state.step += 1
+    model.update(nn.utils.tree_map(lambda p: mx.full(p.shape, float(state.step)), model.parameters()))
+    state.loss_state = {k: mx.array(float(state.step)) for k in state.loss_state}
+    state.window.tokens = state.step
+    checkpoint.save_checkpoint(out, state, model, optimizer, cfg, {"step": state.step})
 """
 
 
 def check_consistent(path):
     ckpt = checkpoint.load_checkpoint(path)
     step = checkpoint.step_of(path)
-    assert ckpt.step == step and ckpt.state["log"] == {"step": step}
+    assert ckpt.step == step and ckpt.state["log"]["tokens"] == step
     assert all((np.array(v) == step).all() for v in ckpt.adapters.values())
     assert all(v.item() == step for v in (ckpt.extra[k] for k in ckpt.extra if k.startswith("loss_state.")))
     assert json.loads((path / "adapter_config.json").read_text()) == {"step": step}

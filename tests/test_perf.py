@@ -9,7 +9,7 @@ from mlx_dpo.batching import BatchSampler, collate
 from mlx_dpo.config import DPOConfig
 from mlx_dpo.data import TokenizedPair
 from mlx_dpo.model import load_model
-from mlx_dpo.plan import Throughput, compute_parameters, flops_per_token, static_memory_estimate
+from mlx_dpo.perf import Throughput, compute_parameters, flops_per_token, static_memory_estimate
 from mlx_dpo.trainer import DPOTrainer
 
 

@@ -13,7 +13,8 @@ from mlx_dpo.data import TokenizedPair
 from mlx_dpo.logprobs import completion_logps
 from mlx_dpo.model import adapter_mode, add_adapters, load_model
 from mlx_dpo.prefix import use_prefix_sharing
-from mlx_dpo.trainer import DPOTrainer, _checkpoint_block
+from mlx_dpo.model import checkpoint_block
+from mlx_dpo.trainer import DPOTrainer
 
 
 def pairs_of(rng, n, vocab, eos=2):
@@ -78,7 +79,7 @@ def test_shared_prefix_with_gradient_checkpointing(llama_dir):
     pairs = pairs_of(np.random.default_rng(7), 3, model.args.vocab_size)
     a, ga = logps_and_grads(model, device(collate(pairs, [0, 1, 2])))
     for block in model.layers:
-        _checkpoint_block(block)
+        checkpoint_block(block)
     b, gb = logps_and_grads(model, device(collate(pairs, [0, 1, 2], prefix=True)))
     np.testing.assert_allclose(np.array(b["token_logps"]), np.array(a["token_logps"]), atol=2e-5)
     for k in ga:

@@ -102,7 +102,7 @@ def test_precomputed_reference_is_cached_and_matches(llama_dir, toy_data_dir, tm
     second = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path / "2", precompute_ref_log_probs=True,
                                 precompute_ref_batch_size=16, eval_steps=2), **QUIET)
     second.train()
-    assert calls == [] and getattr(second, "reference_forwards", 0) == 0
+    assert calls == [] and second.reference_forwards == 0
     assert second.trace_count >= 1
 
 
@@ -191,7 +191,7 @@ def test_reference_cache_follows_the_weights_in_memory(llama_dir, toy_data_dir, 
     same, tok, _ = load_model(loaded.cfg)
     same = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path / "b", **kw), model=same, tokenizer=tok, **QUIET)
     same.precompute_reference()
-    assert getattr(same, "reference_forwards", 0) == 0  # identical weights: the cache is reused
+    assert same.reference_forwards == 0  # identical weights: the cache is reused
     changed, tok, _ = load_model(loaded.cfg)
     changed.model.norm.weight = changed.model.norm.weight * 2
     changed = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path / "c", **kw), model=changed, tokenizer=tok, **QUIET)
@@ -200,9 +200,14 @@ def test_reference_cache_follows_the_weights_in_memory(llama_dir, toy_data_dir, 
     assert not np.allclose(changed.ref_cache["train"]["sum"], loaded.ref_cache["train"]["sum"], atol=1e-3)
 
 
+def key(trainer):
+    from mlx_dpo.reference import cache_key
+
+    return cache_key(trainer.model, trainer.train_pairs, trainer.cfg, trainer.model_path, trainer.reductions)
+
+
 def test_reference_cache_key_uses_the_resolved_compute_dtype(llama_dir, toy_data_dir, tmp_path):
     from mlx_dpo.model import compute_dtype
-    from mlx_dpo.reference import cache_key
 
     auto = cfg_for(llama_dir, toy_data_dir, tmp_path / "auto", precompute_ref_log_probs=True)
     resolved = compute_dtype(auto)
@@ -211,20 +216,20 @@ def test_reference_cache_key_uses_the_resolved_compute_dtype(llama_dir, toy_data
     explicit = cfg_for(llama_dir, toy_data_dir, tmp_path / "explicit", precompute_ref_log_probs=True,
                        compute_dtype=str(resolved).rsplit(".", 1)[-1])
     a, b = DPOTrainer(auto, **QUIET), DPOTrainer(explicit, **QUIET)
-    assert cache_key(a, a.train_pairs) == cache_key(b, b.train_pairs)
+    assert key(a) == key(b)
     other = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path / "bf16", precompute_ref_log_probs=True,
                                compute_dtype="bfloat16"), **QUIET)
-    assert cache_key(other, other.train_pairs) != cache_key(a, a.train_pairs)
+    assert key(other) != key(a)
 
 
 def test_corrupt_reference_cache_is_recomputed(llama_dir, toy_data_dir, tmp_path):
-    from mlx_dpo.reference import cache_file, cache_key
+    from mlx_dpo.reference import cache_file
 
     messages = []
     cfg = cfg_for(llama_dir, toy_data_dir, tmp_path / "a", precompute_ref_log_probs=True)
     first = DPOTrainer(cfg, **QUIET)
     first.precompute_reference()
-    path = cache_file(first, cache_key(first, first.train_pairs))
+    path = cache_file(first.cfg, key(first))
     path.write_bytes(b"PK\x03\x04 truncated")
     second = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path / "b", precompute_ref_log_probs=True),
                         log=messages.append)

@@ -1,0 +1,78 @@
+"""The run directory: checked before anything is loaded, prepared before the first step.
+
+``check_output_dir`` refuses a run that would overwrite or restart another by surprise;
+``check_resume`` finds the checkpoint to resume and compares its config with ours;
+``prepare_output_dir`` creates the directory, removes a killed run's temporaries and,
+on resume, the records and checkpoints newer than the resumed step.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from . import checkpoint
+from .config import ConfigError, DPOConfig
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def check_output_dir(cfg: DPOConfig) -> Path:
+    """The resolved ``output_dir``, after checking it may be written as ``cfg`` asks."""
+    out = Path(cfg.output_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {out} exists and is not a directory")
+    for key in ("model", "data", "ref_adapter_path"):
+        value = getattr(cfg, key)
+        if value and Path(value).expanduser().exists() and Path(value).expanduser().resolve() == out:
+            raise ConfigError(f"output_dir: {out} is the {key} directory; choose another output_dir")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"output_dir: {existing} is not writable")
+    if cfg.overwrite_output_dir or cfg.resume_from_checkpoint:
+        return out
+    if (out / "adapters.safetensors").exists():
+        raise ConfigError(f"output_dir: {out} already holds a finished run; pass --overwrite "
+                          "(overwrite_output_dir: true) or choose another output_dir")
+    last = checkpoint.latest_checkpoint(out)
+    if last is not None:
+        raise ConfigError(f"output_dir: {out} holds checkpoints of an unfinished run (latest: {last.name}); "
+                          "pass --resume to continue it, --overwrite to start over, or choose another output_dir")
+    return out
+
+
+def check_resume(cfg: DPOConfig, output_dir: Path, log: Callable = print) -> Optional[Path]:
+    """The checkpoint to resume from, after checking its config against ``cfg`` (before
+    anything is loaded or written); ``None`` when not resuming."""
+    if not cfg.resume_from_checkpoint:
+        return None
+    path = checkpoint.resolve_resume(cfg.resume_from_checkpoint, output_dir)
+    errors, notes = checkpoint.config_differences(checkpoint.read_config(path), cfg)
+    if errors:
+        raise ConfigError(f"cannot resume from {path}: the config changes what the run depends on: "
+                          + "; ".join(errors) + f". Use the checkpoint's values (see {path / 'config.yaml'}) "
+                          "or start a new run (another output_dir, or --overwrite)")
+    for note in notes:
+        log(f"resume: changed {note}")
+    return path
+
+
+def prepare_output_dir(out: Path, step: int, resuming: bool, overwrite: bool, log: Callable = print) -> List[dict]:
+    """Create ``out``, remove a killed run's temporaries; with ``overwrite`` clear the old run
+    (only now, after config, model and data loaded fine); on resume keep the metric records
+    up to ``step`` (returned) and drop newer checkpoints."""
+    out.mkdir(parents=True, exist_ok=True)
+    for p in checkpoint.clean_stale(out):
+        log(f"removed stale temporary {p}")
+    metrics_file = out / METRICS_FILE
+    if not resuming:
+        if overwrite:
+            checkpoint.clear_run(out)
+        metrics_file.write_text("")
+        return []
+    for newer in checkpoint.list_checkpoints(out):
+        if checkpoint.step_of(newer) > step:
+            log(f"removing {newer} (newer than the resumed step {step})")
+            checkpoint.remove_checkpoint(newer)
+    return checkpoint.truncate_metrics(metrics_file, step)
