@@ -79,7 +79,7 @@ from typing import Any, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .config import DPOConfig, config_keys
+from ..config import DPOConfig, config_keys
 
 CACHE_VERSION = 3  # 2: pairs with a 0-token prompt are dropped; 3: key from config roles
 FIELDS = ("prompt", "chosen", "rejected")
@@ -213,7 +213,7 @@ def _looks_like_hub_id(spec: str) -> bool:
 def resolve_source(spec: str, subset: Optional[str] = None, revision: Optional[str] = None) -> Path:
     """A local file or directory for ``data``: ``toy``, a path, or a Hub dataset snapshot."""
     if spec == "toy":
-        from .toy import resolve_toy_data
+        from ..toy import resolve_toy_data
 
         return resolve_toy_data()
     path = Path(spec).expanduser()
@@ -718,7 +718,7 @@ def cache_key(plan: dict, cfg: DPOConfig, tokenizer) -> str:
 
 
 def cache_path(cfg: DPOConfig, key: str) -> Path:
-    from .toy import cache_subdir
+    from ..toy import cache_subdir
 
     return cache_subdir(cfg.cache_dir, "tokenized") / f"{key}.npz"
 
@@ -739,7 +739,7 @@ def _unpack(ids: np.ndarray, lengths: np.ndarray) -> List[TokenizedPair]:
 
 
 def save_cache(path: Path, train, evals, stats: dict) -> None:
-    from .io import atomic_write_bytes
+    from ..io import atomic_write_bytes
 
     train_ids, train_len = _pack(train)
     eval_ids, eval_len = _pack(evals)
