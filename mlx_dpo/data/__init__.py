@@ -67,24 +67,25 @@ record index (``.json``/``.parquet``, 0-based) and the field, before training st
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
 import random
-import re
-from dataclasses import dataclass
+import sys
+import types
 from pathlib import Path
 from typing import Any, List, Optional, Tuple, Union
 
 import numpy as np
 
 from ..config import DPOConfig, config_keys
+from . import sources
+from .base import DataError, Row, TokenizedPair
+from .readers import DATA_SUFFIXES, READERS, read_file
+from .sources import parse_split, plan_sources, resolve_source, slice_rows, snapshot_download
 
 CACHE_VERSION = 3  # 2: pairs with a 0-token prompt are dropped; 3: key from config roles
 FIELDS = ("prompt", "chosen", "rejected")
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
-EVAL_SPLITS = ("valid", "validation", "test")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer.model",
@@ -99,262 +100,18 @@ TOKENIZER_FILES = (
 )
 
 
-class DataError(ValueError):
-    """Bad input data: the message names the file, the record and the field."""
 
 
-@dataclass
-class TokenizedPair:
-    prompt: List[int]
-    chosen: List[int]
-    rejected: List[int]
+class _Package(types.ModuleType):
+    """Setting ``mlx_dpo.data.snapshot_download`` (as tests do) sets the one :mod:`.sources` calls."""
 
-    @property
-    def length(self) -> int:
-        return len(self.prompt) + max(len(self.chosen), len(self.rejected))
+    def __setattr__(self, name, value):
+        if name == "snapshot_download":
+            setattr(sources, name, value)
+        super().__setattr__(name, value)
 
 
-@dataclass
-class Row:
-    """One raw record and where it came from (``file:line`` or ``file record index i``)."""
-
-    where: str
-    record: dict
-    format: str = "auto"
-
-
-# ---------------------------------------------------------------------------
-# Splits and sources
-# ---------------------------------------------------------------------------
-
-_SPLIT_RE = re.compile(r"^\s*([\w.-]+)\s*(?:\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\])?\s*$")
-
-
-def parse_split(spec: str) -> Tuple[str, Optional[str], Optional[str]]:
-    """``"train[:10%]"`` -> ``("train", None, "10%")``."""
-    m = _SPLIT_RE.match(spec or "")
-    if not m:
-        raise DataError(f"split {spec!r}: expected a name with an optional slice, e.g. train, train[:10%], train[10:20]")
-    return m.group(1), m.group(2), m.group(3)
-
-
-def slice_rows(rows: list, spec: str) -> list:
-    """Apply the slice of a split spec (percentages round to the nearest record)."""
-    _, start, stop = parse_split(spec)
-
-    def bound(b):
-        if b is None:
-            return None
-        if b.endswith("%"):
-            return int(round(float(b[:-1]) * len(rows) / 100))
-        return int(b)
-
-    return rows[bound(start):bound(stop)]
-
-
-def _is_data_file(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(DATA_SUFFIXES)
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in sorted(DATA_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def _matches_split(path: Path, base: Path, split: str) -> bool:
-    """``train.jsonl``, ``train-00000-of-00002.parquet``, ``train_0.json``, ``train/x.parquet``."""
-    stem = _stem(path)
-    if re.match(rf"^{re.escape(split)}(?:$|[-.]|_\d)", stem):  # not train_prefs for train
-        return True
-    return path.parent != base and path.parent.name == split
-
-
-def find_split_files(root: Path, split: str, subset: Optional[str] = None) -> List[Path]:
-    """Data files of ``split`` in a directory laid out like mlx-lm or a Hub dataset."""
-    if subset:
-        bases = [root / subset, root / "data" / subset]
-        if not any(b.is_dir() for b in bases):
-            subsets = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-            raise DataError(f"{root}: no subset '{subset}' (folders: {', '.join(subsets) or 'none'})")
-    else:
-        bases = [root / "data", root]
-    for base in bases:
-        if not base.is_dir():
-            continue
-        files = [p for p in sorted(base.iterdir()) if _is_data_file(p) and _matches_split(p, base, split)]
-        if (base / split).is_dir():
-            files += [p for p in sorted((base / split).iterdir()) if _is_data_file(p)]
-        if files:
-            return files
-    if not subset:  # e.g. Anthropic/hh-rlhf: <subset>/train.jsonl.gz in several folders, read together
-        files = [
-            p for p in sorted(root.rglob("*"))
-            if _is_data_file(p) and not any(part.startswith(".") for part in p.relative_to(root).parts)
-            and _matches_split(p, p.parent, split)
-        ]
-        return files
-    return []
-
-
-def snapshot_download(**kwargs) -> str:
-    """``huggingface_hub.snapshot_download`` (a module attribute so tests can replace it)."""
-    from huggingface_hub import snapshot_download as download
-
-    return download(**kwargs)
-
-
-def _looks_like_hub_id(spec: str) -> bool:
-    return bool(re.match(r"^[\w][\w.-]*/[\w][\w.-]*$", spec)) and not spec.lower().endswith(DATA_SUFFIXES)
-
-
-def resolve_source(spec: str, subset: Optional[str] = None, revision: Optional[str] = None) -> Path:
-    """A local file or directory for ``data``: ``toy``, a path, or a Hub dataset snapshot."""
-    if spec == "toy":
-        from ..toy import resolve_toy_data
-
-        return resolve_toy_data()
-    path = Path(spec).expanduser()
-    if path.exists():
-        return path
-    if _looks_like_hub_id(spec):
-        patterns = [f"{subset}/*", f"data/{subset}/*"] if subset else [f"*{s}" for s in DATA_SUFFIXES]
-        try:
-            return Path(snapshot_download(repo_id=spec, repo_type="dataset", revision=revision,
-                                          allow_patterns=patterns))
-        except Exception as e:  # network, auth, offline mode without a cached copy, unknown repo
-            raise DataError(
-                f"data: '{spec}' is not a local path, and fetching it as a Hugging Face Hub dataset failed: {e}"
-            ) from None
-    raise DataError(f"data: {spec} does not exist (expected a file, a directory or a Hub dataset id org/name)")
-
-
-def split_files(source: Path, split_spec: str, subset: Optional[str], required: bool = True) -> List[Path]:
-    """The files of one split of a source; a single file is its own (only) split."""
-    if source.is_file():
-        return [source]
-    name, _, _ = parse_split(split_spec)
-    files = find_split_files(source, name, subset)
-    if not files and required:
-        found = [str(p.relative_to(source)) for p in sorted(source.rglob("*")) if _is_data_file(p)]
-        raise DataError(
-            f"{source}: no '{name}' split files (data files found: {', '.join(found[:10]) or 'none'})"
-        )
-    return files
-
-
-def _first_split(source: Path, splits, subset: Optional[str]) -> Optional[tuple]:
-    for split in splits:
-        files = split_files(source, split, subset, required=False)
-        if files:
-            return files, split
-    return None
-
-
-def plan_sources(cfg: DPOConfig) -> dict:
-    """Which files (and split specs) make the train and eval sets: resolved, not read."""
-    source = resolve_source(cfg.data, cfg.dataset_subset, cfg.dataset_revision)
-    plan = {"train": (split_files(source, cfg.dataset_split, cfg.dataset_subset), cfg.dataset_split), "eval": None}
-    split = cfg.eval_dataset_split
-    if cfg.eval_data:
-        eval_source = resolve_source(cfg.eval_data, cfg.dataset_subset, cfg.dataset_revision)
-        if eval_source.is_file():
-            plan["eval"] = ([eval_source], split or "eval")
-        elif split:
-            plan["eval"] = (split_files(eval_source, split, cfg.dataset_subset), split)
-        else:
-            plan["eval"] = _first_split(eval_source, EVAL_SPLITS, cfg.dataset_subset)
-            if plan["eval"] is None:
-                raise DataError(f"eval_data: no {'/'.join(EVAL_SPLITS)} split files in {eval_source}")
-    elif split:
-        if source.is_file():
-            raise DataError(f"eval_dataset_split {split!r} needs a directory or Hub dataset, but data is a file: {source}")
-        plan["eval"] = (split_files(source, split, cfg.dataset_subset), split)
-    elif source.is_dir():
-        plan["eval"] = _first_split(source, EVAL_SPLITS, cfg.dataset_subset)
-    return plan
-
-
-# ---------------------------------------------------------------------------
-# Reading files
-# ---------------------------------------------------------------------------
-
-
-def _read_text(path: Path) -> str:
-    data = path.read_bytes()
-    if path.name.lower().endswith(".gz"):
-        try:
-            data = gzip.decompress(data)
-        except OSError as e:
-            raise DataError(f"{path}: not a valid gzip file ({e})") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
-
-
-def _jsonl_rows(path: Path, text: str) -> List[Row]:
-    rows = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i}: malformed JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{i}: expected a JSON object, got {type(record).__name__}")
-        rows.append(Row(f"{path}:{i}", record))
-    return rows
-
-
-def _json_rows(path: Path, text: str) -> List[Row]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        if e.msg == "Extra data":  # JSON Lines saved as .json, common on the Hub
-            return _jsonl_rows(path, text)
-        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(data, list):
-        found = f"an object with keys {', '.join(map(str, data))}" if isinstance(data, dict) else type(data).__name__
-        raise DataError(f"{path}: expected a list of records (or JSON Lines), got {found}")
-    rows = []
-    for i, record in enumerate(data):
-        if not isinstance(record, dict):
-            raise DataError(f"{path} record index {i}: expected a JSON object, got {type(record).__name__}")
-        rows.append(Row(f"{path} record index {i}", record))
-    return rows
-
-
-def _parquet_rows(path: Path) -> List[Row]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow, or mlx-dpo[parquet])") from None
-    try:
-        records = pq.read_table(path).to_pylist()
-    except Exception as e:
-        raise DataError(f"{path}: cannot read Parquet file ({e})") from None
-    return [Row(f"{path} record index {i}", r) for i, r in enumerate(records)]
-
-
-def read_file(path: Path) -> List[Row]:
-    """All records of one data file; an empty file is an error."""
-    name = path.name.lower()
-    if name.endswith(".parquet"):
-        rows = _parquet_rows(path)
-    elif name.endswith((".jsonl", ".jsonl.gz")):
-        rows = _jsonl_rows(path, _read_text(path))
-    elif name.endswith((".json", ".json.gz")):
-        rows = _json_rows(path, _read_text(path))
-    else:
-        raise DataError(f"{path}: unsupported file type (expected one of {', '.join(DATA_SUFFIXES)})")
-    if not rows:
-        raise DataError(f"{path}: empty file (no records)")
-    return rows
+sys.modules[__name__].__class__ = _Package
 
 
 # ---------------------------------------------------------------------------
