@@ -33,16 +33,19 @@ from ..config import DPOConfig
 from . import sources
 from .base import DataError, Row, TokenizedPair
 from .cache import cache_key, cache_path, load_cache, save_cache, tokenizer_fingerprint
-from .formats import FIELDS, FORMATS, column_map, detect_format, extract_prompt, format_names, get_format
+from .formats import (FIELDS, FORMATS, check_format_options, column_map, detect_format, extract_prompt, format_names,
+                      get_format)
 from .readers import DATA_SUFFIXES, READERS, read_file
-from .sources import parse_split, plan_sources, resolve_source, slice_rows, snapshot_download
+from .sources import (find_split_files, parse_split, plan_sources, resolve_source, slice_rows, snapshot_download,
+                      split_files)
 from .tokenize import tokenize_pairs
 
 __all__ = [
     "DataError", "Row", "TokenizedPair", "FIELDS", "FORMATS", "DATA_SUFFIXES", "READERS",
-    "cache_key", "cache_path", "column_map", "detect_format", "extract_prompt", "format_names", "get_format",
-    "load_cache", "load_datasets", "load_records", "parse_split", "plan_sources", "read_file", "read_rows",
-    "resolve_source", "save_cache", "slice_rows", "snapshot_download", "tokenize_pairs", "tokenizer_fingerprint",
+    "cache_key", "cache_path", "check_format_options", "column_map", "detect_format", "extract_prompt",
+    "find_split_files", "format_names", "get_format", "load_cache", "load_datasets", "load_records", "parse_split",
+    "plan_sources", "read_file", "read_rows", "resolve_source", "save_cache", "slice_rows", "snapshot_download",
+    "split_files", "tokenize_pairs", "tokenizer_fingerprint",
 ]
 
 
