@@ -48,6 +48,7 @@ DEFAULT_LORA_TARGETS = (
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
+DATA_FORMATS = ("auto", "standard", "conversational", "implicit")  # auto + mlx_dpo.data.formats.FORMATS (tested)
 
 
 class ConfigError(ValueError):
@@ -236,7 +237,7 @@ class DPOConfig:
         _check_choice("train_type", self.train_type, ("adapter", "full"))
         _check_choice("adapter", self.adapter, ("lora", "dora"))
         _check_choice("reference", self.reference, ("base", "adapter"))
-        _check_choice("data_format", self.data_format, ("auto", "standard", "conversational", "implicit"))
+        _check_choice("data_format", self.data_format, DATA_FORMATS)
         _check_choice("truncation_mode", self.truncation_mode, ("keep_end", "keep_start"))
         _check_choice("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS)
         _check_choice("compute_dtype", self.compute_dtype, ("auto", "float32", "bfloat16", "float16"))

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from mlx_dpo import data as data_mod
-from mlx_dpo.config import DPOConfig
-from mlx_dpo.data import DataError, extract_prompt, load_datasets, parse_split, tokenize_pairs
+from mlx_dpo.config import DATA_FORMATS, DPOConfig
+from mlx_dpo.data import DataError, formats, extract_prompt, load_datasets, parse_split, tokenize_pairs
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
 STACKEXCHANGE = dict(
@@ -193,6 +193,40 @@ def test_forced_format(bpe_tok, tmp_path):
     assert bpe_tok.decode(pair.prompt) == "<s>Q: a A:"
     with pytest.raises(DataError, match=r"d.jsonl:1: field 'prompt' must be a list of messages, got str"):
         load(bpe_tok, tmp_path, data=str(path), data_format="conversational")
+
+
+class Ranked(formats.Format):
+    """A made-up format: a prompt and scored responses; the best and the worst make the pair."""
+
+    name = "ranked"
+
+    @classmethod
+    def detect(cls, record):
+        return {"prompt", "responses", "scores"} <= set(record)
+
+    @classmethod
+    def normalize(cls, row, mapping, cfg):
+        ranked = [r for _, r in sorted(zip(row.record["scores"], row.record["responses"]))]
+        if ranked[0] == ranked[-1]:
+            return "identical"
+        return formats.Standard.example(row.record["prompt"], ranked[-1], ranked[0], cfg)
+
+
+def test_a_new_format_is_one_class_in_the_registry(bpe_tok, tmp_path, monkeypatch):
+    monkeypatch.setattr(formats, "FORMATS", [*formats.FORMATS, Ranked])
+    ranked = {"prompt": PAIR["prompt"], "responses": [" sun moon.", " cat dog.", " cat."], "scores": [0.1, 0.9, 0.5]}
+    tie = dict(ranked, responses=[" cat."] * 3)
+    pairs, stats = tokenize_pairs([ranked, tie], bpe_tok, DPOConfig())
+    assert pairs == tokenize_pairs([PAIR], bpe_tok, DPOConfig())[0]
+    assert (stats["kept"], stats["dropped_identical"]) == (1, 1)
+    path = write_jsonl(tmp_path / "ranked.jsonl", [ranked] * 3)  # detected per file, as the built-in formats
+    train, _, _ = load(bpe_tok, tmp_path, data=str(path), prompt_template="Q: {prompt}")
+    assert len(train) == 3 and bpe_tok.decode(train[0].prompt) == "<s>Q: " + PAIR["prompt"]
+
+
+def test_data_format_choices_are_the_registry():
+    """config.py cannot import the data package, so it lists the names; they must match."""
+    assert DATA_FORMATS == ("auto", *formats.format_names())
 
 
 # ---------------------------------------------------------------------------

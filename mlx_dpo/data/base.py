@@ -1,0 +1,33 @@
+"""Types shared by the data modules: the error, a raw record and a tokenized pair."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file, the record and the field."""
+
+
+@dataclass
+class TokenizedPair:
+    prompt: List[int]
+    chosen: List[int]
+    rejected: List[int]
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + max(len(self.chosen), len(self.rejected))
+
+
+@dataclass
+class Row:
+    """One raw record and where it came from (``file:line`` or ``file record index i``).
+
+    ``format`` is the name of its format (see :mod:`.formats`), ``auto`` until detected.
+    """
+
+    where: str
+    record: dict
+    format: str = "auto"

@@ -1,0 +1,309 @@
+"""Preference formats: one class per format, detection, validation and rendering to text.
+
+:data:`FORMATS` lists them in detection order (``data_format: auto`` looks at the
+first record of each file, after ``columns``):
+
+- ``standard``: ``prompt``, ``chosen``, ``rejected`` strings;
+- ``conversational``: ``prompt`` a list of ``{role, content}`` messages, ``chosen`` /
+  ``rejected`` lists of assistant messages (TRL's conversational preference format),
+  rendered with the tokenizer's chat template: the prompt with
+  ``add_generation_prompt=True`` (``continue_final_message`` when it ends with an
+  assistant message), a completion as ``render(prompt + completion)`` minus the
+  rendered prompt. ``system_prompt`` is prepended as a system message when the
+  prompt has none; ``tools`` is passed to ``apply_chat_template``;
+- ``implicit``: only ``chosen`` / ``rejected`` (strings or message lists) that share
+  a prefix, as Anthropic/hh-rlhf. The prompt is the longest common prefix, with
+  TRL's ``extract_prompt`` rule: for strings, when the character before the first
+  difference is a space, that space goes to the completions; for message lists, the
+  common leading messages. Pairs with no common prompt (message lists) or where one
+  side is a prefix of the other are skipped and counted. With ``data_format:
+  implicit`` a ``prompt`` field, if present, is ignored.
+
+``columns`` renames fields (``{prompt: question, chosen: response_j, rejected:
+response_k}``) and ``prompt_template`` (``"Question: {prompt}\\n\\nAnswer: "``)
+wraps string prompts.
+
+A format is a :class:`Format` subclass with a ``name``, ``detect(record)``,
+``normalize(row, mapping, cfg)`` and ``render(example, tokenizer, cfg, where)``;
+adding one is a class here and its entry in :data:`FORMATS`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Tuple, Union
+
+from ..config import DPOConfig
+from .base import DataError, Row
+
+FIELDS = ("prompt", "chosen", "rejected")
+
+
+# ---------------------------------------------------------------------------
+# Column mapping and field validation
+# ---------------------------------------------------------------------------
+
+
+def column_map(cfg: DPOConfig) -> dict:
+    """``{field: column}`` for every field of :data:`FIELDS`, from ``columns``."""
+    columns = dict(cfg.columns or {})
+    unknown = set(columns) - set(FIELDS)
+    if unknown:
+        raise DataError(f"columns: unknown key(s) {', '.join(sorted(unknown))}; expected a mapping of {', '.join(FIELDS)}")
+    return {name: str(columns.get(name, name)) for name in FIELDS}
+
+
+def map_columns(row: Row, mapping: dict) -> dict:
+    """The fields of :data:`FIELDS` that ``row`` has, under their own names."""
+    out = {}
+    for name, column in mapping.items():
+        if column in row.record:
+            out[name] = row.record[column]
+        elif column != name:
+            found = ", ".join(sorted(map(str, row.record)))
+            raise DataError(f"{row.where}: columns maps '{name}' to '{column}', which does not exist (columns: {found})")
+    return out
+
+
+def require_fields(row: Row, mapping: dict, names: tuple) -> dict:
+    """:func:`map_columns`, with an error naming the first of ``names`` that is missing."""
+    rec = map_columns(row, mapping)
+    for name in names:
+        if name not in rec:
+            found = ", ".join(sorted(map(str, row.record)))
+            mapped = f" (mapped from column '{mapping[name]}')" if mapping[name] != name else ""
+            raise DataError(f"{row.where}: missing field '{mapping[name]}'{mapped} (have: {found})")
+    return rec
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check_string(value: Any, name: str, where: str, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{name}' must be a string, got {_type_name(value)}")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{where}: field '{name}' is empty")
+    return value
+
+
+def _check_messages(value: Any, name: str, where: str) -> list:
+    if not isinstance(value, list):
+        raise DataError(f"{where}: field '{name}' must be a list of messages, got {_type_name(value)}")
+    if not value:
+        raise DataError(f"{where}: field '{name}' is empty")
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise DataError(f"{where}: field '{name}' message {i} must be an object, got {_type_name(message)}")
+        for key in ("role", "content"):
+            if key not in message:
+                raise DataError(f"{where}: field '{name}' message {i} has no '{key}'")
+        if not isinstance(message["role"], str):
+            raise DataError(f"{where}: field '{name}' message {i}: 'role' must be a string, got {_type_name(message['role'])}")
+        if not isinstance(message["content"], str):
+            raise DataError(
+                f"{where}: field '{name}' message {i}: 'content' must be a string, got {_type_name(message['content'])}"
+            )
+    return value
+
+
+def check_value(value: Any, name: str, where: str, as_messages: bool) -> Any:
+    """A message list, or a string (non-empty unless it is the prompt); ``name`` is the column."""
+    if as_messages:
+        return _check_messages(value, name, where)
+    return _check_string(value, name, where, allow_empty=(name == "prompt"))
+
+
+def extract_prompt(chosen, rejected) -> Tuple[Any, Any, Any]:
+    """TRL's implicit prompt: the longest common prefix of chosen and rejected.
+
+    For strings a space just before the first difference stays with the completions.
+    Returns ``(prompt, chosen, rejected)``.
+    """
+    n = min(len(chosen), len(rejected))
+    idx = n
+    for i in range(n):
+        if chosen[i] != rejected[i]:
+            idx = i
+            if isinstance(chosen, str) and i > 0 and chosen[i - 1] == " ":
+                idx -= 1
+            break
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+# ---------------------------------------------------------------------------
+# Formats
+# ---------------------------------------------------------------------------
+
+
+class Format:
+    """A preference format. ``normalize`` returns an example ``{prompt, chosen, rejected,
+    chat}`` (``chat``: the texts come from a chat template, so they are encoded without
+    the tokenizer's special tokens), or why the pair is skipped (``"identical"``,
+    ``"no_prompt"``); ``render`` turns an example into ``(prompt, chosen, rejected)`` text."""
+
+    name = ""
+    chat = False  # fields are message lists rendered with the chat template
+
+    @classmethod
+    def detect(cls, record: dict) -> bool:
+        """Whether ``record`` (``columns`` applied, other fields kept) is in this format."""
+        raise NotImplementedError
+
+    @classmethod
+    def normalize(cls, row: Row, mapping: dict, cfg: DPOConfig) -> Union[dict, str]:
+        rec = require_fields(row, mapping, FIELDS)
+        prompt, chosen, rejected = [check_value(rec[name], mapping[name], row.where, cls.chat) for name in FIELDS]
+        if chosen == rejected:
+            return "identical"
+        return cls.example(prompt, chosen, rejected, cfg)
+
+    @classmethod
+    def example(cls, prompt, chosen, rejected, cfg: DPOConfig) -> dict:
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "chat": cls.chat}
+
+    @classmethod
+    def render(cls, example: dict, tokenizer, cfg: DPOConfig, where: str) -> Tuple[str, str, str]:
+        return example["prompt"], example["chosen"], example["rejected"]
+
+
+class Standard(Format):
+    """``prompt``, ``chosen``, ``rejected`` strings; ``prompt_template`` wraps the prompt."""
+
+    name = "standard"
+
+    @classmethod
+    def detect(cls, record: dict) -> bool:
+        return set(FIELDS) <= set(record) and not isinstance(record["prompt"], list)
+
+    @classmethod
+    def example(cls, prompt, chosen, rejected, cfg: DPOConfig) -> dict:
+        if cfg.prompt_template:
+            if "{prompt}" not in cfg.prompt_template:
+                raise DataError(f"prompt_template must contain {{prompt}}, got {cfg.prompt_template!r}")
+            prompt = cfg.prompt_template.replace("{prompt}", prompt)
+        return super().example(prompt, chosen, rejected, cfg)
+
+
+class Conversational(Format):
+    """Message lists (TRL's conversational format), rendered with the tokenizer's chat template."""
+
+    name = "conversational"
+    chat = True
+
+    @classmethod
+    def detect(cls, record: dict) -> bool:
+        return set(FIELDS) <= set(record) and isinstance(record["prompt"], list)
+
+    @classmethod
+    def example(cls, prompt, chosen, rejected, cfg: DPOConfig) -> dict:
+        if cfg.system_prompt and prompt[0]["role"] != "system":
+            prompt = [{"role": "system", "content": cfg.system_prompt}] + list(prompt)
+        return super().example(prompt, chosen, rejected, cfg)
+
+    @classmethod
+    def render(cls, example: dict, tokenizer, cfg: DPOConfig, where: str) -> Tuple[str, str, str]:
+        """The prompt with the generation prompt; a completion as ``render(prompt + completion)`` minus it."""
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"{where}: conversational data needs a tokenizer with a chat_template; this one has none")
+        prompt = example["prompt"]
+        cont = prompt[-1]["role"] == "assistant"
+        kwargs = {"tools": cfg.tools} if cfg.tools else {}
+        try:
+            prompt_text = tokenizer.apply_chat_template(
+                prompt, tokenize=False, add_generation_prompt=not cont, continue_final_message=cont, **kwargs
+            )
+            texts = []
+            for name in ("chosen", "rejected"):
+                full = tokenizer.apply_chat_template(prompt + example[name], tokenize=False, **kwargs)
+                if not full.startswith(prompt_text):
+                    raise DataError(
+                        f"{where}: the chat template applied to prompt + {name} does not start with the template "
+                        f"applied to the prompt alone; this template cannot be split into prompt and completion"
+                    )
+                texts.append(full[len(prompt_text):])
+        except DataError:
+            raise
+        except Exception as e:  # jinja errors, e.g. a template that rejects a role order
+            raise DataError(f"{where}: chat template failed: {e}") from None
+        return prompt_text, texts[0], texts[1]
+
+
+class Implicit(Format):
+    """``chosen`` / ``rejected`` only (strings or message lists); the prompt is their common prefix."""
+
+    name = "implicit"
+
+    @classmethod
+    def detect(cls, record: dict) -> bool:
+        return {"chosen", "rejected"} <= set(record) and "prompt" not in record
+
+    @staticmethod
+    def _kind(chat: bool) -> type:
+        return Conversational if chat else Standard
+
+    @classmethod
+    def normalize(cls, row: Row, mapping: dict, cfg: DPOConfig) -> Union[dict, str]:
+        rec = require_fields(row, mapping, ("chosen", "rejected"))
+        chat = isinstance(rec["chosen"], list)
+        chosen = check_value(rec["chosen"], mapping["chosen"], row.where, chat)
+        rejected = check_value(rec["rejected"], mapping["rejected"], row.where, chat)
+        if chosen == rejected:
+            return "identical"
+        prompt, chosen, rejected = extract_prompt(chosen, rejected)
+        if not chosen or not rejected or (chat and not prompt):
+            return "no_prompt"
+        return cls._kind(chat).example(prompt, chosen, rejected, cfg)
+
+    @classmethod
+    def render(cls, example: dict, tokenizer, cfg: DPOConfig, where: str) -> Tuple[str, str, str]:
+        return cls._kind(example["chat"]).render(example, tokenizer, cfg, where)
+
+
+FORMATS: List[type] = [Standard, Conversational, Implicit]  # detection order
+
+
+# ---------------------------------------------------------------------------
+# Choosing a format
+# ---------------------------------------------------------------------------
+
+
+def format_names() -> tuple:
+    """The ``data_format`` values besides ``auto``."""
+    return tuple(fmt.name for fmt in FORMATS)
+
+
+def get_format(name: str) -> type:
+    """The format class called ``name``."""
+    for fmt in FORMATS:
+        if fmt.name == name:
+            return fmt
+    raise DataError(f"data_format: unknown format {name!r} (expected one of {', '.join(format_names())})")
+
+
+def detect_format(row: Row, mapping: dict, cfg: DPOConfig) -> str:
+    """``cfg.data_format``, or the name of the first of :data:`FORMATS` that accepts the record."""
+    record = {**row.record, **map_columns(row, mapping)}
+    if cfg.data_format != "auto":
+        return cfg.data_format
+    for fmt in FORMATS:
+        if fmt.detect(record):
+            return fmt.name
+    found = ", ".join(sorted(map(str, row.record))) or "none"
+    hint = " (set `columns` to map other names)" if not cfg.columns else ""
+    raise DataError(
+        f"{row.where}: unknown format: found keys {found}; expected prompt/chosen/rejected "
+        f"(standard strings or conversational message lists) or chosen/rejected (implicit prompt){hint}"
+    )
+
+
+def check_format_options(examples: List[dict], cfg: DPOConfig) -> None:
+    """Options that only one kind of data can use are errors, not silently ignored."""
+    chat = sum(1 for ex in examples if ex["chat"])
+    if chat == 0 and (cfg.system_prompt or cfg.tools):
+        name = "system_prompt" if cfg.system_prompt else "tools"
+        raise DataError(f"{name} applies to conversational data (message lists rendered with the chat template), "
+                        f"but {cfg.data} holds plain strings; remove {name} or use prompt_template")
+    if examples and chat == len(examples) and cfg.prompt_template:
+        raise DataError(f"prompt_template applies to plain-string data, but {cfg.data} is conversational "
+                        "(rendered with the chat template); remove prompt_template or use system_prompt")

@@ -1,0 +1,151 @@
+"""Tokenizing pairs: prompt / completion boundaries, EOS and truncation.
+
+The prompt is encoded alone (string prompts with the tokenizer's special tokens
+such as BOS; chat-rendered text without, since the template carries its own) and
+``prompt + completion`` is encoded whole; the completion's tokens are the tokens
+after the prompt's. Where the tokenizer merges characters across the boundary
+(``"Answer: " + "blue"`` encodes as ``Answer: | blue`` rather than
+``Answer: |  | blue``), the whole-text encoding no longer starts with the prompt's
+tokens; the completion is then encoded *as a continuation*: ``encode("\\n" +
+completion)`` minus the tokens of ``"\\n"``. That avoids the leading-space marker
+SentencePiece adds to text encoded on its own, so ``decode(prompt + completion)``
+is still the original text, and chosen and rejected always share exactly the same
+prompt tokens. EOS is appended to a completion unless it already ends with an EOS
+token (possibly followed by whitespace, as chat templates end a turn with
+``<eos>\\n``).
+
+Truncation follows TRL (see :func:`tokenize_pairs`); counts of truncated and
+dropped pairs are returned as stats.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+from ..config import DPOConfig
+from .base import Row, TokenizedPair
+from .formats import check_format_options, column_map, detect_format, get_format
+
+
+def encode(tokenizer, text: str, special: bool) -> List[int]:
+    return list(tokenizer.encode(text, add_special_tokens=special))
+
+
+def encode_continuation(tokenizer, text: str) -> List[int]:
+    """Tokens of ``text`` as it would continue other text (no SentencePiece leading-space marker)."""
+    anchor = encode(tokenizer, "\n", False)
+    ids = encode(tokenizer, "\n" + text, False)
+    if ids[: len(anchor)] == anchor and len(ids) > len(anchor):
+        return ids[len(anchor):]
+    return encode(tokenizer, text, False)
+
+
+def eos_ids(tokenizer) -> set:
+    """Every EOS token id of the tokenizer."""
+    ids = set(getattr(tokenizer, "eos_token_ids", None) or [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _ends_with_eos(tokenizer, ids: List[int], eos: set) -> bool:
+    """True if ``ids`` ends with EOS, possibly followed by whitespace tokens."""
+    j = len(ids)
+    while j > 0 and ids[j - 1] not in eos and not tokenizer.decode([ids[j - 1]]).strip():
+        j -= 1
+    return j > 0 and ids[j - 1] in eos
+
+
+def encode_completion(tokenizer, prompt: str, prompt_ids: List[int], completion: str, special: bool) -> List[int]:
+    """The tokens of ``completion`` after ``prompt`` (see the module docstring), ending with EOS."""
+    full = encode(tokenizer, prompt + completion, special)
+    if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
+        ids = full[len(prompt_ids):]
+    else:  # merged across the boundary: see the module docstring
+        ids = encode_continuation(tokenizer, completion)
+    if tokenizer.eos_token_id is not None and not _ends_with_eos(tokenizer, ids, eos_ids(tokenizer)):
+        ids = ids + [tokenizer.eos_token_id]
+    return ids
+
+
+def _truncate(ids: List[int], n: Optional[int], mode: str) -> List[int]:
+    if n is None or len(ids) <= n:
+        return ids
+    return ids[-n:] if mode == "keep_end" else ids[:n]
+
+
+def _new_stats(n: int) -> dict:
+    return {"pairs": n, "kept": 0, "truncated": 0, "dropped_too_long": 0, "dropped_identical": 0, "dropped_no_prompt": 0}
+
+
+def _validate(rows: List[Row], cfg: DPOConfig, stats: dict) -> List[Tuple[Row, dict]]:
+    """Detect (where still ``auto``) and normalize every row; skipped pairs are counted in ``stats``."""
+    mapping = column_map(cfg)
+    examples = []
+    for row in rows:
+        if row.format == "auto":
+            row.format = detect_format(row, mapping, cfg)
+        example = get_format(row.format).normalize(row, mapping, cfg)
+        if isinstance(example, str):
+            stats["dropped_" + example] += 1
+        else:
+            examples.append((row, example))
+    check_format_options([ex for _, ex in examples], cfg)
+    return examples
+
+
+def _encode_example(row: Row, example: dict, tokenizer, cfg: DPOConfig) -> Tuple[List[int], List[int], List[int]]:
+    prompt, chosen, rejected = get_format(row.format).render(example, tokenizer, cfg, row.where)
+    special = not example["chat"]
+    prompt_ids = encode(tokenizer, prompt, special)
+    chosen_ids = encode_completion(tokenizer, prompt, prompt_ids, chosen, special)
+    rejected_ids = encode_completion(tokenizer, prompt, prompt_ids, rejected, special)
+    return prompt_ids, chosen_ids, rejected_ids
+
+
+def _truncate_pair(prompt_ids, chosen_ids, rejected_ids, cfg: DPOConfig, stats: dict) -> Optional[TokenizedPair]:
+    """The truncated pair, or ``None`` (counted in ``stats``) when it is dropped."""
+    before = (len(prompt_ids), len(chosen_ids), len(rejected_ids))
+    prompt_ids = _truncate(prompt_ids, cfg.max_prompt_length, cfg.truncation_mode)
+    if not prompt_ids:  # nothing to score the first completion token from
+        stats["dropped_no_prompt"] += 1
+        return None
+    chosen_ids = _truncate(chosen_ids, cfg.max_completion_length, "keep_start")
+    rejected_ids = _truncate(rejected_ids, cfg.max_completion_length, "keep_start")
+    if cfg.max_length is not None:
+        room = cfg.max_length - len(prompt_ids)
+        if room < 1:
+            stats["dropped_too_long"] += 1
+            return None
+        chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
+    if (len(prompt_ids), len(chosen_ids), len(rejected_ids)) != before:
+        stats["truncated"] += 1
+    return TokenizedPair(prompt_ids, chosen_ids, rejected_ids)
+
+
+def tokenize_pairs(records: list, tokenizer, cfg: DPOConfig) -> Tuple[List[TokenizedPair], dict]:
+    """Validate, render, tokenize and truncate pairs with TRL's meaning of the length options.
+
+    ``records`` are :class:`Row` s or plain dicts in any supported format.
+
+    - the prompt is cut to ``max_prompt_length`` (``keep_end`` keeps its end, ``keep_start`` its start);
+    - completions are cut to ``max_completion_length`` (keeping their start);
+    - then completions are cut so ``prompt + completion <= max_length``; a pair left
+      with no completion token (a prompt longer than ``max_length``) is dropped.
+
+    A pair whose prompt has 0 tokens after encoding and truncation (``""``, or an
+    implicit pair that differs from the first character, with a tokenizer that adds
+    no BOS, as Qwen2/Qwen3) is dropped and counted as ``dropped_no_prompt``: the first
+    completion token is scored from the hidden state of the last prompt token, so it
+    needs at least one prompt token (e.g. BOS). TRL has the same requirement.
+    """
+    rows = [r if isinstance(r, Row) else Row(f"record index {i}", r) for i, r in enumerate(records)]
+    stats = _new_stats(len(rows))
+    examples = _validate(rows, cfg, stats)  # everything before the (slower) tokenization
+    pairs = []
+    for row, example in examples:
+        pair = _truncate_pair(*_encode_example(row, example, tokenizer, cfg), cfg, stats)
+        if pair is not None:
+            pairs.append(pair)
+    stats["kept"] = len(pairs)
+    return pairs, stats
