@@ -21,7 +21,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.tuner.dora import DoRALinear
 
 from .config import ConfigError, DPOConfig
 from .io import atomic_directory, atomic_write_text
@@ -29,7 +28,6 @@ from .model import (
     ADAPTER_CLASSES,
     add_adapters,
     cast_floats,
-    dequantized_weight,
     load_adapter_weights,
     load_model,
     read_adapter_config,
@@ -162,33 +160,11 @@ def final_metrics(run_dir: Path) -> dict:
 # --------------------------------------------------------------------------- merging
 
 
-def dense_weight(linear: nn.Module) -> mx.array:
-    """The float32 weight of a (possibly quantized) linear or embedding layer."""
-    quantized = isinstance(linear, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-    return (dequantized_weight(linear) if quantized else linear.weight).astype(mx.float32)
-
-
-def merged_linear(layer: nn.Module) -> nn.Linear:
-    """A float32 ``nn.Linear`` equal to a LoRA/DoRA layer (mlx-lm layout: ``lora_a`` (in, r),
-    ``lora_b`` (r, out)): ``W' = W + scale B^T A^T``; DoRA: ``W' = m * W' / ||W'||_row``."""
-    w = dense_weight(layer.linear)
-    a, b = layer.lora_a.astype(mx.float32), layer.lora_b.astype(mx.float32)
-    w = w + layer.scale * (b.T @ a.T)
-    if isinstance(layer, DoRALinear):
-        w = (layer.m.astype(mx.float32) / mx.linalg.norm(w, axis=1))[:, None] * w
-    has_bias = "bias" in layer.linear
-    out = nn.Linear(w.shape[1], w.shape[0], bias=has_bias)
-    out.weight = w
-    if has_bias:
-        out.bias = layer.linear.bias.astype(mx.float32)
-    return out
-
-
 def merge_and_dequantize(model: nn.Module) -> None:
     """Fold the adapters into the weights and de-quantize everything, in float32, in place."""
     from mlx_lm.utils import dequantize_model
 
-    fused = [(name, merged_linear(m)) for name, m in model.named_modules() if isinstance(m, ADAPTER_CLASSES)]
+    fused = [(name, m.fuse()) for name, m in model.named_modules() if isinstance(m, ADAPTER_CLASSES)]
     if fused:
         model.update_modules(tree_unflatten(fused))
     dequantize_model(model)
@@ -290,16 +266,12 @@ def write_mlx(run: Run, out_dir: Path, dtype: str) -> None:
 
 
 def peft_weights(model: nn.Module, dtype: str) -> dict:
-    """PEFT names and layout: ``lora_A.weight`` (r, in) = ``lora_a.T``, ``lora_B.weight``
-    (out, r) = ``lora_b.T``, DoRA ``lora_magnitude_vector`` = ``m``."""
-    weights = {}
-    for name, layer in model.named_modules():
-        if isinstance(layer, ADAPTER_CLASSES):
-            prefix = f"base_model.model.{name}"
-            weights[f"{prefix}.lora_A.weight"] = layer.lora_a.T
-            weights[f"{prefix}.lora_B.weight"] = layer.lora_b.T
-            if isinstance(layer, DoRALinear):
-                weights[f"{prefix}.lora_magnitude_vector"] = layer.m
+    """Every adapter's ``peft_tensors()`` under PEFT's ``base_model.model.<module>.`` names."""
+    weights = {
+        f"base_model.model.{name}.{suffix}": tensor
+        for name, layer in model.named_modules() if isinstance(layer, ADAPTER_CLASSES)
+        for suffix, tensor in layer.peft_tensors().items()
+    }
     return {k: mx.contiguous(v.astype(getattr(mx, dtype))) for k, v in weights.items()}
 
 
