@@ -22,6 +22,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .architectures import with_feature
 from .config import ConfigError, DPOConfig
 from .io import atomic_directory, atomic_write_text
 from .model import (
@@ -196,7 +197,7 @@ def check_names(names, base_dir: Path, model_type: str) -> None:
         raise ExportError(
             f"model type {model_type!r}: mlx-lm's parameter names differ from the base checkpoint's "
             f"(e.g. {unknown[:3]}); Hugging Face / PEFT export supports architectures whose mlx-lm "
-            "names match transformers' (llama, qwen2, mistral, ...). Use --format mlx."
+            f"names match transformers' ({', '.join(with_feature('hf_names'))}, ...). Use --format mlx."
         )
 
 
