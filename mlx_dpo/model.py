@@ -138,8 +138,13 @@ class SwitchableDoRALinear(_Switchable, DoRALinear):
 ADAPTER_CLASSES = (SwitchableLoRALinear, SwitchableDoRALinear)
 
 
+def named_adapter_layers(model: nn.Module) -> list:
+    """``(name, layer)`` of every switchable LoRA/DoRA layer."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, ADAPTER_CLASSES)]
+
+
 def adapter_layers(model: nn.Module) -> list:
-    return [m for _, m in model.named_modules() if isinstance(m, ADAPTER_CLASSES)]
+    return [m for _, m in named_adapter_layers(model)]
 
 
 @contextlib.contextmanager
@@ -339,7 +344,7 @@ def count_parameters(model: nn.Module) -> Tuple[int, int]:
 
 
 __all__ = [
-    "SwitchableLoRALinear", "SwitchableDoRALinear", "adapter_mode", "adapter_layers", "load_model",
+    "SwitchableLoRALinear", "SwitchableDoRALinear", "adapter_mode", "adapter_layers", "named_adapter_layers", "load_model",
     "add_adapters", "setup_full_finetune", "adapter_config", "load_adapter_weights",
     "add_reference_copy", "read_adapter_config", "resolve_model_path", "count_parameters", "dequantized_weight",
     "dense_weight",
