@@ -7,6 +7,8 @@ wins over the defaults.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
 import typing
 from dataclasses import fields
@@ -14,6 +16,7 @@ from dataclasses import fields
 import click
 
 from .config import ALIASES, ConfigError, DPOConfig
+from .formats import DTYPES, WRITERS, default_dtypes_help, formats_help
 
 
 def config_options(func):
@@ -44,6 +47,25 @@ def _overrides(kwargs: dict) -> dict:
 def _fail(e: Exception) -> None:
     click.echo(f"error: {e}", err=True)
     sys.exit(2)
+
+
+class _EchoHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record))
+
+
+@contextlib.contextmanager
+def _show_logs():
+    """While a command runs, print the library's log lines (INFO and up) plainly on stdout."""
+    logger, handler = logging.getLogger("mlx_dpo"), _EchoHandler()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -122,10 +144,10 @@ def plan(config_file, memory_budget_gb, steps, json_out, **kwargs):
               help="Training run directory (adapters.safetensors + adapter_config.json).")
 @click.option("--output", "-o", required=True, type=click.Path(), help="Directory to create.")
 @click.option("--model", default=None, help="Base model (default: the one recorded in the run).")
-@click.option("--format", "fmt", type=click.Choice(["hf", "mlx", "peft"]), default="hf", show_default=True,
-              help="hf: merged transformers model; mlx: merged mlx-lm model; peft: PEFT adapter.")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
-              help="Weight dtype (default float16; float32 for peft).")
+@click.option("--format", "fmt", type=click.Choice(list(WRITERS)), default="hf", show_default=True,
+              help=formats_help())
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
+              help=f"Weight dtype ({default_dtypes_help()}).")
 @click.option("--verify", is_flag=True, help="Compare the export's logits with the MLX model's.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--upload-repo", default=None, metavar="USER/NAME", help="Then upload to this Hub repository.")
@@ -138,7 +160,8 @@ def export(adapter_path, output, model, fmt, dtype, verify, overwrite, upload_re
     if private and not upload_repo:
         _fail(ConfigError("--private only applies with --upload-repo"))
     try:
-        run_export(adapter_path, output, model=model, format=fmt, dtype=dtype, verify=verify, overwrite=overwrite)
+        with _show_logs():
+            run_export(adapter_path, output, model=model, format=fmt, dtype=dtype, verify=verify, overwrite=overwrite)
     except (ExportError, ConfigError, FileNotFoundError) as e:
         _fail(e)
     if upload_repo:
@@ -162,7 +185,8 @@ def _upload(folder, repo_id, **kwargs):
     from .hub import upload as hub_upload
 
     try:
-        hub_upload(folder, repo_id, **kwargs)
+        with _show_logs():
+            hub_upload(folder, repo_id, **kwargs)
     except Exception as e:  # hub errors (auth, network, permissions) carry no token
         _fail(f"upload to {repo_id} failed: {type(e).__name__}: {e}")
 

@@ -1,9 +1,5 @@
-"""Export a training run: merged Hugging Face model, merged MLX model, or PEFT adapter.
-
-``hf``   de-quantize the base, merge ``W + scale * B^T A^T`` (DoRA: renormalised rows)
-         in float32, cast, and write a ``transformers`` model directory.
-``mlx``  the same merged model, re-quantized when the run quantized, in mlx-lm's format.
-``peft`` the adapters alone as a PEFT LoRA/DoRA adapter for the float base model.
+"""Export a training run in one of the formats of ``formats.WRITERS`` (merged Hugging Face
+model, merged MLX model, PEFT adapter), with the run's record and a model card.
 
 Every format is written atomically: a failed export leaves no directory behind.
 """
@@ -11,49 +7,23 @@ Every format is written atomically: a failed export leaves no directory behind.
 from __future__ import annotations
 
 import json
-import re
+import logging
 import shutil
-import struct
 from pathlib import Path
 from typing import Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.tuner.dora import DoRALinear
+from mlx.utils import tree_flatten
 
 from .config import ConfigError, DPOConfig
+from .formats import DTYPES, FORMATS, MAX_SHARD_BYTES, WRITERS, ExportError
+from .hub import EXPORT_INFO, RUN_CONFIG, write_model_card
 from .io import atomic_directory, atomic_write_text
-from .model import (
-    ADAPTER_CLASSES,
-    add_adapters,
-    cast_floats,
-    dequantized_weight,
-    load_adapter_weights,
-    load_model,
-    read_adapter_config,
-)
+from .model import add_adapters, load_adapter_weights, load_model, read_adapter_config
+from .verify import reference_outputs, verify_export
 
-FORMATS = ("hf", "mlx", "peft")
-DTYPES = ("float16", "bfloat16", "float32")
-MAX_SHARD_BYTES = 5 * 10**9  # transformers' "5GB"
-TOKENIZER_FILES = (
-    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
-    "chat_template*", "*.tiktoken", "spiece.model", "*.py",
-)
-EXPORT_INFO = "mlx_dpo_export.json"
-RUN_CONFIG = "mlx_dpo_config.yaml"
-VERIFY_PROMPTS = (
-    "Repeat: apple banana cherry. Answer:",
-    "<|im_start|>user\nHello, who are you?<|im_end|>\n<|im_start|>assistant\n",
-    "The quick brown fox jumps over the lazy dog because",
-    "Repeat: red moon. Answer: red",
-)
-
-
-class ExportError(ValueError):
-    """An export problem the user can fix."""
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- the run
@@ -159,190 +129,6 @@ def final_metrics(run_dir: Path) -> dict:
     return {"train": train, "eval": evaluation}
 
 
-# --------------------------------------------------------------------------- merging
-
-
-def dense_weight(linear: nn.Module) -> mx.array:
-    """The float32 weight of a (possibly quantized) linear or embedding layer."""
-    quantized = isinstance(linear, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-    return (dequantized_weight(linear) if quantized else linear.weight).astype(mx.float32)
-
-
-def merged_linear(layer: nn.Module) -> nn.Linear:
-    """A float32 ``nn.Linear`` equal to a LoRA/DoRA layer (mlx-lm layout: ``lora_a`` (in, r),
-    ``lora_b`` (r, out)): ``W' = W + scale B^T A^T``; DoRA: ``W' = m * W' / ||W'||_row``."""
-    w = dense_weight(layer.linear)
-    a, b = layer.lora_a.astype(mx.float32), layer.lora_b.astype(mx.float32)
-    w = w + layer.scale * (b.T @ a.T)
-    if isinstance(layer, DoRALinear):
-        w = (layer.m.astype(mx.float32) / mx.linalg.norm(w, axis=1))[:, None] * w
-    has_bias = "bias" in layer.linear
-    out = nn.Linear(w.shape[1], w.shape[0], bias=has_bias)
-    out.weight = w
-    if has_bias:
-        out.bias = layer.linear.bias.astype(mx.float32)
-    return out
-
-
-def merge_and_dequantize(model: nn.Module) -> None:
-    """Fold the adapters into the weights and de-quantize everything, in float32, in place."""
-    from mlx_lm.utils import dequantize_model
-
-    fused = [(name, merged_linear(m)) for name, m in model.named_modules() if isinstance(m, ADAPTER_CLASSES)]
-    if fused:
-        model.update_modules(tree_unflatten(fused))
-    dequantize_model(model)
-    cast_floats(model, mx.float32)
-    mx.eval(model.parameters())
-
-
-# --------------------------------------------------------------------------- files
-
-
-def checkpoint_keys(model_dir: Path) -> set:
-    """Tensor names in a model directory's safetensors files (headers only)."""
-    keys = set()
-    for file in Path(model_dir).glob("*.safetensors"):
-        if not file.name.startswith("model"):
-            continue
-        with open(file, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            keys.update(k for k in json.loads(f.read(n)) if k != "__metadata__")
-    quantized = {k.rsplit(".", 1)[0] for k in keys if k.endswith(".scales")}
-    return {k for k in keys if not (k.endswith((".scales", ".biases")) and k.rsplit(".", 1)[0] in quantized)}
-
-
-def check_names(names, base_dir: Path, model_type: str) -> None:
-    """Refuse to write names the base checkpoint (transformers' names) does not have."""
-    known = checkpoint_keys(base_dir)
-    unknown = sorted(n for n in names if n not in known)
-    if known and unknown:
-        raise ExportError(
-            f"model type {model_type!r}: mlx-lm's parameter names differ from the base checkpoint's "
-            f"(e.g. {unknown[:3]}); Hugging Face / PEFT export supports architectures whose mlx-lm "
-            "names match transformers' (llama, qwen2, mistral, ...). Use --format mlx."
-        )
-
-
-def copy_model_files(base_dir: Path, out_dir: Path) -> None:
-    """Copy the base's tokenizer files, custom code and ``generation_config.json``."""
-    for pattern in TOKENIZER_FILES + ("generation_config.json",):
-        for file in Path(base_dir).glob(pattern):
-            if file.is_file() and not (out_dir / file.name).exists():
-                shutil.copy(file, out_dir / file.name)
-
-
-def save_sharded(weights: dict, out_dir: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> list:
-    """Write ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + index (HF layout)."""
-    shards, size = [], 0
-    for name in sorted(weights):
-        nbytes = weights[name].nbytes
-        if not shards or size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = weights[name]
-        size += nbytes
-    if len(shards) == 1:
-        names = ["model.safetensors"]
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
-        mx.save_safetensors(str(out_dir / name), shard, metadata={"format": "pt"})
-    if len(shards) > 1:
-        index = {
-            "metadata": {"total_size": sum(v.nbytes for v in weights.values())},
-            "weight_map": {k: name for name, shard in zip(names, shards) for k in sorted(shard)},
-        }
-        atomic_write_text(out_dir / "model.safetensors.index.json", json.dumps(index, indent=2))
-    return names
-
-
-def hf_config(base_config: dict, dtype: str) -> dict:
-    config = {k: v for k, v in base_config.items() if k not in ("quantization", "quantization_config")}
-    config["torch_dtype"] = dtype
-    config["dtype"] = dtype
-    return config
-
-
-def write_hf(run: Run, out_dir: Path, dtype: str, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
-    merge_and_dequantize(run.model)
-    weights = {k: v.astype(getattr(mx, dtype)) for k, v in tree_flatten(run.model.parameters())}
-    check_names(weights, run.base_path, run.base_config.get("model_type"))
-    if run.base_config.get("tie_word_embeddings"):
-        weights.pop("lm_head.weight", None)
-    save_sharded(weights, out_dir, max_shard_bytes)
-    atomic_write_text(out_dir / "config.json", json.dumps(hf_config(run.base_config, dtype), indent=2))
-    copy_model_files(run.base_path, out_dir)
-
-
-def write_mlx(run: Run, out_dir: Path, dtype: str) -> None:
-    from mlx_lm.utils import quantize_model, save_config, save_model
-
-    merge_and_dequantize(run.model)
-    cast_floats(run.model, getattr(mx, dtype))
-    config = hf_config(run.base_config, dtype)
-    q = run.quantization
-    if q:
-        run.model, config = quantize_model(run.model, config, q["group_size"], q["bits"], mode=q["mode"])
-    save_model(out_dir, run.model)
-    save_config(config, out_dir / "config.json")
-    copy_model_files(run.base_path, out_dir)
-
-
-def peft_weights(model: nn.Module, dtype: str) -> dict:
-    """PEFT names and layout: ``lora_A.weight`` (r, in) = ``lora_a.T``, ``lora_B.weight``
-    (out, r) = ``lora_b.T``, DoRA ``lora_magnitude_vector`` = ``m``."""
-    weights = {}
-    for name, layer in model.named_modules():
-        if isinstance(layer, ADAPTER_CLASSES):
-            prefix = f"base_model.model.{name}"
-            weights[f"{prefix}.lora_A.weight"] = layer.lora_a.T
-            weights[f"{prefix}.lora_B.weight"] = layer.lora_b.T
-            if isinstance(layer, DoRALinear):
-                weights[f"{prefix}.lora_magnitude_vector"] = layer.m
-    return {k: mx.contiguous(v.astype(getattr(mx, dtype))) for k, v in weights.items()}
-
-
-def peft_config(run: Run) -> dict:
-    names = [name for name, m in run.model.named_modules() if isinstance(m, ADAPTER_CLASSES)]
-    layers = sorted({int(m.group(1)) for n in names if (m := re.search(r"\.layers\.(\d+)\.", n))})
-    n_layers = len(run.model.layers)
-    alpha = run.cfg.lora_scale * run.cfg.lora_rank
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": run.base_model,
-        "revision": run.cfg.revision,
-        "r": run.cfg.lora_rank,
-        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
-        "lora_dropout": run.cfg.lora_dropout,
-        "target_modules": sorted({k.rsplit(".", 1)[-1] for k in run.cfg.target_modules}),
-        "layers_to_transform": layers if len(layers) < n_layers else None,
-        "bias": "none",
-        "use_dora": run.cfg.adapter == "dora",
-        "use_rslora": False,
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-    }
-
-
-def write_peft(run: Run, out_dir: Path, dtype: str) -> None:
-    if run.fine_tune_type == "full":
-        raise ExportError("--format peft needs LoRA/DoRA adapters; this run is a full fine-tune (use hf or mlx)")
-    if run.quantization:
-        print("Note: these adapters were trained on a quantized base; applied to the float base "
-              "model with PEFT they are an approximation of the trained model.")
-    weights = peft_weights(run.model, dtype)
-    check_names({k[len("base_model.model."):].split(".lora_")[0] + ".weight" for k in weights},
-                run.base_path, run.base_config.get("model_type"))
-    mx.save_safetensors(str(out_dir / "adapter_model.safetensors"), weights, metadata={"format": "pt"})
-    atomic_write_text(out_dir / "adapter_config.json", json.dumps(peft_config(run), indent=2))
-    copy_model_files(run.base_path, out_dir)
-    (out_dir / "generation_config.json").unlink(missing_ok=True)
-
-
 def write_run_info(run: Run, out_dir: Path, fmt: str, dtype: str) -> None:
     """Record where the export came from, so ``upload`` can write a model card."""
     info = {
@@ -379,13 +165,15 @@ def export(
 ) -> Path:
     """Export the run in ``adapter_path`` to ``output`` and return ``output``.
 
-    ``model`` overrides the base model recorded in the run. ``dtype`` defaults to float16
-    for ``hf``/``mlx`` and float32 for ``peft``. ``verify`` compares the exported model's
-    logits with the MLX model's (needs transformers for ``hf``/``peft``) and prints them.
+    ``model`` overrides the base model recorded in the run. ``dtype`` defaults to the
+    format's ``default_dtype`` (float16 for ``hf``/``mlx``, float32 for ``peft``). ``verify``
+    compares the exported model's logits with the MLX model's (needs transformers for
+    ``hf``/``peft``) and logs them.
     """
-    if format not in FORMATS:
-        raise ExportError(f"format must be one of {', '.join(FORMATS)}; got {format!r}")
-    dtype = dtype or ("float32" if format == "peft" else "float16")
+    if format not in WRITERS:
+        raise ExportError(f"format must be one of {', '.join(WRITERS)}; got {format!r}")
+    writer = WRITERS[format]
+    dtype = dtype or writer.default_dtype
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     output = Path(output)
@@ -397,125 +185,22 @@ def export(
         raise ExportError(str(e)) from None
     reference = reference_outputs(run.model, run.tokenizer) if verify else None
     with atomic_directory(output, overwrite=overwrite) as tmp:
-        if format == "peft":
-            write_peft(run, tmp, dtype)
-        elif format == "mlx":
-            write_mlx(run, tmp, dtype)
-        else:
-            write_hf(run, tmp, dtype, max_shard_bytes)
+        writer.write(run, tmp, dtype, max_shard_bytes)
         write_run_info(run, tmp, format, dtype)
-        from .hub import write_model_card
-
         write_model_card(tmp, location=str(output))
-    print(f"Exported {format} model ({dtype}) to {output}")
+    log.info(f"Exported {format} model ({dtype}) to {output}")
     if verify:
-        report = verify_export(output, format, reference, run.tokenizer, run.base_path)
+        report = verify_export(output, writer.load, reference, run.tokenizer, run.base_path)
         if report is not None:
-            print(
+            requantized = writer.requantizes and run.quantization
+            log.info(
                 f"verify: max |logit diff| = {report['max_abs_diff']:.3g} "
                 f"({report['relative']:.3g} of the logit scale {report['logit_scale']:.3g}); "
                 f"greedy generations {'agree' if report['greedy_match'] else 'DIFFER'}"
-                + (" (re-quantizing the merged weights adds quantization error)" if format == "mlx" and run.quantization
+                + (" (re-quantizing the merged weights adds quantization error)" if requantized
                    else " (16-bit export: differences of ~1e-2 relative are expected)" if dtype != "float32" else "")
             )
     return output
 
 
-# --------------------------------------------------------------------------- verification
-
-
-def prompt_batch(tokenizer, prompts=VERIFY_PROMPTS):
-    """Right-padded token ids (numpy) and lengths for ``prompts``."""
-    ids = [tokenizer.encode(p) for p in prompts]
-    lengths = [len(x) for x in ids]
-    batch = np.zeros((len(ids), max(lengths)), dtype=np.int64)
-    for i, x in enumerate(ids):
-        batch[i, : len(x)] = x
-    return batch, lengths
-
-
-def mlx_logits(model, batch: np.ndarray) -> np.ndarray:
-    """Logits of right-padded ``batch`` (causal: padding does not affect earlier positions)."""
-    out = model(mx.array(batch.astype(np.int32))).astype(mx.float32)
-    return np.array(out)
-
-
-def mlx_greedy(model, ids: list, n: int = 8) -> list:
-    ids = list(ids)
-    for _ in range(n):
-        ids.append(int(mlx_logits(model, np.array([ids]))[0, -1].argmax()))
-    return ids[-n:]
-
-
-def torch_logits(model, batch: np.ndarray, lengths: list) -> np.ndarray:
-    import torch
-
-    mask = torch.tensor([[1] * n + [0] * (batch.shape[1] - n) for n in lengths])
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor(batch), attention_mask=mask).logits
-    return out.float().numpy()
-
-
-def torch_greedy(model, ids: list, n: int = 8) -> list:
-    ids = list(ids)
-    for _ in range(n):
-        ids.append(int(torch_logits(model, np.array([ids]), [len(ids)])[0, -1].argmax()))
-    return ids[-n:]
-
-
-def compare(reference: np.ndarray, other: np.ndarray, lengths: list) -> dict:
-    """Max absolute logit difference over real (non-padding) positions."""
-    diffs = [np.abs(reference[i, :n] - other[i, :n]).max() for i, n in enumerate(lengths)]
-    scale = max(float(np.abs(reference[i, :n]).max()) for i, n in enumerate(lengths))
-    return {"max_abs_diff": float(max(diffs)), "logit_scale": scale, "relative": float(max(diffs)) / scale}
-
-
-def reference_outputs(model, tokenizer) -> dict:
-    batch, lengths = prompt_batch(tokenizer)
-    return {"logits": mlx_logits(model, batch), "greedy": mlx_greedy(model, batch[0, : lengths[0]].tolist())}
-
-
-def load_exported(output: Path, format: str, base_path: Optional[Path] = None):
-    """The exported model: ``mlx_lm.load`` for mlx, transformers (float32) for hf, PEFT on the base."""
-    if format == "mlx":
-        import mlx_lm
-
-        return mlx_lm.load(str(output))[0]
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    if format == "hf":
-        return AutoModelForCausalLM.from_pretrained(str(output), dtype=torch.float32).eval()
-    from peft import PeftModel
-
-    base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
-    return PeftModel.from_pretrained(base, str(output)).eval()
-
-
-def verify_export(output: Path, format: str, reference: dict, tokenizer, base_path: Path) -> Optional[dict]:
-    """Compare the exported model's logits and greedy tokens with the MLX reference."""
-    if format != "mlx":
-        try:
-            import torch  # noqa: F401
-            import transformers  # noqa: F401
-
-            if format == "peft":
-                import peft  # noqa: F401
-        except ImportError:
-            print("verify: skipped (install torch and transformers" + (" and peft" if format == "peft" else "") + ")")
-            return None
-        if format == "peft" and "quantization" in json.loads((Path(base_path) / "config.json").read_text()):
-            print("verify: skipped (the base is an MLX-quantized checkpoint transformers cannot load)")
-            return None
-    batch, lengths = prompt_batch(tokenizer)
-    model = load_exported(output, format, base_path)
-    if format == "mlx":
-        logits, greedy = mlx_logits(model, batch), mlx_greedy(model, batch[0, : lengths[0]].tolist())
-    else:
-        logits, greedy = torch_logits(model, batch, lengths), torch_greedy(model, batch[0, : lengths[0]].tolist())
-    report = compare(reference["logits"], logits, lengths)
-    report["greedy_match"] = greedy == reference["greedy"]
-    return report
-
-
-__all__ = ["export", "ExportError", "Run", "merge_and_dequantize", "verify_export", "FORMATS", "DTYPES"]
+__all__ = ["export", "ExportError", "Run", "verify_export", "WRITERS", "FORMATS", "DTYPES"]

@@ -7,6 +7,7 @@ lookup); this module never reads, prints or stores it.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Optional, Union
@@ -14,10 +15,13 @@ from typing import Optional, Union
 import yaml
 
 from .config import config_keys
-from .export import EXPORT_INFO, RUN_CONFIG
+from .formats import WRITERS
 from .io import atomic_write_text
 
-LIBRARY = {"hf": "transformers", "mlx": "mlx", "peft": "peft"}
+log = logging.getLogger(__name__)
+
+EXPORT_INFO = "mlx_dpo_export.json"  # written by ``export``: where the export came from
+RUN_CONFIG = "mlx_dpo_config.yaml"  # the run's config.yaml, copied by ``export``
 # Config keys that may hold local filesystem paths (shown in a card by their last component only).
 PATH_KEYS = ("model", "data", "eval_data", "ref_adapter_path", "output_dir", "cache_dir", "resume_from_checkpoint")
 
@@ -58,15 +62,16 @@ def model_card(folder: Union[str, Path], repo_id: Optional[str] = None, location
     folder = Path(folder)
     info, config = _read_export(folder)
     fmt = info.get("format", "mlx" if _is_mlx_quantized(folder) else "hf")
+    writer = WRITERS.get(fmt, WRITERS["hf"])  # the format's library, usage and tags
     base = info.get("base_model") or config.get("model")
     adapter = info.get("fine_tune_type") or config.get("adapter", "lora")
     meta = {}
     if is_hub_id(base):
         meta["base_model"] = base
-    meta["library_name"] = LIBRARY.get(fmt, "transformers")
+    meta["library_name"] = writer.library
     meta["pipeline_tag"] = "text-generation"
     meta["tags"] = ["dpo", "mlx", "mlx-dpo"] + ([adapter] if adapter in ("lora", "dora") else [])
-    if fmt == "peft" and is_hub_id(base):
+    if writer.adapter and is_hub_id(base):
         meta["tags"].append(f"base_model:adapter:{base}")
     datasets = [d for d in (config.get("data"), config.get("eval_data")) if is_hub_id(d)]
     if datasets:
@@ -74,8 +79,7 @@ def model_card(folder: Union[str, Path], repo_id: Optional[str] = None, location
     where = repo_id or location or str(folder)
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {repo_id or Path(where).name}", ""]
     base_text = f"[{base}](https://huggingface.co/{base})" if is_hub_id(base) else f"`{base}`" if base else "a base model"
-    what = {"hf": "merged model (transformers format)", "mlx": "merged model in MLX format",
-            "peft": "PEFT adapter"}.get(fmt, "model")
+    what = writer.card_what if fmt in WRITERS else "model"
     lines += [
         f"A preference-tuned (DPO) version of {base_text}, trained with "
         f"[mlx-dpo](https://github.com/mlx-dpo/mlx-dpo) on Apple MLX and exported as a {what}.",
@@ -84,7 +88,7 @@ def model_card(folder: Union[str, Path], repo_id: Optional[str] = None, location
     if info.get("quantize"):
         q = info["quantize"]
         lines += [f"The adapters were trained on a {q.get('bits')}-bit quantized base (group size {q.get('group_size')}).", ""]
-    lines += ["## Usage", "", *_usage(fmt, where, base), ""]
+    lines += ["## Usage", "", "```python", *(line.format(repo=where) for line in writer.usage), "```", ""]
     params = {k: config[k] for k in config_keys("card") if k in config}
     if params:
         lines += ["## Training configuration", "", "| key | value |", "|---|---|"]
@@ -108,21 +112,6 @@ def model_card(folder: Union[str, Path], repo_id: Optional[str] = None, location
 def _is_mlx_quantized(folder: Path) -> bool:
     path = folder / "config.json"
     return path.is_file() and "quantization" in json.loads(path.read_text())
-
-
-def _usage(fmt: str, repo: str, base: Optional[str]) -> list:
-    if fmt == "mlx":
-        code = ["from mlx_lm import load, generate", "", f'model, tokenizer = load("{repo}")',
-                'print(generate(model, tokenizer, prompt="Hello", max_tokens=64))']
-    elif fmt == "peft":
-        code = ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
-                f'model = AutoPeftModelForCausalLM.from_pretrained("{repo}")',
-                f'tokenizer = AutoTokenizer.from_pretrained("{repo}")']
-    else:
-        code = ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                f'model = AutoModelForCausalLM.from_pretrained("{repo}")',
-                f'tokenizer = AutoTokenizer.from_pretrained("{repo}")']
-    return ["```python", *code, "```"]
 
 
 def write_model_card(folder: Union[str, Path], repo_id: Optional[str] = None, location: Optional[str] = None) -> Path:
@@ -160,10 +149,10 @@ def upload(
     if dry_run:
         files = sorted(set(upload_files(folder)) | {"README.md"})
         where = f"{'private' if private else 'public'} repo {repo_id}" + (f" (revision {revision})" if revision else "")
-        print(f"Dry run: would upload {len(files)} files from {folder} to {where}:")
+        log.info(f"Dry run: would upload {len(files)} files from {folder} to {where}:")
         for name in files:
             size = (folder / name).stat().st_size if (folder / name).exists() else len(card.encode())
-            print(f"  {name}  ({size:,} bytes)")
+            log.info(f"  {name}  ({size:,} bytes)")
         return files
     from huggingface_hub import HfApi
 
@@ -178,7 +167,7 @@ def upload(
         commit_message=commit_message, ignore_patterns=[".*", "**/.*"],
     )
     link = str(url) + (f"/tree/{revision}" if revision else "")
-    print(f"Uploaded {folder} to {link}")
+    log.info(f"Uploaded {folder} to {link}")
     return link
 
 

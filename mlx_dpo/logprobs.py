@@ -16,17 +16,16 @@ from typing import Dict
 import mlx.core as mx
 import mlx.nn as nn
 
+from .architectures import has_feature, model_type
 from .model import base_linear, dequantized_weight, on_cpu
-
-# Architectures whose ``Model.__call__`` is exactly ``head(model.model(x))``.
-PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "internlm3"}
 
 # Keep a chunk's float32 logits under this many elements (256 MB).
 MAX_LOGIT_ELEMENTS = 1 << 26
 
 
 def has_plain_head(model: nn.Module) -> bool:
-    return getattr(model, "model_type", None) in PLAIN_HEAD_MODELS and hasattr(model, "model")
+    """``Model.__call__`` is exactly ``head(model.model(x))`` (``architectures.py``)."""
+    return has_feature(model_type(model), "plain_head") and hasattr(model, "model")
 
 
 def project(model: nn.Module, h: mx.array) -> mx.array:

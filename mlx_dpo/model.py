@@ -33,6 +33,12 @@ def dequantized_weight(module: nn.Module) -> mx.array:
                          bits=module.bits, mode=getattr(module, "mode", "affine"))
 
 
+def dense_weight(layer: nn.Module) -> mx.array:
+    """The float32 weight of a (possibly quantized) linear or embedding layer."""
+    quantized = isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+    return (dequantized_weight(layer) if quantized else layer.weight).astype(mx.float32)
+
+
 def base_linear(linear: nn.Module, x: mx.array) -> mx.array:
     """``linear(x)``; on the CPU backend a quantized weight is de-quantized per call.
 
@@ -48,7 +54,10 @@ def base_linear(linear: nn.Module, x: mx.array) -> mx.array:
 
 class _Switchable:
     """``mode``: ``policy`` (the trainable adapter), ``base`` (adapter off) or
-    ``reference`` (the frozen ``ref_*`` copy)."""
+    ``reference`` (the frozen ``ref_*`` copy).
+
+    mlx-lm layout: ``lora_a`` (in, r), ``lora_b`` (r, out), base ``W`` (out, in).
+    """
 
     mode = "policy"
 
@@ -57,6 +66,27 @@ class _Switchable:
         layer = super().from_base(linear, r=r, dropout=dropout, scale=scale)  # mlx-lm's constructor
         layer.__class__ = cls
         return layer
+
+    def _rescale(self, w: mx.array) -> mx.array:
+        """The merged weight's final form (LoRA: unchanged)."""
+        return w
+
+    def fuse(self) -> nn.Linear:
+        """A float32 ``nn.Linear`` equal to the policy adapter (no dropout):
+        ``W' = W + scale B^T A^T`` (DoRA then rescales its rows, see ``_rescale``)."""
+        a, b = self.lora_a.astype(mx.float32), self.lora_b.astype(mx.float32)
+        w = self._rescale(dense_weight(self.linear) + self.scale * (b.T @ a.T))
+        has_bias = "bias" in self.linear
+        out = nn.Linear(w.shape[1], w.shape[0], bias=has_bias)
+        out.weight = w
+        if has_bias:
+            out.bias = self.linear.bias.astype(mx.float32)
+        return out
+
+    def peft_tensors(self) -> dict:
+        """PEFT's tensors by name suffix: ``lora_A.weight`` (r, in) = ``lora_a^T``,
+        ``lora_B.weight`` (out, r) = ``lora_b^T``."""
+        return {"lora_A.weight": self.lora_a.T, "lora_B.weight": self.lora_b.T}
 
 
 class SwitchableLoRALinear(_Switchable, LoRALinear):
@@ -96,12 +126,25 @@ class SwitchableDoRALinear(_Switchable, DoRALinear):
         out = (m / denom).astype(x.dtype) * out
         return out + self.linear.bias if "bias" in self.linear else out
 
+    def _rescale(self, w: mx.array) -> mx.array:
+        """DoRA's rows: ``m * W' / ||W'||_row`` (float32)."""
+        return (self.m.astype(mx.float32) / mx.linalg.norm(w, axis=1))[:, None] * w
+
+    def peft_tensors(self) -> dict:
+        """LoRA's tensors plus ``lora_magnitude_vector`` (out,) = ``m``."""
+        return {**super().peft_tensors(), "lora_magnitude_vector": self.m}
+
 
 ADAPTER_CLASSES = (SwitchableLoRALinear, SwitchableDoRALinear)
 
 
+def named_adapter_layers(model: nn.Module) -> list:
+    """``(name, layer)`` of every switchable LoRA/DoRA layer."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, ADAPTER_CLASSES)]
+
+
 def adapter_layers(model: nn.Module) -> list:
-    return [m for _, m in model.named_modules() if isinstance(m, ADAPTER_CLASSES)]
+    return [m for _, m in named_adapter_layers(model)]
 
 
 @contextlib.contextmanager
@@ -375,8 +418,8 @@ def checkpoint_block(block: nn.Module) -> None:
 
 
 __all__ = [
-    "SwitchableLoRALinear", "SwitchableDoRALinear", "adapter_mode", "adapter_layers", "load_model",
+    "SwitchableLoRALinear", "SwitchableDoRALinear", "adapter_mode", "adapter_layers", "named_adapter_layers", "load_model",
     "add_adapters", "setup_full_finetune", "adapter_config", "load_adapter_weights",
     "add_reference_copy", "read_adapter_config", "resolve_model_path", "count_parameters", "dequantized_weight",
-    "setup_trainable", "reference_mode", "sync_reference", "checkpoint_block",
+    "dense_weight", "setup_trainable", "reference_mode", "sync_reference", "checkpoint_block",
 ]

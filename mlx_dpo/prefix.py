@@ -22,16 +22,15 @@ from typing import Dict
 import mlx.core as mx
 import mlx.nn as nn
 
-# mlx-lm models whose blocks are ``layer(h, mask, cache)`` with the standard KV-cache
-# interface (``offset`` + ``update_and_fetch``) and ``model.model.{embed_tokens,layers,norm}``.
-SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
+from .architectures import has_feature, model_type, with_feature
 
 NEG = -1e9  # additive mask value (finite: no NaN for fully padded rows)
 
 
 def supports_prefix_sharing(model: nn.Module) -> bool:
+    """An architecture with ``prefix_sharing`` (``architectures.py``), without sliding windows."""
     inner = getattr(model, "model", None)
-    return (getattr(model, "model_type", None) in SUPPORTED and inner is not None
+    return (has_feature(model_type(model), "prefix_sharing") and inner is not None
             and all(hasattr(inner, k) for k in ("embed_tokens", "layers", "norm"))
             and not any(getattr(layer, "use_sliding", False) for layer in inner.layers))
 
@@ -42,8 +41,9 @@ def use_prefix_sharing(setting: str, model: nn.Module) -> bool:
     if setting == "true" and not ok:
         from .config import ConfigError
 
+        supported = ", ".join(sorted(with_feature("prefix_sharing")))
         raise ConfigError(f"prefix_sharing: true is not supported for model_type "
-                          f"{getattr(model, 'model_type', '?')!r} (supported: {', '.join(sorted(SUPPORTED))})")
+                          f"{getattr(model, 'model_type', '?')!r} (supported: {supported})")
     return ok and setting != "false"
 
 

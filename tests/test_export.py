@@ -12,7 +12,8 @@ from mlx.utils import tree_flatten
 
 from mlx_dpo.cli import main
 from mlx_dpo.config import DPOConfig
-from mlx_dpo.export import ExportError, export, mlx_greedy, mlx_logits, prompt_batch
+from mlx_dpo.export import ExportError, export
+from mlx_dpo.verify import mlx_greedy, mlx_logits, prompt_batch
 from mlx_dpo.model import adapter_mode, add_adapters, load_adapter_weights, load_model
 
 PROMPTS = [
@@ -83,7 +84,7 @@ def rel_diff(ref, other, lengths):
 
 
 def torch_outputs(model, ref):
-    from mlx_dpo.export import torch_greedy, torch_logits
+    from mlx_dpo.verify import torch_greedy, torch_logits
 
     return (torch_logits(model, ref["batch"], ref["lengths"]),
             torch_greedy(model, ref["batch"][0, : ref["lengths"][0]].tolist(), 6))
@@ -168,9 +169,9 @@ def test_peft_export_matches_mlx(runs, name, tmp_path, llama_dir, qwen2_dir):
     assert_torch_model_matches(model, ref, f"{name}: peft export")
 
 
-def test_peft_export_of_quantized_run_warns(runs, tmp_path, capsys):
+def test_peft_export_of_quantized_run_warns(runs, tmp_path, caplog):
     out = export(runs("llama-lora-4bit"), tmp_path / "peft", format="peft")
-    assert "approximation" in capsys.readouterr().out
+    assert "approximation" in caplog.text
     assert (out / "adapter_model.safetensors").is_file()
 
 
@@ -337,3 +338,29 @@ def test_full_finetune_export_of_a_mismatched_run_is_refused(tmp_path, llama_dir
     with pytest.raises(ExportError, match=re.escape(name)):
         export(full_run(tmp_path, llama_dir, {name: w}), tmp_path / "out", format="mlx")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_new_format_is_one_writers_entry(runs, tmp_path, monkeypatch):
+    from mlx_dpo import formats
+
+    def write_note(run, out_dir, dtype, max_shard_bytes):
+        (out_dir / "note.txt").write_text(f"{run.fine_tune_type} {dtype}")
+
+    note = formats.Writer(write_note, default_dtype="bfloat16", library="notes", summary="a note", card_what="note",
+                          usage=('print(open("{repo}/note.txt").read())',), load=formats.load_mlx)
+    monkeypatch.setitem(formats.WRITERS, "note", note)
+    out = export(runs("llama-lora"), tmp_path / "note", format="note")
+    assert (out / "note.txt").read_text() == "lora bfloat16"
+    card = (out / "README.md").read_text()
+    assert "library_name: notes" in card and "exported as a note." in card and f'open("{out}/note.txt")' in card
+    with pytest.raises(ExportError, match="one of hf, mlx, peft, note"):
+        export(runs("llama-lora"), tmp_path / "other", format="gguf")
+
+
+def test_cli_shows_the_export_log(runs, tmp_path):
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(main, ["export", "--adapter-path", str(runs("llama-lora-4bit")), "--output", str(out),
+                                       "--format", "peft"])
+    assert result.exit_code == 0, result.output
+    assert "approximation of the trained model" in result.output
+    assert f"Exported peft model (float32) to {out}" in result.output

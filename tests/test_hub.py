@@ -97,7 +97,8 @@ def test_model_card_local_base_and_data(export_dir):
     assert "base_model" not in meta and "datasets" not in meta
 
 
-def test_upload(export_dir, hub_calls, capsys):
+def test_upload(export_dir, hub_calls, capsys, caplog):
+    caplog.set_level("INFO", logger="mlx_dpo")
     url = upload(export_dir, "me/my-dpo", private=True, revision="v1")
     assert hub_calls["create_repo"] == {"repo_id": "me/my-dpo", "private": True, "exist_ok": True, "repo_type": "model"}
     assert hub_calls["create_branch"]["branch"] == "v1"
@@ -108,7 +109,8 @@ def test_upload(export_dir, hub_calls, capsys):
     assert front_matter(hub_calls["files"]["README.md"].decode())["library_name"] == "transformers"
     assert hub_calls["token_seen"] == SECRET  # huggingface_hub found the token on its own
     assert "me/my-dpo" in url
-    assert SECRET not in capsys.readouterr().out
+    assert SECRET not in capsys.readouterr().out and SECRET not in caplog.text
+    assert f"Uploaded {export_dir} to" in caplog.text
     assert not any(SECRET.encode() in p.read_bytes() for p in export_dir.rglob("*") if p.is_file())
 
 
