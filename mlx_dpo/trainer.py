@@ -20,7 +20,6 @@ import math
 import signal
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional
 
@@ -36,15 +35,14 @@ from .callbacks import CallbackList, console, default_callbacks
 from .config import ConfigError, DPOConfig, resolve_config
 from .data import TokenizedPair, load_datasets
 from .io import atomic_write_text
-from .logprobs import completion_logps
-from .model import adapter_config, adapter_mode, count_parameters, load_model, reference_mode, setup_trainable, \
-    sync_reference
+from .model import adapter_config, count_parameters, load_model, reference_mode, setup_trainable, sync_reference
 from .perf import Throughput, warn_if_too_big
 from .prefix import use_prefix_sharing
 from .reference import precompute_reference_logps
 from .rundir import METRICS_FILE, check_output_dir, check_resume, prepare_output_dir
 from .schedule import build_schedule
 from .state import TrainState
+from .steps import build_steps, reference_logps
 
 MAX_CONSECUTIVE_SKIPS = 10
 
@@ -151,55 +149,22 @@ class DPOTrainer:
         return reference_mode(self.model)
 
     # ------------------------------------------------------------------ the step
-    def reference_logps(self, batch: Dict[str, mx.array]) -> Optional[Dict[str, mx.array]]:
-        """Reduced reference log-probs: from the batch when precomputed, else the same
-        model with adapters off (or on the frozen reference copy)."""
+    @property
+    def reference_source(self) -> Optional[str]:
+        """Where the step's reference log-probs come from (see :mod:`.steps`)."""
         if not self.use_reference:
             return None
-        if self.precompute:
-            return {r: batch[f"ref_{r}"] for r in self.reductions}
-        with adapter_mode(self.model, self.reference_mode):
-            out = completion_logps(self.model, batch)
-        token_logps = mx.stop_gradient(out["token_logps"])
-        return {r: losses.reduce_logps(token_logps, out["mask"], r, self.cfg) for r in self.reductions}
+        return "precomputed" if self.precompute else self.reference_mode
 
-    def _loss(self, model, batch, ref, loss_state):
-        policy = completion_logps(model, batch, with_wpo=self.cfg.use_weighting)
-        loss, metrics, new_state = losses.batch_loss(policy, ref, self.cfg, loss_state)
-        return loss, (metrics, new_state)
+    def reference_logps(self, batch: Dict[str, mx.array]) -> Optional[Dict[str, mx.array]]:
+        return reference_logps(self.model, batch, self.cfg, self.reductions, self.reference_source)
 
     def _build_steps(self) -> None:
-        model, optimizer = self.model, self.optimizer
-        state = [model.state, optimizer.state, mx.random.state]
-        loss_and_grad = nn.value_and_grad(model, self._loss)
+        def traced():
+            self.trace_count += 1
 
-        @partial(mx.compile, inputs=state, outputs=state)
-        def grad_step(batch, loss_state):
-            self.trace_count += 1  # runs only while tracing
-            ref = self.reference_logps(batch)
-            (loss, (metrics, new_state)), grads = loss_and_grad(model, batch, ref, loss_state)
-            grad_sq = sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads))
-            return loss, metrics, new_state, grads, grad_sq
-
-        max_norm = self.cfg.max_grad_norm
-
-        @partial(mx.compile, inputs=state, outputs=state)
-        def apply_update(grads):
-            if max_norm and max_norm > 0:
-                grads, norm = optim.clip_grad_norm(grads, max_norm)
-            else:
-                norm = mx.sqrt(sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)))
-            optimizer.update(model, grads)
-            return norm
-
-        @partial(mx.compile, inputs=state)
-        def eval_step(batch, loss_state):
-            ref = self.reference_logps(batch)
-            policy = completion_logps(model, batch, with_wpo=self.cfg.use_weighting)
-            loss, metrics, _ = losses.batch_loss(policy, ref, self.cfg, loss_state)
-            return loss, metrics
-
-        self.grad_step, self.apply_update, self.eval_step = grad_step, apply_update, eval_step
+        self.grad_step, self.apply_update, self.eval_step = build_steps(
+            self.model, self.optimizer, self.cfg, self.reductions, self.reference_source, on_trace=traced)
 
     def collate(self, pairs: List[TokenizedPair], indices: List[int]) -> Batch:
         """Pad ``pairs[indices]`` into a batch (shared-prefix layout when enabled)."""
@@ -274,7 +239,7 @@ class DPOTrainer:
         batches = iter(self.sampler)
         self.log(f"training: {state.max_steps} steps, {len(self.train_pairs)} pairs, batch {cfg.batch_size} x "
                  f"{cfg.gradient_accumulation_steps} accumulation, loss {cfg.loss_type}, reference "
-                 f"{'none' if not self.use_reference else 'precomputed' if self.precompute else self.reference_mode}")
+                 f"{self.reference_source or 'none'}")
         warn_if_too_big(self.model, self.train_pairs, cfg.batch_size, self.prefix_sharing,
                         cfg.gradient_checkpointing, self.log)
         self.throughput = Throughput()

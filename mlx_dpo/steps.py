@@ -1,0 +1,91 @@
+"""The compiled functions of a training step, built over one shared model.
+
+``grad_step(batch, loss_state)``: reference log-probs (precomputed in the batch, or the
+same model with adapters off / on the frozen reference copy, under ``stop_gradient``) +
+policy forward/backward + loss, returning ``(loss, metrics, new_loss_state, grads,
+||grads||^2)``. ``apply_update(grads)``: global-norm clipping + the optimizer update,
+returning the pre-clip norm. ``eval_step(batch, loss_state)``: loss and metrics, no
+gradients. All three are ``mx.compile``d with the model, optimizer and RNG state as
+implicit inputs/outputs, so a new batch shape re-traces and nothing else does.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Dict, List, NamedTuple, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten
+
+from . import losses
+from .config import DPOConfig
+from .logprobs import completion_logps
+from .model import adapter_mode
+
+# Where the reference log-probs come from: no reference, precomputed (``ref_<reduction>``
+# in the batch), or the model itself in an adapter mode.
+REFERENCE_SOURCES = (None, "precomputed", "base", "reference")
+
+
+class Steps(NamedTuple):
+    grad_step: Callable
+    apply_update: Callable
+    eval_step: Callable
+
+
+def reference_logps(model: nn.Module, batch: Dict[str, mx.array], cfg: DPOConfig, reductions: List[str],
+                    source: Optional[str]) -> Optional[Dict[str, mx.array]]:
+    """Reduced reference log-probs ``{reduction: (2B,)}`` of ``batch`` from ``source``."""
+    if source is None:
+        return None
+    if source == "precomputed":
+        return {r: batch[f"ref_{r}"] for r in reductions}
+    with adapter_mode(model, source):
+        out = completion_logps(model, batch)
+    token_logps = mx.stop_gradient(out["token_logps"])
+    return {r: losses.reduce_logps(token_logps, out["mask"], r, cfg) for r in reductions}
+
+
+def _grad_sq(grads) -> mx.array:
+    return sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads))
+
+
+def build_steps(model: nn.Module, optimizer: optim.Optimizer, cfg: DPOConfig, reductions: List[str],
+                source: Optional[str], on_trace: Callable[[], None] = lambda: None) -> Steps:
+    """Compile the step functions (see the module docstring). ``on_trace`` runs each time
+    ``grad_step`` is traced (a new batch shape)."""
+    assert source in REFERENCE_SOURCES, source
+    state = [model.state, optimizer.state, mx.random.state]
+
+    def loss_fn(model, batch, ref, loss_state):
+        policy = completion_logps(model, batch, with_wpo=cfg.use_weighting)
+        loss, metrics, new_state = losses.batch_loss(policy, ref, cfg, loss_state)
+        return loss, (metrics, new_state)
+
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def grad_step(batch, loss_state):
+        on_trace()  # runs only while tracing
+        ref = reference_logps(model, batch, cfg, reductions, source)
+        (loss, (metrics, new_state)), grads = loss_and_grad(model, batch, ref, loss_state)
+        return loss, metrics, new_state, grads, _grad_sq(grads)
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def apply_update(grads):
+        if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+            grads, norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+        else:
+            norm = mx.sqrt(_grad_sq(grads))
+        optimizer.update(model, grads)
+        return norm
+
+    @partial(mx.compile, inputs=state)
+    def eval_step(batch, loss_state):
+        ref = reference_logps(model, batch, cfg, reductions, source)
+        loss, (metrics, _) = loss_fn(model, batch, ref, loss_state)
+        return loss, metrics
+
+    return Steps(grad_step, apply_update, eval_step)
