@@ -84,6 +84,9 @@ class DPOTrainer:
         if model is None:
             model, tokenizer, self.model_path = load_model(cfg)
         else:
+            if tokenizer is None and train_pairs is None:
+                raise ConfigError("DPOTrainer(model=...) needs tokenizer= too (to tokenize the data), or "
+                                  "train_pairs= with the pairs already tokenized")
             self.model_path = Path(cfg.model)
         self.model, self.tokenizer = model, tokenizer
         if train_pairs is None:
@@ -192,8 +195,13 @@ class DPOTrainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> Dict[str, float]:
+        """Mean loss and metrics over the eval pairs (``max_eval_batches`` of them), in inference
+        mode; the model's train/eval mode is left as it was."""
         if not self.eval_pairs:
             return {}
+        if self.reference_source == "precomputed" and "eval" not in self.ref_cache:
+            self.precompute_reference()  # evaluate() before train()
+        was_training = self.model.training
         self.model.eval()
         bs = self.cfg.eval_batch_size or self.cfg.batch_size
         totals: Dict[str, float] = {}
@@ -206,7 +214,7 @@ class DPOTrainer:
             for k, v in {"loss": loss, **metrics}.items():
                 totals[k] = totals.get(k, 0.0) + float(v.item()) * n
             count += n
-        self.model.train()
+        self.model.train(was_training)
         return {f"eval_{k}": v / count for k, v in totals.items()}
 
     # ------------------------------------------------------------------ training
@@ -216,6 +224,7 @@ class DPOTrainer:
         self.state.log_history = prepare_output_dir(self.output_dir, self.step, self.resume_path is not None,
                                                     self.cfg.overwrite_output_dir, self.log)
         checkpoint.run_config(self.cfg).save(self.output_dir / "config.yaml")
+        was_training = self.model.training
         try:
             if self.precompute and self.use_reference:
                 self.precompute_reference()
@@ -231,6 +240,7 @@ class DPOTrainer:
                 f"gradient_accumulation_steps). Last good checkpoint: {self._last_checkpoint()}; "
                 "gradient_checkpointing and compute_dtype may change on --resume.") from None
         finally:
+            self.model.train(was_training)  # as loaded (mlx-lm: eval), so dropout is off for generation
             for cb in self.callbacks.callbacks:
                 getattr(cb, "close", lambda: None)()
 

@@ -1,0 +1,54 @@
+"""The Python API as notebooks use it: evaluate before train, the mode after train, passed models."""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_dpo import DPOConfig, DPOTrainer
+from mlx_dpo.config import ConfigError
+from mlx_dpo.model import load_model
+
+QUIET = dict(log=lambda *a: None)
+
+
+def cfg_for(model_dir, data_dir, tmp_path, **kw):
+    values = dict(model=str(model_dir), data=str(data_dir), output_dir=str(tmp_path / "run"), max_steps=3,
+                  batch_size=4, learning_rate=3e-3, logging_steps=1, eval_steps=0, progress_bar=False, seed=0,
+                  max_eval_batches=2)
+    values.update(kw)
+    return DPOConfig(**values)
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_evaluate_before_train(llama_dir, toy_data_dir, tmp_path, precompute):
+    """At initialisation the policy equals the reference (LoRA B = 0): every pair's DPO loss
+    is ln 2 and every reward 0, with a live or a precomputed reference."""
+    trainer = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path, precompute_ref_log_probs=precompute), **QUIET)
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert abs(metrics["eval_rewards/margins"]) < 1e-6
+    assert ("eval" in trainer.ref_cache) == precompute
+    trainer.train()  # and training still works after it
+    assert trainer.step == 3
+
+
+def test_the_model_is_back_in_eval_mode_after_training(llama_dir, toy_data_dir, tmp_path):
+    """lora_dropout is on while training only: after train() two forwards agree exactly."""
+    trainer = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path, lora_dropout=0.5), **QUIET)
+    assert trainer.model.training is False  # mlx-lm loads in eval mode
+    trainer.train()
+    assert trainer.model.training is False
+    x = mx.array([[1, 5, 9, 13, 17]])
+    a, b = trainer.model(x), trainer.model(x)
+    assert np.array_equal(np.array(a), np.array(b))
+    trainer.model.train()
+    assert not np.array_equal(np.array(trainer.model(x)), np.array(trainer.model(x)))  # dropout is live in train
+
+
+def test_a_passed_model_needs_a_tokenizer_or_tokenized_pairs(llama_dir, toy_data_dir, tmp_path):
+    cfg = cfg_for(llama_dir, toy_data_dir, tmp_path)
+    model, _, _ = load_model(cfg)
+    with pytest.raises(ConfigError, match="needs tokenizer="):
+        DPOTrainer(cfg, model=model, **QUIET)
