@@ -21,12 +21,13 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import losses
+from .adapters import adapter_mode, reference_mode
 from .batching import eval_batches
 from .config import DPOConfig, config_keys
 from .data import TokenizedPair
 from .io import atomic_write_bytes
 from .logprobs import completion_logps
-from .model import adapter_mode, compute_dtype, reference_mode
+from .model import compute_dtype
 
 CACHE_VERSION = 2  # 2: key from config roles
 
