@@ -13,8 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .adapters import add_adapters, add_reference_copy, check_reference_adapter, last_blocks, load_adapter_weights
-# Re-exported for trainer.py, which imports them from here.
-from .adapters import adapter_config, adapter_mode, reference_mode, sync_reference  # noqa: F401
+from .adapters import adapter_config, adapter_mode, reference_mode, sync_reference  # re-exported for trainer.py
 from .config import ConfigError, DPOConfig
 from .quant import on_cpu
 
@@ -153,4 +152,5 @@ def checkpoint_block(block: nn.Module) -> None:
 __all__ = [
     "resolve_model_path", "compute_dtype", "load_model", "cast_floats", "disable_dropout", "setup_full_finetune",
     "count_parameters", "setup_trainable", "checkpoint_block",
+    "adapter_config", "adapter_mode", "reference_mode", "sync_reference",  # from .adapters, for trainer.py
 ]

@@ -9,7 +9,7 @@ import mlx_dpo
 PACKAGE = Path(mlx_dpo.__file__).parent
 # Lowest first. A package (data/) is one entry; its own modules are checked the same way.
 LAYERS = [
-    "io", "config", "toy", "schedule", "architectures", "data", "batching", "state", "quant", "adapters", "model", "prefix",
+    "io", "coerce", "config", "toy", "schedule", "architectures", "data", "batching", "state", "quant", "adapters", "model", "prefix",
     "logprobs", "losses", "perf", "reference", "checkpoint", "rundir", "callbacks", "trainer", "plan",
     "verify", "formats", "hub", "export", "cli", "__main__", "__init__",
 ]
