@@ -14,7 +14,7 @@ Two layers:
   of TRL's ``DPOTrainer.dpo_loss`` (v0.2x), returning ``(losses, chosen_rewards,
   rejected_rewards)``.
 * :func:`batch_loss` -- what the compiled training step calls: reduces token log-probs
-  (sum / mean / LD-DPO), mixes several losses (MPO), adds NLL terms (RPO, CPO, ORPO),
+  (sum / mean / LD-DPO, :mod:`mlx_dpo.reduce`), mixes several losses (MPO), adds NLL terms (RPO, CPO, ORPO),
   WPO weights, and returns the scalar loss, TRL-named metrics and the new loss state.
 
 ``LOSSES`` is the one table from name to loss function; aliases point at the same function.
@@ -31,6 +31,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 
 from .config import ConfigError
+from .reduce import chosen_nll, reduce_logps, wpo_weights  # reduce_logps: also losses.reduce_logps
 
 logsig = lambda x: -mx.logaddexp(0.0, -x)  # noqa: E731  log sigmoid, stable for large |x|
 
@@ -487,30 +488,6 @@ def validate_loss_config(cfg) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def reduce_logps(token_logps, mask, name, cfg):
-    """Reduce ``(2B, T)`` token log-probs (0 where mask == 0; rows [0:B] chosen, [B:2B]
-    rejected) to ``(2B,)``:
-
-        sum:   sum_t lp_t
-        mean:  sum_t lp_t / n                                   (n = completion tokens)
-        ld:    sum_{k <= l_p} lp + ld_alpha * sum_{k > l_p} lp  (LD-DPO, arXiv:2409.06411)
-
-    where k counts completion tokens from 1 and l_p = min(n_chosen, n_rejected) of the pair.
-    """
-    if name == "sum":
-        return token_logps.sum(-1)
-    if name == "mean":
-        return token_logps.sum(-1) / mx.maximum(mask.sum(-1), 1.0)
-    if name == "ld":
-        n = mask.sum(-1)
-        half = n.shape[0] // 2
-        shared = mx.minimum(n[:half], n[half:])
-        shared = mx.concatenate([shared, shared])[:, None]
-        front = (mx.cumsum(mask, axis=1) <= shared) * mask
-        return (token_logps * front).sum(-1) + cfg.ld_alpha * (token_logps * (mask - front)).sum(-1)
-    raise ValueError(f"unknown reduction {name!r}")
-
-
 def batch_loss(policy: dict, ref: Optional[dict], cfg, state: dict):
     """Scalar loss, metrics and new state for one batch of B pairs.
 
@@ -523,8 +500,7 @@ def batch_loss(policy: dict, ref: Optional[dict], cfg, state: dict):
     1 (orpo), 0 otherwise; NLL = mean cross-entropy over all chosen completion tokens.
     """
     tl, mask = policy["token_logps"], policy["mask"]
-    B = tl.shape[0] // 2
-    nll = -tl[:B].sum() / mx.maximum(mask[:B].sum(), 1.0)
+    nll = chosen_nll(tl, mask)
     reference_free = cfg.reference_free or ref is None
     if ref is None and needs_reference(cfg):
         raise ValueError("batch_loss: the configured loss needs reference log-probs (ref is None)")
@@ -582,16 +558,6 @@ def _one_loss(name, c, r, rc, rr, cfg, reference_free: bool, state: dict) -> tup
         discopop_tau=cfg.discopop_tau, **extra,
     )
     return losses, cw, rw, state
-
-
-def wpo_weights(token_logps, wpo_adjust, mask):
-    """WPO (Zhou et al. 2024, arXiv:2406.11827) pair weights, no gradient, ``(B,)``:
-
-        w = min(exp(mean_t (lp - adjust)_chosen + mean_t (lp - adjust)_rejected), 1)
-    """
-    per_seq = ((token_logps - wpo_adjust) * mask).sum(-1) / mx.maximum(mask.sum(-1), 1.0)
-    B = per_seq.shape[0] // 2
-    return mx.stop_gradient(mx.minimum(mx.exp(per_seq[:B] + per_seq[B:]), 1.0))
 
 
 def _metrics(chosen_rewards, rejected_rewards, logps, logits_sum, mask, nll=None) -> dict:
