@@ -30,7 +30,8 @@ def main():
     from mlx_dpo.config import DPOConfig
     from mlx_dpo.data import TokenizedPair
     from mlx_dpo.logprobs import completion_logps
-    from mlx_dpo.model import add_adapters, load_model
+    from mlx_dpo.adapters import add_adapters
+    from mlx_dpo.model import load_model
     from mlx_dpo.toy import build_toy_model
 
     d = build_toy_model(Path(tempfile.mkdtemp()) / "m", arch="llama", hidden_size=args.hidden, num_layers=2,

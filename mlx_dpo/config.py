@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import yaml
+
+from .coerce import ConfigError, coerce_fields, load_yaml  # ConfigError is imported from here everywhere
 
 # TRL / transformers spellings accepted as aliases of our keys.
 ALIASES = {
@@ -49,10 +50,6 @@ DEFAULT_LORA_TARGETS = (
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
 DATA_FORMATS = ("auto", "standard", "conversational", "implicit")  # auto + mlx_dpo.data.formats.FORMATS (tested)
-
-
-class ConfigError(ValueError):
-    """A configuration problem the user can fix: says which key and why."""
 
 
 ROLES = ("model", "adapter", "reference", "data", "loss", "optim", "run")
@@ -233,78 +230,12 @@ class DPOConfig:
         return list(self.loss_type) if isinstance(self.loss_type, (list, tuple)) else [self.loss_type]
 
     def validate(self) -> None:
-        _coerce_types(self)
-        _check_choice("train_type", self.train_type, ("adapter", "full"))
-        _check_choice("adapter", self.adapter, ("lora", "dora"))
-        _check_choice("reference", self.reference, ("base", "adapter"))
-        _check_choice("data_format", self.data_format, DATA_FORMATS)
-        _check_choice("truncation_mode", self.truncation_mode, ("keep_end", "keep_start"))
-        _check_choice("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS)
-        _check_choice("compute_dtype", self.compute_dtype, ("auto", "float32", "bfloat16", "float16"))
-        _check_choice("f_divergence_type", self.f_divergence_type, ("reverse_kl", "js_divergence", "alpha_divergence"))
-        self.prefix_sharing = str(self.prefix_sharing).lower()
-        _check_choice("prefix_sharing", self.prefix_sharing, ("auto", "true", "false"))
-        for name in ("lora_rank", "batch_size", "gradient_accumulation_steps", "logging_steps",
-                     "ref_model_sync_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_batch_size", "precompute_ref_batch_size", "max_prompt_length", "max_completion_length",
-                     "save_total_limit"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1 (or unset), got {getattr(self, name)}")
-        if self.max_length is not None and self.max_length < 2:
-            raise ConfigError(f"max_length must be >= 2 (a prompt token and a completion token), got {self.max_length}")
-        for name in ("warmup_steps", "save_steps", "max_grad_norm", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.eval_steps is not None and self.eval_steps < 0:
-            raise ConfigError(f"eval_steps must be >= 0 (0 disables evaluation), got {self.eval_steps}")
-        if self.num_layers == 0 or self.num_layers < -1:
-            raise ConfigError(f"num_layers must be -1 (all blocks) or >= 1, got {self.num_layers}")
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise ConfigError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.lora_alpha <= 0:
-            raise ConfigError(f"lora_alpha must be > 0, got {self.lora_alpha}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if not 0.0 <= self.eval_split < 1.0:
-            raise ConfigError(f"eval_split must be in [0, 1), got {self.eval_split}")
-        if not 0.0 <= self.label_smoothing <= 0.5:
-            raise ConfigError(f"label_smoothing must be in [0, 0.5], got {self.label_smoothing}")
-        if self.quantize is not None:
-            if not isinstance(self.quantize, dict) or set(self.quantize) - {"bits", "group_size"}:
-                raise ConfigError("quantize must be a mapping with keys bits (e.g. 4 or 8) and group_size (32|64|128)")
-            bits = self.quantize.get("bits", 4)
-            group = self.quantize.get("group_size", 64)
-            if bits not in QUANT_BITS or group not in (32, 64, 128):
-                raise ConfigError(f"quantize: bits must be one of {', '.join(map(str, QUANT_BITS))} (4 or 8 "
-                                  f"recommended) and group_size 32, 64 or 128, got {self.quantize}")
-            self.quantize = {"bits": bits, "group_size": group}
-        if self.reference == "adapter" and not self.ref_adapter_path:
-            raise ConfigError("reference: adapter needs ref_adapter_path (an mlx-lm adapter directory)")
-        if self.ref_adapter_path and self.reference != "adapter":
-            raise ConfigError("ref_adapter_path is set but reference is 'base', so it would be ignored; "
-                              "set reference: adapter (or remove ref_adapter_path)")
-        if self.train_type == "full" and self.reference == "adapter":
-            raise ConfigError("train_type: full has no adapters; reference: adapter needs train_type: adapter")
-        if self.train_type == "full" and self.sync_ref_model:
-            raise ConfigError("sync_ref_model (TR-DPO) mixes adapters; it needs train_type: adapter")
-        if self.resume_from_checkpoint and self.overwrite_output_dir:
-            raise ConfigError("resume_from_checkpoint and overwrite_output_dir contradict each other; choose one")
-        if self.sync_ref_model and self.precompute_ref_log_probs:
-            raise ConfigError("sync_ref_model (TR-DPO) updates the reference; it cannot be combined with precompute_ref_log_probs")
-        if self.sync_ref_model and self.reference_free:
-            raise ConfigError("sync_ref_model needs a reference; it cannot be combined with reference_free")
-        if self.sync_ref_model and not 0.0 <= self.ref_model_mixup_alpha <= 1.0:
-            raise ConfigError(f"ref_model_mixup_alpha must be in [0, 1], got {self.ref_model_mixup_alpha}")
-        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_types):
-            raise ConfigError(
-                f"loss_weights has {len(self.loss_weights)} entries but loss_type has {len(self.loss_types)}"
-            )
-        if self.max_steps <= 0 and self.num_train_epochs <= 0:
-            raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
+        """Coerce command-line strings to the fields' types, then check every option."""
+        coerce_fields(self)
+        _check_choices(self)
+        _check_ranges(self)
+        self.quantize = _quantize_options(self.quantize)
+        _check_combinations(self)
 
     # ---- (de)serialisation ---------------------------------------------------
     def to_dict(self) -> dict:
@@ -324,6 +255,94 @@ class DPOConfig:
         values = load_yaml(path)
         values = {**normalize_keys(values, str(path)), **normalize_keys(overrides or {}, "command line")}
         return cls(**values)
+
+
+def _check_choices(cfg: DPOConfig) -> None:
+    """Options that take one of a few names."""
+    _check_choice("train_type", cfg.train_type, ("adapter", "full"))
+    _check_choice("adapter", cfg.adapter, ("lora", "dora"))
+    _check_choice("reference", cfg.reference, ("base", "adapter"))
+    _check_choice("data_format", cfg.data_format, DATA_FORMATS)
+    _check_choice("truncation_mode", cfg.truncation_mode, ("keep_end", "keep_start"))
+    _check_choice("lr_scheduler_type", cfg.lr_scheduler_type, LR_SCHEDULERS)
+    _check_choice("compute_dtype", cfg.compute_dtype, ("auto", "float32", "bfloat16", "float16"))
+    _check_choice("f_divergence_type", cfg.f_divergence_type, ("reverse_kl", "js_divergence", "alpha_divergence"))
+    cfg.prefix_sharing = str(cfg.prefix_sharing).lower()
+    _check_choice("prefix_sharing", cfg.prefix_sharing, ("auto", "true", "false"))
+
+
+def _check_ranges(cfg: DPOConfig) -> None:
+    """Numeric options out of their range."""
+    for name in ("lora_rank", "batch_size", "gradient_accumulation_steps", "logging_steps",
+                 "ref_model_sync_steps"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("eval_batch_size", "precompute_ref_batch_size", "max_prompt_length", "max_completion_length",
+                 "save_total_limit"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be >= 1 (or unset), got {getattr(cfg, name)}")
+    if cfg.max_length is not None and cfg.max_length < 2:
+        raise ConfigError(f"max_length must be >= 2 (a prompt token and a completion token), got {cfg.max_length}")
+    for name in ("warmup_steps", "save_steps", "max_grad_norm", "weight_decay"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.eval_steps is not None and cfg.eval_steps < 0:
+        raise ConfigError(f"eval_steps must be >= 0 (0 disables evaluation), got {cfg.eval_steps}")
+    if cfg.num_layers == 0 or cfg.num_layers < -1:
+        raise ConfigError(f"num_layers must be -1 (all blocks) or >= 1, got {cfg.num_layers}")
+    if not 0.0 <= cfg.warmup_ratio <= 1.0:
+        raise ConfigError(f"warmup_ratio must be in [0, 1], got {cfg.warmup_ratio}")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.lora_alpha <= 0:
+        raise ConfigError(f"lora_alpha must be > 0, got {cfg.lora_alpha}")
+    if cfg.learning_rate <= 0:
+        raise ConfigError(f"learning_rate must be > 0, got {cfg.learning_rate}")
+    if not 0.0 <= cfg.eval_split < 1.0:
+        raise ConfigError(f"eval_split must be in [0, 1), got {cfg.eval_split}")
+    if not 0.0 <= cfg.label_smoothing <= 0.5:
+        raise ConfigError(f"label_smoothing must be in [0, 0.5], got {cfg.label_smoothing}")
+
+
+def _quantize_options(quantize: Optional[dict]) -> Optional[dict]:
+    """``quantize`` with its defaults filled in: ``{bits: 4, group_size: 64}``."""
+    if quantize is None:
+        return None
+    if not isinstance(quantize, dict) or set(quantize) - {"bits", "group_size"}:
+        raise ConfigError("quantize must be a mapping with keys bits (e.g. 4 or 8) and group_size (32|64|128)")
+    bits = quantize.get("bits", 4)
+    group = quantize.get("group_size", 64)
+    if bits not in QUANT_BITS or group not in (32, 64, 128):
+        raise ConfigError(f"quantize: bits must be one of {', '.join(map(str, QUANT_BITS))} (4 or 8 "
+                          f"recommended) and group_size 32, 64 or 128, got {quantize}")
+    return {"bits": bits, "group_size": group}
+
+
+def _check_combinations(cfg: DPOConfig) -> None:
+    """Options that are fine alone but contradict each other (or are missing a partner)."""
+    if cfg.reference == "adapter" and not cfg.ref_adapter_path:
+        raise ConfigError("reference: adapter needs ref_adapter_path (an mlx-lm adapter directory)")
+    if cfg.ref_adapter_path and cfg.reference != "adapter":
+        raise ConfigError("ref_adapter_path is set but reference is 'base', so it would be ignored; "
+                          "set reference: adapter (or remove ref_adapter_path)")
+    if cfg.train_type == "full" and cfg.reference == "adapter":
+        raise ConfigError("train_type: full has no adapters; reference: adapter needs train_type: adapter")
+    if cfg.train_type == "full" and cfg.sync_ref_model:
+        raise ConfigError("sync_ref_model (TR-DPO) mixes adapters; it needs train_type: adapter")
+    if cfg.resume_from_checkpoint and cfg.overwrite_output_dir:
+        raise ConfigError("resume_from_checkpoint and overwrite_output_dir contradict each other; choose one")
+    if cfg.sync_ref_model and cfg.precompute_ref_log_probs:
+        raise ConfigError("sync_ref_model (TR-DPO) updates the reference; it cannot be combined with precompute_ref_log_probs")
+    if cfg.sync_ref_model and cfg.reference_free:
+        raise ConfigError("sync_ref_model needs a reference; it cannot be combined with reference_free")
+    if cfg.sync_ref_model and not 0.0 <= cfg.ref_model_mixup_alpha <= 1.0:
+        raise ConfigError(f"ref_model_mixup_alpha must be in [0, 1], got {cfg.ref_model_mixup_alpha}")
+    if cfg.loss_weights is not None and len(cfg.loss_weights) != len(cfg.loss_types):
+        raise ConfigError(
+            f"loss_weights has {len(cfg.loss_weights)} entries but loss_type has {len(cfg.loss_types)}"
+        )
+    if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
+        raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
 
 
 def config_field_names() -> list:
@@ -375,86 +394,9 @@ def normalize_keys(values: dict, source: str = "config") -> dict:
     return out
 
 
-def load_yaml(path: Union[str, Path]) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
-    return values
-
-
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
-
-
-def _coerce_types(cfg: DPOConfig) -> None:
-    """Coerce strings from the command line (``--beta 0.2``) to the field's type."""
-    hints = typing.get_type_hints(DPOConfig)
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        if value is None:
-            continue
-        setattr(cfg, f.name, _coerce(f.name, value, hints[f.name]))
-
-
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    origin = typing.get_origin(hint)
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if origin is Union:
-        if isinstance(value, str) and list in [typing.get_origin(a) or a for a in args]:
-            return _parse_structured(name, value, keep_string=str in args)
-        for arg in args:
-            try:
-                return _coerce(name, value, arg)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{name}: cannot interpret {value!r}")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
-    if hint in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(f"{name} must be a number, got {value!r}")
-        try:
-            number = hint(value) if hint is float else int(float(value))
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name} must be {'an integer' if hint is int else 'a number'}, got {value!r}") from None
-        if hint is int and float(value) != number:
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
-        return number
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name} must be a string, got {value!r}")
-        return value
-    if hint in (dict, list):
-        if isinstance(value, str):
-            value = _parse_structured(name, value)
-        if not isinstance(value, hint):
-            raise ConfigError(f"{name} must be a {'mapping' if hint is dict else 'list'}, got {value!r}")
-        return value
-    return value
-
-
-def _parse_structured(name: str, value: str, keep_string: bool = False) -> Any:
-    """Parse ``'[a, b]'`` or ``'{bits: 4}'`` given on the command line (YAML flow syntax)."""
-    text = value.strip()
-    if keep_string and not text.startswith(("[", "{")):
-        return value
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise ConfigError(f"{name}: cannot parse {value!r} (use YAML, e.g. [a, b] or {{bits: 4}})") from None
 
 
 def resolve_config(config: Optional[Union[str, Path]] = None, **overrides) -> DPOConfig:

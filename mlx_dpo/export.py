@@ -16,11 +16,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .adapters import add_adapters, load_adapter_weights, read_adapter_config
 from .config import ConfigError, DPOConfig
 from .formats import DTYPES, FORMATS, MAX_SHARD_BYTES, WRITERS, ExportError
 from .hub import EXPORT_INFO, RUN_CONFIG, write_model_card
 from .io import atomic_directory, atomic_write_text
-from .model import add_adapters, load_adapter_weights, load_model, read_adapter_config
+from .model import load_model
 from .verify import reference_outputs, verify_export
 
 log = logging.getLogger(__name__)

@@ -51,7 +51,8 @@ def merge_and_dequantize(model: nn.Module) -> None:
     """Fold the adapters into the weights and de-quantize everything, in float32, in place."""
     from mlx_lm.utils import dequantize_model
 
-    from .model import cast_floats, named_adapter_layers
+    from .adapters import named_adapter_layers
+    from .model import cast_floats
 
     fused = [(name, layer.fuse()) for name, layer in named_adapter_layers(model)]
     if fused:
@@ -160,7 +161,7 @@ def write_mlx(run, out_dir: Path, dtype: str, max_shard_bytes: int = MAX_SHARD_B
 
 def peft_weights(model: nn.Module, dtype: str) -> dict:
     """Every adapter's ``peft_tensors()`` under PEFT's ``base_model.model.<module>.`` names."""
-    from .model import named_adapter_layers
+    from .adapters import named_adapter_layers
 
     weights = {
         f"base_model.model.{name}.{suffix}": tensor
@@ -170,7 +171,7 @@ def peft_weights(model: nn.Module, dtype: str) -> dict:
 
 
 def peft_config(run) -> dict:
-    from .model import named_adapter_layers
+    from .adapters import named_adapter_layers
 
     names = [name for name, _ in named_adapter_layers(run.model)]
     layers = sorted({int(m.group(1)) for n in names if (m := re.search(r"\.layers\.(\d+)\.", n))})

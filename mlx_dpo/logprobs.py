@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .architectures import has_feature, model_type
-from .model import base_linear, dequantized_weight, on_cpu
+from .quant import base_linear, dequantized_weight, on_cpu
 
 # Keep a chunk's float32 logits under this many elements (256 MB).
 MAX_LOGIT_ELEMENTS = 1 << 26

@@ -14,7 +14,7 @@ Two layers:
   of TRL's ``DPOTrainer.dpo_loss`` (v0.2x), returning ``(losses, chosen_rewards,
   rejected_rewards)``.
 * :func:`batch_loss` -- what the compiled training step calls: reduces token log-probs
-  (sum / mean / LD-DPO), mixes several losses (MPO), adds NLL terms (RPO, CPO, ORPO),
+  (sum / mean / LD-DPO, :mod:`mlx_dpo.reduce`), mixes several losses (MPO), adds NLL terms (RPO, CPO, ORPO),
   WPO weights, and returns the scalar loss, TRL-named metrics and the new loss state.
 
 ``LOSSES`` is the one table from name to loss function; aliases point at the same function.
@@ -31,6 +31,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 
 from .config import ConfigError
+from .reduce import chosen_nll, reduce_logps, wpo_weights  # reduce_logps: also losses.reduce_logps
 
 logsig = lambda x: -mx.logaddexp(0.0, -x)  # noqa: E731  log sigmoid, stable for large |x|
 
@@ -487,30 +488,6 @@ def validate_loss_config(cfg) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def reduce_logps(token_logps, mask, name, cfg):
-    """Reduce ``(2B, T)`` token log-probs (0 where mask == 0; rows [0:B] chosen, [B:2B]
-    rejected) to ``(2B,)``:
-
-        sum:   sum_t lp_t
-        mean:  sum_t lp_t / n                                   (n = completion tokens)
-        ld:    sum_{k <= l_p} lp + ld_alpha * sum_{k > l_p} lp  (LD-DPO, arXiv:2409.06411)
-
-    where k counts completion tokens from 1 and l_p = min(n_chosen, n_rejected) of the pair.
-    """
-    if name == "sum":
-        return token_logps.sum(-1)
-    if name == "mean":
-        return token_logps.sum(-1) / mx.maximum(mask.sum(-1), 1.0)
-    if name == "ld":
-        n = mask.sum(-1)
-        half = n.shape[0] // 2
-        shared = mx.minimum(n[:half], n[half:])
-        shared = mx.concatenate([shared, shared])[:, None]
-        front = (mx.cumsum(mask, axis=1) <= shared) * mask
-        return (token_logps * front).sum(-1) + cfg.ld_alpha * (token_logps * (mask - front)).sum(-1)
-    raise ValueError(f"unknown reduction {name!r}")
-
-
 def batch_loss(policy: dict, ref: Optional[dict], cfg, state: dict):
     """Scalar loss, metrics and new state for one batch of B pairs.
 
@@ -523,38 +500,18 @@ def batch_loss(policy: dict, ref: Optional[dict], cfg, state: dict):
     1 (orpo), 0 otherwise; NLL = mean cross-entropy over all chosen completion tokens.
     """
     tl, mask = policy["token_logps"], policy["mask"]
-    B = tl.shape[0] // 2
-    nll = -tl[:B].sum() / mx.maximum(mask[:B].sum(), 1.0)
+    nll = chosen_nll(tl, mask)
     reference_free = cfg.reference_free or ref is None
     if ref is None and needs_reference(cfg):
         raise ValueError("batch_loss: the configured loss needs reference log-probs (ref is None)")
 
-    reduced = {}
+    reduced, new_state = {}, dict(state)
     pair_loss, extra_loss, chosen_rewards, rejected_rewards = 0.0, 0.0, 0.0, 0.0
-    first_logps, has_nll, new_state = None, cfg.rpo_alpha is not None, dict(state)
+    has_nll = cfg.rpo_alpha is not None
     for name, weight in zip(cfg.loss_types, _loss_weights(cfg)):
         _, ref_free, _, nll_kind = _info(name)
-        red = _reduction(name, cfg)
-        if red not in reduced:
-            reduced[red] = reduce_logps(tl, mask, red, cfg)
-        c, r = reduced[red][:B], reduced[red][B:]
-        first_logps = reduced[red] if first_logps is None else first_logps
-        if ref_free or reference_free:
-            rc, rr = mx.zeros_like(c), mx.zeros_like(r)
-        elif red not in ref:
-            raise KeyError(f"batch_loss: ref has no '{red}' log-probs; build ref for every name in reductions(cfg)")
-        else:
-            rc, rr = ref[red][:B], ref[red][B:]
-        extra = {"simpo_gamma": cfg.simpo_gamma}
-        if isinstance(name, str) and LOSSES.get(name) is bco_pair:
-            new_state = update_bco_state(new_state, cfg.beta * (c - rc), cfg.beta * (r - rr))
-            extra["bco_mean"] = new_state["bco_running_mean"]
-        losses, cw, rw = preference_loss(
-            c, r, rc, rr, loss_type=name if isinstance(name, str) and name in LOSSES else resolve_loss(name),
-            beta=cfg.beta, label_smoothing=cfg.label_smoothing, reference_free=reference_free,
-            f_divergence_type=cfg.f_divergence_type, f_alpha_divergence_coef=cfg.f_alpha_divergence_coef,
-            discopop_tau=cfg.discopop_tau, **extra,
-        )
+        logps = _pair_logps(tl, mask, _reduction(name, cfg), None if ref_free or reference_free else ref, cfg, reduced)
+        losses, cw, rw, new_state = _one_loss(name, *logps, cfg, reference_free, new_state)
         pair_loss = pair_loss + weight * losses
         chosen_rewards = chosen_rewards + weight * cw  # TRL sums weighted rewards over losses
         rejected_rewards = rejected_rewards + weight * rw
@@ -565,23 +522,60 @@ def batch_loss(policy: dict, ref: Optional[dict], cfg, state: dict):
     if cfg.rpo_alpha is not None:
         pair_loss = pair_loss + cfg.rpo_alpha * nll
     if cfg.use_weighting:
-        per_seq = ((tl - policy["wpo_adjust"]) * mask).sum(-1) / mx.maximum(mask.sum(-1), 1.0)
-        pair_loss = pair_loss * mx.stop_gradient(mx.minimum(mx.exp(per_seq[:B] + per_seq[B:]), 1.0))
+        pair_loss = pair_loss * wpo_weights(tl, policy["wpo_adjust"], mask)
     loss = pair_loss.mean() + extra_loss
+    first_logps = next(iter(reduced.values()))  # the first loss's reduction
+    metrics = _metrics(chosen_rewards, rejected_rewards, first_logps, policy["logits_sum"], mask,
+                       nll if has_nll else None)
+    return loss, metrics, new_state
 
+
+def _pair_logps(tl, mask, red: str, ref: Optional[dict], cfg, reduced: dict) -> tuple:
+    """``(c, r, rc, rr)``, each ``(B,)``, under reduction ``red``; ``rc, rr`` are 0 when
+    ``ref`` is None. ``reduced`` caches the policy's reductions across the losses."""
+    if red not in reduced:
+        reduced[red] = reduce_logps(tl, mask, red, cfg)
+    B = tl.shape[0] // 2
+    c, r = reduced[red][:B], reduced[red][B:]
+    if ref is None:
+        return c, r, mx.zeros_like(c), mx.zeros_like(r)
+    if red not in ref:
+        raise KeyError(f"batch_loss: ref has no '{red}' log-probs; build ref for every name in reductions(cfg)")
+    return c, r, ref[red][:B], ref[red][B:]
+
+
+def _one_loss(name, c, r, rc, rr, cfg, reference_free: bool, state: dict) -> tuple:
+    """One loss of the mixture: ``(losses, chosen_rewards, rejected_rewards, state)``;
+    bco_pair first moves its running reward mean (the state)."""
+    extra = {"simpo_gamma": cfg.simpo_gamma}
+    if isinstance(name, str) and LOSSES.get(name) is bco_pair:
+        state = update_bco_state(state, cfg.beta * (c - rc), cfg.beta * (r - rr))
+        extra["bco_mean"] = state["bco_running_mean"]
+    losses, cw, rw = preference_loss(
+        c, r, rc, rr, loss_type=name if isinstance(name, str) and name in LOSSES else resolve_loss(name),
+        beta=cfg.beta, label_smoothing=cfg.label_smoothing, reference_free=reference_free,
+        f_divergence_type=cfg.f_divergence_type, f_alpha_divergence_coef=cfg.f_alpha_divergence_coef,
+        discopop_tau=cfg.discopop_tau, **extra,
+    )
+    return losses, cw, rw, state
+
+
+def _metrics(chosen_rewards, rejected_rewards, logps, logits_sum, mask, nll=None) -> dict:
+    """TRL's metric names; ``logps`` (2B,) are the first loss's reduced log-probs, ``logits/*``
+    the mean logit per completion token; ``nll_loss`` when a loss has an NLL term."""
     sg = mx.stop_gradient
-    chosen_rewards, rejected_rewards = sg(chosen_rewards), sg(rejected_rewards)
-    logits_sum = sg(policy["logits_sum"])
+    chosen_rewards, rejected_rewards, logits_sum = sg(chosen_rewards), sg(rejected_rewards), sg(logits_sum)
+    B = logps.shape[0] // 2
     metrics = {
         "rewards/chosen": chosen_rewards.mean(),
         "rewards/rejected": rejected_rewards.mean(),
         "rewards/accuracies": (chosen_rewards > rejected_rewards).astype(mx.float32).mean(),
         "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "logps/chosen": sg(first_logps[:B]).mean(),
-        "logps/rejected": sg(first_logps[B:]).mean(),
+        "logps/chosen": sg(logps[:B]).mean(),
+        "logps/rejected": sg(logps[B:]).mean(),
         "logits/chosen": logits_sum[:B].sum() / mx.maximum(mask[:B].sum(), 1.0),
         "logits/rejected": logits_sum[B:].sum() / mx.maximum(mask[B:].sum(), 1.0),
     }
-    if has_nll:
+    if nll is not None:
         metrics["nll_loss"] = sg(nll)
-    return loss, metrics, new_state
+    return metrics

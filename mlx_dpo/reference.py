@@ -20,13 +20,14 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import losses
+from .adapters import adapter_mode, reference_mode
 from .batching import eval_batches
 from .config import DPOConfig, config_keys
 from .data import TokenizedPair
 from .io import atomic_write_bytes
 from .logprobs import completion_logps
-from .model import adapter_mode, compute_dtype, reference_mode
+from .model import compute_dtype
+from .reduce import reduce_logps
 
 CACHE_VERSION = 2  # 2: key from config roles
 
@@ -99,7 +100,7 @@ def compute_reference_logps(model, pairs: List[TokenizedPair], cfg: DPOConfig, c
     def forward(batch):
         with adapter_mode(model, mode):
             out = completion_logps(model, batch)
-        return {r: losses.reduce_logps(out["token_logps"], out["mask"], r, cfg) for r in reductions}
+        return {r: reduce_logps(out["token_logps"], out["mask"], r, cfg) for r in reductions}
 
     result = {r: np.zeros((len(pairs), 2), dtype=np.float32) for r in reductions}
     batch_size = cfg.precompute_ref_batch_size or cfg.eval_batch_size or cfg.batch_size

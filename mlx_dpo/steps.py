@@ -20,9 +20,10 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
 from . import losses
+from .reduce import reduce_logps
 from .config import DPOConfig
 from .logprobs import completion_logps
-from .model import adapter_mode
+from .adapters import adapter_mode
 
 # Where the reference log-probs come from: no reference, precomputed (``ref_<reduction>``
 # in the batch), or the model itself in an adapter mode.
@@ -45,7 +46,7 @@ def reference_logps(model: nn.Module, batch: Dict[str, mx.array], cfg: DPOConfig
     with adapter_mode(model, source):
         out = completion_logps(model, batch)
     token_logps = mx.stop_gradient(out["token_logps"])
-    return {r: losses.reduce_logps(token_logps, out["mask"], r, cfg) for r in reductions}
+    return {r: reduce_logps(token_logps, out["mask"], r, cfg) for r in reductions}
 
 
 def _grad_sq(grads) -> mx.array:

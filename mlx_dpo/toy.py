@@ -162,71 +162,91 @@ def build_toy_model(
 
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, overwrite=True) as tmp:
-        if tokenizer == "bpe":
-            build_bpe_tokenizer(tmp)
-            n_tok = json.loads((tmp / "tokenizer.json").read_text())["model"]["vocab"].__len__()
-        elif tokenizer == "sentencepiece":
-            build_sentencepiece_tokenizer(tmp)
-            import sentencepiece as spm
-
-            n_tok = spm.SentencePieceProcessor(model_file=str(tmp / "tokenizer.model")).vocab_size()
-        else:
-            raise ValueError(f"tokenizer must be 'bpe' or 'sentencepiece', got {tokenizer!r}")
-        vocab = max(vocab_size or 0, n_tok)
-        head_dim = hidden_size // num_heads
-        config = dict(
-            ARCHS[arch],
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size,
-            num_attention_heads=num_heads,
-            num_hidden_layers=num_layers,
-            num_key_value_heads=num_kv_heads,
-            head_dim=head_dim,
-            max_position_embeddings=4096,
-            rms_norm_eps=1e-6,
-            vocab_size=vocab,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=3,
-            torch_dtype=dtype,
-            initializer_range=0.02,
-        )
+        n_tok = build_tokenizer(tmp, tokenizer)
+        config = toy_config(arch, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size,
+                            max(vocab_size or 0, n_tok), dtype)
         atomic_write_text(tmp / "config.json", json.dumps(config, indent=2))
         atomic_write_text(
             tmp / "generation_config.json",
             json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}, indent=2),
         )
-        rng = np.random.default_rng(seed)
-
-        def w(*shape, std=0.02):
-            return mx.array(rng.normal(0.0, std, size=shape).astype(np.float32)).astype(getattr(mx, dtype))
-
-        kv = num_kv_heads * head_dim
-        weights = {"model.embed_tokens.weight": w(vocab, hidden_size), "model.norm.weight": mx.ones(hidden_size)}
-        if not config["tie_word_embeddings"]:
-            weights["lm_head.weight"] = w(vocab, hidden_size)
-        for i in range(num_layers):
-            p = f"model.layers.{i}."
-            weights.update(
-                {
-                    p + "self_attn.q_proj.weight": w(num_heads * head_dim, hidden_size),
-                    p + "self_attn.k_proj.weight": w(kv, hidden_size),
-                    p + "self_attn.v_proj.weight": w(kv, hidden_size),
-                    p + "self_attn.o_proj.weight": w(hidden_size, num_heads * head_dim),
-                    p + "mlp.gate_proj.weight": w(intermediate_size, hidden_size),
-                    p + "mlp.up_proj.weight": w(intermediate_size, hidden_size),
-                    p + "mlp.down_proj.weight": w(hidden_size, intermediate_size),
-                    p + "input_layernorm.weight": mx.ones(hidden_size),
-                    p + "post_attention_layernorm.weight": mx.ones(hidden_size),
-                }
-            )
-            if arch == "qwen2":
-                weights[p + "self_attn.q_proj.bias"] = w(num_heads * head_dim)
-                weights[p + "self_attn.k_proj.bias"] = w(kv)
-                weights[p + "self_attn.v_proj.bias"] = w(kv)
-        weights = {k: v.astype(getattr(mx, dtype)) for k, v in weights.items()}
+        weights = toy_weights(config, seed)
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
     return out_dir
+
+
+def build_tokenizer(out_dir: Path, tokenizer: str) -> int:
+    """Write a ``bpe`` or ``sentencepiece`` tokenizer to ``out_dir``; returns its vocabulary size."""
+    if tokenizer == "bpe":
+        build_bpe_tokenizer(out_dir)
+        return len(json.loads((out_dir / "tokenizer.json").read_text())["model"]["vocab"])
+    if tokenizer == "sentencepiece":
+        build_sentencepiece_tokenizer(out_dir)
+        import sentencepiece as spm
+
+        return spm.SentencePieceProcessor(model_file=str(out_dir / "tokenizer.model")).vocab_size()
+    raise ValueError(f"tokenizer must be 'bpe' or 'sentencepiece', got {tokenizer!r}")
+
+
+def toy_config(arch: str, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int,
+               intermediate_size: int, vocab_size: int, dtype: str) -> dict:
+    """The Hugging Face ``config.json`` of a toy ``arch`` model."""
+    return dict(
+        ARCHS[arch],
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_attention_heads=num_heads,
+        num_hidden_layers=num_layers,
+        num_key_value_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        vocab_size=vocab_size,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        torch_dtype=dtype,
+        initializer_range=0.02,
+    )
+
+
+def toy_weights(config: dict, seed: int = 0) -> dict:
+    """Random weights for ``config`` in Hugging Face names: linear weights (and qwen2's
+    q/k/v biases) ~ N(0, 0.02^2), norms 1, in ``config["torch_dtype"]``."""
+    import mlx.core as mx
+
+    dtype = getattr(mx, config["torch_dtype"])
+    rng = np.random.default_rng(seed)
+
+    def w(*shape, std=0.02):
+        return mx.array(rng.normal(0.0, std, size=shape).astype(np.float32)).astype(dtype)
+
+    hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    q = config["num_attention_heads"] * config["head_dim"]
+    kv = config["num_key_value_heads"] * config["head_dim"]
+    weights = {"model.embed_tokens.weight": w(vocab, hidden), "model.norm.weight": mx.ones(hidden)}
+    if not config["tie_word_embeddings"]:
+        weights["lm_head.weight"] = w(vocab, hidden)
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        weights.update(
+            {
+                p + "self_attn.q_proj.weight": w(q, hidden),
+                p + "self_attn.k_proj.weight": w(kv, hidden),
+                p + "self_attn.v_proj.weight": w(kv, hidden),
+                p + "self_attn.o_proj.weight": w(hidden, q),
+                p + "mlp.gate_proj.weight": w(inter, hidden),
+                p + "mlp.up_proj.weight": w(inter, hidden),
+                p + "mlp.down_proj.weight": w(hidden, inter),
+                p + "input_layernorm.weight": mx.ones(hidden),
+                p + "post_attention_layernorm.weight": mx.ones(hidden),
+            }
+        )
+        if config["model_type"] == "qwen2":
+            weights[p + "self_attn.q_proj.bias"] = w(q)
+            weights[p + "self_attn.k_proj.bias"] = w(kv)
+            weights[p + "self_attn.v_proj.bias"] = w(kv)
+    return {k: v.astype(dtype) for k, v in weights.items()}
 
 
 def toy_pairs(n: int, seed: int = 0) -> list:

@@ -35,7 +35,8 @@ from .callbacks import CallbackList, console, default_callbacks
 from .config import ConfigError, DPOConfig, resolve_config
 from .data import TokenizedPair, load_datasets
 from .io import atomic_write_text
-from .model import adapter_config, count_parameters, load_model, reference_mode, setup_trainable, sync_reference
+from .adapters import adapter_config, reference_mode, sync_reference
+from .model import count_parameters, load_model, setup_trainable
 from .perf import Throughput, warn_if_too_big
 from .prefix import use_prefix_sharing
 from .reference import precompute_reference_logps

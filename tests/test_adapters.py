@@ -5,7 +5,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_dpo.model import SwitchableDoRALinear, SwitchableLoRALinear, dense_weight
+from mlx_dpo.adapters import SwitchableDoRALinear, SwitchableLoRALinear
+from mlx_dpo.quant import dense_weight
 
 IN, OUT, RANK, SCALE = 64, 48, 4, 2.0
 

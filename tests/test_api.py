@@ -16,7 +16,7 @@ QUIET = dict(log=lambda *a: None)
 def cfg_for(model_dir, data_dir, tmp_path, **kw):
     values = dict(model=str(model_dir), data=str(data_dir), output_dir=str(tmp_path / "run"), max_steps=3,
                   batch_size=4, learning_rate=3e-3, logging_steps=1, eval_steps=0, progress_bar=False, seed=0,
-                  max_eval_batches=2)
+                  max_eval_batches=2, cache_dir=str(tmp_path / "cache"))
     values.update(kw)
     return DPOConfig(**values)
 

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from mlx_dpo.adapters import adapter_mode, add_adapters
 from mlx_dpo.batching import BatchSampler, bucket_length, collate, eval_batches
 from mlx_dpo.config import DPOConfig
 from mlx_dpo.data import TokenizedPair
 from mlx_dpo.logprobs import completion_logps, sequence_logps_reference
-from mlx_dpo.model import adapter_mode, add_adapters, load_model
+from mlx_dpo.model import load_model
 from mlx_dpo.schedule import build_schedule
 from mlx_dpo.trainer import DPOTrainer
 

@@ -10,11 +10,12 @@ import pytest
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
+from mlx_dpo.adapters import adapter_mode, add_adapters, load_adapter_weights
 from mlx_dpo.cli import main
 from mlx_dpo.config import DPOConfig
 from mlx_dpo.export import ExportError, export
+from mlx_dpo.model import load_model
 from mlx_dpo.verify import mlx_greedy, mlx_logits, prompt_batch
-from mlx_dpo.model import adapter_mode, add_adapters, load_adapter_weights, load_model
 
 PROMPTS = [
     "Repeat: apple banana cherry. Answer:",

@@ -9,9 +9,9 @@ import mlx_dpo
 PACKAGE = Path(mlx_dpo.__file__).parent
 # Lowest first. A package (data/) is one entry; its own modules are checked the same way.
 LAYERS = [
-    "io", "config", "toy", "schedule", "architectures", "data", "batching", "state", "model", "prefix",
-    "logprobs", "losses", "steps", "perf", "reference", "checkpoint", "rundir", "callbacks", "trainer", "plan",
-    "verify", "formats", "hub", "export", "cli", "__main__", "__init__",
+    "io", "coerce", "config", "toy", "schedule", "architectures", "data", "batching", "state", "quant", "adapters",
+    "model", "prefix", "logprobs", "reduce", "losses", "steps", "perf", "reference", "checkpoint", "rundir",
+    "callbacks", "trainer", "plan", "verify", "formats", "hub", "export", "cli", "__main__", "__init__",
 ]
 DATA_LAYERS = ["base", "readers", "sources", "formats", "tokenize", "cache", "__init__"]
 

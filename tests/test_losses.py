@@ -16,11 +16,11 @@ from mlx_dpo.losses import (
     init_loss_state,
     needs_reference,
     preference_loss,
-    reduce_logps,
     reductions,
     resolve_loss,
     validate_loss_config,
 )
+from mlx_dpo.reduce import reduce_logps
 
 BETAS = [0.1, 0.5, 2.0]
 

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from mlx_dpo.adapters import adapter_mode, add_adapters
 from mlx_dpo.batching import collate
 from mlx_dpo.config import ConfigError, DPOConfig
 from mlx_dpo.data import TokenizedPair
 from mlx_dpo.logprobs import completion_logps
-from mlx_dpo.model import adapter_mode, add_adapters, load_model
+from mlx_dpo.model import checkpoint_block, load_model
 from mlx_dpo.prefix import use_prefix_sharing
-from mlx_dpo.model import checkpoint_block
 from mlx_dpo.trainer import DPOTrainer
 
 

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from mlx_dpo.adapters import adapter_mode
 from mlx_dpo.batching import collate
 from mlx_dpo.config import ConfigError, DPOConfig
 from mlx_dpo.logprobs import completion_logps
-from mlx_dpo.model import adapter_mode, base_linear, load_model
+from mlx_dpo.model import load_model
+from mlx_dpo.quant import base_linear
 from mlx_dpo.trainer import DPOTrainer
 
 

@@ -8,11 +8,12 @@ import pytest
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
+from mlx_dpo.adapters import adapter_config, adapter_layers, add_adapters
 from mlx_dpo.batching import collate
 from mlx_dpo.cli import main
 from mlx_dpo.config import ConfigError, DPOConfig
 from mlx_dpo.logprobs import completion_logps
-from mlx_dpo.model import adapter_config, adapter_layers, add_adapters, load_model
+from mlx_dpo.model import load_model
 from mlx_dpo.trainer import DPOTrainer
 
 QUIET = dict(log=lambda *a: None)
