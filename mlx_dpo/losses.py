@@ -17,7 +17,8 @@ Two layers:
   (sum / mean / LD-DPO, :mod:`mlx_dpo.reduce`), mixes several losses (MPO), adds NLL terms (RPO, CPO, ORPO),
   WPO weights, and returns the scalar loss, TRL-named metrics and the new loss state.
 
-``LOSSES`` is the one table from name to loss function; aliases point at the same function.
+``LOSSES`` maps each name (and alias) to its loss function; ``@_loss`` on the function is its one
+entry (a new loss is one decorated function in this file).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import difflib
 import functools
 import importlib
 import math
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import mlx.core as mx
 
@@ -36,13 +37,20 @@ from .reduce import chosen_nll, reduce_logps, wpo_weights  # reduce_logps: also 
 logsig = lambda x: -mx.logaddexp(0.0, -x)  # noqa: E731  log sigmoid, stable for large |x|
 
 
-def _loss(reduction="sum", reference_free=False, options=(), nll=None):
-    """Attach metadata to a loss: the log-prob reduction it uses, whether it needs a
-    reference model, which optional settings it understands, and its NLL weight
-    (``None``, ``"one"`` or the config field holding it)."""
+LOSSES: Dict[str, Callable] = {}  # name (and aliases) -> loss function, filled by @_loss
+
+
+def _loss(reduction="sum", reference_free=False, options=(), nll=None, aliases=()):
+    """Register a loss under its function name (and ``aliases``) in :data:`LOSSES`, with its
+    metadata: the log-prob reduction it uses, whether it needs a reference model, which
+    optional settings it understands, and its NLL weight (``None``, ``"one"`` or the config
+    field holding it)."""
 
     def deco(fn):
         fn.reduction, fn.reference_free, fn.options, fn.nll = reduction, reference_free, options, nll
+        for name in (fn.__name__, *aliases):
+            assert name not in LOSSES, f"loss {name!r} registered twice"
+            LOSSES[name] = fn
         return fn
 
     return deco
@@ -63,7 +71,7 @@ def _exp_cap(dtype) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-@_loss(options=("label_smoothing", "f_divergence_type"))
+@_loss(options=("label_smoothing", "f_divergence_type"), aliases=("cdpo",))
 def sigmoid(c, r, rc, rr, beta, label_smoothing=0.0, f_divergence_type="reverse_kl", f_alpha_divergence_coef=1.0, **_):
     """DPO, Rafailov et al. 2023 (arXiv:2305.18290); with eps > 0 conservative DPO (cDPO,
     Mitchell 2023). f-DPO (Wang et al. 2023, arXiv:2309.16240) swaps the divergence:
@@ -85,7 +93,7 @@ def sigmoid(c, r, rc, rr, beta, label_smoothing=0.0, f_divergence_type="reverse_
     return _smoothed_sigmoid(beta * h, label_smoothing)
 
 
-@_loss()
+@_loss(aliases=("rso",))
 def hinge(c, r, rc, rr, beta, **_):
     """SLiC hinge, Zhao et al. 2023 (arXiv:2305.10425); RSO, Liu et al. 2023 (arXiv:2309.06657):
 
@@ -171,7 +179,7 @@ def aot(c, r, rc, rr, beta, label_smoothing=0.0, **_):
     return _smoothed_sigmoid(beta * d, label_smoothing)
 
 
-@_loss(options=("label_smoothing",))
+@_loss(options=("label_smoothing",), aliases=("aot_pair",))
 def aot_unpaired(c, r, rc, rr, beta, label_smoothing=0.0, **_):
     """AOT (unpaired), Melnyk et al. 2024 (arXiv:2406.05882); TRL's ``aot_pair`` (renamed):
 
@@ -272,29 +280,6 @@ def orpo(c, r, rc, rr, beta, **_):
     return -beta * logsig(log_odds)
 
 
-LOSSES: dict[str, Callable] = {
-    "sigmoid": sigmoid,
-    "cdpo": sigmoid,
-    "hinge": hinge,
-    "rso": hinge,
-    "ipo": ipo,
-    "robust": robust,
-    "exo_pair": exo_pair,
-    "nca_pair": nca_pair,
-    "bco_pair": bco_pair,
-    "sppo_hard": sppo_hard,
-    "aot": aot,
-    "aot_unpaired": aot_unpaired,
-    "aot_pair": aot_unpaired,
-    "apo_zero": apo_zero,
-    "apo_down": apo_down,
-    "discopop": discopop,
-    "kto_pair": kto_pair,
-    "sigmoid_norm": sigmoid_norm,
-    "simpo": simpo,
-    "cpo": cpo,
-    "orpo": orpo,
-}
 
 
 # ---------------------------------------------------------------------------------------------
