@@ -46,28 +46,47 @@ def compute_dtype(cfg: DPOConfig) -> Optional[mx.Dtype]:
 
 
 def load_model(cfg: DPOConfig) -> Tuple[nn.Module, object, Path]:
-    """Load model + tokenizer (mlx-lm), optionally quantize, cast, freeze.
+    """Load model + tokenizer (mlx-lm), then :func:`prepare_model`.
 
     Returns ``(model, tokenizer, model_path)``; no adapters are attached yet.
     """
     from mlx_lm.utils import load_model as mlx_load_model
-    from mlx_lm.utils import load_tokenizer, quantize_model
+    from mlx_lm.utils import load_tokenizer
 
     path = resolve_model_path(cfg.model, cfg.revision)
     model, model_config = mlx_load_model(path, trust_remote_code=cfg.trust_remote_code)
     tokenizer = load_tokenizer(path, {"trust_remote_code": cfg.trust_remote_code} if cfg.trust_remote_code else None,
                                eos_token_ids=model_config.get("eos_token_id"))
+    return prepare_model(model, cfg, model_config, str(path)), tokenizer, path
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+
+
+def _quantized_as(model: nn.Module, quantize: dict) -> bool:
+    """Every quantized layer of ``model`` has ``quantize``'s bits and group size (and there is one)."""
+    layers = [m for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    return bool(layers) and all((m.bits, m.group_size) == (quantize["bits"], quantize["group_size"]) for m in layers)
+
+
+def prepare_model(model: nn.Module, cfg: DPOConfig, model_config: Optional[dict] = None,
+                  source: str = "the model passed to DPOTrainer") -> nn.Module:
+    """Cast the floats to the compute dtype, quantize (``cfg.quantize``), disable dropout and
+    freeze: the same for a model loaded from ``cfg.model`` and one passed in."""
+    from mlx_lm.utils import quantize_model
+
     dtype = compute_dtype(cfg)
     if dtype is not None:
         cast_floats(model, dtype)
-    if cfg.quantize is not None:
-        if "quantization" in model_config:
-            raise ConfigError(f"model: {path} is already quantized; remove the quantize option")
-        model, _ = quantize_model(model, dict(model_config), cfg.quantize["group_size"], cfg.quantize["bits"])
+    if cfg.quantize is not None and not _quantized_as(model, cfg.quantize):  # (load_model(cfg) passed back in)
+        if "quantization" in (model_config or {}) or is_quantized(model):
+            raise ConfigError(f"model: {source} is already quantized; remove the quantize option")
+        model, _ = quantize_model(model, dict(model_config or {}), cfg.quantize["group_size"], cfg.quantize["bits"])
     disable_dropout(model)
     model.freeze()
     mx.eval(model.parameters())
-    return model, tokenizer, path
+    return model
 
 
 def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
@@ -149,6 +168,7 @@ def checkpoint_block(block: nn.Module) -> None:
 
 
 __all__ = [
-    "resolve_model_path", "compute_dtype", "load_model", "cast_floats", "disable_dropout", "setup_full_finetune",
+    "resolve_model_path", "compute_dtype", "load_model", "prepare_model", "is_quantized", "cast_floats",
+    "disable_dropout", "setup_full_finetune",
     "count_parameters", "setup_trainable", "checkpoint_block",
 ]

@@ -14,7 +14,7 @@ import io
 import json
 from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -58,13 +58,14 @@ def weights_fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def cache_key(model, pairs: List[TokenizedPair], cfg: DPOConfig, model_path: Path, reductions: List[str]) -> str:
+def cache_key(model, pairs: List[TokenizedPair], cfg: DPOConfig, model_path: Optional[Path],
+              reductions: List[str]) -> str:
     """Hash of what the reference log-probs depend on: the model's files and the frozen
     weights in memory, the reference adapter, the ``ref_cache`` config keys (compute dtype
     resolved), the reductions and every pair's tokens."""
     h = hashlib.sha256()
-    model_path = Path(model_path)
-    if model_path.is_dir():
+    if model_path is not None and Path(model_path).is_dir():
+        model_path = Path(model_path)
         for p in sorted(model_path.glob("*.safetensors")) + sorted(model_path.glob("config.json")):
             _hash_file(h, p)
     else:
@@ -121,7 +122,7 @@ def compute_reference_logps(model, pairs: List[TokenizedPair], cfg: DPOConfig, c
 
 
 def precompute_reference_logps(model, pairs: List[TokenizedPair], cfg: DPOConfig, collate: Callable, *,
-                               reductions: List[str], model_path: Path, split: str = "train",
+                               reductions: List[str], model_path: Optional[Path], split: str = "train",
                                log: Callable = print, initial: bool = True) -> Tuple[Dict[str, np.ndarray], int]:
     """Load the cached reference log-probs for ``pairs``, or compute and cache them.
 

@@ -36,7 +36,7 @@ from .config import ConfigError, DPOConfig, resolve_config
 from .data import TokenizedPair, load_datasets
 from .io import atomic_write_text
 from .adapters import adapter_config, reference_mode, sync_reference
-from .model import count_parameters, load_model, setup_trainable
+from .model import count_parameters, load_model, prepare_model, setup_trainable
 from .perf import Throughput, warn_if_too_big
 from .prefix import use_prefix_sharing
 from .reference import precompute_reference_logps
@@ -88,7 +88,13 @@ class DPOTrainer:
             if tokenizer is None and train_pairs is None:
                 raise ConfigError("DPOTrainer(model=...) needs tokenizer= too (to tokenize the data), or "
                                   "train_pairs= with the pairs already tokenized")
+            model = prepare_model(model, cfg)
             self.model_path = Path(cfg.model)
+            if cfg.model == DPOConfig.__dataclass_fields__["model"].default:
+                self.log("note: DPOTrainer(model=...) with the default cfg.model: the saved adapter_config.json "
+                         "cannot name the base model; set DPOConfig(model=...) to its directory or Hub id so "
+                         "export and mlx_lm can find it (or pass --model to mlx-dpo export)")
+                self.model_path = None
         self.model, self.tokenizer = model, tokenizer
         if train_pairs is None:
             train_pairs, eval_pairs = load_datasets(cfg, tokenizer, log=self.log)
@@ -371,8 +377,11 @@ class DPOTrainer:
         return path
 
     def adapter_config(self) -> dict:
-        """mlx-lm's ``adapter_config.json`` for this run."""
-        base = self.cfg.model if self.cfg.model.startswith("toy:") else str(self.model_path)
+        """mlx-lm's ``adapter_config.json`` for this run (``model: null`` when the base is unknown)."""
+        if self.model_path is None:
+            base = None
+        else:
+            base = self.cfg.model if self.cfg.model.startswith("toy:") else str(self.model_path)
         return adapter_config(self.cfg, self.num_layers, base)
 
     def save(self, directory: Optional[Path] = None) -> Path:

@@ -1,5 +1,6 @@
 """The Python API as notebooks use it: evaluate before train, the mode after train, passed models."""
 
+import json
 import math
 
 import mlx.core as mx
@@ -52,3 +53,44 @@ def test_a_passed_model_needs_a_tokenizer_or_tokenized_pairs(llama_dir, toy_data
     model, _, _ = load_model(cfg)
     with pytest.raises(ConfigError, match="needs tokenizer="):
         DPOTrainer(cfg, model=model, **QUIET)
+
+
+def test_a_passed_model_is_quantized_and_cast_like_a_loaded_one(llama_dir, toy_data_dir, tmp_path):
+    """model= goes through the same preparation as cfg.model: quantize, compute dtype, frozen base."""
+    import mlx.nn as nn
+    from mlx_lm.utils import load as mlx_load
+
+    raw, tok = mlx_load(str(llama_dir))  # as a notebook would load it: float, not quantized
+    cfg = cfg_for(llama_dir, toy_data_dir, tmp_path, quantize={"bits": 4, "group_size": 32})
+    trainer = DPOTrainer(cfg, model=raw, tokenizer=tok, **QUIET)
+    loaded = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path / "b", quantize={"bits": 4, "group_size": 32}),
+                        **QUIET)
+    kinds = lambda t: sorted({type(m).__name__ for _, m in t.model.named_modules()})  # noqa: E731
+    assert kinds(trainer) == kinds(loaded) and any(isinstance(m, nn.QuantizedLinear)
+                                                   for _, m in trainer.model.named_modules())
+    assert trainer.num_parameters == loaded.num_parameters
+    # a model from load_model(cfg) passed back with the same cfg is not quantized twice
+    model, tok2, _ = load_model(cfg)
+    DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path / "c", quantize={"bits": 4, "group_size": 32}),
+               model=model, tokenizer=tok2, **QUIET)
+    with pytest.raises(ConfigError, match="already quantized"):
+        DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path / "d", quantize={"bits": 8, "group_size": 64}),
+                   model=model, tokenizer=tok2, **QUIET)
+
+
+def test_a_passed_model_without_cfg_model_does_not_name_the_toy_base(llama_dir, toy_data_dir, tmp_path):
+    from mlx_lm.utils import load as mlx_load
+
+    raw, tok = mlx_load(str(llama_dir))
+    lines = []
+    cfg = DPOConfig(data=str(toy_data_dir), output_dir=str(tmp_path / "run"), max_steps=1, batch_size=4,
+                    progress_bar=False, eval_steps=0, cache_dir=str(tmp_path / "cache"))
+    trainer = DPOTrainer(cfg, model=raw, tokenizer=tok, log=lines.append)
+    assert any("cannot name the base model" in line for line in lines)
+    trainer.train()
+    saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert saved["model"] is None and saved["base_model"] is None
+    named = DPOTrainer(DPOConfig(model=str(llama_dir), data=str(toy_data_dir), output_dir=str(tmp_path / "n"),
+                                 max_steps=1, batch_size=4, progress_bar=False, eval_steps=0),
+                       model=mlx_load(str(llama_dir))[0], tokenizer=tok, **QUIET)
+    assert named.adapter_config()["model"] == str(llama_dir)
