@@ -49,7 +49,6 @@ DEFAULT_LORA_TARGETS = (
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
-DATA_FORMATS = ("auto", "standard", "conversational", "implicit")  # auto + mlx_dpo.data.formats.FORMATS (tested)
 
 
 ROLES = ("model", "adapter", "reference", "data", "loss", "optim", "run")
@@ -135,8 +134,9 @@ class DPOConfig:
                                 "data")
     eval_dataset_split: Optional[str] = option(None, "Evaluation split of data (or of eval_data).", "data",
                                                resume="note")
-    data_format: str = option("auto", "auto, standard (prompt/chosen/rejected strings), conversational (message "
-                              "lists) or implicit (chosen/rejected sharing a prompt).", "data")
+    data_format: str = option("auto", "auto (detected per file), or a format of mlx_dpo/data/formats.py: standard "
+                              "(prompt/chosen/rejected strings), conversational (message lists), implicit "
+                              "(chosen/rejected sharing a prompt).", "data")
     columns: Optional[dict] = option(None, "Column mapping, e.g. {prompt: question, chosen: response_j, rejected: "
                                      "response_k}.", "data")
     prompt_template: Optional[str] = option(None, "Template wrapping string prompts, e.g. 'Question: "
@@ -262,7 +262,6 @@ def _check_choices(cfg: DPOConfig) -> None:
     _check_choice("train_type", cfg.train_type, ("adapter", "full"))
     _check_choice("adapter", cfg.adapter, ("lora", "dora"))
     _check_choice("reference", cfg.reference, ("base", "adapter"))
-    _check_choice("data_format", cfg.data_format, DATA_FORMATS)
     _check_choice("truncation_mode", cfg.truncation_mode, ("keep_end", "keep_start"))
     _check_choice("lr_scheduler_type", cfg.lr_scheduler_type, LR_SCHEDULERS)
     _check_choice("compute_dtype", cfg.compute_dtype, ("auto", "float32", "bfloat16", "float16"))

@@ -34,6 +34,7 @@ from .batching import Batch, BatchSampler, collate, eval_batches
 from .callbacks import CallbackList, console, default_callbacks
 from .config import ConfigError, DPOConfig, resolve_config
 from .data import TokenizedPair, load_datasets
+from .data.formats import check_data_format
 from .io import atomic_write_text
 from .adapters import adapter_config, reference_mode, sync_reference
 from .model import count_parameters, load_model, prepare_model, setup_trainable
@@ -79,6 +80,7 @@ class DPOTrainer:
         self.cfg = cfg
         self.log = log or console
         losses.validate_loss_config(cfg)
+        check_data_format(cfg)
         self.output_dir = check_output_dir(cfg)
         self.resume_path = check_resume(cfg, self.output_dir, self.log)
         mx.random.seed(cfg.seed)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mlx_dpo import data as data_mod
-from mlx_dpo.config import DATA_FORMATS, DPOConfig
+from mlx_dpo.config import DPOConfig
 from mlx_dpo.data import DataError, formats, extract_prompt, load_datasets, parse_split, tokenize_pairs
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
@@ -224,9 +224,18 @@ def test_a_new_format_is_one_class_in_the_registry(bpe_tok, tmp_path, monkeypatc
     assert len(train) == 3 and bpe_tok.decode(train[0].prompt) == "<s>Q: " + PAIR["prompt"]
 
 
-def test_data_format_choices_are_the_registry():
-    """config.py cannot import the data package, so it lists the names; they must match."""
-    assert DATA_FORMATS == ("auto", *formats.format_names())
+def test_data_format_choices_are_the_registry(bpe_tok, tmp_path, monkeypatch):
+    """data_format accepts auto and the registered formats' names, and a new one once registered."""
+    from mlx_dpo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data_format must be one of auto, standard, conversational, implicit; "
+                                          "got 'ranked'"):
+        load(bpe_tok, tmp_path, data_format="ranked")
+    monkeypatch.setattr(formats, "FORMATS", [*formats.FORMATS, Ranked])
+    ranked = {"prompt": PAIR["prompt"], "responses": [" sun moon.", " cat dog."], "scores": [0.1, 0.9]}
+    path = write_jsonl(tmp_path / "forced.jsonl", [ranked] * 2)
+    train, _, _ = load(bpe_tok, tmp_path, data=str(path), data_format="ranked")
+    assert len(train) == 2
 
 
 # ---------------------------------------------------------------------------

@@ -120,6 +120,7 @@ def _tokenize_and_cache(cfg: DPOConfig, tokenizer, plan: dict, path: Path, log) 
 
 def load_datasets(cfg: DPOConfig, tokenizer, log=print) -> Tuple[List[TokenizedPair], List[TokenizedPair]]:
     """Read, validate and tokenize the train and eval sets (cached); log truncation counts."""
+    formats.check_data_format(cfg)
     plan = plan_sources(cfg)
     if plan["eval"] and cfg.eval_split > 0:
         log(f"warning: eval_split {cfg.eval_split} is not used: the eval set comes from "

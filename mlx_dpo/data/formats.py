@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from typing import Any, List, Tuple, Union
 
-from ..config import DPOConfig
+from ..config import ConfigError, DPOConfig
 from .base import DataError, Row
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -271,6 +271,14 @@ FORMATS: List[type] = [Standard, Conversational, Implicit]  # detection order
 def format_names() -> tuple:
     """The ``data_format`` values besides ``auto``."""
     return tuple(fmt.name for fmt in FORMATS)
+
+
+def check_data_format(cfg: DPOConfig) -> None:
+    """``data_format`` is ``auto`` or a registered format (checked before anything loads;
+    config.py sits below this package, so the choices are checked here)."""
+    choices = ("auto", *format_names())
+    if cfg.data_format not in choices:
+        raise ConfigError(f"data_format must be one of {', '.join(choices)}; got {cfg.data_format!r}")
 
 
 def get_format(name: str) -> type:
