@@ -8,6 +8,7 @@ on resume, the records and checkpoints newer than the resumed step.
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -16,6 +17,47 @@ from . import checkpoint
 from .config import ConfigError, DPOConfig
 
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".mlx_dpo.lock"
+
+
+class RunLock:
+    """An exclusive lock on a run directory, so two runs never write into one.
+
+    ``fcntl.flock`` on ``OUTPUT_DIR/.mlx_dpo.lock``: the OS drops it when the holder exits,
+    also on ``kill -9``, so a stale lock is simply taken over. The file holds the holder's
+    pid, for the message."""
+
+    def __init__(self, output_dir: Path):
+        self.path = Path(output_dir) / LOCK_FILE
+        self.fd: Optional[int] = None
+
+    def check(self) -> None:
+        """Refuse now if another process holds the lock (creates nothing)."""
+        if self.path.is_file() and self.fd is None:
+            self.acquire()
+            self.release()
+
+    def acquire(self) -> None:
+        if self.fd is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(f"output_dir: {self.path.parent} is in use by another run (pid {holder}); wait for "
+                              "it to finish, stop it, or choose another output_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
 
 
 def check_output_dir(cfg: DPOConfig) -> Path:

@@ -41,7 +41,7 @@ from .model import count_parameters, load_model, prepare_model, setup_trainable
 from .perf import Throughput, warn_if_too_big
 from .prefix import use_prefix_sharing
 from .reference import precompute_reference_logps
-from .rundir import METRICS_FILE, check_output_dir, check_resume, prepare_output_dir
+from .rundir import METRICS_FILE, RunLock, check_output_dir, check_resume, prepare_output_dir
 from .schedule import build_schedule
 from .state import TrainState
 from .steps import build_steps, reference_logps
@@ -82,6 +82,8 @@ class DPOTrainer:
         losses.validate_loss_config(cfg)
         check_data_format(cfg)
         self.output_dir = check_output_dir(cfg)
+        self.lock = RunLock(self.output_dir)
+        self.lock.check()  # another run in this output_dir: refuse before loading anything
         self.resume_path = check_resume(cfg, self.output_dir, self.log)
         mx.random.seed(cfg.seed)
         if model is None:
@@ -229,7 +231,15 @@ class DPOTrainer:
     # ------------------------------------------------------------------ training
     def train(self) -> TrainResult:
         """Train to ``state.max_steps``, checkpointing every ``save_steps`` and at the end.
-        SIGINT/SIGTERM: finish the step, checkpoint, raise ``TrainingInterrupted``."""
+        SIGINT/SIGTERM: finish the step, checkpoint, raise ``TrainingInterrupted``.
+        The output directory is locked while it runs (a second run there is refused)."""
+        self.lock.acquire()
+        try:
+            return self._train()
+        finally:
+            self.lock.release()
+
+    def _train(self) -> TrainResult:
         self.state.log_history = prepare_output_dir(self.output_dir, self.step, self.resume_path is not None,
                                                     self.cfg.overwrite_output_dir, self.log)
         checkpoint.run_config(self.cfg).save(self.output_dir / "config.yaml")
