@@ -240,7 +240,7 @@ def length_figure(Figure, lengths: Dict[str, dict]):
     for i, (data, names) in enumerate(same.items()):
         for j, (side, values) in enumerate(zip(("chosen", "rejected"), data)):
             label = f"{side} (mean {np.mean(values):.0f})"
-            label = label if len(same) == 1 else f"{', '.join(names)}: {label}"
+            label = label if len(lengths) == 1 else f"{', '.join(names)}: {label}"
             ax.hist(values, bins=bins, histtype="step", linewidth=1.8, label=label, **_style(i, j, 2))
     ax.set_title("Training data: completion lengths (a length gap is what DPO may learn)", fontsize=10)
     ax.set_xlabel("completion length (characters, before tokenization)")
