@@ -13,7 +13,8 @@ eval results) and warns, one line through ``log`` each, when
   sigmoid loss is ~2e-9 there, every pair is saturated and what still grows is drift);
 - ``grad_norm_spike``: ``grad_norm`` > 10x the median of the last 20 logged values.
 
-Each kind is said at most once per ``every`` logging steps. The warnings are also added
+Each kind is said at most once per ``every`` logging steps; a resumed run replays its
+history first, so it warns as the run straight through would. The warnings are also added
 to the record under ``warnings`` (``{kind: message}``); :func:`~mlx_dpo.callbacks.default_callbacks`
 puts this monitor before the metrics file writer, so they land in ``metrics.jsonl``.
 """
@@ -52,7 +53,14 @@ class HealthMonitor(TrainerCallback):
         return cls(log, warmup_steps=cfg.warmup_steps, warmup_ratio=cfg.warmup_ratio)
 
     def on_train_begin(self, state) -> None:
+        """Fix the warmup; after a resume, replay the logged records (silently), so the
+        streaks, medians and rate limits are those of a run straight through."""
         self.warmup_steps = self.warmup_steps or math.ceil(self.warmup_ratio * state.max_steps)
+        for record in state.log_history:
+            self.logged += 1
+            self.check(record)
+            for kind in record.get("warnings") or {}:
+                self.last_warned[kind] = self.logged
 
     def on_log(self, state, record: dict) -> None:
         self.logged += 1

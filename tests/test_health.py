@@ -117,3 +117,14 @@ def test_eval_on_start_not_again_on_resume_and_health_warnings_off(llama_dir, to
     records = read_metrics(out)
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
     assert all("warnings" not in r for r in records)
+
+
+def test_a_resumed_run_warns_as_the_run_straight_through(llama_dir, toy_data_dir, tmp_path):
+    kw = dict(learning_rate=1e-9, max_steps=6)
+    DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path / "straight", **kw), log=lambda m: None).train()
+    split = tmp_path / "split"
+    DPOTrainer(cfg_for(llama_dir, toy_data_dir, split, **{**kw, "max_steps": 2}), log=lambda m: None).train()
+    DPOTrainer(cfg_for(llama_dir, toy_data_dir, split, resume_from_checkpoint="latest", **kw),
+               log=lambda m: None).train()
+    warnings = [[r.get("warnings") for r in read_metrics(out)] for out in (tmp_path / "straight", split)]
+    assert warnings[0] == warnings[1] and warnings[0][2] is not None  # loss_at_ln2 at step 3, after the resume
