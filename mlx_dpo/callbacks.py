@@ -118,6 +118,9 @@ def console(message: str) -> None:
     tqdm.write(str(message))
 
 
-def default_callbacks(metrics_file: Path, log: Callable, progress_bar: bool, extra: Optional[Iterable] = ()) -> list:
-    """The metrics file, the console lines, the bar (if on), then the user's callbacks."""
-    return [JSONLWriter(metrics_file), ConsoleLogger(log), *([ProgressBar()] if progress_bar else []), *(extra or ())]
+def default_callbacks(metrics_file: Path, log: Callable, progress_bar: bool, extra: Optional[Iterable] = (),
+                      health: Optional[TrainerCallback] = None) -> list:
+    """The health monitor (if given: first, so the ``warnings`` it adds to a record are
+    written), the metrics file, the console lines, the bar (if on), then the user's callbacks."""
+    return [*([health] if health is not None else []), JSONLWriter(metrics_file), ConsoleLogger(log),
+            *([ProgressBar()] if progress_bar else []), *(extra or ())]

@@ -140,6 +140,25 @@ def plan(config_file, memory_budget_gb, steps, json_out, **kwargs):
 
 
 @main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--output", "-o", default=None, type=click.Path(file_okay=False),
+              help="Directory for the PNGs and report.html [default: the first RUN_DIR/report].")
+def report(run_dirs, output):
+    """Plot what DPO did: PNGs and one self-contained report.html from each run's
+    metrics.jsonl and config.yaml; several runs overlay on the same axes."""
+    from .report import ReportError
+    from .report import report as make_report
+
+    try:
+        path, notes = make_report(run_dirs, output)
+    except ReportError as e:
+        _fail(e)
+    for note in notes:
+        click.echo(f"note: {note}")
+    click.echo(f"report: {path}")
+
+
+@main.command()
 @click.option("--adapter-path", required=True, type=click.Path(exists=True, file_okay=False),
               help="Training run directory (adapters.safetensors + adapter_config.json).")
 @click.option("--output", "-o", required=True, type=click.Path(), help="Directory to create.")

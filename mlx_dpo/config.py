@@ -206,12 +206,17 @@ class DPOConfig:
     overwrite_output_dir: bool = option(False, "Start over in an output_dir that holds a run.")
     logging_steps: int = option(10, "Log metrics every N optimizer steps.")
     eval_steps: Optional[int] = option(None, "Evaluate every N steps (default: logging_steps); 0 disables.")
+    eval_on_start: bool = option(False, "Evaluate before the first step (logged as step 0: the untrained "
+                                 "baseline); not again on resume.")
     max_eval_batches: int = option(-1, "Evaluate on at most this many (evenly spaced) batches; -1 = all.")
     save_steps: int = option(500, "Save a resumable checkpoint every N steps (and at the end); 0 = only at the end.")
     save_total_limit: Optional[int] = option(None, "Keep only the newest N checkpoints.")
     resume_from_checkpoint: Optional[str] = option(None, "latest, a run directory or a checkpoints/step-N "
                                                    "directory to resume from.")
     progress_bar: bool = option(True, "Show a progress bar (metric lines are printed either way).")
+    health_warnings: bool = option(True, "Warn about unhealthy training (loss stuck at ln 2, chosen log-probs "
+                                   "below the reference, overfitting, exploding margins, grad_norm spikes); "
+                                   "also recorded under warnings in metrics.jsonl.")
 
     # ------------------------------------------------------------------------
     def __post_init__(self):

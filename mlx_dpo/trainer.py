@@ -30,13 +30,14 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from . import checkpoint, losses
+from .adapters import adapter_config, reference_mode, sync_reference
 from .batching import Batch, BatchSampler, collate, eval_batches
 from .callbacks import CallbackList, console, default_callbacks
 from .config import ConfigError, DPOConfig, resolve_config
 from .data import TokenizedPair, load_datasets
 from .data.formats import check_data_format
+from .health import HealthMonitor
 from .io import atomic_write_text
-from .adapters import adapter_config, reference_mode, sync_reference
 from .model import count_parameters, load_model, prepare_model, setup_trainable
 from .perf import Throughput, warn_if_too_big
 from .prefix import use_prefix_sharing
@@ -119,8 +120,9 @@ class DPOTrainer:
         self.state = TrainState(max_steps=self.total_steps, num_batches=len(self.sampler),
                                 data_fingerprint=checkpoint.data_fingerprint(self.train_pairs),
                                 sampler=self.sampler.state, loss_state=losses.init_loss_state(cfg))
+        health = HealthMonitor.from_config(cfg, self.log) if cfg.health_warnings else None
         self.callbacks = CallbackList(default_callbacks(self.output_dir / METRICS_FILE, self.log, cfg.progress_bar,
-                                                        callbacks))
+                                                        callbacks, health))
         self.ref_cache: Dict[str, Dict[str, np.ndarray]] = {}
         self.reference_forwards = 0
         self.trace_count = 0
@@ -273,6 +275,8 @@ class DPOTrainer:
                         cfg.gradient_checkpointing, self.log)
         self.throughput = Throughput()
         self.callbacks.on_train_begin(state)
+        if cfg.eval_on_start and state.step == 0 and self.eval_pairs:
+            self._log_and_evaluate(start=True)
         while state.step < state.max_steps:
             if stop.signum is not None:
                 self._stop(stop.signum)
@@ -302,7 +306,7 @@ class DPOTrainer:
         self.log(self.throughput.report(self.model, self.use_reference and not self.precompute))
         final = state.log_history[-1] if state.log_history else {}
         return TrainResult(self.output_dir, state.step,
-                           {k: v for k, v in final.items() if not k.startswith("eval_")},
+                           {k: v for k, v in final.items() if not k.startswith("eval_") and k != "warnings"},
                            dict(state.window.last_eval), state.log_history)
 
     def _accumulate(self, batches):
@@ -329,19 +333,20 @@ class DPOTrainer:
             grads_sum = tree_map(lambda g: g / accum, grads_sum)
         return grads_sum, metrics, tokens
 
-    def _log_and_evaluate(self, learning_rate: float) -> None:
-        """At a logging step: the window's means as a record; at an eval step: evaluate and
-        add the ``eval_*`` metrics. The record goes to ``log_history`` and the callbacks."""
+    def _log_and_evaluate(self, learning_rate: float = 0.0, start: bool = False) -> None:
+        """At a logging step: the window's means as a record; at an eval step (or ``start``:
+        before step 1, ``eval_on_start``): evaluate and add the ``eval_*`` metrics. The record
+        goes to ``log_history`` and the callbacks."""
         cfg, state = self.cfg, self.state
         last = state.step == state.max_steps
         record = None
-        if state.step % cfg.logging_steps == 0 or last:
+        if not start and (state.step % cfg.logging_steps == 0 or last):
             record = {"step": state.step, "epoch": round(state.epoch, 4), **state.window.flush(),
                       "peak_memory_gb": peak_memory_gb(), "learning_rate": learning_rate}
             if cfg.skip_nonfinite_steps:
                 record["skipped_steps"] = state.skipped_steps
         eval_every = cfg.logging_steps if cfg.eval_steps is None else cfg.eval_steps
-        if eval_every and self.eval_pairs and (state.step % eval_every == 0 or last):
+        if start or (eval_every and self.eval_pairs and (state.step % eval_every == 0 or last)):
             state.window.last_eval = self.evaluate()
             self.callbacks.on_evaluate(state, state.window.last_eval)
             record = {**(record or {"step": state.step, "epoch": round(state.epoch, 4)}), **state.window.last_eval}
