@@ -153,7 +153,10 @@ def reference_mode(model: nn.Module) -> str:
 def last_blocks(model: nn.Module, num_layers: int) -> list:
     """The last ``num_layers`` transformer blocks (all of them for -1)."""
     blocks = model.layers
-    n = len(blocks) if num_layers < 0 else min(num_layers, len(blocks))
+    if num_layers > len(blocks):
+        raise ConfigError(f"num_layers is {num_layers} but the model has {len(blocks)} transformer blocks; "
+                          f"use -1 (all) or at most {len(blocks)}")
+    n = len(blocks) if num_layers < 0 else num_layers
     return blocks[len(blocks) - n:]
 
 

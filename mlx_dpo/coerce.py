@@ -21,11 +21,13 @@ def load_yaml(path: Union[str, Path]) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if values is None:
+        raise ConfigError(f"{path}: the file is empty; expected a mapping of config keys (see configs/toy.yaml)")
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
     return values

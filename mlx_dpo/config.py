@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -277,6 +278,12 @@ def _check_choices(cfg: DPOConfig) -> None:
 
 def _check_ranges(cfg: DPOConfig) -> None:
     """Numeric options out of their range."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number, got {value}")
+    if cfg.max_steps == 0 or cfg.max_steps < -1:
+        raise ConfigError(f"max_steps must be -1 (train num_train_epochs) or >= 1, got {cfg.max_steps}")
     for name in ("lora_rank", "batch_size", "gradient_accumulation_steps", "logging_steps",
                  "ref_model_sync_steps"):
         if getattr(cfg, name) < 1:

@@ -107,6 +107,7 @@ class DPOTrainer:
         self.pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
         self.prefix_sharing = use_prefix_sharing(cfg.prefix_sharing, model)
         self.use_reference = losses.needs_reference(cfg)
+        self._warn_unused_settings()
         self.precompute = cfg.precompute_ref_log_probs or (cfg.train_type == "full" and self.use_reference)
         self.num_layers = setup_trainable(model, cfg, self.use_reference)
         self.num_parameters, trainable = count_parameters(model)
@@ -131,9 +132,22 @@ class DPOTrainer:
             self.state = checkpoint.restore(checkpoint.load_checkpoint(self.resume_path), self.state, self.model,
                                             self.optimizer)
             self.sampler.state = self.state.sampler
+            if self.step > self.total_steps:
+                raise ConfigError(f"max_steps is {self.total_steps} but the checkpoint {self.resume_path} is at "
+                                  f"step {self.step}; set max_steps >= {self.step} to continue it")
             self.log(f"resumed from {self.resume_path} (step {self.step})")
 
     # ------------------------------------------------------------------ setup
+    def _warn_unused_settings(self) -> None:
+        """Settings that are valid but would do nothing in this run: one line each."""
+        cfg = self.cfg
+        if cfg.eval_steps and not self.eval_pairs:
+            self.log(f"warning: eval_steps is {cfg.eval_steps} but there is no eval data (set eval_data, "
+                     "eval_dataset_split or eval_split); nothing will be evaluated")
+        if cfg.reference == "adapter" and not self.use_reference:
+            self.log(f"warning: loss {cfg.loss_type} is reference-free, so ref_adapter_path "
+                     f"({cfg.ref_adapter_path}) only initialises the policy; it is not used as a reference")
+
     def _build_optimizer(self) -> None:
         cfg = self.cfg
         if cfg.max_steps > 0:
@@ -142,6 +156,9 @@ class DPOTrainer:
             per_epoch = max(1, len(self.sampler) // cfg.gradient_accumulation_steps)
             self.total_steps = max(1, math.ceil(cfg.num_train_epochs * per_epoch))
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
+        if warmup >= self.total_steps:
+            self.log(f"warning: warmup ({warmup} steps) is not shorter than the run ({self.total_steps} steps): "
+                     "the learning rate never reaches learning_rate; lower warmup_steps/warmup_ratio")
         if warmup and cfg.lr_scheduler_type == "constant":
             self.log("warning: lr_scheduler_type 'constant' has no warmup (as in transformers); "
                      "use 'constant_with_warmup' for warmup_steps/warmup_ratio to apply")

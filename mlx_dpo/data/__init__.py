@@ -90,6 +90,9 @@ def load_records(cfg: DPOConfig, plan: Optional[dict] = None) -> Tuple[List[Row]
         order = list(range(len(train)))
         rng.shuffle(order)
         n_eval = max(1, int(round(cfg.eval_split * len(train))))
+        if n_eval >= len(train):
+            raise DataError(f"eval_split {cfg.eval_split} of {len(train)} records holds out {n_eval}, leaving no "
+                            "training data; lower eval_split or pass eval_data")
         held = set(order[:n_eval])
         evals = [r for i, r in enumerate(train) if i in held]
         train = [r for i, r in enumerate(train) if i not in held]
@@ -137,5 +140,15 @@ def load_datasets(cfg: DPOConfig, tokenizer, log=print) -> Tuple[List[TokenizedP
         if stats.get(name):
             log(_summary(name, stats[name]) + source)
     if not train:
-        raise DataError(f"data: no usable training pairs in {cfg.data}")
+        raise DataError(f"data: no usable training pairs in {cfg.data}" + _why_none(stats.get("train"), cfg))
     return train, evals
+
+
+def _why_none(stats: Optional[dict], cfg: DPOConfig) -> str:
+    """The setting to change when every pair was dropped."""
+    if stats and stats["pairs"] and stats["dropped_too_long"] == stats["pairs"]:
+        return (f": every prompt fills max_length ({cfg.max_length}) after truncation to max_prompt_length "
+                f"({cfg.max_prompt_length}); raise max_length above max_prompt_length or lower max_prompt_length")
+    if stats and stats["pairs"] and stats["dropped_identical"] == stats["pairs"]:
+        return ": every pair has chosen == rejected"
+    return ""

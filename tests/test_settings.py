@@ -1,0 +1,67 @@
+"""Settings that would be silently wrong are errors naming the key, or one clear warning."""
+
+import pytest
+
+from mlx_dpo import DPOConfig, DPOTrainer
+from mlx_dpo.config import ConfigError, resolve_config
+from mlx_dpo.data import DataError
+from mlx_dpo.toy import write_jsonl
+
+
+def cfg_for(model_dir, data_dir, tmp_path, **kw):
+    values = dict(model=str(model_dir), data=str(data_dir), output_dir=str(tmp_path / "run"), max_steps=2,
+                  batch_size=4, progress_bar=False, eval_steps=0, cache_dir=str(tmp_path / "cache"))
+    values.update(kw)
+    return DPOConfig(**values)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"beta": float("nan")}, "beta must be a finite number, got nan"),
+    ({"learning_rate": float("inf")}, "learning_rate must be a finite number, got inf"),
+    ({"max_steps": -5}, r"max_steps must be -1 \(train num_train_epochs\) or >= 1, got -5"),
+    ({"max_steps": 0}, "max_steps must be -1"),
+])
+def test_values_that_pass_types_but_make_no_run(values, message):
+    with pytest.raises(ConfigError, match=message):
+        DPOConfig(**values)
+
+
+def test_an_empty_yaml_file_is_an_error(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing here\n")
+    with pytest.raises(ConfigError, match="empty.yaml: the file is empty"):
+        resolve_config(path)
+
+
+def test_num_layers_larger_than_the_model(llama_dir, toy_data_dir, tmp_path):
+    with pytest.raises(ConfigError, match="num_layers is 99 but the model has 2 transformer blocks"):
+        DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path, num_layers=99), log=lambda *a: None)
+
+
+def test_eval_split_that_leaves_no_training_data(llama_dir, tmp_path):
+    path = tmp_path / "two.jsonl"
+    write_jsonl(path, [{"prompt": "a b", "chosen": " c", "rejected": " d"},
+                       {"prompt": "e f", "chosen": " g", "rejected": " h"}])
+    with pytest.raises(DataError, match="eval_split 0.9 of 2 records holds out 2, leaving no training data"):
+        DPOTrainer(cfg_for(llama_dir, path, tmp_path, eval_split=0.9, batch_size=1), log=lambda *a: None)
+
+
+def test_every_pair_dropped_names_the_length_settings(llama_dir, toy_data_dir, tmp_path):
+    with pytest.raises(DataError, match="raise max_length above max_prompt_length"):
+        DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path, max_length=4, max_prompt_length=8),
+                   log=lambda *a: None)
+
+
+def test_warnings_for_settings_that_do_nothing(llama_dir, toy_data_dir, tmp_path):
+    lines = []
+    DPOTrainer(cfg_for(llama_dir, toy_data_dir / "train.jsonl", tmp_path, eval_steps=5, warmup_steps=2),
+               log=lines.append)
+    assert any("eval_steps is 5 but there is no eval data" in line for line in lines)
+    assert any("warmup (2 steps) is not shorter than the run (2 steps)" in line for line in lines)
+
+
+def test_resume_with_max_steps_below_the_checkpoint(llama_dir, toy_data_dir, tmp_path):
+    DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path, max_steps=3, save_steps=2), log=lambda *a: None).train()
+    cfg = cfg_for(llama_dir, toy_data_dir, tmp_path, max_steps=1, resume_from_checkpoint="latest")
+    with pytest.raises(ConfigError, match="max_steps is 1 but the checkpoint .* is at step 3; set max_steps >= 3"):
+        DPOTrainer(cfg, log=lambda *a: None)
