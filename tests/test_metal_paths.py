@@ -127,3 +127,58 @@ def test_prefix_masks_hold_no_infinity_in_float16():
     for mask in prefix_masks(mx.array([1, 4, 6]), 6, 3):
         assert mask.dtype == mx.bool_ or bool(mx.isfinite(mask.astype(mx.float16)).all())
         assert bool(mask.any(axis=-1).all())  # no empty row
+
+
+# --------------------------------------------------------------------------- memory probe, compute_dtype
+
+
+METAL_INFO = {"architecture": "applegpu_g15s", "device_name": "Apple M3 Pro", "memory_size": 36 * 2**30,
+              "max_recommended_working_set_size": 27 * 2**30, "max_buffer_size": 20 * 2**30, "resource_limit": 499000}
+
+
+def test_memory_is_metals_recommended_working_set(llama_dir, monkeypatch):
+    """``mx.device_info()`` (MLX >= 0.29; ``mx.metal.device_info`` is deprecated) reports the
+    recommended working set on Metal: it, not the physical RAM, bounds the memory warning.
+    The CPU backend reports no memory size: physical RAM; CUDA reports ``total_memory``."""
+    import os
+
+    assert perf.system_memory_bytes() == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    model, _, _ = load_model(DPOConfig(model=str(llama_dir)))
+    pairs = random_pairs(4, 200)
+    for recommended, warns in ((27 * 2**30, False), (2**20, True)):
+        monkeypatch.setattr(mx, "device_info", lambda *a, **k: {**METAL_INFO,
+                                                                "max_recommended_working_set_size": recommended})
+        assert perf.system_memory_bytes() == recommended
+        lines = []
+        perf.warn_if_too_big(model, pairs, 4, False, False, log=lines.append)
+        assert bool(lines) == warns and (not warns or f"{recommended / 1e9:.1f} GB available" in lines[0])
+    monkeypatch.setattr(mx, "device_info", lambda *a, **k: {"device_name": "NVIDIA H100", "total_memory": 80 * 2**30})
+    assert perf.system_memory_bytes() == 80 * 2**30
+
+
+@pytest.fixture(scope="module")
+def bf16_dir(tmp_path_factory):
+    return build_toy_model(tmp_path_factory.mktemp("bf16") / "model", arch="llama", dtype="bfloat16")
+
+
+def float_dtypes(module):
+    return {v.dtype for _, v in tree_flatten(module.parameters()) if mx.issubdtype(v.dtype, mx.floating)}
+
+
+def test_compute_dtype_auto_keeps_the_checkpoint_dtype_on_metal(bf16_dir, tmp_path, monkeypatch):
+    """``auto``: float32 on the CPU backend, the checkpoint's bfloat16 on Metal, where full
+    fine-tuning then holds the trained block in float32 and the frozen ones in bfloat16."""
+    cfg = DPOConfig(model=str(bf16_dir), output_dir=str(tmp_path / "run"), train_type="full", num_layers=1,
+                    batch_size=4, max_steps=1, progress_bar=False, seed=0)
+    assert model_lib.compute_dtype(cfg) == mx.float32
+    assert float_dtypes(load_model(cfg)[0]) == {mx.float32}
+    on_metal(monkeypatch)
+    assert model_lib.compute_dtype(cfg) is None
+    assert model_lib.compute_dtype(DPOConfig(compute_dtype="float16")) == mx.float16  # explicit wins
+    trainer = DPOTrainer(cfg, train_pairs=random_pairs(4, 200), log=lambda *a: None)
+    assert float_dtypes(trainer.model.layers[0]) == float_dtypes(trainer.model.model.embed_tokens) == {mx.bfloat16}
+    assert float_dtypes(trainer.model.layers[1]) == {mx.float32}
+    before = {k: np.array(v) for k, v in tree_flatten(trainer.model.trainable_parameters())}
+    trainer.train()
+    after = dict(tree_flatten(trainer.model.trainable_parameters()))
+    assert all(np.mean(np.array(after[k]) != v) > 0.95 for k, v in before.items())  # lr 1e-6 moves them
