@@ -109,14 +109,39 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 def setup_full_finetune(model: nn.Module, cfg: DPOConfig) -> int:
-    """Full fine-tuning of the last ``num_layers`` blocks (everything else frozen)."""
+    """Full fine-tuning of the last ``num_layers`` blocks (everything else frozen), their
+    weights held in float32 (``hold_master_weights``)."""
     blocks = last_blocks(model, cfg.num_layers)
     model.freeze()
     for block in blocks:
         if any(isinstance(m, nn.QuantizedLinear) for _, m in block.named_modules()):
             raise ConfigError("train_type: full needs a non-quantized model (remove quantize)")
+        hold_master_weights(block)
         block.unfreeze()
     return len(blocks)
+
+
+def hold_master_weights(block: nn.Module) -> None:
+    """Mixed precision for a trained block: its 16-bit weights become float32 master
+    weights (so AdamW's moments and updates are float32: in bfloat16 ``0.02 - 1e-6 ==
+    0.02``), cast back to their dtype for each call, so the block computes in the compute
+    dtype (a float32 weight would promote its activations to float32)."""
+    low = {k: v.dtype for k, v in tree_flatten(block.parameters()) if v.dtype in (mx.bfloat16, mx.float16)}
+    if not low:
+        return
+    block.load_weights([(k, v.astype(mx.float32)) for k, v in tree_flatten(block.parameters()) if k in low],
+                       strict=False)
+    fn = type(block).__call__
+
+    def cast_call(self, *args, **kwargs):
+        masters = self.parameters()
+        self.update(tree_unflatten([(k, v.astype(low[k])) for k, v in tree_flatten(masters) if k in low]))
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            self.update(masters)
+
+    block.__class__ = type(type(block).__name__ + "MasterWeights", (type(block),), {"__call__": cast_call})
 
 
 def count_parameters(model: nn.Module) -> Tuple[int, int]:
@@ -169,6 +194,6 @@ def checkpoint_block(block: nn.Module) -> None:
 
 __all__ = [
     "resolve_model_path", "compute_dtype", "load_model", "prepare_model", "is_quantized", "cast_floats",
-    "disable_dropout", "setup_full_finetune",
-    "count_parameters", "setup_trainable", "checkpoint_block",
+    "disable_dropout", "setup_full_finetune", "hold_master_weights", "count_parameters", "setup_trainable",
+    "checkpoint_block",
 ]

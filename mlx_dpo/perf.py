@@ -62,9 +62,10 @@ def mfu(tokens_per_second: float, flops_token: float, peak_gflops: float) -> flo
 
 
 def system_memory_bytes() -> int:
-    """Memory MLX may use: Metal's recommended working set, else physical RAM."""
+    """Memory MLX may use: Metal's recommended working set, else the device's memory
+    (``memory_size``; ``total_memory`` on CUDA), else physical RAM (the CPU backend)."""
     info = mx.device_info()
-    for key in ("max_recommended_working_set_size", "memory_size"):
+    for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
         if info.get(key):
             return int(info[key])
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

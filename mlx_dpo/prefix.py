@@ -24,9 +24,6 @@ import mlx.nn as nn
 
 from .architectures import has_feature, model_type, with_feature
 
-NEG = -1e9  # additive mask value (finite: no NaN for fully padded rows)
-
-
 def supports_prefix_sharing(model: nn.Module) -> bool:
     """An architecture with ``prefix_sharing`` (``architectures.py``), without sliding windows."""
     inner = getattr(model, "model", None)
@@ -64,21 +61,19 @@ class _PrefixKV:
         return mx.concatenate([pk, keys], axis=2), mx.concatenate([pv, values], axis=2)
 
 
-def prefix_masks(prompt_lens: mx.array, p: int, c: int, reps: int = 2, dtype=mx.float32):
-    """Additive masks: prompts (B, 1, P, P) causal with left-pad keys hidden (a pad
-    query still sees itself, so no row is empty); completions (reps*B, 1, C, P + C):
+def prefix_masks(prompt_lens: mx.array, p: int, c: int, reps: int = 2):
+    """Boolean masks (True = attend; mlx-lm's own convention, exact in every dtype, where an
+    additive -1e9 is -inf in float16): prompts (B, 1, P, P) causal with left-pad keys hidden
+    (a pad query still sees itself, so no row is empty); completions (reps*B, 1, C, P + C):
     the real prompt keys + causal over the completion."""
     start = (p - prompt_lens)[:, None, None, None]  # first real prompt column
     qi = mx.arange(p)[:, None]
     kj = mx.arange(p)[None, :]
-    ok = (kj <= qi) & ((kj >= start) | (kj == qi))
-    prompt_mask = mx.where(ok, 0.0, NEG).astype(dtype)
-    prompt_keys = mx.where(kj[None, None] >= start, 0.0, NEG)  # (B, 1, 1, P)
-    prompt_keys = mx.broadcast_to(prompt_keys, (prompt_lens.shape[0], 1, c, p))
+    prompt_mask = (kj <= qi) & ((kj >= start) | (kj == qi))
+    prompt_keys = mx.broadcast_to(kj[None, None] >= start, (prompt_lens.shape[0], 1, c, p))  # (B, 1, C, P)
     prompt_keys = mx.concatenate([prompt_keys] * reps)
-    causal = mx.where(mx.arange(c)[None, :] <= mx.arange(c)[:, None], 0.0, NEG)
-    causal = mx.broadcast_to(causal, (prompt_keys.shape[0], 1, c, c))
-    return prompt_mask, mx.concatenate([prompt_keys, causal], axis=-1).astype(dtype)
+    causal = mx.broadcast_to(mx.arange(c)[None, :] <= mx.arange(c)[:, None], (prompt_keys.shape[0], 1, c, c))
+    return prompt_mask, mx.concatenate([prompt_keys, causal], axis=-1)
 
 
 def _block(layer, h, mask, offset, prefix=None):
@@ -111,7 +106,7 @@ def shared_prefix_hidden(model: nn.Module, batch: Dict[str, mx.array]) -> mx.arr
     reps = completion.shape[0] // prompt.shape[0]
 
     h = inner.embed_tokens(prompt)
-    prompt_mask, completion_mask = prefix_masks(lens, p, c, reps, h.dtype)
+    prompt_mask, completion_mask = prefix_masks(lens, p, c, reps)
     kvs = []
     for layer in inner.layers:
         h, kv = _block(layer, h, prompt_mask, 0)

@@ -206,7 +206,7 @@ def completion_lengths(config: dict) -> Tuple[Optional[dict], str]:
     """``({"chosen": [...], "rejected": [...]}, "")``: the characters of each training pair's
     completions, read from the local (or ``toy``) data ``config`` names; else ``(None, why)``."""
     from .config import DPOConfig
-    from .data import DataError, column_map, get_format, load_records
+    from .data import column_map, get_format, load_records
 
     data = config.get("data")
     if not data:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from ..config import DPOConfig
-from . import sources
+from . import formats, sources
 from .base import DataError, Row, TokenizedPair
 from .cache import cache_key, cache_path, load_cache, save_cache, tokenizer_fingerprint
 from .formats import (FIELDS, FORMATS, check_format_options, column_map, detect_format, extract_prompt, format_names,

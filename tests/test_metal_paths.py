@@ -1,0 +1,184 @@
+"""The branches a Mac takes, forced on the CPU backend (slowly) and checked against the
+float32 CPU path: MLX's fused quantized kernels, 16-bit prefix-sharing masks, the
+recommended working set, ``compute_dtype: auto``."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_dpo import logprobs, model as model_lib, perf, quant
+from mlx_dpo.adapters import add_adapters
+from mlx_dpo.batching import collate
+from mlx_dpo.config import DPOConfig
+from mlx_dpo.data import TokenizedPair
+from mlx_dpo.logprobs import completion_logps
+from mlx_dpo.model import load_model
+from mlx_dpo.toy import build_toy_model
+from mlx_dpo.trainer import DPOTrainer
+
+
+def on_metal(monkeypatch):
+    """``on_cpu()`` is False wherever it is looked up."""
+    for module in (quant, logprobs, model_lib):
+        monkeypatch.setattr(module, "on_cpu", lambda: False)
+
+
+def random_pairs(n, vocab, seed=0):
+    """Prompts of 1..12 tokens (different lengths, so prefix sharing pads), completions 1..8."""
+    rng = np.random.default_rng(seed)
+    draw = lambda lo, hi: [int(t) for t in rng.integers(4, vocab, rng.integers(lo, hi))]  # noqa: E731
+    return [TokenizedPair([1] + draw(0, 12), draw(0, 8) + [2], draw(0, 8) + [2]) for _ in range(n)]
+
+
+def randomize_lora_b(model, seed=1):
+    """Adapters that change the output (``lora_b`` starts at 0), so their gradients are non-trivial."""
+    for layer in [m for _, m in model.named_modules() if hasattr(m, "lora_b")]:
+        layer.lora_b = mx.random.normal(layer.lora_b.shape, key=mx.random.key(seed)) * 0.05
+
+
+# --------------------------------------------------------------------------- quantized kernels
+
+
+def qlora_step(model_dir, tmp_path, name):
+    """One compiled QLoRA step (live reference = the quantized base): loss, metrics, grads,
+    and how many times MLX's fused quantized kernels ran (QuantizedLinear / the tied head)."""
+    cfg = DPOConfig(model=str(model_dir), output_dir=str(tmp_path / name), quantize={"bits": 4, "group_size": 32},
+                    compute_dtype="float32", batch_size=4, max_steps=1, progress_bar=False, seed=0)
+    trainer = DPOTrainer(cfg, train_pairs=random_pairs(4, 200), log=lambda *a: None)
+    randomize_lora_b(trainer.model)
+    batch = trainer.to_device(trainer.collate(trainer.train_pairs, [0, 1, 2, 3]))
+    loss, metrics, _, grads, _ = trainer.grad_step(batch, trainer.loss_state)
+    return loss.item(), {k: v.item() for k, v in metrics.items()}, {k: np.array(v) for k, v in tree_flatten(grads)}
+
+
+@pytest.mark.parametrize("arch", ["llama_dir", "qwen2_dir"])  # qwen2: tied QuantizedEmbedding.as_linear head
+def test_fused_quantized_kernels_match_the_cpu_dequantize_path(arch, request, tmp_path, monkeypatch):
+    """Metal runs ``quantized_matmul`` (and the tied head's ``QuantizedEmbedding.as_linear``);
+    the CPU de-quantizes and runs a float32 GEMM. Same weights, so in float32 they differ
+    by summation order only (measured: equal loss, grads within 5e-7 of their max)."""
+    calls = {"linear": 0, "tied_head": 0}
+    linear_call, as_linear = nn.QuantizedLinear.__call__, nn.QuantizedEmbedding.as_linear
+
+    def count(key, fn):
+        return lambda self, x: calls.__setitem__(key, calls[key] + 1) or fn(self, x)
+
+    monkeypatch.setattr(nn.QuantizedLinear, "__call__", count("linear", linear_call))
+    monkeypatch.setattr(nn.QuantizedEmbedding, "as_linear", count("tied_head", as_linear))
+    loss_cpu, metrics_cpu, grads_cpu = qlora_step(request.getfixturevalue(arch), tmp_path, "cpu")
+    assert calls == {"linear": 0, "tied_head": 0}  # the CPU path de-quantizes
+    on_metal(monkeypatch)
+    loss, metrics, grads = qlora_step(request.getfixturevalue(arch), tmp_path, "metal")
+    assert calls["linear"] > 0 and (calls["tied_head"] > 0) == (arch == "qwen2_dir")
+
+    assert loss == pytest.approx(loss_cpu, abs=1e-6)
+    for k in metrics_cpu:
+        assert metrics[k] == pytest.approx(metrics_cpu[k], abs=1e-5), k
+    assert grads.keys() == grads_cpu.keys()
+    scale = max(np.abs(g).max() for g in grads_cpu.values())
+    assert scale > 1e-3  # non-trivial gradients
+    for k in grads_cpu:
+        np.testing.assert_allclose(grads[k], grads_cpu[k], atol=2e-5 * scale, rtol=1e-4, err_msg=k)
+
+
+# --------------------------------------------------------------------------- 16-bit prefix sharing
+
+
+def logps_and_grads(model_dir, dtype, prefix, n=5):
+    """Per-token log-probs and adapter gradients of ``n`` pairs in ``dtype``, with the
+    prompt shared or not; the same adapters in every call (seeded)."""
+    mx.random.seed(0)
+    cfg = DPOConfig(model=str(model_dir), compute_dtype=dtype)
+    model, _, _ = load_model(cfg)
+    add_adapters(model, cfg)
+    randomize_lora_b(model)
+    batch = {k: mx.array(v) for k, v in collate(random_pairs(n, 200, seed=3), list(range(n)), prefix=prefix)
+             .arrays().items()}
+    weights = mx.arange(batch["targets"].shape[1], dtype=mx.float32) + 1
+    _, grads = nn.value_and_grad(model, lambda m: (completion_logps(m, batch)["token_logps"] * weights).sum())(model)
+    out = completion_logps(model, batch)
+    return (np.array(out["token_logps"]), np.array(out["mask"]) > 0,
+            {k: np.array(v.astype(mx.float32)).ravel() for k, v in tree_flatten(grads)})
+
+
+@pytest.mark.parametrize("dtype, atol", [("bfloat16", 1e-2), ("float16", 2e-3)])
+def test_shared_prefix_in_16_bit_matches_unshared_and_float32(llama_dir, dtype, atol):
+    """Shared-prefix log-probs in bfloat16/float16 equal the unshared ones and float32's
+    within the dtype's rounding (measured max |diff| on log-probs ~ -6.2: bfloat16 2.4e-3,
+    float16 5e-4; hiding no left-pad key moves them by 0.59), gradients to cosine > 0.999
+    (measured >= 0.99989; that mutation: -0.27)."""
+    ref, mask, ref_grads = logps_and_grads(llama_dir, "float32", prefix=False)
+    for prefix in (False, True):
+        logps, _, grads = logps_and_grads(llama_dir, dtype, prefix)
+        assert np.isfinite(logps).all()
+        np.testing.assert_allclose(logps[mask], ref[mask], atol=atol, err_msg=f"prefix={prefix}")
+        for k, g in grads.items():
+            cosine = g @ ref_grads[k] / (np.linalg.norm(g) * np.linalg.norm(ref_grads[k]))
+            assert cosine > 0.999, f"prefix={prefix} {k}: cosine {cosine:.5f}"
+
+
+def test_prefix_masks_hold_no_infinity_in_float16():
+    """An additive -1e9 is -inf in float16: on Metal a tile of keys that is all -inf makes an
+    online softmax compute -inf - -inf = NaN. The masks are boolean (True = attend), exact in
+    every dtype, and every query sees at least itself."""
+    from mlx_dpo.prefix import prefix_masks
+
+    for mask in prefix_masks(mx.array([1, 4, 6]), 6, 3):
+        assert mask.dtype == mx.bool_ or bool(mx.isfinite(mask.astype(mx.float16)).all())
+        assert bool(mask.any(axis=-1).all())  # no empty row
+
+
+# --------------------------------------------------------------------------- memory probe, compute_dtype
+
+
+METAL_INFO = {"architecture": "applegpu_g15s", "device_name": "Apple M3 Pro", "memory_size": 36 * 2**30,
+              "max_recommended_working_set_size": 27 * 2**30, "max_buffer_size": 20 * 2**30, "resource_limit": 499000}
+
+
+def test_memory_is_metals_recommended_working_set(llama_dir, monkeypatch):
+    """``mx.device_info()`` (MLX >= 0.29; ``mx.metal.device_info`` is deprecated) reports the
+    recommended working set on Metal: it, not the physical RAM, bounds the memory warning.
+    The CPU backend reports no memory size: physical RAM; CUDA reports ``total_memory``."""
+    import os
+
+    assert perf.system_memory_bytes() == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    model, _, _ = load_model(DPOConfig(model=str(llama_dir)))
+    pairs = random_pairs(4, 200)
+    for recommended, warns in ((27 * 2**30, False), (2**20, True)):
+        monkeypatch.setattr(mx, "device_info", lambda *a, **k: {**METAL_INFO,
+                                                                "max_recommended_working_set_size": recommended})
+        assert perf.system_memory_bytes() == recommended
+        lines = []
+        perf.warn_if_too_big(model, pairs, 4, False, False, log=lines.append)
+        assert bool(lines) == warns and (not warns or f"{recommended / 1e9:.1f} GB available" in lines[0])
+    monkeypatch.setattr(mx, "device_info", lambda *a, **k: {"device_name": "NVIDIA H100", "total_memory": 80 * 2**30})
+    assert perf.system_memory_bytes() == 80 * 2**30
+
+
+@pytest.fixture(scope="module")
+def bf16_dir(tmp_path_factory):
+    return build_toy_model(tmp_path_factory.mktemp("bf16") / "model", arch="llama", dtype="bfloat16")
+
+
+def float_dtypes(module):
+    return {v.dtype for _, v in tree_flatten(module.parameters()) if mx.issubdtype(v.dtype, mx.floating)}
+
+
+def test_compute_dtype_auto_keeps_the_checkpoint_dtype_on_metal(bf16_dir, tmp_path, monkeypatch):
+    """``auto``: float32 on the CPU backend, the checkpoint's bfloat16 on Metal, where full
+    fine-tuning then holds the trained block in float32 and the frozen ones in bfloat16."""
+    cfg = DPOConfig(model=str(bf16_dir), output_dir=str(tmp_path / "run"), train_type="full", num_layers=1,
+                    batch_size=4, max_steps=1, progress_bar=False, seed=0)
+    assert model_lib.compute_dtype(cfg) == mx.float32
+    assert float_dtypes(load_model(cfg)[0]) == {mx.float32}
+    on_metal(monkeypatch)
+    assert model_lib.compute_dtype(cfg) is None
+    assert model_lib.compute_dtype(DPOConfig(compute_dtype="float16")) == mx.float16  # explicit wins
+    trainer = DPOTrainer(cfg, train_pairs=random_pairs(4, 200), log=lambda *a: None)
+    assert float_dtypes(trainer.model.layers[0]) == float_dtypes(trainer.model.model.embed_tokens) == {mx.bfloat16}
+    assert float_dtypes(trainer.model.layers[1]) == {mx.float32}
+    before = {k: np.array(v) for k, v in tree_flatten(trainer.model.trainable_parameters())}
+    trainer.train()
+    after = dict(tree_flatten(trainer.model.trainable_parameters()))
+    assert all(np.mean(np.array(after[k]) != v) > 0.95 for k, v in before.items())  # lr 1e-6 moves them
