@@ -296,15 +296,21 @@ def test_cli_sigterm_saves_and_resume_finishes(llama_dir, toy_data_dir, tmp_path
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     child = subprocess.Popen(args + ["--max-steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, env=env)
+    logged = []
     for line in child.stdout:
         if line.startswith("step="):  # the first step is done
+            logged.append(line)
             break
     child.send_signal(signal.SIGTERM)
-    _, err = child.communicate(timeout=60)
+    rest, err = child.communicate(timeout=60)
     assert child.returncode == 143, err
     assert "--resume" in err and "SIGTERM" in err
+    logged += [line for line in rest.splitlines() if line.startswith("step=")]
+    finished = [int(line.split()[0].split("=")[1]) for line in logged]
+    assert finished == list(range(1, len(finished) + 1))
     step = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(out)).step
-    assert step >= 1
+    assert step == finished[-1]  # the checkpoint holds the last step the child finished (and logged)
+    assert [r["step"] for r in metrics(out)] == finished
     done = CliRunner().invoke(main, args[3:] + ["--max-steps", str(step + 2), "--resume"])
     assert done.exit_code == 0, done.output
     assert f"resumed from {out / 'checkpoints' / f'step-{step}'}" in done.output

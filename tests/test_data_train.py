@@ -25,6 +25,9 @@ def test_example_format_trains_from_the_cli(name, extra, llama_dir, tmp_path):
                                        "--eval-split", "0.25", "--output-dir", str(out), "--max-steps", "2",
                                        "--batch-size", "2", "--eval-steps", "2", "--no-progress-bar", *extra])
     assert result.exit_code == 0, result.output
+    # each example file holds 12 pairs: eval_split 0.25 holds out 3, all usable
+    assert "train: 9 pairs (0 truncated" in result.output and "eval: 3 pairs" in result.output
+    assert "training: 2 steps, 9 pairs" in result.output
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["step"] == 2 and "eval_loss" in record
 

@@ -22,7 +22,8 @@ PROMPTS = [
     "<|im_start|>user\nname three colours<|im_end|>\n<|im_start|>assistant\n",
     "Repeat: red moon. Answer: red",
 ]
-TOL = 1e-3  # max |logit diff| relative to the logit scale
+TOL = 5e-6  # max |logit diff| relative to the logit scale, float32 export (measured <= 4.3e-7)
+TOL_16BIT = {"float16": 4e-3, "bfloat16": 3e-2}  # measured 4.0e-4 and 2.9e-3
 
 
 def train_run(tmp_path_factory, base_dir, data_dir, name, **kwargs):
@@ -222,7 +223,9 @@ def test_16bit_export(runs, tmp_path):
         assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {st_dtype}
         model = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
         logits, _ = torch_outputs(model, ref)
-        assert rel_diff(ref["logits"], logits, ref["lengths"]) < 3e-2
+        diff = rel_diff(ref["logits"], logits, ref["lengths"])
+        print(f"llama-lora: {dtype} export max |logit diff| / logit scale = {diff:.2e}")
+        assert diff < TOL_16BIT[dtype]
 
 
 def test_sharded_export(runs, tmp_path):
@@ -276,6 +279,9 @@ def test_export_records_run_for_the_model_card(runs, tmp_path):
     info = json.loads((out / "mlx_dpo_export.json").read_text())
     assert info["format"] == "peft" and info["run_dir"] == str(run.resolve())
     assert info["final_metrics"]["train"]["step"] == 3 and "eval_loss" in info["final_metrics"]["eval"]
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert info["final_metrics"]["eval"]["eval_loss"] == logged[-1]["eval_loss"]  # the run's own last record
+    assert info["final_metrics"]["train"]["loss"] == logged[-1]["loss"]
     assert DPOConfig.from_yaml(out / "mlx_dpo_config.yaml").max_steps == 3
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: peft" in card and "eval_loss" in card

@@ -3,6 +3,7 @@ buckets, gradient checkpointing changes no gradient, planning/MFU arithmetic."""
 
 import mlx.core as mx
 import numpy as np
+import pytest
 from mlx.utils import tree_flatten
 
 from mlx_dpo.batching import BatchSampler, collate
@@ -97,9 +98,26 @@ def test_plan_leaves_the_config_alone_and_times_training_mode(llama_dir, toy_dat
         trainer.grad_step = lambda *a: (seen.append(trainer.model.training), step(*a))[1]
         return timed(trainer, *args, **kwargs)
 
+    class Clock:  # every perf_counter() call advances 0.25 s: each timed step takes 0.25 s
+        now = 0.0
+
+        @classmethod
+        def perf_counter(cls):
+            cls.now += 0.25
+            return cls.now
+
     monkeypatch.setattr(plan_module, "_timed_steps", spy)
     monkeypatch.setattr(plan_module, "gemm_peak_gflops", lambda: 100.0)
+    monkeypatch.setattr(plan_module, "time", Clock)
     result = plan_module.plan(cfg, steps=1, log=lambda *a: None)
-    assert result["tokens_per_second"] > 0
+    # the step is timed on the 2 longest pairs: tokens = sum of both sequences of each pair
+    _, tok, _ = load_model(cfg)
+    from mlx_dpo.data import load_datasets
+
+    pairs, _ = load_datasets(cfg, tok, log=lambda *a: None)
+    longest = sorted(pairs, key=lambda p: p.length)[-2:]
+    tokens = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in longest)
+    assert result["tokens_per_second"] == tokens / 0.25
+    assert result["mfu"] == pytest.approx(tokens / 0.25 * result["flops_per_token"] / 100e9, rel=1e-12)
     assert cfg.output_dir == str(tmp_path / "run") and cfg.overwrite_output_dir is False
     assert seen and all(seen)

@@ -48,14 +48,30 @@ def test_qlora_trains_adapters_only_and_reference_is_the_quantized_base(adapter,
 
 
 def test_already_quantized_model_loads_and_trains(llama_dir, toy_data_dir, tmp_path):
-    from mlx_lm import convert
+    from mlx_lm import convert, load
 
     mlx_dir = tmp_path / "mlx-4bit"
     convert(str(llama_dir), mlx_path=str(mlx_dir), quantize=True, q_group_size=32, q_bits=4)
     cfg = DPOConfig(model=str(mlx_dir), data=str(toy_data_dir), output_dir=str(tmp_path / "run"), max_steps=2,
                     batch_size=4, eval_steps=0, progress_bar=False)
-    trainer = DPOTrainer(cfg, log=lambda *a: None)
+    losses = []
+
+    class Losses:
+        def on_step_end(self, state, metrics):
+            losses.append(metrics["loss"])
+
+    trainer = DPOTrainer(cfg, log=lambda *a: None, callbacks=[Losses()])
     assert any(isinstance(m, nn.QuantizedLinear) for _, m in trainer.model.named_modules())
     assert np.isfinite(trainer.train().history[-1]["loss"])
+    assert losses[0] == pytest.approx(np.log(2), abs=1e-6) and losses[1] != losses[0]  # policy = reference at step 1
+    # the reference (adapters off) is the 4-bit checkpoint as mlx-lm loads it; the policy has moved
+    plain, _ = load(str(mlx_dir))
+    arrays = {k: mx.array(v) for k, v in collate(trainer.train_pairs[:4], [0, 1, 2, 3]).arrays().items()}
+    expected = np.array(completion_logps(plain, arrays)["token_logps"])
+    with adapter_mode(trainer.model, "base"):
+        np.testing.assert_allclose(np.array(completion_logps(trainer.model, arrays)["token_logps"]), expected,
+                                   atol=2e-5, rtol=1e-5)
+    moved = np.abs(np.array(completion_logps(trainer.model, arrays)["token_logps"]) - expected).max()
+    assert moved > 1e-6  # 2 steps at the default learning rate: small, but the policy moved
     with pytest.raises(ConfigError, match="already quantized"):
         load_model(DPOConfig(model=str(mlx_dir), quantize={"bits": 4}))

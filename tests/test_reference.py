@@ -1,6 +1,7 @@
 """Reference-model strategies: base, frozen SFT adapter, precomputed, TR-DPO, reference-free, full FT."""
 
 import json
+import math
 
 import mlx.core as mx
 import numpy as np
@@ -9,7 +10,7 @@ from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
 from mlx_dpo.adapters import adapter_config, adapter_layers, add_adapters
-from mlx_dpo.batching import collate
+from mlx_dpo.batching import BatchSampler, collate
 from mlx_dpo.cli import main
 from mlx_dpo.config import ConfigError, DPOConfig
 from mlx_dpo.logprobs import completion_logps
@@ -17,6 +18,8 @@ from mlx_dpo.model import load_model
 from mlx_dpo.trainer import DPOTrainer
 
 QUIET = dict(log=lambda *a: None)
+# summed completion log-probs (~ -45) from two float32 code paths
+SUM_RTOL, SUM_ATOL = 1e-6, 1e-5  # measured: <= 4e-6 abs, 9e-8 rel
 
 
 def cfg_for(model_dir, data_dir, tmp_path, **kw):
@@ -49,6 +52,33 @@ def trainer_reference_sums(trainer, arrays):
     return np.array(trainer.reference_logps(arrays)["sum"])
 
 
+def perturb_policy(trainer, seed=7, scale=0.2):
+    """Give the policy non-zero LoRA B (as a resumed or trained run has): policy != reference,
+    so a reference pass that ran the policy by mistake gives different numbers."""
+    for i, layer in enumerate(adapter_layers(trainer.model)):
+        layer.lora_b = mx.random.normal(layer.lora_b.shape, key=mx.random.key(seed + i)) * scale
+
+
+def policy_sums(trainer, arrays):
+    return np.array(completion_logps(trainer.model, arrays)["token_logps"].sum(-1))
+
+
+def distinct_step_shapes(trainer, steps):
+    """The padded shapes of the first ``steps`` training batches, from a fresh sampler with the
+    run's seed (what mx.compile traces once each)."""
+    it = iter(BatchSampler(trainer.train_pairs, trainer.cfg.batch_size, trainer.cfg.seed))
+    shapes = set()
+    for _ in range(steps):
+        batch = collate([trainer.train_pairs[i] for i in next(it)], [], prefix=trainer.prefix_sharing)
+        shapes.add(tuple(v.shape for v in batch.arrays().values()))
+    return shapes
+
+
+def reference_batches(trainer, batch_size):
+    """Batches one reference pass over the train and eval pairs runs."""
+    return sum(math.ceil(len(p) / batch_size) for p in (trainer.train_pairs, trainer.eval_pairs) if p)
+
+
 def independent_sums(model_dir, arrays, adapter_path=None):
     from mlx_lm import load
 
@@ -63,11 +93,11 @@ def test_adapter_reference_equals_separately_loaded_sft(llama_dir, toy_data_dir,
     expected = independent_sums(llama_dir, arrays, sft_adapter)
     base = independent_sums(llama_dir, arrays)
     assert not np.allclose(expected, base, atol=1e-3)  # the SFT adapter matters
-    np.testing.assert_allclose(trainer_reference_sums(trainer, arrays), expected, atol=1e-4)
+    np.testing.assert_allclose(trainer_reference_sums(trainer, arrays), expected, rtol=SUM_RTOL, atol=SUM_ATOL)
     # the policy starts as a copy of the SFT adapter
-    np.testing.assert_allclose(np.array(completion_logps(trainer.model, arrays)["token_logps"].sum(-1)), expected, atol=1e-4)
+    np.testing.assert_allclose(np.array(completion_logps(trainer.model, arrays)["token_logps"].sum(-1)), expected, rtol=SUM_RTOL, atol=SUM_ATOL)
     trainer.train()
-    np.testing.assert_allclose(trainer_reference_sums(trainer, arrays), expected, atol=1e-4)
+    np.testing.assert_allclose(trainer_reference_sums(trainer, arrays), expected, rtol=SUM_RTOL, atol=SUM_ATOL)
     policy = np.array(completion_logps(trainer.model, arrays)["token_logps"].sum(-1))
     assert np.abs(policy - expected).max() > 1e-3  # only the policy copy trained
 
@@ -87,11 +117,13 @@ def test_precomputed_reference_is_cached_and_matches(llama_dir, toy_data_dir, tm
     first = DPOTrainer(cfg, **QUIET)
     batch, arrays = batch_arrays(first)
     expected = independent_sums(llama_dir, arrays)
+    perturb_policy(first)  # the pass must run the reference even when the policy has moved (a resumed run)
+    assert np.abs(policy_sums(first, arrays) - expected).min() > 1e-2
     first.train()
-    assert first.reference_forwards > 0
+    assert first.reference_forwards == reference_batches(first, 16) == 16 + 2  # 256 train + 32 eval pairs
     cached = first.ref_cache["train"]["sum"][:4]
-    np.testing.assert_allclose(cached[:, 0], expected[:4], atol=1e-4)
-    np.testing.assert_allclose(cached[:, 1], expected[4:], atol=1e-4)
+    np.testing.assert_allclose(cached[:, 0], expected[:4], rtol=SUM_RTOL, atol=SUM_ATOL)
+    np.testing.assert_allclose(cached[:, 1], expected[4:], rtol=SUM_RTOL, atol=SUM_ATOL)
     assert "eval" in first.ref_cache
     # the step uses the cached values, not a reference forward
     assert np.array_equal(np.array(first.reference_logps(first.to_device(batch))["sum"]),
@@ -104,17 +136,25 @@ def test_precomputed_reference_is_cached_and_matches(llama_dir, toy_data_dir, tm
                                 precompute_ref_batch_size=16, eval_steps=2), **QUIET)
     second.train()
     assert calls == [] and second.reference_forwards == 0
-    assert second.trace_count >= 1
+    assert second.trace_count == len(distinct_step_shapes(second, cfg.max_steps))
 
 
 def test_precomputed_and_live_reference_give_the_same_loss(llama_dir, toy_data_dir, tmp_path):
-    live = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path / "a"), **QUIET)
+    """After some training steps (policy != reference), a reference precomputed from the trained
+    policy's model gives the live reference's loss and gradients (two code paths: the live
+    reference forward inside the compiled step vs the precompute pass + cache lookup)."""
+    live = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path / "a", max_steps=2), **QUIET)
+    live.train()
     pre = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path / "b", precompute_ref_log_probs=True), **QUIET)
+    pre.model.update(live.model.trainable_parameters())  # the trained policy
     pre.precompute_reference()
     batch = collate(live.train_pairs[:4], [0, 1, 2, 3])
-    a = live.grad_step(live.to_device(batch), live.loss_state)[0].item()
-    b = pre.grad_step(pre.to_device(batch), pre.loss_state)[0].item()
-    assert abs(a - b) < 1e-5
+    a, _, _, ga, _ = live.grad_step(live.to_device(batch), live.loss_state)
+    b, _, _, gb, _ = pre.grad_step(pre.to_device(batch), pre.loss_state)
+    assert abs(a.item() - math.log(2)) > 1e-2  # the policy moved: a policy-as-reference loss would be ln 2
+    assert abs(a.item() - b.item()) < 1e-6
+    for (k, x), (_, y) in zip(tree_flatten(ga), tree_flatten(gb)):
+        np.testing.assert_allclose(np.array(y), np.array(x), rtol=1e-4, atol=1e-6, err_msg=k)
 
 
 def test_tr_dpo_follows_the_mixing_rule(llama_dir, toy_data_dir, tmp_path):
@@ -126,7 +166,7 @@ def test_tr_dpo_follows_the_mixing_rule(llama_dir, toy_data_dir, tmp_path):
     assert all(np.all(b == 0) for _, b in ref_before)  # starts as the base (zero adapter)
     _, arrays = batch_arrays(trainer)
     with_base = independent_sums(llama_dir, arrays)
-    np.testing.assert_allclose(trainer_reference_sums(trainer, arrays), with_base, atol=1e-4)
+    np.testing.assert_allclose(trainer_reference_sums(trainer, arrays), with_base, rtol=SUM_RTOL, atol=SUM_ATOL)
     trainer.train()
     for l, (a0, b0) in zip(layers, ref_before):
         np.testing.assert_allclose(np.array(l.ref_lora_a), 0.25 * np.array(l.lora_a) + 0.75 * a0, atol=1e-7)
@@ -145,7 +185,13 @@ def test_reference_free_skips_the_reference(llama_dir, toy_data_dir, tmp_path):
         _, arrays = batch_arrays(trainer)
         assert trainer.reference_logps(arrays) is None
         assert not trainer.precompute
-        trainer.train()
+        result = trainer.train()
+        assert trainer.reference_forwards == 0 and trainer.reference_source is None
+        # no reference term: every logged reward is exactly beta * the policy's log-prob
+        for record in result.history:
+            for side in ("chosen", "rejected"):
+                np.testing.assert_allclose(record[f"rewards/{side}"], trainer.cfg.beta * record[f"logps/{side}"],
+                                           rtol=1e-6, err_msg=side)
 
 
 def test_full_finetune_uses_precomputed_initial_reference(llama_dir, toy_data_dir, tmp_path):
@@ -155,33 +201,48 @@ def test_full_finetune_uses_precomputed_initial_reference(llama_dir, toy_data_di
     _, arrays = batch_arrays(trainer)
     expected = independent_sums(llama_dir, arrays)
     frozen = {k: np.array(v) for k, v in tree_flatten(trainer.model.parameters()) if "layers.1." not in k}
+    before = {k: np.array(v) for k, v in tree_flatten(trainer.model.trainable_parameters())}
     trainer.train()
     cached = trainer.ref_cache["train"]["sum"][:4]
-    np.testing.assert_allclose(np.concatenate([cached[:, 0], cached[:, 1]]), expected, atol=1e-4)
+    np.testing.assert_allclose(np.concatenate([cached[:, 0], cached[:, 1]]), expected, rtol=SUM_RTOL, atol=SUM_ATOL)
     changed = [k for k, v in tree_flatten(trainer.model.parameters())
                if k in frozen and not np.array_equal(np.array(v), frozen[k])]
     assert changed == []  # only the last block trained
     trained = [k for k, v in tree_flatten(trainer.model.trainable_parameters())]
     assert trained and all("layers.1." in k for k in trained)
+    moved = [k for k, v in tree_flatten(trainer.model.trainable_parameters()) if not np.array_equal(np.array(v), before[k])]
+    assert sorted(moved) == sorted(trained)  # every trained tensor moved
+    # the step's reference is still the initial model's, while the policy has moved
+    policy = policy_sums(trainer, arrays)
+    assert np.abs(policy - expected).max() > 1e-3
 
 
-@pytest.mark.parametrize("args", [
-    [],
-    ["--reference", "adapter", "--ref-adapter-path", "SFT"],
-    ["--precompute-ref-log-probs"],
-    ["--sync-ref-model", "--ref-model-sync-steps", "1"],
-    ["--reference-free"],
+@pytest.mark.parametrize("args,source", [
+    ([], "base"),
+    (["--reference", "adapter", "--ref-adapter-path", "SFT"], "reference"),
+    (["--precompute-ref-log-probs"], "precomputed"),
+    (["--sync-ref-model", "--ref-model-sync-steps", "1"], "reference"),
+    (["--reference-free"], "none"),
 ])
-def test_each_strategy_trains_from_the_cli(llama_dir, toy_data_dir, tmp_path, sft_adapter, args):
+def test_each_strategy_trains_from_the_cli(llama_dir, toy_data_dir, tmp_path, sft_adapter, args, source):
     args = [str(sft_adapter) if a == "SFT" else a for a in args]
     out = tmp_path / "cli"
     result = CliRunner().invoke(main, ["train", "--model", str(llama_dir), "--data", str(toy_data_dir),
                                        "--output-dir", str(out), "--max-steps", "3", "--batch-size", "4",
-                                       "--no-progress-bar", "--eval-steps", "3", *args])
+                                       "--no-progress-bar", "--eval-steps", "3", "--logging-steps", "1", *args])
     assert result.exit_code == 0, result.output
+    assert f"reference {source}\n" in result.output  # the flag selected the strategy
     assert (out / "adapters.safetensors").exists()
-    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    assert np.isfinite(record["loss"]) and "eval_rewards/accuracies" in record
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and "eval_rewards/accuracies" in records[-1]
+    first = records[0]
+    if source == "none":  # rewards are beta * log-probs; the loss is -log sigmoid of their difference
+        np.testing.assert_allclose(first["rewards/chosen"], 0.1 * first["logps/chosen"], rtol=1e-6)
+        assert abs(first["loss"] - math.log(2)) > 1e-3
+    else:  # step 1: the policy starts as the reference, so every margin is 0 and the loss ln 2
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert all(np.isfinite(r["loss"]) for r in records)
 
 
 def test_reference_cache_follows_the_weights_in_memory(llama_dir, toy_data_dir, tmp_path):
@@ -197,7 +258,7 @@ def test_reference_cache_follows_the_weights_in_memory(llama_dir, toy_data_dir, 
     changed.model.norm.weight = changed.model.norm.weight * 2
     changed = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path / "c", **kw), model=changed, tokenizer=tok, **QUIET)
     changed.precompute_reference()
-    assert changed.reference_forwards > 0
+    assert changed.reference_forwards == reference_batches(changed, 4)
     assert not np.allclose(changed.ref_cache["train"]["sum"], loaded.ref_cache["train"]["sum"], atol=1e-3)
 
 
@@ -236,6 +297,8 @@ def test_corrupt_reference_cache_is_recomputed(llama_dir, toy_data_dir, tmp_path
                         log=messages.append)
     second.precompute_reference()
     assert second.reference_forwards > 0 and any("unreadable" in m for m in messages)
-    np.testing.assert_allclose(second.ref_cache["train"]["sum"], first.ref_cache["train"]["sum"], atol=1e-5)
+    assert second.reference_forwards == math.ceil(len(second.train_pairs) / 4)  # the train file only; eval's was good
+    # the same pass over the same weights: bit-identical values, in memory and in the rewritten file
+    np.testing.assert_array_equal(second.ref_cache["train"]["sum"], first.ref_cache["train"]["sum"])
     with np.load(path) as f:  # overwritten with a good file
-        np.testing.assert_allclose(f["sum"], first.ref_cache["train"]["sum"], atol=1e-5)
+        np.testing.assert_array_equal(f["sum"], first.ref_cache["train"]["sum"])
