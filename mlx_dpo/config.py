@@ -206,7 +206,11 @@ class DPOConfig:
     output_dir: str = option("runs/dpo", "Run directory: adapters, checkpoints, metrics.jsonl, config.yaml.")
     overwrite_output_dir: bool = option(False, "Start over in an output_dir that holds a run.")
     logging_steps: int = option(10, "Log metrics every N optimizer steps.")
-    eval_steps: Optional[int] = option(None, "Evaluate every N steps (default: logging_steps); 0 disables.")
+    eval_strategy: Optional[str] = option(None, "When to evaluate: no, steps (every eval_steps) or epoch (each "
+                                          "epoch's end), and then also at the last step. Unset: steps when "
+                                          "eval_steps is set, else no (TRL's default).")
+    eval_steps: Optional[int] = option(None, "Evaluate every N steps with eval_strategy steps (default: "
+                                       "logging_steps); 0 disables evaluation.")
     eval_on_start: bool = option(False, "Evaluate before the first step (logged as step 0: the untrained "
                                  "baseline); not again on resume.")
     max_eval_batches: int = option(-1, "Evaluate on at most this many (evenly spaced) batches; -1 = all.")
@@ -222,6 +226,13 @@ class DPOConfig:
     # ------------------------------------------------------------------------
     def __post_init__(self):
         self.validate()
+
+    @property
+    def eval_mode(self) -> str:
+        """``eval_strategy`` resolved: ``no``, ``steps`` or ``epoch``."""
+        if self.eval_steps == 0:
+            return "no"
+        return self.eval_strategy or ("steps" if self.eval_steps else "no")
 
     @property
     def lora_scale(self) -> float:
@@ -269,6 +280,8 @@ def _check_choices(cfg: DPOConfig) -> None:
     _check_choice("adapter", cfg.adapter, ("lora", "dora"))
     _check_choice("reference", cfg.reference, ("base", "adapter"))
     _check_choice("truncation_mode", cfg.truncation_mode, ("keep_end", "keep_start"))
+    if cfg.eval_strategy is not None:
+        _check_choice("eval_strategy", cfg.eval_strategy, ("no", "steps", "epoch"))
     _check_choice("lr_scheduler_type", cfg.lr_scheduler_type, LR_SCHEDULERS)
     _check_choice("compute_dtype", cfg.compute_dtype, ("auto", "float32", "bfloat16", "float16"))
     _check_choice("f_divergence_type", cfg.f_divergence_type, ("reverse_kl", "js_divergence", "alpha_divergence"))
@@ -331,6 +344,9 @@ def _quantize_options(quantize: Optional[dict]) -> Optional[dict]:
 
 def _check_combinations(cfg: DPOConfig) -> None:
     """Options that are fine alone but contradict each other (or are missing a partner)."""
+    if cfg.eval_strategy == "no" and cfg.eval_steps:
+        raise ConfigError(f"eval_steps is {cfg.eval_steps} but eval_strategy is 'no'; set eval_strategy: steps "
+                          "(or remove eval_steps)")
     if cfg.reference == "adapter" and not cfg.ref_adapter_path:
         raise ConfigError("reference: adapter needs ref_adapter_path (an mlx-lm adapter directory)")
     if cfg.ref_adapter_path and cfg.reference != "adapter":

@@ -141,8 +141,8 @@ class DPOTrainer:
     def _warn_unused_settings(self) -> None:
         """Settings that are valid but would do nothing in this run: one line each."""
         cfg = self.cfg
-        if cfg.eval_steps and not self.eval_pairs:
-            self.log(f"warning: eval_steps is {cfg.eval_steps} but there is no eval data (set eval_data, "
+        if (cfg.eval_mode != "no" or cfg.eval_on_start) and not self.eval_pairs:
+            self.log(f"warning: eval_strategy is {cfg.eval_mode!r} but there is no eval data (set eval_data, "
                      "eval_dataset_split or eval_split); nothing will be evaluated")
         if cfg.reference == "adapter" and not self.use_reference:
             self.log(f"warning: loss {cfg.loss_type} is reference-free, so ref_adapter_path "
@@ -150,11 +150,11 @@ class DPOTrainer:
 
     def _build_optimizer(self) -> None:
         cfg = self.cfg
+        self.steps_per_epoch = max(1, len(self.sampler) // cfg.gradient_accumulation_steps)
         if cfg.max_steps > 0:
             self.total_steps = cfg.max_steps
         else:
-            per_epoch = max(1, len(self.sampler) // cfg.gradient_accumulation_steps)
-            self.total_steps = max(1, math.ceil(cfg.num_train_epochs * per_epoch))
+            self.total_steps = max(1, math.ceil(cfg.num_train_epochs * self.steps_per_epoch))
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
         if warmup >= self.total_steps:
             self.log(f"warning: warmup ({warmup} steps) is not shorter than the run ({self.total_steps} steps): "
@@ -235,7 +235,7 @@ class DPOTrainer:
         self.model.eval()
         bs = self.cfg.eval_batch_size or self.cfg.batch_size
         totals: Dict[str, float] = {}
-        count = 0
+        count, tic = 0, time.perf_counter()
         for indices in eval_batches(self.eval_pairs, bs, self.cfg.max_eval_batches):
             batch = self.collate(self.eval_pairs, indices)
             loss, metrics = self.eval_step(self.to_device(batch, "eval"), self.loss_state)
@@ -245,6 +245,7 @@ class DPOTrainer:
                 totals[k] = totals.get(k, 0.0) + float(v.item()) * n
             count += n
         self.model.train(was_training)
+        self.log(f"evaluation: {count} pairs in {time.perf_counter() - tic:.1f} s")
         return {f"eval_{k}": v / count for k, v in totals.items()}
 
     # ------------------------------------------------------------------ training
@@ -362,14 +363,22 @@ class DPOTrainer:
                       "peak_memory_gb": peak_memory_gb(), "learning_rate": learning_rate}
             if cfg.skip_nonfinite_steps:
                 record["skipped_steps"] = state.skipped_steps
-        eval_every = cfg.logging_steps if cfg.eval_steps is None else cfg.eval_steps
-        if start or (eval_every and self.eval_pairs and (state.step % eval_every == 0 or last)):
+        if start or self._eval_due():
             state.window.last_eval = self.evaluate()
             self.callbacks.on_evaluate(state, state.window.last_eval)
             record = {**(record or {"step": state.step, "epoch": round(state.epoch, 4)}), **state.window.last_eval}
         if record is not None:
             state.log_history.append(record)
             self.callbacks.on_log(state, record)
+
+    def _eval_due(self) -> bool:
+        """``eval_strategy``: every ``eval_steps`` (``steps``) or at each epoch's end (``epoch``),
+        and at the last step; never with ``no`` or without eval pairs."""
+        cfg, state = self.cfg, self.state
+        if cfg.eval_mode == "no" or not self.eval_pairs:
+            return False
+        every = self.steps_per_epoch if cfg.eval_mode == "epoch" else (cfg.eval_steps or cfg.logging_steps)
+        return state.step % every == 0 or state.step == state.max_steps
 
     def _nonfinite(self, values: dict, grad_norm_sq: float) -> None:
         bad = [k for k, v in values.items() if not math.isfinite(v)]

@@ -56,7 +56,7 @@ def test_warnings_for_settings_that_do_nothing(llama_dir, toy_data_dir, tmp_path
     lines = []
     DPOTrainer(cfg_for(llama_dir, toy_data_dir / "train.jsonl", tmp_path, eval_steps=5, warmup_steps=2),
                log=lines.append)
-    assert any("eval_steps is 5 but there is no eval data" in line for line in lines)
+    assert any("eval_strategy is 'steps' but there is no eval data" in line for line in lines)
     assert any("warmup (2 steps) is not shorter than the run (2 steps)" in line for line in lines)
 
 
