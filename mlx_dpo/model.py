@@ -20,6 +20,18 @@ from .quant import on_cpu
 # --------------------------------------------------------------------------- loading
 
 
+# What a model snapshot needs (mlx-lm's own list): configs, weights, tokenizer files, custom code.
+MODEL_FILES = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "tiktoken.model", "*.txt",
+               "*.jsonl", "*.jinja"]
+
+
+def snapshot_download(**kwargs) -> str:
+    """``huggingface_hub.snapshot_download`` (public API; a module attribute tests can replace)."""
+    from huggingface_hub import snapshot_download as download
+
+    return download(**kwargs)
+
+
 def resolve_model_path(model: str, revision: Optional[str] = None) -> Path:
     """A local directory, ``toy:<arch>`` (built locally), or a Hub id downloaded
     with ``huggingface_hub`` into the normal HF cache."""
@@ -34,9 +46,12 @@ def resolve_model_path(model: str, revision: Optional[str] = None) -> Path:
         return path
     if model.count("/") != 1 or model.startswith((".", "/", "~")):
         raise ConfigError(f"model: {model!r} is neither an existing directory nor a Hub id (org/name)")
-    from mlx_lm.utils import _download
-
-    return _download(model, revision=revision)
+    try:
+        return Path(snapshot_download(repo_id=model, revision=revision, allow_patterns=MODEL_FILES))
+    except Exception as e:  # network, auth, offline without a cached copy, unknown repo
+        raise ConfigError(f"model: {model!r} is no local path, and fetching it from the Hugging Face Hub failed "
+                          f"({type(e).__name__}: {e}). Check the id, or use a local directory (with "
+                          "HF_HUB_OFFLINE=1 nothing is fetched)") from None
 
 
 def compute_dtype(cfg: DPOConfig) -> Optional[mx.Dtype]:

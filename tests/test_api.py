@@ -94,3 +94,27 @@ def test_a_passed_model_without_cfg_model_does_not_name_the_toy_base(llama_dir, 
                                  max_steps=1, batch_size=4, progress_bar=False, eval_steps=0),
                        model=mlx_load(str(llama_dir))[0], tokenizer=tok, **QUIET)
     assert named.adapter_config()["model"] == str(llama_dir)
+
+
+def test_hub_models_come_through_huggingface_hub(llama_dir, monkeypatch):
+    """A Hub id is fetched with huggingface_hub's public snapshot_download (mlx-lm's file patterns);
+    a failure names the id and the way out."""
+    import mlx_dpo.model as model_mod
+
+    calls = []
+
+    def fake(**kwargs):
+        calls.append(kwargs)
+        return str(llama_dir)
+
+    monkeypatch.setattr(model_mod, "snapshot_download", fake)
+    assert model_mod.resolve_model_path("org/tiny", revision="v1") == llama_dir
+    assert calls == [{"repo_id": "org/tiny", "revision": "v1", "allow_patterns": model_mod.MODEL_FILES}]
+    assert "model*.safetensors" in model_mod.MODEL_FILES and "*.jinja" in model_mod.MODEL_FILES
+
+    def offline(**kwargs):
+        raise OSError("offline mode is enabled")
+
+    monkeypatch.setattr(model_mod, "snapshot_download", offline)
+    with pytest.raises(ConfigError, match=r"model: 'org/tiny' is no local path, and fetching it .* offline mode"):
+        model_mod.resolve_model_path("org/tiny")
