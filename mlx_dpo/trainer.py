@@ -41,6 +41,7 @@ from .io import atomic_write_text
 from .model import count_parameters, load_model, prepare_model, setup_trainable
 from .perf import Throughput, warn_if_too_big
 from .prefix import use_prefix_sharing
+from .preflight import warn_unused_settings
 from .reference import precompute_reference_logps
 from .rundir import METRICS_FILE, RunLock, check_output_dir, check_resume, prepare_output_dir
 from .schedule import build_schedule
@@ -87,27 +88,13 @@ class DPOTrainer:
         self.lock.check()  # another run in this output_dir: refuse before loading anything
         self.resume_path = check_resume(cfg, self.output_dir, self.log)
         mx.random.seed(cfg.seed)
-        if model is None:
-            model, tokenizer, self.model_path = load_model(cfg)
-        else:
-            if tokenizer is None and train_pairs is None:
-                raise ConfigError("DPOTrainer(model=...) needs tokenizer= too (to tokenize the data), or "
-                                  "train_pairs= with the pairs already tokenized")
-            model = prepare_model(model, cfg)
-            self.model_path = Path(cfg.model)
-            if cfg.model == DPOConfig.__dataclass_fields__["model"].default:
-                self.log("note: DPOTrainer(model=...) with the default cfg.model: the saved adapter_config.json "
-                         "cannot name the base model; set DPOConfig(model=...) to its directory or Hub id so "
-                         "export and mlx_lm can find it (or pass --model to mlx-dpo export)")
-                self.model_path = None
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer = model, tokenizer = self._load_model(model, tokenizer, train_pairs)
         if train_pairs is None:
             train_pairs, eval_pairs = load_datasets(cfg, tokenizer, log=self.log)
         self.train_pairs, self.eval_pairs = train_pairs, eval_pairs or []
         self.pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
         self.prefix_sharing = use_prefix_sharing(cfg.prefix_sharing, model)
         self.use_reference = losses.needs_reference(cfg)
-        self._warn_unused_settings()
         self.precompute = cfg.precompute_ref_log_probs or (cfg.train_type == "full" and self.use_reference)
         self.num_layers = setup_trainable(model, cfg, self.use_reference)
         self.num_parameters, trainable = count_parameters(model)
@@ -129,24 +116,35 @@ class DPOTrainer:
         self.trace_count = 0
         self._build_steps()
         if self.resume_path is not None:
-            self.state = checkpoint.restore(checkpoint.load_checkpoint(self.resume_path), self.state, self.model,
-                                            self.optimizer)
-            self.sampler.state = self.state.sampler
-            if self.step > self.total_steps:
-                raise ConfigError(f"max_steps is {self.total_steps} but the checkpoint {self.resume_path} is at "
-                                  f"step {self.step}; set max_steps >= {self.step} to continue it")
-            self.log(f"resumed from {self.resume_path} (step {self.step})")
+            self._resume()
 
     # ------------------------------------------------------------------ setup
-    def _warn_unused_settings(self) -> None:
-        """Settings that are valid but would do nothing in this run: one line each."""
+    def _load_model(self, model, tokenizer, train_pairs) -> tuple:
+        """``cfg.model`` loaded, or the passed model prepared the same way; sets ``model_path``."""
         cfg = self.cfg
-        if (cfg.eval_mode != "no" or cfg.eval_on_start) and not self.eval_pairs:
-            self.log(f"warning: eval_strategy is {cfg.eval_mode!r} but there is no eval data (set eval_data, "
-                     "eval_dataset_split or eval_split); nothing will be evaluated")
-        if cfg.reference == "adapter" and not self.use_reference:
-            self.log(f"warning: loss {cfg.loss_type} is reference-free, so ref_adapter_path "
-                     f"({cfg.ref_adapter_path}) only initialises the policy; it is not used as a reference")
+        if model is None:
+            model, tokenizer, self.model_path = load_model(cfg)
+            return model, tokenizer
+        if tokenizer is None and train_pairs is None:
+            raise ConfigError("DPOTrainer(model=...) needs tokenizer= too (to tokenize the data), or "
+                              "train_pairs= with the pairs already tokenized")
+        self.model_path = Path(cfg.model)
+        if cfg.model == DPOConfig.__dataclass_fields__["model"].default:
+            self.log("note: DPOTrainer(model=...) with the default cfg.model: the saved adapter_config.json "
+                     "cannot name the base model; set DPOConfig(model=...) to its directory or Hub id so "
+                     "export and mlx_lm can find it (or pass --model to mlx-dpo export)")
+            self.model_path = None
+        return prepare_model(model, cfg), tokenizer
+
+    def _resume(self) -> None:
+        """Advance the freshly built state, model and optimizer to the checkpoint's."""
+        self.state = checkpoint.restore(checkpoint.load_checkpoint(self.resume_path), self.state, self.model,
+                                        self.optimizer)
+        self.sampler.state = self.state.sampler
+        if self.step > self.total_steps:
+            raise ConfigError(f"max_steps is {self.total_steps} but the checkpoint {self.resume_path} is at "
+                              f"step {self.step}; set max_steps >= {self.step} to continue it")
+        self.log(f"resumed from {self.resume_path} (step {self.step})")
 
     def _build_optimizer(self) -> None:
         cfg = self.cfg
@@ -156,12 +154,7 @@ class DPOTrainer:
         else:
             self.total_steps = max(1, math.ceil(cfg.num_train_epochs * self.steps_per_epoch))
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
-        if warmup >= self.total_steps:
-            self.log(f"warning: warmup ({warmup} steps) is not shorter than the run ({self.total_steps} steps): "
-                     "the learning rate never reaches learning_rate; lower warmup_steps/warmup_ratio")
-        if warmup and cfg.lr_scheduler_type == "constant":
-            self.log("warning: lr_scheduler_type 'constant' has no warmup (as in transformers); "
-                     "use 'constant_with_warmup' for warmup_steps/warmup_ratio to apply")
+        warn_unused_settings(cfg, bool(self.eval_pairs), self.use_reference, self.total_steps, warmup, self.log)
         self.schedule = build_schedule(cfg.lr_scheduler_type, cfg.learning_rate, self.total_steps, warmup)
         self.optimizer = optim.AdamW(
             learning_rate=self.schedule, betas=[cfg.adam_beta1, cfg.adam_beta2], eps=cfg.adam_epsilon,
