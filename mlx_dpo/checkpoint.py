@@ -223,6 +223,21 @@ def save_checkpoint(output_dir: Path, state: TrainState, model, optimizer, cfg: 
     return path
 
 
+def save_adapters(directory: Path, model, cfg: DPOConfig, adapter_config: dict) -> None:
+    """The trained parameters in mlx-lm's format (``adapters.safetensors`` +
+    ``adapter_config.json``) and the run's ``config.yaml``, each file replaced atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / ".adapters.safetensors.tmp.safetensors"
+    try:
+        _write_arrays(tmp, dict(tree_flatten(model.trainable_parameters())))
+        tmp.replace(directory / "adapters.safetensors")
+    finally:
+        tmp.unlink(missing_ok=True)
+    atomic_write_text(directory / "adapter_config.json", json.dumps(adapter_config, indent=2))
+    run_config(cfg).save(directory / "config.yaml")
+
+
 def _write_checkpoint(tmp: Path, state: TrainState, model, optimizer, cfg: DPOConfig, adapter_config: dict) -> None:
     _write_arrays(tmp / "adapters.safetensors", dict(tree_flatten(model.trainable_parameters())))
     atomic_write_text(tmp / "adapter_config.json", json.dumps(adapter_config, indent=2))

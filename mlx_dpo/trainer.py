@@ -15,7 +15,6 @@ console lines, the progress bar, yours) are :mod:`.callbacks`.
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
@@ -27,7 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_map
 
 from . import checkpoint, losses
 from .adapters import adapter_config, reference_mode, sync_reference
@@ -36,8 +35,9 @@ from .callbacks import CallbackList, console, default_callbacks
 from .config import ConfigError, DPOConfig, resolve_config
 from .data import TokenizedPair, load_datasets
 from .data.formats import check_data_format
+from .faults import MAX_CONSECUTIVE_SKIPS, NonFiniteError, is_out_of_memory, nonfinite_message, \
+    out_of_memory_error
 from .health import HealthMonitor
-from .io import atomic_write_text
 from .model import count_parameters, load_model, prepare_model, setup_trainable
 from .perf import Throughput, warn_if_too_big
 from .prefix import use_prefix_sharing
@@ -47,13 +47,6 @@ from .rundir import METRICS_FILE, RunLock, check_output_dir, check_resume, prepa
 from .schedule import build_schedule
 from .state import TrainState
 from .steps import build_steps, reference_logps
-
-MAX_CONSECUTIVE_SKIPS = 10
-
-
-class NonFiniteError(checkpoint.TrainingError):
-    """Loss or gradient became NaN/inf."""
-
 
 @dataclass
 class TrainResult:
@@ -264,13 +257,9 @@ class DPOTrainer:
             with checkpoint.StopSignals() as stop:
                 return self._train_loop(stop)
         except RuntimeError as e:
-            if isinstance(e, checkpoint.TrainingError) or not _is_out_of_memory(e):
+            if isinstance(e, checkpoint.TrainingError) or not is_out_of_memory(e):
                 raise
-            raise checkpoint.TrainingError(
-                f"step {self.step + 1}: out of memory ({e}). Try a smaller max_length, gradient_checkpointing: "
-                "true, quantize: {bits: 4}, or a new run with a smaller batch_size (and more "
-                f"gradient_accumulation_steps). Last good checkpoint: {self._last_checkpoint()}; "
-                "gradient_checkpointing and compute_dtype may change on --resume.") from None
+            raise out_of_memory_error(self.step + 1, e, self._last_checkpoint()) from None
         finally:
             self.model.train(was_training)  # as loaded (mlx-lm: eval), so dropout is off for generation
             for cb in self.callbacks.callbacks:
@@ -374,12 +363,8 @@ class DPOTrainer:
         return state.step % every == 0 or state.step == state.max_steps
 
     def _nonfinite(self, values: dict, grad_norm_sq: float) -> None:
-        bad = [k for k, v in values.items() if not math.isfinite(v)]
-        bad += [] if math.isfinite(grad_norm_sq) else ["gradient norm"]
-        msg = (f"step {self.step + 1}: non-finite {', '.join(bad)} (loss={values['loss']}, "
-               f"grad_norm^2={grad_norm_sq}). Likely causes: learning_rate too high ({self.cfg.learning_rate}), "
-               f"beta too large ({self.cfg.beta}), or float16 overflow (compute_dtype: {self.cfg.compute_dtype}; "
-               "use float32 or bfloat16).")
+        """Stop on a non-finite step, or (``skip_nonfinite_steps``) count it and go on."""
+        msg = nonfinite_message(self.step + 1, values, grad_norm_sq, self.cfg)
         if not self.cfg.skip_nonfinite_steps:
             raise NonFiniteError(msg + f" Last good checkpoint: {self._last_checkpoint()}. "
                                  "Set skip_nonfinite_steps: true to skip such steps.")
@@ -423,25 +408,12 @@ class DPOTrainer:
     def save(self, directory: Optional[Path] = None) -> Path:
         """Adapters in mlx-lm's format + resolved config."""
         directory = Path(directory or self.output_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        weights = dict(tree_flatten(self.model.trainable_parameters()))
-        tmp = directory / ".adapters.safetensors.tmp.safetensors"
         try:
-            mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
-            tmp.replace(directory / "adapters.safetensors")
-            atomic_write_text(directory / "adapter_config.json", json.dumps(self.adapter_config(), indent=2))
-            checkpoint.run_config(self.cfg).save(directory / "config.yaml")
+            checkpoint.save_adapters(directory, self.model, self.cfg, self.adapter_config())
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise checkpoint.CheckpointError(f"could not save adapters to {directory}: {e}. The last checkpoint is "
                                              f"{self._last_checkpoint()}") from e
         return directory
-
-
-def _is_out_of_memory(e: Exception) -> bool:
-    text = str(e).lower()
-    return any(w in text for w in ("out of memory", "insufficient memory", "unable to allocate", "malloc",
-                                   "attempting to allocate"))
 
 
 def train(config=None, **overrides) -> TrainResult:
