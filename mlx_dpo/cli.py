@@ -140,6 +140,30 @@ def plan(config_file, memory_budget_gb, steps, json_out, **kwargs):
 
 
 @main.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML recipe (see configs/).")
+@click.option("--json", "json_out", is_flag=True, help="Print the result as JSON.")
+@config_options
+def lint(config_file, json_out, **kwargs):
+    """Check preference data before training: identical, duplicate and empty pairs, length
+    bias, prompts echoed in completions, truncation losses, tokens changed at the join.
+
+    Exit codes: 0 usable, 1 no usable pairs (training would be meaningless), 2 config/data error."""
+    import json
+
+    from .config import resolve_config
+    from .data import DataError
+    from .lint import format_text
+    from .lint import lint as run_lint
+
+    try:
+        result = run_lint(resolve_config(config_file, **_overrides(kwargs)))
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        _fail(e)
+    click.echo(json.dumps(result, indent=2) if json_out else format_text(result))
+    sys.exit(1 if result["fatal"] else 0)
+
+
+@main.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--output", "-o", default=None, type=click.Path(file_okay=False),
               help="Directory for the PNGs and report.html [default: the first RUN_DIR/report].")
