@@ -183,6 +183,29 @@ def report(run_dirs, output):
 
 
 @main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--data", default=None, help="Preference data to audit [default: the run's data].")
+@click.option("--top", type=int, default=20, show_default=True, help="How many of the most negative margins to write.")
+@click.option("--output", "-o", default=None, type=click.Path(dir_okay=False),
+              help="JSONL file for the most negative margins [default: RUN_DIR/audit.jsonl].")
+def audit(run_dir, data, top, output):
+    """Per-pair implicit reward margins under the trained adapters (reference: adapters
+    off), sorted ascending; the most negative (likely mislabeled pairs) written as JSONL."""
+    from .audit import AuditError
+    from .audit import audit as run_audit
+
+    try:
+        result = run_audit(run_dir, data, top, output)
+    except AuditError as e:
+        _fail(e)
+    click.echo(f"{result['pairs']} pairs ({result['skipped']} skipped), beta {result['beta']}: "
+               f"{result['negative']} with a negative margin, mean margin {result['mean_margin']:.4f}")
+    for r in result["worst"][:5]:
+        click.echo(f"  {r['margin']:+.4f}  {r['where']}")
+    click.echo(f"most negative {len(result['worst'])}: {result['output']}")
+
+
+@main.command()
 @click.option("--adapter-path", required=True, type=click.Path(exists=True, file_okay=False),
               help="Training run directory (adapters.safetensors + adapter_config.json).")
 @click.option("--output", "-o", required=True, type=click.Path(), help="Directory to create.")
