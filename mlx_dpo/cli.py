@@ -206,6 +206,31 @@ def audit(run_dir, data, top, output):
 
 
 @main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--prompt", "prompt", multiple=True, help="A prompt (repeatable).")
+@click.option("--prompts", "prompts_file", default=None, type=click.Path(dir_okay=False),
+              help="Prompts file: one a line, or JSONL with a 'prompt' field.")
+@click.option("--max-tokens", type=int, default=64, show_default=True, help="Tokens to generate per prompt.")
+@click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature (0: greedy).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (the same for both sides).")
+@click.option("--json", "json_out", is_flag=True, help="Print the generations as JSON.")
+def generate(run_dir, prompt, prompts_file, max_tokens, temp, seed, json_out):
+    """The policy (adapters on) beside the reference (adapters off) on the same prompts,
+    from the same loaded weights, with the generated lengths."""
+    import json
+
+    from .audit import AuditError
+    from .generate import format_text, gather_prompts
+    from .generate import generate as run_generate
+
+    try:
+        results = run_generate(run_dir, gather_prompts(prompt, prompts_file), max_tokens, temp, seed)
+    except AuditError as e:
+        _fail(e)
+    click.echo(json.dumps(results, indent=2) if json_out else format_text(results))
+
+
+@main.command()
 @click.option("--adapter-path", required=True, type=click.Path(exists=True, file_okay=False),
               help="Training run directory (adapters.safetensors + adapter_config.json).")
 @click.option("--output", "-o", required=True, type=click.Path(), help="Directory to create.")
