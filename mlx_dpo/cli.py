@@ -140,6 +140,30 @@ def plan(config_file, memory_budget_gb, steps, json_out, **kwargs):
 
 
 @main.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML recipe (see configs/).")
+@click.option("--json", "json_out", is_flag=True, help="Print the result as JSON.")
+@config_options
+def lint(config_file, json_out, **kwargs):
+    """Check preference data before training: identical, duplicate and empty pairs, length
+    bias, prompts echoed in completions, truncation losses, tokens changed at the join.
+
+    Exit codes: 0 usable, 1 no usable pairs (training would be meaningless), 2 config/data error."""
+    import json
+
+    from .config import resolve_config
+    from .data import DataError
+    from .lint import format_text
+    from .lint import lint as run_lint
+
+    try:
+        result = run_lint(resolve_config(config_file, **_overrides(kwargs)))
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        _fail(e)
+    click.echo(json.dumps(result, indent=2) if json_out else format_text(result))
+    sys.exit(1 if result["fatal"] else 0)
+
+
+@main.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--output", "-o", default=None, type=click.Path(file_okay=False),
               help="Directory for the PNGs and report.html [default: the first RUN_DIR/report].")
@@ -156,6 +180,54 @@ def report(run_dirs, output):
     for note in notes:
         click.echo(f"note: {note}")
     click.echo(f"report: {path}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--data", default=None, help="Preference data to audit [default: the run's data].")
+@click.option("--top", type=int, default=20, show_default=True, help="How many of the most negative margins to write.")
+@click.option("--output", "-o", default=None, type=click.Path(dir_okay=False),
+              help="JSONL file for the most negative margins [default: RUN_DIR/audit.jsonl].")
+def audit(run_dir, data, top, output):
+    """Per-pair implicit reward margins under the trained adapters (reference: adapters
+    off), sorted ascending; the most negative (likely mislabeled pairs) written as JSONL."""
+    from .audit import AuditError
+    from .audit import audit as run_audit
+
+    try:
+        result = run_audit(run_dir, data, top, output)
+    except AuditError as e:
+        _fail(e)
+    click.echo(f"{result['pairs']} pairs ({result['skipped']} skipped), beta {result['beta']}: "
+               f"{result['negative']} with a negative margin, mean margin {result['mean_margin']:.4f}")
+    for r in result["worst"][:5]:
+        click.echo(f"  {r['margin']:+.4f}  {r['where']}")
+    click.echo(f"most negative {len(result['worst'])}: {result['output']}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--prompt", "prompt", multiple=True, help="A prompt (repeatable).")
+@click.option("--prompts", "prompts_file", default=None, type=click.Path(dir_okay=False),
+              help="Prompts file: one a line, or JSONL with a 'prompt' field.")
+@click.option("--max-tokens", type=int, default=64, show_default=True, help="Tokens to generate per prompt.")
+@click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature (0: greedy).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (the same for both sides).")
+@click.option("--json", "json_out", is_flag=True, help="Print the generations as JSON.")
+def generate(run_dir, prompt, prompts_file, max_tokens, temp, seed, json_out):
+    """The policy (adapters on) beside the reference (adapters off) on the same prompts,
+    from the same loaded weights, with the generated lengths."""
+    import json
+
+    from .audit import AuditError
+    from .generate import format_text, gather_prompts
+    from .generate import generate as run_generate
+
+    try:
+        results = run_generate(run_dir, gather_prompts(prompt, prompts_file), max_tokens, temp, seed)
+    except AuditError as e:
+        _fail(e)
+    click.echo(json.dumps(results, indent=2) if json_out else format_text(results))
 
 
 @main.command()
