@@ -219,6 +219,8 @@ class DPOConfig:
     resume_from_checkpoint: Optional[str] = option(None, "latest, a run directory or a checkpoints/step-N "
                                                    "directory to resume from.")
     progress_bar: bool = option(True, "Show a progress bar (metric lines are printed either way).")
+    report_to: Optional[Union[str, list]] = option(None, "Live trackers (TRL's report_to): wandb, tensorboard, or a "
+                                                   "list of them; none by default (metrics.jsonl is always written).")
     health_warnings: bool = option(True, "Warn about unhealthy training (loss stuck at ln 2, chosen log-probs "
                                    "below the reference, overfitting, exploding margins, grad_norm spikes); "
                                    "also recorded under warnings in metrics.jsonl.")
@@ -280,6 +282,8 @@ def _check_choices(cfg: DPOConfig) -> None:
     _check_choice("adapter", cfg.adapter, ("lora", "dora"))
     _check_choice("reference", cfg.reference, ("base", "adapter"))
     _check_choice("truncation_mode", cfg.truncation_mode, ("keep_end", "keep_start"))
+    for name in [cfg.report_to] if isinstance(cfg.report_to, str) else (cfg.report_to or []):
+        _check_choice("report_to", name, ("none", "wandb", "tensorboard"))
     if cfg.eval_strategy is not None:
         _check_choice("eval_strategy", cfg.eval_strategy, ("no", "steps", "epoch"))
     _check_choice("lr_scheduler_type", cfg.lr_scheduler_type, LR_SCHEDULERS)

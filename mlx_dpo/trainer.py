@@ -47,6 +47,7 @@ from .rundir import METRICS_FILE, RunLock, check_output_dir, check_resume, prepa
 from .schedule import build_schedule
 from .state import TrainState
 from .steps import build_steps, reference_logps
+from .trackers import tracker_callbacks
 
 @dataclass
 class TrainResult:
@@ -79,6 +80,7 @@ class DPOTrainer:
         self.output_dir = check_output_dir(cfg)
         self.lock = RunLock(self.output_dir)
         self.lock.check()  # another run in this output_dir: refuse before loading anything
+        trackers = tracker_callbacks(cfg, self.output_dir)  # report_to: a missing package fails here
         self.resume_path = check_resume(cfg, self.output_dir, self.log)
         mx.random.seed(cfg.seed)
         self.model, self.tokenizer = model, tokenizer = self._load_model(model, tokenizer, train_pairs)
@@ -102,8 +104,9 @@ class DPOTrainer:
                                 data_fingerprint=checkpoint.data_fingerprint(self.train_pairs),
                                 sampler=self.sampler.state, loss_state=losses.init_loss_state(cfg))
         health = HealthMonitor.from_config(cfg, self.log) if cfg.health_warnings else None
+        extra = [*trackers, *(callbacks or ())]
         self.callbacks = CallbackList(default_callbacks(self.output_dir / METRICS_FILE, self.log, cfg.progress_bar,
-                                                        callbacks, health))
+                                                        extra, health))
         self.ref_cache: Dict[str, Dict[str, np.ndarray]] = {}
         self.reference_forwards = 0
         self.trace_count = 0

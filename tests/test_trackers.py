@@ -1,0 +1,76 @@
+"""report_to: wandb / tensorboard callbacks get every logged record; a missing package is a clear error."""
+
+import sys
+import types
+
+import pytest
+
+from mlx_dpo import DPOConfig, DPOTrainer
+from mlx_dpo.config import ConfigError
+from mlx_dpo.trackers import scalars
+
+
+def cfg_for(model_dir, data_dir, tmp_path, **kw):
+    return DPOConfig(model=str(model_dir), data=str(data_dir), output_dir=str(tmp_path / "run"), max_steps=4,
+                     batch_size=4, logging_steps=2, eval_steps=4, max_eval_batches=1, progress_bar=False,
+                     cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def fake_modules(monkeypatch):
+    calls = []
+
+    class Run:
+        def log(self, values, step):
+            calls.append(("wandb.log", step, values))
+
+        def finish(self):
+            calls.append(("wandb.finish",))
+
+    wandb = types.ModuleType("wandb")
+    wandb.init = lambda **kw: calls.append(("wandb.init", kw["project"], kw["config"]["beta"])) or Run()
+
+    class Writer:
+        def __init__(self, log_dir):
+            calls.append(("tb.open", log_dir))
+
+        def add_scalar(self, key, value, step):
+            calls.append(("tb.scalar", key, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            calls.append(("tb.close",))
+
+    tbx = types.ModuleType("tensorboardX")
+    tbx.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setitem(sys.modules, "tensorboardX", tbx)
+    return calls
+
+
+def test_trackers_get_every_record_at_its_step(llama_dir, toy_data_dir, tmp_path, monkeypatch):
+    calls = fake_modules(monkeypatch)
+    trainer = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path, report_to=["wandb", "tensorboard"]),
+                         log=lambda *a: None)
+    result = trainer.train()
+    assert calls[0] == ("wandb.init", "mlx-dpo", 0.1)
+    logged = [c for c in calls if c[0] == "wandb.log"]
+    assert [c[1] for c in logged] == [r["step"] for r in result.history] == [2, 4]
+    assert logged[1][2]["eval/loss"] == result.history[1]["eval_loss"]
+    assert logged[0][2]["train/loss"] == result.history[0]["loss"]
+    assert ("tb.scalar", "train/rewards/margins", 2) in calls and ("tb.scalar", "eval/loss", 4) in calls
+    assert calls[-1] in (("wandb.finish",), ("tb.close",)) and ("tb.open", str(tmp_path / "run" / "runs")) in calls
+
+
+def test_a_missing_tracker_package_is_a_config_error_before_loading(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import fails
+    with pytest.raises(ConfigError, match=r"report_to: wandb needs the wandb package \(pip install wandb\)"):
+        DPOTrainer(DPOConfig(model="/nonexistent", output_dir=str(tmp_path / "run"), report_to="wandb"))
+    with pytest.raises(ConfigError, match="report_to must be one of none, wandb, tensorboard"):
+        DPOConfig(report_to="mlflow")
+
+
+def test_scalars_use_transformers_names():
+    assert scalars({"step": 3, "loss": 0.5, "eval_loss": 0.6, "warnings": ["x"], "epoch": 1}) == {
+        "train/loss": 0.5, "eval/loss": 0.6, "train/epoch": 1.0}
