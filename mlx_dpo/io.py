@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import struct
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 PathLike = Union[str, Path]
 
@@ -82,3 +84,24 @@ def atomic_directory(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def safetensors_problem(path: PathLike) -> Optional[str]:
+    """What is wrong with the safetensors file ``path`` (truncated, not safetensors), or
+    ``None``: reads only its header, so a broken file is named before anything loads it."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        return f"is not a safetensors file ({type(e).__name__})"
+    if not isinstance(header, dict):
+        return "is not a safetensors file (no valid header)"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+            and len(t.get("data_offsets") or ()) == 2]
+    if max(ends, default=0) > size - 8 - n:
+        return f"is truncated ({size} bytes, its header describes {8 + n + max(ends)}): an incomplete copy or download?"
+    return None

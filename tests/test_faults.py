@@ -1,0 +1,103 @@
+"""Broken inputs and faults (issue 17): one line naming the file and what is wrong, no
+traceback, and nothing changed or half-written."""
+
+import json
+import re
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from mlx_dpo.cli import main
+
+
+def snapshot(path):
+    """Every file under ``path`` (hidden ones too) with its bytes: to assert nothing changed."""
+    if not path.exists():
+        return None
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, llama_dir, toy_data_dir):
+    """A finished two-step LoRA run (with checkpoints/step-2)."""
+    out = tmp_path_factory.mktemp("faults") / "run"
+    result = cli("train", "--model", llama_dir, "--data", toy_data_dir, "--output-dir", out, "--max-steps", 2,
+                 "--save-steps", 2, "--batch-size", 4, "--no-progress-bar", "--eval-strategy", "no")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+# --------------------------------------------------------------------------- broken model directories
+
+
+def _truncate(d):
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _arch(d):
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**config, "model_type": "llamma"}))
+
+
+def _no_tokenizer(d):
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (d / name).unlink()
+
+
+BROKEN_MODELS = {
+    "truncated weights": (_truncate, "model.safetensors is truncated"),
+    "garbage weights": (lambda d: (d / "model.safetensors").write_bytes(b"garbage" * 50),
+                        "model.safetensors is not a safetensors file"),
+    "config not JSON": (lambda d: (d / "config.json").write_text('{"model_type": "llama",'),
+                        "config.json is not valid JSON"),
+    "unknown architecture": (_arch, "model_type 'llamma' is not an mlx-lm architecture; supported: .*llama, "),
+    "no tokenizer": (_no_tokenizer, "has no tokenizer files"),
+}
+
+
+@pytest.fixture(params=list(BROKEN_MODELS))
+def broken_model(request, llama_dir, tmp_path):
+    breaks, message = BROKEN_MODELS[request.param]
+    model = tmp_path / "model"
+    shutil.copytree(llama_dir, model)
+    breaks(model)
+    return model, message
+
+
+def test_a_broken_model_directory_is_one_line_for_train_and_plan(broken_model, toy_data_dir, tmp_path):
+    model, message = broken_model
+    before = snapshot(model)
+    for command in ("train", "plan"):
+        result = cli(command, "--model", model, "--data", toy_data_dir, "--output-dir", tmp_path / "out")
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith(f"error: model: {model}")
+        assert len(result.output.strip().splitlines()) == 1, result.output
+        assert re.search(message, result.output), result.output
+        assert not (tmp_path / "out").exists()
+    assert snapshot(model) == before
+
+
+def test_a_broken_model_directory_is_one_line_for_export(broken_model, run_dir, tmp_path):
+    model, message = broken_model
+    before = snapshot(run_dir)
+    result = cli("export", "--adapter-path", run_dir, "--model", model, "-o", tmp_path / "export")
+    assert result.exit_code == 2, result.output
+    assert re.search(message, result.output), result.output
+    assert not (tmp_path / "export").exists() and snapshot(run_dir) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary directory left
+
+
+def test_an_unknown_toy_model_names_the_toy_models(toy_data_dir, tmp_path):
+    result = cli("train", "--model", "toy:nope", "--data", toy_data_dir, "--output-dir", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "error: model: 'toy:nope' is no toy model; choose one of toy:llama, toy:qwen2" in result.output
+    assert not (tmp_path / "out").exists()
