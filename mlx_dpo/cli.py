@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import typing
 from dataclasses import fields
@@ -183,6 +184,10 @@ def export(adapter_path, output, model, fmt, dtype, verify, overwrite, upload_re
             run_export(adapter_path, output, model=model, format=fmt, dtype=dtype, verify=verify, overwrite=overwrite)
     except (ExportError, ConfigError, FileNotFoundError) as e:
         _fail(e)
+    except OSError as e:  # disk full, permissions: atomic_directory removed what it had written
+        kept = "the old export is kept" if overwrite and os.path.exists(output) else "nothing was written"
+        click.echo(f"error: export to {output} failed: {e} ({kept})", err=True)
+        sys.exit(1)
     if upload_repo:
         _upload(output, upload_repo, private=private)
 

@@ -101,3 +101,102 @@ def test_an_unknown_toy_model_names_the_toy_models(toy_data_dir, tmp_path):
     assert result.exit_code == 2
     assert "error: model: 'toy:nope' is no toy model; choose one of toy:llama, toy:qwen2" in result.output
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- broken run directories for export
+
+
+def _run_copy(run_dir, tmp_path, breaks):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    breaks(run)
+    return run
+
+
+def _no_adapters(run):
+    (run / "adapters.safetensors").unlink()
+    (run / "adapter_config.json").unlink()
+
+
+BROKEN_RUNS = {
+    "corrupt adapters": (lambda r: (r / "adapters.safetensors").write_bytes(b"\x10" * 300),
+                         "adapters.safetensors is not a safetensors file"),
+    "truncated adapters": (lambda r: (r / "adapters.safetensors").write_bytes(
+        (r / "adapters.safetensors").read_bytes()[:-100]), "adapters.safetensors is truncated"),
+    "garbage adapter_config": (lambda r: (r / "adapter_config.json").write_text("not json{"),
+                               "adapter_config.json is not valid JSON"),
+    "no adapters yet": (_no_adapters, "no adapters yet .*a checkpoint can be exported: --adapter-path "
+                        ".*checkpoints/step-2"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_RUNS))
+def test_a_broken_run_directory_is_one_line_for_export(case, run_dir, tmp_path):
+    breaks, message = BROKEN_RUNS[case]
+    run = _run_copy(run_dir, tmp_path, breaks)
+    before = snapshot(run)
+    result = cli("export", "--adapter-path", run, "-o", tmp_path / "export")
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1, result.output
+    assert re.search(message, result.output), result.output
+    assert not (tmp_path / "export").exists() and snapshot(run) == before
+
+
+def test_a_checkpoint_directory_exports(run_dir, tmp_path):
+    result = cli("export", "--adapter-path", run_dir / "checkpoints" / "step-2", "-o", tmp_path / "export",
+                 "--format", "peft")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "export" / "adapter_model.safetensors").is_file()
+
+
+def _disk_full(monkeypatch):
+    import errno
+
+    import mlx.core as mx
+
+    def full(path, *args, **kwargs):
+        open(path, "wb").write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mx, "save_safetensors", full)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_disk_full_during_export_leaves_nothing_and_keeps_the_old_export(overwrite, run_dir, tmp_path, monkeypatch):
+    out = tmp_path / "export"
+    if overwrite:
+        assert cli("export", "--adapter-path", run_dir, "-o", out).exit_code == 0
+    before, run_before = snapshot(out), snapshot(run_dir)
+    _disk_full(monkeypatch)
+    result = cli("export", "--adapter-path", run_dir, "-o", out, *(["--overwrite"] if overwrite else []))
+    assert result.exit_code == 1, result.output
+    kept = "the old export is kept" if overwrite else "nothing was written"
+    assert f"error: export to {out} failed: [Errno 28] No space left on device ({kept})" in result.output
+    assert snapshot(out) == before and snapshot(run_dir) == run_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["export"] if overwrite else [])
+
+
+def test_an_overwrite_whose_final_rename_fails_keeps_the_old_export(run_dir, tmp_path, monkeypatch):
+    import os
+
+    out = tmp_path / "export"
+    assert cli("export", "--adapter-path", run_dir, "-o", out, "--format", "peft").exit_code == 0
+    before, replace = snapshot(out), os.replace
+
+    def failing(src, dst):
+        if str(src).endswith(".tmp") and os.path.isdir(src):
+            raise OSError(5, "Input/output error")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    result = cli("export", "--adapter-path", run_dir, "-o", out, "--format", "peft", "--overwrite")
+    assert result.exit_code == 1 and "the old export is kept" in result.output, result.output
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_an_overwrite_cannot_replace_the_run_itself(run_dir, tmp_path):
+    run = _run_copy(run_dir, tmp_path, lambda r: None)
+    before = snapshot(run)
+    result = cli("export", "--adapter-path", run, "-o", run, "--overwrite")
+    assert result.exit_code == 2 and "holds the run" in result.output and "choose another --output" in result.output
+    assert snapshot(run) == before
