@@ -200,3 +200,55 @@ def test_an_overwrite_cannot_replace_the_run_itself(run_dir, tmp_path):
     result = cli("export", "--adapter-path", run, "-o", run, "--overwrite")
     assert result.exit_code == 2 and "holds the run" in result.output and "choose another --output" in result.output
     assert snapshot(run) == before
+
+
+# --------------------------------------------------------------------------- text edge cases
+
+
+def _train_on(rows, llama_dir, tmp_path, name="data.jsonl"):
+    data = tmp_path / name
+    data.write_text("".join(rows))
+    before = data.read_bytes()
+    result = cli("train", "--model", llama_dir, "--data", data, "--output-dir", tmp_path / "out", "--max-steps", 1,
+                 "--batch-size", 2, "--no-progress-bar", "--cache-dir", tmp_path / "cache")
+    assert data.read_bytes() == before
+    return data, result
+
+
+GOOD = '{"prompt": "Repeat: red", "chosen": " red", "rejected": " cat"}\n'
+
+
+def test_a_lone_surrogate_names_the_file_line_and_field(llama_dir, tmp_path):
+    data, result = _train_on([GOOD, '{"prompt": "Repeat: red", "chosen": " red \\ud83d", "rejected": " cat"}\n'],
+                             llama_dir, tmp_path)
+    assert result.exit_code == 2, result.output
+    assert f"error: {data}:2: field 'chosen' has a lone UTF-16 surrogate '\\ud83d' at character 5" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_lone_surrogate_in_a_message(llama_dir, tmp_path):
+    row = {"prompt": [{"role": "user", "content": "hi \ud83d"}], "chosen": [{"role": "assistant", "content": "a"}],
+           "rejected": [{"role": "assistant", "content": "b"}]}
+    data, result = _train_on([json.dumps(row) + "\n"], llama_dir, tmp_path)
+    assert result.exit_code == 2, result.output
+    assert f"{data}:1: field 'prompt' message 0 'content' has a lone UTF-16 surrogate" in result.output
+
+
+def test_an_unknown_role_names_the_role_line_and_valid_roles(llama_dir, tmp_path):
+    good = {"prompt": [{"role": "user", "content": "Repeat: red"}], "chosen": [{"role": "assistant", "content": "red"}],
+            "rejected": [{"role": "assistant", "content": "cat"}]}
+    bad = {**good, "chosen": [{"role": "assistent", "content": "red"}]}
+    data, result = _train_on([json.dumps(good) + "\n", json.dumps(bad) + "\n"], llama_dir, tmp_path)
+    assert result.exit_code == 2, result.output
+    assert (f"error: {data}:2: field 'chosen' message 0 has role 'assistent'; valid roles: system, user, assistant, "
+            "tool") in result.output
+    assert "chat template" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_exact_duplicate_pairs_are_one_warning_with_their_count(llama_dir, tmp_path):
+    other = '{"prompt": "Repeat: blue", "chosen": " blue", "rejected": " dog"}\n'
+    _, result = _train_on([GOOD, other, GOOD, GOOD, other], llama_dir, tmp_path)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if "exact-duplicate" in line]
+    assert warnings == ["warning: train: 3 exact-duplicate pairs (the same prompt, chosen and rejected as an earlier "
+                        "pair); they are kept and weigh more; remove them if that is not intended"], result.output
