@@ -252,3 +252,37 @@ def test_exact_duplicate_pairs_are_one_warning_with_their_count(llama_dir, tmp_p
     warnings = [line for line in result.output.splitlines() if "exact-duplicate" in line]
     assert warnings == ["warning: train: 3 exact-duplicate pairs (the same prompt, chosen and rejected as an earlier "
                         "pair); they are kept and weigh more; remove them if that is not intended"], result.output
+
+
+# --------------------------------------------------------------------------- Ctrl-C twice
+
+
+def test_ctrl_c_twice_exits_quietly_with_130(llama_dir, tmp_path):
+    """The second Ctrl-C lands while the first one's checkpoint is saved or the process exits."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, data = tmp_path / "run", tmp_path / "data.jsonl"
+    data.write_text(GOOD * 4)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "mlx_dpo", "train", "--model", str(llama_dir), "--data", str(data),
+         "--output-dir", str(out), "--max-steps", "100000", "--batch-size", "2", "--no-progress-bar",
+         "--logging-steps", "1", "--save-steps", "100000"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        seen, deadline = b"", time.monotonic() + 60
+        while b"step=" not in seen and time.monotonic() < deadline:
+            seen += os.read(child.stdout.fileno(), 4096) or b""
+        child.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        child.send_signal(signal.SIGINT)
+        rest, _ = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    output = (seen + rest).decode()
+    assert child.returncode == 130, output
+    assert "Traceback" not in output and "Exception ignored" not in output, output
+    assert "SIGINT" in output and (out / "checkpoints").is_dir()
