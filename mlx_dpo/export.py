@@ -166,7 +166,7 @@ def write_run_info(run: Run, out_dir: Path, fmt: str, dtype: str) -> None:
     }
     atomic_write_text(out_dir / EXPORT_INFO, json.dumps(info, indent=2))
     if (run.path / "config.yaml").is_file():
-        shutil.copy(run.path / "config.yaml", out_dir / RUN_CONFIG)
+        shutil.copyfile(run.path / "config.yaml", out_dir / RUN_CONFIG)
 
 
 # --------------------------------------------------------------------------- the API

@@ -28,12 +28,20 @@ def fsync_dir(path: PathLike) -> None:
         os.close(fd)
 
 
+def umask() -> int:
+    """The process umask (read by setting it and back: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~umask())  # mkstemp makes 0600; this is the mode open() would give
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -70,6 +78,7 @@ def atomic_directory(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
         raise FileExistsError(f"{path} already exists")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; the directory gets the mode mkdir() would give
         yield tmp
         fsync_tree(tmp)
         if path.exists():

@@ -286,3 +286,33 @@ def test_ctrl_c_twice_exits_quietly_with_130(llama_dir, tmp_path):
     assert child.returncode == 130, output
     assert "Traceback" not in output and "Exception ignored" not in output, output
     assert "SIGINT" in output and (out / "checkpoints").is_dir()
+
+
+# --------------------------------------------------------------------------- file modes
+
+
+@pytest.fixture
+def user_umask(request):
+    import os
+
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def modes(path):
+    return {str(p.relative_to(path)): p.stat().st_mode & 0o777 for p in [path, *path.rglob("*")]}
+
+
+@pytest.mark.parametrize("user_umask", [0o022, 0o077], indirect=True)
+def test_runs_and_exports_follow_the_umask(user_umask, llama_dir, toy_data_dir, tmp_path):
+    run, export = tmp_path / "run", tmp_path / "export"
+    assert cli("train", "--model", llama_dir, "--data", toy_data_dir, "--output-dir", run, "--max-steps", 1,
+               "--batch-size", 4, "--no-progress-bar").exit_code == 0
+    assert cli("export", "--adapter-path", run, "-o", export).exit_code == 0
+    found = {**{f"run/{k}": v for k, v in modes(run).items()}, **{f"export/{k}": v for k, v in modes(export).items()}}
+    for name, mode in found.items():
+        is_dir = (tmp_path / name).is_dir()
+        assert mode == (0o777 if is_dir else 0o666) & ~user_umask, f"{name}: {oct(mode)}"
+    assert {"run/config.yaml", "run/adapter_config.json", "export/README.md", "export/config.json",
+            "export/model.safetensors", "run/checkpoints/step-1/trainer_state.json"} <= set(found)
