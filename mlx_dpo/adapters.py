@@ -235,7 +235,13 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     path = Path(adapter_dir) / "adapter_config.json"
     if not path.is_file():
         raise ConfigError(f"{adapter_dir}: no adapter_config.json (expected an mlx-lm adapter directory)")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} is not an mlx-lm adapter config (expected a JSON object)")
+    return config
 
 
 def load_adapter_weights(model: nn.Module, adapter_dir: Path, into: str = "policy") -> None:

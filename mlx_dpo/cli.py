@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 import sys
 import typing
 from dataclasses import fields
@@ -68,6 +70,32 @@ def _show_logs():
         logger.setLevel(level)
 
 
+def _ignore_stop_signals(*_) -> None:
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def _interrupt_once(signum, frame) -> None:
+    _ignore_stop_signals()
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _quiet_interrupts():
+    """Once a run is stopping (Ctrl-C, SIGTERM), later signals are ignored, so a second Ctrl-C
+    cannot print a traceback from cleanup or an atexit handler; the exit code stays 130/143.
+    (While the training loop runs, its own handlers take over: see ``checkpoint.StopSignals``.)"""
+    old = signal.signal(signal.SIGINT, _interrupt_once)
+    try:
+        yield
+    except KeyboardInterrupt:  # TrainingInterrupted too: the process exits next
+        _ignore_stop_signals()
+        raise
+    finally:
+        if signal.getsignal(signal.SIGINT) is _interrupt_once:
+            signal.signal(signal.SIGINT, old)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="mlx-dpo")
 def main():
@@ -96,8 +124,9 @@ def train(config_file, resume, overwrite, **kwargs):
     if overwrite:
         overrides["overwrite_output_dir"] = True
     try:
-        cfg = resolve_config(config_file, **overrides)
-        result = DPOTrainer(cfg).train()
+        with _quiet_interrupts():
+            cfg = resolve_config(config_file, **overrides)
+            result = DPOTrainer(cfg).train()
     except TrainingInterrupted as e:
         click.echo(str(e), err=True)
         sys.exit(e.exit_code)
@@ -255,6 +284,10 @@ def export(adapter_path, output, model, fmt, dtype, verify, overwrite, upload_re
             run_export(adapter_path, output, model=model, format=fmt, dtype=dtype, verify=verify, overwrite=overwrite)
     except (ExportError, ConfigError, FileNotFoundError) as e:
         _fail(e)
+    except OSError as e:  # disk full, permissions: atomic_directory removed what it had written
+        kept = "the old export is kept" if overwrite and os.path.exists(output) else "nothing was written"
+        click.echo(f"error: export to {output} failed: {e} ({kept})", err=True)
+        sys.exit(1)
     if upload_repo:
         _upload(output, upload_repo, private=private)
 

@@ -20,7 +20,7 @@ from .adapters import add_adapters, load_adapter_weights, read_adapter_config
 from .config import ConfigError, DPOConfig
 from .formats import DTYPES, FORMATS, MAX_SHARD_BYTES, WRITERS, ExportError
 from .hub import EXPORT_INFO, RUN_CONFIG, write_model_card
-from .io import atomic_directory, atomic_write_text
+from .io import atomic_directory, atomic_write_text, safetensors_problem
 from .model import load_model
 from .verify import reference_outputs, verify_export
 
@@ -37,6 +37,7 @@ class Run:
         self.path = Path(adapter_path)
         if not self.path.is_dir():
             raise ExportError(f"adapter path {self.path} is not a directory")
+        check_run_files(self.path)
         self.adapter_config = read_adapter_config(self.path)
         self.cfg = run_config(self.path, self.adapter_config, model)
         self.fine_tune_type = self.adapter_config.get("fine_tune_type", "lora")
@@ -67,6 +68,23 @@ class Run:
         if q:
             return {"bits": q["bits"], "group_size": q["group_size"], "mode": q.get("mode", "affine")}
         return None
+
+
+def check_run_files(run_dir: Path) -> None:
+    """A run directory holds adapters.safetensors (readable) and adapter_config.json; one with
+    neither points at the checkpoints that can be exported."""
+    config, weights = run_dir / "adapter_config.json", run_dir / "adapters.safetensors"
+    if not config.is_file() and not weights.is_file():
+        steps = sorted(run_dir.glob("checkpoints/step-*/adapters.safetensors"), key=lambda p: int(p.parent.name[5:]))
+        hint = (f"; a checkpoint can be exported: --adapter-path {steps[-1].parent}" if steps
+                else " (expected a training run directory or an mlx-lm adapter directory)")
+        raise ExportError(f"{run_dir}: no adapters yet (no adapters.safetensors and adapter_config.json){hint}")
+    for file in (config, weights):
+        if not file.is_file():
+            raise ExportError(f"{run_dir}: {file.name} is missing (the directory holds only half of a run's adapters)")
+    problem = safetensors_problem(weights)
+    if problem:
+        raise ExportError(f"{weights} {problem}")
 
 
 def load_full_weights(model: nn.Module, run_dir: Path) -> None:
@@ -148,7 +166,7 @@ def write_run_info(run: Run, out_dir: Path, fmt: str, dtype: str) -> None:
     }
     atomic_write_text(out_dir / EXPORT_INFO, json.dumps(info, indent=2))
     if (run.path / "config.yaml").is_file():
-        shutil.copy(run.path / "config.yaml", out_dir / RUN_CONFIG)
+        shutil.copyfile(run.path / "config.yaml", out_dir / RUN_CONFIG)
 
 
 # --------------------------------------------------------------------------- the API
@@ -180,6 +198,9 @@ def export(
     output = Path(output)
     if output.exists() and not overwrite:
         raise ExportError(f"{output} already exists; pass --overwrite to replace it")
+    if output.exists() and Path(adapter_path).resolve().is_relative_to(output.resolve()):
+        raise ExportError(f"{output} holds the run {adapter_path} itself; --overwrite would replace the run, "
+                          "choose another --output")
     try:
         run = Run(adapter_path, model)
     except ConfigError as e:

@@ -95,7 +95,7 @@ def copy_model_files(base_dir: Path, out_dir: Path) -> None:
     for pattern in TOKENIZER_FILES + ("generation_config.json",):
         for file in Path(base_dir).glob(pattern):
             if file.is_file() and not (out_dir / file.name).exists():
-                shutil.copy(file, out_dir / file.name)
+                shutil.copyfile(file, out_dir / file.name)  # the umask's mode, not the source's
 
 
 def save_sharded(weights: dict, out_dir: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> list:

@@ -128,6 +128,15 @@ def upload_files(folder: Path) -> list:
     )
 
 
+def commit_operations(folder: Path, card: str) -> list:
+    """One commit: every file ``upload_files`` lists, with ``card`` as README.md."""
+    from huggingface_hub import CommitOperationAdd
+
+    files = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name))
+             for name in upload_files(folder) if name != "README.md"]
+    return files + [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8"))]
+
+
 def upload(
     folder: Union[str, Path],
     repo_id: str,
@@ -136,7 +145,8 @@ def upload(
     dry_run: bool = False,
     commit_message: str = "Upload model exported with mlx-dpo",
 ) -> Union[str, list]:
-    """Write the model card and upload ``folder`` to ``repo_id`` (``create_repo`` + ``upload_folder``).
+    """Upload ``folder`` with its model card to ``repo_id`` in one commit (``create_repo`` +
+    ``create_commit``); README.md is written into ``folder`` only once the upload succeeded.
 
     Returns the repository URL, or with ``dry_run`` the list of files that would be uploaded.
     """
@@ -156,16 +166,14 @@ def upload(
         return files
     from huggingface_hub import HfApi
 
-    atomic_write_text(folder / "README.md", card)
     api = HfApi()
     url = api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
     repo_id = getattr(url, "repo_id", None) or repo_id
     if revision:
         api.create_branch(repo_id=repo_id, branch=revision, exist_ok=True, repo_type="model")
-    api.upload_folder(
-        folder_path=str(folder), repo_id=repo_id, repo_type="model", revision=revision,
-        commit_message=commit_message, ignore_patterns=[".*", "**/.*"],
-    )
+    api.create_commit(repo_id=repo_id, repo_type="model", revision=revision, commit_message=commit_message,
+                      operations=commit_operations(folder, card))
+    atomic_write_text(folder / "README.md", card)  # only now: a failed upload changes nothing here
     link = str(url) + (f"/tree/{revision}" if revision else "")
     log.info(f"Uploaded {folder} to {link}")
     return link

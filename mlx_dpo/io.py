@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import struct
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 PathLike = Union[str, Path]
 
@@ -26,12 +28,20 @@ def fsync_dir(path: PathLike) -> None:
         os.close(fd)
 
 
+def umask() -> int:
+    """The process umask (read by setting it and back: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~umask())  # mkstemp makes 0600; this is the mode open() would give
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -68,13 +78,18 @@ def atomic_directory(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
         raise FileExistsError(f"{path} already exists")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; the directory gets the mode mkdir() would give
         yield tmp
         fsync_tree(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)  # the old directory is kept
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
@@ -82,3 +97,24 @@ def atomic_directory(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def safetensors_problem(path: PathLike) -> Optional[str]:
+    """What is wrong with the safetensors file ``path`` (truncated, not safetensors), or
+    ``None``: reads only its header, so a broken file is named before anything loads it."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        return f"is not a safetensors file ({type(e).__name__})"
+    if not isinstance(header, dict):
+        return "is not a safetensors file (no valid header)"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+            and len(t.get("data_offsets") or ()) == 2]
+    if max(ends, default=0) > size - 8 - n:
+        return f"is truncated ({size} bytes, its header describes {8 + n + max(ends)}): an incomplete copy or download?"
+    return None

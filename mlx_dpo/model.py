@@ -5,6 +5,7 @@ Adapters live in :mod:`mlx_dpo.adapters`, weight helpers in :mod:`mlx_dpo.quant`
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -14,6 +15,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .adapters import add_adapters, add_reference_copy, check_reference_adapter, last_blocks, load_adapter_weights
 from .config import ConfigError, DPOConfig
+from .io import safetensors_problem
 from .quant import on_cpu
 
 
@@ -54,6 +56,70 @@ def resolve_model_path(model: str, revision: Optional[str] = None) -> Path:
                           "HF_HUB_OFFLINE=1 nothing is fetched)") from None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json", "vocab.txt")
+# mlx_lm/models/*.py modules that are building blocks, not architectures
+MODEL_HELPERS = {"activations", "base", "bitlinear_layers", "cache", "gated_delta", "mla", "pipeline", "rope_utils",
+                 "ssm", "switch_layers"}
+
+
+def supported_architectures() -> list:
+    """mlx-lm's architectures: the module names of ``mlx_lm/models/*.py``."""
+    import mlx_lm.models
+
+    names = {p.stem for p in Path(mlx_lm.models.__file__).parent.glob("*.py")}
+    return sorted((n for n in names if not n.startswith("_") and n not in MODEL_HELPERS), key=str.lower)
+
+
+def read_model_config(path: Path) -> dict:
+    """``config.json`` of the model directory ``path``, refused unless it is a JSON object with a ``model_type``."""
+    file = path / "config.json"
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model: {file} is not valid JSON ({e})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ConfigError(f"model: {file} has no model_type (expected a Hugging Face or MLX model config)")
+    return config
+
+
+def check_model_dir(path: Path) -> None:
+    """Refuse a model directory that cannot load, naming the file: bad ``config.json``,
+    broken ``model*.safetensors``, no tokenizer files."""
+    read_model_config(path)
+    weights = sorted(path.glob("model*.safetensors"))
+    if not weights:
+        raise ConfigError(f"model: {path} has no model*.safetensors weights")
+    for file in weights:
+        problem = safetensors_problem(file)
+        if problem:
+            raise ConfigError(f"model: {file} {problem}")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES) and not any(path.glob("*.tiktoken")):
+        raise ConfigError(f"model: {path} has no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
+
+
+def _load(path: Path, trust_remote_code: bool):
+    """mlx-lm's model and tokenizer loaders, their errors turned into one line naming ``path``."""
+    from mlx_lm.utils import load_model as mlx_load_model
+    from mlx_lm.utils import load_tokenizer
+
+    check_model_dir(path)
+    try:
+        model, model_config = mlx_load_model(path, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "not supported" in str(e):
+            raise ConfigError(f"model: {path / 'config.json'}: model_type {read_model_config(path)['model_type']!r} "
+                              f"is not an mlx-lm architecture; supported: {', '.join(supported_architectures())}"
+                              ) from None
+        raise ConfigError(f"model: {path}: the weights do not fit its config.json ({e})") from None
+    try:
+        tokenizer = load_tokenizer(path, {"trust_remote_code": True} if trust_remote_code else None,
+                                   eos_token_ids=model_config.get("eos_token_id"))
+    except Exception as e:  # transformers raises many types for broken tokenizer files
+        raise ConfigError(f"model: cannot load the tokenizer in {path} ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    return model, model_config, tokenizer
+
+
 def compute_dtype(cfg: DPOConfig) -> Optional[mx.Dtype]:
     if cfg.compute_dtype != "auto":
         return getattr(mx, cfg.compute_dtype)
@@ -65,13 +131,8 @@ def load_model(cfg: DPOConfig) -> Tuple[nn.Module, object, Path]:
 
     Returns ``(model, tokenizer, model_path)``; no adapters are attached yet.
     """
-    from mlx_lm.utils import load_model as mlx_load_model
-    from mlx_lm.utils import load_tokenizer
-
     path = resolve_model_path(cfg.model, cfg.revision)
-    model, model_config = mlx_load_model(path, trust_remote_code=cfg.trust_remote_code)
-    tokenizer = load_tokenizer(path, {"trust_remote_code": cfg.trust_remote_code} if cfg.trust_remote_code else None,
-                               eos_token_ids=model_config.get("eos_token_id"))
+    model, model_config, tokenizer = _load(path, cfg.trust_remote_code)
     return prepare_model(model, cfg, model_config, str(path)), tokenizer, path
 
 
@@ -208,7 +269,7 @@ def checkpoint_block(block: nn.Module) -> None:
 
 
 __all__ = [
-    "resolve_model_path", "compute_dtype", "load_model", "prepare_model", "is_quantized", "cast_floats",
+    "resolve_model_path", "check_model_dir", "supported_architectures", "compute_dtype", "load_model", "prepare_model", "is_quantized", "cast_floats",
     "disable_dropout", "setup_full_finetune", "hold_master_weights", "count_parameters", "setup_trainable",
     "checkpoint_block",
 ]

@@ -21,6 +21,7 @@ from typing import Optional, Union
 
 import numpy as np
 
+from .coerce import ConfigError
 from .io import atomic_directory, atomic_write_text
 
 WORDS = (
@@ -293,6 +294,8 @@ def cache_subdir(cache_dir: Optional[str], name: str) -> Path:
 def resolve_toy_model(spec: str) -> Path:
     """``toy:llama`` -> a cached local model directory, built on first use."""
     arch = spec.split(":", 1)[1] or "llama"
+    if arch not in ARCHS:
+        raise ConfigError(f"model: {spec!r} is no toy model; choose one of {', '.join('toy:' + a for a in ARCHS)}")
     path = cache_root() / "toy" / f"model-{arch}-v1"
     if not (path / "model.safetensors").exists():
         build_toy_model(path, arch=arch)

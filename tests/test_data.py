@@ -283,7 +283,8 @@ def test_truncation_and_drop_counts(bpe_tok):
 
 
 def test_counts_are_logged(bpe_tok, tmp_path):
-    records = [dict(PAIR)] * 3 + [{"prompt": "p", "chosen": " same", "rejected": " same"}]
+    records = [{**PAIR, "chosen": PAIR["chosen"] + "!" * i} for i in range(3)]  # distinct (no duplicate warning)
+    records += [{"prompt": "p", "chosen": " same", "rejected": " same"}]
     records.append({"prompt": "Repeat: " + "cat dog " * 20, "chosen": " a", "rejected": " b"})
     path = write_jsonl(tmp_path / "d.jsonl", records)
     train, _, lines = load(bpe_tok, tmp_path, data=str(path), max_prompt_length=None, max_length=20)

@@ -306,13 +306,14 @@ def test_cli_export_then_upload(runs, tmp_path, monkeypatch):
 
     calls = {}
     monkeypatch.setattr(HfApi, "create_repo", lambda self, **kw: calls.setdefault("create_repo", kw))
-    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.setdefault("upload_folder", kw))
+    monkeypatch.setattr(HfApi, "create_commit", lambda self, **kw: calls.setdefault("create_commit", kw))
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["export", "--adapter-path", str(runs("llama-lora")), "--output", str(out),
                                        "--format", "peft", "--upload-repo", "me/dpo-peft", "--private"])
     assert result.exit_code == 0, result.output
     assert calls["create_repo"]["repo_id"] == "me/dpo-peft" and calls["create_repo"]["private"] is True
-    assert calls["upload_folder"]["folder_path"] == str(out)
+    sent = {op.path_in_repo for op in calls["create_commit"]["operations"]}
+    assert sent == {p.name for p in out.iterdir() if not p.name.startswith(".")}
     assert "# me/dpo-peft" in (out / "README.md").read_text()
 
 

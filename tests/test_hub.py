@@ -54,16 +54,16 @@ def hub_calls(monkeypatch):
     def create_branch(self, **kw):
         calls["create_branch"] = kw
 
-    def upload_folder(self, **kw):
+    def create_commit(self, **kw):
         from pathlib import Path
 
-        folder = Path(kw["folder_path"])
-        calls["upload_folder"] = kw
-        calls["files"] = {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith(".")}
+        calls["create_commit"] = kw
+        calls["files"] = {op.path_in_repo: op.path_or_fileobj if isinstance(op.path_or_fileobj, bytes)
+                          else Path(op.path_or_fileobj).read_bytes() for op in kw["operations"]}
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "create_branch", create_branch)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
     monkeypatch.setenv("HF_TOKEN", SECRET)
     return calls
 
@@ -102,8 +102,8 @@ def test_upload(export_dir, hub_calls, capsys, caplog):
     url = upload(export_dir, "me/my-dpo", private=True, revision="v1")
     assert hub_calls["create_repo"] == {"repo_id": "me/my-dpo", "private": True, "exist_ok": True, "repo_type": "model"}
     assert hub_calls["create_branch"]["branch"] == "v1"
-    sent = hub_calls["upload_folder"]
-    assert sent["repo_id"] == "me/my-dpo" and sent["revision"] == "v1" and sent["folder_path"] == str(export_dir)
+    sent = hub_calls["create_commit"]  # one commit: the folder's files and the card
+    assert sent["repo_id"] == "me/my-dpo" and sent["revision"] == "v1"
     assert set(hub_calls["files"]) == {"README.md", "config.json", "model.safetensors", "tokenizer.json",
                                        "mlx_dpo_export.json", "mlx_dpo_config.yaml"}
     assert front_matter(hub_calls["files"]["README.md"].decode())["library_name"] == "transformers"
@@ -118,7 +118,7 @@ def test_cli_upload_never_shows_token(export_dir, hub_calls):
     result = CliRunner().invoke(main, ["upload", str(export_dir), "--repo-id", "me/my-dpo"])
     assert result.exit_code == 0, result.output
     assert hub_calls["create_repo"]["private"] is False and "create_branch" not in hub_calls
-    assert hub_calls["upload_folder"]["revision"] is None
+    assert hub_calls["create_commit"]["revision"] is None
     assert SECRET not in result.output
     assert not any(SECRET.encode() in p.read_bytes() for p in export_dir.rglob("*") if p.is_file())
 
@@ -128,7 +128,7 @@ def test_cli_upload_dry_run(export_dir, hub_calls):
     assert result.exit_code == 0, result.output
     assert "Dry run" in result.output and "model.safetensors" in result.output and "README.md" in result.output
     assert ".hidden" not in result.output
-    assert "create_repo" not in hub_calls and "upload_folder" not in hub_calls
+    assert "create_repo" not in hub_calls and "create_commit" not in hub_calls
     assert not (export_dir / "README.md").exists()
 
 
@@ -230,3 +230,24 @@ def test_model_card_hides_local_paths(export_dir, tmp_path):
     assert full == {"model": "my-base", "data": "prefs.jsonl", "output_dir": "dpo", "cache_dir": ".cache",
                     "ref_adapter_path": "sft", "eval_data": "org/evals", "beta": 0.1}
     assert "`my-base`" in card and front_matter(card)["datasets"] == ["org/evals"]
+
+
+@pytest.mark.parametrize("failing", ["create_repo", "create_commit"])
+def test_a_failed_upload_changes_nothing_in_the_folder(export_dir, hub_calls, monkeypatch, failing):
+    from huggingface_hub import HfApi
+
+    def down(self, **kw):
+        raise ConnectionError("the Hub could not be reached")
+
+    (export_dir / "README.md").write_text("my own notes\n")
+    before = {p.name: p.read_bytes() for p in export_dir.iterdir()}
+    monkeypatch.setattr(HfApi, failing, down)
+    result = CliRunner().invoke(main, ["upload", str(export_dir), "--repo-id", "me/my-dpo"])
+    assert result.exit_code == 2
+    assert "error: upload to me/my-dpo failed: ConnectionError: the Hub could not be reached" in result.output
+    assert {p.name: p.read_bytes() for p in export_dir.iterdir()} == before
+
+
+def test_a_successful_upload_sends_the_card_in_its_commit_then_writes_it(export_dir, hub_calls):
+    upload(export_dir, "me/my-dpo")
+    assert hub_calls["files"]["README.md"] == (export_dir / "README.md").read_bytes()

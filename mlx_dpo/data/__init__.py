@@ -139,6 +139,9 @@ def load_datasets(cfg: DPOConfig, tokenizer, log=print) -> Tuple[List[TokenizedP
     for name in ("train", "eval"):
         if stats.get(name):
             log(_summary(name, stats[name]) + source)
+        if (stats.get(name) or {}).get("duplicates"):
+            log(f"warning: {name}: {stats[name]['duplicates']} exact-duplicate pairs (the same prompt, chosen and "
+                f"rejected as an earlier pair); they are kept and weigh more; remove them if that is not intended")
     if not train:
         raise DataError(f"data: no usable training pairs in {cfg.data}" + _why_none(stats.get("train"), cfg))
     return train, evals

@@ -79,11 +79,24 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _check_text(value: str, what: str, where: str) -> None:
+    """A lone UTF-16 surrogate (``"\\ud83d"``, half of a cut emoji) cannot be encoded: name it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: {what} has a lone UTF-16 surrogate {value[e.start]!r} at character {e.start} "
+                        "(half of an emoji cut in two?); remove it or restore the whole character") from None
+
+
 def _check_string(value: Any, name: str, where: str, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
         raise DataError(f"{where}: field '{name}' must be a string, got {_type_name(value)}")
     if not allow_empty and not value.strip():
         raise DataError(f"{where}: field '{name}' is empty")
+    _check_text(value, f"field '{name}'", where)
     return value
 
 
@@ -104,6 +117,10 @@ def _check_messages(value: Any, name: str, where: str) -> list:
             raise DataError(
                 f"{where}: field '{name}' message {i}: 'content' must be a string, got {_type_name(message['content'])}"
             )
+        if message["role"] not in ROLES:
+            raise DataError(f"{where}: field '{name}' message {i} has role {message['role']!r}; "
+                            f"valid roles: {', '.join(ROLES)}")
+        _check_text(message["content"], f"field '{name}' message {i} 'content'", where)
     return value
 
 

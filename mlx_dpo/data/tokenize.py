@@ -20,6 +20,8 @@ dropped pairs are returned as stats.
 
 from __future__ import annotations
 
+import json
+
 from typing import List, Optional, Tuple
 
 from ..config import DPOConfig
@@ -81,15 +83,19 @@ def _new_stats(n: int) -> dict:
 def _validate(rows: List[Row], cfg: DPOConfig, stats: dict) -> List[Tuple[Row, dict]]:
     """Detect (where still ``auto``) and normalize every row; skipped pairs are counted in ``stats``."""
     mapping = column_map(cfg)
-    examples = []
+    examples, seen = [], set()
     for row in rows:
         if row.format == "auto":
             row.format = detect_format(row, mapping, cfg)
         example = get_format(row.format).normalize(row, mapping, cfg)
         if isinstance(example, str):
             stats["dropped_" + example] += 1
-        else:
-            examples.append((row, example))
+            continue
+        examples.append((row, example))
+        key = json.dumps(example, sort_keys=True, default=str)
+        if key in seen:  # kept (as TRL does), counted for one warning
+            stats["duplicates"] = stats.get("duplicates", 0) + 1
+        seen.add(key)
     check_format_options([ex for _, ex in examples], cfg)
     return examples
 
