@@ -164,9 +164,12 @@ class DPOConfig:
                          "to the reference.", "loss", keys=("card",))
     label_smoothing: float = option(0.0, "Assumed probability that a pair's preference label is flipped "
                                     "(conservative/robust DPO), in [0, 0.5].", "loss")
-    f_divergence_type: str = option("reverse_kl", "f-DPO divergence: reverse_kl, js_divergence or "
-                                    "alpha_divergence.", "loss")
-    f_alpha_divergence_coef: float = option(1.0, "alpha of f_divergence_type: alpha_divergence.", "loss")
+    f_divergence_type: str = option("reverse_kl", "f-DPO divergence: reverse_kl, forward_kl, js_divergence or "
+                                    "alpha_divergence (sigmoid, hinge, ipo, robust, exo_pair, discopop, "
+                                    "sigmoid_norm).", "loss")
+    f_alpha_divergence_coef: float = option(0.5, "alpha of f_divergence_type: alpha_divergence, TRL's convention: "
+                                            "score (exp((alpha-1) u) - 1)/(alpha-1), 1 = reverse KL; the "
+                                            "paper's alpha is 1 - this.", "loss")
     discopop_tau: float = option(0.05, "Temperature of the discopop loss.", "loss")
     rpo_alpha: Optional[float] = option(None, "RPO: weight of an NLL loss on the chosen completions.", "loss")
     use_weighting: bool = option(False, "WPO: weight each pair by its policy probability.", "loss")
@@ -284,7 +287,8 @@ def _check_choices(cfg: DPOConfig) -> None:
         _check_choice("eval_strategy", cfg.eval_strategy, ("no", "steps", "epoch"))
     _check_choice("lr_scheduler_type", cfg.lr_scheduler_type, LR_SCHEDULERS)
     _check_choice("compute_dtype", cfg.compute_dtype, ("auto", "float32", "bfloat16", "float16"))
-    _check_choice("f_divergence_type", cfg.f_divergence_type, ("reverse_kl", "js_divergence", "alpha_divergence"))
+    _check_choice("f_divergence_type", cfg.f_divergence_type, ("reverse_kl", "forward_kl", "js_divergence",
+                                                              "alpha_divergence"))
     cfg.prefix_sharing = str(cfg.prefix_sharing).lower()
     _check_choice("prefix_sharing", cfg.prefix_sharing, ("auto", "true", "false"))
 
