@@ -436,15 +436,28 @@ def _loss_weights(cfg) -> list:
     return list(cfg.loss_weights) if cfg.loss_weights is not None else [1.0] * len(cfg.loss_types)
 
 
+def metric_reduction(cfg) -> str:
+    """The reduction the logged ``rewards/*`` and ``logps/*`` use, as TRL 1.16: summed (or
+    LD-reduced) log-probs whenever a reference is used -- also for ipo/sigmoid_norm, whose loss
+    averages per token; for reference-free configs the first loss's own reduction (CPO's
+    convention: simpo/orpo average, cpo sums)."""
+    if needs_reference(cfg):
+        return "ld" if getattr(cfg, "ld_alpha", None) is not None else "sum"
+    return _reduction(cfg.loss_types[0], cfg)
+
+
 def reductions(cfg) -> list:
-    """Per-sequence reductions the configured loss(es) need, in order: sum, mean or ld
-    (LD-DPO replaces "sum" when ``ld_alpha`` is set). The reference dict passed to
+    """Per-sequence reductions the configured loss(es) and the metrics need, in order: sum,
+    mean or ld (LD-DPO replaces "sum" when ``ld_alpha`` is set), then
+    :func:`metric_reduction` if no loss uses it. The reference dict passed to
     :func:`batch_loss` must hold these keys."""
     out = []
     for name in cfg.loss_types:
         red = _reduction(name, cfg)
         if red not in out:
             out.append(red)
+    if metric_reduction(cfg) not in out:
+        out.append(metric_reduction(cfg))
     return out
 
 
@@ -520,6 +533,8 @@ def batch_loss(policy: dict, ref: Optional[dict], cfg, state: dict):
 
     with lw = loss_weights, w = WPO weights (1 without use_weighting), nll_k = cpo_alpha (cpo),
     1 (orpo), 0 otherwise; NLL = mean cross-entropy over all chosen completion tokens.
+    Rewards are computed once, ``beta * (logps - ref)`` under :func:`metric_reduction` (TRL 1.16),
+    whatever the losses (custom ones included) return as rewards.
     """
     tl, mask = policy["token_logps"], policy["mask"]
     nll = chosen_nll(tl, mask)
@@ -530,15 +545,13 @@ def batch_loss(policy: dict, ref: Optional[dict], cfg, state: dict):
     reduced, new_state = {}, dict(state)
     n = mx.maximum(mask.sum(-1), 1.0)
     lengths = (n[: n.shape[0] // 2], n[n.shape[0] // 2:])
-    pair_loss, extra_loss, chosen_rewards, rejected_rewards = 0.0, 0.0, 0.0, 0.0
+    pair_loss, extra_loss = 0.0, 0.0
     has_nll = cfg.rpo_alpha is not None
     for name, weight in zip(cfg.loss_types, _loss_weights(cfg)):
         _, ref_free, _, nll_kind = _info(name)
         logps = _pair_logps(tl, mask, _reduction(name, cfg), None if ref_free or reference_free else ref, cfg, reduced)
-        losses, cw, rw, new_state = _one_loss(name, *logps, cfg, reference_free, new_state, lengths)
+        losses, _, _, new_state = _one_loss(name, *logps, cfg, reference_free, new_state, lengths)
         pair_loss = pair_loss + weight * losses
-        chosen_rewards = chosen_rewards + weight * cw  # TRL sums weighted rewards over losses
-        rejected_rewards = rejected_rewards + weight * rw
         if nll_kind is not None:
             has_nll = True
             extra_loss = extra_loss + weight * (cfg.cpo_alpha if nll_kind == "cpo_alpha" else 1.0) * nll
@@ -548,8 +561,9 @@ def batch_loss(policy: dict, ref: Optional[dict], cfg, state: dict):
     if cfg.use_weighting:
         pair_loss = pair_loss * wpo_weights(tl, policy["wpo_adjust"], mask)
     loss = pair_loss.mean() + extra_loss
-    first_logps = next(iter(reduced.values()))  # the first loss's reduction
-    metrics = _metrics(chosen_rewards, rejected_rewards, first_logps, policy["logits_sum"], mask,
+    red = metric_reduction(cfg)
+    c, r, rc, rr = _pair_logps(tl, mask, red, None if reference_free else ref, cfg, reduced)
+    metrics = _metrics(cfg.beta * (c - rc), cfg.beta * (r - rr), reduced[red], policy["logits_sum"], mask,
                        nll if has_nll else None)
     return loss, metrics, new_state
 
@@ -586,7 +600,7 @@ def _one_loss(name, c, r, rc, rr, cfg, reference_free: bool, state: dict, length
 
 
 def _metrics(chosen_rewards, rejected_rewards, logps, logits_sum, mask, nll=None) -> dict:
-    """TRL's metric names; ``logps`` (2B,) are the first loss's reduced log-probs, ``logits/*``
+    """TRL's metric names; ``logps`` (2B,) are the :func:`metric_reduction` log-probs, ``logits/*``
     the mean logit per completion token; ``nll_loss`` when a loss has an NLL term."""
     sg = mx.stop_gradient
     chosen_rewards, rejected_rewards, logits_sum = sg(chosen_rewards), sg(rejected_rewards), sg(logits_sum)

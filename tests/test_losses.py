@@ -334,7 +334,8 @@ def test_reduce_logps_sum_mean_ld():
 
 def test_reductions_and_reference_needs():
     assert reductions(DPOConfig()) == ["sum"]
-    assert reductions(DPOConfig(loss_type="ipo")) == ["mean"]
+    assert reductions(DPOConfig(loss_type="ipo")) == ["mean", "sum"]  # summed ones for the metrics
+    assert reductions(DPOConfig(loss_type=["simpo", "sigmoid_norm"])) == ["mean", "sum"]
     assert reductions(DPOConfig(loss_type=["sigmoid", "ipo"])) == ["sum", "mean"]
     assert reductions(DPOConfig(ld_alpha=0.5)) == ["ld"]
     assert reductions(DPOConfig(loss_type="orpo")) == ["mean"]
@@ -387,26 +388,31 @@ def np_batch(cfg, tl, ref_tl, mask, logits_sum, wpo_adjust, bco_delta=None):
     B = len(tl) // 2
     nll = -tl[:B].sum() / mask[:B].sum()  # cross-entropy over all chosen completion tokens
     names, weights = cfg.loss_types, cfg.loss_weights or [1.0] * len(cfg.loss_types)
-    pair, extra, cw_tot, rw_tot, first = 0.0, 0.0, 0.0, 0.0, None
+    pair, extra = 0.0, 0.0
     for name, w in zip(names, weights):
         red = NP_REDUCTION.get(name, "sum" if cfg.ld_alpha is None else "ld")
         lp, ref = np_reduce(tl, mask, red, cfg.ld_alpha), np_reduce(ref_tl, mask, red, cfg.ld_alpha)
         if name in REF_FREE or cfg.reference_free:
             ref = 0 * ref
-        first = lp if first is None else first
         c, r, rc, rr = lp[:B], lp[B:], ref[:B], ref[B:]
         kw = dict(ls=cfg.label_smoothing, gamma=cfg.simpo_gamma, tau=cfg.discopop_tau, delta=bco_delta,
                   fdiv=cfg.f_divergence_type, alpha=cfg.f_alpha_divergence_coef)
         if name in ("ipo", "sigmoid_norm"):
             kw["n"] = (mask[:B].sum(1), mask[B:].sum(1))
         pair = pair + w * NP[name](c, r, rc, rr, cfg.beta, **kw)
-        cw_tot, rw_tot = cw_tot + w * cfg.beta * (c - rc), rw_tot + w * cfg.beta * (r - rr)
         extra += w * {"cpo": cfg.cpo_alpha, "orpo": 1.0}.get(name, 0.0) * nll
     if cfg.rpo_alpha is not None:
         pair = pair + cfg.rpo_alpha * nll
     if cfg.use_weighting:
         per_seq = ((tl - wpo_adjust) * mask).sum(1) / mask.sum(1)
         pair = pair * np.minimum(np.exp(per_seq[:B] + per_seq[B:]), 1.0)
+    # TRL 1.16 logs rewards once, from summed (or LD) log-probs whenever a reference is used
+    # (ipo, sigmoid_norm included); reference-free configs keep CPO's convention (first loss's reduction)
+    ref_based = not cfg.reference_free and not all(n in REF_FREE for n in names)
+    red = ("sum" if cfg.ld_alpha is None else "ld") if ref_based else NP_REDUCTION.get(names[0], "sum")
+    first = np_reduce(tl, mask, red, cfg.ld_alpha)
+    ref = np_reduce(ref_tl, mask, red, cfg.ld_alpha) if ref_based else 0 * first
+    cw_tot, rw_tot = cfg.beta * (first[:B] - ref[:B]), cfg.beta * (first[B:] - ref[B:])
     metrics = {
         "rewards/chosen": cw_tot.mean(), "rewards/rejected": rw_tot.mean(),
         "rewards/accuracies": (cw_tot > rw_tot).mean(), "rewards/margins": (cw_tot - rw_tot).mean(),
@@ -451,6 +457,11 @@ BATCH_CONFIGS = [dict(loss_type=n) for n in sorted(set(NP) - {"cdpo", "rso", "ao
     dict(loss_type="orpo", beta=0.2, use_weighting=True),
     dict(loss_type=["sigmoid", "ipo", "orpo"], loss_weights=[0.8, 0.2, 0.5]),
     dict(loss_type=["sigmoid", "simpo"]),
+    dict(loss_type=["simpo", "sigmoid"]),
+    dict(loss_type=["ipo", "sigmoid_norm"], loss_weights=[0.5, 1.5]),
+    dict(loss_type=["sigmoid", "hinge"], ld_alpha=0.4),
+    dict(loss_type=["sigmoid", "hinge"], loss_weights=[0.7, 2.0]),
+    dict(loss_type=["orpo", "cpo"]),
 ]
 
 
