@@ -180,7 +180,8 @@ class DPOConfig:
 
     # ---- optimisation --------------------------------------------------------
     learning_rate: float = option(1e-6, "Peak learning rate of AdamW.", "optim", keys=("card",))
-    weight_decay: float = option(0.0, "AdamW decoupled weight decay (0 disables).", "optim")
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay (0 disables); as transformers' Trainer, "
+                                 "not on biases and norm weights.", "optim")
     adam_beta1: float = option(0.9, "AdamW beta1 (first-moment decay).", "optim")
     adam_beta2: float = option(0.999, "AdamW beta2 (second-moment decay).", "optim")
     adam_epsilon: float = option(1e-8, "AdamW epsilon (denominator term).", "optim")

@@ -165,8 +165,8 @@ class DPOTrainer:
         self.schedule = build_schedule(cfg.lr_scheduler_type, cfg.learning_rate, self.total_steps, warmup)
         self.optimizer = optim.AdamW(
             learning_rate=self.schedule, betas=[cfg.adam_beta1, cfg.adam_beta2], eps=cfg.adam_epsilon,
-            weight_decay=cfg.weight_decay, bias_correction=True,
-        )
+            weight_decay=0.0, bias_correction=True,
+        )  # cfg.weight_decay is applied by apply_update, to transformers' parameter groups
         self.optimizer.init(self.model.trainable_parameters())
 
     @property

@@ -191,6 +191,28 @@ def test_adamw_has_bias_correction(llama_dir, toy_data_dir, tmp_path):
         np.testing.assert_allclose(np.array(v), expected, atol=1e-7, err_msg=k)
 
 
+@pytest.mark.parametrize("train_type", ["full", "adapter"])
+def test_weight_decay_skips_biases_and_norms_as_transformers(llama_dir, toy_data_dir, tmp_path, train_type):
+    """AdamW step with transformers' parameter groups: p (1 - lr wd) - lr m^/(sqrt(v^) + eps) for
+    every parameter except biases and norm weights (get_decay_parameter_names), which skip the decay."""
+    lr, wd = 1e-3, 0.1
+    cfg = cfg_for(llama_dir, toy_data_dir, tmp_path, lr_scheduler_type="constant", max_grad_norm=0.0,
+                  learning_rate=lr, weight_decay=wd, train_type=train_type, reference_free=True)  # no ref pass
+    trainer = DPOTrainer(cfg, log=lambda *a: None)
+    before = {k: np.array(v, np.float64) for k, v in tree_flatten(trainer.model.trainable_parameters())}
+    no_decay = {k for k in before if "norm" in k.lower() or "bias" in k.lower()}
+    assert (len(no_decay) > 0) == (train_type == "full") and len(no_decay) < len(before)
+    batch = collate(trainer.train_pairs[:4], [0, 1, 2, 3])
+    _, _, _, grads, _ = trainer.grad_step(trainer.to_device(batch), trainer.loss_state)
+    g = {k: np.array(v, np.float64) for k, v in tree_flatten(grads)}
+    trainer.apply_update(grads)
+    for k, v in tree_flatten(trainer.model.trainable_parameters()):
+        m, vv = 0.1 * g[k], 0.001 * g[k] ** 2
+        decayed = before[k] * (1.0 if k in no_decay else 1 - lr * wd)
+        expected = decayed - lr * (m / 0.1) / (np.sqrt(vv / 0.001) + 1e-8)
+        np.testing.assert_allclose(np.array(v), expected, atol=2e-7, rtol=1e-6, err_msg=k)
+
+
 @pytest.mark.parametrize("kind", ["linear", "cosine", "constant", "constant_with_warmup"])
 def test_schedule_matches_transformers_formulas(kind):
     total, warm, lr = 20, 5, 0.1
