@@ -98,8 +98,9 @@ class DPOConfig:
     lora_alpha: float = option(16.0, "LoRA alpha; the adapter scale is lora_alpha / lora_rank (PEFT's "
                                "convention).", "adapter", keys=("card",))
     lora_dropout: float = option(0.0, "Dropout on the adapter's input (policy pass only).", "adapter", keys=("card",))
-    lora_target_modules: Optional[list] = option(None, "Module paths inside a transformer block that get adapters "
-                                                 "(default: attention and MLP projections).", "adapter")
+    lora_target_modules: Optional[list] = option(None, "Linear layers inside a transformer block that get adapters: "
+                                                 "mlx-lm keys (self_attn.q_proj), PEFT's suffix names (q_proj) or "
+                                                 "all-linear (default: attention and MLP projections).", "adapter")
     num_layers: int = option(-1, "Number of (last) transformer blocks that get adapters or are trained; -1 = all.",
                              "adapter", keys=("card",))
     gradient_checkpointing: bool = option(False, "Recompute each block's activations in the backward pass "
@@ -244,7 +245,9 @@ class DPOConfig:
 
     @property
     def target_modules(self) -> tuple:
-        return tuple(self.lora_target_modules or DEFAULT_LORA_TARGETS)
+        """``lora_target_modules`` (or the default) as a tuple; one string (``all-linear``) is one name."""
+        names = self.lora_target_modules or DEFAULT_LORA_TARGETS
+        return (names,) if isinstance(names, str) else tuple(names)
 
     @property
     def loss_types(self) -> list:

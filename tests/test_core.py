@@ -78,6 +78,21 @@ def test_chunked_logps_with_forced_small_chunks(llama_dir, monkeypatch):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=0, atol=6e-6, err_msg=k)  # measured 6e-7
 
 
+@pytest.mark.parametrize("names,want", [
+    (["q_proj", "v_proj"], ["self_attn.q_proj", "self_attn.v_proj"]),
+    (["self_attn.q_proj", "mlp.up_proj"], ["mlp.up_proj", "self_attn.q_proj"]),
+    ("all-linear", ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
+                    "self_attn.q_proj", "self_attn.v_proj"]),
+])
+def test_lora_target_modules_take_peft_names(llama_dir, names, want):
+    model, _, _ = load_model(DPOConfig(model=str(llama_dir)))
+    cfg = DPOConfig(model=str(llama_dir), lora_target_modules=names)
+    add_adapters(model, cfg)
+    adapted = sorted({k.split(".", 3)[3] for k, m in model.named_modules() if hasattr(m, "lora_b")})
+    assert adapted == want  # keys are model.layers.<i>.<block key>
+    assert sorted(cfg.target_modules) == want  # mlx-lm's keys from here on (adapter_config.json, config.yaml)
+
+
 def test_reference_equals_base_model_before_and_after_training(llama_dir, toy_data_dir, tmp_path):
     """Reference log-probs (adapters switched off) equal the plain base model's exactly,
     and stay so while only adapter parameters change."""
