@@ -11,8 +11,8 @@ Notation for every loss below (all shapes ``(B,)``, one entry per pair):
 Two layers:
 
 * :func:`preference_loss` -- a pure function on per-sequence log-probs with the semantics
-  of TRL's ``DPOTrainer.dpo_loss`` (v0.2x), returning ``(losses, chosen_rewards,
-  rejected_rewards)``.
+  of TRL 1.16's ``DPOTrainer`` losses (docs/losses.md lists the differences), returning
+  ``(losses, chosen_rewards, rejected_rewards)``.
 * :func:`batch_loss` -- what the compiled training step calls: reduces token log-probs
   (sum / mean / LD-DPO, :mod:`mlx_dpo.reduce`), mixes several losses (MPO), adds NLL terms (RPO, CPO, ORPO),
   WPO weights, and returns the scalar loss, TRL-named metrics and the new loss state.
@@ -336,7 +336,7 @@ def preference_loss(
     discopop_tau=0.05,
     **extra,
 ):
-    """Per-pair losses and implicit rewards, as TRL's ``DPOTrainer.dpo_loss``.
+    """Per-pair losses and implicit rewards, as TRL's ``DPOTrainer`` computes them.
 
     ``loss_type`` is a name in :data:`LOSSES` (or a callable with this signature).
     Reference log-probs may be ``None`` for reference-free losses or ``reference_free=True``
@@ -471,6 +471,17 @@ def init_loss_state(cfg) -> dict:
     if any(isinstance(n, str) and LOSSES.get(n) is bco_pair for n in cfg.loss_types):
         return {"bco_running_mean": mx.array(0.0), "bco_count": mx.array(0.0)}
     return {}
+
+
+def trl_notes(cfg) -> list:
+    """One line per setting this config uses where mlx-dpo deliberately differs from TRL 1.16
+    (it follows the paper there; docs/losses.md, "Differences from TRL")."""
+    notes = []
+    smoothed = [n for n in cfg.loss_types if isinstance(n, str) and LOSSES.get(n) is sigmoid]
+    if cfg.label_smoothing > 0 and smoothed:
+        notes.append(f"label_smoothing={cfg.label_smoothing} with {smoothed[0]}: conservative DPO (cDPO, "
+                     "Mitchell 2023); TRL >= 0.29 ignores label_smoothing for sigmoid")
+    return notes
 
 
 F_DIVERGENCE_LOSSES = tuple(sorted(n for n, fn in LOSSES.items() if "f_divergence_type" in fn.options))

@@ -139,8 +139,11 @@ class DPOTrainer:
 
     # ------------------------------------------------------------------ setup
     def _warn_unused_settings(self) -> None:
-        """Settings that are valid but would do nothing in this run: one line each."""
+        """Settings that are valid but would do nothing in this run, or differ from TRL on
+        purpose: one line each."""
         cfg = self.cfg
+        for note in losses.trl_notes(cfg):
+            self.log(f"note: {note}")
         if (cfg.eval_mode != "no" or cfg.eval_on_start) and not self.eval_pairs:
             self.log(f"warning: eval_strategy is {cfg.eval_mode!r} but there is no eval data (set eval_data, "
                      "eval_dataset_split or eval_split); nothing will be evaluated")

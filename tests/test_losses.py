@@ -591,6 +591,15 @@ def test_validate_rejects(kw, match):
         validate_loss_config(DPOConfig(**kw))
 
 
+def test_trl_notes_for_label_smoothing_with_sigmoid():
+    from mlx_dpo.losses import trl_notes
+
+    assert trl_notes(DPOConfig()) == [] and trl_notes(DPOConfig(loss_type="robust", label_smoothing=0.1)) == []
+    for name in ("sigmoid", "cdpo", ["hinge", "sigmoid"]):
+        (note,) = trl_notes(DPOConfig(loss_type=name, label_smoothing=0.1))
+        assert "cDPO" in note and "TRL >= 0.29 ignores" in note
+
+
 def test_loss_weights_length_mismatch():
     cfg = DPOConfig(loss_type=["sigmoid", "ipo"])
     cfg.loss_weights = [1.0]  # bypass DPOConfig's own check
