@@ -164,17 +164,36 @@ def linear_keys(block: nn.Module) -> list:
     return sorted(k for k, m in block.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear)))
 
 
+ALL_LINEAR = "all-linear"
+
+
+def resolve_target_modules(names, available) -> list:
+    """The block keys in ``available`` (mlx-lm's, e.g. ``self_attn.q_proj``) that
+    ``lora_target_modules`` names, matched as PEFT matches ``target_modules``: a key matches a
+    name equal to it or ending in ``"." + name`` (``q_proj``); ``all-linear`` is every linear
+    of the block (the output head is outside the blocks, so excluded as in PEFT). In
+    ``available``'s order; a name that matches nothing is a :class:`ConfigError`."""
+    names = [names] if isinstance(names, str) else list(names)
+    if ALL_LINEAR in names:
+        return list(available)
+    matches = lambda key, name: key == name or key.endswith("." + name)  # noqa: E731
+    missing = [n for n in names if not any(matches(k, n) for k in available)]
+    if missing:
+        raise ConfigError(f"lora_target_modules: {missing} match no linear layer of the model's blocks; "
+                          f"available: {list(available)} (full keys or their last parts, or {ALL_LINEAR})")
+    return [k for k in available if any(matches(k, n) for n in names)]
+
+
 def add_adapters(model: nn.Module, cfg: DPOConfig) -> int:
     """Attach switchable LoRA/DoRA layers to ``cfg.target_modules`` of the last
-    ``cfg.num_layers`` blocks. Returns the number of adapted blocks."""
-    keys = set(cfg.target_modules)
-    available = set(linear_keys(model.layers[0]))
-    missing = keys - available
-    if missing:
-        raise ConfigError(
-            f"lora_target_modules: {sorted(missing)} not found in the model's blocks; "
-            f"available: {sorted(available)}"
-        )
+    ``cfg.num_layers`` blocks (resolved by :func:`resolve_target_modules`; PEFT-style names
+    are written back to ``cfg.lora_target_modules`` as mlx-lm's keys, which
+    adapter_config.json, config.yaml and checkpoints then hold). Returns the number of
+    adapted blocks."""
+    resolved = resolve_target_modules(cfg.target_modules, linear_keys(model.layers[0]))
+    if set(resolved) != set(cfg.target_modules):
+        cfg.lora_target_modules = resolved
+    keys = set(resolved)
     cls = SwitchableDoRALinear if cfg.adapter == "dora" else SwitchableLoRALinear
     blocks = last_blocks(model, cfg.num_layers)
     for block in blocks:
@@ -283,7 +302,8 @@ def check_reference_adapter(cfg: DPOConfig, num_layers: int) -> None:
 
 __all__ = [
     "MODES", "ADAPTER_CLASSES", "SwitchableLoRALinear", "SwitchableDoRALinear", "named_adapter_layers",
-    "adapter_layers", "adapter_mode", "reference_mode", "last_blocks", "linear_keys", "add_adapters",
+    "adapter_layers", "adapter_mode", "reference_mode", "last_blocks", "linear_keys", "ALL_LINEAR",
+    "resolve_target_modules", "add_adapters",
     "add_reference_copy", "sync_reference", "adapter_config", "read_adapter_config", "load_adapter_weights",
     "check_reference_adapter",
 ]

@@ -37,6 +37,7 @@ import numpy as np
 import yaml
 from mlx.utils import tree_flatten
 
+from .adapters import resolve_target_modules
 from .config import ConfigError, DPOConfig, config_keys
 from .io import atomic_directory, atomic_write_text, fsync_dir
 from .state import TrainState
@@ -159,11 +160,21 @@ def config_differences(saved: dict, cfg: DPOConfig) -> Tuple[List[str], List[str
     for key, now in cfg.to_dict().items():
         then = getattr(old, key)
         if key == "lora_target_modules":
-            then, now = sorted(old.target_modules), sorted(cfg.target_modules)
+            then, now = sorted(old.target_modules), _target_modules(cfg, old.target_modules)
         if _same(then, now) or key in free:
             continue
         (errors if key in must_match else notes).append(f"{key}: checkpoint {then!r}, now {now!r}")
     return errors, notes
+
+
+def _target_modules(cfg: DPOConfig, saved_keys) -> list:
+    """``cfg``'s lora_target_modules resolved against a checkpoint's (already resolved) keys,
+    as :func:`adapters.add_adapters` resolves them against the model (``q_proj`` is the
+    checkpoint's ``self_attn.q_proj``); unresolvable names stay as given (and then differ)."""
+    try:
+        return sorted(resolve_target_modules(cfg.target_modules, list(saved_keys)))
+    except ConfigError:
+        return sorted(cfg.target_modules)
 
 
 def _same(a, b) -> bool:

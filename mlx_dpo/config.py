@@ -98,8 +98,9 @@ class DPOConfig:
     lora_alpha: float = option(16.0, "LoRA alpha; the adapter scale is lora_alpha / lora_rank (PEFT's "
                                "convention).", "adapter", keys=("card",))
     lora_dropout: float = option(0.0, "Dropout on the adapter's input (policy pass only).", "adapter", keys=("card",))
-    lora_target_modules: Optional[list] = option(None, "Module paths inside a transformer block that get adapters "
-                                                 "(default: attention and MLP projections).", "adapter")
+    lora_target_modules: Optional[list] = option(None, "Linear layers inside a transformer block that get adapters: "
+                                                 "mlx-lm keys (self_attn.q_proj), PEFT's suffix names (q_proj) or "
+                                                 "all-linear (default: attention and MLP projections).", "adapter")
     num_layers: int = option(-1, "Number of (last) transformer blocks that get adapters or are trained; -1 = all.",
                              "adapter", keys=("card",))
     gradient_checkpointing: bool = option(False, "Recompute each block's activations in the backward pass "
@@ -164,9 +165,12 @@ class DPOConfig:
                          "to the reference.", "loss", keys=("card",))
     label_smoothing: float = option(0.0, "Assumed probability that a pair's preference label is flipped "
                                     "(conservative/robust DPO), in [0, 0.5].", "loss")
-    f_divergence_type: str = option("reverse_kl", "f-DPO divergence: reverse_kl, js_divergence or "
-                                    "alpha_divergence.", "loss")
-    f_alpha_divergence_coef: float = option(1.0, "alpha of f_divergence_type: alpha_divergence.", "loss")
+    f_divergence_type: str = option("reverse_kl", "f-DPO divergence: reverse_kl, forward_kl, js_divergence or "
+                                    "alpha_divergence (sigmoid, hinge, ipo, robust, exo_pair, discopop, "
+                                    "sigmoid_norm).", "loss")
+    f_alpha_divergence_coef: float = option(0.5, "alpha of f_divergence_type: alpha_divergence, TRL's convention: "
+                                            "score (exp((alpha-1) u) - 1)/(alpha-1), 1 = reverse KL; the "
+                                            "paper's alpha is 1 - this.", "loss")
     discopop_tau: float = option(0.05, "Temperature of the discopop loss.", "loss")
     rpo_alpha: Optional[float] = option(None, "RPO: weight of an NLL loss on the chosen completions.", "loss")
     use_weighting: bool = option(False, "WPO: weight each pair by its policy probability.", "loss")
@@ -177,7 +181,8 @@ class DPOConfig:
 
     # ---- optimisation --------------------------------------------------------
     learning_rate: float = option(1e-6, "Peak learning rate of AdamW.", "optim", keys=("card",))
-    weight_decay: float = option(0.0, "AdamW decoupled weight decay (0 disables).", "optim")
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay (0 disables); as transformers' Trainer, "
+                                 "not on biases and norm weights.", "optim")
     adam_beta1: float = option(0.9, "AdamW beta1 (first-moment decay).", "optim")
     adam_beta2: float = option(0.999, "AdamW beta2 (second-moment decay).", "optim")
     adam_epsilon: float = option(1e-8, "AdamW epsilon (denominator term).", "optim")
@@ -242,7 +247,9 @@ class DPOConfig:
 
     @property
     def target_modules(self) -> tuple:
-        return tuple(self.lora_target_modules or DEFAULT_LORA_TARGETS)
+        """``lora_target_modules`` (or the default) as a tuple; one string (``all-linear``) is one name."""
+        names = self.lora_target_modules or DEFAULT_LORA_TARGETS
+        return (names,) if isinstance(names, str) else tuple(names)
 
     @property
     def loss_types(self) -> list:
@@ -288,7 +295,8 @@ def _check_choices(cfg: DPOConfig) -> None:
         _check_choice("eval_strategy", cfg.eval_strategy, ("no", "steps", "epoch"))
     _check_choice("lr_scheduler_type", cfg.lr_scheduler_type, LR_SCHEDULERS)
     _check_choice("compute_dtype", cfg.compute_dtype, ("auto", "float32", "bfloat16", "float16"))
-    _check_choice("f_divergence_type", cfg.f_divergence_type, ("reverse_kl", "js_divergence", "alpha_divergence"))
+    _check_choice("f_divergence_type", cfg.f_divergence_type, ("reverse_kl", "forward_kl", "js_divergence",
+                                                              "alpha_divergence"))
     cfg.prefix_sharing = str(cfg.prefix_sharing).lower()
     _check_choice("prefix_sharing", cfg.prefix_sharing, ("auto", "true", "false"))
 

@@ -11,8 +11,8 @@ Notation for every loss below (all shapes ``(B,)``, one entry per pair):
 Two layers:
 
 * :func:`preference_loss` -- a pure function on per-sequence log-probs with the semantics
-  of TRL's ``DPOTrainer.dpo_loss`` (v0.2x), returning ``(losses, chosen_rewards,
-  rejected_rewards)``.
+  of TRL 1.16's ``DPOTrainer`` losses (docs/losses.md lists the differences), returning
+  ``(losses, chosen_rewards, rejected_rewards)``.
 * :func:`batch_loss` -- what the compiled training step calls: reduces token log-probs
   (sum / mean / LD-DPO, :mod:`mlx_dpo.reduce`), mixes several losses (MPO), adds NLL terms (RPO, CPO, ORPO),
   WPO weights, and returns the scalar loss, TRL-named metrics and the new loss state.
@@ -61,74 +61,109 @@ def _smoothed_sigmoid(x, eps):
     return -(1 - eps) * logsig(x) - eps * logsig(-x)
 
 
-def _exp_cap(dtype) -> float:
-    """TRL's ``get_exp_cap``: log(dtype max) floored to 4 decimals (88.7228 for float32)."""
-    return math.floor(math.log(float(mx.finfo(dtype).max)) * 1e4) / 1e4
+def _alpha_exp_cap(dtype) -> float:
+    """TRL 1.16's clamp of the alpha-divergence exponent: 11 for float16, 80 otherwise."""
+    return 11.0 if dtype == mx.float16 else 80.0
+
+
+def f_scores(cl, rl, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5):
+    """f-DPO scores f'(pi/ref) of the chosen / rejected log-ratios u (Wang et al. 2023,
+    arXiv:2309.16240), TRL 1.16's convention (alpha = ``f_alpha_divergence_coef``):
+
+        reverse_kl:        u
+        forward_kl:        1 - exp(-u)
+        js_divergence:     log 2 + logsig(u)
+        alpha_divergence:  (exp((alpha-1) u) - 1) / (alpha-1),  exponent clamped at 80
+                           (11 in float16); u when |alpha-1| < 1e-6 (the reverse-KL limit)
+
+    The paper's alpha (f'(u) = (1 - u^-a)/a) is a = 1 - alpha.
+    """
+    if f_divergence_type == "forward_kl":
+        return 1 - mx.exp(-cl), 1 - mx.exp(-rl)
+    if f_divergence_type == "js_divergence":
+        return math.log(2) + logsig(cl), math.log(2) + logsig(rl)
+    if f_divergence_type == "alpha_divergence" and abs(f_alpha_divergence_coef - 1.0) >= 1e-6:
+        a1, cap = f_alpha_divergence_coef - 1.0, _alpha_exp_cap(cl.dtype)
+        score = lambda u: (mx.exp(mx.minimum((a1 * u).astype(mx.float32), cap)).astype(u.dtype) - 1) / a1  # noqa: E731
+        return score(cl), score(rl)
+    return cl, rl
+
+
+def _delta(c, r, rc, rr, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, **_):
+    """h' = f'(cl) - f'(rl) (:func:`f_scores`); h = cl - rl under reverse_kl."""
+    cs, rs = f_scores(c - rc, r - rr, f_divergence_type, f_alpha_divergence_coef)
+    return cs - rs
+
+
+def _mean_delta(c, r, rc, rr, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, lengths=None, **_):
+    """h' for losses on average log-probs, as TRL 1.16: the scores of the *summed* log-ratios,
+    each divided by its completion's token count n (``lengths = (n_chosen, n_rejected)``):
+
+        h' = f'(n_c cl) / n_c - f'(n_r rl) / n_r      (= cl - rl under reverse_kl)
+    """
+    if f_divergence_type == "reverse_kl":
+        return (c - rc) - (r - rr)
+    if lengths is None:
+        raise ValueError(f"f_divergence_type={f_divergence_type} on average log-probs needs "
+                         "lengths=(chosen token counts, rejected token counts)")
+    nc, nr = lengths
+    cs, rs = f_scores((c - rc) * nc, (r - rr) * nr, f_divergence_type, f_alpha_divergence_coef)
+    return cs / nc - rs / nr
 
 
 # ---------------------------------------------------------------------------------------------
 # Losses with a reference model. Signature: (c, r, rc, rr, beta, **options) -> per-pair losses.
+# h' below is h with the f_divergence_type scores (:func:`_delta`); h' = h for reverse_kl.
 # ---------------------------------------------------------------------------------------------
 
 
 @_loss(options=("label_smoothing", "f_divergence_type"), aliases=("cdpo",))
-def sigmoid(c, r, rc, rr, beta, label_smoothing=0.0, f_divergence_type="reverse_kl", f_alpha_divergence_coef=1.0, **_):
+def sigmoid(c, r, rc, rr, beta, label_smoothing=0.0, **opts):
     """DPO, Rafailov et al. 2023 (arXiv:2305.18290); with eps > 0 conservative DPO (cDPO,
-    Mitchell 2023). f-DPO (Wang et al. 2023, arXiv:2309.16240) swaps the divergence:
+    Mitchell 2023); f-DPO (Wang et al. 2023, arXiv:2309.16240) with another f_divergence_type:
 
         loss = -(1-eps) logsig(b h') - eps logsig(-b h')
-        reverse_kl:        h' = h
-        js_divergence:     h' = h - (softplus(cl) - softplus(rl))
-        alpha_divergence:  h' = (exp(-a rl) - exp(-a cl)) / a,  a = f_alpha_divergence_coef
-                           (exponents capped at log(dtype max), as TRL's cap_exp)
     """
-    cl, rl = c - rc, r - rr
-    if f_divergence_type == "alpha_divergence":
-        a, cap = f_alpha_divergence_coef, _exp_cap(cl.dtype)
-        h = (mx.exp(mx.minimum(-a * rl, cap)) - mx.exp(mx.minimum(-a * cl, cap))) / a
-    elif f_divergence_type == "js_divergence":
-        h = cl - rl - (mx.logaddexp(0.0, cl) - mx.logaddexp(0.0, rl))
-    else:
-        h = cl - rl
-    return _smoothed_sigmoid(beta * h, label_smoothing)
+    return _smoothed_sigmoid(beta * _delta(c, r, rc, rr, **opts), label_smoothing)
 
 
-@_loss(aliases=("rso",))
-def hinge(c, r, rc, rr, beta, **_):
+@_loss(options=("f_divergence_type",), aliases=("rso",))
+def hinge(c, r, rc, rr, beta, **opts):
     """SLiC hinge, Zhao et al. 2023 (arXiv:2305.10425); RSO, Liu et al. 2023 (arXiv:2309.06657):
 
-        loss = relu(1 - b h)
+        loss = relu(1 - b h')
     """
-    return mx.maximum(1 - beta * ((c - rc) - (r - rr)), 0.0)
+    return mx.maximum(1 - beta * _delta(c, r, rc, rr, **opts), 0.0)
 
 
-@_loss(reduction="mean")
-def ipo(c, r, rc, rr, beta, **_):
-    """IPO, Azar et al. 2023 (arXiv:2310.12036), eq. 17, on *average* token log-probs:
+@_loss(reduction="mean", options=("f_divergence_type",))
+def ipo(c, r, rc, rr, beta, **opts):
+    """IPO, Azar et al. 2023 (arXiv:2310.12036), eq. 17, on *average* token log-probs
+    (h' as :func:`_mean_delta`):
 
-        loss = (h - 1/(2b))^2
+        loss = (h' - 1/(2b))^2
     """
-    return ((c - rc) - (r - rr) - 1 / (2 * beta)) ** 2
+    return (_mean_delta(c, r, rc, rr, **opts) - 1 / (2 * beta)) ** 2
 
 
-@_loss(options=("label_smoothing",))
-def robust(c, r, rc, rr, beta, label_smoothing=0.0, **_):
+@_loss(options=("label_smoothing", "f_divergence_type"))
+def robust(c, r, rc, rr, beta, label_smoothing=0.0, **opts):
     """Robust DPO, Chowdhury et al. 2024 (arXiv:2403.00409), unbiased under flip rate eps:
 
-        loss = (-(1-eps) logsig(b h) + eps logsig(-b h)) / (1 - 2 eps)
+        loss = (-(1-eps) logsig(b h') + eps logsig(-b h')) / (1 - 2 eps)
     """
-    x, eps = beta * ((c - rc) - (r - rr)), label_smoothing
+    x, eps = beta * _delta(c, r, rc, rr, **opts), label_smoothing
     return (-(1 - eps) * logsig(x) + eps * logsig(-x)) / (1 - 2 * eps)
 
 
-@_loss(options=("label_smoothing",))
-def exo_pair(c, r, rc, rr, beta, label_smoothing=0.0, **_):
+@_loss(options=("label_smoothing", "f_divergence_type"))
+def exo_pair(c, r, rc, rr, beta, label_smoothing=0.0, **opts):
     """EXO (pairwise), Ji et al. 2024 (arXiv:2402.00856), eq. 16; eps = label_smoothing or
     1e-3 when it is 0 (as TRL):
 
-        loss = sig(b h) (logsig(b h) - log(1-eps)) + sig(-b h) (logsig(-b h) - log eps)
+        loss = sig(b h') (logsig(b h') - log(1-eps)) + sig(-b h') (logsig(-b h') - log eps)
     """
-    x = beta * ((c - rc) - (r - rr))
+    x = beta * _delta(c, r, rc, rr, **opts)
     eps = label_smoothing or 1e-3
     return mx.sigmoid(x) * (logsig(x) - math.log(1 - eps)) + mx.sigmoid(-x) * (logsig(-x) - math.log(eps))
 
@@ -208,13 +243,13 @@ def apo_down(c, r, rc, rr, beta, **_):
     return mx.sigmoid(beta * cl) + 1 - mx.sigmoid(beta * (cl - rl))
 
 
-@_loss(options=("discopop_tau",))
-def discopop(c, r, rc, rr, beta, discopop_tau=0.05, **_):
+@_loss(options=("discopop_tau", "f_divergence_type"))
+def discopop(c, r, rc, rr, beta, discopop_tau=0.05, **opts):
     """DiscoPOP (log-ratio modulated loss), Lu et al. 2024 (arXiv:2406.08414), eq. 5:
 
-        x = b h;  m = sig(x / tau);  loss = (1-m) (-logsig(x)) + m exp(-x)
+        x = b h';  m = sig(x / tau);  loss = (1-m) (-logsig(x)) + m exp(-x)
     """
-    x = beta * ((c - rc) - (r - rr))
+    x = beta * _delta(c, r, rc, rr, **opts)
     m = mx.sigmoid(x / discopop_tau)
     return (1 - m) * -logsig(x) + m * mx.exp(-x)
 
@@ -234,14 +269,14 @@ def kto_pair(c, r, rc, rr, beta, **_):
     return ((1 - mx.sigmoid(beta * (cl - kl_r))) + (1 - mx.sigmoid(beta * (kl_c - rl)))) / 2
 
 
-@_loss(reduction="mean")
-def sigmoid_norm(c, r, rc, rr, beta, **_):
+@_loss(reduction="mean", options=("f_divergence_type",))
+def sigmoid_norm(c, r, rc, rr, beta, **opts):
     """Length-normalised DPO (Tulu 3, Lambert et al. 2024, arXiv:2411.15124; TRL ``sigmoid_norm``):
-    DPO on average token log-probs,
+    DPO on average token log-probs (h' as :func:`_mean_delta`),
 
-        loss = -logsig(b h)   with c, r, rc, rr per-token means
+        loss = -logsig(b h')   with c, r, rc, rr per-token means
     """
-    return -logsig(beta * ((c - rc) - (r - rr)))
+    return -logsig(beta * _mean_delta(c, r, rc, rr, **opts))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,11 +332,11 @@ def preference_loss(
     label_smoothing=0.0,
     reference_free=False,
     f_divergence_type="reverse_kl",
-    f_alpha_divergence_coef=1.0,
+    f_alpha_divergence_coef=0.5,
     discopop_tau=0.05,
     **extra,
 ):
-    """Per-pair losses and implicit rewards, as TRL's ``DPOTrainer.dpo_loss``.
+    """Per-pair losses and implicit rewards, as TRL's ``DPOTrainer`` computes them.
 
     ``loss_type`` is a name in :data:`LOSSES` (or a callable with this signature).
     Reference log-probs may be ``None`` for reference-free losses or ``reference_free=True``
@@ -358,7 +393,7 @@ def resolve_loss(name_or_callable) -> Callable:
 
     Custom losses are called as ``fn(c, r, rc, rr, beta=..., label_smoothing=...,
     reference_free=..., f_divergence_type=..., f_alpha_divergence_coef=..., discopop_tau=...,
-    simpo_gamma=...)`` and must return ``(losses, chosen_rewards, rejected_rewards)``.
+    simpo_gamma=..., lengths=...)`` (``lengths``: chosen / rejected token counts) and must return ``(losses, chosen_rewards, rejected_rewards)``.
     Optional attributes: ``fn.reduction`` ("sum" | "mean" | "ld", default "sum") and
     ``fn.reference_free`` (default False).
     """
@@ -401,15 +436,28 @@ def _loss_weights(cfg) -> list:
     return list(cfg.loss_weights) if cfg.loss_weights is not None else [1.0] * len(cfg.loss_types)
 
 
+def metric_reduction(cfg) -> str:
+    """The reduction the logged ``rewards/*`` and ``logps/*`` use, as TRL 1.16: summed (or
+    LD-reduced) log-probs whenever a reference is used -- also for ipo/sigmoid_norm, whose loss
+    averages per token; for reference-free configs the first loss's own reduction (CPO's
+    convention: simpo/orpo average, cpo sums)."""
+    if needs_reference(cfg):
+        return "ld" if getattr(cfg, "ld_alpha", None) is not None else "sum"
+    return _reduction(cfg.loss_types[0], cfg)
+
+
 def reductions(cfg) -> list:
-    """Per-sequence reductions the configured loss(es) need, in order: sum, mean or ld
-    (LD-DPO replaces "sum" when ``ld_alpha`` is set). The reference dict passed to
+    """Per-sequence reductions the configured loss(es) and the metrics need, in order: sum,
+    mean or ld (LD-DPO replaces "sum" when ``ld_alpha`` is set), then
+    :func:`metric_reduction` if no loss uses it. The reference dict passed to
     :func:`batch_loss` must hold these keys."""
     out = []
     for name in cfg.loss_types:
         red = _reduction(name, cfg)
         if red not in out:
             out.append(red)
+    if metric_reduction(cfg) not in out:
+        out.append(metric_reduction(cfg))
     return out
 
 
@@ -423,6 +471,20 @@ def init_loss_state(cfg) -> dict:
     if any(isinstance(n, str) and LOSSES.get(n) is bco_pair for n in cfg.loss_types):
         return {"bco_running_mean": mx.array(0.0), "bco_count": mx.array(0.0)}
     return {}
+
+
+def trl_notes(cfg) -> list:
+    """One line per setting this config uses where mlx-dpo deliberately differs from TRL 1.16
+    (it follows the paper there; docs/losses.md, "Differences from TRL")."""
+    notes = []
+    smoothed = [n for n in cfg.loss_types if isinstance(n, str) and LOSSES.get(n) is sigmoid]
+    if cfg.label_smoothing > 0 and smoothed:
+        notes.append(f"label_smoothing={cfg.label_smoothing} with {smoothed[0]}: conservative DPO (cDPO, "
+                     "Mitchell 2023); TRL >= 0.29 ignores label_smoothing for sigmoid")
+    return notes
+
+
+F_DIVERGENCE_LOSSES = tuple(sorted(n for n, fn in LOSSES.items() if "f_divergence_type" in fn.options))
 
 
 def validate_loss_config(cfg) -> None:
@@ -439,8 +501,6 @@ def validate_loss_config(cfg) -> None:
     ld_alpha = getattr(cfg, "ld_alpha", None)
     if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
         raise ConfigError(f"ld_alpha must be in [0, 1], got {ld_alpha}")
-    if cfg.f_divergence_type == "alpha_divergence" and cfg.f_alpha_divergence_coef == 0:
-        raise ConfigError("f_alpha_divergence_coef must be non-zero for alpha_divergence")
     for name in names:
         resolve_loss(name)  # unknown names and custom imports fail here
         red, _, options, nll = _info(name)
@@ -457,7 +517,8 @@ def validate_loss_config(cfg) -> None:
             raise ConfigError("robust needs label_smoothing < 0.5 (it divides by 1 - 2*label_smoothing)")
         if cfg.f_divergence_type != "reverse_kl" and "f_divergence_type" not in options:
             raise ConfigError(
-                f"f_divergence_type={cfg.f_divergence_type} only applies to loss_type 'sigmoid', not '{name}'"
+                f"f_divergence_type={cfg.f_divergence_type} applies to loss_type {', '.join(F_DIVERGENCE_LOSSES)}, "
+                f"not '{name}' (as TRL); use f_divergence_type: reverse_kl with it"
             )
         if cfg.use_weighting and name in ("aot", "aot_unpaired", "aot_pair"):
             raise ConfigError(f"use_weighting (WPO) cannot be used with '{name}': it sorts the batch, so its "
@@ -483,6 +544,8 @@ def batch_loss(policy: dict, ref: Optional[dict], cfg, state: dict):
 
     with lw = loss_weights, w = WPO weights (1 without use_weighting), nll_k = cpo_alpha (cpo),
     1 (orpo), 0 otherwise; NLL = mean cross-entropy over all chosen completion tokens.
+    Rewards are computed once, ``beta * (logps - ref)`` under :func:`metric_reduction` (TRL 1.16),
+    whatever the losses (custom ones included) return as rewards.
     """
     tl, mask = policy["token_logps"], policy["mask"]
     nll = chosen_nll(tl, mask)
@@ -491,15 +554,15 @@ def batch_loss(policy: dict, ref: Optional[dict], cfg, state: dict):
         raise ValueError("batch_loss: the configured loss needs reference log-probs (ref is None)")
 
     reduced, new_state = {}, dict(state)
-    pair_loss, extra_loss, chosen_rewards, rejected_rewards = 0.0, 0.0, 0.0, 0.0
+    n = mx.maximum(mask.sum(-1), 1.0)
+    lengths = (n[: n.shape[0] // 2], n[n.shape[0] // 2:])
+    pair_loss, extra_loss = 0.0, 0.0
     has_nll = cfg.rpo_alpha is not None
     for name, weight in zip(cfg.loss_types, _loss_weights(cfg)):
         _, ref_free, _, nll_kind = _info(name)
         logps = _pair_logps(tl, mask, _reduction(name, cfg), None if ref_free or reference_free else ref, cfg, reduced)
-        losses, cw, rw, new_state = _one_loss(name, *logps, cfg, reference_free, new_state)
+        losses, _, _, new_state = _one_loss(name, *logps, cfg, reference_free, new_state, lengths)
         pair_loss = pair_loss + weight * losses
-        chosen_rewards = chosen_rewards + weight * cw  # TRL sums weighted rewards over losses
-        rejected_rewards = rejected_rewards + weight * rw
         if nll_kind is not None:
             has_nll = True
             extra_loss = extra_loss + weight * (cfg.cpo_alpha if nll_kind == "cpo_alpha" else 1.0) * nll
@@ -509,8 +572,9 @@ def batch_loss(policy: dict, ref: Optional[dict], cfg, state: dict):
     if cfg.use_weighting:
         pair_loss = pair_loss * wpo_weights(tl, policy["wpo_adjust"], mask)
     loss = pair_loss.mean() + extra_loss
-    first_logps = next(iter(reduced.values()))  # the first loss's reduction
-    metrics = _metrics(chosen_rewards, rejected_rewards, first_logps, policy["logits_sum"], mask,
+    red = metric_reduction(cfg)
+    c, r, rc, rr = _pair_logps(tl, mask, red, None if reference_free else ref, cfg, reduced)
+    metrics = _metrics(cfg.beta * (c - rc), cfg.beta * (r - rr), reduced[red], policy["logits_sum"], mask,
                        nll if has_nll else None)
     return loss, metrics, new_state
 
@@ -529,10 +593,11 @@ def _pair_logps(tl, mask, red: str, ref: Optional[dict], cfg, reduced: dict) -> 
     return c, r, ref[red][:B], ref[red][B:]
 
 
-def _one_loss(name, c, r, rc, rr, cfg, reference_free: bool, state: dict) -> tuple:
+def _one_loss(name, c, r, rc, rr, cfg, reference_free: bool, state: dict, lengths=None) -> tuple:
     """One loss of the mixture: ``(losses, chosen_rewards, rejected_rewards, state)``;
-    bco_pair first moves its running reward mean (the state)."""
-    extra = {"simpo_gamma": cfg.simpo_gamma}
+    bco_pair first moves its running reward mean (the state). ``lengths``: (B,) token counts
+    of the chosen / rejected completions (f-divergences on average log-probs need them)."""
+    extra = {"simpo_gamma": cfg.simpo_gamma, "lengths": lengths}
     if isinstance(name, str) and LOSSES.get(name) is bco_pair:
         state = update_bco_state(state, cfg.beta * (c - rc), cfg.beta * (r - rr))
         extra["bco_mean"] = state["bco_running_mean"]
@@ -546,7 +611,7 @@ def _one_loss(name, c, r, rc, rr, cfg, reference_free: bool, state: dict) -> tup
 
 
 def _metrics(chosen_rewards, rejected_rewards, logps, logits_sum, mask, nll=None) -> dict:
-    """TRL's metric names; ``logps`` (2B,) are the first loss's reduced log-probs, ``logits/*``
+    """TRL's metric names; ``logps`` (2B,) are the :func:`metric_reduction` log-probs, ``logits/*``
     the mean logit per completion token; ``nll_loss`` when a loss has an NLL term."""
     sg = mx.stop_gradient
     chosen_rewards, rejected_rewards, logits_sum = sg(chosen_rewards), sg(rejected_rewards), sg(logits_sum)

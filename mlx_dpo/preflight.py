@@ -1,4 +1,5 @@
-"""Settings that are valid but would do nothing in this run: one warning line each.
+"""Settings that are valid but would do nothing in this run, or differ from TRL on purpose:
+one line each.
 
 (Settings that cannot work are errors in :mod:`.config`; these are the ones where the run
 is still meaningful, so it goes on, and says so.)
@@ -9,10 +10,13 @@ from __future__ import annotations
 from typing import Callable
 
 from .config import DPOConfig
+from .losses import trl_notes
 
 
 def warn_unused_settings(cfg: DPOConfig, has_eval: bool, use_reference: bool, total_steps: int, warmup: int,
                          log: Callable[[str], None]) -> None:
+    for note in trl_notes(cfg):  # where we follow the paper rather than TRL
+        log(f"note: {note}")
     if (cfg.eval_mode != "no" or cfg.eval_on_start) and not has_eval:
         log(f"warning: eval_strategy is {cfg.eval_mode!r} but there is no eval data (set eval_data, "
             "eval_dataset_split or eval_split); nothing will be evaluated")

@@ -3,21 +3,22 @@
 ``grad_step(batch, loss_state)``: reference log-probs (precomputed in the batch, or the
 same model with adapters off / on the frozen reference copy, under ``stop_gradient``) +
 policy forward/backward + loss, returning ``(loss, metrics, new_loss_state, grads,
-||grads||^2)``. ``apply_update(grads)``: global-norm clipping + the optimizer update,
-returning the pre-clip norm. ``eval_step(batch, loss_state)``: loss and metrics, no
+||grads||^2)``. ``apply_update(grads)``: global-norm clipping + the optimizer update
+(decoupled weight decay on :func:`decay_parameter_names` only), returning the pre-clip norm. ``eval_step(batch, loss_state)``: loss and metrics, no
 gradients. All three are ``mx.compile``d with the model, optimizer and RNG state as
 implicit inputs/outputs, so a new batch shape re-traces and nothing else does.
 """
 
 from __future__ import annotations
 
+import re
 from functools import partial
 from typing import Callable, Dict, List, NamedTuple, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from . import losses
 from .reduce import reduce_logps
@@ -49,6 +50,26 @@ def reference_logps(model: nn.Module, batch: Dict[str, mx.array], cfg: DPOConfig
     return {r: reduce_logps(token_logps, out["mask"], r, cfg) for r in reductions}
 
 
+# transformers' Trainer.get_decay_parameter_names: no decay for names matching these (lowercase)
+NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+
+
+def decay_parameter_names(model: nn.Module) -> set:
+    """Trainable parameters that ``weight_decay`` applies to, as transformers'
+    ``get_decay_parameter_names``: all but those of LayerNorm/RMSNorm modules and those whose
+    lowercase name matches :data:`NO_DECAY_PATTERNS` (biases and norm weights)."""
+    norms = [k + "." for k, m in model.named_modules() if k and isinstance(m, (nn.LayerNorm, nn.RMSNorm))]
+    return {k for k, _ in tree_flatten(model.trainable_parameters())
+            if not any(re.search(p, k.lower()) for p in NO_DECAY_PATTERNS) and not k.startswith(tuple(norms))}
+
+
+def _decay(model: nn.Module, before: list, rate: mx.array) -> None:
+    """Decoupled weight decay after the Adam step: ``p <- p - rate * p_before`` for the
+    ``(name, p_before)`` in ``before`` -- AdamW's ``p (1 - lr wd) - lr adam`` with rate = lr wd."""
+    now = dict(tree_flatten(model.trainable_parameters()))
+    model.update(tree_unflatten([(k, now[k] - rate.astype(p.dtype) * p) for k, p in before]))
+
+
 def _grad_sq(grads) -> mx.array:
     return sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads))
 
@@ -59,6 +80,7 @@ def build_steps(model: nn.Module, optimizer: optim.Optimizer, cfg: DPOConfig, re
     ``grad_step`` is traced (a new batch shape)."""
     assert source in REFERENCE_SOURCES, source
     state = [model.state, optimizer.state, mx.random.state]
+    decayed = decay_parameter_names(model) if cfg.weight_decay else set()
 
     def loss_fn(model, batch, ref, loss_state):
         policy = completion_logps(model, batch, with_wpo=cfg.use_weighting)
@@ -80,7 +102,10 @@ def build_steps(model: nn.Module, optimizer: optim.Optimizer, cfg: DPOConfig, re
             grads, norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
         else:
             norm = mx.sqrt(_grad_sq(grads))
-        optimizer.update(model, grads)
+        before = [(k, p) for k, p in tree_flatten(model.trainable_parameters()) if k in decayed]
+        optimizer.update(model, grads)  # AdamW with weight_decay 0: the decay is ours, by parameter group
+        if before:
+            _decay(model, before, optimizer.learning_rate * cfg.weight_decay)
         return norm
 
     @partial(mx.compile, inputs=state)

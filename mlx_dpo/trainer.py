@@ -154,8 +154,8 @@ class DPOTrainer:
         self.schedule = build_schedule(cfg.lr_scheduler_type, cfg.learning_rate, self.total_steps, warmup)
         self.optimizer = optim.AdamW(
             learning_rate=self.schedule, betas=[cfg.adam_beta1, cfg.adam_beta2], eps=cfg.adam_epsilon,
-            weight_decay=cfg.weight_decay, bias_correction=True,
-        )
+            weight_decay=0.0, bias_correction=True,
+        )  # cfg.weight_decay is applied by apply_update, to transformers' parameter groups
         self.optimizer.init(self.model.trainable_parameters())
 
     @property
@@ -299,7 +299,7 @@ class DPOTrainer:
             self.throughput.add(tokens, seconds)
             state.window.add(metrics, tokens, seconds)
             self.callbacks.on_step_end(state, metrics)
-            self._log_and_evaluate(metrics["learning_rate"])
+            self._log_and_evaluate(metrics["learning_rate"], metrics["grad_norm"])
             if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < state.max_steps:
                 self.save_checkpoint()
         self.save_checkpoint()
@@ -336,16 +336,17 @@ class DPOTrainer:
             grads_sum = tree_map(lambda g: g / accum, grads_sum)
         return grads_sum, metrics, tokens
 
-    def _log_and_evaluate(self, learning_rate: float = 0.0, start: bool = False) -> None:
-        """At a logging step: the window's means as a record; at an eval step (or ``start``:
-        before step 1, ``eval_on_start``): evaluate and add the ``eval_*`` metrics. The record
-        goes to ``log_history`` and the callbacks."""
+    def _log_and_evaluate(self, learning_rate: float = 0.0, grad_norm: float = 0.0, start: bool = False) -> None:
+        """At a logging step: the window's means as a record, except ``learning_rate`` and
+        ``grad_norm`` (pre-clip), the logging step's own, as transformers' Trainer; at an eval
+        step (or ``start``: before step 1, ``eval_on_start``): evaluate and add the ``eval_*``
+        metrics. The record goes to ``log_history`` and the callbacks."""
         cfg, state = self.cfg, self.state
         last = state.step == state.max_steps
         record = None
         if not start and (state.step % cfg.logging_steps == 0 or last):
             record = {"step": state.step, "epoch": round(state.epoch, 4), **state.window.flush(),
-                      "peak_memory_gb": peak_memory_gb(), "learning_rate": learning_rate}
+                      "peak_memory_gb": peak_memory_gb(), "learning_rate": learning_rate, "grad_norm": grad_norm}
             if cfg.skip_nonfinite_steps:
                 record["skipped_steps"] = state.skipped_steps
         if start or self._eval_due():

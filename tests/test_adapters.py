@@ -56,3 +56,35 @@ def test_peft_tensors_follow_the_peft_layout(cls):
         assert m.shape == (OUT,)
         merged = (m / np.linalg.norm(merged, axis=1))[:, None] * merged
     np.testing.assert_allclose(np.array(layer.fuse().weight), merged, atol=1e-5, rtol=1e-5)
+
+
+# ---- lora_target_modules: mlx-lm keys, PEFT's suffix names, all-linear ----------------------
+
+BLOCK = ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
+         "self_attn.q_proj", "self_attn.v_proj"]
+
+
+def test_target_modules_match_as_peft():
+    """PEFT: a module matches a name equal to its key or ending in '.' + name; all-linear is all."""
+    from mlx_dpo.adapters import resolve_target_modules
+    from mlx_dpo.config import ConfigError
+
+    assert resolve_target_modules(["q_proj", "v_proj"], BLOCK) == ["self_attn.q_proj", "self_attn.v_proj"]
+    assert resolve_target_modules(["self_attn.q_proj", "up_proj"], BLOCK) == ["mlp.up_proj", "self_attn.q_proj"]
+    assert resolve_target_modules(["self_attn.q_proj", "self_attn.k_proj"], BLOCK) == ["self_attn.k_proj",
+                                                                                       "self_attn.q_proj"]
+    assert resolve_target_modules("all-linear", BLOCK) == BLOCK
+    assert resolve_target_modules(["all-linear"], BLOCK) == BLOCK
+    for bad in (["proj"], ["c_attn"], ["q_proj", "attn.q"]):  # 'proj' is no whole name part
+        with pytest.raises(ConfigError, match="available"):
+            resolve_target_modules(bad, BLOCK)
+
+
+def test_resume_accepts_suffix_names_for_the_saved_keys():
+    from mlx_dpo.checkpoint import config_differences
+    from mlx_dpo.config import DPOConfig
+
+    saved = DPOConfig(lora_target_modules=["self_attn.q_proj", "self_attn.v_proj"]).to_dict()
+    assert config_differences(saved, DPOConfig(lora_target_modules=["q_proj", "v_proj"]))[0] == []
+    errors = config_differences(saved, DPOConfig(lora_target_modules=["q_proj"]))[0]
+    assert any("lora_target_modules" in e for e in errors)

@@ -23,7 +23,7 @@ class Recorder(TrainerCallback):
         self.events.append(("begin", state.step, state.max_steps))
 
     def on_step_end(self, state, metrics):
-        self.events.append(("step", state.step, metrics["loss"]))
+        self.events.append(("step", state.step, metrics["loss"], metrics["grad_norm"]))
 
     def on_log(self, state, record):
         self.events.append(("log", state.step))
@@ -60,6 +60,11 @@ def test_user_callbacks_see_every_event_in_order(llama_dir, toy_data_dir, tmp_pa
     losses = [e[2] for e in rec.events if e[0] == "step"]
     np.testing.assert_allclose(rec.records[0]["loss"], np.mean(losses[0:2]), rtol=1e-6)
     np.testing.assert_allclose(rec.records[2]["loss"], np.mean(losses[2:4]), rtol=1e-6)
+    # ... but grad_norm is the logging step's own pre-clip norm, as transformers' Trainer logs it
+    norms = [e[3] for e in rec.events if e[0] == "step"]
+    assert [rec.records[i]["grad_norm"] for i in (0, 2, 3)] == [norms[1], norms[3], norms[5]]
+    assert "grad_norm" not in rec.records[1]  # the eval-only record at step 3
+    assert abs(np.mean(norms[0:2]) - norms[1]) > 1e-6 * norms[1]  # the window mean would differ
     # the metrics file holds the same records
     on_disk = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert on_disk == json.loads(json.dumps(rec.records))

@@ -78,6 +78,21 @@ def test_chunked_logps_with_forced_small_chunks(llama_dir, monkeypatch):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=0, atol=6e-6, err_msg=k)  # measured 6e-7
 
 
+@pytest.mark.parametrize("names,want", [
+    (["q_proj", "v_proj"], ["self_attn.q_proj", "self_attn.v_proj"]),
+    (["self_attn.q_proj", "mlp.up_proj"], ["mlp.up_proj", "self_attn.q_proj"]),
+    ("all-linear", ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
+                    "self_attn.q_proj", "self_attn.v_proj"]),
+])
+def test_lora_target_modules_take_peft_names(llama_dir, names, want):
+    model, _, _ = load_model(DPOConfig(model=str(llama_dir)))
+    cfg = DPOConfig(model=str(llama_dir), lora_target_modules=names)
+    add_adapters(model, cfg)
+    adapted = sorted({k.split(".", 3)[3] for k, m in model.named_modules() if hasattr(m, "lora_b")})
+    assert adapted == want  # keys are model.layers.<i>.<block key>
+    assert sorted(cfg.target_modules) == want  # mlx-lm's keys from here on (adapter_config.json, config.yaml)
+
+
 def test_reference_equals_base_model_before_and_after_training(llama_dir, toy_data_dir, tmp_path):
     """Reference log-probs (adapters switched off) equal the plain base model's exactly,
     and stay so while only adapter parameters change."""
@@ -189,6 +204,28 @@ def test_adamw_has_bias_correction(llama_dir, toy_data_dir, tmp_path):
         m, vv = 0.1 * g[k], 0.001 * g[k] ** 2
         expected = before[k] - 1e-3 * (m / 0.1) / (np.sqrt(vv / 0.001) + 1e-8)
         np.testing.assert_allclose(np.array(v), expected, atol=1e-7, err_msg=k)
+
+
+@pytest.mark.parametrize("train_type", ["full", "adapter"])
+def test_weight_decay_skips_biases_and_norms_as_transformers(llama_dir, toy_data_dir, tmp_path, train_type):
+    """AdamW step with transformers' parameter groups: p (1 - lr wd) - lr m^/(sqrt(v^) + eps) for
+    every parameter except biases and norm weights (get_decay_parameter_names), which skip the decay."""
+    lr, wd = 1e-3, 0.1
+    cfg = cfg_for(llama_dir, toy_data_dir, tmp_path, lr_scheduler_type="constant", max_grad_norm=0.0,
+                  learning_rate=lr, weight_decay=wd, train_type=train_type, reference_free=True)  # no ref pass
+    trainer = DPOTrainer(cfg, log=lambda *a: None)
+    before = {k: np.array(v, np.float64) for k, v in tree_flatten(trainer.model.trainable_parameters())}
+    no_decay = {k for k in before if "norm" in k.lower() or "bias" in k.lower()}
+    assert (len(no_decay) > 0) == (train_type == "full") and len(no_decay) < len(before)
+    batch = collate(trainer.train_pairs[:4], [0, 1, 2, 3])
+    _, _, _, grads, _ = trainer.grad_step(trainer.to_device(batch), trainer.loss_state)
+    g = {k: np.array(v, np.float64) for k, v in tree_flatten(grads)}
+    trainer.apply_update(grads)
+    for k, v in tree_flatten(trainer.model.trainable_parameters()):
+        m, vv = 0.1 * g[k], 0.001 * g[k] ** 2
+        decayed = before[k] * (1.0 if k in no_decay else 1 - lr * wd)
+        expected = decayed - lr * (m / 0.1) / (np.sqrt(vv / 0.001) + 1e-8)
+        np.testing.assert_allclose(np.array(v), expected, atol=2e-7, rtol=1e-6, err_msg=k)
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine", "constant", "constant_with_warmup"])

@@ -13,6 +13,7 @@ from mlx_dpo.config import ConfigError, DPOConfig
 from mlx_dpo.losses import (
     LOSSES,
     batch_loss,
+    f_scores,
     init_loss_state,
     needs_reference,
     preference_loss,
@@ -35,34 +36,49 @@ def logsig(x):
     return -np.log1p(np.exp(-x))
 
 
-def np_sigmoid(c, r, rc, rr, beta, ls=0.0, fdiv="reverse_kl", alpha=1.0, **_):
-    u_c, u_r = c - rc, r - rr  # log of the policy/reference probability ratios
+def np_fprime(u, fdiv="reverse_kl", alpha=0.5):
+    """f'(t) at the probability ratio t = exp(u) (Wang et al. 2023, table 1; TRL 1.16's alpha)."""
+    t = np.exp(u)
+    if fdiv == "forward_kl":
+        return 1 - 1 / t
+    if fdiv == "js_divergence":
+        return np.log(2 * t / (1 + t))
+    if fdiv == "alpha_divergence" and alpha != 1.0:  # (t^(alpha-1) - 1) / (alpha-1), exponent clamped at 80
+        return (np.exp(np.minimum((alpha - 1) * u, 80.0)) - 1) / (alpha - 1)
+    return np.log(t)
+
+
+def np_h(c, r, rc, rr, fdiv="reverse_kl", alpha=0.5, n=None):
+    """f'(chosen ratio) - f'(rejected ratio); with n = (n_c, n_r), c.. are per-token means and
+    the scores are taken on the summed log-ratios, then divided by n (TRL 1.16's ipo/sigmoid_norm)."""
+    if n is None:
+        return np_fprime(c - rc, fdiv, alpha) - np_fprime(r - rr, fdiv, alpha)
     if fdiv == "reverse_kl":
-        h = u_c - u_r
-    elif fdiv == "js_divergence":  # f'(u) = log(2u / (1 + u)); the log 2 cancels
-        h = np.log(np.exp(u_c) / (1 + np.exp(u_c))) - np.log(np.exp(u_r) / (1 + np.exp(u_r)))
-    else:  # alpha divergence, f'(u) = (1 - u^-alpha) / alpha
-        h = (1 - np.exp(u_c) ** -alpha) / alpha - (1 - np.exp(u_r) ** -alpha) / alpha
-    p = sig(beta * h)  # Bradley-Terry probability that chosen wins
+        return (c - rc) - (r - rr)
+    return np_fprime((c - rc) * n[0], fdiv, alpha) / n[0] - np_fprime((r - rr) * n[1], fdiv, alpha) / n[1]
+
+
+def np_sigmoid(c, r, rc, rr, beta, ls=0.0, fdiv="reverse_kl", alpha=0.5, n=None, **_):
+    p = sig(beta * np_h(c, r, rc, rr, fdiv, alpha, n))  # Bradley-Terry probability that chosen wins
     return -(1 - ls) * np.log(p) - ls * np.log(1 - p)
 
 
-def np_hinge(c, r, rc, rr, beta, **_):
-    return np.maximum(0.0, 1 - beta * ((c - r) - (rc - rr)))
+def np_hinge(c, r, rc, rr, beta, fdiv="reverse_kl", alpha=0.5, **_):
+    return np.maximum(0.0, 1 - beta * np_h(c, r, rc, rr, fdiv, alpha))
 
 
-def np_ipo(c, r, rc, rr, beta, **_):
-    return ((c - r) - (rc - rr) - 1 / (2 * beta)) ** 2
+def np_ipo(c, r, rc, rr, beta, fdiv="reverse_kl", alpha=0.5, n=None, **_):
+    return (np_h(c, r, rc, rr, fdiv, alpha, n) - 1 / (2 * beta)) ** 2
 
 
-def np_robust(c, r, rc, rr, beta, ls=0.0, **_):
-    p = sig(beta * ((c - r) - (rc - rr)))
+def np_robust(c, r, rc, rr, beta, ls=0.0, fdiv="reverse_kl", alpha=0.5, **_):
+    p = sig(beta * np_h(c, r, rc, rr, fdiv, alpha))
     return ((1 - ls) * -np.log(p) - ls * -np.log(1 - p)) / (1 - 2 * ls)
 
 
-def np_exo(c, r, rc, rr, beta, ls=0.0, **_):
+def np_exo(c, r, rc, rr, beta, ls=0.0, fdiv="reverse_kl", alpha=0.5, **_):
     eps = ls if ls > 0 else 1e-3
-    x = beta * ((c - r) - (rc - rr))
+    x = beta * np_h(c, r, rc, rr, fdiv, alpha)
     q = np.stack([sig(x), sig(-x)])  # model's softmax over {chosen, rejected}
     p = np.array([1 - eps, eps])[:, None]  # smoothed target
     return (q * np.log(q / p)).sum(0)  # KL(q || p)
@@ -102,8 +118,8 @@ def np_apo_down(c, r, rc, rr, beta, **_):
     return sig(beta * (c - rc)) + (1 - sig(beta * ((c - rc) - (r - rr))))
 
 
-def np_discopop(c, r, rc, rr, beta, tau=0.05, **_):
-    x = beta * ((c - r) - (rc - rr))
+def np_discopop(c, r, rc, rr, beta, tau=0.05, fdiv="reverse_kl", alpha=0.5, **_):
+    x = beta * np_h(c, r, rc, rr, fdiv, alpha)
     mix = sig(x / tau)
     return (1 - mix) * -logsig(x) + mix * np.exp(-x)
 
@@ -211,12 +227,34 @@ def test_label_smoothing_matches_numpy(name, ls):
     np.testing.assert_allclose(got, NP[name](c, r, rc, rr, 0.5, ls=ls), rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("fdiv,alpha", [("js_divergence", 1.0), ("alpha_divergence", 0.5), ("alpha_divergence", 1.0)])
-@pytest.mark.parametrize("beta", BETAS)
-def test_f_divergence_matches_numpy(fdiv, alpha, beta):
+F_DIVS = [("forward_kl", 0.5), ("js_divergence", 0.5), ("alpha_divergence", 0.5), ("alpha_divergence", 1.0),
+          ("alpha_divergence", 0.0), ("alpha_divergence", 1.5), ("alpha_divergence", -0.5)]
+
+
+@pytest.mark.parametrize("fdiv,alpha", F_DIVS)
+@pytest.mark.parametrize("name", ["sigmoid", "hinge", "ipo", "robust", "exo_pair", "discopop", "sigmoid_norm"])
+def test_f_divergence_matches_numpy(name, fdiv, alpha):
+    """TRL 1.16's f-DPO on every loss it accepts it for; ipo/sigmoid_norm score the summed log-ratios."""
     c, r, rc, rr = make_logps(4)
-    got = mlx_loss("sigmoid", c, r, rc, rr, beta, f_divergence_type=fdiv, f_alpha_divergence_coef=alpha)[0]
-    np.testing.assert_allclose(got, np_sigmoid(c, r, rc, rr, beta, fdiv=fdiv, alpha=alpha), rtol=2e-5, atol=2e-6)
+    kw, n = {}, None
+    if name in ("ipo", "sigmoid_norm"):  # per-token means of completions with n tokens
+        n = (np.array([3.0, 5, 2, 7, 4, 1]), np.array([6.0, 2, 9, 1, 3, 4]))
+        kw["lengths"] = tuple(mx.array(x, dtype=mx.float32) for x in n)
+        c, r, rc, rr = (x / m for x, m in zip((c, r, rc, rr), (n[0], n[1], n[0], n[1])))
+    for beta in BETAS:
+        got = mlx_loss(name, c, r, rc, rr, beta, f_divergence_type=fdiv, f_alpha_divergence_coef=alpha, **kw)[0]
+        want = NP[name](c, r, rc, rr, beta, fdiv=fdiv, alpha=alpha, n=n)
+        np.testing.assert_allclose(got, want, rtol=5e-5, atol=2e-6, err_msg=f"{name} beta={beta}")
+
+
+def test_alpha_divergence_default_and_clamp():
+    assert DPOConfig().f_alpha_divergence_coef == 0.5  # TRL 1.16's default
+    u = mx.array([50.0, -60.0, 1.0])  # (alpha-1) u = 100 > 80 is clamped, as TRL
+    got = np.array(f_scores(u, u, "alpha_divergence", 3.0)[0], np.float64)
+    np.testing.assert_allclose(got, [(np.exp(80.0) - 1) / 2, (np.exp(-120.0) - 1) / 2, (np.exp(2.0) - 1) / 2], rtol=1e-5)
+    c, r, rc, rr = make_logps(8)
+    with pytest.raises(ValueError, match="lengths"):
+        mlx_loss("ipo", c, r, rc, rr, 0.1, f_divergence_type="js_divergence")
 
 
 def test_discopop_tau_and_simpo_gamma_and_bco_mean():
@@ -296,7 +334,8 @@ def test_reduce_logps_sum_mean_ld():
 
 def test_reductions_and_reference_needs():
     assert reductions(DPOConfig()) == ["sum"]
-    assert reductions(DPOConfig(loss_type="ipo")) == ["mean"]
+    assert reductions(DPOConfig(loss_type="ipo")) == ["mean", "sum"]  # summed ones for the metrics
+    assert reductions(DPOConfig(loss_type=["simpo", "sigmoid_norm"])) == ["mean", "sum"]
     assert reductions(DPOConfig(loss_type=["sigmoid", "ipo"])) == ["sum", "mean"]
     assert reductions(DPOConfig(ld_alpha=0.5)) == ["ld"]
     assert reductions(DPOConfig(loss_type="orpo")) == ["mean"]
@@ -349,24 +388,31 @@ def np_batch(cfg, tl, ref_tl, mask, logits_sum, wpo_adjust, bco_delta=None):
     B = len(tl) // 2
     nll = -tl[:B].sum() / mask[:B].sum()  # cross-entropy over all chosen completion tokens
     names, weights = cfg.loss_types, cfg.loss_weights or [1.0] * len(cfg.loss_types)
-    pair, extra, cw_tot, rw_tot, first = 0.0, 0.0, 0.0, 0.0, None
+    pair, extra = 0.0, 0.0
     for name, w in zip(names, weights):
         red = NP_REDUCTION.get(name, "sum" if cfg.ld_alpha is None else "ld")
         lp, ref = np_reduce(tl, mask, red, cfg.ld_alpha), np_reduce(ref_tl, mask, red, cfg.ld_alpha)
         if name in REF_FREE or cfg.reference_free:
             ref = 0 * ref
-        first = lp if first is None else first
         c, r, rc, rr = lp[:B], lp[B:], ref[:B], ref[B:]
         kw = dict(ls=cfg.label_smoothing, gamma=cfg.simpo_gamma, tau=cfg.discopop_tau, delta=bco_delta,
                   fdiv=cfg.f_divergence_type, alpha=cfg.f_alpha_divergence_coef)
+        if name in ("ipo", "sigmoid_norm"):
+            kw["n"] = (mask[:B].sum(1), mask[B:].sum(1))
         pair = pair + w * NP[name](c, r, rc, rr, cfg.beta, **kw)
-        cw_tot, rw_tot = cw_tot + w * cfg.beta * (c - rc), rw_tot + w * cfg.beta * (r - rr)
         extra += w * {"cpo": cfg.cpo_alpha, "orpo": 1.0}.get(name, 0.0) * nll
     if cfg.rpo_alpha is not None:
         pair = pair + cfg.rpo_alpha * nll
     if cfg.use_weighting:
         per_seq = ((tl - wpo_adjust) * mask).sum(1) / mask.sum(1)
         pair = pair * np.minimum(np.exp(per_seq[:B] + per_seq[B:]), 1.0)
+    # TRL 1.16 logs rewards once, from summed (or LD) log-probs whenever a reference is used
+    # (ipo, sigmoid_norm included); reference-free configs keep CPO's convention (first loss's reduction)
+    ref_based = not cfg.reference_free and not all(n in REF_FREE for n in names)
+    red = ("sum" if cfg.ld_alpha is None else "ld") if ref_based else NP_REDUCTION.get(names[0], "sum")
+    first = np_reduce(tl, mask, red, cfg.ld_alpha)
+    ref = np_reduce(ref_tl, mask, red, cfg.ld_alpha) if ref_based else 0 * first
+    cw_tot, rw_tot = cfg.beta * (first[:B] - ref[:B]), cfg.beta * (first[B:] - ref[B:])
     metrics = {
         "rewards/chosen": cw_tot.mean(), "rewards/rejected": rw_tot.mean(),
         "rewards/accuracies": (cw_tot > rw_tot).mean(), "rewards/margins": (cw_tot - rw_tot).mean(),
@@ -398,6 +444,9 @@ BATCH_CONFIGS = [dict(loss_type=n) for n in sorted(set(NP) - {"cdpo", "rso", "ao
     dict(loss_type="sigmoid", beta=0.5, label_smoothing=0.2),
     dict(loss_type="sigmoid", f_divergence_type="js_divergence"),
     dict(loss_type="sigmoid", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.5),
+    dict(loss_type="sigmoid", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0),
+    dict(loss_type=["ipo", "hinge"], f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3),
+    dict(loss_type="sigmoid_norm", f_divergence_type="forward_kl"),
     dict(loss_type="sigmoid", rpo_alpha=0.7),
     dict(loss_type="sigmoid", use_weighting=True, rpo_alpha=1.0),
     dict(loss_type="sigmoid", ld_alpha=0.3),
@@ -408,6 +457,11 @@ BATCH_CONFIGS = [dict(loss_type=n) for n in sorted(set(NP) - {"cdpo", "rso", "ao
     dict(loss_type="orpo", beta=0.2, use_weighting=True),
     dict(loss_type=["sigmoid", "ipo", "orpo"], loss_weights=[0.8, 0.2, 0.5]),
     dict(loss_type=["sigmoid", "simpo"]),
+    dict(loss_type=["simpo", "sigmoid"]),
+    dict(loss_type=["ipo", "sigmoid_norm"], loss_weights=[0.5, 1.5]),
+    dict(loss_type=["sigmoid", "hinge"], ld_alpha=0.4),
+    dict(loss_type=["sigmoid", "hinge"], loss_weights=[0.7, 2.0]),
+    dict(loss_type=["orpo", "cpo"]),
 ]
 
 
@@ -523,18 +577,27 @@ def test_unknown_loss_names_the_closest():
     (dict(loss_type="ipo", label_smoothing=0.1), "label_smoothing"),
     (dict(loss_type="aot", use_weighting=True), "use_weighting"),
     (dict(loss_type=["sigmoid", "aot_unpaired"], use_weighting=True), "use_weighting"),
-    (dict(loss_type="ipo", f_divergence_type="js_divergence"), "f_divergence_type"),
+    (dict(loss_type="nca_pair", f_divergence_type="js_divergence"), "f_divergence_type"),
+    (dict(loss_type=["sigmoid", "bco_pair"], f_divergence_type="alpha_divergence"), "f_divergence_type"),
     (dict(loss_type="robust", label_smoothing=0.5), "robust"),
     (dict(loss_type="ipo", ld_alpha=0.5), "ld_alpha"),
     (dict(loss_type="sigmoid", ld_alpha=1.5), "ld_alpha"),
     (dict(loss_type="orpo", rpo_alpha=1.0), "rpo_alpha"),
     (dict(loss_type=["sigmoid", "sigmoid"]), "repeats"),
     (dict(loss_type="sigmoid", beta=0.0), "beta"),
-    (dict(loss_type="sigmoid", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.0), "f_alpha"),
 ])
 def test_validate_rejects(kw, match):
     with pytest.raises(ConfigError, match=match):
         validate_loss_config(DPOConfig(**kw))
+
+
+def test_trl_notes_for_label_smoothing_with_sigmoid():
+    from mlx_dpo.losses import trl_notes
+
+    assert trl_notes(DPOConfig()) == [] and trl_notes(DPOConfig(loss_type="robust", label_smoothing=0.1)) == []
+    for name in ("sigmoid", "cdpo", ["hinge", "sigmoid"]):
+        (note,) = trl_notes(DPOConfig(loss_type=name, label_smoothing=0.1))
+        assert "cDPO" in note and "TRL >= 0.29 ignores" in note
 
 
 def test_loss_weights_length_mismatch():
