@@ -39,7 +39,7 @@ from mlx.utils import tree_flatten
 
 from .adapters import resolve_target_modules
 from .config import ConfigError, DPOConfig, config_keys
-from .io import atomic_directory, atomic_write_text, fsync_dir
+from .io import atomic_directory, atomic_write_text, fsync_dir, save_safetensors
 from .state import TrainState
 
 CHECKPOINTS = "checkpoints"
@@ -205,7 +205,7 @@ def run_config(cfg: DPOConfig) -> DPOConfig:
 
 
 def _write_arrays(path: Path, arrays: Dict[str, mx.array]) -> None:
-    mx.save_safetensors(str(path), arrays, metadata={"format": "mlx"})
+    save_safetensors(path, arrays, metadata={"format": "mlx"})
 
 
 def reference_params(model) -> Dict[str, mx.array]:

@@ -27,7 +27,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .architectures import with_feature
-from .io import atomic_write_text
+from .io import atomic_write_text, save_safetensors
 from .verify import load_mlx, load_peft, load_transformers
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def save_sharded(weights: dict, out_dir: Path, max_shard_bytes: int = MAX_SHARD_
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
-        mx.save_safetensors(str(out_dir / name), shard, metadata={"format": "pt"})
+        save_safetensors(out_dir / name, shard, metadata={"format": "pt"})
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(v.nbytes for v in weights.values())},
@@ -207,7 +207,7 @@ def write_peft(run, out_dir: Path, dtype: str, max_shard_bytes: int = MAX_SHARD_
     weights = peft_weights(run.model, dtype)
     check_names({k[len("base_model.model."):].split(".lora_")[0] + ".weight" for k in weights},
                 run.base_path, run.base_config.get("model_type"))
-    mx.save_safetensors(str(out_dir / "adapter_model.safetensors"), weights, metadata={"format": "pt"})
+    save_safetensors(out_dir / "adapter_model.safetensors", weights, metadata={"format": "pt"})
     atomic_write_text(out_dir / "adapter_config.json", json.dumps(peft_config(run), indent=2))
     copy_model_files(run.base_path, out_dir)
     (out_dir / "generation_config.json").unlink(missing_ok=True)

@@ -118,3 +118,21 @@ def safetensors_problem(path: PathLike) -> Optional[str]:
     if max(ends, default=0) > size - 8 - n:
         return f"is truncated ({size} bytes, its header describes {8 + n + max(ends)}): an incomplete copy or download?"
     return None
+
+
+def save_safetensors(path: PathLike, arrays: dict, metadata: dict) -> None:
+    """``mx.save_safetensors``, with a failed write (MLX raises ``RuntimeError``, e.g. on a
+    full disk) raised as ``OSError`` like every other file error (ENOSPC when the disk is full)."""
+    import errno
+
+    import mlx.core as mx
+
+    try:
+        mx.save_safetensors(str(path), arrays, metadata=metadata)
+    except RuntimeError as e:
+        try:
+            full = shutil.disk_usage(Path(path).parent).free < (1 << 20)
+        except OSError:
+            full = False
+        code = errno.ENOSPC if full else errno.EIO
+        raise OSError(code, f"{os.strerror(code)} while writing {path} ({e})") from None

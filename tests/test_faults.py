@@ -149,16 +149,25 @@ def test_a_checkpoint_directory_exports(run_dir, tmp_path):
     assert (tmp_path / "export" / "adapter_model.safetensors").is_file()
 
 
-def _disk_full(monkeypatch):
-    import errno
+def _disk_full(monkeypatch, after: int = 0):
+    """A full disk as MLX reports it: ``save_safetensors`` raises RuntimeError (measured by
+    writing to /dev/full), with no free space left. ``after``: that many writes succeed first."""
+    import shutil
 
     import mlx.core as mx
 
-    def full(path, *args, **kwargs):
-        open(path, "wb").write(b"half")
-        raise OSError(errno.ENOSPC, "No space left on device")
+    real, calls = mx.save_safetensors, []
 
+    def full(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) <= after:
+            return real(path, *args, **kwargs)
+        open(path, "wb").write(b"half")
+        raise RuntimeError("[write] Unable to write 8 bytes to file.")
+
+    usage = shutil.disk_usage
     monkeypatch.setattr(mx, "save_safetensors", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(p)._replace(free=0) if calls[after:] else usage(p))
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
@@ -171,7 +180,8 @@ def test_disk_full_during_export_leaves_nothing_and_keeps_the_old_export(overwri
     result = cli("export", "--adapter-path", run_dir, "-o", out, *(["--overwrite"] if overwrite else []))
     assert result.exit_code == 1, result.output
     kept = "the old export is kept" if overwrite else "nothing was written"
-    assert f"error: export to {out} failed: [Errno 28] No space left on device ({kept})" in result.output
+    assert f"error: export to {out} failed: [Errno 28] No space left on device while writing " in result.output
+    assert f"({kept})" in result.output and "Traceback" not in result.output
     assert snapshot(out) == before and snapshot(run_dir) == run_before
     assert sorted(p.name for p in tmp_path.iterdir()) == (["export"] if overwrite else [])
 
@@ -316,3 +326,23 @@ def test_runs_and_exports_follow_the_umask(user_umask, llama_dir, toy_data_dir, 
         assert mode == (0o777 if is_dir else 0o666) & ~user_umask, f"{name}: {oct(mode)}"
     assert {"run/config.yaml", "run/adapter_config.json", "export/README.md", "export/config.json",
             "export/model.safetensors", "run/checkpoints/step-1/trainer_state.json"} <= set(found)
+
+
+def test_disk_full_during_training_is_one_line_and_keeps_the_last_checkpoint(llama_dir, toy_data_dir, tmp_path,
+                                                                              monkeypatch):
+    """The first checkpoint (step 2) is written; the disk is full at the next: exit 1, one line
+    naming the checkpoint and saying the disk is full; step-2 stays complete."""
+    from mlx_dpo import checkpoint
+
+    out = tmp_path / "run"
+    _disk_full(monkeypatch, after=3)  # a checkpoint writes adapters, optimizer and state: step-2 completes
+    args = ["train", "--model", str(llama_dir), "--data", str(toy_data_dir), "--output-dir", str(out),
+            "--max-steps", "6", "--save-steps", "2", "--batch-size", "4", "--no-progress-bar",
+            "--cache-dir", str(tmp_path / "cache")]
+    result = cli(*args)
+    assert result.exit_code == 1, result.output
+    assert "the disk is full" in result.output and "Traceback" not in result.output
+    assert f"could not save checkpoint {out / 'checkpoints' / 'step-4'}: the disk is full" in result.output
+    assert checkpoint.latest_checkpoint(out).name == "step-2"
+    assert checkpoint.load_checkpoint(out / "checkpoints" / "step-2").step == 2
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".step-4")] == []
