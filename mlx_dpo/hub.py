@@ -16,6 +16,7 @@ import yaml
 
 from .config import config_keys
 from .formats import WRITERS
+from .hubnet import check_reachable
 from .io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,7 @@ def upload(
         return files
     from huggingface_hub import HfApi
 
+    check_reachable(repo_id, "model")  # a stalled network fails here, in bounded time
     api = HfApi()
     url = api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
     repo_id = getattr(url, "repo_id", None) or repo_id

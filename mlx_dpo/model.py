@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .adapters import add_adapters, add_reference_copy, check_reference_adapter, last_blocks, load_adapter_weights
 from .config import ConfigError, DPOConfig
+from .hubnet import check_reachable
 from .io import safetensors_problem
 from .quant import on_cpu
 
@@ -49,6 +50,7 @@ def resolve_model_path(model: str, revision: Optional[str] = None) -> Path:
     if model.count("/") != 1 or model.startswith((".", "/", "~")):
         raise ConfigError(f"model: {model!r} is neither an existing directory nor a Hub id (org/name)")
     try:
+        check_reachable(model, "model", revision)
         return Path(snapshot_download(repo_id=model, revision=revision, allow_patterns=MODEL_FILES))
     except Exception as e:  # network, auth, offline without a cached copy, unknown repo
         raise ConfigError(f"model: {model!r} is no local path, and fetching it from the Hugging Face Hub failed "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -70,8 +71,9 @@ def check_output_dir(cfg: DPOConfig) -> Path:
         if value and Path(value).expanduser().exists() and Path(value).expanduser().resolve() == out:
             raise ConfigError(f"output_dir: {out} is the {key} directory; choose another output_dir")
     existing = next(p for p in (out, *out.parents) if p.exists())
-    if not os.access(existing, os.W_OK):
-        raise ConfigError(f"output_dir: {existing} is not writable")
+    if not _writable(existing):
+        raise ConfigError(f"output_dir: {existing} is not writable (choose another output_dir or fix its "
+                          "permissions)")
     if cfg.overwrite_output_dir or cfg.resume_from_checkpoint:
         return out
     if (out / "adapters.safetensors").exists():
@@ -82,6 +84,18 @@ def check_output_dir(cfg: DPOConfig) -> Path:
         raise ConfigError(f"output_dir: {out} holds checkpoints of an unfinished run (latest: {last.name}); "
                           "pass --resume to continue it, --overwrite to start over, or choose another output_dir")
     return out
+
+
+def _writable(directory: Path) -> bool:
+    """A file can be created in ``directory`` (tried, not guessed: ``os.access`` says yes to root
+    on a read-only or immutable directory). The probe file is gone at once."""
+    if not os.access(directory, os.W_OK):
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=directory, prefix=".mlx_dpo-probe"):
+            return True
+    except OSError:
+        return False
 
 
 def check_resume(cfg: DPOConfig, output_dir: Path, log: Callable = print) -> Optional[Path]:

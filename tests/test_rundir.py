@@ -41,3 +41,19 @@ def test_a_second_run_in_the_same_output_dir_is_refused(llama_dir, toy_data_dir,
     assert trainer.step == 2 and (out / LOCK_FILE).read_text().strip() == str(os.getpid())
     with pytest.raises(ConfigError, match="already holds a finished run"):  # lock released; the usual check applies
         DPOTrainer(cfg, log=lambda *a: None)
+
+
+def test_an_unwritable_output_dir_is_refused_before_loading(tmp_path):
+    """Even for root (os.access says yes): an immutable directory is probed, not guessed."""
+    import shutil
+
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(parent)]).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        with pytest.raises(ConfigError, match=rf"output_dir: {parent} is not writable"):
+            DPOTrainer(DPOConfig(model="/nonexistent", output_dir=str(parent / "run")))
+    finally:
+        subprocess.run(["chattr", "-i", str(parent)], check=True)
+    assert list(parent.iterdir()) == []

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from ..config import DPOConfig
+from ..hubnet import check_reachable
 from .base import DataError
 from .readers import DATA_SUFFIXES, data_suffix
 
@@ -119,6 +120,7 @@ def resolve_source(spec: str, subset: Optional[str] = None, revision: Optional[s
     if _looks_like_hub_id(spec):
         patterns = [f"{subset}/*", f"data/{subset}/*"] if subset else [f"*{s}" for s in DATA_SUFFIXES]
         try:
+            check_reachable(spec, "dataset", revision)
             return Path(snapshot_download(repo_id=spec, repo_type="dataset", revision=revision,
                                           allow_patterns=patterns))
         except Exception as e:  # network, auth, offline mode without a cached copy, unknown repo
