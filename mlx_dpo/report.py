@@ -80,13 +80,16 @@ def load_run(path) -> Run:
     metrics = path / METRICS_FILE
     if not metrics.is_file():
         raise ReportError(f"{path}: no {METRICS_FILE} (is it a training run's output_dir?)")
-    records = []
-    for i, line in enumerate(metrics.read_text().splitlines(), 1):
+    records, text = [], metrics.read_text()
+    lines = text.splitlines()
+    for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
+            if i == len(lines) and not text.endswith("\n"):
+                break  # the last record of a killed run, cut short (every record ends with a newline)
             raise ReportError(f"{metrics}:{i}: not a JSON object ({e.msg})") from None
         if not isinstance(record, dict) or "step" not in record:
             raise ReportError(f"{metrics}:{i}: expected a JSON object with a 'step', got {line[:80]!r}")

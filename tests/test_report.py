@@ -162,3 +162,13 @@ def test_write_html_alone(tmp_path, two_runs):
     run = load_run(two_runs[0])
     path = write_html([run], {}, ["a note"], tmp_path / "page" / "report.html")
     assert "a note" in path.read_text() and "<td>beta0.1</td>" in path.read_text()
+
+
+def test_a_last_record_cut_short_by_a_crash_is_skipped(tmp_path):
+    """A killed run can leave half a line at the end of metrics.jsonl (each record ends with a newline)."""
+    from mlx_dpo.report import load_run
+
+    run = tmp_path / "killed"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n{"step": 2, "loss": 0.6}\n{"step": 3, "lo')
+    assert [r["step"] for r in load_run(run).records] == [1, 2]
