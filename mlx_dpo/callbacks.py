@@ -55,6 +55,11 @@ class CallbackList:
 
         return call
 
+    def close(self) -> None:
+        """Release what a callback holds open (its ``close()``, if it has one); safe to repeat."""
+        for cb in self.callbacks:
+            getattr(cb, "close", lambda: None)()
+
 
 class JSONLWriter(TrainerCallback):
     """Appends every logged record to ``metrics.jsonl`` (one JSON object a line)."""

@@ -250,8 +250,7 @@ def save_adapters(directory: Path, model, cfg: DPOConfig, adapter_config: dict) 
 
 
 def _write_checkpoint(tmp: Path, state: TrainState, model, optimizer, cfg: DPOConfig, adapter_config: dict) -> None:
-    _write_arrays(tmp / "adapters.safetensors", dict(tree_flatten(model.trainable_parameters())))
-    atomic_write_text(tmp / "adapter_config.json", json.dumps(adapter_config, indent=2))
+    save_adapters(tmp, model, cfg, adapter_config)
     ref = reference_params(model)
     if ref:
         _write_arrays(tmp / "reference.safetensors", ref)
@@ -264,7 +263,6 @@ def _write_checkpoint(tmp: Path, state: TrainState, model, optimizer, cfg: DPOCo
     meta = {"format": FORMAT_VERSION, **state.to_json(), "optimizer_step": int(optimizer.step.item()),
             "numpy_rng": [int(np_state[2]), int(np_state[3]), float(np_state[4])]}
     atomic_write_text(tmp / "trainer_state.json", json.dumps(meta, indent=2))
-    run_config(cfg).save(tmp / "config.yaml")
 
 
 def prune(output_dir: Path, limit: Optional[int], keep: Optional[Path] = None) -> None:

@@ -235,6 +235,12 @@ class DPOConfig:
         self.validate()
 
     @property
+    def trackers(self) -> list:
+        """``report_to`` as a list of tracker names (``none`` dropped)."""
+        names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or [])
+        return [n for n in names if n != "none"]
+
+    @property
     def eval_mode(self) -> str:
         """``eval_strategy`` resolved: ``no``, ``steps`` or ``epoch``."""
         if self.eval_steps == 0:
@@ -289,7 +295,7 @@ def _check_choices(cfg: DPOConfig) -> None:
     _check_choice("adapter", cfg.adapter, ("lora", "dora"))
     _check_choice("reference", cfg.reference, ("base", "adapter"))
     _check_choice("truncation_mode", cfg.truncation_mode, ("keep_end", "keep_start"))
-    for name in [cfg.report_to] if isinstance(cfg.report_to, str) else (cfg.report_to or []):
+    for name in cfg.trackers:
         _check_choice("report_to", name, ("none", "wandb", "tensorboard"))
     if cfg.eval_strategy is not None:
         _check_choice("eval_strategy", cfg.eval_strategy, ("no", "steps", "epoch"))

@@ -10,6 +10,7 @@ it). Nothing is checked with ``HF_HUB_OFFLINE=1``.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Optional
 
 DEFAULT_TIMEOUT = 30.0
@@ -32,6 +33,21 @@ def _no_answer(e: Exception) -> bool:
     names = " ".join(c.__name__ for c in type(e).__mro__)
     return isinstance(e, (TimeoutError, ConnectionError)) or "Timeout" in names or "ConnectError" in names \
         or "ConnectionError" in names
+
+
+def snapshot_download(**kwargs) -> str:
+    """``huggingface_hub.snapshot_download`` (a module attribute tests can replace)."""
+    from huggingface_hub import snapshot_download as download
+
+    return download(**kwargs)
+
+
+def fetch(repo_id: str, repo_type: str, revision: Optional[str], allow_patterns: list) -> Path:
+    """A Hub snapshot of ``repo_id`` (only ``allow_patterns``) in the normal HF cache, after
+    :func:`check_reachable`; the one way models and datasets are downloaded."""
+    check_reachable(repo_id, repo_type, revision)
+    return Path(snapshot_download(repo_id=repo_id, repo_type=repo_type, revision=revision,
+                                  allow_patterns=allow_patterns))
 
 
 def check_reachable(repo_id: str, repo_type: str = "model", revision: Optional[str] = None) -> None:

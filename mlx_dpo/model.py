@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .adapters import add_adapters, add_reference_copy, check_reference_adapter, last_blocks, load_adapter_weights
 from .config import ConfigError, DPOConfig
-from .hubnet import check_reachable
+from . import hubnet
 from .io import safetensors_problem
 from .quant import on_cpu
 
@@ -26,13 +26,6 @@ from .quant import on_cpu
 # What a model snapshot needs (mlx-lm's own list): configs, weights, tokenizer files, custom code.
 MODEL_FILES = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "tiktoken.model", "*.txt",
                "*.jsonl", "*.jinja"]
-
-
-def snapshot_download(**kwargs) -> str:
-    """``huggingface_hub.snapshot_download`` (public API; a module attribute tests can replace)."""
-    from huggingface_hub import snapshot_download as download
-
-    return download(**kwargs)
 
 
 def resolve_model_path(model: str, revision: Optional[str] = None) -> Path:
@@ -50,8 +43,7 @@ def resolve_model_path(model: str, revision: Optional[str] = None) -> Path:
     if model.count("/") != 1 or model.startswith((".", "/", "~")):
         raise ConfigError(f"model: {model!r} is neither an existing directory nor a Hub id (org/name)")
     try:
-        check_reachable(model, "model", revision)
-        return Path(snapshot_download(repo_id=model, revision=revision, allow_patterns=MODEL_FILES))
+        return hubnet.fetch(model, "model", revision, MODEL_FILES)
     except Exception as e:  # network, auth, offline without a cached copy, unknown repo
         raise ConfigError(f"model: {model!r} is no local path, and fetching it from the Hugging Face Hub failed "
                           f"({type(e).__name__}: {e}). Check the id, or use a local directory (with "

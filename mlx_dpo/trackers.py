@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 from .callbacks import TrainerCallback
 from .config import ConfigError, DPOConfig
@@ -28,11 +28,6 @@ def _import(name: str):
             continue
     raise ConfigError(f"report_to: {name} needs the {package} package (pip install {package}); "
                       "or remove it from report_to")
-
-
-def tracker_names(cfg: DPOConfig) -> List[str]:
-    names = [cfg.report_to] if isinstance(cfg.report_to, str) else list(cfg.report_to or [])
-    return [n for n in names if n != "none"]
 
 
 def scalars(record: dict) -> Dict[str, float]:
@@ -94,4 +89,4 @@ TRACKERS = {"wandb": WandbCallback, "tensorboard": TensorBoardCallback}
 
 def tracker_callbacks(cfg: DPOConfig, output_dir: Path) -> list:
     """One callback per ``report_to`` entry (imports checked now)."""
-    return [TRACKERS[name](cfg, output_dir) for name in tracker_names(cfg)]
+    return [TRACKERS[name](cfg, output_dir) for name in cfg.trackers]

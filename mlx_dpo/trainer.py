@@ -265,8 +265,7 @@ class DPOTrainer:
             raise out_of_memory_error(self.step + 1, e, self._last_checkpoint()) from None
         finally:
             self.model.train(was_training)  # as loaded (mlx-lm: eval), so dropout is off for generation
-            for cb in self.callbacks.callbacks:
-                getattr(cb, "close", lambda: None)()
+            self.callbacks.close()  # a bar or tracker left open by an exception
 
     def _train_loop(self, stop: checkpoint.StopSignals) -> TrainResult:
         cfg, state = self.cfg, self.state

@@ -100,6 +100,7 @@ def test_hub_models_come_through_huggingface_hub(llama_dir, monkeypatch):
     """A Hub id is fetched with huggingface_hub's public snapshot_download (mlx-lm's file patterns);
     a failure names the id and the way out."""
     import mlx_dpo.model as model_mod
+    from mlx_dpo import hubnet
 
     calls = []
 
@@ -107,14 +108,15 @@ def test_hub_models_come_through_huggingface_hub(llama_dir, monkeypatch):
         calls.append(kwargs)
         return str(llama_dir)
 
-    monkeypatch.setattr(model_mod, "snapshot_download", fake)
+    monkeypatch.setattr(hubnet, "snapshot_download", fake)
     assert model_mod.resolve_model_path("org/tiny", revision="v1") == llama_dir
-    assert calls == [{"repo_id": "org/tiny", "revision": "v1", "allow_patterns": model_mod.MODEL_FILES}]
+    assert calls == [{"repo_id": "org/tiny", "repo_type": "model", "revision": "v1",
+                      "allow_patterns": model_mod.MODEL_FILES}]
     assert "model*.safetensors" in model_mod.MODEL_FILES and "*.jinja" in model_mod.MODEL_FILES
 
     def offline(**kwargs):
         raise OSError("offline mode is enabled")
 
-    monkeypatch.setattr(model_mod, "snapshot_download", offline)
+    monkeypatch.setattr(hubnet, "snapshot_download", offline)
     with pytest.raises(ConfigError, match=r"model: 'org/tiny' is no local path, and fetching it .* offline mode"):
         model_mod.resolve_model_path("org/tiny")

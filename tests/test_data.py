@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from mlx_dpo import data as data_mod
+from mlx_dpo import hubnet
 from mlx_dpo.config import DPOConfig
 from mlx_dpo.data import DataError, formats, extract_prompt, load_datasets, parse_split, tokenize_pairs
 
@@ -400,7 +401,7 @@ def fake_hub(monkeypatch, snapshot):
         calls.append(kwargs)
         return str(snapshot)
 
-    monkeypatch.setattr(data_mod, "snapshot_download", download)
+    monkeypatch.setattr(hubnet, "snapshot_download", download)
     return calls
 
 
@@ -440,7 +441,7 @@ def test_hub_download_failure_is_a_data_error(bpe_tok, tmp_path, monkeypatch):
     def download(**kwargs):
         raise OSError("offline")
 
-    monkeypatch.setattr(data_mod, "snapshot_download", download)
+    monkeypatch.setattr(hubnet, "snapshot_download", download)
     with pytest.raises(DataError, match="'org/missing' is not a local path, and fetching it as a Hugging Face Hub dataset failed: offline"):
         load(bpe_tok, tmp_path, data="org/missing")
 

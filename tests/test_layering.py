@@ -25,8 +25,9 @@ def imports(path: Path, package: str = "mlx_dpo") -> set:
         if isinstance(node, ast.ImportFrom):
             if node.level == 1:
                 found.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
-            elif node.level == 2 and inside:
-                found.add(("..", (node.module or "").split(".")[0]))
+            elif node.level == 2 and inside:  # from ..config import X / from .. import hubnet
+                found.update([("..", node.module.split(".")[0])] if node.module else
+                             [("..", a.name) for a in node.names])
             elif (node.module or "").startswith(package + "."):
                 found.add(("..", node.module.split(".")[1]) if inside else node.module.split(".")[1])
             elif node.module == package and not inside:

@@ -24,19 +24,17 @@ record index (``.json``/``.parquet``, 0-based) and the field, before training st
 from __future__ import annotations
 
 import random
-import sys
-import types
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 from ..config import DPOConfig
-from . import formats, sources
+from . import formats
 from .base import DataError, Row, TokenizedPair
 from .cache import cache_key, cache_path, load_cache, save_cache, tokenizer_fingerprint
 from .formats import (FIELDS, FORMATS, check_format_options, column_map, detect_format, extract_prompt, format_names,
                       get_format)
 from .readers import DATA_SUFFIXES, READERS, read_file
-from .sources import (find_split_files, parse_split, plan_sources, resolve_source, slice_rows, snapshot_download,
+from .sources import (find_split_files, parse_split, plan_sources, resolve_source, slice_rows,
                       split_files)
 from .tokenize import tokenize_pairs
 
@@ -44,21 +42,9 @@ __all__ = [
     "DataError", "Row", "TokenizedPair", "FIELDS", "FORMATS", "DATA_SUFFIXES", "READERS",
     "cache_key", "cache_path", "check_format_options", "column_map", "detect_format", "extract_prompt",
     "find_split_files", "format_names", "get_format", "load_cache", "load_datasets", "load_records", "parse_split",
-    "plan_sources", "read_file", "read_rows", "resolve_source", "save_cache", "slice_rows", "snapshot_download",
+    "plan_sources", "read_file", "read_rows", "resolve_source", "save_cache", "slice_rows",
     "split_files", "tokenize_pairs", "tokenizer_fingerprint",
 ]
-
-
-class _Package(types.ModuleType):
-    """Setting ``mlx_dpo.data.snapshot_download`` (as tests do) sets the one :mod:`.sources` calls."""
-
-    def __setattr__(self, name, value):
-        if name == "snapshot_download":
-            setattr(sources, name, value)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def read_rows(files: List[Path], cfg: DPOConfig) -> List[Row]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from ..config import DPOConfig
-from ..hubnet import check_reachable
+from .. import hubnet
 from .base import DataError
 from .readers import DATA_SUFFIXES, data_suffix
 
@@ -97,13 +97,6 @@ def find_split_files(root: Path, split: str, subset: Optional[str] = None) -> Li
     return []
 
 
-def snapshot_download(**kwargs) -> str:
-    """``huggingface_hub.snapshot_download`` (a module attribute so tests can replace it)."""
-    from huggingface_hub import snapshot_download as download
-
-    return download(**kwargs)
-
-
 def _looks_like_hub_id(spec: str) -> bool:
     return bool(re.match(r"^[\w][\w.-]*/[\w][\w.-]*$", spec)) and not spec.lower().endswith(DATA_SUFFIXES)
 
@@ -120,9 +113,7 @@ def resolve_source(spec: str, subset: Optional[str] = None, revision: Optional[s
     if _looks_like_hub_id(spec):
         patterns = [f"{subset}/*", f"data/{subset}/*"] if subset else [f"*{s}" for s in DATA_SUFFIXES]
         try:
-            check_reachable(spec, "dataset", revision)
-            return Path(snapshot_download(repo_id=spec, repo_type="dataset", revision=revision,
-                                          allow_patterns=patterns))
+            return hubnet.fetch(spec, "dataset", revision, patterns)
         except Exception as e:  # network, auth, offline mode without a cached copy, unknown repo
             raise DataError(
                 f"data: '{spec}' is not a local path, and fetching it as a Hugging Face Hub dataset failed: {e}"
