@@ -32,8 +32,9 @@ class AuditError(ValueError):
     """A run or data problem the user can fix; the message names the file."""
 
 
-def load_run(run_dir: Union[str, Path]) -> Run:
-    """The run's model with its adapters (``export.Run``), refusing a run without LoRA/DoRA adapters."""
+def load_run(run_dir: Union[str, Path], model: Optional[str] = None) -> Run:
+    """The run's model (or ``model``, the same base elsewhere) with its adapters (``export.Run``),
+    refusing a run without LoRA/DoRA adapters."""
     path = Path(run_dir)
     if not path.is_dir():
         raise AuditError(f"run directory {path} does not exist")
@@ -41,7 +42,7 @@ def load_run(run_dir: Union[str, Path]) -> Run:
         if not (path / name).is_file():
             raise AuditError(f"{path / name} is missing (is {path} a finished training run?)")
     try:
-        run = Run(path)
+        run = Run(path, model)
     except (ExportError, ConfigError) as e:
         raise AuditError(str(e)) from None
     if run.fine_tune_type == "full":

@@ -15,10 +15,13 @@ import mlx.core as mx
 
 from .adapters import adapter_mode
 from .audit import AuditError, load_run
+from .data import DataError
+from .data.formats import check_value
 
 
-def read_prompts(path: Union[str, Path]) -> List[str]:
-    """Prompts from a text file (one a line) or a JSONL file (a ``prompt`` string per record)."""
+def read_prompts(path: Union[str, Path], messages: bool = False) -> List[Union[str, list]]:
+    """Prompts from a text file (one a line) or a JSONL file (a ``prompt`` string per record;
+    with ``messages``, also a list of ``{role, content}`` messages, TRL's conversational form)."""
     path = Path(path)
     if not path.is_file():
         raise AuditError(f"prompts file {path} does not exist")
@@ -31,9 +34,16 @@ def read_prompts(path: Union[str, Path]) -> List[str]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise AuditError(f"{path}:{n}: not JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise AuditError(f"{path}:{n}: expected an object with a 'prompt' string")
-        prompts.append(record["prompt"])
+        prompt = record.get("prompt") if isinstance(record, dict) else None
+        if messages and isinstance(prompt, list):
+            try:
+                prompt = check_value(prompt, "prompt", f"{path}:{n}", as_messages=True)
+            except DataError as e:
+                raise AuditError(str(e)) from None
+        elif not isinstance(prompt, str):
+            kind = "a 'prompt' string or message list" if messages else "a 'prompt' string"
+            raise AuditError(f"{path}:{n}: expected an object with {kind}")
+        prompts.append(prompt)
     return prompts
 
 

@@ -219,17 +219,27 @@ class Conversational(Format):
         return super().example(prompt, chosen, rejected, cfg)
 
     @classmethod
-    def render(cls, example: dict, tokenizer, cfg: DPOConfig, where: str) -> Tuple[str, str, str]:
-        """The prompt with the generation prompt; a completion as ``render(prompt + completion)`` minus it."""
+    def render_prompt(cls, prompt: list, tokenizer, cfg: DPOConfig, where: str) -> str:
+        """The prompt messages rendered with the generation prompt (``continue_final_message``
+        when they end with an assistant message): the text a completion follows."""
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(f"{where}: conversational data needs a tokenizer with a chat_template; this one has none")
-        prompt = example["prompt"]
         cont = prompt[-1]["role"] == "assistant"
         kwargs = {"tools": cfg.tools} if cfg.tools else {}
         try:
-            prompt_text = tokenizer.apply_chat_template(
+            return tokenizer.apply_chat_template(
                 prompt, tokenize=False, add_generation_prompt=not cont, continue_final_message=cont, **kwargs
             )
+        except Exception as e:  # jinja errors, e.g. a template that rejects a role order
+            raise DataError(f"{where}: chat template failed: {e}") from None
+
+    @classmethod
+    def render(cls, example: dict, tokenizer, cfg: DPOConfig, where: str) -> Tuple[str, str, str]:
+        """The prompt with the generation prompt; a completion as ``render(prompt + completion)`` minus it."""
+        prompt = example["prompt"]
+        prompt_text = cls.render_prompt(prompt, tokenizer, cfg, where)
+        kwargs = {"tools": cfg.tools} if cfg.tools else {}
+        try:
             texts = []
             for name in ("chosen", "rejected"):
                 full = tokenizer.apply_chat_template(prompt + example[name], tokenize=False, **kwargs)
