@@ -19,6 +19,8 @@ import click
 
 from .config import ALIASES, ConfigError, DPOConfig
 from .formats import DTYPES, WRITERS, default_dtypes_help, formats_help
+from .judges import JUDGE_HELP
+from .sample import DEFAULTS as SAMPLE_DEFAULTS
 
 
 def config_options(func):
@@ -257,6 +259,50 @@ def generate(run_dir, prompt, prompts_file, max_tokens, temp, seed, json_out):
     except AuditError as e:
         _fail(e)
     click.echo(json.dumps(results, indent=2) if json_out else format_text(results))
+
+
+@main.command()
+@click.option("--model", default=None, help="Model to sample from (as in training: a directory, Hub id, toy:llama) "
+              "[default with --adapter-path: the run's base model].")
+@click.option("--adapter-path", default=None, type=click.Path(file_okay=False),
+              help="Training run directory: sample with its adapters on.")
+@click.option("--prompts", "prompts_file", required=True, type=click.Path(dir_okay=False),
+              help="Prompts file: one a line, or JSONL with a 'prompt' string or message list.")
+@click.option("--num-samples", "-k", type=int, default=SAMPLE_DEFAULTS["num_samples"], show_default=True,
+              help="Completions per prompt (>= 2).")
+@click.option("--judge", required=True, help="How completions are ranked: " + JUDGE_HELP + ".")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Pairs file to write (JSONL).")
+@click.option("--temperature", "--temp", type=float, default=SAMPLE_DEFAULTS["temperature"], show_default=True,
+              help="Sampling temperature (0: greedy).")
+@click.option("--top-p", type=float, default=SAMPLE_DEFAULTS["top_p"], show_default=True,
+              help="Nucleus sampling (1: off).")
+@click.option("--seed", type=int, default=SAMPLE_DEFAULTS["seed"], show_default=True,
+              help="Sampling seed: the same seed gives the same file.")
+@click.option("--max-tokens", type=int, default=SAMPLE_DEFAULTS["max_tokens"], show_default=True,
+              help="Tokens to generate per completion.")
+@click.option("--batch-size", type=int, default=SAMPLE_DEFAULTS["batch_size"], show_default=True,
+              help="Completions generated at once (continuous batching).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+def sample(model, adapter_path, prompts_file, num_samples, judge, output, temperature, top_p, seed, max_tokens,
+           batch_size, overwrite):
+    """On-policy preference pairs: K completions per prompt from the model (with a run's
+    adapters), ranked by a judge; the best against the worst written as TRL pairs, ties
+    skipped. Train on them, then sample again with the new adapters (iterative DPO).
+
+    Exit codes: 0 pairs written, 1 every prompt tied (no file written), 2 option/input error."""
+    from .judges import JudgeError
+    from .sample import SampleError, format_summary
+    from .sample import sample as run_sample
+
+    try:
+        with _show_logs():
+            result = run_sample(prompts_file, output, judge, model=model, adapter_path=adapter_path,
+                                overwrite=overwrite, num_samples=num_samples, temperature=temperature, top_p=top_p,
+                                seed=seed, max_tokens=max_tokens, batch_size=batch_size, progress=True)
+    except (SampleError, JudgeError) as e:
+        _fail(e)
+    click.echo(format_summary(result))
+    sys.exit(0 if result["pairs"] else 1)
 
 
 @main.command()

@@ -17,132 +17,23 @@ plain strings (the prompt with the tokenizer's special tokens, e.g. BOS).
 
 from __future__ import annotations
 
-import difflib
-import importlib
-import importlib.util
 import json
-import math
-import re
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
-import mlx.core as mx
-
-from .audit import AuditError, load_run
 from .config import ConfigError, DPOConfig
 from .data import DataError
 from .data.formats import Conversational
 from .data.tokenize import encode
-from .generate import read_prompts
 from .io import atomic_write_text
-from .model import load_model
+from .judges import Judge, make_judge, pick_pair, score
 
-Judge = Callable[[Union[str, list], str], float]
 # The sampling options' defaults (the API's and the command line's).
 DEFAULTS = {"num_samples": 4, "temperature": 1.0, "top_p": 1.0, "seed": 0, "max_tokens": 256, "batch_size": 32}
 
 
 class SampleError(ValueError):
     """A sampling option, judge or file the user can fix; the message names it."""
-
-
-# --------------------------------------------------------------------------- judges
-
-
-def shorter(prompt, completion: str) -> float:
-    """Fewer characters is better: ``-len(completion)``."""
-    return -float(len(completion))
-
-
-def longer(prompt, completion: str) -> float:
-    """More characters is better: ``len(completion)``."""
-    return float(len(completion))
-
-
-def regex(pattern: str) -> Judge:
-    """1 when ``pattern`` matches somewhere in the completion (``re.search``), else 0."""
-    compiled = re.compile(pattern)
-    return lambda prompt, completion: float(compiled.search(completion) is not None)
-
-
-def contains(text: str) -> Judge:
-    """1 when the completion contains ``text``, else 0."""
-    return lambda prompt, completion: float(text in completion)
-
-
-JUDGES = {"shorter": shorter, "longer": longer}  # NAME
-JUDGE_FACTORIES = {"regex": regex, "contains": contains}  # NAME:ARGUMENT
-JUDGE_HELP = ("shorter, longer, regex:PATTERN (a match is preferred), contains:TEXT, or a Python function "
-              "module:function / path/to/file.py:function, f(prompt, completion) -> float, higher is better")
-
-
-def make_judge(spec: Union[str, Judge]) -> Judge:
-    """The judge named by ``spec`` (see :data:`JUDGE_HELP`); a callable is returned as is."""
-    if callable(spec):
-        return spec
-    name, sep, arg = spec.partition(":")
-    if name in JUDGES:
-        if sep:
-            raise SampleError(f"judge {spec!r}: {name} takes no argument (use --judge {name})")
-        return JUDGES[name]
-    if name in JUDGE_FACTORIES:
-        if not arg:
-            raise SampleError(f"judge {spec!r}: {name} needs an argument, e.g. --judge '{name}:{'^[A-Z]' if name == 'regex' else 'TEXT'}'")
-        try:
-            return JUDGE_FACTORIES[name](arg)
-        except re.error as e:
-            raise SampleError(f"judge {spec!r}: invalid regular expression ({e})") from None
-    if sep:
-        return load_user_judge(spec)
-    close = difflib.get_close_matches(name, [*JUDGES, *JUDGE_FACTORIES], n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise SampleError(f"unknown judge {spec!r}{hint}; expected {JUDGE_HELP}")
-
-
-def load_user_judge(spec: str) -> Judge:
-    """``module:function`` (importable) or ``path/to/file.py:function``."""
-    target, _, name = spec.rpartition(":")
-    if not target or not name:
-        raise SampleError(f"judge {spec!r}: expected module:function or path/to/file.py:function")
-    try:
-        if target.endswith(".py"):
-            path = Path(target).expanduser()
-            if not path.is_file():
-                raise SampleError(f"judge {spec!r}: file {path} does not exist")
-            module_spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(target)
-    except SampleError:
-        raise
-    except ModuleNotFoundError as e:
-        raise SampleError(f"judge {spec!r}: cannot import {target} ({e}); put it on PYTHONPATH or pass "
-                          "path/to/file.py:function") from None
-    except Exception as e:  # the user's module failed while importing
-        raise SampleError(f"judge {spec!r}: importing {target} failed ({type(e).__name__}: {e})") from None
-    func = getattr(module, name, None)
-    if not callable(func):
-        raise SampleError(f"judge {spec!r}: {target} has no function {name!r}")
-    return func
-
-
-def score(judge: Judge, prompt, completion: str, where: str) -> float:
-    """``judge(prompt, completion)``, refused unless it is a finite number."""
-    try:
-        value = judge(prompt, completion)
-    except Exception as e:
-        raise SampleError(f"{where}: the judge failed ({type(e).__name__}: {e})") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise SampleError(f"{where}: the judge returned {value!r}; expected a finite number (higher is better)")
-    return float(value)
-
-
-def pick_pair(scores: Sequence[float]) -> Optional[Tuple[int, int]]:
-    """``(best, worst)``: the first highest and the first lowest score; ``None`` on a tie."""
-    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
-    worst = min(range(len(scores)), key=lambda i: (scores[i], i))
-    return None if scores[best] == scores[worst] else (best, worst)
 
 
 # --------------------------------------------------------------------------- generation
@@ -223,6 +114,7 @@ def sample_pairs(model, tokenizer, prompts: List[Union[str, list]], judge: Union
                  progress: bool = False) -> Tuple[List[dict], dict]:
     """``(records, summary)``: ``num_samples`` completions of every prompt from ``model`` (adapters
     as they are switched), the judge's best against its worst as TRL pairs, ties skipped."""
+    import mlx.core as mx
     from mlx_lm.sample_utils import make_sampler
     from tqdm import tqdm
 
@@ -260,6 +152,9 @@ def sample_pairs(model, tokenizer, prompts: List[Union[str, list]], judge: Union
 
 def load_sampler_model(model: Optional[str], adapter_path: Optional[str]) -> tuple:
     """``(model, tokenizer)``: ``model`` alone, or a run's adapters on its base (or on ``model``)."""
+    from .audit import load_run
+    from .model import load_model
+
     if adapter_path:
         run = load_run(adapter_path, model)
         return run.model, run.tokenizer
@@ -274,6 +169,9 @@ def sample(prompts: Union[str, Path], output: Union[str, Path], judge: Union[str
     """Read ``prompts`` (:func:`generate.read_prompts`), :func:`sample_pairs` from ``model`` (with the
     adapters of the run ``adapter_path``) and write the pairs to ``output`` (JSONL, atomically;
     nothing is written when every prompt tied). Returns the summary, with ``output``."""
+    from .audit import AuditError
+    from .generate import read_prompts
+
     output = Path(output)
     if output.exists() and not overwrite:
         raise SampleError(f"output {output} already exists; pass --overwrite to replace it")
@@ -311,7 +209,7 @@ def format_summary(s: dict) -> str:
     elif s["temperature"] == 0:
         lines.append("every prompt tied: temperature 0 (greedy) gives the same completion K times; sample with "
                      "--temperature > 0")
-    memory = f", peak memory {s['peak_memory_gb']:.2f} GB" if s["peak_memory_gb"] else ""
+    memory = f", peak memory {s['peak_memory_gb']:.2f} GB" if s["peak_memory_gb"] >= 0.01 else ""
     lines.append(f"{s['generated_tokens']} tokens in {s['seconds']:.1f} s ({s['tokens_per_sec']:.1f} tokens/s{memory}); "
                  f"{s['cut_at_max_tokens']} samples cut at max_tokens")
     lines.append(f"pairs: {s['output']}" if s.get("output") else "no pairs: no file written")

@@ -12,7 +12,7 @@ LAYERS = [
     "io", "hubnet", "coerce", "config", "toy", "schedule", "architectures", "data", "batching", "state", "quant", "adapters",
     "model", "prefix", "logprobs", "reduce", "losses", "steps", "perf", "reference", "checkpoint", "rundir",
     "faults", "callbacks", "trackers", "health", "preflight", "trainer", "plan", "verify", "formats", "hub", "export", "report",
-    "lint", "audit", "generate", "sample", "cli", "__main__", "__init__",
+    "lint", "audit", "generate", "judges", "sample", "cli", "__main__", "__init__",
 ]
 DATA_LAYERS = ["base", "readers", "sources", "formats", "tokenize", "cache", "__init__"]
 
