@@ -308,3 +308,18 @@ def test_a_failing_judge_keeps_the_old_output(llama_dir, prompts_file, tmp_path)
     result = CliRunner().invoke(main, ["sample", "--model", str(llama_dir), "--prompts", str(tmp_path / "nope.txt"),
                                        "--judge", "shorter", "-o", str(tmp_path / "x.jsonl")])
     assert result.exit_code == 2 and "nope.txt does not exist" in result.output
+
+
+def test_prompts_file_with_messages_and_bad_records(tmp_path):
+    from mlx_dpo.audit import AuditError
+    from mlx_dpo.generate import read_prompts
+
+    path = tmp_path / "p.jsonl"
+    chat = [{"role": "user", "content": "hi"}]
+    path.write_text(json.dumps({"prompt": chat}) + "\n" + json.dumps({"prompt": "plain"}) + "\n")
+    assert read_prompts(path, messages=True) == [chat, "plain"]
+    with pytest.raises(AuditError, match="p.jsonl:1: expected an object with a 'prompt' string$"):
+        read_prompts(path)  # mlx-dpo generate takes strings only
+    path.write_text(json.dumps({"prompt": [{"role": "robot", "content": "hi"}]}) + "\n")
+    with pytest.raises(AuditError, match="p.jsonl:1: field 'prompt' message 0 has role 'robot'"):
+        read_prompts(path, messages=True)
