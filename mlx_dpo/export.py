@@ -193,8 +193,8 @@ def export(
         raise ExportError(f"format must be one of {', '.join(WRITERS)}; got {format!r}")
     writer = WRITERS[format]
     dtype = dtype or writer.default_dtype
-    if dtype not in DTYPES:
-        raise ExportError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    if dtype not in writer.dtypes:
+        raise ExportError(f"--format {format}: dtype must be one of {', '.join(writer.dtypes)}; got {dtype!r}")
     output = Path(output)
     if output.exists() and not overwrite:
         raise ExportError(f"{output} already exists; pass --overwrite to replace it")

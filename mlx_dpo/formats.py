@@ -4,6 +4,8 @@
          renormalised rows) in float32, cast, and write a ``transformers`` model directory.
 ``mlx``  the same merged model, re-quantized when the run quantized, in mlx-lm's format.
 ``peft`` the adapters alone as a PEFT LoRA/DoRA adapter for the float base model.
+``gguf`` the merged model as one GGUF file (llama.cpp, Ollama, LM Studio), float or
+         llama.cpp's Q8_0/Q4_0/Q4_1 (:mod:`mlx_dpo.gguf_export`).
 
 Adding a format is one ``WRITERS`` entry and its writer function, here. A writer is
 ``write(run, out_dir, dtype, max_shard_bytes)``; ``run`` is an ``export.Run``.
@@ -27,12 +29,12 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .architectures import with_feature
+from .gguf_export import GGUF_DTYPES, GGUF_FILE, write_gguf_file
 from .io import atomic_write_text, save_safetensors
-from .verify import load_mlx, load_peft, load_transformers
+from .verify import load_gguf, load_mlx, load_peft, load_transformers
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("float16", "bfloat16", "float32")
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' "5GB"
 TOKENIZER_FILES = (
     "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
@@ -213,6 +215,20 @@ def write_peft(run, out_dir: Path, dtype: str, max_shard_bytes: int = MAX_SHARD_
     (out_dir / "generation_config.json").unlink(missing_ok=True)
 
 
+def write_gguf(run, out_dir: Path, dtype: str, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """One ``model.gguf`` (unsharded; ``max_shard_bytes`` is for ``hf``) and an Ollama ``Modelfile``."""
+    from .gguf_export import gguf_tokenizer_fields, hf_tokenizer_fields, source_gguf
+
+    merge_and_dequantize(run.model)
+    weights = dict(tree_flatten(run.model.parameters()))
+    source = source_gguf(run.base_path)
+    vocab_size = run.base_config["vocab_size"]
+    tokenizer = gguf_tokenizer_fields(source) if source else hf_tokenizer_fields(run.base_path, vocab_size)
+    name = Path(run.base_model).name.removesuffix(".gguf") + "-dpo"
+    write_gguf_file(out_dir / GGUF_FILE, weights, run.base_config, dtype, tokenizer, name=name)
+    atomic_write_text(out_dir / "Modelfile", f"FROM ./{GGUF_FILE}\n")
+
+
 # --------------------------------------------------------------------------- the table
 
 
@@ -227,8 +243,10 @@ class Writer:
     card_what: str  # the card's "exported as a ..."
     usage: tuple  # the card's usage code; ``{repo}`` is the model's name
     load: Callable  # load(output, base_path): the export as a model, for ``--verify``
+    dtypes: tuple = ("float16", "bfloat16", "float32")  # --dtype choices
     requantizes: bool = False  # re-quantizes a quantized run (``--verify`` explains the error)
     adapter: bool = False  # an adapter for the base model (the card tags ``base_model:adapter:<base>``)
+    usage_language: str = "python"  # the card's code block
 
 
 WRITERS = {
@@ -252,8 +270,15 @@ WRITERS = {
                'model = AutoPeftModelForCausalLM.from_pretrained("{repo}")',
                'tokenizer = AutoTokenizer.from_pretrained("{repo}")'),
     ),
+    "gguf": Writer(
+        write_gguf, default_dtype="float16", library="gguf", summary="merged GGUF file (llama.cpp, Ollama)",
+        card_what="merged model as a GGUF file", load=load_gguf, dtypes=GGUF_DTYPES, requantizes=True, usage_language="bash",
+        usage=("# llama.cpp", 'llama-cli -m model.gguf -p "Hello"', "", "# Ollama (the Modelfile is included)",
+               "ollama create my-model -f Modelfile && ollama run my-model"),
+    ),
 }
 FORMATS = tuple(WRITERS)
+DTYPES = tuple(dict.fromkeys(d for w in WRITERS.values() for d in w.dtypes))  # every --dtype choice
 
 
 def formats_help() -> str:

@@ -89,7 +89,7 @@ def model_card(folder: Union[str, Path], repo_id: Optional[str] = None, location
     if info.get("quantize"):
         q = info["quantize"]
         lines += [f"The adapters were trained on a {q.get('bits')}-bit quantized base (group size {q.get('group_size')}).", ""]
-    lines += ["## Usage", "", "```python", *(line.format(repo=where) for line in writer.usage), "```", ""]
+    lines += ["## Usage", "", f"```{writer.usage_language}", *(line.format(repo=where) for line in writer.usage), "```", ""]
     params = {k: config[k] for k in config_keys("card") if k in config}
     if params:
         lines += ["## Training configuration", "", "| key | value |", "|---|---|"]

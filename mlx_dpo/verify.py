@@ -124,6 +124,15 @@ def load_peft(output: Path, base_path: Path):
     return PeftModel.from_pretrained(base, str(output)).eval()
 
 
+def load_gguf(output: Path, base_path: Path):
+    """The exported ``model.gguf`` loaded with transformers' own GGUF reader (de-quantized to float32)."""
+    _require("torch", "transformers", "gguf")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(output), gguf_file="model.gguf", dtype=torch.float32).eval()
+
+
 def verify_export(output: Path, load: Callable, reference: dict, tokenizer, base_path: Path) -> Optional[dict]:
     """Compare the logits and greedy tokens of the export (``load(output, base_path)``, an
     MLX or a torch model) with the MLX reference; ``None`` when skipped."""
@@ -144,4 +153,4 @@ def verify_export(output: Path, load: Callable, reference: dict, tokenizer, base
 
 
 __all__ = ["verify_export", "reference_outputs", "prompt_batch", "mlx_logits", "mlx_greedy", "torch_logits",
-           "torch_greedy", "compare", "load_mlx", "load_transformers", "load_peft", "VerifySkipped"]
+           "torch_greedy", "compare", "load_gguf", "load_mlx", "load_transformers", "load_peft", "VerifySkipped"]

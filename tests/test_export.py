@@ -372,3 +372,79 @@ def test_cli_shows_the_export_log(runs, tmp_path):
     assert result.exit_code == 0, result.output
     assert "approximation of the trained model" in result.output
     assert f"Exported peft model (float32) to {out}" in result.output
+
+
+# --------------------------------------------------------------------------- GGUF
+
+
+@pytest.mark.parametrize("name", ["llama-lora", "qwen2-lora", "llama-lora-4bit"])
+def test_gguf_export_matches_mlx(runs, name, tmp_path):
+    """transformers' own GGUF reader (gguf's numpy de-quantization, its own rope un-permute)
+    loads the export: same logits as the trained MLX model, same greedy tokens, same tokens."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    run = runs(name)
+    ref = mlx_reference(run)
+    out = export(run, tmp_path / "gguf", format="gguf", dtype="float32")
+    assert (out / "model.gguf").is_file() and (out / "Modelfile").read_text() == "FROM ./model.gguf\n"
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf",
+                                                              dtype=torch.float32).eval()
+    assert_torch_model_matches(model, ref, f"{name}: gguf export")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out), gguf_file="model.gguf")
+    for prompt in PROMPTS:
+        assert tokenizer(prompt, add_special_tokens=False)["input_ids"] == ref["tokenizer"].encode(
+            prompt, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float16", 4e-3), ("q8_0", 2e-2)])
+def test_gguf_export_quantized_types(runs, tmp_path, dtype, tol):
+    """16-bit and llama.cpp's Q8_0 blocks (32 int8 + one fp16 scale): within the dtype's error."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    gguf = pytest.importorskip("gguf")
+    run = runs("llama-lora")
+    ref = mlx_reference(run)
+    out = export(run, tmp_path / dtype, format="gguf", dtype=dtype)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
+    want = {"float16": "F16", "q8_0": "Q8_0"}[dtype]
+    assert types["blk.0.attn_q.weight"] == want and types["blk.0.attn_norm.weight"] == "F32"
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf",
+                                                              dtype=torch.float32).eval()
+    logits, _ = torch_outputs(model, ref)
+    diff = rel_diff(ref["logits"], logits, ref["lengths"])
+    print(f"gguf {dtype}: max |logit diff| / logit scale = {diff:.2e}")
+    assert diff < tol
+    assert_adapters_matter(ref, diff / 20 * 0.9)  # training moved the logits by more than the error
+
+
+def test_gguf_export_sentencepiece_tokenizer(tmp_path_factory, llama_sp_dir, toy_data_dir, tmp_path):
+    """A SentencePiece (tokenizer.model) base is written as llama.cpp's ``llama`` tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    run = train_run(tmp_path_factory, llama_sp_dir, toy_data_dir, "sp")
+    out = export(run, tmp_path / "gguf", format="gguf", dtype="float32")
+    ours = load_model(DPOConfig(model=str(llama_sp_dir)))[1]
+    theirs = transformers.AutoTokenizer.from_pretrained(str(out), gguf_file="model.gguf")
+    for prompt in ("Repeat: apple banana cherry. Answer:", "two  spaces and ünïcode"):
+        assert theirs(prompt, add_special_tokens=False)["input_ids"] == ours.encode(prompt, add_special_tokens=False)
+
+
+def test_gguf_export_refuses_other_architectures():
+    from mlx_dpo.gguf_export import GGUFExportError, model_fields
+
+    with pytest.raises(GGUFExportError, match="supports model types llama, mistral, qwen2; this model is 'phi3'"):
+        model_fields({"model_type": "phi3"})
+
+
+def test_rope_permutation_matches_llama_cpp():
+    """Row h·d + 2j + s of the GGUF weight is row h·d + s·d/2 + j of transformers' (d = head dim)."""
+    from mlx_dpo.gguf_export import permute_rope
+
+    heads, d = 3, 8
+    w = np.arange(heads * d * 2, dtype=np.float32).reshape(heads * d, 2)
+    p = permute_rope(w, heads)
+    for h in range(heads):
+        for j in range(d // 2):
+            for s in range(2):
+                assert (p[h * d + 2 * j + s] == w[h * d + s * d // 2 + j]).all()

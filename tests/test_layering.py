@@ -11,8 +11,8 @@ PACKAGE = Path(mlx_dpo.__file__).parent
 LAYERS = [
     "io", "hubnet", "coerce", "config", "toy", "schedule", "architectures", "data", "batching", "state", "quant", "adapters",
     "model", "prefix", "logprobs", "reduce", "losses", "steps", "perf", "reference", "checkpoint", "rundir",
-    "faults", "callbacks", "trackers", "health", "preflight", "trainer", "plan", "verify", "formats", "hub", "export", "report",
-    "lint", "audit", "generate", "judges", "sample", "cli", "__main__", "__init__",
+    "faults", "callbacks", "trackers", "health", "preflight", "trainer", "plan", "verify", "gguf_export", "formats", "hub",
+    "export", "report", "lint", "audit", "generate", "judges", "sample", "cli", "__main__", "__init__",
 ]
 DATA_LAYERS = ["base", "readers", "sources", "formats", "tokenize", "cache", "__init__"]
 
