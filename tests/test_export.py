@@ -361,8 +361,8 @@ def test_a_new_format_is_one_writers_entry(runs, tmp_path, monkeypatch):
     assert (out / "note.txt").read_text() == "lora bfloat16"
     card = (out / "README.md").read_text()
     assert "library_name: notes" in card and "exported as a note." in card and f'open("{out}/note.txt")' in card
-    with pytest.raises(ExportError, match="one of hf, mlx, peft, note"):
-        export(runs("llama-lora"), tmp_path / "other", format="gguf")
+    with pytest.raises(ExportError, match="one of hf, mlx, peft, gguf, note"):
+        export(runs("llama-lora"), tmp_path / "other", format="onnx")
 
 
 def test_cli_shows_the_export_log(runs, tmp_path):
