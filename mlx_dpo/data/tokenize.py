@@ -70,10 +70,11 @@ def encode_completion(tokenizer, prompt: str, prompt_ids: List[int], completion:
     return ids
 
 
-def _truncate(ids: List[int], n: Optional[int], mode: str) -> List[int]:
+def _keep(ids: List[int], n: Optional[int], end: bool) -> List[int]:
+    """``ids`` cut to ``n`` tokens, keeping their end or their start."""
     if n is None or len(ids) <= n:
         return ids
-    return ids[-n:] if mode == "keep_end" else ids[:n]
+    return ids[len(ids) - n:] if end else ids[:n]
 
 
 def _new_stats(n: int) -> dict:
@@ -112,18 +113,21 @@ def _encode_example(row: Row, example: dict, tokenizer, cfg: DPOConfig) -> Tuple
 def _truncate_pair(prompt_ids, chosen_ids, rejected_ids, cfg: DPOConfig, stats: dict) -> Optional[TokenizedPair]:
     """The truncated pair, or ``None`` (counted in ``stats``) when it is dropped."""
     before = (len(prompt_ids), len(chosen_ids), len(rejected_ids))
-    prompt_ids = _truncate(prompt_ids, cfg.max_prompt_length, cfg.truncation_mode)
+    prompt_ids = _keep(prompt_ids, cfg.max_prompt_length, end=True)
     if not prompt_ids:  # nothing to score the first completion token from
         stats["dropped_no_prompt"] += 1
         return None
-    chosen_ids = _truncate(chosen_ids, cfg.max_completion_length, "keep_start")
-    rejected_ids = _truncate(rejected_ids, cfg.max_completion_length, "keep_start")
-    if cfg.max_length is not None:
-        room = cfg.max_length - len(prompt_ids)
-        if room < 1:
+    chosen_ids = _keep(chosen_ids, cfg.max_completion_length, end=False)
+    rejected_ids = _keep(rejected_ids, cfg.max_completion_length, end=False)
+    if cfg.max_length is not None and cfg.truncation_mode == "keep_start":
+        if len(prompt_ids) >= cfg.max_length:  # no completion token would be left
             stats["dropped_too_long"] += 1
             return None
-        chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
+    elif cfg.max_length is not None:  # keep_end: the prompt's start goes first, one prompt token stays
+        prompt_ids = _keep(prompt_ids, max(1, cfg.max_length - max(len(chosen_ids), len(rejected_ids))), end=True)
+    if cfg.max_length is not None:
+        room, end = cfg.max_length - len(prompt_ids), cfg.truncation_mode == "keep_end"
+        chosen_ids, rejected_ids = _keep(chosen_ids, room, end), _keep(rejected_ids, room, end)
     if (len(prompt_ids), len(chosen_ids), len(rejected_ids)) != before:
         stats["truncated"] += 1
     return TokenizedPair(prompt_ids, chosen_ids, rejected_ids)
@@ -134,10 +138,14 @@ def tokenize_pairs(records: list, tokenizer, cfg: DPOConfig) -> Tuple[List[Token
 
     ``records`` are :class:`Row` s or plain dicts in any supported format.
 
-    - the prompt is cut to ``max_prompt_length`` (``keep_end`` keeps its end, ``keep_start`` its start);
-    - completions are cut to ``max_completion_length`` (keeping their start);
-    - then completions are cut so ``prompt + completion <= max_length``; a pair left
-      with no completion token (a prompt longer than ``max_length``) is dropped.
+    - (our extras, off by default) the prompt is cut to ``max_prompt_length`` keeping its
+      end, completions to ``max_completion_length`` keeping their start;
+    - then ``truncation_mode`` cuts each joined ``prompt + completion`` to ``max_length``
+      (TRL 1.16's collator): ``keep_start`` (default) keeps its start, so completions lose
+      their end and a pair whose prompt alone fills ``max_length`` is dropped;
+      ``keep_end`` keeps its end: the prompt loses its start so the longer completion
+      fits (both completions share the prompt, so the shorter one loses the same prompt
+      tokens), keeping at least one prompt token (then completions keep their end).
 
     A pair whose prompt has 0 tokens after encoding and truncation (``""``, or an
     implicit pair that differs from the first character, with a tokenizer that adds
