@@ -76,7 +76,10 @@ def test_example_files_load(tok, tmp_path, name):
     assert len(train) == 9 and len(evals) == 3
     for pair in train + evals:
         assert pair.prompt and pair.chosen and pair.rejected
-        assert pair.chosen[-1] == tok.eos_token_id and pair.rejected[-1] == tok.eos_token_id
+        if "conversational" in name:  # the template ends the turn; no EOS added (TRL 1.16)
+            assert text(tok, pair.chosen).endswith("<|im_end|>\n") and text(tok, pair.rejected).endswith("<|im_end|>\n")
+        else:
+            assert pair.chosen[-1] == tok.eos_token_id and pair.rejected[-1] == tok.eos_token_id
         assert pair.chosen != pair.rejected
     assert lines[0].startswith("train: 9 pairs (0 truncated")
 
@@ -87,7 +90,7 @@ def test_example_prompts_and_completions(bpe_tok, tmp_path):
     assert text(bpe_tok, first.chosen) == " blue on a clear day.</s>"
     (first, *_), _, _ = load(bpe_tok, tmp_path, data=str(EXAMPLES / "implicit_conversational.jsonl"))
     assert text(bpe_tok, first.prompt) == "<|im_start|>user\nWhat color is the sky on a clear day?<|im_end|>\n<|im_start|>assistant\n"
-    assert text(bpe_tok, first.chosen) == "The sky is blue on a clear day.<|im_end|>\n</s>"
+    assert text(bpe_tok, first.chosen) == "The sky is blue on a clear day.<|im_end|>\n"
 
 
 # ---------------------------------------------------------------------------
@@ -117,8 +120,8 @@ def test_conversational_rendering_by_hand(tok, tmp_path):
     chosen = "It is blue.<|im_end|>\n"
     prompt_ids = tok.encode(prompt, add_special_tokens=False)  # the template has no BOS: none added
     assert pair.prompt == prompt_ids
-    assert pair.chosen == tok.encode(prompt + chosen, add_special_tokens=False)[len(prompt_ids):] + [tok.eos_token_id]
-    assert tok.decode(pair.prompt + pair.chosen) == tok.decode(tok.encode(prompt + chosen + "</s>", add_special_tokens=False))
+    # the template ends the turn; no EOS is appended (TRL 1.16)
+    assert pair.chosen == tok.encode(prompt + chosen, add_special_tokens=False)[len(prompt_ids):]
 
 
 def _custom_template_tokenizer(llama_dir, tmp_path, template):
@@ -254,16 +257,18 @@ def test_data_format_choices_are_the_registry(bpe_tok, tmp_path, monkeypatch):
     ],
 )
 def test_prompt_boundary(tok, prompt, chosen, rejected):
+    """As TRL 1.16: each joined sequence is the encoding of the whole text (+ EOS); the prompt is
+    the tokens it shares with both, so a token merged across the join goes to the completions."""
     [pair], _ = tokenize_pairs([{"prompt": prompt, "chosen": chosen, "rejected": rejected}], tok, DPOConfig())
     prompt_ids = tok.encode(prompt)
-    assert pair.prompt == prompt_ids  # shared by chosen and rejected
+    assert pair.prompt == prompt_ids[: len(pair.prompt)]
+    merges = False
     for completion, ids in ((chosen, pair.chosen), (rejected, pair.rejected)):
-        assert ids[-1] == tok.eos_token_id
         full = tok.encode(prompt + completion)
-        if full[: len(prompt_ids)] == prompt_ids:
-            assert ids[:-1] == full[len(prompt_ids):]
-        # either way the pair decodes to exactly the original text
-        assert tok.decode(pair.prompt + ids[:-1]) == tok.decode(full)
+        assert pair.prompt + ids == full + [tok.eos_token_id]
+        merges |= full[: len(prompt_ids)] != prompt_ids
+    assert len(pair.prompt) == len(prompt_ids) - merges  # a merge takes the prompt's last token
+    assert merges == (prompt == "Answer: ")
 
 
 def _joined(tok, record):

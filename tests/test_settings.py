@@ -5,6 +5,7 @@ import pytest
 from mlx_dpo import DPOConfig, DPOTrainer
 from mlx_dpo.config import ConfigError, resolve_config
 from mlx_dpo.data import DataError
+from mlx_dpo.preflight import warn_unused_settings
 from mlx_dpo.toy import write_jsonl
 
 
@@ -54,10 +55,14 @@ def test_every_pair_dropped_names_the_length_settings(llama_dir, toy_data_dir, t
 
 def test_warnings_for_settings_that_do_nothing(llama_dir, toy_data_dir, tmp_path):
     lines = []
-    DPOTrainer(cfg_for(llama_dir, toy_data_dir / "train.jsonl", tmp_path, eval_steps=5, warmup_steps=2),
-               log=lines.append)
+    DPOTrainer(cfg_for(llama_dir, toy_data_dir / "train.jsonl", tmp_path, eval_steps=5, warmup_steps=2,
+                       truncation_mode="keep_end"), log=lines.append)
     assert any("eval_strategy is 'steps' but there is no eval data" in line for line in lines)
     assert any("warmup (2 steps) is not shorter than the run (2 steps)" in line for line in lines)
+    assert any("note: truncation_mode keep_end cuts the prompt's start" in line for line in lines)
+    quiet = []
+    warn_unused_settings(DPOConfig(), True, True, 10, 0, quiet.append)
+    assert quiet == []
 
 
 def test_resume_with_max_steps_below_the_checkpoint(llama_dir, toy_data_dir, tmp_path):
