@@ -38,6 +38,12 @@ TOKENIZE_ONLY = [
      "rejected": [{"role": "assistant", "content": "Green."}]},
     {"prompt": "Answer: ", "chosen": "blue.", "rejected": "red."},
 ]
+# Truncation (TRL's dataset filter + collator at max_length TRUNCATE_AT): a long prompt, a long completion.
+TRUNCATE = PAIRS + [
+    {"prompt": "Repeat: " + "cat dog " * 8 + "Answer:", "chosen": " cat dog.", "rejected": " sun."},
+    {"prompt": "Say:", "chosen": " cat dog sun" * 2, "rejected": " no."},
+]
+TRUNCATE_AT = 14
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA, STEPS, SEED = 4, 8.0, 10, 0
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
@@ -278,6 +284,40 @@ def trl_tokenize(model_dir: Path, work: Path) -> list:
     return out
 
 
+def trl_truncate(model_dir: Path, work: Path, mode: str) -> list:
+    """Per kept pair, TRL's truncated ``[prompt + chosen, prompt + rejected]`` and their completion masks."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    args = DPOConfig(output_dir=str(work / "trunc"), report_to=[], use_cpu=True, max_length=TRUNCATE_AT,
+                     truncation_mode=mode)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(TRUNCATE),
+                         processing_class=AutoTokenizer.from_pretrained(model_dir))
+    out = []
+    for row in trainer.train_dataset:
+        batch = trainer.data_collator([{k: row[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}])
+        keep = batch["attention_mask"].bool()
+        out.append({"ids": [batch["input_ids"][i][keep[i]].tolist() for i in (0, 1)],
+                    "completion_mask": [batch["completion_mask"][i][keep[i]].tolist() for i in (0, 1)]})
+    return out
+
+
+def mlx_truncate(model_dir: Path, mode: str) -> list:
+    """:func:`trl_truncate`'s rows from mlx-dpo's tokenized pairs."""
+    from mlx_lm.utils import load_tokenizer
+
+    from mlx_dpo import DPOConfig
+    from mlx_dpo.data import tokenize_pairs
+
+    cfg = DPOConfig(max_length=TRUNCATE_AT, truncation_mode=mode)
+    pairs, _ = tokenize_pairs([dict(r) for r in TRUNCATE], load_tokenizer(model_dir), cfg)
+    return [{"ids": [p.prompt + p.chosen, p.prompt + p.rejected],
+             "completion_mask": [[0] * len(p.prompt) + [1] * len(c) for c in (p.chosen, p.rejected)]} for p in pairs]
+
+
 # --------------------------------------------------------------------------- comparing
 
 
@@ -302,16 +342,20 @@ def rel_diffs(ours: list, theirs: list) -> dict:
 
 
 def record(path: Path, names=None) -> None:
-    """Run TRL on every case (or ``names``, updating an existing fixture) and write the fixture."""
+    """Run TRL on every case (or ``names``, updating an existing fixture; ``tokenize`` alone redoes
+    only the tokenization and truncation records) and write the fixture."""
     import trl
 
     fixture = json.loads(path.read_text()) if names and path.exists() else {"cases": {}}
+    names = [n for n in names or CASES if n != "tokenize"]  # "tokenize": only the tokenization records
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_dir = build_model(work / "model")
         fixture.update(trl_version=trl.__version__, steps=STEPS, tokenizer_json_sha256=_sha(model_dir / "tokenizer.json"),
-                       tokenize={"records": TOKENIZE_ONLY, "trl": trl_tokenize(model_dir, work)})
-        for name in names or CASES:
+                       tokenize={"records": TOKENIZE_ONLY, "trl": trl_tokenize(model_dir, work)},
+                       truncate={mode: trl_truncate(model_dir, work, mode) for mode in ("keep_start", "keep_end")})
+        _write_fixture(path, fixture)
+        for name in names:
             print(f"TRL: {name}", file=sys.stderr)
             fixture["cases"][name] = run_trl(name, model_dir, work)
             _write_fixture(path, fixture)  # after every case: a crash keeps the others

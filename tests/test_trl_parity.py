@@ -46,6 +46,19 @@ def test_tokenization_matches_trl(parity_model):
     assert tp.mlx_tokenize(parity_model, records) == theirs
 
 
+def test_truncation_matches_trl(parity_model):
+    """keep_start: TRL's dataset filter and collator, token for token. keep_end: the longer
+    sequence of each pair is TRL's; the shorter shares its prompt, so it is the end of TRL's."""
+    assert tp.mlx_truncate(parity_model, "keep_start") == FIXTURE["truncate"]["keep_start"]
+    ours, theirs = tp.mlx_truncate(parity_model, "keep_end"), FIXTURE["truncate"]["keep_end"]
+    assert len(ours) == len(theirs) == len(tp.TRUNCATE)  # keep_end drops nothing
+    for a, b in zip(ours, theirs):
+        longer = int(len(a["ids"][1]) > len(a["ids"][0]))
+        assert a["ids"][longer] == b["ids"][longer] and a["completion_mask"][longer] == b["completion_mask"][longer]
+        n = len(a["ids"][1 - longer])
+        assert a["ids"][1 - longer] == b["ids"][1 - longer][-n:]
+
+
 @pytest.mark.parametrize("name", [n for n in tp.CASES if n not in tp.EXPECTED_DIFFERENCES])
 def test_per_step_metrics_match_trl(parity_model, tmp_path, name):
     diffs = tp.rel_diffs(tp.run_mlx(name, parity_model, tmp_path), FIXTURE["cases"][name])
