@@ -47,9 +47,11 @@ def test_eval_split_that_leaves_no_training_data(llama_dir, tmp_path):
         DPOTrainer(cfg_for(llama_dir, path, tmp_path, eval_split=0.9, batch_size=1), log=lambda *a: None)
 
 
-def test_every_pair_dropped_names_the_length_settings(llama_dir, toy_data_dir, tmp_path):
-    with pytest.raises(DataError, match="raise max_length above max_prompt_length"):
-        DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path, max_length=4, max_prompt_length=8),
+@pytest.mark.parametrize("prompt_length,fix", [(8, "raise max_length above max_prompt_length"),
+                                                (None, "set max_prompt_length below it, or truncation_mode: keep_end")])
+def test_every_pair_dropped_names_the_length_settings(llama_dir, toy_data_dir, tmp_path, prompt_length, fix):
+    with pytest.raises(DataError, match=f"every prompt fills max_length .4.*{fix}"):
+        DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path, max_length=4, max_prompt_length=prompt_length),
                    log=lambda *a: None)
 
 
