@@ -147,12 +147,15 @@ class DPOConfig:
                                           "none.", "data")
     tools: Optional[list] = option(None, "Tool definitions passed to the chat template (conversational data).",
                                    "data")
-    max_length: Optional[int] = option(1024, "Maximum prompt + completion tokens; completions are cut to fit.",
-                                       "data", keys=("card",))
-    max_prompt_length: Optional[int] = option(512, "Maximum prompt tokens (cut as truncation_mode says).", "data",
-                                              keys=("card",))
-    max_completion_length: Optional[int] = option(None, "Maximum completion tokens (their start is kept).", "data")
-    truncation_mode: str = option("keep_end", "Which end of a long prompt to keep: keep_end or keep_start.", "data")
+    max_length: Optional[int] = option(1024, "Maximum prompt + completion tokens; each joined sequence is cut "
+                                       "to it as truncation_mode says (TRL 1.16).", "data", keys=("card",))
+    max_prompt_length: Optional[int] = option(None, "Maximum prompt tokens, their end is kept (not in TRL 1.16; "
+                                              "applied before max_length).", "data", keys=("card",))
+    max_completion_length: Optional[int] = option(None, "Maximum completion tokens, their start is kept (not in "
+                                                  "TRL 1.16).", "data")
+    truncation_mode: str = option("keep_start", "Which end of a joined prompt + completion longer than "
+                                  "max_length to keep: keep_start (drops pairs whose prompt fills max_length) or "
+                                  "keep_end (cuts the prompt's start).", "data")
     cache_dir: Optional[str] = option(None, "Where tokenized datasets and precomputed reference log-probs are "
                                       "cached (default ~/.cache/mlx_dpo).", "run")
 

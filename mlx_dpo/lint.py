@@ -28,7 +28,7 @@ from typing import List, Optional
 from .config import DPOConfig
 from .data import Row, column_map, get_format, load_records, tokenize_pairs
 from .data.formats import map_columns
-from .data.tokenize import encode, encode_completion
+from .data.tokenize import encode, encode_pair
 
 MAX_EXAMPLES = 3
 BIAS_THRESHOLD = 0.7
@@ -73,8 +73,8 @@ def _encode_full(row: Row, example: dict, tokenizer, cfg: DPOConfig) -> dict:
     prompt_ids = encode(tokenizer, prompt, special)
     merged = [name for name, text in (("chosen", chosen), ("rejected", rejected))
               if encode(tokenizer, prompt + text, special)[: len(prompt_ids)] != prompt_ids]
-    return {"chosen": encode_completion(tokenizer, prompt, prompt_ids, chosen, special),
-            "rejected": encode_completion(tokenizer, prompt, prompt_ids, rejected, special), "merged": merged}
+    _, chosen_ids, rejected_ids = encode_pair(tokenizer, prompt, chosen, rejected, example["chat"])
+    return {"chosen": chosen_ids, "rejected": rejected_ids, "merged": merged}
 
 
 def _check_row(row: Row, tokenizer, cfg: DPOConfig, checks: dict, seen: dict) -> Optional[tuple]:

@@ -17,6 +17,9 @@ def warn_unused_settings(cfg: DPOConfig, has_eval: bool, use_reference: bool, to
                          log: Callable[[str], None]) -> None:
     for note in trl_notes(cfg):  # where we follow the paper rather than TRL
         log(f"note: {note}")
+    if cfg.truncation_mode == "keep_end" and cfg.max_length is not None:
+        log("note: truncation_mode keep_end cuts the prompt's start so the longer completion fits, the same "
+            "prompt tokens for chosen and rejected (TRL 1.16 cuts each sequence on its own, and deprecates keep_end)")
     if (cfg.eval_mode != "no" or cfg.eval_on_start) and not has_eval:
         log(f"warning: eval_strategy is {cfg.eval_mode!r} but there is no eval data (set eval_data, "
             "eval_dataset_split or eval_split); nothing will be evaluated")

@@ -159,7 +159,7 @@ def test_every_data_option_changes_the_tokenized_cache_key(key, tmp_path):
         def get_vocab(self):
             return {"a": 0}
 
-    changed = {"max_prompt_length": 7, "truncation_mode": "keep_start", "prompt_template": "Q: {prompt}",
+    changed = {"max_prompt_length": 7, "truncation_mode": "keep_end", "prompt_template": "Q: {prompt}",
                "columns": {"prompt": "q"}, "seed": 1, "max_completion_length": 3, "eval_split": 0.5}[key]
     a = data.cache_key(plan, DPOConfig(), Tok())
     b = data.cache_key(plan, DPOConfig(**{key: changed}), Tok())

@@ -76,7 +76,10 @@ def test_example_files_load(tok, tmp_path, name):
     assert len(train) == 9 and len(evals) == 3
     for pair in train + evals:
         assert pair.prompt and pair.chosen and pair.rejected
-        assert pair.chosen[-1] == tok.eos_token_id and pair.rejected[-1] == tok.eos_token_id
+        if "conversational" in name:  # the template ends the turn; no EOS added (TRL 1.16)
+            assert text(tok, pair.chosen).endswith("<|im_end|>\n") and text(tok, pair.rejected).endswith("<|im_end|>\n")
+        else:
+            assert pair.chosen[-1] == tok.eos_token_id and pair.rejected[-1] == tok.eos_token_id
         assert pair.chosen != pair.rejected
     assert lines[0].startswith("train: 9 pairs (0 truncated")
 
@@ -87,7 +90,7 @@ def test_example_prompts_and_completions(bpe_tok, tmp_path):
     assert text(bpe_tok, first.chosen) == " blue on a clear day.</s>"
     (first, *_), _, _ = load(bpe_tok, tmp_path, data=str(EXAMPLES / "implicit_conversational.jsonl"))
     assert text(bpe_tok, first.prompt) == "<|im_start|>user\nWhat color is the sky on a clear day?<|im_end|>\n<|im_start|>assistant\n"
-    assert text(bpe_tok, first.chosen) == "The sky is blue on a clear day.<|im_end|>\n</s>"
+    assert text(bpe_tok, first.chosen) == "The sky is blue on a clear day.<|im_end|>\n"
 
 
 # ---------------------------------------------------------------------------
@@ -117,8 +120,8 @@ def test_conversational_rendering_by_hand(tok, tmp_path):
     chosen = "It is blue.<|im_end|>\n"
     prompt_ids = tok.encode(prompt, add_special_tokens=False)  # the template has no BOS: none added
     assert pair.prompt == prompt_ids
-    assert pair.chosen == tok.encode(prompt + chosen, add_special_tokens=False)[len(prompt_ids):] + [tok.eos_token_id]
-    assert tok.decode(pair.prompt + pair.chosen) == tok.decode(tok.encode(prompt + chosen + "</s>", add_special_tokens=False))
+    # the template ends the turn; no EOS is appended (TRL 1.16)
+    assert pair.chosen == tok.encode(prompt + chosen, add_special_tokens=False)[len(prompt_ids):]
 
 
 def _custom_template_tokenizer(llama_dir, tmp_path, template):
@@ -254,33 +257,57 @@ def test_data_format_choices_are_the_registry(bpe_tok, tmp_path, monkeypatch):
     ],
 )
 def test_prompt_boundary(tok, prompt, chosen, rejected):
+    """As TRL 1.16: each joined sequence is the encoding of the whole text (+ EOS); the prompt is
+    the tokens it shares with both, so a token merged across the join goes to the completions."""
     [pair], _ = tokenize_pairs([{"prompt": prompt, "chosen": chosen, "rejected": rejected}], tok, DPOConfig())
     prompt_ids = tok.encode(prompt)
-    assert pair.prompt == prompt_ids  # shared by chosen and rejected
+    assert pair.prompt == prompt_ids[: len(pair.prompt)]
+    merges = False
     for completion, ids in ((chosen, pair.chosen), (rejected, pair.rejected)):
-        assert ids[-1] == tok.eos_token_id
         full = tok.encode(prompt + completion)
-        if full[: len(prompt_ids)] == prompt_ids:
-            assert ids[:-1] == full[len(prompt_ids):]
-        # either way the pair decodes to exactly the original text
-        assert tok.decode(pair.prompt + ids[:-1]) == tok.decode(full)
+        assert pair.prompt + ids == full + [tok.eos_token_id]
+        merges |= full[: len(prompt_ids)] != prompt_ids
+    assert len(pair.prompt) == len(prompt_ids) - merges  # a merge takes the prompt's last token
+    assert merges == (prompt == "Answer: ")
+
+
+def _joined(tok, record):
+    """TRL 1.16's untruncated rows: encode(prompt), encode(prompt + completion) + EOS (no boundary merge here)."""
+    prompt = tok.encode(record["prompt"])
+    return prompt, [prompt + tok.encode(record["prompt"] + record[k])[len(prompt):] + [tok.eos_token_id]
+                    for k in ("chosen", "rejected")]
 
 
 def test_truncation_and_drop_counts(bpe_tok):
-    long_prompt = {"prompt": "Repeat: " + "cat dog " * 20, "chosen": " cat dog cat.", "rejected": " sun moon sky."}
-    records = [dict(PAIR), long_prompt, {"prompt": "p", "chosen": " same", "rejected": " same"}]
-    cfg = DPOConfig(max_prompt_length=10, max_length=12, max_completion_length=3)
+    """truncation_mode cuts each joined prompt + completion to max_length, as TRL 1.16's collator
+    (``ids[:max_length]`` / ``ids[-max_length:]``); max_prompt_length / max_completion_length come first."""
+    long_prompt = {"prompt": "Repeat: " + "cat dog " * 20, "chosen": " cat dog cat.", "rejected": " sun moon sky sun."}
+    long_answer = {"prompt": "Say:", "chosen": " cat" * 20, "rejected": " dog."}
+    records = [dict(PAIR), long_prompt, long_answer, {"prompt": "p", "chosen": " same", "rejected": " same"}]
+    prompt, (chosen, rejected) = _joined(bpe_tok, long_prompt)
+    assert len(prompt) > 12 and len(rejected) > len(chosen)
+
+    pairs, stats = tokenize_pairs(records, bpe_tok, DPOConfig(max_length=12))  # keep_start, the default
+    assert stats == dict(pairs=4, kept=2, truncated=1, dropped_too_long=1, dropped_identical=1, dropped_no_prompt=0)
+    p, (c, r) = _joined(bpe_tok, long_answer)
+    assert pairs[1].prompt + pairs[1].chosen == c[:12] and pairs[1].prompt + pairs[1].rejected == r[:12]
+
+    n = len(bpe_tok.encode(PAIR["prompt"]))  # TRL drops a pair whose prompt has >= max_length tokens
+    assert tokenize_pairs([PAIR], bpe_tok, DPOConfig(max_length=n))[1]["dropped_too_long"] == 1
+    [pair], _ = tokenize_pairs([PAIR], bpe_tok, DPOConfig(max_length=n + 1))
+    assert len(pair.chosen) == len(pair.rejected) == 1
+
+    pairs, stats = tokenize_pairs(records, bpe_tok, DPOConfig(max_length=12, truncation_mode="keep_end"))
+    assert stats["kept"] == 3 and stats["truncated"] == 2 and stats["dropped_too_long"] == 0
+    pair = pairs[1]  # the longer (rejected) sequence is TRL's; chosen shares its prompt
+    assert pair.prompt + pair.rejected == rejected[-12:] and pair.chosen == chosen[len(prompt):]
+    pair = pairs[2]  # a completion longer than max_length - 1: one prompt token stays, completions keep their end
+    assert pair.prompt == p[-1:] and pair.chosen == c[-11:] and pair.rejected == r[len(p):]
+
+    cfg = DPOConfig(max_prompt_length=10, max_length=12, max_completion_length=3)  # our extras first
     pairs, stats = tokenize_pairs(records, bpe_tok, cfg)
-    assert stats == dict(pairs=3, kept=2, truncated=2, dropped_too_long=0, dropped_identical=1, dropped_no_prompt=0)
-    full = bpe_tok.encode(long_prompt["prompt"])
-    assert pairs[1].prompt == full[-10:]  # keep_end
-    assert all(len(p.chosen) <= 3 and len(p.prompt) + len(p.chosen) <= 12 for p in pairs)
-    cfg = DPOConfig(max_prompt_length=10, max_length=12, truncation_mode="keep_start")
-    pairs, _ = tokenize_pairs(records, bpe_tok, cfg)
-    assert pairs[1].prompt == full[:10]
-    cfg = DPOConfig(max_prompt_length=None, max_length=12)
-    pairs, stats = tokenize_pairs(records, bpe_tok, cfg)
-    assert stats["dropped_too_long"] == 1 and stats["kept"] == 1
+    assert stats["kept"] == 3 and stats["truncated"] == 3
+    assert pairs[1].prompt == prompt[-10:] and pairs[1].chosen == chosen[len(prompt):][:2]  # 3, then 12 - 10
 
 
 def test_counts_are_logged(bpe_tok, tmp_path):

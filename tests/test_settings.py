@@ -5,6 +5,7 @@ import pytest
 from mlx_dpo import DPOConfig, DPOTrainer
 from mlx_dpo.config import ConfigError, resolve_config
 from mlx_dpo.data import DataError
+from mlx_dpo.preflight import warn_unused_settings
 from mlx_dpo.toy import write_jsonl
 
 
@@ -46,18 +47,24 @@ def test_eval_split_that_leaves_no_training_data(llama_dir, tmp_path):
         DPOTrainer(cfg_for(llama_dir, path, tmp_path, eval_split=0.9, batch_size=1), log=lambda *a: None)
 
 
-def test_every_pair_dropped_names_the_length_settings(llama_dir, toy_data_dir, tmp_path):
-    with pytest.raises(DataError, match="raise max_length above max_prompt_length"):
-        DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path, max_length=4, max_prompt_length=8),
+@pytest.mark.parametrize("prompt_length,fix", [(8, "raise max_length above max_prompt_length"),
+                                                (None, "set max_prompt_length below it, or truncation_mode: keep_end")])
+def test_every_pair_dropped_names_the_length_settings(llama_dir, toy_data_dir, tmp_path, prompt_length, fix):
+    with pytest.raises(DataError, match=f"every prompt fills max_length .4.*{fix}"):
+        DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path, max_length=4, max_prompt_length=prompt_length),
                    log=lambda *a: None)
 
 
 def test_warnings_for_settings_that_do_nothing(llama_dir, toy_data_dir, tmp_path):
     lines = []
-    DPOTrainer(cfg_for(llama_dir, toy_data_dir / "train.jsonl", tmp_path, eval_steps=5, warmup_steps=2),
-               log=lines.append)
+    DPOTrainer(cfg_for(llama_dir, toy_data_dir / "train.jsonl", tmp_path, eval_steps=5, warmup_steps=2,
+                       truncation_mode="keep_end"), log=lines.append)
     assert any("eval_strategy is 'steps' but there is no eval data" in line for line in lines)
     assert any("warmup (2 steps) is not shorter than the run (2 steps)" in line for line in lines)
+    assert any("note: truncation_mode keep_end cuts the prompt's start" in line for line in lines)
+    quiet = []
+    warn_unused_settings(DPOConfig(), True, True, 10, 0, quiet.append)
+    assert quiet == []
 
 
 def test_resume_with_max_steps_below_the_checkpoint(llama_dir, toy_data_dir, tmp_path):

@@ -136,8 +136,9 @@ def load_datasets(cfg: DPOConfig, tokenizer, log=print) -> Tuple[List[TokenizedP
 def _why_none(stats: Optional[dict], cfg: DPOConfig) -> str:
     """The setting to change when every pair was dropped."""
     if stats and stats["pairs"] and stats["dropped_too_long"] == stats["pairs"]:
-        return (f": every prompt fills max_length ({cfg.max_length}) after truncation to max_prompt_length "
-                f"({cfg.max_prompt_length}); raise max_length above max_prompt_length or lower max_prompt_length")
+        fix = ("raise max_length above max_prompt_length or lower max_prompt_length" if cfg.max_prompt_length
+               else "raise max_length, set max_prompt_length below it, or truncation_mode: keep_end")
+        return f": every prompt fills max_length ({cfg.max_length}) (truncation_mode: keep_start); {fix}"
     if stats and stats["pairs"] and stats["dropped_identical"] == stats["pairs"]:
         return ": every pair has chosen == rejected"
     return ""

@@ -20,7 +20,8 @@ from ..config import DPOConfig, config_keys
 from .base import TokenizedPair
 from .tokenize import eos_ids
 
-CACHE_VERSION = 3  # 2: pairs with a 0-token prompt are dropped; 3: key from config roles
+CACHE_VERSION = 4  # 2: pairs with a 0-token prompt are dropped; 3: key from config roles;
+# 4: TRL 1.16's truncation_mode and tokenization at the join
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer.model",

@@ -1,20 +1,17 @@
-"""Tokenizing pairs: prompt / completion boundaries, EOS and truncation.
+"""Tokenizing pairs: prompt / completion boundaries, EOS and truncation, as TRL 1.16.
 
-The prompt is encoded alone (string prompts with the tokenizer's special tokens
-such as BOS; chat-rendered text without, since the template carries its own) and
-``prompt + completion`` is encoded whole; the completion's tokens are the tokens
-after the prompt's. Where the tokenizer merges characters across the boundary
-(``"Answer: " + "blue"`` encodes as ``Answer: | blue`` rather than
-``Answer: |  | blue``), the whole-text encoding no longer starts with the prompt's
-tokens; the completion is then encoded *as a continuation*: ``encode("\\n" +
-completion)`` minus the tokens of ``"\\n"``. That avoids the leading-space marker
-SentencePiece adds to text encoded on its own, so ``decode(prompt + completion)``
-is still the original text, and chosen and rejected always share exactly the same
-prompt tokens. EOS is appended to a completion unless it already ends with an EOS
-token (possibly followed by whitespace, as chat templates end a turn with
-``<eos>\\n``).
+The prompt and each ``prompt + completion`` are encoded whole: string data with the
+tokenizer's special tokens (``tokenizer(text)``: BOS where the tokenizer adds one),
+chat-rendered text without (the template carries its own). A completion's tokens are
+those after the prompt's; where the tokenizer merges characters across the join
+(``"Answer: " + "blue"`` encodes as ``Answer: | blue``, not ``Answer: |  | blue``) the
+prompt is cut to the tokens it shares with both ``prompt + chosen`` and ``prompt +
+rejected`` (TRL's ``common_prefix_length``), so the merged token belongs to the
+completions and chosen and rejected share the same prompt tokens. EOS is appended to a
+string completion unless it already ends with an EOS token (possibly followed by
+whitespace); a chat completion ends as the template ends the turn (no EOS added), as TRL.
 
-Truncation follows TRL (see :func:`tokenize_pairs`); counts of truncated and
+Truncation follows TRL 1.16 (see :func:`tokenize_pairs`); counts of truncated and
 dropped pairs are returned as stats.
 """
 
@@ -33,15 +30,6 @@ def encode(tokenizer, text: str, special: bool) -> List[int]:
     return list(tokenizer.encode(text, add_special_tokens=special))
 
 
-def encode_continuation(tokenizer, text: str) -> List[int]:
-    """Tokens of ``text`` as it would continue other text (no SentencePiece leading-space marker)."""
-    anchor = encode(tokenizer, "\n", False)
-    ids = encode(tokenizer, "\n" + text, False)
-    if ids[: len(anchor)] == anchor and len(ids) > len(anchor):
-        return ids[len(anchor):]
-    return encode(tokenizer, text, False)
-
-
 def eos_ids(tokenizer) -> set:
     """Every EOS token id of the tokenizer."""
     ids = set(getattr(tokenizer, "eos_token_ids", None) or [])
@@ -58,22 +46,30 @@ def _ends_with_eos(tokenizer, ids: List[int], eos: set) -> bool:
     return j > 0 and ids[j - 1] in eos
 
 
-def encode_completion(tokenizer, prompt: str, prompt_ids: List[int], completion: str, special: bool) -> List[int]:
-    """The tokens of ``completion`` after ``prompt`` (see the module docstring), ending with EOS."""
-    full = encode(tokenizer, prompt + completion, special)
-    if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
-        ids = full[len(prompt_ids):]
-    else:  # merged across the boundary: see the module docstring
-        ids = encode_continuation(tokenizer, completion)
-    if tokenizer.eos_token_id is not None and not _ends_with_eos(tokenizer, ids, eos_ids(tokenizer)):
-        ids = ids + [tokenizer.eos_token_id]
-    return ids
+def common_prefix_length(a: List[int], b: List[int]) -> int:
+    """Number of leading tokens ``a`` and ``b`` share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
-def _truncate(ids: List[int], n: Optional[int], mode: str) -> List[int]:
+def encode_pair(tokenizer, prompt: str, chosen: str, rejected: str, chat: bool):
+    """``(prompt_ids, chosen_ids, rejected_ids)`` of rendered text (see the module docstring)."""
+    prompt_ids = encode(tokenizer, prompt, not chat)
+    full = [encode(tokenizer, prompt + text, not chat) for text in (chosen, rejected)]
+    if not chat and tokenizer.eos_token_id is not None:
+        full = [ids if _ends_with_eos(tokenizer, ids, eos_ids(tokenizer)) else ids + [tokenizer.eos_token_id]
+                for ids in full]
+    n = min(common_prefix_length(prompt_ids, ids) for ids in full)
+    return prompt_ids[:n], full[0][n:], full[1][n:]
+
+
+def _keep(ids: List[int], n: Optional[int], end: bool) -> List[int]:
+    """``ids`` cut to ``n`` tokens, keeping their end or their start."""
     if n is None or len(ids) <= n:
         return ids
-    return ids[-n:] if mode == "keep_end" else ids[:n]
+    return ids[len(ids) - n:] if end else ids[:n]
 
 
 def _new_stats(n: int) -> dict:
@@ -101,29 +97,27 @@ def _validate(rows: List[Row], cfg: DPOConfig, stats: dict) -> List[Tuple[Row, d
 
 
 def _encode_example(row: Row, example: dict, tokenizer, cfg: DPOConfig) -> Tuple[List[int], List[int], List[int]]:
-    prompt, chosen, rejected = get_format(row.format).render(example, tokenizer, cfg, row.where)
-    special = not example["chat"]
-    prompt_ids = encode(tokenizer, prompt, special)
-    chosen_ids = encode_completion(tokenizer, prompt, prompt_ids, chosen, special)
-    rejected_ids = encode_completion(tokenizer, prompt, prompt_ids, rejected, special)
-    return prompt_ids, chosen_ids, rejected_ids
+    return encode_pair(tokenizer, *get_format(row.format).render(example, tokenizer, cfg, row.where), example["chat"])
 
 
 def _truncate_pair(prompt_ids, chosen_ids, rejected_ids, cfg: DPOConfig, stats: dict) -> Optional[TokenizedPair]:
     """The truncated pair, or ``None`` (counted in ``stats``) when it is dropped."""
     before = (len(prompt_ids), len(chosen_ids), len(rejected_ids))
-    prompt_ids = _truncate(prompt_ids, cfg.max_prompt_length, cfg.truncation_mode)
+    prompt_ids = _keep(prompt_ids, cfg.max_prompt_length, end=True)
     if not prompt_ids:  # nothing to score the first completion token from
         stats["dropped_no_prompt"] += 1
         return None
-    chosen_ids = _truncate(chosen_ids, cfg.max_completion_length, "keep_start")
-    rejected_ids = _truncate(rejected_ids, cfg.max_completion_length, "keep_start")
-    if cfg.max_length is not None:
-        room = cfg.max_length - len(prompt_ids)
-        if room < 1:
+    chosen_ids = _keep(chosen_ids, cfg.max_completion_length, end=False)
+    rejected_ids = _keep(rejected_ids, cfg.max_completion_length, end=False)
+    if cfg.max_length is not None and cfg.truncation_mode == "keep_start":
+        if len(prompt_ids) >= cfg.max_length:  # no completion token would be left
             stats["dropped_too_long"] += 1
             return None
-        chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
+    elif cfg.max_length is not None:  # keep_end: the prompt's start goes first, one prompt token stays
+        prompt_ids = _keep(prompt_ids, max(1, cfg.max_length - max(len(chosen_ids), len(rejected_ids))), end=True)
+    if cfg.max_length is not None:
+        room, end = cfg.max_length - len(prompt_ids), cfg.truncation_mode == "keep_end"
+        chosen_ids, rejected_ids = _keep(chosen_ids, room, end), _keep(rejected_ids, room, end)
     if (len(prompt_ids), len(chosen_ids), len(rejected_ids)) != before:
         stats["truncated"] += 1
     return TokenizedPair(prompt_ids, chosen_ids, rejected_ids)
@@ -134,10 +128,14 @@ def tokenize_pairs(records: list, tokenizer, cfg: DPOConfig) -> Tuple[List[Token
 
     ``records`` are :class:`Row` s or plain dicts in any supported format.
 
-    - the prompt is cut to ``max_prompt_length`` (``keep_end`` keeps its end, ``keep_start`` its start);
-    - completions are cut to ``max_completion_length`` (keeping their start);
-    - then completions are cut so ``prompt + completion <= max_length``; a pair left
-      with no completion token (a prompt longer than ``max_length``) is dropped.
+    - (our extras, off by default) the prompt is cut to ``max_prompt_length`` keeping its
+      end, completions to ``max_completion_length`` keeping their start;
+    - then ``truncation_mode`` cuts each joined ``prompt + completion`` to ``max_length``
+      (TRL 1.16's collator): ``keep_start`` (default) keeps its start, so completions lose
+      their end and a pair whose prompt alone fills ``max_length`` is dropped;
+      ``keep_end`` keeps its end: the prompt loses its start so the longer completion
+      fits (both completions share the prompt, so the shorter one loses the same prompt
+      tokens), keeping at least one prompt token (then completions keep their end).
 
     A pair whose prompt has 0 tokens after encoding and truncation (``""``, or an
     implicit pair that differs from the first character, with a tokenizer that adds

@@ -1,0 +1,91 @@
+"""mlx-dpo against recorded TRL 1.16 runs (tests/fixtures/trl_parity.json, written by
+``benchmarks/trl_parity.py record`` with trl==1.16.0; TRL is not needed here).
+
+Same tiny Llama, four pairs, initial LoRA, AdamW, linear schedule, 10 steps: per-step loss,
+rewards/*, logps/* and grad_norm within 2e-4 relative of TRL's (issue 16)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = json.loads((ROOT / "tests" / "fixtures" / "trl_parity.json").read_text())
+TOLERANCE = 2e-4
+
+
+def _harness():
+    spec = importlib.util.spec_from_file_location("trl_parity", ROOT / "benchmarks" / "trl_parity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tp = _harness()
+
+
+@pytest.fixture(scope="module")
+def parity_model(tmp_path_factory):
+    model_dir = tp.build_model(tmp_path_factory.mktemp("parity") / "model")
+    assert tp._sha(model_dir / "tokenizer.json") == FIXTURE["tokenizer_json_sha256"], "toy tokenizer changed"
+    return model_dir
+
+
+def test_fixture_is_from_trl_1_16():
+    assert FIXTURE["trl_version"] == "1.16.0" and FIXTURE["steps"] == tp.STEPS
+    assert set(FIXTURE["cases"]) == set(tp.CASES)
+
+
+def test_tokenization_matches_trl(parity_model):
+    """As TRL 1.16 tokenizes them: a string prompt gets the tokenizer's BOS (TRL calls
+    ``tokenizer(text)``), a chat pair only the template's tokens and no EOS after the turn,
+    and a token merged across the join ("Answer: " + "blue") goes to the completions."""
+    records, theirs = FIXTURE["tokenize"]["records"], FIXTURE["tokenize"]["trl"]
+    assert theirs[0]["prompt_ids"][0] == 1 and 1 not in theirs[1]["prompt_ids"]  # the toy tokenizer's BOS is 1
+    assert tp.mlx_tokenize(parity_model, records) == theirs
+
+
+def test_truncation_matches_trl(parity_model):
+    """keep_start: TRL's dataset filter and collator, token for token. keep_end: the longer
+    sequence of each pair is TRL's; the shorter shares its prompt, so it is the end of TRL's."""
+    assert tp.mlx_truncate(parity_model, "keep_start") == FIXTURE["truncate"]["keep_start"]
+    ours, theirs = tp.mlx_truncate(parity_model, "keep_end"), FIXTURE["truncate"]["keep_end"]
+    assert len(ours) == len(theirs) == len(tp.TRUNCATE)  # keep_end drops nothing
+    for a, b in zip(ours, theirs):
+        longer = int(len(a["ids"][1]) > len(a["ids"][0]))
+        assert a["ids"][longer] == b["ids"][longer] and a["completion_mask"][longer] == b["completion_mask"][longer]
+        n = len(a["ids"][1 - longer])
+        assert a["ids"][1 - longer] == b["ids"][1 - longer][-n:]
+
+
+@pytest.mark.parametrize("name", [n for n in tp.CASES if n not in tp.EXPECTED_DIFFERENCES])
+def test_per_step_metrics_match_trl(parity_model, tmp_path, name):
+    diffs = tp.rel_diffs(tp.run_mlx(name, parity_model, tmp_path), FIXTURE["cases"][name])
+    assert max(diffs.values()) <= TOLERANCE, diffs
+
+
+@pytest.mark.parametrize("name", sorted(tp.EXPECTED_DIFFERENCES))
+def test_documented_differences_differ(parity_model, tmp_path, name):
+    """bco_pair (delta kept), sigmoid + label_smoothing (cDPO kept), use_weighting (WPO weights
+    clamped at 1): the first step's forward pass is TRL's, the numbers are not."""
+    ours, theirs = tp.run_mlx(name, parity_model, tmp_path), FIXTURE["cases"][name]
+    first = tp.rel_diffs(ours[:1], theirs[:1])
+    assert first["logps/chosen"] <= TOLERANCE and first["logps/rejected"] <= TOLERANCE
+    assert max(tp.rel_diffs(ours, theirs).values()) > 2 * TOLERANCE
+
+
+def test_wpo_clamp_is_the_only_difference(parity_model, tmp_path, monkeypatch):
+    """Without the clamp (TRL 1.16's weights exp(mean aligned lp chosen + rejected)), use_weighting matches TRL."""
+    import mlx.core as mx
+
+    from mlx_dpo import losses
+
+    def unclamped(token_logps, wpo_adjust, mask):
+        per_seq = ((token_logps - wpo_adjust) * mask).sum(-1) / mx.maximum(mask.sum(-1), 1.0)
+        half = per_seq.shape[0] // 2
+        return mx.stop_gradient(mx.exp(per_seq[:half] + per_seq[half:]))
+
+    monkeypatch.setattr(losses, "wpo_weights", unclamped)
+    diffs = tp.rel_diffs(tp.run_mlx("sigmoid+use_weighting", parity_model, tmp_path), FIXTURE["cases"]["sigmoid+use_weighting"])
+    assert max(diffs.values()) <= TOLERANCE, diffs
