@@ -195,7 +195,7 @@ def gguf_tokenizer_fields(source: Path) -> dict:
 def source_gguf(model_dir: Path):
     """The GGUF file a model directory was converted from (its ``gguf_source.json``), if any."""
     info = _read_json(Path(model_dir) / "gguf_source.json")
-    path = info.get("path")
+    path = info.get("gguf_file")
     return Path(path) if path and Path(path).is_file() else None
 
 
