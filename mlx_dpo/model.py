@@ -30,7 +30,7 @@ MODEL_FILES = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tik
 
 
 def resolve_model_path(model: str, revision: Optional[str] = None) -> Path:
-    """A local directory, ``toy:<arch>`` (built locally), a Hub id downloaded with
+    """A local directory, ``toy:<arch>`` (built locally), ``demo:smollm2`` (:mod:`mlx_dpo.demo`), a Hub id downloaded with
     ``huggingface_hub`` into the normal HF cache, or a GGUF file: ``path/to/model.gguf`` or
     ``org/name/file.gguf`` on the Hub (just that file is fetched), converted once into an MLX
     model directory (:func:`mlx_dpo.gguf.gguf_model_dir`)."""
@@ -38,6 +38,10 @@ def resolve_model_path(model: str, revision: Optional[str] = None) -> Path:
         from .toy import resolve_toy_model
 
         return resolve_toy_model(model)
+    if model == "demo:smollm2":
+        from .demo import smollm2_gguf
+
+        return gguf_model_dir(smollm2_gguf())
     path = Path(model).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
         return gguf_model_dir(path)
