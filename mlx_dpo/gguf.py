@@ -147,7 +147,7 @@ def check_supported(path: Path, header: dict) -> str:
     return arch
 
 
-def hf_name(name: str, arch: str, path: Path = Path("?")) -> str:
+def hf_name(name: str, arch: str, path: Path) -> str:
     """mlx-lm's (Hugging Face) name of the GGUF tensor ``name``: ``blk.3.attn_q.scales`` ->
     ``model.layers.3.self_attn.q_proj.scales``."""
     stem, _, suffix = name.rpartition(".")

