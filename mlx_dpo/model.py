@@ -30,8 +30,8 @@ MODEL_FILES = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tik
 
 
 def resolve_model_path(model: str, revision: Optional[str] = None) -> Path:
-    """A local directory, ``toy:<arch>`` (built locally), ``demo:smollm2`` (:mod:`mlx_dpo.demo`), a Hub id downloaded with
-    ``huggingface_hub`` into the normal HF cache, or a GGUF file: ``path/to/model.gguf`` or
+    """A local directory, ``toy:<arch>`` (built locally), ``demo:smollm2`` (:mod:`mlx_dpo.demo`), a Hub
+    id downloaded with ``huggingface_hub`` into the normal HF cache, or a GGUF file: ``path/to/model.gguf`` or
     ``org/name/file.gguf`` on the Hub (just that file is fetched), converted once into an MLX
     model directory (:func:`mlx_dpo.gguf.gguf_model_dir`)."""
     if model.startswith("toy:"):

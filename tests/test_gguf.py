@@ -27,8 +27,8 @@ GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                r"|\s+(?!\S)|\s+")
 LLAMA_CPP_SPLITS = {"smollm": [r"\p{N}", GPT2_SPLIT], "qwen2": [QWEN2_SPLIT]}  # llama-vocab.cpp
-TEXTS = ["Hello world", "Call  911 now, or 12345!", "apple  banana\n\n  cherry 7", "Grüße, naïve café — ok? ünïcödé",
-         "<|im_start|>user\nred fox 42<|im_end|>\n", "  leading and trailing  "]
+TEXTS = ["Hello world", "Call  911 now, or 12345!", "apple  banana\n\n  cherry 7",
+         "Grüße, naïve café — ok? ünïcödé", "<|im_start|>user\nred fox 42<|im_end|>\n", "  leading and trailing  "]
 
 
 # --------------------------------------------------------------------------- independent oracles
@@ -36,7 +36,7 @@ TEXTS = ["Hello world", "Call  911 now, or 12345!", "apple  banana\n\n  cherry 7
 
 def bytes_to_unicode() -> dict:
     """GPT-2's byte -> printable character map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
@@ -51,7 +51,8 @@ def llama_cpp_encode(text: str, tokens: list, merges: list, specials: list, pre:
     (matches and the text between them kept), each piece byte-mapped and merged by rank."""
     import regex
 
-    ids, ranks, b2u = {t: i for i, t in enumerate(tokens)}, {tuple(m.split(" ")): i for i, m in enumerate(merges)}, bytes_to_unicode()
+    ids, b2u = {t: i for i, t in enumerate(tokens)}, bytes_to_unicode()
+    ranks = {tuple(m.split(" ")): i for i, m in enumerate(merges)}
     out = []
     for part in regex.split("(" + "|".join(regex.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")",
                             text):
@@ -172,9 +173,9 @@ def write_tiny_gguf(path: Path, arch: str, types: dict, pre: str, hidden=64, lay
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
-    """Llama: Q8_0 embedding, Q4_0 attention, Q8_0 MLP, F32 output head (untied), smollm split."""
+    """Llama: Q8_0 embedding, Q4_0 attention, Q8_0 MLP, BF16 output head (untied), smollm split."""
     return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf", "llama",
-                           {"embd": Q.Q8_0, "attn": Q.Q4_0, "ffn": Q.Q8_0, "output": Q.F32}, "smollm")
+                           {"embd": Q.Q8_0, "attn": Q.Q4_0, "ffn": Q.Q8_0, "output": Q.BF16}, "smollm")
 
 
 @pytest.fixture(scope="module")
@@ -321,7 +322,8 @@ def smollm2(tmp_path_factory):
     return smollm2_gguf(Path(os.environ.get("MLX_DPO_DEMO_DIR") or Path.home() / ".cache" / "mlx_dpo" / "demo"))
 
 
-PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain in one sentence why the sky is blue."]
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
+           "Explain in one sentence why the sky is blue."]
 
 
 def until_eos(tokens: list, tokenizer) -> list:
@@ -360,8 +362,7 @@ def test_smollm2_greedy_tokens_equal_transformers(smollm2, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_tokenizer_is_llama_cpps(smollm2):
-    import regex  # noqa: F401  (the oracle's)
-
+    """As the tiny test, on the real vocabulary: code, CJK, emoji, a system prompt and multi-turn chat."""
     _, tokenizer, _ = load_model(DPOConfig(model=str(smollm2)))
     meta = mx.load(str(smollm2), return_metadata=True)[1]
     tokens, merges = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.merges"]
