@@ -125,12 +125,21 @@ def load_peft(output: Path, base_path: Path):
 
 
 def load_gguf(output: Path, base_path: Path):
-    """The exported ``model.gguf`` loaded with transformers' own GGUF reader (de-quantized to float32)."""
-    _require("torch", "transformers", "gguf")
-    import torch
-    from transformers import AutoModelForCausalLM
+    """The exported ``model.gguf`` read back with mlx-dpo's GGUF loader (converted in a
+    temporary directory, loaded with mlx-lm, fully evaluated before the directory goes), in
+    float32 like the reference (float16 block scales would add their own rounding)."""
+    import tempfile
 
-    return AutoModelForCausalLM.from_pretrained(str(output), gguf_file="model.gguf", dtype=torch.float32).eval()
+    import mlx_lm
+
+    from .gguf import gguf_model_dir
+    from .model import cast_floats
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = mlx_lm.load(str(gguf_model_dir(Path(output) / "model.gguf", cache_dir=tmp)))[0]
+        cast_floats(model, mx.float32)
+        mx.eval(model.parameters())
+    return model
 
 
 def verify_export(output: Path, load: Callable, reference: dict, tokenizer, base_path: Path) -> Optional[dict]:

