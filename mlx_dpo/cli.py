@@ -126,7 +126,8 @@ def train(config_file, resume, overwrite, **kwargs):
     try:
         with _quiet_interrupts():
             cfg = resolve_config(config_file, **overrides)
-            result = DPOTrainer(cfg).train()
+            trainer = DPOTrainer(cfg)
+            result = trainer.train()
     except TrainingInterrupted as e:
         click.echo(str(e), err=True)
         sys.exit(e.exit_code)
@@ -139,7 +140,8 @@ def train(config_file, resume, overwrite, **kwargs):
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
     summary = {k: round(v, 4) for k, v in result.eval_metrics.items() if k in ("eval_loss", "eval_rewards/accuracies")}
-    click.echo(f"saved adapters to {result.output_dir} {summary if summary else ''}")
+    if trainer.main:  # data parallel: rank 0 speaks
+        click.echo(f"saved adapters to {result.output_dir} {summary if summary else ''}")
 
 
 @main.command()
