@@ -50,3 +50,7 @@ def toy_data_dir(tmp_path_factory):
     from mlx_dpo.toy import build_toy_dataset
 
     return build_toy_dataset(tmp_path_factory.mktemp("data") / "toy", n_train=256, n_valid=32)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~20 s (still runs in CI)")
