@@ -150,8 +150,10 @@ def train(config_file, resume, overwrite, **kwargs):
               help="Memory to plan for (default: 80% of this machine's).")
 @click.option("--steps", type=int, default=3, show_default=True, help="Timed steps per batch size.")
 @click.option("--json", "json_out", is_flag=True, help="Print the plan as JSON too.")
+@click.option("--ranks", type=int, default=None,
+              help="Data-parallel ranks to plan for (default: those mlx.launch started, else 1).")
 @config_options
-def plan(config_file, memory_budget_gb, steps, json_out, **kwargs):
+def plan(config_file, memory_budget_gb, steps, json_out, ranks, **kwargs):
     """Estimate peak memory and tokens/s of a run on this machine (a few timed
     steps on the longest pairs) and the largest batch that fits the budget."""
     import json
@@ -162,7 +164,7 @@ def plan(config_file, memory_budget_gb, steps, json_out, **kwargs):
 
     try:
         result = run_plan(resolve_config(config_file, **_overrides(kwargs)), memory_budget_gb, steps,
-                          log=click.echo)
+                          log=click.echo, ranks=ranks)
     except (ConfigError, DataError, FileNotFoundError) as e:
         _fail(e)
     if json_out:

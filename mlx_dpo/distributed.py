@@ -20,6 +20,7 @@ message naming the rank, instead of blocking forever.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -89,6 +90,27 @@ def local(x: mx.array, group=None) -> mx.array:
 def global_batch_message(batch_size: int, accumulation: int, ranks: int) -> str:
     return (f"global batch {batch_size * accumulation * ranks} = batch_size {batch_size} x "
             f"gradient_accumulation_steps {accumulation} x {ranks} rank{'s' if ranks > 1 else ''}")
+
+
+# Assumed sustained TCP bandwidths (GB/s) for :func:`ring_seconds` estimates: measure yours.
+LINKS_GB_S = {"1 GbE": 0.117, "10 GbE": 1.17, "Thunderbolt (TCP bridge)": 2.5}
+
+
+def allreduce_bytes(trainable, accumulation: int = 1, metrics: int = 16) -> int:
+    """Bytes each rank all-reduces per optimizer step: every trainable gradient (in its dtype) once
+    per micro-batch (``nn.average_gradients`` in each step), plus ``metrics`` float32 values and the
+    batch gathers (a few floats per pair, left out). ``trainable``: ``[(name, array)]`` or shapes
+    ``[(shape, itemsize)]``."""
+    total = 0
+    for a, b in trainable:
+        total += b.nbytes if hasattr(b, "nbytes") else int(math.prod(a)) * b
+    return accumulation * (total + 4 * metrics)
+
+
+def ring_seconds(nbytes: int, ranks: int, gb_per_s: float) -> float:
+    """Time of a ring all-reduce of ``nbytes`` over ``ranks`` at ``gb_per_s`` per link: each rank
+    sends and receives ``2 (N - 1) / N * nbytes`` (reduce-scatter, then all-gather)."""
+    return 0.0 if ranks <= 1 else 2 * (ranks - 1) / ranks * nbytes / (gb_per_s * 1e9)
 
 
 class Watchdog:

@@ -254,3 +254,23 @@ def test_a_hung_rank_times_out_the_other_with_its_rank(llama_dir, small_data, tm
     assert "error: rank 0 of 2: step 4 waited more than 5 s (ddp_timeout) for the other ranks (1)" in text
     assert "last checkpoint: " in text and "step-2" in text
     assert checkpoint.load_checkpoint(checkpoint.latest_checkpoint(tmp_path / "two")).step == 2
+
+
+def test_plan_reports_the_global_batch_and_the_bytes_all_reduced_per_step(llama_dir, small_data, tmp_path):
+    from mlx_dpo.plan import plan
+
+    cfg = DPOConfig(**base_config(llama_dir, small_data, tmp_path / "plan", batch_size=2, gradient_accumulation_steps=3,
+                                  lora_rank=4, num_layers=2, lora_target_modules=["q_proj", "v_proj"]))
+    lines = []
+    result = plan(cfg, steps=1, log=lines.append, ranks=2)
+    model = DPOTrainer(cfg, log=lambda *a: None).model
+    # oracle from the shapes: LoRA r=4 on q and v of the last 2 layers,
+    # A (in x r) + B (r x out), float32; once per micro-batch, plus 16 float32 metrics
+    attn = model.layers[-1].self_attn
+    per_layer = sum(4 * (m.linear.weight.shape[1] + m.linear.weight.shape[0]) for m in (attn.q_proj, attn.v_proj))
+    assert result["allreduce_bytes_per_step"] == 3 * (2 * per_layer * 4 + 64)
+    assert result["ranks"] == 2 and result["global_batch_size"] == 12
+    one_gbe, ten_gbe = result["seconds_per_step"]["1 GbE"], result["seconds_per_step"]["10 GbE"]
+    nbytes = result["allreduce_bytes_per_step"]
+    assert one_gbe - ten_gbe == pytest.approx(nbytes / 0.117e9 - nbytes / 1.17e9)  # 2 (N-1)/N = 1 for N = 2
+    assert any("global batch 12 = batch_size 2 x gradient_accumulation_steps 3 x 2 ranks" in line for line in lines)
