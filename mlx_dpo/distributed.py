@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 import os
+import select
+import signal
 import sys
 import threading
 import time
@@ -117,15 +119,30 @@ class Watchdog:
     """Ends the process when a guarded section (a step with collectives) runs past
     ``timeout`` seconds: the main thread is then blocked inside MLX, so a thread writes the
     message to stderr and calls ``os._exit(exit_code)``. ``with dog.guard("step 3"): ...``;
-    ``last_checkpoint()`` names the checkpoint to resume from in the message."""
+    ``last_checkpoint()`` names the checkpoint to resume from in the message.
+
+    SIGTERM/SIGINT during a guarded section that does not end within ``grace`` seconds (a
+    peer died: ``mlx.launch`` then terminates the other ranks, whose Python handlers cannot
+    run while MLX blocks) also ends the process, with exit code 128 + signal. The thread
+    sees the signal through ``signal.set_wakeup_fd``."""
 
     def __init__(self, timeout: float, rank: int, ranks: int, last_checkpoint: Callable[[], str] = lambda: "none",
-                 exit_code: int = 124):
-        self.timeout, self.rank, self.ranks, self.exit_code = timeout, rank, ranks, exit_code
+                 exit_code: int = 124, grace: float = 5.0):
+        self.timeout, self.rank, self.ranks, self.exit_code, self.grace = timeout, rank, ranks, exit_code, grace
         self.last_checkpoint = last_checkpoint
         self._deadline: Optional[float] = None
-        self._closed = False
+        self._signal: Optional[tuple] = None  # (signum, time) of a stop signal during a guarded section
         self._what = ""
+        self._closed = False
+        self._wakeup, self._old_wakeup = None, -1
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        try:  # only the main thread may set it
+            self._old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+            self._wakeup = (r, w)
+        except ValueError:
+            os.close(r)
+            os.close(w)
         self._thread = threading.Thread(target=self._watch, daemon=True, name="mlx-dpo-watchdog")
         self._thread.start()
 
@@ -139,21 +156,44 @@ class Watchdog:
 
     def __exit__(self, *exc) -> None:
         self._deadline = None
+        self._signal = None
 
     def close(self) -> None:
         self._closed = True
+        if self._wakeup is not None:
+            try:
+                signal.set_wakeup_fd(self._old_wakeup)
+            except ValueError:
+                pass
 
     def _watch(self) -> None:
+        peers = ", ".join(str(r) for r in range(self.ranks) if r != self.rank)
         while not self._closed:
-            time.sleep(min(0.5, self.timeout / 4))
-            deadline = self._deadline
-            if deadline is not None and time.monotonic() > deadline:
-                peers = ", ".join(str(r) for r in range(self.ranks) if r != self.rank)
-                sys.stderr.write(f"\nerror: rank {self.rank} of {self.ranks}: {self._what} waited more than "
-                                 f"{self.timeout:g} s (ddp_timeout) for the other ranks ({peers}); one of them has "
-                                 f"died or hung. Stopping this rank; last checkpoint: {self.last_checkpoint()}\n")
-                sys.stderr.flush()
-                os._exit(self.exit_code)
+            self._wait_for_signal(min(0.5, self.timeout / 4))
+            deadline, now = self._deadline, time.monotonic()
+            if deadline is not None and now > deadline:
+                self._exit(f"{self._what} waited more than {self.timeout:g} s (ddp_timeout) for the other ranks "
+                           f"({peers}); one of them has died or hung", self.exit_code)
+            if deadline is not None and self._signal is not None and now > self._signal[1] + self.grace:
+                name = signal.Signals(self._signal[0]).name
+                self._exit(f"{name} while {self._what} waited for the other ranks ({peers}); one of them has "
+                           "stopped", 128 + self._signal[0])
+
+    def _wait_for_signal(self, seconds: float) -> None:
+        if self._wakeup is None:
+            time.sleep(seconds)
+            return
+        ready, _, _ = select.select([self._wakeup[0]], [], [], seconds)
+        if ready:
+            for signum in os.read(self._wakeup[0], 64):
+                if signum in (signal.SIGTERM, signal.SIGINT) and self._deadline is not None and self._signal is None:
+                    self._signal = (signum, time.monotonic())
+
+    def _exit(self, what: str, code: int) -> None:
+        sys.stderr.write(f"\nerror: rank {self.rank} of {self.ranks}: {what}. Stopping this rank; last checkpoint: "
+                         f"{self.last_checkpoint()}\n")
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def peer_lost_message(error: Exception, this_rank: int, ranks: int) -> Optional[str]:

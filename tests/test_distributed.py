@@ -96,19 +96,21 @@ def launch(tmp_path, config_path, ranks=2, fault=None, env=None):
     return procs, logs
 
 
-def wait_all(procs, logs, timeout=RUN_TIMEOUT, only=None):
-    """Exit codes of ``procs`` (or of ``procs[only]``); past ``timeout`` every process group is
-    killed and the test fails with the logs."""
+def wait_all(procs, logs, timeout=RUN_TIMEOUT, only=None, kill_rest=True):
+    """Exit codes of ``procs`` (or of ``procs[only]``); then (``kill_rest``), and always past
+    ``timeout``, every process group left is killed (past ``timeout`` the test fails with the logs)."""
     deadline = time.monotonic() + timeout
     watched = procs if only is None else [procs[i] for i in only]
+    done = False
     try:
         while any(p.poll() is None for p in watched):
             if time.monotonic() > deadline:
                 pytest.fail(f"distributed run hung past {timeout} s:\n" + "\n".join(l.read_text()[-2000:] for l in logs))
             time.sleep(0.1)
+        done = True
         return [p.returncode for p in watched]
     finally:
-        for p in procs:
+        for p in procs if kill_rest or not done else ():
             if p.poll() is None:
                 try:
                     os.killpg(p.pid, signal.SIGKILL)
@@ -224,17 +226,22 @@ def test_two_ranks_bco_pair_with_a_precomputed_reference(llama_dir, small_data, 
 @pytest.mark.slow
 def test_a_killed_rank_stops_the_other_and_the_run_resumes_on_one_process(llama_dir, small_data, tmp_path):
     """Measured: after a SIGKILL of rank 1 inside a step, the ring backend on rank 0 reports
-    "Too many send/recv errors" but the step's evaluation never returns; the watchdog ends it."""
-    kw = dict(max_steps=8, save_steps=2, ddp_timeout=15)
+    "Too many send/recv errors" but the step never returns, so rank 0's Python SIGTERM handler
+    cannot run; mlx.launch then terminates rank 0, as done here, and the watchdog ends it."""
+    kw = dict(max_steps=8, save_steps=2, ddp_timeout=120)
     cfg = write_config(tmp_path / "two.yaml", **base_config(llama_dir, small_data, tmp_path / "two", batch_size=2,
                                                             **kw))
     procs, logs = launch(tmp_path, cfg, fault="kill:5")
-    codes = wait_all(procs, logs, only=[0])
-    text = logs[0].read_text()
-    assert codes == [124], text[-2000:]
-    assert "error: rank 0 of 2: step 5 waited more than 15 s (ddp_timeout) for the other ranks (1)" in text
-    assert "last checkpoint: " + str(tmp_path / "two" / "checkpoints" / "step-4") in text
+    wait_all(procs, logs, only=[1], kill_rest=False)  # rank 1 kills itself at step 5; rank 0 is stuck in it
     assert procs[1].returncode == -signal.SIGKILL
+    time.sleep(1)
+    procs[0].send_signal(signal.SIGTERM)
+    tic = time.monotonic()
+    codes = wait_all(procs, logs, timeout=60)
+    text = logs[0].read_text()
+    assert codes[0] == 128 + signal.SIGTERM and time.monotonic() - tic < 30, text[-2000:]
+    assert "error: rank 0 of 2: SIGTERM while step 5 waited for the other ranks (1)" in text
+    assert "last checkpoint: " + str(tmp_path / "two" / "checkpoints" / "step-4") in text
     # resume on one process with batch 4 (the same global batch), against an uninterrupted run
     DPOTrainer(DPOConfig(**base_config(llama_dir, small_data, tmp_path / "two", batch_size=4, **kw),
                          resume_from_checkpoint="latest"), log=lambda *a: None).train()
