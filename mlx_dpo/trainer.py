@@ -299,6 +299,7 @@ class DPOTrainer:
     def _train_loop(self, stop: checkpoint.StopSignals) -> TrainResult:
         cfg, state = self.cfg, self.state
         batches = iter(self.sampler)
+        self.stop_signals, self.stop_agreed = stop, False  # data parallel: every rank stops after the same step
         self.log(f"training: {state.max_steps} steps, {len(self.train_pairs)} pairs, "
                  f"{distributed.global_batch_message(cfg.batch_size, cfg.gradient_accumulation_steps, self.ranks)}"
                  f", loss {cfg.loss_type}, reference {self.reference_source or 'none'}")
@@ -309,7 +310,7 @@ class DPOTrainer:
         if cfg.eval_on_start and state.step == 0 and self.eval_pairs:
             self._log_and_evaluate(start=True)
         while state.step < state.max_steps:
-            if stop.signum is not None:
+            if stop.signum is not None and (self.ranks == 1 or self.stop_agreed):
                 self._stop(stop.signum)
             tic = time.perf_counter()
             with self._guard(f"step {state.step + 1}"):
@@ -361,8 +362,13 @@ class DPOTrainer:
                 metrics[k] = metrics.get(k, 0.0) + v / accum
             tokens += batch.num_tokens
         state.consecutive_skips = 0
-        if self.ranks > 1:  # every rank's tokens, for tokens/s
-            tokens = int(distributed.all_sum(mx.array(tokens), self.group).item())
+        if self.ranks > 1:  # every rank's tokens (for tokens/s) and stop signal: all stop after this step
+            signum = self.stop_signals.signum or 0
+            tokens, total, stopped = distributed.all_sum(mx.array([tokens, signum, int(signum > 0)]),
+                                                         self.group).tolist()
+            if stopped:
+                self.stop_agreed = True
+                self.stop_signals.signum = signum or total // stopped  # SIGINT/SIGTERM of another rank
         if accum > 1:
             grads_sum = tree_map(lambda g: g / accum, grads_sum)
         return grads_sum, metrics, tokens
@@ -421,7 +427,7 @@ class DPOTrainer:
 
     def _stop(self, signum: int) -> None:
         """After SIGINT/SIGTERM: checkpoint, say how to resume, raise TrainingInterrupted."""
-        path = self.save_checkpoint()
+        path = self.save_checkpoint() or f"{self.output_dir} by rank 0"
         out = self.output_dir
         raise checkpoint.TrainingInterrupted(
             signum, f"{signal.Signals(signum).name}: stopped after step {self.step}; checkpoint saved to {path}. "

@@ -28,11 +28,11 @@ RUN_TIMEOUT = 240  # seconds for a whole 2-rank run on a loaded 2-core box
 TIMING = ("tokens_per_second", "peak_memory_gb")
 ROOT = Path(__file__).resolve().parents[1]
 
-# A rank that runs the trainer and, on rank 1, kills (SIGKILL) or freezes (SIGSTOP) itself at
-# the start of step N: argv = config.yaml [kill:N | stop:N].
+# A rank that runs the trainer and, on rank 1, kills (SIGKILL), freezes (SIGSTOP) or terminates
+# (SIGTERM, handled) itself at the start of step N: argv = config.yaml [kill:N | stop:N | term:N].
 WORKER = """
 import os, signal, sys
-from mlx_dpo.checkpoint import TrainingError
+from mlx_dpo.checkpoint import TrainingError, TrainingInterrupted
 from mlx_dpo.config import resolve_config
 from mlx_dpo.trainer import DPOTrainer
 trainer = DPOTrainer(resolve_config(sys.argv[1]))
@@ -41,14 +41,14 @@ if len(sys.argv) > 2 and trainer.rank == 1:
     step = trainer.grad_step
     def faulty(batch, loss_state):
         if trainer.step + 1 == int(at):
-            os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGSTOP)
+            os.kill(os.getpid(), {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "term": signal.SIGTERM}[kind])
         return step(batch, loss_state)
     trainer.grad_step = faulty
 try:
     trainer.train()
-except TrainingError as e:
+except (TrainingError, TrainingInterrupted) as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(getattr(e, "exit_code", 1))
 """
 
 
@@ -245,6 +245,26 @@ def test_a_killed_rank_stops_the_other_and_the_run_resumes_on_one_process(llama_
     # resume on one process with batch 4 (the same global batch), against an uninterrupted run
     DPOTrainer(DPOConfig(**base_config(llama_dir, small_data, tmp_path / "two", batch_size=4, **kw),
                          resume_from_checkpoint="latest"), log=lambda *a: None).train()
+    one = one_process(llama_dir, small_data, tmp_path / "one", **kw)
+    assert_same_adapters(one / "adapters.safetensors", tmp_path / "two" / "adapters.safetensors")
+    assert_same_metrics(one, tmp_path / "two")
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_rank_stops_both_after_the_same_step_and_the_run_resumes_exactly(llama_dir, small_data,
+                                                                                         tmp_path):
+    kw = dict(max_steps=8, save_steps=0)
+    cfg = write_config(tmp_path / "two.yaml", **base_config(llama_dir, small_data, tmp_path / "two", batch_size=2,
+                                                            **kw))
+    procs, logs = launch(tmp_path, cfg, fault="term:4")
+    codes = wait_all(procs, logs)
+    texts = [l.read_text() for l in logs]
+    assert codes == [128 + signal.SIGTERM] * 2, texts
+    assert "SIGTERM: stopped after step 4; checkpoint saved to" in texts[0]
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "two")] == ["step-4"]
+    resume = write_config(tmp_path / "resume.yaml", **base_config(llama_dir, small_data, tmp_path / "two",
+                                                                  batch_size=2, resume_from_checkpoint="latest", **kw))
+    run_ranks(tmp_path, resume)
     one = one_process(llama_dir, small_data, tmp_path / "one", **kw)
     assert_same_adapters(one / "adapters.safetensors", tmp_path / "two" / "adapters.safetensors")
     assert_same_metrics(one, tmp_path / "two")
