@@ -129,6 +129,10 @@ class DPOTrainer:
         self._build_steps()
         if self.resume_path is not None:
             self._resume()
+        if self.ranks > 1:  # every rank has checked output_dir and the checkpoint before rank 0 writes
+            self._start_watchdog()
+            with self._guard("start-up"):
+                mx.eval(distributed.all_sum(mx.array(1), self.group))
 
     # ------------------------------------------------------------------ setup
     def _load_model(self, model, tokenizer, train_pairs) -> tuple:
@@ -273,8 +277,8 @@ class DPOTrainer:
                                                         self.cfg.overwrite_output_dir, self.log)
             checkpoint.run_config(self.cfg).save(self.output_dir / "config.yaml")
         was_training = self.model.training
-        self.watchdog = distributed.Watchdog(self.cfg.ddp_timeout, self.rank, self.ranks, self._last_checkpoint) \
-            if self.ranks > 1 else None
+        if self.ranks > 1:
+            self._start_watchdog()
         try:
             if self.precompute and self.use_reference:
                 with self._guard("the reference precompute"):
@@ -294,6 +298,7 @@ class DPOTrainer:
             self.model.train(was_training)  # as loaded (mlx-lm: eval), so dropout is off for generation
             if self.watchdog is not None:
                 self.watchdog.close()
+                self.watchdog = None
             self.callbacks.close()  # a bar or tracker left open by an exception
 
     def _train_loop(self, stop: checkpoint.StopSignals) -> TrainResult:
@@ -368,7 +373,8 @@ class DPOTrainer:
                                                          self.group).tolist()
             if stopped:
                 self.stop_agreed = True
-                self.stop_signals.signum = signum or total // stopped  # SIGINT/SIGTERM of another rank
+                peer = signal.SIGINT if total == signal.SIGINT * stopped else signal.SIGTERM
+                self.stop_signals.signum = signum or peer  # another rank's SIGINT/SIGTERM
         if accum > 1:
             grads_sum = tree_map(lambda g: g / accum, grads_sum)
         return grads_sum, metrics, tokens
@@ -416,6 +422,10 @@ class DPOTrainer:
                                  f"Last good checkpoint: {self._last_checkpoint()}.")
         self.log(msg + f" Skipped ({self.state.skipped_steps} so far); step {self.step + 1} is retried on the next "
                  "batches.")
+
+    def _start_watchdog(self) -> None:
+        if self.watchdog is None:
+            self.watchdog = distributed.Watchdog(self.cfg.ddp_timeout, self.rank, self.ranks, self._last_checkpoint)
 
     def _guard(self, what: str):
         """The watchdog around a section with collectives (a no-op in one process)."""
