@@ -122,9 +122,16 @@ class SamplerState:
 class BatchSampler:
     """Pairs grouped by length into batches of exactly ``batch_size`` (the remainder of
     an epoch is dropped, as mlx-lm does); the batch order is shuffled per epoch with
-    ``seed + epoch``, so the order can be resumed exactly from ``(epoch, index)``."""
+    ``seed + epoch``, so the order can be resumed exactly from ``(epoch, index)``.
 
-    def __init__(self, pairs: List[TokenizedPair], batch_size: int, seed: int, shuffle: bool = True):
+    Data parallel: the global micro-batches hold ``batch_size * ranks`` pairs (the batches
+    one process with that batch size walks over, in the same order) and rank ``rank``
+    yields its ``batch_size`` of each, ``[rank * batch_size, (rank + 1) * batch_size)``."""
+
+    def __init__(self, pairs: List[TokenizedPair], batch_size: int, seed: int, shuffle: bool = True,
+                 rank: int = 0, ranks: int = 1):
+        self.rank, self.per_rank = rank, batch_size
+        batch_size *= ranks
         if len(pairs) < batch_size:
             raise ValueError(f"{len(pairs)} training pairs is fewer than batch_size {batch_size}")
         self.pairs = pairs
@@ -148,7 +155,7 @@ class BatchSampler:
             while self.state.index < len(order):
                 group = self.groups[order[self.state.index]]
                 self.state.index += 1
-                yield group
+                yield group[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
             self.state.epoch += 1
             self.state.index = 0
 

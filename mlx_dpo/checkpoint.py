@@ -147,10 +147,13 @@ def resolve_resume(spec: str, output_dir: Path) -> Path:
 
 
 # ---------------------------------------------------------------------- config check
-def config_differences(saved: dict, cfg: DPOConfig) -> Tuple[List[str], List[str]]:
+def config_differences(saved: dict, cfg: DPOConfig, ranks_then: int = 1,
+                       ranks_now: int = 1) -> Tuple[List[str], List[str]]:
     """(errors, notes): changes to keys a resumed run must share with its checkpoint (the
     model, adapter shapes, reference, data and its order, the loss), and to the keys that
-    may change but are reported (see :func:`config.config_keys`)."""
+    may change but are reported (see :func:`config.config_keys`). ``batch_size`` is per
+    rank: what must match is ``batch_size x ranks`` (the global micro-batch), so a run may
+    resume on another number of ranks."""
     try:
         old = DPOConfig.from_dict(saved, "checkpoint config.yaml")
     except ConfigError as e:
@@ -161,6 +164,17 @@ def config_differences(saved: dict, cfg: DPOConfig) -> Tuple[List[str], List[str
         then = getattr(old, key)
         if key == "lora_target_modules":
             then, now = sorted(old.target_modules), _target_modules(cfg, old.target_modules)
+        if key == "batch_size" and (ranks_then, ranks_now) != (1, 1):
+            if then * ranks_then != now * ranks_now:
+                fit = f"batch_size {then * ranks_then // ranks_now}" if then * ranks_then % ranks_now == 0 else \
+                    f"a number of ranks dividing {then * ranks_then}"
+                errors.append(f"batch_size: the checkpoint's global micro-batch is {then} x {ranks_then} rank(s) = "
+                              f"{then * ranks_then} pairs, now {now} x {ranks_now} = {now * ranks_now}; the same "
+                              f"data order needs {fit}")
+            elif then != now:
+                notes.append(f"batch_size: checkpoint {then} x {ranks_then} ranks, now {now} x {ranks_now} ranks "
+                             "(the same global batch)")
+            continue
         if _same(then, now) or key in free:
             continue
         (errors if key in must_match else notes).append(f"{key}: checkpoint {then!r}, now {now!r}")

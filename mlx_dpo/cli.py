@@ -128,7 +128,8 @@ def train(config_file, resume, overwrite, **kwargs):
     try:
         with _quiet_interrupts():
             cfg = resolve_config(config_file, **overrides)
-            result = DPOTrainer(cfg).train()
+            trainer = DPOTrainer(cfg)
+            result = trainer.train()
     except TrainingInterrupted as e:
         click.echo(str(e), err=True)
         sys.exit(e.exit_code)
@@ -141,7 +142,8 @@ def train(config_file, resume, overwrite, **kwargs):
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
     summary = {k: round(v, 4) for k, v in result.eval_metrics.items() if k in ("eval_loss", "eval_rewards/accuracies")}
-    click.echo(f"saved adapters to {result.output_dir} {summary if summary else ''}")
+    if trainer.main:  # data parallel: rank 0 speaks
+        click.echo(f"saved adapters to {result.output_dir} {summary if summary else ''}")
 
 
 @main.command()
@@ -150,8 +152,10 @@ def train(config_file, resume, overwrite, **kwargs):
               help="Memory to plan for (default: 80% of this machine's).")
 @click.option("--steps", type=int, default=3, show_default=True, help="Timed steps per batch size.")
 @click.option("--json", "json_out", is_flag=True, help="Print the plan as JSON too.")
+@click.option("--ranks", type=int, default=None,
+              help="Data-parallel ranks to plan for (default: those mlx.launch started, else 1).")
 @config_options
-def plan(config_file, memory_budget_gb, steps, json_out, **kwargs):
+def plan(config_file, memory_budget_gb, steps, json_out, ranks, **kwargs):
     """Estimate peak memory and tokens/s of a run on this machine (a few timed
     steps on the longest pairs) and the largest batch that fits the budget."""
     import json
@@ -162,7 +166,7 @@ def plan(config_file, memory_budget_gb, steps, json_out, **kwargs):
 
     try:
         result = run_plan(resolve_config(config_file, **_overrides(kwargs)), memory_budget_gb, steps,
-                          log=click.echo)
+                          log=click.echo, ranks=ranks)
     except (ConfigError, DataError, FileNotFoundError) as e:
         _fail(e)
     if json_out:

@@ -31,6 +31,7 @@ from typing import Callable, Dict, Optional
 
 import mlx.core as mx
 
+from . import distributed
 from .config import ConfigError
 from .reduce import chosen_nll, reduce_logps, wpo_weights  # reduce_logps: also losses.reduce_logps
 
@@ -534,8 +535,9 @@ def validate_loss_config(cfg) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def batch_loss(policy: dict, ref: Optional[dict], cfg, state: dict):
-    """Scalar loss, metrics and new state for one batch of B pairs.
+def batch_loss(policy: dict, ref: Optional[dict], cfg, state: dict, group=None):
+    """Scalar loss, metrics and new state for one batch of B pairs (this rank's slice of the
+    global batch when ``group`` is a data-parallel group, see :mod:`.distributed`).
 
     ``policy``: token_logps, mask (2B, T); logits_sum (2B,); wpo_adjust (2B, T) if use_weighting.
     ``ref``: {reduction: (2B,) reference log-probs} or None when reference-free.
@@ -546,9 +548,13 @@ def batch_loss(policy: dict, ref: Optional[dict], cfg, state: dict):
     1 (orpo), 0 otherwise; NLL = mean cross-entropy over all chosen completion tokens.
     Rewards are computed once, ``beta * (logps - ref)`` under :func:`metric_reduction` (TRL 1.16),
     whatever the losses (custom ones included) return as rewards.
+
+    With a ``group`` of N ranks each loss sees the gathered global batch (its rows of the
+    per-pair losses are kept) and the NLL divides by the global chosen token count (times N),
+    so the mean over the ranks of this loss is the single-process loss of the global batch.
     """
     tl, mask = policy["token_logps"], policy["mask"]
-    nll = chosen_nll(tl, mask)
+    nll = _global_nll(tl, mask, group)
     reference_free = cfg.reference_free or ref is None
     if ref is None and needs_reference(cfg):
         raise ValueError("batch_loss: the configured loss needs reference log-probs (ref is None)")
@@ -561,7 +567,7 @@ def batch_loss(policy: dict, ref: Optional[dict], cfg, state: dict):
     for name, weight in zip(cfg.loss_types, _loss_weights(cfg)):
         _, ref_free, _, nll_kind = _info(name)
         logps = _pair_logps(tl, mask, _reduction(name, cfg), None if ref_free or reference_free else ref, cfg, reduced)
-        losses, _, _, new_state = _one_loss(name, *logps, cfg, reference_free, new_state, lengths)
+        losses, _, _, new_state = _one_loss(name, *logps, cfg, reference_free, new_state, lengths, group)
         pair_loss = pair_loss + weight * losses
         if nll_kind is not None:
             has_nll = True
@@ -575,7 +581,7 @@ def batch_loss(policy: dict, ref: Optional[dict], cfg, state: dict):
     red = metric_reduction(cfg)
     c, r, rc, rr = _pair_logps(tl, mask, red, None if reference_free else ref, cfg, reduced)
     metrics = _metrics(cfg.beta * (c - rc), cfg.beta * (r - rr), reduced[red], policy["logits_sum"], mask,
-                       nll if has_nll else None)
+                       nll if has_nll else None, group)
     return loss, metrics, new_state
 
 
@@ -593,10 +599,27 @@ def _pair_logps(tl, mask, red: str, ref: Optional[dict], cfg, reduced: dict) -> 
     return c, r, ref[red][:B], ref[red][B:]
 
 
-def _one_loss(name, c, r, rc, rr, cfg, reference_free: bool, state: dict, lengths=None) -> tuple:
+def _global_nll(tl, mask, group=None):
+    """:func:`chosen_nll` with the global chosen token count: ``-N sum lp[:B] / sum_ranks n_chosen``
+    (its mean over the N ranks is the NLL of the global batch); the local NLL without ``group``."""
+    if group is None or group.size() == 1:
+        return chosen_nll(tl, mask)
+    B = tl.shape[0] // 2
+    count = distributed.all_sum(mx.stop_gradient(mask[:B].sum()), group)
+    return -group.size() * tl[:B].sum() / mx.maximum(count, 1.0)
+
+
+def _one_loss(name, c, r, rc, rr, cfg, reference_free: bool, state: dict, lengths=None, group=None) -> tuple:
     """One loss of the mixture: ``(losses, chosen_rewards, rejected_rewards, state)``;
     bco_pair first moves its running reward mean (the state). ``lengths``: (B,) token counts
-    of the chosen / rejected completions (f-divergences on average log-probs need them)."""
+    of the chosen / rejected completions (f-divergences on average log-probs need them).
+    With a data-parallel ``group`` the loss runs on the gathered global batch and this rank's
+    rows are returned (batch-coupled losses see every pair, as one process would)."""
+    if group is not None and group.size() > 1:
+        c, r, rc, rr = (distributed.gather(x, group) for x in (c, r, rc, rr))
+        lengths = tuple(distributed.gather(mx.stop_gradient(n), group) for n in lengths)
+        losses, cw, rw, state = _one_loss(name, c, r, rc, rr, cfg, reference_free, state, lengths)
+        return (*(distributed.local(x, group) for x in (losses, cw, rw)), state)
     extra = {"simpo_gamma": cfg.simpo_gamma, "lengths": lengths}
     if isinstance(name, str) and LOSSES.get(name) is bco_pair:
         state = update_bco_state(state, cfg.beta * (c - rc), cfg.beta * (r - rr))
@@ -610,9 +633,10 @@ def _one_loss(name, c, r, rc, rr, cfg, reference_free: bool, state: dict, length
     return losses, cw, rw, state
 
 
-def _metrics(chosen_rewards, rejected_rewards, logps, logits_sum, mask, nll=None) -> dict:
+def _metrics(chosen_rewards, rejected_rewards, logps, logits_sum, mask, nll=None, group=None) -> dict:
     """TRL's metric names; ``logps`` (2B,) are the :func:`metric_reduction` log-probs, ``logits/*``
-    the mean logit per completion token; ``nll_loss`` when a loss has an NLL term."""
+    the mean logit per completion token (over the global batch with a ``group``: the mean over
+    the ranks of every metric is then the global one); ``nll_loss`` when a loss has an NLL term."""
     sg = mx.stop_gradient
     chosen_rewards, rejected_rewards, logits_sum = sg(chosen_rewards), sg(rejected_rewards), sg(logits_sum)
     B = logps.shape[0] // 2
@@ -623,9 +647,15 @@ def _metrics(chosen_rewards, rejected_rewards, logps, logits_sum, mask, nll=None
         "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
         "logps/chosen": sg(logps[:B]).mean(),
         "logps/rejected": sg(logps[B:]).mean(),
-        "logits/chosen": logits_sum[:B].sum() / mx.maximum(mask[:B].sum(), 1.0),
-        "logits/rejected": logits_sum[B:].sum() / mx.maximum(mask[B:].sum(), 1.0),
+        "logits/chosen": _token_mean(logits_sum[:B].sum(), mask[:B].sum(), group),
+        "logits/rejected": _token_mean(logits_sum[B:].sum(), mask[B:].sum(), group),
     }
     if nll is not None:
         metrics["nll_loss"] = sg(nll)
     return metrics
+
+
+def _token_mean(total, count, group=None):
+    """``total / count`` with both summed over the ranks of ``group``."""
+    totals = distributed.all_sum(mx.stack([total, count]), group)
+    return totals[0] / mx.maximum(totals[1], 1.0)

@@ -3,6 +3,11 @@
 ``plan(cfg)``: a few timed steps at the configured batch size and one smaller, a
 linear fit of measured peak memory in the batch size, and the largest batch that
 fits ``memory_budget_gb``. The figures themselves come from :mod:`.perf`.
+
+Data parallel (``ranks`` > 1, default: the ranks this process was launched with): the
+memory figures are per rank (each holds the model and ``batch_size`` pairs); the step adds a
+ring all-reduce of the gradients (:func:`.distributed.allreduce_bytes`), estimated for the
+links of :data:`.distributed.LINKS_GB_S`.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ import time
 from typing import Dict, Optional
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
+from . import distributed
 from .perf import flops_per_token, gemm_peak_gflops, mfu, system_memory_bytes
 
 
@@ -34,10 +41,11 @@ def _timed_steps(trainer, batch_size: int, steps: int, warmup: int = 2) -> Dict[
         if i >= warmup:
             seconds += time.perf_counter() - tic
     return {"batch_size": batch_size, "peak_bytes": mx.get_peak_memory(),
-            "tokens_per_second": steps * batch.num_tokens / seconds}
+            "tokens_per_second": steps * batch.num_tokens / seconds, "seconds_per_step": seconds / steps}
 
 
-def plan(cfg, memory_budget_gb: Optional[float] = None, steps: int = 3, log=print) -> Dict[str, object]:
+def plan(cfg, memory_budget_gb: Optional[float] = None, steps: int = 3, log=print,
+         ranks: Optional[int] = None) -> Dict[str, object]:
     """Measure the configured run on this machine (see module docstring)."""
     from .trainer import DPOTrainer
 
@@ -74,6 +82,7 @@ def plan(cfg, memory_budget_gb: Optional[float] = None, steps: int = 3, log=prin
         "memory_budget_gb": budget / 1e9,
         "max_batch_size": max_batch,
         "fits": main["peak_bytes"] <= budget,
+        **_data_parallel(trainer, cfg, ranks or distributed.size(), main["seconds_per_step"]),
     }
     log(f"plan: {result['parameters'] / 1e6:.1f}M params, batch {bs} (longest pair {longest} tokens), "
         f"prefix sharing {'on' if trainer.prefix_sharing else 'off'}")
@@ -82,4 +91,20 @@ def plan(cfg, memory_budget_gb: Optional[float] = None, steps: int = 3, log=prin
     log(f"  memory: peak {result['peak_memory_gb']:.3f} GB, +{result['memory_per_pair_gb'] * 1e3:.1f} MB per pair; "
         f"budget {result['memory_budget_gb']:.2f} GB -> largest batch_size {max_batch}"
         f"{'' if result['fits'] else '  (the configured batch does NOT fit)'}")
+    n, mb = result["ranks"], result["allreduce_bytes_per_step"] / 1e6
+    log(f"  ranks:  {n}, {distributed.global_batch_message(bs, cfg.gradient_accumulation_steps, n)}; memory above "
+        f"is per rank; all-reduce {mb:.2f} MB per step" + ("; step " + ", ".join(
+            f"{s:.3f} s on {link}" for link, s in result["seconds_per_step"].items()) if n > 1 else ""))
     return result
+
+
+def _data_parallel(trainer, cfg, ranks: int, local_seconds: float) -> Dict[str, object]:
+    """The global batch, the bytes all-reduced per optimizer step and the expected step time
+    (the measured local step + the ring all-reduce) per link."""
+    nbytes = distributed.allreduce_bytes(tree_flatten(trainer.model.trainable_parameters()),
+                                         cfg.gradient_accumulation_steps)
+    local = cfg.gradient_accumulation_steps * local_seconds
+    return {"ranks": ranks, "global_batch_size": cfg.batch_size * cfg.gradient_accumulation_steps * ranks,
+            "allreduce_bytes_per_step": nbytes,
+            "seconds_per_step": {link: local + distributed.ring_seconds(nbytes, ranks, bw)
+                                 for link, bw in distributed.LINKS_GB_S.items()}}

@@ -5,6 +5,10 @@ log-probs (base with adapters off, or base + frozen reference adapter) reduced a
 the loss needs them, and stores them on disk keyed by (model, reference adapter,
 tokenized data, reductions). Training then skips the reference forward; a second
 run with the same key loads the file and runs no reference forward at all.
+
+Data parallel: rank k runs batches k, k + N, ... of the same batches one process runs,
+the values are all-summed (each row is filled on one rank, zero elsewhere: the sum is
+exact) and rank 0 writes the same cache file one process would.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from . import distributed
 from .adapters import adapter_mode, reference_mode
 from .batching import eval_batches
 from .config import DPOConfig, config_keys
@@ -91,10 +96,11 @@ def cache_file(cfg: DPOConfig, key: str) -> Path:
 
 
 def compute_reference_logps(model, pairs: List[TokenizedPair], cfg: DPOConfig, collate: Callable,
-                            reductions: List[str], progress: bool = False) -> Tuple[Dict[str, np.ndarray], int]:
+                            reductions: List[str], progress: bool = False,
+                            group=None) -> Tuple[Dict[str, np.ndarray], int]:
     """Reference log-probs of ``pairs`` in inference mode: ``{reduction: (N, 2)}`` with
-    columns (chosen, rejected), and the number of batches run. ``collate(pairs, indices)`` builds a batch as the trainer does
-    (shared-prefix layout when it uses it)."""
+    columns (chosen, rejected), and the number of batches run (by this rank). ``collate(pairs, indices)`` builds a batch as the trainer does
+    (shared-prefix layout when it uses it); with a data-parallel ``group`` the batches are split over its ranks."""
     mode = "base" if cfg.train_type == "full" else reference_mode(model)
 
     @partial(mx.compile, inputs=[model.state])
@@ -108,6 +114,8 @@ def compute_reference_logps(model, pairs: List[TokenizedPair], cfg: DPOConfig, c
     was_training = model.training
     model.eval()
     groups = list(eval_batches(pairs, batch_size))
+    if group is not None:
+        groups = groups[group.rank()::group.size()]
     for indices in _progress(groups, progress):
         batch = collate(pairs, indices)
         out = forward({k: mx.array(v) for k, v in batch.arrays().items()})
@@ -118,37 +126,53 @@ def compute_reference_logps(model, pairs: List[TokenizedPair], cfg: DPOConfig, c
             result[r][indices, 0] = values[:n]
             result[r][indices, 1] = values[n:]
     model.train(was_training)
+    if group is not None:
+        summed = distributed.all_sum(mx.stack([mx.array(result[r]) for r in reductions]), group)
+        result = dict(zip(reductions, np.array(summed)))
     return result, len(groups)
 
 
 def precompute_reference_logps(model, pairs: List[TokenizedPair], cfg: DPOConfig, collate: Callable, *,
                                reductions: List[str], model_path: Optional[Path], split: str = "train",
-                               log: Callable = print, initial: bool = True) -> Tuple[Dict[str, np.ndarray], int]:
+                               log: Callable = print, initial: bool = True,
+                               group=None) -> Tuple[Dict[str, np.ndarray], int]:
     """Load the cached reference log-probs for ``pairs``, or compute and cache them.
 
     Returns ``(values, reference batches run)`` (0 when loaded from the cache). ``initial``: the model still holds its initial weights
-    (a full fine-tune's reference can only be computed then)."""
+    (a full fine-tune's reference can only be computed then). ``group``: data-parallel ranks
+    share the work (:func:`compute_reference_logps`); they load the cache only if every one has it."""
     path = cache_file(cfg, cache_key(model, pairs, cfg, model_path, reductions))
+    cached = {}
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as f:
                 cached = {r: f[r] for r in reductions if r in f.files}
         except Exception as e:  # truncated or corrupt: recompute and overwrite it
             log(f"warning: ignoring unreadable reference log-prob cache {path} ({e}); recomputing")
-            cached = {}
-        if len(cached) == len(reductions) and all(v.shape == (len(pairs), 2) for v in cached.values()):
-            log(f"{split}: reference log-probs loaded from {path}")
-            return cached, 0
+    complete = len(cached) == len(reductions) and all(v.shape == (len(pairs), 2) for v in cached.values())
+    if _everyone(complete, group):
+        log(f"{split}: reference log-probs loaded from {path}")
+        return cached, 0
     if cfg.train_type == "full" and not initial:
         raise RuntimeError(
             f"reference log-probs for full fine-tuning must come from the initial weights, but {path} is missing "
             "after training started; restore the cache or start the run again")
     log(f"{split}: precomputing reference log-probs for {len(pairs)} pairs")
-    result, batches = compute_reference_logps(model, pairs, cfg, collate, reductions, progress=cfg.progress_bar)
-    buf = io.BytesIO()
-    np.savez(buf, **result)
-    atomic_write_bytes(path, buf.getvalue())
+    result, batches = compute_reference_logps(model, pairs, cfg, collate, reductions,
+                                              progress=cfg.progress_bar and (group is None or group.rank() == 0),
+                                              group=group)
+    if group is None or group.rank() == 0:
+        buf = io.BytesIO()
+        np.savez(buf, **result)
+        atomic_write_bytes(path, buf.getvalue())
     return result, batches
+
+
+def _everyone(found: bool, group) -> bool:
+    """Whether every rank of ``group`` found the cache (True without a group)."""
+    if group is None:
+        return found
+    return int(distributed.all_sum(mx.array(int(found)), group).item()) == group.size()
 
 
 def _progress(items, enabled: bool):

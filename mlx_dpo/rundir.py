@@ -9,6 +9,7 @@ on resume, the records and checkpoints newer than the resumed step.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -98,13 +99,15 @@ def _writable(directory: Path) -> bool:
         return False
 
 
-def check_resume(cfg: DPOConfig, output_dir: Path, log: Callable = print) -> Optional[Path]:
+def check_resume(cfg: DPOConfig, output_dir: Path, log: Callable = print, ranks: int = 1) -> Optional[Path]:
     """The checkpoint to resume from, after checking its config against ``cfg`` (before
-    anything is loaded or written); ``None`` when not resuming."""
+    anything is loaded or written); ``None`` when not resuming. ``ranks``: data-parallel
+    processes now (the checkpoint records its own)."""
     if not cfg.resume_from_checkpoint:
         return None
     path = checkpoint.resolve_resume(cfg.resume_from_checkpoint, output_dir)
-    errors, notes = checkpoint.config_differences(checkpoint.read_config(path), cfg)
+    ranks_then = int(json.loads((path / "trainer_state.json").read_text()).get("world_size", 1))
+    errors, notes = checkpoint.config_differences(checkpoint.read_config(path), cfg, ranks_then, ranks)
     if errors:
         raise ConfigError(f"cannot resume from {path}: the config changes what the run depends on: "
                           + "; ".join(errors) + f". Use the checkpoint's values (see {path / 'config.yaml'}) "

@@ -60,7 +60,7 @@ class TrainState:
     - ``loss_state``: the loss's running state (e.g. BCO's reward mean), MLX arrays;
     - ``window``: the logging window; ``log_history``: every record logged so far;
     - ``num_batches`` / ``data_fingerprint``: the training data this state walks over
-      (a resume refuses other data).
+      (a resume refuses other data); ``world_size``: the data-parallel ranks of the run.
     """
 
     max_steps: int
@@ -73,6 +73,7 @@ class TrainState:
     consecutive_skips: int = 0
     window: LogWindow = field(default_factory=LogWindow)
     log_history: List[dict] = field(default_factory=list)
+    world_size: int = 1
 
     @property
     def epoch(self) -> float:
@@ -83,7 +84,8 @@ class TrainState:
         """The JSON part of a checkpoint (``trainer_state.json`` without format keys)."""
         return {"step": self.step, "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
                 "sampler": asdict(self.sampler), "num_batches": self.num_batches,
-                "data_fingerprint": self.data_fingerprint, "log": self.window.to_dict()}
+                "data_fingerprint": self.data_fingerprint, "log": self.window.to_dict(),
+                "world_size": self.world_size}
 
     def load_json(self, d: dict, log_history: Optional[List[dict]] = None) -> None:
         """Restore the counters, sampler position and logging window saved by :meth:`to_json`."""

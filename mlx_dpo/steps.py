@@ -5,7 +5,10 @@ same model with adapters off / on the frozen reference copy, under ``stop_gradie
 policy forward/backward + loss, returning ``(loss, metrics, new_loss_state, grads,
 ||grads||^2)``. ``apply_update(grads)``: global-norm clipping + the optimizer update
 (decoupled weight decay on :func:`decay_parameter_names` only), returning the pre-clip norm. ``eval_step(batch, loss_state)``: loss and metrics, no
-gradients. All three are ``mx.compile``d with the model, optimizer and RNG state as
+gradients. With a data-parallel ``group`` (:mod:`.distributed`) ``grad_step`` sees this rank's
+slice of the global batch and returns the global loss, metrics and averaged gradients (the
+same on every rank); ``eval_step`` stays local (every rank evaluates every pair).
+All three are ``mx.compile``d with the model, optimizer and RNG state as
 implicit inputs/outputs, so a new batch shape re-traces and nothing else does.
 """
 
@@ -20,7 +23,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import losses
+from . import distributed, losses
 from .reduce import reduce_logps
 from .config import DPOConfig
 from .logprobs import completion_logps
@@ -74,17 +77,24 @@ def _grad_sq(grads) -> mx.array:
     return sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads))
 
 
+def _all_mean(loss: mx.array, metrics: Dict[str, mx.array], group):
+    """The loss and metrics averaged over the ranks, in one all-reduce."""
+    names = sorted(metrics)
+    values = distributed.all_mean(mx.stack([loss, *(metrics[k] for k in names)]).astype(mx.float32), group)
+    return values[0], {k: values[i + 1] for i, k in enumerate(names)}
+
+
 def build_steps(model: nn.Module, optimizer: optim.Optimizer, cfg: DPOConfig, reductions: List[str],
-                source: Optional[str], on_trace: Callable[[], None] = lambda: None) -> Steps:
+                source: Optional[str], on_trace: Callable[[], None] = lambda: None, group=None) -> Steps:
     """Compile the step functions (see the module docstring). ``on_trace`` runs each time
-    ``grad_step`` is traced (a new batch shape)."""
+    ``grad_step`` is traced (a new batch shape); ``group``: the data-parallel group or None."""
     assert source in REFERENCE_SOURCES, source
     state = [model.state, optimizer.state, mx.random.state]
     decayed = decay_parameter_names(model) if cfg.weight_decay else set()
 
-    def loss_fn(model, batch, ref, loss_state):
+    def loss_fn(model, batch, ref, loss_state, group=None):
         policy = completion_logps(model, batch, with_wpo=cfg.use_weighting)
-        loss, metrics, new_state = losses.batch_loss(policy, ref, cfg, loss_state)
+        loss, metrics, new_state = losses.batch_loss(policy, ref, cfg, loss_state, group)
         return loss, (metrics, new_state)
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
@@ -93,7 +103,10 @@ def build_steps(model: nn.Module, optimizer: optim.Optimizer, cfg: DPOConfig, re
     def grad_step(batch, loss_state):
         on_trace()  # runs only while tracing
         ref = reference_logps(model, batch, cfg, reductions, source)
-        (loss, (metrics, new_state)), grads = loss_and_grad(model, batch, ref, loss_state)
+        (loss, (metrics, new_state)), grads = loss_and_grad(model, batch, ref, loss_state, group)
+        if group is not None and group.size() > 1:
+            grads = nn.average_gradients(grads, group=group)
+            loss, metrics = _all_mean(loss, metrics, group)
         return loss, metrics, new_state, grads, _grad_sq(grads)
 
     @partial(mx.compile, inputs=state, outputs=state)

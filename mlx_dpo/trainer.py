@@ -15,6 +15,7 @@ console lines, the progress bar, yours) are :mod:`.callbacks`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -28,7 +29,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
-from . import checkpoint, losses
+from . import checkpoint, distributed, losses
 from .adapters import adapter_config, reference_mode, sync_reference
 from .batching import Batch, BatchSampler, collate, eval_batches
 from .callbacks import CallbackList, console, default_callbacks
@@ -58,6 +59,14 @@ class TrainResult:
     history: List[dict] = field(default_factory=list)
 
 
+class DistributedError(checkpoint.TrainingError):
+    """A data-parallel collective failed: another rank went away."""
+
+
+def _silent(*args, **kwargs) -> None:
+    """The log of the ranks other than 0."""
+
+
 def peak_memory_gb() -> float:
     return mx.get_peak_memory() / 1e9
 
@@ -74,14 +83,18 @@ class DPOTrainer:
                  eval_pairs: Optional[List[TokenizedPair]] = None, log: Optional[Callable] = None,
                  callbacks: Optional[Iterable] = None):
         self.cfg = cfg
-        self.log = log or console
+        self.group = distributed.world()
+        self.rank, self.ranks = self.group.rank(), self.group.size()
+        self.main = self.rank == 0  # data parallel: rank 0 prints and writes
+        self.log = (log or console) if self.main else _silent
         losses.validate_loss_config(cfg)
         check_data_format(cfg)
         self.output_dir = check_output_dir(cfg)
         self.lock = RunLock(self.output_dir)
-        self.lock.check()  # another run in this output_dir: refuse before loading anything
-        trackers = tracker_callbacks(cfg, self.output_dir)  # report_to: a missing package fails here
-        self.resume_path = check_resume(cfg, self.output_dir, self.log)
+        if self.main:
+            self.lock.check()  # another run in this output_dir: refuse before loading anything
+        trackers = tracker_callbacks(cfg, self.output_dir) if self.main else []  # a missing package fails here
+        self.resume_path = check_resume(cfg, self.output_dir, self.log, self.ranks)
         mx.random.seed(cfg.seed)
         self.model, self.tokenizer = model, tokenizer = self._load_model(model, tokenizer, train_pairs)
         if train_pairs is None:
@@ -96,23 +109,30 @@ class DPOTrainer:
         self.log(f"parameters: {self.num_parameters / 1e6:.2f}M total, {trainable / 1e6:.3f}M trainable "
                  f"({100 * trainable / max(self.num_parameters, 1):.3f}%)")
         self.reductions = losses.reductions(cfg)
-        if len(self.train_pairs) < cfg.batch_size:
-            raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(self.train_pairs)} training pairs")
-        self.sampler = BatchSampler(self.train_pairs, cfg.batch_size, cfg.seed)
+        if len(self.train_pairs) < cfg.batch_size * self.ranks:
+            raise ConfigError(f"batch_size {cfg.batch_size} x {self.ranks} ranks is larger than the "
+                              f"{len(self.train_pairs)} training pairs")
+        self.sampler = BatchSampler(self.train_pairs, cfg.batch_size, cfg.seed, rank=self.rank, ranks=self.ranks)
         self._build_optimizer()
         self.state = TrainState(max_steps=self.total_steps, num_batches=len(self.sampler),
                                 data_fingerprint=checkpoint.data_fingerprint(self.train_pairs),
-                                sampler=self.sampler.state, loss_state=losses.init_loss_state(cfg))
-        health = HealthMonitor.from_config(cfg, self.log) if cfg.health_warnings else None
+                                sampler=self.sampler.state, loss_state=losses.init_loss_state(cfg),
+                                world_size=self.ranks)
+        health = HealthMonitor.from_config(cfg, self.log) if cfg.health_warnings and self.main else None
         extra = [*trackers, *(callbacks or ())]
         self.callbacks = CallbackList(default_callbacks(self.output_dir / METRICS_FILE, self.log, cfg.progress_bar,
-                                                        extra, health))
+                                                        extra, health) if self.main else ())
         self.ref_cache: Dict[str, Dict[str, np.ndarray]] = {}
         self.reference_forwards = 0
+        self.watchdog = None  # data parallel: set while train() runs
         self.trace_count = 0
         self._build_steps()
         if self.resume_path is not None:
             self._resume()
+        if self.ranks > 1:  # every rank has checked output_dir and the checkpoint before rank 0 writes
+            self._start_watchdog()
+            with self._guard("start-up"):
+                mx.eval(distributed.all_sum(mx.array(1), self.group))
 
     # ------------------------------------------------------------------ setup
     def _load_model(self, model, tokenizer, train_pairs) -> tuple:
@@ -186,7 +206,8 @@ class DPOTrainer:
             self.trace_count += 1
 
         self.grad_step, self.apply_update, self.eval_step = build_steps(
-            self.model, self.optimizer, self.cfg, self.reductions, self.reference_source, on_trace=traced)
+            self.model, self.optimizer, self.cfg, self.reductions, self.reference_source, on_trace=traced,
+            group=self.group if self.ranks > 1 else None)
 
     def collate(self, pairs: List[TokenizedPair], indices: List[int]) -> Batch:
         """Pad ``pairs[indices]`` into a batch (shared-prefix layout when enabled)."""
@@ -209,7 +230,8 @@ class DPOTrainer:
             if pairs:
                 self.ref_cache[split], batches = precompute_reference_logps(
                     self.model, pairs, self.cfg, self.collate, reductions=self.reductions,
-                    model_path=self.model_path, split=split, log=self.log, initial=self.step == 0)
+                    model_path=self.model_path, split=split, log=self.log, initial=self.step == 0,
+                    group=self.group if self.ranks > 1 else None)
                 self.reference_forwards += batches
 
     # ------------------------------------------------------------------ evaluation
@@ -242,37 +264,50 @@ class DPOTrainer:
         """Train to ``state.max_steps``, checkpointing every ``save_steps`` and at the end.
         SIGINT/SIGTERM: finish the step, checkpoint, raise ``TrainingInterrupted``.
         The output directory is locked while it runs (a second run there is refused)."""
-        self.lock.acquire()
+        if self.main:
+            self.lock.acquire()
         try:
             return self._train()
         finally:
             self.lock.release()
 
     def _train(self) -> TrainResult:
-        self.state.log_history = prepare_output_dir(self.output_dir, self.step, self.resume_path is not None,
-                                                    self.cfg.overwrite_output_dir, self.log)
-        checkpoint.run_config(self.cfg).save(self.output_dir / "config.yaml")
+        if self.main:
+            self.state.log_history = prepare_output_dir(self.output_dir, self.step, self.resume_path is not None,
+                                                        self.cfg.overwrite_output_dir, self.log)
+            checkpoint.run_config(self.cfg).save(self.output_dir / "config.yaml")
         was_training = self.model.training
+        if self.ranks > 1:
+            self._start_watchdog()
         try:
             if self.precompute and self.use_reference:
-                self.precompute_reference()
+                with self._guard("the reference precompute"):
+                    self.precompute_reference()
             self.model.train()
             with checkpoint.StopSignals() as stop:
                 return self._train_loop(stop)
         except RuntimeError as e:
+            lost = distributed.peer_lost_message(e, self.rank, self.ranks) if self.ranks > 1 else None
+            if lost is not None and not isinstance(e, checkpoint.TrainingError):
+                raise DistributedError(f"{lost}. Stopped at step {self.step}; last checkpoint: "
+                                       f"{self._last_checkpoint()}") from None
             if isinstance(e, checkpoint.TrainingError) or not is_out_of_memory(e):
                 raise
             raise out_of_memory_error(self.step + 1, e, self._last_checkpoint()) from None
         finally:
             self.model.train(was_training)  # as loaded (mlx-lm: eval), so dropout is off for generation
+            if self.watchdog is not None:
+                self.watchdog.close()
+                self.watchdog = None
             self.callbacks.close()  # a bar or tracker left open by an exception
 
     def _train_loop(self, stop: checkpoint.StopSignals) -> TrainResult:
         cfg, state = self.cfg, self.state
         batches = iter(self.sampler)
-        self.log(f"training: {state.max_steps} steps, {len(self.train_pairs)} pairs, batch {cfg.batch_size} x "
-                 f"{cfg.gradient_accumulation_steps} accumulation, loss {cfg.loss_type}, reference "
-                 f"{self.reference_source or 'none'}")
+        self.stop_signals, self.stop_agreed = stop, False  # data parallel: every rank stops after the same step
+        self.log(f"training: {state.max_steps} steps, {len(self.train_pairs)} pairs, "
+                 f"{distributed.global_batch_message(cfg.batch_size, cfg.gradient_accumulation_steps, self.ranks)}"
+                 f", loss {cfg.loss_type}, reference {self.reference_source or 'none'}")
         warn_if_too_big(self.model, self.train_pairs, cfg.batch_size, self.prefix_sharing,
                         cfg.gradient_checkpointing, self.log)
         self.throughput = Throughput()
@@ -280,10 +315,11 @@ class DPOTrainer:
         if cfg.eval_on_start and state.step == 0 and self.eval_pairs:
             self._log_and_evaluate(start=True)
         while state.step < state.max_steps:
-            if stop.signum is not None:
+            if stop.signum is not None and (self.ranks == 1 or self.stop_agreed):
                 self._stop(stop.signum)
             tic = time.perf_counter()
-            accumulated = self._accumulate(batches)
+            with self._guard(f"step {state.step + 1}"):
+                accumulated = self._accumulate(batches)
             if accumulated is None:  # skipped: the step is retried on the next batches
                 continue
             grads, metrics, tokens = accumulated
@@ -331,6 +367,14 @@ class DPOTrainer:
                 metrics[k] = metrics.get(k, 0.0) + v / accum
             tokens += batch.num_tokens
         state.consecutive_skips = 0
+        if self.ranks > 1:  # every rank's tokens (for tokens/s) and stop signal: all stop after this step
+            signum = self.stop_signals.signum or 0
+            tokens, total, stopped = distributed.all_sum(mx.array([tokens, signum, int(signum > 0)]),
+                                                         self.group).tolist()
+            if stopped:
+                self.stop_agreed = True
+                peer = signal.SIGINT if total == signal.SIGINT * stopped else signal.SIGTERM
+                self.stop_signals.signum = signum or peer  # another rank's SIGINT/SIGTERM
         if accum > 1:
             grads_sum = tree_map(lambda g: g / accum, grads_sum)
         return grads_sum, metrics, tokens
@@ -379,13 +423,21 @@ class DPOTrainer:
         self.log(msg + f" Skipped ({self.state.skipped_steps} so far); step {self.step + 1} is retried on the next "
                  "batches.")
 
+    def _start_watchdog(self) -> None:
+        if self.watchdog is None:
+            self.watchdog = distributed.Watchdog(self.cfg.ddp_timeout, self.rank, self.ranks, self._last_checkpoint)
+
+    def _guard(self, what: str):
+        """The watchdog around a section with collectives (a no-op in one process)."""
+        return self.watchdog.guard(what) if self.watchdog is not None else contextlib.nullcontext()
+
     def _last_checkpoint(self) -> str:
         last = checkpoint.latest_checkpoint(self.output_dir)
         return f"{last} (resume with --resume)" if last else "none yet"
 
     def _stop(self, signum: int) -> None:
         """After SIGINT/SIGTERM: checkpoint, say how to resume, raise TrainingInterrupted."""
-        path = self.save_checkpoint()
+        path = self.save_checkpoint() or f"{self.output_dir} by rank 0"
         out = self.output_dir
         raise checkpoint.TrainingInterrupted(
             signum, f"{signal.Signals(signum).name}: stopped after step {self.step}; checkpoint saved to {path}. "
@@ -393,7 +445,10 @@ class DPOTrainer:
 
     # ------------------------------------------------------------------ saving
     def save_checkpoint(self) -> Path:
-        """``checkpoints/step-N``: everything needed to resume exactly (see :mod:`.checkpoint`)."""
+        """``checkpoints/step-N``: everything needed to resume exactly (see :mod:`.checkpoint`);
+        written by rank 0 only (``None`` on the others)."""
+        if not self.main:
+            return None
         path = checkpoint.save_checkpoint(self.output_dir, self.state, self.model, self.optimizer, self.cfg,
                                           self.adapter_config())
         self.log(f"checkpoint: {path}")
@@ -411,6 +466,8 @@ class DPOTrainer:
     def save(self, directory: Optional[Path] = None) -> Path:
         """Adapters in mlx-lm's format + resolved config."""
         directory = Path(directory or self.output_dir)
+        if not self.main:
+            return directory
         try:
             checkpoint.save_adapters(directory, self.model, self.cfg, self.adapter_config())
         except OSError as e:
