@@ -23,7 +23,7 @@ from mlx_dpo.config import ConfigError, DPOConfig
 from mlx_dpo.trainer import DPOTrainer, NonFiniteError
 
 QUIET = dict(log=lambda *a: None)
-TIMING = ("tokens_per_second", "peak_memory_gb")
+TIMING = ("tokens_per_second", "peak_memory_gb", "compiled_shapes", "compile_seconds")  # per process
 
 
 def cfg_for(model_dir, data_dir, out, **kw):

@@ -9,7 +9,7 @@ import mlx_dpo
 PACKAGE = Path(mlx_dpo.__file__).parent
 # Lowest first. A package (data/) is one entry; its own modules are checked the same way.
 LAYERS = [
-    "io", "hubnet", "coerce", "config", "toy", "schedule", "architectures", "data", "batching", "state", "quant", "adapters",
+    "io", "hubnet", "coerce", "config", "toy", "schedule", "architectures", "data", "shapes", "batching", "state", "quant", "adapters",
     "model", "prefix", "logprobs", "reduce", "losses", "steps", "perf", "reference", "checkpoint", "rundir",
     "faults", "callbacks", "trackers", "health", "preflight", "trainer", "plan", "verify", "formats", "hub", "export", "report",
     "lint", "audit", "generate", "cli", "__main__", "__init__",
