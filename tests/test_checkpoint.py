@@ -302,7 +302,9 @@ def test_cli_sigterm_saves_and_resume_finishes(llama_dir, toy_data_dir, tmp_path
             logged.append(line)
             break
     child.send_signal(signal.SIGTERM)
-    rest, err = child.communicate(timeout=60)
+    rest = child.stdout.read()  # the same reader: lines it buffered past "step=1" are not lost
+    err = child.stderr.read()
+    child.wait(timeout=60)
     assert child.returncode == 143, err
     assert "--resume" in err and "SIGTERM" in err
     logged += [line for line in rest.splitlines() if line.startswith("step=")]
