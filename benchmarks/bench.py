@@ -109,8 +109,8 @@ def worker(spec_path: str) -> None:
 
     def counting_collate(p, indices):
         batch = collate(p, indices)
-        if p is trainer.train_pairs:
-            padding[0], padding[1] = padding[0] + batch.slots, padding[1] + batch.filled
+        if p is trainer.train_pairs:  # (a checkout from before Batch.slots counts nothing)
+            padding[0], padding[1] = padding[0] + getattr(batch, "slots", 0), padding[1] + getattr(batch, "filled", 0)
         return batch
 
     trainer.collate = counting_collate
