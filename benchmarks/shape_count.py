@@ -46,9 +46,9 @@ def epoch(pairs, batch_size, prefix, args):
         make = lambda g: old.collate([pairs[i] for i in g], g, prefix=prefix)  # noqa: E731
     else:
         from mlx_dpo.batching import BatchSampler, collate
-        from mlx_dpo.shapes import ShapePlan
+        from mlx_dpo.shapes import MIN_BATCHES_PER_SHAPE, ShapePlan
 
-        plan = ShapePlan(pairs, prefix, args.max_batch_shapes)
+        plan = ShapePlan(pairs, prefix, args.max_batch_shapes, min_pairs=MIN_BATCHES_PER_SHAPE * batch_size)
         groups = BatchSampler(pairs, batch_size, 0, shapes=plan).epoch_batches(0)
         make = lambda g: collate([pairs[i] for i in g], g, prefix=prefix,  # noqa: E731
                                  shape=plan.cell([pairs[i] for i in g]))

@@ -9,8 +9,8 @@ A batch pads to a *cell* ``(a, b)`` that holds all its pairs. :func:`plan_cells`
 picks at most ``max_cells`` cells for a data set: each pair's dims are rounded up to
 ``bucket_length(., 16)`` (<= 25% padding per dim), then the two cells whose merge
 (their componentwise max) adds the least padded work, ``count x (w_a a + w_b b)``,
-are merged until ``max_cells - 1`` are left, and the cell holding every pair is
-added. The weights are the relative cost of a padded column: unshared, ``L`` runs
+are merged until ``max_cells - 1`` are left and each holds ``min_pairs`` (the trainer:
+``MIN_BATCHES_PER_SHAPE`` batches' worth), and the cell holding every pair is added. The weights are the relative cost of a padded column: unshared, ``L`` runs
 the whole model on 2 rows and ``T`` only the LM head (``w = (1, 1/4)``); shared,
 ``P`` runs on 1 row and ``C`` on 2 (``w = (1, 2)``). So a run traces at most
 ``max_cells`` train shapes, whatever the lengths (and batch sizes: batches are full).
@@ -23,6 +23,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 
 Cell = Tuple[int, int]
+MIN_BATCHES_PER_SHAPE = 4  # a shape compiles the step (~seconds to a minute on a CPU): worth it for a few batches
 WEIGHTS = {False: (1.0, 0.25), True: (1.0, 2.0)}
 
 
@@ -46,20 +47,27 @@ def cell_cost(cell: Sequence[int], prefix: bool) -> float:
     return wa * cell[0] + wb * cell[1]
 
 
-def plan_cells(dims: np.ndarray, prefix: bool, max_cells: int) -> List[Cell]:
-    """At most ``max_cells`` cells covering ``dims`` (N, 2), cheapest first (module docstring)."""
+def plan_cells(dims: np.ndarray, prefix: bool, max_cells: int, min_pairs: int = 1) -> List[Cell]:
+    """At most ``max_cells`` cells covering ``dims`` (N, 2), cheapest first (module docstring);
+    merging goes on while a cell holds fewer than ``min_pairs`` pairs (each shape costs a
+    compile, worth it only for a few batches)."""
     fine = np.array([[bucket_length(int(a), 16), bucket_length(int(b), 16)] for a, b in dims], dtype=np.int64)
     top = tuple(int(x) for x in fine.max(axis=0))
     cells, counts = np.unique(fine, axis=0, return_counts=True)
     cells, counts = cells.astype(np.float64), counts.astype(np.float64)
     w = np.array(WEIGHTS[prefix])
     alive = np.ones(len(cells), dtype=bool)
-    while alive.sum() > max(1, max_cells - 1):
+    while alive.sum() > 1:
         idx = np.flatnonzero(alive)
         c, n = cells[idx], counts[idx]
+        small = n < min_pairs
+        if len(idx) <= max(1, max_cells - 1) and not small.any():
+            break
         merged = np.maximum(c[:, None, :], c[None, :, :]) @ w  # (k, k) cost of the merged cell
         own = c @ w
         added = (n[:, None] + n[None, :]) * merged - (n * own)[:, None] - (n * own)[None, :]
+        if len(idx) <= max(1, max_cells - 1):  # within the bound: only merges that fill a small cell
+            added[~(small[:, None] | small[None, :])] = np.inf
         np.fill_diagonal(added, np.inf)
         i, j = np.unravel_index(np.argmin(added), added.shape)
         a, b = idx[i], idx[j]
@@ -72,9 +80,9 @@ def plan_cells(dims: np.ndarray, prefix: bool, max_cells: int) -> List[Cell]:
 class ShapePlan:
     """The cells of a run (:func:`plan_cells` over the training pairs) and the cell of a batch."""
 
-    def __init__(self, pairs: list, prefix: bool, max_cells: int):
+    def __init__(self, pairs: list, prefix: bool, max_cells: int, min_pairs: int = 1):
         self.prefix, self.max_cells = prefix, max_cells
-        self.cells = plan_cells(np.array([pair_dims(p, prefix) for p in pairs]), prefix, max_cells)
+        self.cells = plan_cells(np.array([pair_dims(p, prefix) for p in pairs]), prefix, max_cells, min_pairs)
 
     def cell(self, pairs: list) -> Cell:
         """The cheapest cell that holds every pair of ``pairs``; pairs longer than every

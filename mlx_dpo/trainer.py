@@ -45,7 +45,7 @@ from .preflight import warn_unused_settings
 from .reference import precompute_reference_logps
 from .rundir import METRICS_FILE, RunLock, check_output_dir, check_resume, prepare_output_dir
 from .schedule import build_schedule
-from .shapes import ShapePlan
+from .shapes import MIN_BATCHES_PER_SHAPE, ShapePlan
 from .state import TrainState
 from .steps import build_steps, reference_logps
 from .trackers import tracker_callbacks
@@ -99,7 +99,8 @@ class DPOTrainer:
         self.reductions = losses.reductions(cfg)
         if len(self.train_pairs) < cfg.batch_size:
             raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(self.train_pairs)} training pairs")
-        self.shapes = ShapePlan(self.train_pairs, self.prefix_sharing, cfg.max_batch_shapes)
+        self.shapes = ShapePlan(self.train_pairs, self.prefix_sharing, cfg.max_batch_shapes,
+                                min_pairs=MIN_BATCHES_PER_SHAPE * cfg.batch_size)
         self.sampler = BatchSampler(self.train_pairs, cfg.batch_size, cfg.seed, shapes=self.shapes)
         self._build_optimizer()
         self.state = TrainState(max_steps=self.total_steps, num_batches=len(self.sampler),

@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten
 
 from mlx_dpo import trainer as trainer_module
 from mlx_dpo.batching import BatchSampler
-from mlx_dpo.shapes import ShapePlan
+from mlx_dpo.shapes import ShapePlan, bucket_length
 from mlx_dpo.toy import lognormal_lengths
 from mlx_dpo.config import DPOConfig
 from mlx_dpo.data import TokenizedPair
@@ -265,3 +265,12 @@ def test_plan_suggests_gradient_checkpointing_when_activations_dominate(llama_di
     assert advice(1024, ckpt=True) is None  # already on
     short = static_memory_estimate(model, 8, 4)
     assert short["activations"] < 0.5 * short["total"] and advice(4) is None  # weights dominate
+
+
+def test_a_small_data_set_gets_few_shapes():
+    """Each shape is a compile: with min_pairs, no cell is kept for fewer pairs than that."""
+    pairs = [TokenizedPair([1] * p, [5] * c, [6] * r) for p, c, r in lognormal_lengths(32, seed=0)]
+    many, few = ShapePlan(pairs, True, 16).cells, ShapePlan(pairs, True, 16, min_pairs=16).cells
+    assert len(many) > 8 and len(few) <= 2
+    assert few[-1] == (max(bucket_length(len(p.prompt), 16) for p in pairs),
+                       max(bucket_length(max(len(p.chosen), len(p.rejected)), 16) for p in pairs))
