@@ -1,10 +1,13 @@
 """Throughput / memory benchmark: mlx-dpo beside mlx-lm-lora and TRL+PEFT.
 
     python benchmarks/bench.py --size medium --peers
+    python benchmarks/bench.py --lengths ultrafeedback --size small --pairs 64 --peers
 
 Builds random-weight Llama models in HF format (``toy.build_toy_model``, the toy BPE
-tokenizer's vocabulary padded to 8192), random token-id preference pairs (prompt and
-completions ~N(len, 8 tokens) long, ending in EOS), and trains LoRA r8/alpha16 on
+tokenizer's vocabulary padded to 8192; or ``--model DIR``, an MLX/HF model directory),
+random token-id preference pairs (``--lengths normal``: prompt and completions ~N(len,
+8 tokens) long; ``ultrafeedback``: lognormal, long-tailed lengths up to ``--max-length``,
+``toy.ULTRAFEEDBACK_LENGTHS``; all ending in EOS), and trains LoRA r8/alpha16 on
 q,k,v,o for ``warmup + steps`` steps at ``batch`` pairs per step, float32. Every run
 is its own subprocess: peak RSS is that child's ``ru_maxrss`` (``os.wait4``).
 tokens/s counts the real tokens of both sequences of a pair (prompt included twice)
@@ -46,26 +49,39 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 
 
+def pair_lengths(args, n: int, rng) -> list:
+    """(prompt, chosen, rejected) token lengths, EOS and BOS included."""
+    if args.lengths == "ultrafeedback":
+        from mlx_dpo.toy import lognormal_lengths
+
+        return [(max(p, 2), c, r) for p, c, r in lognormal_lengths(n, seed=0, max_length=args.max_length - 1)]
+    draw = lambda mean: max(2, int(rng.normal(mean, 8)))  # noqa: E731
+    return [(draw(args.prompt_len), draw(args.completion_len), draw(args.completion_len)) for _ in range(n)]
+
+
 def build_inputs(work: Path, size: str, args) -> dict:
     from mlx_dpo.toy import build_toy_model
 
-    model = work / f"model-{size}"
-    if not (model / "model.safetensors").exists():
-        build_toy_model(model, arch="llama", vocab_size=8192, **SIZES[size])
+    if args.model:  # a real model (e.g. converted from a GGUF): its vocabulary, its weights
+        model, vocab = Path(args.model), json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+    else:
+        model, vocab = work / f"model-{size}", 8192
+        if not (model / "model.safetensors").exists():
+            build_toy_model(model, arch="llama", vocab_size=vocab, **SIZES[size])
     rng = np.random.default_rng(0)
-    n = (args.steps + args.warmup) * args.batch
+    n = args.pairs or (args.steps + args.warmup) * args.batch
     eos = 2
-
-    def seq(mean):
-        return [int(x) for x in rng.integers(4, 8192, max(2, int(rng.normal(mean, 8))) - 1)]
-
-    pairs = [{"prompt": [1] + seq(args.prompt_len), "chosen": seq(args.completion_len) + [eos],
-              "rejected": seq(args.completion_len) + [eos]} for _ in range(n)]
-    data = work / f"pairs-{args.prompt_len}-{args.completion_len}-{n}.json"
+    ids = lambda k: [int(x) for x in rng.integers(4, vocab, k)]  # noqa: E731
+    pairs = [{"prompt": [1] + ids(p - 1), "chosen": ids(c - 1) + [eos], "rejected": ids(r - 1) + [eos]}
+             for p, c, r in pair_lengths(args, n, rng)]
+    data = work / f"pairs-{args.lengths}-{args.prompt_len}-{args.completion_len}-{n}-{vocab}.json"
     data.write_text(json.dumps(pairs))
-    tokens_per_pair = float(np.mean([2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs]))
-    return {"model": str(model), "data": str(data), "tokens_per_pair": tokens_per_pair, "steps": args.steps,
-            "warmup": args.warmup, "batch_size": args.batch, "lora_rank": 8, "lora_alpha": 16, "targets": TARGETS}
+    tokens = [2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs]
+    whole = args.lengths == "ultrafeedback"  # one epoch, timed end to end
+    return {"model": str(model), "data": str(data), "tokens_per_pair": float(np.mean(tokens)),
+            "total_tokens": int(sum(tokens[: n // args.batch * args.batch])), "whole_epoch": whole,
+            "steps": n // args.batch if whole else args.steps, "warmup": 0 if whole else args.warmup,
+            "batch_size": args.batch, "lora_rank": 8, "lora_alpha": 16, "targets": TARGETS}
 
 
 def worker(spec_path: str) -> None:
@@ -88,16 +104,30 @@ def worker(spec_path: str) -> None:
     trainer = DPOTrainer(cfg, model, tok, pairs, [], log=lambda *a: None)
     import time
 
+    padding = [0, 0]  # input positions, real tokens of the batches trained on
+    collate = trainer.collate
+
+    def counting_collate(p, indices):
+        batch = collate(p, indices)
+        if p is trainer.train_pairs:  # (a checkout from before Batch.slots counts nothing)
+            padding[0], padding[1] = padding[0] + getattr(batch, "slots", 0), padding[1] + getattr(batch, "filled", 0)
+        return batch
+
+    trainer.collate = counting_collate
     tic = time.perf_counter()
     if trainer.precompute and trainer.use_reference:
         trainer.precompute_reference()
         trainer.precompute_reference = lambda: None
     precompute_s = time.perf_counter() - tic
     trainer.train()
+    wall = time.perf_counter() - tic
     t = trainer.throughput
+    tps = spec["total_tokens"] / wall if spec["whole_epoch"] else t.tokens_per_second
     peak = gemm_peak_gflops()
     print("BENCH_RESULT " + json.dumps({
-        "tokens_per_second": t.tokens_per_second, "gemm_peak_gflops": peak, "precompute_seconds": precompute_s,
+        "tokens_per_second": tps, "gemm_peak_gflops": peak, "precompute_seconds": precompute_s,
+        "compiled_shapes": getattr(trainer, "trace_count", None), "compile_seconds": getattr(trainer, "compile_seconds", None),
+        "padding_fraction": 1 - padding[1] / max(padding[0], 1) if padding[0] else None,
         "flops_per_token": __import__("mlx_dpo.perf", fromlist=["x"]).flops_per_token(
             trainer.model, trainer.use_reference and not trainer.precompute),
         "mlx_peak_gb": mx.get_peak_memory() / 1e9}), flush=True)
@@ -132,6 +162,12 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--lengths", choices=["normal", "ultrafeedback"], default="normal",
+                    help="normal: N(--prompt-len / --completion-len, 8); ultrafeedback: lognormal, one epoch")
+    ap.add_argument("--pairs", type=int, default=0, help="pairs in the data (default (steps + warmup) x batch)")
+    ap.add_argument("--max-length", type=int, default=1024, help="ultrafeedback: longest prompt + completion")
+    ap.add_argument("--model", default=None, help="a model directory instead of the random toy Llama")
+    ap.add_argument("--src", default=str(ROOT.parent), help="the mlx_dpo checkout the mlx-dpo runs import")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--completion-len", type=int, default=64)
     ap.add_argument("--variants", default=",".join(list(VARIANTS)[:3]), help="comma-separated mlx-dpo variants")
@@ -149,7 +185,7 @@ def main(argv=None):
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT.parent))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=args.src)
     if os.path.exists(OPENBLAS):
         env["LD_PRELOAD"] = OPENBLAS
     results = []
@@ -179,13 +215,13 @@ def main(argv=None):
 
 def print_table(results: list) -> None:
     peak = next((r["gemm_peak_gflops"] for r in results if "gemm_peak_gflops" in r), None)
-    print("\n| size | run | tokens/s | x mlx-lm-lora | x TRL | peak RSS MB | MFU |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("\n| size | run | tokens/s | x mlx-lm-lora | x TRL | peak RSS MB | MFU | shapes | compile s | padding |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         same = [x for x in results if x["size"] == r["size"] and "tokens_per_second" in x]
         ref = {x["name"]: x["tokens_per_second"] for x in same}
         if "tokens_per_second" not in r:
-            print(f"| {r['size']} | {r['name']} | failed | | | | |")
+            print(f"| {r['size']} | {r['name']} | failed | | | | | | | |")
             continue
         tps = r["tokens_per_second"]
         lora = f"{tps / ref['mlx-lm-lora']:.2f}" if "mlx-lm-lora" in ref else ""
@@ -196,7 +232,11 @@ def print_table(results: list) -> None:
             base_fe = 3 if "precompute" not in next(x["name"] for x in same if "flops_per_token" in x) else 2
             fpt = fpt / base_fe * (3 if live else 2)
         mfu = f"{100 * tps * fpt / (peak * 1e9):.0f}%" if fpt and peak else ""
-        print(f"| {r['size']} | {r['name']} | {tps:.0f} | {lora} | {trl} | {r['peak_rss_mb']:.0f} | {mfu} |")
+        extra = [str(r["compiled_shapes"]) if r.get("compiled_shapes") is not None else "",
+                 f"{r['compile_seconds']:.1f}" if r.get("compile_seconds") is not None else "",
+                 f"{100 * r['padding_fraction']:.1f}%" if r.get("padding_fraction") is not None else ""]
+        print(f"| {r['size']} | {r['name']} | {tps:.0f} | {lora} | {trl} | {r['peak_rss_mb']:.0f} | {mfu} | "
+              + " | ".join(extra) + " |")
     if peak:
         print(f"\nfloat32 GEMM peak (probe, 1024^3): {peak:.0f} GFLOP/s")
 

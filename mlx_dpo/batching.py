@@ -1,9 +1,10 @@
-"""Batches of preference pairs: length-grouped, resumable order, bucketed shapes.
+"""Batches of preference pairs: bounded shapes, resumable seeded order.
 
 Each pair's chosen and rejected sequences go through ONE forward pass: a batch of
 ``B`` pairs is a ``(2B, L)`` token array, rows ``[0:B]`` = prompt + chosen and rows
-``[B:2B]`` = prompt + rejected, right-padded. Lengths are rounded up to a small
-set of buckets so ``mx.compile`` sees a handful of shapes per run, not one per step.
+``[B:2B]`` = prompt + rejected, right-padded. Batches pad to one of the few cells of a
+:class:`~mlx_dpo.shapes.ShapePlan` (at most ``max_batch_shapes``), so ``mx.compile``
+traces a small bounded number of shapes per run, whatever the lengths.
 
 With ``prefix=True`` the batch holds each prompt once instead (see ``prefix.py``):
 ``prompt`` (B, P) left-padded, ``prompt_lens`` (B,) and ``completion`` (2B, T - 1).
@@ -11,22 +12,13 @@ With ``prefix=True`` the batch holds each prompt once instead (see ``prefix.py``
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from .data import TokenizedPair
-
-
-def bucket_length(n: int, minimum: int = 32) -> int:
-    """Round ``n`` up to the next bucket: multiples of ``minimum`` up to 4x it, then
-    steps of an eighth of the next power of two (at most 25% padding)."""
-    if n <= 4 * minimum:
-        return max(minimum, math.ceil(n / minimum) * minimum)
-    step = 2 ** (math.ceil(math.log2(n)) - 3)
-    return math.ceil(n / step) * step
+from .shapes import ShapePlan, bucket_length
 
 
 @dataclass
@@ -50,10 +42,16 @@ class Batch:
     prompt: Optional[np.ndarray] = None
     prompt_lens: Optional[np.ndarray] = None
     completion: Optional[np.ndarray] = None
+    slots: int = 0  # input positions the forward runs (real + padding)
+    filled: int = 0  # of which real tokens
 
     @property
     def num_pairs(self) -> int:
         return self.targets.shape[0] // 2
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - self.filled / max(self.slots, 1)
 
     def arrays(self) -> Dict[str, np.ndarray]:
         keys = ("prompt", "prompt_lens", "completion") if self.prompt is not None else ("tokens", "positions")
@@ -61,17 +59,19 @@ class Batch:
 
 
 def collate(pairs: List[TokenizedPair], indices: List[int], pad_id: int = 0, bucket: int = 32,
-            prefix: bool = False) -> Batch:
+            prefix: bool = False, shape: Optional[Tuple[int, int]] = None) -> Batch:
+    """Pad ``pairs`` to ``shape`` (a cell: ``(L, T)``, or ``(P, C)`` with ``prefix``), or
+    without one to their own widths rounded up by :func:`~mlx_dpo.shapes.bucket_length`."""
     empty = [i for i, p in zip(indices, pairs) if not p.prompt]
     if empty:  # position len(prompt) - 1 would be -1: the first completion token scored from padding
         raise ValueError(f"pairs {empty[:5]} have an empty prompt; the first completion token needs at least one "
                          "prompt token (e.g. BOS) to be scored (tokenize_pairs drops such pairs)")
     if prefix:
-        return collate_prefix(pairs, indices, pad_id, bucket)
+        return collate_prefix(pairs, indices, pad_id, bucket, shape)
     rows = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
     # Inputs are the sequence minus its last token; hidden state t predicts token t + 1.
-    seq_len = bucket_length(max(len(a) + len(b) for a, b in rows) - 1, bucket)
-    comp_len = bucket_length(max(len(b) for _, b in rows), min(bucket, 16))
+    seq_len, comp_len = shape or (bucket_length(max(len(a) + len(b) for a, b in rows) - 1, bucket),
+                                  bucket_length(max(len(b) for _, b in rows), min(bucket, 16)))
     n = len(rows)
     tokens = np.full((n, seq_len), pad_id, dtype=np.int32)
     positions = np.zeros((n, comp_len), dtype=np.int32)
@@ -86,15 +86,17 @@ def collate(pairs: List[TokenizedPair], indices: List[int], pad_id: int = 0, buc
         targets[i, :k] = completion
         mask[i, :k] = 1.0
         num_tokens += len(seq)
-    return Batch(tokens, positions, targets, mask, np.asarray(indices, dtype=np.int64), num_tokens)
+    return Batch(tokens, positions, targets, mask, np.asarray(indices, dtype=np.int64), num_tokens,
+                 slots=tokens.size, filled=num_tokens - n)
 
 
-def collate_prefix(pairs: List[TokenizedPair], indices: List[int], pad_id: int = 0, bucket: int = 32) -> Batch:
+def collate_prefix(pairs: List[TokenizedPair], indices: List[int], pad_id: int = 0, bucket: int = 32,
+                   shape: Optional[Tuple[int, int]] = None) -> Batch:
     """Shared-prefix layout: prompts once, left-padded to a bucketed ``P``; chosen then
     rejected completions (minus the last token) right-padded to ``T - 1``."""
     completions = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    p_len = bucket_length(max(len(p.prompt) for p in pairs), min(bucket, 16))
-    comp_len = bucket_length(max(len(c) for c in completions), min(bucket, 16))
+    p_len, comp_len = shape or (bucket_length(max(len(p.prompt) for p in pairs), min(bucket, 16)),
+                                bucket_length(max(len(c) for c in completions), min(bucket, 16)))
     b, n = len(pairs), len(completions)
     prompt = np.full((b, p_len), pad_id, dtype=np.int32)
     for i, p in enumerate(pairs):
@@ -107,9 +109,10 @@ def collate_prefix(pairs: List[TokenizedPair], indices: List[int], pad_id: int =
         targets[i, : len(c)] = c
         mask[i, : len(c)] = 1.0
     num_tokens = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+    filled = sum(len(p.prompt) for p in pairs) + sum(len(c) - 1 for c in completions)
     return Batch(None, None, targets, mask, np.asarray(indices, dtype=np.int64), num_tokens,
                  prompt=prompt, prompt_lens=np.array([len(p.prompt) for p in pairs], dtype=np.int32),
-                 completion=completion)
+                 completion=completion, slots=prompt.size + completion.size, filled=filled)
 
 
 @dataclass
@@ -120,16 +123,21 @@ class SamplerState:
 
 
 class BatchSampler:
-    """Pairs grouped by length into batches of exactly ``batch_size`` (the remainder of
-    an epoch is dropped, as mlx-lm does); the batch order is shuffled per epoch with
-    ``seed + epoch``, so the order can be resumed exactly from ``(epoch, index)``.
+    """Batches of exactly ``batch_size`` pairs that share a cell of ``shapes`` (a
+    :class:`~mlx_dpo.shapes.ShapePlan`; default: one over ``pairs`` with 16 cells).
+
+    Epoch ``e`` is a pure function of ``seed + e``: each cell's pairs are shuffled and cut
+    into batches; the < ``batch_size`` left over in each cell are pooled, shuffled and cut
+    too (they pad to a cell holding them all), the last < ``batch_size`` of the pool are
+    dropped (different pairs each epoch), and the batch order is shuffled. So the order
+    resumes exactly from ``(epoch, index)`` and every epoch has the same length.
 
     Data parallel: the global micro-batches hold ``batch_size * ranks`` pairs (the batches
     one process with that batch size walks over, in the same order) and rank ``rank``
     yields its ``batch_size`` of each, ``[rank * batch_size, (rank + 1) * batch_size)``."""
 
     def __init__(self, pairs: List[TokenizedPair], batch_size: int, seed: int, shuffle: bool = True,
-                 rank: int = 0, ranks: int = 1):
+                 shapes: Optional[ShapePlan] = None, rank: int = 0, ranks: int = 1):
         self.rank, self.per_rank = rank, batch_size
         batch_size *= ranks
         if len(pairs) < batch_size:
@@ -138,22 +146,39 @@ class BatchSampler:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.state = SamplerState(seed=seed)
-        order = sorted(range(len(pairs)), key=lambda i: (pairs[i].length, i))
-        self.groups = [order[i: i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+        self.shapes = shapes or ShapePlan(pairs, prefix=False, max_cells=16)
+        cell_of = np.array(self.shapes.assign(pairs))
+        self.members = [np.flatnonzero(cell_of == k) for k in range(len(self.shapes.cells))]
+        leftover = sum(len(m) % batch_size for m in self.members)
+        self.num_batches = sum(len(m) // batch_size for m in self.members) + leftover // batch_size
+        self._epoch: Optional[Tuple[int, List[List[int]]]] = None
 
     def __len__(self) -> int:
-        return len(self.groups)
+        return self.num_batches
 
-    def epoch_order(self, epoch: int) -> List[int]:
-        if not self.shuffle:
-            return list(range(len(self.groups)))
-        return list(np.random.default_rng(self.state.seed + epoch).permutation(len(self.groups)))
+    def epoch_batches(self, epoch: int) -> List[List[int]]:
+        """The batches of ``epoch``, in order (see the class docstring)."""
+        if self._epoch is not None and self._epoch[0] == epoch:
+            return self._epoch[1]
+        rng = np.random.default_rng(self.state.seed + epoch)
+        mix = rng.permutation if self.shuffle else np.asarray
+        b, batches, pool = self.batch_size, [], []
+        for members in self.members:
+            members = mix(members)
+            full = len(members) // b * b
+            batches += [members[i: i + b].tolist() for i in range(0, full, b)]
+            pool += members[full:].tolist()
+        pool = mix(np.array(pool, dtype=np.int64))
+        batches += [pool[i: i + b].tolist() for i in range(0, len(pool) // b * b, b)]
+        order = mix(np.arange(len(batches)))
+        self._epoch = (epoch, [batches[i] for i in order])
+        return self._epoch[1]
 
     def __iter__(self) -> Iterator[List[int]]:
         while True:
-            order = self.epoch_order(self.state.epoch)
-            while self.state.index < len(order):
-                group = self.groups[order[self.state.index]]
+            batches = self.epoch_batches(self.state.epoch)
+            while self.state.index < len(batches):
+                group = batches[self.state.index]
                 self.state.index += 1
                 yield group[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
             self.state.epoch += 1

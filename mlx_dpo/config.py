@@ -209,6 +209,9 @@ class DPOConfig:
                        resume="match", keys=("data_cache", "card"))
     prefix_sharing: str = option("auto", "auto / true / false: run each pair's prompt once for both completions.",
                                  "optim", keys=("ref_cache",))
+    max_batch_shapes: int = option(16, "At most this many padded batch shapes per run (each compiles the step "
+                                   "once): batches group pairs that pad to the same one (mlx_dpo/shapes.py).",
+                                   "optim", resume="match")
     skip_nonfinite_steps: bool = option(False, "Skip (and retry) a step whose loss or gradients are not finite, "
                                         "instead of stopping.", "optim")
     ddp_timeout: float = option(1800.0, "Data parallel (mlx.launch): seconds a step may wait for the other ranks "
@@ -323,7 +326,7 @@ def _check_ranges(cfg: DPOConfig) -> None:
     if cfg.max_steps == 0 or cfg.max_steps < -1:
         raise ConfigError(f"max_steps must be -1 (train num_train_epochs) or >= 1, got {cfg.max_steps}")
     for name in ("lora_rank", "batch_size", "gradient_accumulation_steps", "logging_steps",
-                 "ref_model_sync_steps"):
+                 "ref_model_sync_steps", "max_batch_shapes"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     for name in ("eval_batch_size", "precompute_ref_batch_size", "max_prompt_length", "max_completion_length",

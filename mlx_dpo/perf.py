@@ -8,12 +8,17 @@
 - ``static_memory_estimate(...)``: weights + adapter/optimizer state + activations,
   a cheap formula used by ``train`` to warn before it starts.
 - ``Throughput``: tokens/s of a run after its warm-up steps.
+- ``reference_blas_warning()``: on Linux, MLX's CPU wheel ships the netlib reference
+  BLAS (~3 GFLOP/s); a preloaded OpenBLAS (or MKL/BLIS) is ~40x faster. Detected from
+  the libraries mapped into this process (``/proc/self/maps``).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import platform
+import sys
 import time
 from typing import Dict, Optional
 
@@ -94,6 +99,38 @@ def static_memory_estimate(model: nn.Module, batch_size: int, seq_len: int, prom
     total = weights + trainable + activations + logits
     return {"weights": weights, "trainable_state": trainable, "activations": activations, "logits": logits,
             "total": total}
+
+
+FAST_BLAS = ("openblas", "libmkl", "blis")
+NOT_MLX = ("numpy.libs", "scipy_openblas", "scipy.libs", "torch/lib")  # other packages' private copies
+OPENBLAS_PATH = "/usr/lib/{arch}-linux-gnu/openblas-pthread/libblas.so.3"
+
+
+def reference_blas_warning(maps: Optional[str] = None, system: Optional[str] = None,
+                           device: Optional[str] = None) -> Optional[str]:
+    """A one-line warning with the fix when MLX computes on a reference BLAS, else None.
+
+    On Linux's CPU backend: a ``libblas`` among the libraries mapped into this process
+    (``maps``, default ``/proc/self/maps``; MLX's wheel bundles the netlib one) and no fast
+    BLAS (numpy's and torch's private OpenBLAS copies do not count: MLX cannot use them).
+    A file, not a timing: a GEMM probe on a loaded 2-core machine measured OpenBLAS at
+    256^3 only 4x above the reference BLAS. ``system``/``device``: default this machine's."""
+    if not (system or sys.platform).startswith("linux") or "cpu" not in (device or str(mx.default_device())):
+        return None
+    if maps is None:
+        try:
+            with open("/proc/self/maps") as f:
+                maps = f.read()
+        except OSError:
+            return None
+    paths = {line.split()[-1].lower() for line in maps.splitlines() if "/" in line}
+    paths = {p for p in paths if not any(x in p for x in NOT_MLX)}
+    if not any("libblas" in p for p in paths) or any(n in p for p in paths for n in FAST_BLAS):
+        return None
+    path = OPENBLAS_PATH.format(arch=platform.machine())
+    step = "" if os.path.exists(path) else "apt-get install libopenblas0-pthread, then "
+    return (f"warning: MLX runs on the reference BLAS here (~3 GFLOP/s, ~40x slower matmuls); {step}start with "
+            f"LD_PRELOAD={path} (e.g. export LD_PRELOAD={path})")
 
 
 class Throughput:

@@ -2,7 +2,9 @@
 
 ``plan(cfg)``: a few timed steps at the configured batch size and one smaller, a
 linear fit of measured peak memory in the batch size, and the largest batch that
-fits ``memory_budget_gb``. The figures themselves come from :mod:`.perf`.
+fits ``memory_budget_gb``; the run's padded batch shapes (each compiles the step once)
+and the padding of an epoch; a suggestion of ``gradient_checkpointing`` when the
+activations dominate the estimated memory. The figures themselves come from :mod:`.perf`.
 
 Data parallel (``ranks`` > 1, default: the ranks this process was launched with): the
 memory figures are per rank (each holds the model and ``batch_size`` pairs); the step adds a
@@ -21,7 +23,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from . import distributed
-from .perf import flops_per_token, gemm_peak_gflops, mfu, system_memory_bytes
+from .perf import flops_per_token, gemm_peak_gflops, mfu, static_memory_estimate, system_memory_bytes
+
+ACTIVATIONS_DOMINATE = 0.5  # share of the estimated peak above which gradient_checkpointing is suggested
 
 
 def _timed_steps(trainer, batch_size: int, steps: int, warmup: int = 2) -> Dict[str, float]:
@@ -32,7 +36,7 @@ def _timed_steps(trainer, batch_size: int, steps: int, warmup: int = 2) -> Dict[
     arrays = trainer.to_device(batch)
     trainer.model.train()  # as in training (lora_dropout on); mlx-lm loads models in eval mode
     mx.reset_peak_memory()
-    seconds = 0.0
+    seconds, first = 0.0, 0.0
     for i in range(warmup + steps):
         tic = time.perf_counter()
         loss, _, _, grads, _ = trainer.grad_step(arrays, trainer.loss_state)
@@ -40,8 +44,38 @@ def _timed_steps(trainer, batch_size: int, steps: int, warmup: int = 2) -> Dict[
         mx.eval(loss, norm, trainer.model.trainable_parameters(), trainer.optimizer.state)
         if i >= warmup:
             seconds += time.perf_counter() - tic
+        elif i == 0:
+            first = time.perf_counter() - tic
     return {"batch_size": batch_size, "peak_bytes": mx.get_peak_memory(),
-            "tokens_per_second": steps * batch.num_tokens / seconds, "seconds_per_step": seconds / steps}
+            "tokens_per_second": steps * batch.num_tokens / seconds, "seconds_per_step": seconds / steps,
+            "compile_seconds": max(0.0, first - seconds / steps)}  # the first step's extra time: its trace
+
+
+def epoch_padding(trainer) -> float:
+    """Padding share of the input positions over the first epoch's training batches."""
+    slots = filled = 0
+    for indices in trainer.sampler.epoch_batches(0):
+        batch = trainer.collate(trainer.train_pairs, indices)
+        slots, filled = slots + batch.slots, filled + batch.filled
+    return 1.0 - filled / max(slots, 1)
+
+
+def checkpointing_advice(trainer) -> Optional[str]:
+    """Suggest ``gradient_checkpointing`` when activations are most of the estimated peak
+    (:func:`~mlx_dpo.perf.static_memory_estimate` for the longest batch)."""
+    cfg = trainer.cfg
+    if cfg.gradient_checkpointing:
+        return None
+    longest = max(trainer.train_pairs, key=lambda p: p.length)
+    seq = len(longest.prompt) + max(len(longest.chosen), len(longest.rejected))
+    prompt = len(longest.prompt) if trainer.prefix_sharing else 0
+    est = static_memory_estimate(trainer.model, cfg.batch_size, seq, prompt)
+    if est["activations"] <= ACTIVATIONS_DOMINATE * est["total"]:
+        return None
+    ckpt = static_memory_estimate(trainer.model, cfg.batch_size, seq, prompt, gradient_checkpointing=True)
+    return (f"  suggestion: gradient_checkpointing: true -- activations are ~{est['activations'] / 1e9:.2f} of "
+            f"~{est['total'] / 1e9:.2f} GB estimated for the longest batch; with it ~{ckpt['total'] / 1e9:.2f} GB "
+            f"(~30% slower steps)")
 
 
 def plan(cfg, memory_budget_gb: Optional[float] = None, steps: int = 3, log=print,
@@ -83,6 +117,10 @@ def plan(cfg, memory_budget_gb: Optional[float] = None, steps: int = 3, log=prin
         "max_batch_size": max_batch,
         "fits": main["peak_bytes"] <= budget,
         **_data_parallel(trainer, cfg, ranks or distributed.size(), main["seconds_per_step"]),
+        "compiled_shapes": len(trainer.shapes.cells),
+        "compile_seconds_per_shape": main["compile_seconds"],
+        "padding_fraction": epoch_padding(trainer),
+        "suggestion": checkpointing_advice(trainer),
     }
     log(f"plan: {result['parameters'] / 1e6:.1f}M params, batch {bs} (longest pair {longest} tokens), "
         f"prefix sharing {'on' if trainer.prefix_sharing else 'off'}")
@@ -95,6 +133,11 @@ def plan(cfg, memory_budget_gb: Optional[float] = None, steps: int = 3, log=prin
     log(f"  ranks:  {n}, {distributed.global_batch_message(bs, cfg.gradient_accumulation_steps, n)}; memory above "
         f"is per rank; all-reduce {mb:.2f} MB per step" + ("; step " + ", ".join(
             f"{s:.3f} s on {link}" for link, s in result["seconds_per_step"].items()) if n > 1 else ""))
+    log(f"  shapes: {result['compiled_shapes']} padded batch shapes (max_batch_shapes {cfg.max_batch_shapes}), "
+        f"~{result['compile_seconds_per_shape']:.1f} s to compile each; {100 * result['padding_fraction']:.1f}% of "
+        f"an epoch's input positions are padding")
+    if result["suggestion"]:
+        log(result["suggestion"])
     return result
 
 

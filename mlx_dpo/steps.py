@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import distributed, losses
 from .reduce import reduce_logps
@@ -73,6 +73,16 @@ def _decay(model: nn.Module, before: list, rate: mx.array) -> None:
     model.update(tree_unflatten([(k, now[k] - rate.astype(p.dtype) * p) for k, p in before]))
 
 
+def _keep_where(ok: mx.array, tree, old) -> None:
+    """In place: each leaf of ``tree`` (dicts and lists) becomes ``where(ok, leaf, old leaf)``
+    (a skipped update leaves the optimizer state, its step count included, as it was)."""
+    for k in (tree.keys() if isinstance(tree, dict) else range(len(tree))):
+        if isinstance(tree[k], (dict, list)):
+            _keep_where(ok, tree[k], old[k])
+        elif isinstance(tree[k], mx.array):
+            tree[k] = mx.where(ok, tree[k], old[k])
+
+
 def _grad_sq(grads) -> mx.array:
     return sum(mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads))
 
@@ -110,7 +120,14 @@ def build_steps(model: nn.Module, optimizer: optim.Optimizer, cfg: DPOConfig, re
         return loss, metrics, new_state, grads, _grad_sq(grads)
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def apply_update(grads):
+    def apply_update(grads, ok=mx.array(True)):
+        old_params, old_opt = model.trainable_parameters(), tree_map(lambda x: x, optimizer.state)
+        norm = _update(grads)
+        model.update(tree_map(lambda new, old: mx.where(ok, new, old), model.trainable_parameters(), old_params))
+        _keep_where(ok, optimizer.state, old_opt)
+        return norm
+
+    def _update(grads):
         if cfg.max_grad_norm and cfg.max_grad_norm > 0:
             grads, norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
         else:

@@ -268,6 +268,29 @@ def toy_pairs(n: int, seed: int = 0) -> list:
     return pairs
 
 
+# Token lengths of UltraFeedback-binarized-like pairs: lognormal (median, sigma) per
+# field (see benchmarks/README.md for where they come from).
+ULTRAFEEDBACK_LENGTHS = {"prompt": (90, 0.9), "chosen": (240, 0.7), "rejected": (200, 0.8)}
+
+
+def lognormal_lengths(n: int, seed: int = 0, max_length: int = 1024, max_prompt_length: int = 512,
+                      model: Optional[dict] = None) -> list:
+    """``n`` (prompt, chosen, rejected) token lengths drawn from ``model`` (default
+    :data:`ULTRAFEEDBACK_LENGTHS`), cut as the data loader cuts them: the prompt to
+    ``max_prompt_length``, each completion to ``max_length - prompt``; all >= 1."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    model = model or ULTRAFEEDBACK_LENGTHS
+    draw = {k: np.maximum(1, np.round(med * np.exp(sigma * rng.standard_normal(n)))).astype(int)
+            for k, (med, sigma) in model.items()}
+    out = []
+    for p, c, r in zip(draw["prompt"], draw["chosen"], draw["rejected"]):
+        p = int(min(p, max_prompt_length))
+        out.append((p, int(min(c, max_length - p)), int(min(r, max_length - p))))
+    return out
+
+
 def write_jsonl(path: Union[str, Path], records: list) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 

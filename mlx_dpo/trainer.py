@@ -40,12 +40,13 @@ from .faults import MAX_CONSECUTIVE_SKIPS, NonFiniteError, is_out_of_memory, non
     out_of_memory_error
 from .health import HealthMonitor
 from .model import count_parameters, load_model, prepare_model, setup_trainable
-from .perf import Throughput, warn_if_too_big
+from .perf import Throughput, reference_blas_warning, warn_if_too_big
 from .prefix import use_prefix_sharing
 from .preflight import warn_unused_settings
 from .reference import precompute_reference_logps
 from .rundir import METRICS_FILE, RunLock, check_output_dir, check_resume, prepare_output_dir
 from .schedule import build_schedule
+from .shapes import MIN_BATCHES_PER_SHAPE, ShapePlan
 from .state import TrainState
 from .steps import build_steps, reference_logps
 from .trackers import tracker_callbacks
@@ -112,7 +113,10 @@ class DPOTrainer:
         if len(self.train_pairs) < cfg.batch_size * self.ranks:
             raise ConfigError(f"batch_size {cfg.batch_size} x {self.ranks} ranks is larger than the "
                               f"{len(self.train_pairs)} training pairs")
-        self.sampler = BatchSampler(self.train_pairs, cfg.batch_size, cfg.seed, rank=self.rank, ranks=self.ranks)
+        self.shapes = ShapePlan(self.train_pairs, self.prefix_sharing, cfg.max_batch_shapes,
+                                min_pairs=MIN_BATCHES_PER_SHAPE * cfg.batch_size * self.ranks)
+        self.sampler = BatchSampler(self.train_pairs, cfg.batch_size, cfg.seed, shapes=self.shapes,
+                                    rank=self.rank, ranks=self.ranks)
         self._build_optimizer()
         self.state = TrainState(max_steps=self.total_steps, num_batches=len(self.sampler),
                                 data_fingerprint=checkpoint.data_fingerprint(self.train_pairs),
@@ -126,6 +130,7 @@ class DPOTrainer:
         self.reference_forwards = 0
         self.watchdog = None  # data parallel: set while train() runs
         self.trace_count = 0
+        self.compile_seconds = 0.0  # wall time of the micro-steps that traced a new shape
         self._build_steps()
         if self.resume_path is not None:
             self._resume()
@@ -210,8 +215,9 @@ class DPOTrainer:
             group=self.group if self.ranks > 1 else None)
 
     def collate(self, pairs: List[TokenizedPair], indices: List[int]) -> Batch:
-        """Pad ``pairs[indices]`` into a batch (shared-prefix layout when enabled)."""
-        return collate([pairs[i] for i in indices], indices, self.pad_id, prefix=self.prefix_sharing)
+        """Pad ``pairs[indices]`` into a batch of one of the run's shapes (shared-prefix layout when enabled)."""
+        chosen = [pairs[i] for i in indices]
+        return collate(chosen, indices, self.pad_id, prefix=self.prefix_sharing, shape=self.shapes.cell(chosen))
 
     def to_device(self, batch: Batch, split: str = "train") -> Dict[str, mx.array]:
         arrays = {k: mx.array(v) for k, v in batch.arrays().items()}
@@ -310,6 +316,9 @@ class DPOTrainer:
                  f", loss {cfg.loss_type}, reference {self.reference_source or 'none'}")
         warn_if_too_big(self.model, self.train_pairs, cfg.batch_size, self.prefix_sharing,
                         cfg.gradient_checkpointing, self.log)
+        blas = reference_blas_warning()
+        if blas:
+            self.log(blas)
         self.throughput = Throughput()
         self.callbacks.on_train_begin(state)
         if cfg.eval_on_start and state.step == 0 and self.eval_pairs:
@@ -319,14 +328,15 @@ class DPOTrainer:
                 self._stop(stop.signum)
             tic = time.perf_counter()
             with self._guard(f"step {state.step + 1}"):
-                accumulated = self._accumulate(batches)
-            if accumulated is None:  # skipped: the step is retried on the next batches
+                grads, ok, values, tokens = self._accumulate(batches)
+                learning_rate = self.optimizer.learning_rate  # this update's (the schedule at the current step)
+                norm = self.apply_update(grads, ok)
+                mx.eval(norm, ok, learning_rate, values, self._pending_loss_state,
+                        self.model.trainable_parameters(), self.optimizer.state)  # the step's one host sync
+                tokens = self._share_tokens_and_stop(tokens)
+            metrics = self._step_metrics(values, norm, learning_rate)
+            if metrics is None:  # skipped on the device: the step is retried on the next batches
                 continue
-            grads, metrics, tokens = accumulated
-            metrics["learning_rate"] = float(self.schedule(self.optimizer.step).item())
-            norm = self.apply_update(grads)
-            mx.eval(norm, self.model.trainable_parameters(), self.optimizer.state)
-            metrics["grad_norm"] = float(norm.item())
             state.step += 1
             if cfg.sync_ref_model and state.step % cfg.ref_model_sync_steps == 0:
                 sync_reference(self.model, cfg.ref_model_mixup_alpha)
@@ -341,6 +351,8 @@ class DPOTrainer:
         self.save()
         self.callbacks.on_train_end(state)
         self.log(f"done: {state.step} steps, peak memory {peak_memory_gb():.3f} GB, adapters in {self.output_dir}")
+        self.log(f"compiled {self.trace_count} training-step shapes (max_batch_shapes {cfg.max_batch_shapes}); the "
+                 f"micro-steps that traced them took {self.compile_seconds:.1f} s")
         self.log(self.throughput.report(self.model, self.use_reference and not self.precompute))
         final = state.log_history[-1] if state.log_history else {}
         return TrainResult(self.output_dir, state.step,
@@ -348,36 +360,57 @@ class DPOTrainer:
                            dict(state.window.last_eval), state.log_history)
 
     def _accumulate(self, batches):
-        """Gradients (averaged), metrics and tokens of ``gradient_accumulation_steps``
-        micro-batches; ``None`` when one was non-finite (the step is skipped)."""
+        """Gradients (averaged) of ``gradient_accumulation_steps`` micro-batches, a device-side
+        flag "loss and gradients finite", the per-micro-batch values (lazy) and the tokens.
+        Nothing waits for the device here; traces (new batch shapes) are timed."""
         accum, state = self.cfg.gradient_accumulation_steps, self.state
-        grads_sum, metrics, tokens = None, {}, 0
+        grads_sum, ok, values, tokens = None, mx.array(True), [], 0
+        loss_state = state.loss_state
         for _ in range(accum):
             batch = self.collate(self.train_pairs, next(batches))
-            loss, out, new_state, grads, grad_sq = self.grad_step(self.to_device(batch), state.loss_state)
-            mx.eval(loss, out, new_state, grads, grad_sq)
-            values = {"loss": float(loss.item()), **{k: float(v.item()) for k, v in out.items()}}
-            grad_norm_sq = float(grad_sq.item())
-            if not math.isfinite(values["loss"]) or not math.isfinite(grad_norm_sq):
-                self._nonfinite(values, grad_norm_sq)
-                return None
-            state.loss_state = new_state
+            traces, tic = self.trace_count, time.perf_counter()
+            loss, out, loss_state, grads, grad_sq = self.grad_step(self.to_device(batch), loss_state)
+            if self.trace_count > traces:  # a new shape: tracing + compiling the step, then running it once
+                mx.eval(loss, grads)
+                self.compile_seconds += time.perf_counter() - tic
+            ok = ok & mx.isfinite(loss) & mx.isfinite(grad_sq)
             grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
-            for k, v in values.items():
-                metrics[k] = metrics.get(k, 0.0) + v / accum
+            values.append(({"loss": loss, **out}, grad_sq))
+            if accum > 1:
+                mx.async_eval(grads_sum, ok)  # bounded memory; the host goes on to the next micro-batch
             tokens += batch.num_tokens
-        state.consecutive_skips = 0
-        if self.ranks > 1:  # every rank's tokens (for tokens/s) and stop signal: all stop after this step
-            signum = self.stop_signals.signum or 0
-            tokens, total, stopped = distributed.all_sum(mx.array([tokens, signum, int(signum > 0)]),
-                                                         self.group).tolist()
-            if stopped:
-                self.stop_agreed = True
-                peer = signal.SIGINT if total == signal.SIGINT * stopped else signal.SIGTERM
-                self.stop_signals.signum = signum or peer  # another rank's SIGINT/SIGTERM
+        self._pending_loss_state = loss_state
         if accum > 1:
             grads_sum = tree_map(lambda g: g / accum, grads_sum)
-        return grads_sum, metrics, tokens
+        return grads_sum, ok, values, tokens
+
+    def _share_tokens_and_stop(self, tokens: int) -> int:
+        """Data parallel: every rank's tokens (for tokens/s) and stop signal, summed after the
+        step (whose collectives are where a dead peer blocks): all ranks stop after the same step."""
+        if self.ranks == 1:
+            return tokens
+        signum = self.stop_signals.signum or 0
+        tokens, total, stopped = distributed.all_sum(mx.array([tokens, signum, int(signum > 0)]), self.group).tolist()
+        if stopped:
+            self.stop_agreed = True
+            peer = signal.SIGINT if total == signal.SIGINT * stopped else signal.SIGTERM
+            self.stop_signals.signum = signum or peer  # another rank's SIGINT/SIGTERM
+        return tokens
+
+    def _step_metrics(self, values: list, norm: mx.array, learning_rate: mx.array) -> Optional[dict]:
+        """The step's metrics as floats (micro-batch means), or ``None`` after a non-finite step
+        (the update was not applied; see :meth:`_nonfinite`)."""
+        floats = [({k: float(v.item()) for k, v in out.items()}, float(sq.item())) for out, sq in values]
+        bad = next(((out, sq) for out, sq in floats
+                    if not math.isfinite(out["loss"]) or not math.isfinite(sq)), None)
+        if bad is not None:
+            self._nonfinite(*bad)
+            return None
+        self.state.loss_state = self._pending_loss_state
+        self.state.consecutive_skips = 0
+        metrics = {k: sum(out[k] for out, _ in floats) / len(floats) for k in floats[0][0]}
+        metrics.update(learning_rate=float(learning_rate.item()), grad_norm=float(norm.item()))
+        return metrics
 
     def _log_and_evaluate(self, learning_rate: float = 0.0, grad_norm: float = 0.0, start: bool = False) -> None:
         """At a logging step: the window's means as a record, except ``learning_rate`` and
@@ -389,7 +422,8 @@ class DPOTrainer:
         record = None
         if not start and (state.step % cfg.logging_steps == 0 or last):
             record = {"step": state.step, "epoch": round(state.epoch, 4), **state.window.flush(),
-                      "peak_memory_gb": peak_memory_gb(), "learning_rate": learning_rate, "grad_norm": grad_norm}
+                      "peak_memory_gb": peak_memory_gb(), "learning_rate": learning_rate, "grad_norm": grad_norm,
+                      "compiled_shapes": self.trace_count, "compile_seconds": round(self.compile_seconds, 3)}
             if cfg.skip_nonfinite_steps:
                 record["skipped_steps"] = state.skipped_steps
         if start or self._eval_due():

@@ -23,7 +23,7 @@ from mlx_dpo.config import ConfigError, DPOConfig
 from mlx_dpo.trainer import DPOTrainer, NonFiniteError
 
 QUIET = dict(log=lambda *a: None)
-TIMING = ("tokens_per_second", "peak_memory_gb")
+TIMING = ("tokens_per_second", "peak_memory_gb", "compiled_shapes", "compile_seconds")  # per process
 
 
 def cfg_for(model_dir, data_dir, out, **kw):
@@ -302,7 +302,9 @@ def test_cli_sigterm_saves_and_resume_finishes(llama_dir, toy_data_dir, tmp_path
             logged.append(line)
             break
     child.send_signal(signal.SIGTERM)
-    rest, err = child.communicate(timeout=60)
+    rest = child.stdout.read()  # the same reader: lines it buffered past "step=1" are not lost
+    err = child.stderr.read()
+    child.wait(timeout=60)
     assert child.returncode == 143, err
     assert "--resume" in err and "SIGTERM" in err
     logged += [line for line in rest.splitlines() if line.startswith("step=")]

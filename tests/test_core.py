@@ -155,11 +155,10 @@ def test_training_improves_heldout_accuracy_and_writes_outputs(llama_dir, toy_da
     assert result.eval_metrics["eval_rewards/accuracies"] > max(0.7, start["eval_rewards/accuracies"] + 0.1)
     assert result.eval_metrics["eval_loss"] < start["eval_loss"]
     # compiled once per bucketed shape, not once per step
-    it = iter(BatchSampler(trainer.train_pairs, cfg.batch_size, cfg.seed))
-    shapes = {tuple(v.shape for v in collate([trainer.train_pairs[i] for i in next(it)], [],
-                                               prefix=trainer.prefix_sharing).arrays().values())
+    it = iter(BatchSampler(trainer.train_pairs, cfg.batch_size, cfg.seed, shapes=trainer.shapes))
+    shapes = {tuple(v.shape for v in trainer.collate(trainer.train_pairs, next(it)).arrays().values())
               for _ in range(cfg.max_steps)}
-    assert trainer.trace_count == len(shapes)  # toy pairs all pad to one shape: 1
+    assert trainer.trace_count == len(shapes) <= cfg.max_batch_shapes
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [10, 20, 30, 40]
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -187,7 +186,8 @@ def test_adapters_load_in_mlx_lm(llama_dir, toy_data_dir, tmp_path):
     ids = tok.encode(prompt)
     for _ in range(5):
         ids.append(int(mx.argmax(trainer.model(mx.array([ids]))[0, -1]).item()))
-    assert generate(model, tok, prompt, max_tokens=5) == tok.decode(ids[len(tok.encode(prompt)):])
+    # (mlx-lm's streaming detokenizer drops the leading space of the first generated word)
+    assert generate(model, tok, prompt, max_tokens=5).lstrip() == tok.decode(ids[len(tok.encode(prompt)):]).lstrip()
 
 
 def test_adamw_has_bias_correction(llama_dir, toy_data_dir, tmp_path):

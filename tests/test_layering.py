@@ -9,8 +9,8 @@ import mlx_dpo
 PACKAGE = Path(mlx_dpo.__file__).parent
 # Lowest first. A package (data/) is one entry; its own modules are checked the same way.
 LAYERS = [
-    "io", "hubnet", "coerce", "config", "toy", "schedule", "distributed", "architectures", "data", "batching", "state",
-    "quant", "adapters", "gguf", "demo",
+    "io", "hubnet", "coerce", "config", "toy", "schedule", "distributed", "architectures", "data", "shapes", "batching",
+    "state", "quant", "adapters", "gguf", "demo",
     "model", "prefix", "logprobs", "reduce", "losses", "steps", "perf", "reference", "checkpoint", "rundir",
     "faults", "callbacks", "trackers", "health", "preflight", "trainer", "plan", "verify", "gguf_export", "formats", "hub",
     "export", "report", "lint", "audit", "generate", "judges", "sample", "cli", "__main__", "__init__",

@@ -30,7 +30,8 @@ class StepMetrics:
 
 def first_batch(trainer):
     """The first training batch, drawn from a fresh sampler with the run's seed."""
-    indices = next(iter(BatchSampler(trainer.train_pairs, trainer.cfg.batch_size, trainer.cfg.seed)))
+    indices = next(iter(BatchSampler(trainer.train_pairs, trainer.cfg.batch_size, trainer.cfg.seed,
+                                     shapes=trainer.shapes)))
     return [trainer.train_pairs[i] for i in indices]
 
 
@@ -46,9 +47,9 @@ def expected_first_step(trainer):
 
 
 def distinct_shapes(trainer, steps):
-    it = iter(BatchSampler(trainer.train_pairs, trainer.cfg.batch_size, trainer.cfg.seed))
-    return {tuple(v.shape for v in collate([trainer.train_pairs[i] for i in next(it)], [],
-                                           prefix=trainer.prefix_sharing).arrays().values()) for _ in range(steps)}
+    it = iter(BatchSampler(trainer.train_pairs, trainer.cfg.batch_size, trainer.cfg.seed, shapes=trainer.shapes))
+    return {tuple(v.shape for v in trainer.collate(trainer.train_pairs, next(it)).arrays().values())
+            for _ in range(steps)}
 
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))

@@ -1,48 +1,135 @@
 """Performance contracts that can be asserted exactly: no retracing beyond the length
 buckets, gradient checkpointing changes no gradient, planning/MFU arithmetic."""
 
+import sys
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_dpo.batching import BatchSampler, collate
+from mlx_dpo import trainer as trainer_module
+from mlx_dpo.batching import BatchSampler
+from mlx_dpo.shapes import ShapePlan, bucket_length
+from mlx_dpo.toy import lognormal_lengths
 from mlx_dpo.config import DPOConfig
 from mlx_dpo.data import TokenizedPair
 from mlx_dpo.model import load_model
-from mlx_dpo.perf import Throughput, compute_parameters, flops_per_token, static_memory_estimate
+from mlx_dpo.perf import Throughput, compute_parameters, flops_per_token, reference_blas_warning, static_memory_estimate
 from mlx_dpo.trainer import DPOTrainer
 
 
-def varied_pairs(n, vocab, seed=0):
-    """Prompt and completion lengths spread over several buckets."""
+def lognormal_pairs(n, vocab, seed=0, **kw):
+    """Pairs with UltraFeedback-like (lognormal, long-tailed) lengths."""
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        ids = lambda k: [int(x) for x in rng.integers(4, vocab, k)]  # noqa: E731
-        out.append(TokenizedPair([1] + ids(rng.integers(1, 40)), ids(rng.integers(1, 40)) + [2],
-                                 ids(rng.integers(1, 40)) + [2]))
-    return out
+    ids = lambda k: [int(x) for x in rng.integers(4, vocab, k)]  # noqa: E731
+    return [TokenizedPair([1] + ids(p - 1), ids(c - 1) + [2], ids(r - 1) + [2])
+            for p, c, r in lognormal_lengths(n, seed, **kw)]
 
 
-def test_traces_equal_distinct_bucketed_shapes(llama_dir, tmp_path):
-    """One trace per distinct padded shape over a run, with and without prefix sharing."""
-    for setting in ("true", "false"):
-        cfg = DPOConfig(model=str(llama_dir), output_dir=str(tmp_path / setting), batch_size=2, max_steps=16,
-                        eval_steps=0, save_steps=0, logging_steps=100, progress_bar=False, seed=0,
-                        prefix_sharing=setting)
-        model, tok, _ = load_model(cfg)
-        pairs = varied_pairs(32, model.args.vocab_size)
-        trainer = DPOTrainer(cfg, model, tok, pairs, [], log=lambda *a: None)
-        sampler = BatchSampler(pairs, 2, cfg.seed)
-        it = iter(sampler)
-        shapes = set()
-        for _ in range(cfg.max_steps):
-            batch = collate([pairs[i] for i in next(it)], [], prefix=setting == "true")
-            shapes.add(tuple(v.shape for v in batch.arrays().values()))
-        trainer.train()
-        assert 1 < len(shapes) < cfg.max_steps  # lengths vary, buckets collapse them
-        assert trainer.trace_count == len(shapes)
+def fed_shapes(trainer):
+    """Record the array shapes every call of the compiled step receives."""
+    seen, step = set(), trainer.grad_step
+
+    def wrapped(batch, loss_state):
+        seen.add(tuple(sorted((k, v.shape) for k, v in batch.items())))
+        return step(batch, loss_state)
+
+    trainer.grad_step = wrapped
+    return seen
+
+
+@pytest.mark.parametrize("prefix", ["true", "false"])
+def test_traces_equal_fed_shapes_and_stay_within_the_bound(llama_dir, tmp_path, prefix):
+    """Long-tailed lengths (which gave one new shape every few steps before): one trace per
+    shape the step was fed, and never more than max_batch_shapes of them."""
+    cfg = DPOConfig(model=str(llama_dir), output_dir=str(tmp_path / prefix), batch_size=2, max_steps=24,
+                    eval_steps=0, save_steps=0, logging_steps=100, progress_bar=False, seed=0,
+                    prefix_sharing=prefix, max_batch_shapes=4)
+    model, tok, _ = load_model(cfg)
+    pairs = lognormal_pairs(64, model.args.vocab_size, max_length=192, max_prompt_length=96)
+    trainer = DPOTrainer(cfg, model, tok, pairs, [], log=lambda *a: None)
+    seen = fed_shapes(trainer)
+    trainer.train()
+    assert trainer.trace_count == len(seen) and 1 < len(seen) <= 4, seen
+    assert trainer.state.log_history[-1]["compiled_shapes"] == len(seen)
+    assert trainer.state.log_history[-1]["compile_seconds"] > 0
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_shape_plan_covers_every_batch_with_few_cells_and_modest_padding(prefix):
+    """8k UltraFeedback-like pairs: <= 16 cells; every batch of an epoch pads to one of them and
+    holds its pairs; padding (counted here from the raw lengths) stays within a few points of
+    the floor that a batch of one pair already has (chosen and rejected padded to the longer)."""
+    lengths = lognormal_lengths(8000, seed=0)
+    pairs = [TokenizedPair([1] * p, [5] * c, [6] * r) for p, c, r in lengths]
+    plan = ShapePlan(pairs, prefix, max_cells=16)
+    assert len(plan.cells) <= 16
+    sampler = BatchSampler(pairs, 4, seed=0, shapes=plan)
+    slots = filled = 0
+    for batch in sampler.epoch_batches(0):
+        a, b = plan.cell([pairs[i] for i in batch])
+        assert (a, b) in plan.cells
+        for p, c, r in (lengths[i] for i in batch):
+            assert (p if prefix else p + max(c, r) - 1) <= a and max(c, r) <= b
+            filled += (p + c + r - 2) if prefix else (2 * p + c + r - 2)
+        slots += len(batch) * (a + 2 * (b - 1) if prefix else 2 * a)
+    floor = 1 - sum((p + c + r - 2) if prefix else (2 * p + c + r - 2) for p, c, r in lengths) / sum(
+        (p + 2 * (max(c, r) - 1)) if prefix else 2 * (p + max(c, r) - 1) for p, c, r in lengths)
+    padding = 1 - filled / slots
+    assert padding < floor + (0.16 if prefix else 0.07), (padding, floor)  # measured +0.15 / +0.065
+
+
+def test_shape_plan_keeps_every_fine_cell_when_the_bound_allows():
+    """With room for all of them, the cells are the pairs' own rounded widths (16, 32, 48, 64, 80, ...
+    up to 128, then eighths of the next power of two: 160, 192, 224, ...) plus the one that holds all."""
+    pairs = [TokenizedPair([1] * 10, [5] * 20, [6] * 3), TokenizedPair([1] * 40, [5] * 70, [6] * 90),
+             TokenizedPair([1] * 5, [5] * 200, [6] * 1)]
+    assert ShapePlan(pairs, True, 8).cells == [(16, 32), (48, 96), (16, 224), (48, 224)]  # by cost P + 2C
+    assert ShapePlan(pairs, False, 8).cells == [(32, 32), (160, 96), (224, 224)]
+    # one cell: the one that holds everything
+    assert ShapePlan(pairs, True, 1).cells == [(48, 224)]
+
+
+def test_sampler_epochs_are_resumable_and_drop_different_pairs():
+    pairs = [TokenizedPair([1] * p, [5] * c, [6] * r) for p, c, r in lognormal_lengths(203, seed=1)]
+    plan = ShapePlan(pairs, False, 6)
+    a = BatchSampler(pairs, 4, seed=3, shapes=plan)
+    it = iter(a)
+    run = [next(it) for _ in range(2 * len(a) + 5)]
+    assert len(a) == 203 // 4
+    epochs = [run[:len(a)], run[len(a): 2 * len(a)]]
+    for epoch in epochs:
+        seen = [i for g in epoch for i in g]
+        assert len(seen) == len(set(seen)) == 4 * len(a)  # each pair at most once; 3 dropped
+    dropped = [set(range(203)) - {i for g in e for i in g} for e in epochs]
+    assert dropped[0] != dropped[1]  # not always the same (longest) pairs
+    b = BatchSampler(pairs, 4, seed=3, shapes=plan)
+    b.state.epoch, b.state.index = 1, 7  # resume mid-epoch
+    it = iter(b)
+    assert [next(it) for _ in range(len(a) - 7 + 5)] == run[len(a) + 7:]
+
+
+def test_skipped_update_changes_nothing_and_one_sync_per_step(llama_dir, toy_data_dir, tmp_path, monkeypatch):
+    cfg = DPOConfig(model=str(llama_dir), data=str(toy_data_dir), output_dir=str(tmp_path / "run"), batch_size=4,
+                    max_steps=6, eval_steps=0, save_steps=0, logging_steps=100, progress_bar=False, seed=0)
+    trainer = DPOTrainer(cfg, log=lambda *a: None)
+    batch = trainer.to_device(trainer.collate(trainer.train_pairs, [0, 1, 2, 3]))
+    grads = trainer.grad_step(batch, trainer.loss_state)[3]
+    before = [np.array(v) for _, v in tree_flatten((trainer.model.trainable_parameters(), trainer.optimizer.state))]
+    trainer.apply_update(grads, mx.array(False))
+    after = [np.array(v) for _, v in tree_flatten((trainer.model.trainable_parameters(), trainer.optimizer.state))]
+    assert len(before) == len(after) and all(np.array_equal(x, y) for x, y in zip(before, after))
+    trainer.apply_update(grads, mx.array(True))
+    assert trainer.optimizer.step.item() == 1
+    evals = []
+    real_eval = mx.eval
+    monkeypatch.setattr(trainer_module.mx, "eval", lambda *a: (evals.append(sys._getframe(1).f_code.co_name),
+                                                               real_eval(*a))[1])
+    traced_before = trainer.trace_count
+    trainer.train()
+    in_steps = [name for name in evals if name in ("_train_loop", "_accumulate", "_step_metrics")]
+    assert len(in_steps) == cfg.max_steps + trainer.trace_count - traced_before  # 1 per step, +1 per new trace
 
 
 def test_gradient_checkpointing_same_gradients(llama_dir, toy_data_dir, tmp_path):
@@ -121,3 +208,69 @@ def test_plan_leaves_the_config_alone_and_times_training_mode(llama_dir, toy_dat
     assert result["mfu"] == pytest.approx(tokens / 0.25 * result["flops_per_token"] / 100e9, rel=1e-12)
     assert cfg.output_dir == str(tmp_path / "run") and cfg.overwrite_output_dir is False
     assert seen and all(seen)
+    assert 1 <= result["compiled_shapes"] <= cfg.max_batch_shapes and 0 < result["padding_fraction"] < 1
+
+
+MLX_BLAS = "7f00-7f01 r-xp 0 08:01 1 /venv/site-packages/mlx_cpu.libs/libblas-bd8a282c.so.3.10.0\n"
+NUMPY_BLAS = "7f02-7f03 r-xp 0 08:01 2 /venv/site-packages/numpy.libs/libscipy_openblas64_-ff651d7f.so\n"
+OPENBLAS = "7f04-7f05 r-xp 0 08:01 3 /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3\n"
+
+
+def test_reference_blas_warning_branches():
+    warn = reference_blas_warning(MLX_BLAS + NUMPY_BLAS, "linux", "Device(cpu, 0)")
+    assert "reference BLAS" in warn and "LD_PRELOAD=/usr/lib/" in warn and "openblas-pthread/libblas.so.3" in warn
+    assert reference_blas_warning(MLX_BLAS + OPENBLAS, "linux", "Device(cpu, 0)") is None  # preloaded
+    assert reference_blas_warning(MLX_BLAS, "linux", "Device(gpu, 0)") is None  # CUDA: no CPU GEMMs
+    assert reference_blas_warning(MLX_BLAS, "darwin", "Device(cpu, 0)") is None  # Accelerate
+    assert reference_blas_warning("", "linux", "Device(cpu, 0)") is None  # nothing mapped: nothing to say
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD and /proc are Linux's")
+@pytest.mark.parametrize("preload", [False, True])
+def test_reference_blas_warning_in_a_real_process(preload):
+    """This machine: without the preload MLX uses its bundled reference BLAS, with it OpenBLAS
+    (measured: 0.7 vs 3 GFLOP/s at 256^3 with the machine loaded, 140-200 at 1024^3 idle); the
+    warning comes exactly in the first case."""
+    import os
+    import subprocess
+
+    path = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+    if not os.path.exists(path):
+        pytest.skip("no system OpenBLAS here")
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    if preload:
+        env["LD_PRELOAD"] = path
+    code = "import numpy; from mlx_dpo.perf import reference_blas_warning; print(reference_blas_warning())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert (out.strip() != "None") == (not preload), out
+
+
+def test_plan_suggests_gradient_checkpointing_when_activations_dominate(llama_dir):
+    from types import SimpleNamespace
+
+    from mlx_dpo.plan import checkpointing_advice
+
+    model, _, _ = load_model(DPOConfig(model=str(llama_dir)))
+
+    def advice(length, ckpt=False):
+        pairs = [TokenizedPair([1] * (length // 2), [5] * (length // 2), [6])]  # prompt + completion = length
+        cfg = DPOConfig(model=str(llama_dir), batch_size=8, gradient_checkpointing=ckpt)
+        return checkpointing_advice(SimpleNamespace(cfg=cfg, train_pairs=pairs, model=model, prefix_sharing=False))
+
+    long = static_memory_estimate(model, 8, 1024)
+    assert long["activations"] > 0.5 * long["total"]
+    text = advice(1024)
+    assert "gradient_checkpointing: true" in text
+    assert f"~{long['activations'] / 1e9:.2f} of ~{long['total'] / 1e9:.2f} GB" in text
+    assert advice(1024, ckpt=True) is None  # already on
+    short = static_memory_estimate(model, 8, 4)
+    assert short["activations"] < 0.5 * short["total"] and advice(4) is None  # weights dominate
+
+
+def test_a_small_data_set_gets_few_shapes():
+    """Each shape is a compile: with min_pairs, no cell is kept for fewer pairs than that."""
+    pairs = [TokenizedPair([1] * p, [5] * c, [6] * r) for p, c, r in lognormal_lengths(32, seed=0)]
+    many, few = ShapePlan(pairs, True, 16).cells, ShapePlan(pairs, True, 16, min_pairs=16).cells
+    assert len(many) > 8 and len(few) <= 2
+    assert few[-1] == (max(bucket_length(len(p.prompt), 16) for p in pairs),
+                       max(bucket_length(max(len(p.chosen), len(p.rejected)), 16) for p in pairs))

@@ -66,10 +66,10 @@ def policy_sums(trainer, arrays):
 def distinct_step_shapes(trainer, steps):
     """The padded shapes of the first ``steps`` training batches, from a fresh sampler with the
     run's seed (what mx.compile traces once each)."""
-    it = iter(BatchSampler(trainer.train_pairs, trainer.cfg.batch_size, trainer.cfg.seed))
+    it = iter(BatchSampler(trainer.train_pairs, trainer.cfg.batch_size, trainer.cfg.seed, shapes=trainer.shapes))
     shapes = set()
     for _ in range(steps):
-        batch = collate([trainer.train_pairs[i] for i in next(it)], [], prefix=trainer.prefix_sharing)
+        batch = trainer.collate(trainer.train_pairs, next(it))
         shapes.add(tuple(v.shape for v in batch.arrays().values()))
     return shapes
 

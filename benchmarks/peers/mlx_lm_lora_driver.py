@@ -61,10 +61,30 @@ def main(spec_path):
                            steps_per_save=10 ** 9, max_seq_length=4096, adapter_file=spec["out"] + "/adapters.safetensors",
                            beta=0.1)
     opt = optim.AdamW(learning_rate=1e-5)
+    tic = time.perf_counter()
     train_dpo(model, ref_model, opt, data, None, args=args, training_callback=Callback(), loss_type="sigmoid")
-    seconds = stamps[steps + warmup] - stamps[warmup]
-    tokens = steps * bs * spec["tokens_per_pair"]
-    print("BENCH_RESULT " + json.dumps({"tokens_per_second": tokens / seconds, "seconds": seconds}), flush=True)
+    wall = time.perf_counter() - tic
+    if spec.get("whole_epoch"):  # one epoch over all pairs, end to end
+        seconds, tokens = wall, spec["total_tokens"]
+    else:
+        seconds = stamps[steps + warmup] - stamps[warmup]
+        tokens = steps * bs * spec["tokens_per_pair"]
+    print("BENCH_RESULT " + json.dumps({"tokens_per_second": tokens / seconds, "seconds": seconds,
+                                        **batch_shapes(data, bs)}), flush=True)
+
+
+def batch_shapes(data, bs):
+    """Distinct padded widths and padding share of iterate_dpo_batches' batches (its rule: sorted
+    by chosen length, cut into batches, chosen and rejected padded to the batch's longest)."""
+    order = sorted(range(len(data)), key=lambda i: len(data[i]["chosen"]))
+    widths, slots, filled = set(), 0, 0
+    for k in range(0, len(order) - bs + 1, bs):
+        batch = [data[i] for i in order[k: k + bs]]
+        width = max(max(len(x["chosen"]), len(x["rejected"])) for x in batch)
+        widths.add(width)
+        slots += 2 * bs * width
+        filled += sum(len(x["chosen"]) + len(x["rejected"]) for x in batch)
+    return {"compiled_shapes": len(widths), "padding_fraction": 1 - filled / slots}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,98 @@
+"""A bounded set of padded batch shapes: each one compiles the training step once.
+
+Every pair has two padded widths ("dims"), fixed by the batch layout (``batching.py``):
+
+- unshared: ``(L, T)`` = (prompt + longer completion - 1 inputs, longer completion)
+- shared prefix: ``(P, C)`` = (prompt, longer completion)
+
+A batch pads to a *cell* ``(a, b)`` that holds all its pairs. :func:`plan_cells`
+picks at most ``max_cells`` cells for a data set: each pair's dims are rounded up to
+``bucket_length(., 16)`` (<= 25% padding per dim), then the two cells whose merge
+(their componentwise max) adds the least padded work, ``count x (w_a a + w_b b)``,
+are merged until ``max_cells - 1`` are left and each holds ``min_pairs`` (the trainer:
+``MIN_BATCHES_PER_SHAPE`` batches' worth), and the cell holding every pair is added. The weights are the relative cost of a padded column: unshared, ``L`` runs
+the whole model on 2 rows and ``T`` only the LM head (``w = (1, 1/4)``); shared,
+``P`` runs on 1 row and ``C`` on 2 (``w = (1, 2)``). So a run traces at most
+``max_cells`` train shapes, whatever the lengths (and batch sizes: batches are full).
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import numpy as np
+
+Cell = Tuple[int, int]
+MIN_BATCHES_PER_SHAPE = 1  # a shape compiles the step (measured ~1 step of time on a CPU): a batch at least
+WEIGHTS = {False: (1.0, 0.25), True: (1.0, 2.0)}
+
+
+def bucket_length(n: int, minimum: int = 32) -> int:
+    """Round ``n`` up to the next bucket: multiples of ``minimum`` up to 4x it, then
+    steps of an eighth of the next power of two (at most 25% padding)."""
+    if n <= 4 * minimum:
+        return max(minimum, -(-n // minimum) * minimum)
+    step = 2 ** (int(n - 1).bit_length() - 3)
+    return -(-n // step) * step
+
+
+def pair_dims(pair, prefix: bool) -> Cell:
+    """The two widths ``pair`` needs in a batch of the given layout (module docstring)."""
+    c = max(len(pair.chosen), len(pair.rejected))
+    return (len(pair.prompt), c) if prefix else (len(pair.prompt) + c - 1, c)
+
+
+def cell_cost(cell: Sequence[int], prefix: bool) -> float:
+    wa, wb = WEIGHTS[prefix]
+    return wa * cell[0] + wb * cell[1]
+
+
+def plan_cells(dims: np.ndarray, prefix: bool, max_cells: int, min_pairs: int = 1) -> List[Cell]:
+    """At most ``max_cells`` cells covering ``dims`` (N, 2), cheapest first (module docstring);
+    merging goes on while a cell holds fewer than ``min_pairs`` pairs (each shape costs a
+    compile, worth it only for a few batches)."""
+    fine = np.array([[bucket_length(int(a), 16), bucket_length(int(b), 16)] for a, b in dims], dtype=np.int64)
+    top = tuple(int(x) for x in fine.max(axis=0))
+    cells, counts = np.unique(fine, axis=0, return_counts=True)
+    cells, counts = cells.astype(np.float64), counts.astype(np.float64)
+    w = np.array(WEIGHTS[prefix])
+    alive = np.ones(len(cells), dtype=bool)
+    while alive.sum() > 1:
+        idx = np.flatnonzero(alive)
+        c, n = cells[idx], counts[idx]
+        small = n < min_pairs
+        if len(idx) <= max(1, max_cells - 1) and not small.any():
+            break
+        merged = np.maximum(c[:, None, :], c[None, :, :]) @ w  # (k, k) cost of the merged cell
+        own = c @ w
+        added = (n[:, None] + n[None, :]) * merged - (n * own)[:, None] - (n * own)[None, :]
+        if len(idx) <= max(1, max_cells - 1):  # within the bound: only merges that fill a small cell
+            added[~(small[:, None] | small[None, :])] = np.inf
+        np.fill_diagonal(added, np.inf)
+        i, j = np.unravel_index(np.argmin(added), added.shape)
+        a, b = idx[i], idx[j]
+        cells[a], counts[a] = np.maximum(cells[a], cells[b]), counts[a] + counts[b]
+        alive[b] = False
+    out = {tuple(int(x) for x in cell) for cell in cells[alive]} | {top}
+    return sorted(out, key=lambda cell: (cell_cost(cell, prefix), cell))
+
+
+class ShapePlan:
+    """The cells of a run (:func:`plan_cells` over the training pairs) and the cell of a batch."""
+
+    def __init__(self, pairs: list, prefix: bool, max_cells: int, min_pairs: int = 1):
+        self.prefix, self.max_cells = prefix, max_cells
+        self.cells = plan_cells(np.array([pair_dims(p, prefix) for p in pairs]), prefix, max_cells, min_pairs)
+
+    def cell(self, pairs: list) -> Cell:
+        """The cheapest cell that holds every pair of ``pairs``; pairs longer than every
+        cell (eval pairs) get their own bucketed widths instead."""
+        need = np.max([pair_dims(p, self.prefix) for p in pairs], axis=0)
+        for cell in self.cells:  # cheapest first
+            if cell[0] >= need[0] and cell[1] >= need[1]:
+                return cell
+        return bucket_length(int(need[0]), 16), bucket_length(int(need[1]), 16)
+
+    def assign(self, pairs: list) -> List[int]:
+        """The index (into ``cells``) of each pair's own cell."""
+        return [self.cells.index(self.cell([p])) for p in pairs]
