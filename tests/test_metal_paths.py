@@ -182,3 +182,32 @@ def test_compute_dtype_auto_keeps_the_checkpoint_dtype_on_metal(bf16_dir, tmp_pa
     trainer.train()
     after = dict(tree_flatten(trainer.model.trainable_parameters()))
     assert all(np.mean(np.array(after[k]) != v) > 0.95 for k, v in before.items())  # lr 1e-6 moves them
+
+
+# --------------------------------------------------------------------------- quantized layers on the CPU
+
+
+def test_every_quantized_layer_expands_on_the_cpu_and_matches_the_fused_kernel(qwen2_dir, monkeypatch):
+    """Layers no adapter wraps (here all: no adapters yet) and the tied quantized head take the
+    de-quantize + GEMM path on the CPU (MLX's CPU quantized matmul is ~15x slower); the
+    logits equal those of MLX's fused ``quantized_matmul`` on the same weights."""
+    model, tokenizer, _ = load_model(DPOConfig(model=str(qwen2_dir), quantize={"bits": 4, "group_size": 32}))
+    kinds = {type(m).__name__ for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear,
+                                                                                   nn.QuantizedEmbedding))}
+    assert kinds == {"ExpandedOnCPULinear", "ExpandedOnCPUEmbedding"}
+    fused = {"calls": 0}
+    quantized_matmul = mx.quantized_matmul
+
+    def counted(*args, **kwargs):
+        fused["calls"] += 1
+        return quantized_matmul(*args, **kwargs)
+
+    monkeypatch.setattr(mx, "quantized_matmul", counted)
+    x = mx.array([tokenizer.encode("Repeat: apple banana cherry. Answer:")])
+    expanded = np.array(model(x))
+    assert fused["calls"] == 0
+    monkeypatch.setattr(quant, "on_cpu", lambda: False)  # the Metal branch: the fused kernels
+    metal = np.array(model(x))
+    assert fused["calls"] > 0
+    scale = np.abs(metal).max()
+    assert np.abs(expanded - metal).max() < 1e-5 * scale
