@@ -2,7 +2,9 @@
 off), on the same prompts and from the same loaded weights, with mlx-lm's generator.
 
 Greedy by default (``temp=0``); with ``temp > 0`` both sides sample from the same seed.
-A run trained with ``prompt_template`` gets its prompts wrapped the same way.
+A run trained with ``prompt_template`` gets its prompts wrapped the same way; otherwise a
+tokenizer with a chat template renders each prompt as a user turn, as training and
+``mlx-dpo sample`` encode it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from .adapters import adapter_mode
 from .audit import AuditError, load_run
 from .data import DataError
 from .data.formats import check_value
+from .data.tokenize import encode_prompt
 
 
 def read_prompts(path: Union[str, Path], messages: bool = False) -> List[Union[str, list]]:
@@ -47,8 +50,8 @@ def read_prompts(path: Union[str, Path], messages: bool = False) -> List[Union[s
     return prompts
 
 
-def complete(model, tokenizer, prompt: str, max_tokens: int, temp: float, seed: int) -> dict:
-    """One generation with mlx-lm: ``{text, tokens}``."""
+def complete(model, tokenizer, prompt: Union[str, List[int]], max_tokens: int, temp: float, seed: int) -> dict:
+    """One generation with mlx-lm from a prompt text or its token ids: ``{text, tokens}``."""
     from mlx_lm import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
@@ -68,8 +71,14 @@ def generate(run_dir: Union[str, Path], prompts: List[str], max_tokens: int = 64
     run = load_run(run_dir)
     template = run.cfg.prompt_template
     results = []
-    for prompt in prompts:
-        text = template.replace("{prompt}", prompt) if template else prompt
+    for n, prompt in enumerate(prompts):
+        if template:
+            text = template.replace("{prompt}", prompt)
+        else:  # as training encodes it: through the chat template when the tokenizer has one
+            try:
+                text = encode_prompt(prompt, run.tokenizer, f"prompt {n}")[0]
+            except DataError as e:
+                raise AuditError(str(e)) from None
         row = {"prompt": prompt}
         for side, mode in (("policy", "policy"), ("reference", "base")):
             with adapter_mode(run.model, mode):

@@ -23,8 +23,7 @@ from typing import Callable, List, Optional, Tuple, Union
 
 from .config import ConfigError, DPOConfig
 from .data import DataError
-from .data.formats import Conversational
-from .data.tokenize import encode
+from .data import tokenize
 from .io import atomic_write_text
 from .judges import Judge, make_judge, pick_pair, score
 
@@ -40,15 +39,11 @@ class SampleError(ValueError):
 
 
 def encode_prompt(prompt: Union[str, list], tokenizer, where: str) -> Tuple[List[int], bool]:
-    """``(token ids, chat)``: the prompt as training encodes it (see the module docstring)."""
-    if isinstance(prompt, str) and not getattr(tokenizer, "chat_template", None):
-        return encode(tokenizer, prompt, True), False
-    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    """``(token ids, chat)``: the prompt as training encodes it (:func:`data.tokenize.encode_prompt`)."""
     try:
-        text = Conversational.render_prompt(messages, tokenizer, DPOConfig(), where)
+        return tokenize.encode_prompt(prompt, tokenizer, where)
     except DataError as e:
         raise SampleError(str(e)) from None
-    return encode(tokenizer, text, False), True
 
 
 def generate_samples(model, tokenizer, prompt_ids: List[List[int]], k: int, sampler, max_tokens: int,

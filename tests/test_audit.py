@@ -61,10 +61,12 @@ def mlx_lm_text(model_dir, prompt, adapter_path=None):
     from mlx_lm.sample_utils import make_sampler
 
     model, tokenizer = load(str(model_dir), adapter_path=str(adapter_path) if adapter_path else None)
-    return mlx_generate(model, tokenizer, prompt, max_tokens=8, sampler=make_sampler(0.0))
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    return mlx_generate(model, tokenizer, ids, max_tokens=8, sampler=make_sampler(0.0))
 
 
 def test_generate_matches_mlx_lm_with_and_without_adapters(run_dir, llama_dir):
+    """The prompts go through the tokenizer's chat template (as mlx_lm.generate's CLI does)."""
     results = generate(run_dir, PROMPTS, max_tokens=8)
     assert [r["prompt"] for r in results] == PROMPTS
     for r in results:
