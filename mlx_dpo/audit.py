@@ -24,6 +24,7 @@ from .data import DataError, load_records, tokenize_pairs
 from .data.formats import column_map, map_columns
 from .export import Run
 from .formats import ExportError
+from .model import dequantize_for_inference
 from .io import atomic_write_text
 from .logprobs import completion_logps
 
@@ -47,6 +48,7 @@ def load_run(run_dir: Union[str, Path], model: Optional[str] = None) -> Run:
         raise AuditError(str(e)) from None
     if run.fine_tune_type == "full":
         raise AuditError(f"{path} is a full fine-tune: it has no adapters to switch off for the reference")
+    dequantize_for_inference(run.model)
     return run
 
 

@@ -182,6 +182,18 @@ def prepare_model(model: nn.Module, cfg: DPOConfig, model_config: Optional[dict]
     return model
 
 
+def dequantize_for_inference(model: nn.Module) -> None:
+    """On the CPU backend, replace quantized layers by float32 ones, once, for generation and
+    scoring (same weights; a decode step would otherwise de-quantize every weight per token).
+    Training keeps them quantized; on Metal nothing changes."""
+    from mlx_lm.utils import dequantize_model
+
+    if on_cpu() and is_quantized(model):
+        dequantize_model(model)
+        cast_floats(model, mx.float32)
+        mx.eval(model.parameters())
+
+
 def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
     params = [
         (k, v.astype(dtype)) for k, v in tree_flatten(model.parameters())
@@ -289,6 +301,7 @@ def checkpoint_block(block: nn.Module) -> None:
 
 __all__ = [
     "resolve_model_path", "check_model_dir", "supported_architectures", "compute_dtype", "load_model", "prepare_model", "is_quantized", "cast_floats",
+    "dequantize_for_inference",
     "disable_dropout", "setup_full_finetune", "hold_master_weights", "count_parameters", "setup_trainable",
     "checkpoint_block",
 ]

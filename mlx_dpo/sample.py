@@ -148,7 +148,7 @@ def sample_pairs(model, tokenizer, prompts: List[Union[str, list]], judge: Union
 def load_sampler_model(model: Optional[str], adapter_path: Optional[str]) -> tuple:
     """``(model, tokenizer)``: ``model`` alone, or a run's adapters on its base (or on ``model``)."""
     from .audit import load_run
-    from .model import load_model
+    from .model import dequantize_for_inference, load_model
 
     if adapter_path:
         run = load_run(adapter_path, model)
@@ -156,6 +156,7 @@ def load_sampler_model(model: Optional[str], adapter_path: Optional[str]) -> tup
     if not model:
         raise SampleError("pass --model (a model to sample from) or --adapter-path (a training run)")
     loaded, tokenizer, _ = load_model(DPOConfig(model=model))
+    dequantize_for_inference(loaded)
     return loaded, tokenizer
 
 

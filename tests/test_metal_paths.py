@@ -211,3 +211,22 @@ def test_every_quantized_layer_expands_on_the_cpu_and_matches_the_fused_kernel(q
     assert fused["calls"] > 0
     scale = np.abs(metal).max()
     assert np.abs(expanded - metal).max() < 1e-5 * scale
+
+
+def test_inference_dequantizes_once_on_the_cpu_only(qwen2_dir, monkeypatch):
+    """generate/sample/audit on the CPU: the quantized layers become float32 ones (same logits
+    as the quantized model's); on Metal the model stays quantized."""
+    from mlx_dpo.model import dequantize_for_inference, is_quantized
+
+    cfg = DPOConfig(model=str(qwen2_dir), quantize={"bits": 4, "group_size": 32})
+    model, tokenizer, _ = load_model(cfg)
+    x = mx.array([tokenizer.encode("Repeat: apple banana cherry. Answer:")])
+    quantized = np.array(model(x))
+    dequantize_for_inference(model)
+    assert not is_quantized(model)
+    dense = np.array(model(x))
+    assert np.abs(dense - quantized).max() < 1e-5 * np.abs(quantized).max()
+    on_metal(monkeypatch)
+    model, _, _ = load_model(cfg)
+    dequantize_for_inference(model)
+    assert is_quantized(model)
