@@ -214,12 +214,12 @@ def export(
     if verify:
         report = verify_export(output, writer.load, reference, run.tokenizer, run.base_path)
         if report is not None:
-            requantized = writer.requantizes and run.quantization
+            requantized = (writer.requantizes and run.quantization) or dtype.startswith("q")  # gguf q8_0, ...
             log.info(
                 f"verify: max |logit diff| = {report['max_abs_diff']:.3g} "
                 f"({report['relative']:.3g} of the logit scale {report['logit_scale']:.3g}); "
                 f"greedy generations {'agree' if report['greedy_match'] else 'DIFFER'}"
-                + (" (re-quantizing the merged weights adds quantization error)" if requantized
+                + (" (quantizing the merged weights adds quantization error)" if requantized
                    else " (16-bit export: differences of ~1e-2 relative are expected)" if dtype != "float32" else "")
             )
     return output

@@ -272,7 +272,7 @@ WRITERS = {
     ),
     "gguf": Writer(
         write_gguf, default_dtype="float16", library="gguf", summary="merged GGUF file (llama.cpp, Ollama)",
-        card_what="merged model as a GGUF file", load=load_gguf, dtypes=GGUF_DTYPES, requantizes=True, usage_language="bash",
+        card_what="merged model as a GGUF file", load=load_gguf, dtypes=GGUF_DTYPES, usage_language="bash",
         usage=("# llama.cpp", 'llama-cli -m model.gguf -p "Hello"', "", "# Ollama (the Modelfile is included)",
                "ollama create my-model -f Modelfile && ollama run my-model"),
     ),
