@@ -1,0 +1,94 @@
+"""Not collected by the suite yet (17.5 min here; issue 15 wants a cheaper recipe first).
+Run: MLX_DPO_DEMO_DIR=... python -m pytest benchmarks/real_model_check.py -s
+
+The real-model recipe end to end: ``configs/smollm2-135m.yaml`` trains QLoRA DPO on
+SmolLM2-135M-Instruct (the 4-bit GGUF from PyPI, as stored) with on-policy pairs the model
+sampled itself, judged "shorter" (``examples/data/smollm2-shorter``). The oracles are the
+untrained baseline (``eval_on_start``), the reference model's own answers on held-out
+prompts, the in-memory model's logits (export), and mlx-lm's generator (adapters)."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "configs" / "smollm2-135m.yaml"
+HELDOUT = ROOT / "examples" / "prompts" / "heldout.txt"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """The recipe, trained once (the wheel cached in MLX_DPO_DEMO_DIR or ~/.cache/mlx_dpo/demo)."""
+    from mlx_dpo.config import DPOConfig
+    from mlx_dpo.trainer import train
+
+    os.environ.setdefault("MLX_DPO_DEMO_DIR", str(Path.home() / ".cache" / "mlx_dpo" / "demo"))
+    out = tmp_path_factory.mktemp("smollm2") / "run"
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the recipe's data paths are relative to the repository
+    try:
+        train(DPOConfig.from_yaml(RECIPE, {"output_dir": str(out), "progress_bar": False}))
+    finally:
+        os.chdir(cwd)
+    return out
+
+
+def evaluations(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "eval_rewards/accuracies" in r]
+
+
+def test_heldout_preference_accuracy_rises_from_the_untrained_baseline(run_dir):
+    evals = evaluations(run_dir)
+    first, last = evals[0], evals[-1]
+    print("eval accuracy by step:", [(r["step"], round(r["eval_rewards/accuracies"], 3)) for r in evals])
+    assert first["step"] == 0 and first["eval_rewards/accuracies"] == 0.0  # policy == reference: ties
+    assert first["eval_loss"] == pytest.approx(np.log(2), abs=1e-4)
+    assert last["eval_rewards/accuracies"] >= 0.75 and last["eval_loss"] < 0.6
+
+
+def test_greedy_answers_on_heldout_prompts_get_shorter(run_dir):
+    from mlx_dpo.generate import generate, read_prompts
+
+    results = generate(run_dir, read_prompts(HELDOUT), max_tokens=96)
+    policy = np.mean([r["policy"]["tokens"] for r in results])
+    reference = np.mean([r["reference"]["tokens"] for r in results])
+    print(f"held-out greedy answer length: reference {reference:.1f} -> policy {policy:.1f} tokens")
+    assert policy <= 0.8 * reference
+
+
+def test_gguf_export_reads_back_as_the_trained_model(run_dir, tmp_path):
+    """The merged float32 GGUF, read back by our loader: the logits of the in-memory model
+    (4-bit base + adapters), the same greedy tokens."""
+    from mlx_dpo.export import Run
+    from mlx_dpo.formats import WRITERS
+    from mlx_dpo.verify import load_gguf, reference_outputs, verify_export
+
+    run = Run(run_dir)
+    reference = reference_outputs(run.model, run.tokenizer)
+    WRITERS["gguf"].write(run, tmp_path, "float32")
+    report = verify_export(tmp_path, load_gguf, reference, run.tokenizer, run.base_path)
+    print("gguf export:", report)
+    assert report["relative"] < 1e-5 and report["greedy_match"]
+
+
+def test_mlx_lm_generates_with_the_adapters(run_dir):
+    """mlx-lm's own loader and generator with ``adapter_path`` continue like our policy."""
+    from mlx_lm import generate as mlx_generate
+    from mlx_lm import load
+    from mlx_lm.sample_utils import make_sampler
+
+    from mlx_dpo.generate import generate
+    from mlx_dpo.model import resolve_model_path
+
+    prompt = "Tell me about a tornado."
+    ours = generate(run_dir, [prompt], max_tokens=12)[0]["policy"]["text"]
+    model, tokenizer = load(str(resolve_model_path("demo:smollm2")), adapter_path=str(run_dir))
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    theirs = mlx_generate(model, tokenizer, ids, max_tokens=12, sampler=make_sampler(0.0))
+    assert theirs.strip() == ours.strip() and theirs.strip()
