@@ -217,7 +217,8 @@ def write_peft(run, out_dir: Path, dtype: str, max_shard_bytes: int = MAX_SHARD_
 
 def write_gguf(run, out_dir: Path, dtype: str, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """One ``model.gguf`` (unsharded; ``max_shard_bytes`` is for ``hf``) and an Ollama ``Modelfile``."""
-    from .gguf_export import gguf_tokenizer_fields, hf_tokenizer_fields, source_gguf
+    from .gguf import source_gguf
+    from .gguf_export import gguf_tokenizer_fields, hf_tokenizer_fields
 
     merge_and_dequantize(run.model)
     weights = dict(tree_flatten(run.model.parameters()))

@@ -272,6 +272,13 @@ def cache_key(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{VERSION}".encode()).hexdigest()[:12]
 
 
+def source_gguf(model_dir: Path):
+    """The GGUF file a model directory was converted from (its ``gguf_source.json``), if it is still there."""
+    info = Path(model_dir) / "gguf_source.json"
+    path = json.loads(info.read_text()).get("gguf_file") if info.is_file() else None
+    return Path(path) if path and Path(path).is_file() else None
+
+
 def gguf_model_dir(path, cache_dir=None) -> Path:
     """The MLX model directory of the GGUF file ``path``, converted on first use into
     ``<cache_dir or MLX_DPO_CACHE>/gguf/<name>-<key>`` (written atomically: an interrupted
@@ -297,4 +304,4 @@ def gguf_model_dir(path, cache_dir=None) -> Path:
 
 
 __all__ = ["read_header", "check_supported", "hf_name", "hf_config", "quantization_of", "unpermute_rows",
-           "convert_weights", "write_tokenizer", "cache_key", "gguf_model_dir"]
+           "convert_weights", "write_tokenizer", "cache_key", "source_gguf", "gguf_model_dir"]

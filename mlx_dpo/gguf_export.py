@@ -20,23 +20,16 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
+
+from .gguf import BIASED, BLOCK, TOP
 
 GGUF_FILE = "model.gguf"
 # export --dtype -> the ggml type of 2-D weights (1-D tensors, the norms, stay float32 as in llama.cpp)
 GGUF_DTYPES = ("float32", "float16", "bfloat16", "q8_0", "q4_0", "q4_1")
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # model_type -> general.architecture
 
-TENSOR_NAMES = [  # transformers' names (mlx-lm's for these architectures) -> llama.cpp's
-    (r"model\.embed_tokens\.weight", "token_embd.weight"),
-    (r"model\.norm\.weight", "output_norm.weight"),
-    (r"lm_head\.weight", "output.weight"),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"blk.\1.attn_norm.weight"),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"blk.\1.ffn_norm.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", r"blk.\1.attn_\2.\3"),
-    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"blk.\1.attn_output.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"blk.\1.ffn_\2.weight"),
-]
+GGUF_TOP = {hf: name for name, hf in TOP.items()}  # model.norm -> output_norm
+GGUF_BLOCK = {hf: name for name, hf in BLOCK.items()}  # self_attn.q_proj -> attn_q
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
 
@@ -44,11 +37,19 @@ class GGUFExportError(ValueError):
     """The model cannot be written as GGUF (the message says why)."""
 
 
-def gguf_tensor_name(name: str) -> str:
-    for pattern, target in TENSOR_NAMES:
-        if re.fullmatch(pattern, name):
-            return re.sub(pattern, target, name)
-    raise GGUFExportError(f"no GGUF name for tensor {name!r}")
+def gguf_tensor_name(name: str, arch: str) -> str:
+    """llama.cpp's name of a merged weight under transformers' (= mlx-lm's) name: the inverse of
+    the reader's tables (:data:`.gguf.TOP`, :data:`.gguf.BLOCK`)."""
+    stem, _, suffix = name.rpartition(".")
+    layer = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", stem)
+    if layer and layer.group(2) in GGUF_BLOCK:
+        target = f"blk.{layer.group(1)}.{GGUF_BLOCK[layer.group(2)]}"
+    else:
+        target = GGUF_TOP.get(stem)
+    biased = suffix == "bias" and target and target.rpartition(".")[2] in BIASED.get(arch, ())
+    if target is None or not (suffix == "weight" or biased):
+        raise GGUFExportError(f"no GGUF name for tensor {name!r}")
+    return f"{target}.{suffix}"
 
 
 def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -192,13 +193,6 @@ def gguf_tokenizer_fields(source: Path) -> dict:
     return fields
 
 
-def source_gguf(model_dir: Path):
-    """The GGUF file a model directory was converted from (its ``gguf_source.json``), if any."""
-    info = _read_json(Path(model_dir) / "gguf_source.json")
-    path = info.get("gguf_file")
-    return Path(path) if path and Path(path).is_file() else None
-
-
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -221,7 +215,7 @@ def gguf_tensors(weights: dict, config: dict, dtype: str):
         w = np.array(weights[name].astype(mx.float32))
         if arch == "llama" and re.search(r"self_attn\.[qk]_proj\.", name):
             w = permute_rope(w, heads if ".q_proj." in name else kv_heads)
-        yield (gguf_tensor_name(name), *encode_tensor(w, dtype))
+        yield (gguf_tensor_name(name, arch), *encode_tensor(w, dtype))
 
 
 def write_gguf_file(path: Path, weights: dict, config: dict, dtype: str, tokenizer_fields: dict,
@@ -263,4 +257,4 @@ def _value_type(value):
 
 
 __all__ = ["GGUF_FILE", "GGUF_DTYPES", "GGUFExportError", "gguf_tensor_name", "permute_rope", "model_fields",
-           "hf_tokenizer_fields", "gguf_tokenizer_fields", "source_gguf", "write_gguf_file"]
+           "hf_tokenizer_fields", "gguf_tokenizer_fields", "write_gguf_file"]
