@@ -14,6 +14,8 @@ import os
 import sys
 import time
 
+from timing import throughput  # benchmarks/peers/timing.py (the driver's directory is on sys.path)
+
 import mlx.core as mx
 
 _device_info = mx.device_info
@@ -64,13 +66,8 @@ def main(spec_path):
     tic = time.perf_counter()
     train_dpo(model, ref_model, opt, data, None, args=args, training_callback=Callback(), loss_type="sigmoid")
     wall = time.perf_counter() - tic
-    if spec.get("whole_epoch"):  # one epoch over all pairs, end to end
-        seconds, tokens = wall, spec["total_tokens"]
-    else:
-        seconds = stamps[steps + warmup] - stamps[warmup]
-        tokens = steps * bs * spec["tokens_per_pair"]
-    print("BENCH_RESULT " + json.dumps({"tokens_per_second": tokens / seconds, "seconds": seconds,
-                                        **batch_shapes(data, bs)}), flush=True)
+    result = {**throughput(spec, stamps, wall, steps, warmup, bs), **batch_shapes(data, bs)}
+    print("BENCH_RESULT " + json.dumps(result), flush=True)
 
 
 def batch_shapes(data, bs):

@@ -12,6 +12,8 @@ import json
 import sys
 import time
 
+from timing import throughput  # benchmarks/peers/timing.py (the driver's directory is on sys.path)
+
 import torch
 from datasets import Dataset
 from peft import LoraConfig
@@ -47,13 +49,8 @@ def main(spec_path):
     tic = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - tic
-    if spec.get("whole_epoch"):  # one epoch over all pairs, end to end
-        seconds, tokens = wall, spec["total_tokens"]
-    else:
-        seconds = stamps[steps + warmup] - stamps[warmup]
-        tokens = steps * bs * spec["tokens_per_pair"]
-    print("BENCH_RESULT " + json.dumps({"tokens_per_second": tokens / seconds, "seconds": seconds,
-                                        "threads": torch.get_num_threads()}), flush=True)
+    result = {**throughput(spec, stamps, wall, steps, warmup, bs), "threads": torch.get_num_threads()}
+    print("BENCH_RESULT " + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
