@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mlx_dpo.distributed import LINKS_GB_S, allreduce_bytes, ring_seconds  # noqa: E402
+from mlx_dpo.distributed import LINKS_GB_S, allreduce_bytes, ring_seconds, write_local_hostfile  # noqa: E402
 
 # Qwen2.5-0.5B: 24 layers, hidden 896, 14 query heads / 2 kv heads of 64, MLP 4864
 QWEN05 = dict(layers=24, hidden=896, kv=2 * 64, mlp=4864)
@@ -54,16 +53,6 @@ def bytes_table():
         print(f"  {name:10s} {nbytes / 1e6:7.2f} MB per step; ring all-reduce over 2 ranks: {links}")
 
 
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def run(config: dict, ranks: int, work: Path, timeout: float) -> dict:
     """Train ``config`` on ``ranks`` processes; median tokens/s of the steps after 3, and wall time."""
     out = work / f"run{ranks}"
@@ -71,8 +60,7 @@ def run(config: dict, ranks: int, work: Path, timeout: float) -> dict:
     path = work / f"config{ranks}.yaml"
     path.write_text(json.dumps(cfg))  # JSON is YAML
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    hostfile = work / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(ranks)]))
+    hostfile = write_local_hostfile(work / "hosts.json", ranks)
     cmd = [sys.executable, "-m", "mlx_dpo", "train", "--config", str(path)]
     tic = time.perf_counter()
     procs = [subprocess.Popen(cmd, env={**env, **({"MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile)}

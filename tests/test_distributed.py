@@ -7,7 +7,6 @@ Every multi-process run has a hard timeout: the process groups are killed and th
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from mlx_dpo import checkpoint
 from mlx_dpo.batching import BatchSampler
 from mlx_dpo.config import DPOConfig
 from mlx_dpo.data import TokenizedPair
+from mlx_dpo.distributed import write_local_hostfile
 from mlx_dpo.trainer import DPOTrainer
 
 RUN_TIMEOUT = 240  # seconds for a whole 2-rank run on a loaded 2-core box
@@ -59,16 +59,6 @@ def small_data(tmp_path_factory):
     return build_toy_dataset(tmp_path_factory.mktemp("ddp") / "toy", n_train=48, n_valid=2)
 
 
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def write_config(path, **values):
     path.write_text(yaml.safe_dump(values))
     return path
@@ -82,8 +72,7 @@ def base_config(model_dir, data_dir, out, **kw):
 
 def launch(tmp_path, config_path, ranks=2, fault=None, env=None):
     """Start ``ranks`` processes on the ring backend; returns (processes, log paths)."""
-    hostfile = tmp_path / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(ranks)]))
+    hostfile = write_local_hostfile(tmp_path / "hosts.json", ranks)
     procs, logs = [], []
     for rank in range(ranks):
         log = tmp_path / f"rank{rank}.log"
