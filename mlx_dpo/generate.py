@@ -1,5 +1,6 @@
 """Generate from a trained run: the policy (adapters on) beside the reference (adapters
-off), on the same prompts and from the same loaded weights, with mlx-lm's generator.
+off), on the same prompts and from the same loaded weights, each side one batch through
+mlx-lm's continuous-batching ``BatchGenerator`` (also used by ``mlx-dpo sample``).
 
 Greedy by default (``temp=0``); with ``temp > 0`` both sides sample from the same seed.
 A run trained with ``prompt_template`` gets its prompts wrapped the same way; otherwise a
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import mlx.core as mx
 
@@ -19,7 +20,7 @@ from .adapters import adapter_mode
 from .audit import AuditError, load_run
 from .data import DataError
 from .data.formats import check_value
-from .data.tokenize import encode_prompt
+from .data import tokenize
 
 
 def read_prompts(path: Union[str, Path], messages: bool = False) -> List[Union[str, list]]:
@@ -50,41 +51,79 @@ def read_prompts(path: Union[str, Path], messages: bool = False) -> List[Union[s
     return prompts
 
 
-def complete(model, tokenizer, prompt: Union[str, List[int]], max_tokens: int, temp: float, seed: int) -> dict:
-    """One generation with mlx-lm from a prompt text or its token ids: ``{text, tokens}``."""
-    from mlx_lm import stream_generate
-    from mlx_lm.sample_utils import make_sampler
+def generate_samples(model, tokenizer, prompt_ids: List[List[int]], k: int, sampler, max_tokens: int,
+                     batch_size: int, on_prompt_done: Callable = lambda: None) -> Tuple[list, list, object]:
+    """``k`` completions of every prompt with mlx-lm's ``BatchGenerator`` (continuous batching,
+    ``batch_size`` sequences at once): ``(tokens[prompt][sample], finished[prompt][sample], stats)``,
+    ``finished`` False for a completion cut at ``max_tokens``; EOS is not part of the tokens."""
+    from mlx_lm.generate import BatchGenerator
 
-    mx.random.seed(seed)
-    text, tokens = "", 0
-    for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=make_sampler(temp)):
-        text += response.text
-        tokens = response.generation_tokens
-    return {"text": text, "tokens": tokens}
+    gen = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+                         sampler=sampler, completion_batch_size=batch_size, prefill_batch_size=min(batch_size, 8))
+    uids = gen.insert([ids for ids in prompt_ids for _ in range(k)])
+    slot = {uid: divmod(n, k) for n, uid in enumerate(uids)}
+    tokens = [[[] for _ in range(k)] for _ in prompt_ids]
+    finished = [[False] * k for _ in prompt_ids]
+    left = [k] * len(prompt_ids)
+    try:
+        with gen.stats() as stats:
+            while responses := gen.next_generated():
+                for r in responses:
+                    p, s = slot[r.uid]
+                    if r.finish_reason != "stop":
+                        tokens[p][s].append(r.token)
+                    if r.finish_reason is not None:
+                        finished[p][s] = r.finish_reason == "stop"
+                        left[p] -= 1
+                        if not left[p]:
+                            on_prompt_done()
+    finally:
+        gen.close()
+    return tokens, finished, stats
+
+
+def prompt_ids(prompt: Union[str, list], tokenizer, template: Optional[str], where: str) -> List[int]:
+    """The prompt's token ids as training encodes it: wrapped in the run's ``prompt_template``
+    (with special tokens), else through the chat template when the tokenizer has one."""
+    if template:
+        return tokenize.encode(tokenizer, template.replace("{prompt}", prompt), True)
+    try:
+        return tokenize.encode_prompt(prompt, tokenizer, where)[0]
+    except DataError as e:
+        raise AuditError(str(e)) from None
 
 
 def generate(run_dir: Union[str, Path], prompts: List[str], max_tokens: int = 64, temp: float = 0.0,
-             seed: int = 0) -> List[dict]:
-    """``{prompt, policy: {text, tokens}, reference: {text, tokens}}`` for every prompt."""
+             seed: int = 0, batch_size: int = 16) -> List[dict]:
+    """``{prompt, policy: {text, tokens}, reference: {text, tokens}}`` for every prompt, each side
+    generated as one batch (``batch_size`` sequences at a time); ``tokens`` counts the EOS
+    that ended a completion, as mlx-lm's ``stream_generate`` does."""
+    from mlx_lm.sample_utils import make_sampler
+
     if not prompts:
         raise AuditError("no prompts given (pass --prompt TEXT or --prompts FILE)")
     run = load_run(run_dir)
-    template = run.cfg.prompt_template
-    results = []
-    for n, prompt in enumerate(prompts):
-        if template:
-            text = template.replace("{prompt}", prompt)
-        else:  # as training encodes it: through the chat template when the tokenizer has one
-            try:
-                text = encode_prompt(prompt, run.tokenizer, f"prompt {n}")[0]
-            except DataError as e:
-                raise AuditError(str(e)) from None
-        row = {"prompt": prompt}
-        for side, mode in (("policy", "policy"), ("reference", "base")):
-            with adapter_mode(run.model, mode):
-                row[side] = complete(run.model, run.tokenizer, text, max_tokens, temp, seed)
-        results.append(row)
+    ids = [prompt_ids(p, run.tokenizer, run.cfg.prompt_template, f"prompt {n}") for n, p in enumerate(prompts)]
+    results = [{"prompt": p} for p in prompts]
+    for side, mode in (("policy", "policy"), ("reference", "base")):
+        mx.random.seed(seed)
+        with adapter_mode(run.model, mode):
+            tokens, finished, _ = generate_samples(run.model, run.tokenizer, ids, 1, make_sampler(temp),
+                                                   max_tokens, batch_size)
+        for row, sample, done in zip(results, tokens, finished):
+            row[side] = {"text": detokenize(run.tokenizer, sample[0]), "tokens": len(sample[0]) + int(done[0])}
     return results
+
+
+def detokenize(tokenizer, tokens: List[int]) -> str:
+    """The text of generated ``tokens`` as mlx-lm's streaming detokenizer writes it (which, unlike
+    ``decode``, drops a SentencePiece word-start space before the first token)."""
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    for token in tokens:
+        detokenizer.add_token(token)
+    detokenizer.finalize()
+    return detokenizer.text
 
 
 def format_text(results: List[dict]) -> str:

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 from .config import ConfigError, DPOConfig
 from .data import DataError
 from .data import tokenize
+from .generate import generate_samples
 from .io import atomic_write_text
 from .judges import Judge, make_judge, pick_pair, score
 
@@ -44,37 +45,6 @@ def encode_prompt(prompt: Union[str, list], tokenizer, where: str) -> Tuple[List
         return tokenize.encode_prompt(prompt, tokenizer, where)
     except DataError as e:
         raise SampleError(str(e)) from None
-
-
-def generate_samples(model, tokenizer, prompt_ids: List[List[int]], k: int, sampler, max_tokens: int,
-                     batch_size: int, on_prompt_done: Callable = lambda: None) -> Tuple[list, list, object]:
-    """``k`` completions of every prompt with mlx-lm's ``BatchGenerator`` (continuous batching,
-    ``batch_size`` sequences at once): ``(tokens[prompt][sample], finished[prompt][sample], stats)``,
-    ``finished`` False for a completion cut at ``max_tokens``; EOS is not part of the tokens."""
-    from mlx_lm.generate import BatchGenerator
-
-    gen = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
-                         sampler=sampler, completion_batch_size=batch_size, prefill_batch_size=min(batch_size, 8))
-    uids = gen.insert([ids for ids in prompt_ids for _ in range(k)])
-    slot = {uid: divmod(n, k) for n, uid in enumerate(uids)}
-    tokens = [[[] for _ in range(k)] for _ in prompt_ids]
-    finished = [[False] * k for _ in prompt_ids]
-    left = [k] * len(prompt_ids)
-    try:
-        with gen.stats() as stats:
-            while responses := gen.next_generated():
-                for r in responses:
-                    p, s = slot[r.uid]
-                    if r.finish_reason != "stop":
-                        tokens[p][s].append(r.token)
-                    if r.finish_reason is not None:
-                        finished[p][s] = r.finish_reason == "stop"
-                        left[p] -= 1
-                        if not left[p]:
-                            on_prompt_done()
-    finally:
-        gen.close()
-    return tokens, finished, stats
 
 
 # --------------------------------------------------------------------------- pairs
