@@ -462,3 +462,56 @@ def test_gguf_round_trip_train_export_read_back(tiny_llama, toy_data_dir, tmp_pa
           f"by transformers {rel(ours, theirs):.2e}, between the two {rel(back, theirs):.2e}")
     assert rel(ours, back) < tol and rel(ours, theirs) < tol
     assert rel(back, theirs) < 5e-6  # two readers of the same file: the file is what both read
+
+
+CHAT_PAIRS = [  # as users bring them: a system prompt, multi-turn, Unicode, TRL's implicit-prompt form
+    {"prompt": [{"role": "system", "content": "Tu es bref. Réponds en français."},
+                {"role": "user", "content": "Quelle est la capitale de l'Allemagne ? 🇩🇪"}],
+     "chosen": [{"role": "assistant", "content": "Berlin."}],
+     "rejected": [{"role": "assistant", "content": "La capitale de l'Allemagne est Berlin (3,7 M d'habitants)."}]},
+    {"prompt": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help?"},
+                {"role": "user", "content": "日本の首都は？"}],
+     "chosen": [{"role": "assistant", "content": "東京です。"}],
+     "rejected": [{"role": "assistant", "content": "わかりません 🤷"}]},
+    {"chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+     "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "  5\n"}]},
+]
+
+
+def chatml(messages: list, generation_prompt: bool) -> str:
+    """SmolLM2's template, written out by hand: ChatML with its default system prompt."""
+    if messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": "You are a helpful AI assistant named SmolLM, trained by "
+                                                  "Hugging Face"}] + messages
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if generation_prompt else "")
+
+
+@pytest.mark.slow
+def test_smollm2_chat_pairs_split_at_the_assistant_turn(smollm2):
+    """Real chat data through SmolLM2's tokenizer: the prompt ends with ``<|im_start|>assistant\\n``,
+    each completion is its content and ``<|im_end|>\\n`` (the turn's end, no extra EOS), and the
+    ids are llama.cpp's BPE of the hand-written ChatML text."""
+    from mlx_dpo.data.tokenize import tokenize_pairs
+
+    _, tokenizer, _ = load_model(DPOConfig(model=str(smollm2)))
+    meta = mx.load(str(smollm2), return_metadata=True)[1]
+    vocab, merges = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.merges"]
+    specials = [t for t, kind in zip(vocab, np.array(meta["tokenizer.ggml.token_type"])) if kind == 3]
+    encode = lambda text: llama_cpp_encode(text, vocab, merges, specials, "smollm")  # noqa: E731
+    pairs, stats = tokenize_pairs(CHAT_PAIRS, tokenizer, DPOConfig(max_length=None))
+    assert len(pairs) == 3 and stats.get("dropped", 0) == 0
+    turn_start, turn_end = encode("<|im_start|>assistant\n"), encode("<|im_end|>\n")
+    assert turn_end == [vocab.index("<|im_end|>"), vocab.index("Ċ")]
+    # "  5" merges with the turn's "\n" ("\n  " is one token): that token goes to both completions
+    for pair, record, moved in zip(pairs, CHAT_PAIRS, (0, 0, 1)):
+        prompt = record.get("prompt") or record["chosen"][:-1]
+        prompt_text = chatml(prompt, generation_prompt=True)
+        whole = encode(prompt_text)
+        assert pair.prompt == whole[:len(whole) - moved]
+        assert moved or pair.prompt[-len(turn_start):] == turn_start
+        for ids, side in ((pair.chosen, "chosen"), (pair.rejected, "rejected")):
+            content = record[side][-1]["content"]
+            assert ids == encode(prompt_text + content + "<|im_end|>\n")[len(pair.prompt):]
+            assert ids[-2:] == turn_end and ids.count(tokenizer.eos_token_id) == 1  # <|im_end|> is EOS
+            assert tokenizer.decode(ids[:-2]) == "\n" * moved + content
