@@ -12,7 +12,7 @@ LAYERS = [
     "io", "hubnet", "coerce", "config", "toy", "schedule", "distributed", "architectures", "data", "shapes", "batching",
     "state", "quant", "adapters", "gguf", "demo",
     "model", "prefix", "logprobs", "reduce", "pair_losses", "losses", "steps", "perf", "reference", "checkpoint", "rundir",
-    "faults", "callbacks", "trackers", "health", "preflight", "trainer", "plan", "verify", "gguf_export", "formats", "hub",
+    "faults", "stopping", "callbacks", "trackers", "health", "preflight", "evaluation", "trainer", "plan", "verify", "gguf_export", "formats", "hub",
     "export", "report", "lint", "audit", "generate", "judges", "sample", "cli", "__main__", "__init__",
 ]
 DATA_LAYERS = ["base", "readers", "sources", "formats", "tokenize", "cache", "__init__"]
