@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -146,6 +146,25 @@ def load_model(cfg: DPOConfig) -> Tuple[nn.Module, object, Path]:
     path = resolve_model_path(cfg.model, cfg.revision)
     model, model_config, tokenizer = _load(path, cfg.trust_remote_code)
     return prepare_model(model, cfg, model_config, str(path)), tokenizer, path
+
+
+def model_for_training(cfg: DPOConfig, model: Optional[nn.Module], tokenizer, train_pairs,
+                       log: Callable[[str], None]) -> Tuple[nn.Module, object, Optional[Path]]:
+    """``cfg.model`` loaded (:func:`load_model`), or the passed ``model`` prepared the same way:
+    ``(model, tokenizer, model_path)``; ``model_path`` is ``None`` when a passed model comes with
+    the default ``cfg.model`` (the base is unknown)."""
+    if model is None:
+        return load_model(cfg)
+    if tokenizer is None and train_pairs is None:
+        raise ConfigError("DPOTrainer(model=...) needs tokenizer= too (to tokenize the data), or "
+                          "train_pairs= with the pairs already tokenized")
+    model_path = Path(cfg.model)
+    if cfg.model == DPOConfig.__dataclass_fields__["model"].default:
+        log("note: DPOTrainer(model=...) with the default cfg.model: the saved adapter_config.json "
+            "cannot name the base model; set DPOConfig(model=...) to its directory or Hub id so "
+            "export and mlx_lm can find it (or pass --model to mlx-dpo export)")
+        model_path = None
+    return prepare_model(model, cfg), tokenizer, model_path
 
 
 def is_quantized(model: nn.Module) -> bool:

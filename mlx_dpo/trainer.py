@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,17 +28,17 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
-from . import checkpoint, distributed, losses
+from . import checkpoint, distributed, evaluation, losses, stopping
 from .adapters import adapter_config, reference_mode, sync_reference
-from .batching import Batch, BatchSampler, collate, eval_batches
+from .batching import Batch, BatchSampler, collate
 from .callbacks import CallbackList, console, default_callbacks
 from .config import ConfigError, DPOConfig, resolve_config
 from .data import TokenizedPair, load_datasets
 from .data.formats import check_data_format
-from .faults import MAX_CONSECUTIVE_SKIPS, NonFiniteError, is_out_of_memory, nonfinite_message, \
-    out_of_memory_error
+from .evaluation import peak_memory_gb
+from .faults import NonFiniteError  # noqa: F401  (re-exported)
 from .health import HealthMonitor
-from .model import count_parameters, load_model, prepare_model, setup_trainable
+from .model import count_parameters, model_for_training, setup_trainable
 from .perf import Throughput, reference_blas_warning, warn_if_too_big
 from .prefix import use_prefix_sharing
 from .preflight import warn_unused_settings
@@ -48,6 +47,7 @@ from .rundir import METRICS_FILE, RunLock, check_output_dir, check_resume, prepa
 from .schedule import build_schedule
 from .shapes import MIN_BATCHES_PER_SHAPE, ShapePlan
 from .state import TrainState
+from .stopping import DistributedError  # noqa: F401  (re-exported)
 from .steps import build_steps, reference_logps
 from .trackers import tracker_callbacks
 
@@ -60,16 +60,8 @@ class TrainResult:
     history: List[dict] = field(default_factory=list)
 
 
-class DistributedError(checkpoint.TrainingError):
-    """A data-parallel collective failed: another rank went away."""
-
-
 def _silent(*args, **kwargs) -> None:
     """The log of the ranks other than 0."""
-
-
-def peak_memory_gb() -> float:
-    return mx.get_peak_memory() / 1e9
 
 
 class DPOTrainer:
@@ -97,7 +89,8 @@ class DPOTrainer:
         trackers = tracker_callbacks(cfg, self.output_dir) if self.main else []  # a missing package fails here
         self.resume_path = check_resume(cfg, self.output_dir, self.log, self.ranks)
         mx.random.seed(cfg.seed)
-        self.model, self.tokenizer = model, tokenizer = self._load_model(model, tokenizer, train_pairs)
+        model, tokenizer, self.model_path = model_for_training(cfg, model, tokenizer, train_pairs, self.log)
+        self.model, self.tokenizer = model, tokenizer
         if train_pairs is None:
             train_pairs, eval_pairs = load_datasets(cfg, tokenizer, log=self.log)
         self.train_pairs, self.eval_pairs = train_pairs, eval_pairs or []
@@ -110,13 +103,7 @@ class DPOTrainer:
         self.log(f"parameters: {self.num_parameters / 1e6:.2f}M total, {trainable / 1e6:.3f}M trainable "
                  f"({100 * trainable / max(self.num_parameters, 1):.3f}%)")
         self.reductions = losses.reductions(cfg)
-        if len(self.train_pairs) < cfg.batch_size * self.ranks:
-            raise ConfigError(f"batch_size {cfg.batch_size} x {self.ranks} ranks is larger than the "
-                              f"{len(self.train_pairs)} training pairs")
-        self.shapes = ShapePlan(self.train_pairs, self.prefix_sharing, cfg.max_batch_shapes,
-                                min_pairs=MIN_BATCHES_PER_SHAPE * cfg.batch_size * self.ranks)
-        self.sampler = BatchSampler(self.train_pairs, cfg.batch_size, cfg.seed, shapes=self.shapes,
-                                    rank=self.rank, ranks=self.ranks)
+        self._build_sampler()
         self._build_optimizer()
         self.state = TrainState(max_steps=self.total_steps, num_batches=len(self.sampler),
                                 data_fingerprint=checkpoint.data_fingerprint(self.train_pairs),
@@ -140,23 +127,6 @@ class DPOTrainer:
                 mx.eval(distributed.all_sum(mx.array(1), self.group))
 
     # ------------------------------------------------------------------ setup
-    def _load_model(self, model, tokenizer, train_pairs) -> tuple:
-        """``cfg.model`` loaded, or the passed model prepared the same way; sets ``model_path``."""
-        cfg = self.cfg
-        if model is None:
-            model, tokenizer, self.model_path = load_model(cfg)
-            return model, tokenizer
-        if tokenizer is None and train_pairs is None:
-            raise ConfigError("DPOTrainer(model=...) needs tokenizer= too (to tokenize the data), or "
-                              "train_pairs= with the pairs already tokenized")
-        self.model_path = Path(cfg.model)
-        if cfg.model == DPOConfig.__dataclass_fields__["model"].default:
-            self.log("note: DPOTrainer(model=...) with the default cfg.model: the saved adapter_config.json "
-                     "cannot name the base model; set DPOConfig(model=...) to its directory or Hub id so "
-                     "export and mlx_lm can find it (or pass --model to mlx-dpo export)")
-            self.model_path = None
-        return prepare_model(model, cfg), tokenizer
-
     def _resume(self) -> None:
         """Advance the freshly built state, model and optimizer to the checkpoint's."""
         self.state = checkpoint.restore(checkpoint.load_checkpoint(self.resume_path), self.state, self.model,
@@ -166,6 +136,17 @@ class DPOTrainer:
             raise ConfigError(f"max_steps is {self.total_steps} but the checkpoint {self.resume_path} is at "
                               f"step {self.step}; set max_steps >= {self.step} to continue it")
         self.log(f"resumed from {self.resume_path} (step {self.step})")
+
+    def _build_sampler(self) -> None:
+        """The run's batch shapes and this rank's batch sampler."""
+        cfg = self.cfg
+        if len(self.train_pairs) < cfg.batch_size * self.ranks:
+            raise ConfigError(f"batch_size {cfg.batch_size} x {self.ranks} ranks is larger than the "
+                              f"{len(self.train_pairs)} training pairs")
+        self.shapes = ShapePlan(self.train_pairs, self.prefix_sharing, cfg.max_batch_shapes,
+                                min_pairs=MIN_BATCHES_PER_SHAPE * cfg.batch_size * self.ranks)
+        self.sampler = BatchSampler(self.train_pairs, cfg.batch_size, cfg.seed, shapes=self.shapes,
+                                    rank=self.rank, ranks=self.ranks)
 
     def _build_optimizer(self) -> None:
         cfg = self.cfg
@@ -243,27 +224,13 @@ class DPOTrainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> Dict[str, float]:
         """Mean loss and metrics over the eval pairs (``max_eval_batches`` of them), in inference
-        mode; the model's train/eval mode is left as it was."""
+        mode (:func:`.evaluation.evaluate`); the model's train/eval mode is left as it was."""
         if not self.eval_pairs:
             return {}
         if self.reference_source == "precomputed" and "eval" not in self.ref_cache:
             self.precompute_reference()  # evaluate() before train()
-        was_training = self.model.training
-        self.model.eval()
-        bs = self.cfg.eval_batch_size or self.cfg.batch_size
-        totals: Dict[str, float] = {}
-        count, tic = 0, time.perf_counter()
-        for indices in eval_batches(self.eval_pairs, bs, self.cfg.max_eval_batches):
-            batch = self.collate(self.eval_pairs, indices)
-            loss, metrics = self.eval_step(self.to_device(batch, "eval"), self.loss_state)
-            mx.eval(loss, metrics)
-            n = batch.num_pairs
-            for k, v in {"loss": loss, **metrics}.items():
-                totals[k] = totals.get(k, 0.0) + float(v.item()) * n
-            count += n
-        self.model.train(was_training)
-        self.log(f"evaluation: {count} pairs in {time.perf_counter() - tic:.1f} s")
-        return {f"eval_{k}": v / count for k, v in totals.items()}
+        return evaluation.evaluate(self.model, self.eval_step, self.eval_pairs, self.cfg, self.collate,
+                                   self.to_device, self.loss_state, self.log)
 
     # ------------------------------------------------------------------ training
     def train(self) -> TrainResult:
@@ -293,13 +260,10 @@ class DPOTrainer:
             with checkpoint.StopSignals() as stop:
                 return self._train_loop(stop)
         except RuntimeError as e:
-            lost = distributed.peer_lost_message(e, self.rank, self.ranks) if self.ranks > 1 else None
-            if lost is not None and not isinstance(e, checkpoint.TrainingError):
-                raise DistributedError(f"{lost}. Stopped at step {self.step}; last checkpoint: "
-                                       f"{self._last_checkpoint()}") from None
-            if isinstance(e, checkpoint.TrainingError) or not is_out_of_memory(e):
+            error = stopping.fault_error(e, self.step, self.rank, self.ranks, self.output_dir)
+            if error is None:
                 raise
-            raise out_of_memory_error(self.step + 1, e, self._last_checkpoint()) from None
+            raise error from None
         finally:
             self.model.train(was_training)  # as loaded (mlx-lm: eval), so dropout is off for generation
             if self.watchdog is not None:
@@ -385,16 +349,11 @@ class DPOTrainer:
         return grads_sum, ok, values, tokens
 
     def _share_tokens_and_stop(self, tokens: int) -> int:
-        """Data parallel: every rank's tokens (for tokens/s) and stop signal, summed after the
-        step (whose collectives are where a dead peer blocks): all ranks stop after the same step."""
+        """Data parallel: the global tokens; all ranks stop after the same step (:mod:`.stopping`)."""
         if self.ranks == 1:
             return tokens
-        signum = self.stop_signals.signum or 0
-        tokens, total, stopped = distributed.all_sum(mx.array([tokens, signum, int(signum > 0)]), self.group).tolist()
-        if stopped:
-            self.stop_agreed = True
-            peer = signal.SIGINT if total == signal.SIGINT * stopped else signal.SIGTERM
-            self.stop_signals.signum = signum or peer  # another rank's SIGINT/SIGTERM
+        tokens, stopped = stopping.share_tokens_and_stop(tokens, self.stop_signals, self.group)
+        self.stop_agreed = self.stop_agreed or stopped
         return tokens
 
     def _step_metrics(self, values: list, norm: mx.array, learning_rate: mx.array) -> Optional[dict]:
@@ -413,20 +372,13 @@ class DPOTrainer:
         return metrics
 
     def _log_and_evaluate(self, learning_rate: float = 0.0, grad_norm: float = 0.0, start: bool = False) -> None:
-        """At a logging step: the window's means as a record, except ``learning_rate`` and
-        ``grad_norm`` (pre-clip), the logging step's own, as transformers' Trainer; at an eval
-        step (or ``start``: before step 1, ``eval_on_start``): evaluate and add the ``eval_*``
-        metrics. The record goes to ``log_history`` and the callbacks."""
+        """At a logging step: the record of :func:`.evaluation.log_record`; at an eval step (or
+        ``start``: before step 1, ``eval_on_start``): evaluate and add the ``eval_*`` metrics.
+        The record goes to ``log_history`` and the callbacks."""
         cfg, state = self.cfg, self.state
-        last = state.step == state.max_steps
-        record = None
-        if not start and (state.step % cfg.logging_steps == 0 or last):
-            record = {"step": state.step, "epoch": round(state.epoch, 4), **state.window.flush(),
-                      "peak_memory_gb": peak_memory_gb(), "learning_rate": learning_rate, "grad_norm": grad_norm,
-                      "compiled_shapes": self.trace_count, "compile_seconds": round(self.compile_seconds, 3)}
-            if cfg.skip_nonfinite_steps:
-                record["skipped_steps"] = state.skipped_steps
-        if start or self._eval_due():
+        record = None if start else evaluation.log_record(cfg, state, learning_rate, grad_norm, self.trace_count,
+                                                           self.compile_seconds)
+        if start or evaluation.eval_due(cfg, state, self.steps_per_epoch, bool(self.eval_pairs)):
             state.window.last_eval = self.evaluate()
             self.callbacks.on_evaluate(state, state.window.last_eval)
             record = {**(record or {"step": state.step, "epoch": round(state.epoch, 4)}), **state.window.last_eval}
@@ -434,28 +386,9 @@ class DPOTrainer:
             state.log_history.append(record)
             self.callbacks.on_log(state, record)
 
-    def _eval_due(self) -> bool:
-        """``eval_strategy``: every ``eval_steps`` (``steps``) or at each epoch's end (``epoch``),
-        and at the last step; never with ``no`` or without eval pairs."""
-        cfg, state = self.cfg, self.state
-        if cfg.eval_mode == "no" or not self.eval_pairs:
-            return False
-        every = self.steps_per_epoch if cfg.eval_mode == "epoch" else (cfg.eval_steps or cfg.logging_steps)
-        return state.step % every == 0 or state.step == state.max_steps
-
     def _nonfinite(self, values: dict, grad_norm_sq: float) -> None:
         """Stop on a non-finite step, or (``skip_nonfinite_steps``) count it and go on."""
-        msg = nonfinite_message(self.step + 1, values, grad_norm_sq, self.cfg)
-        if not self.cfg.skip_nonfinite_steps:
-            raise NonFiniteError(msg + f" Last good checkpoint: {self._last_checkpoint()}. "
-                                 "Set skip_nonfinite_steps: true to skip such steps.")
-        self.state.skipped_steps += 1
-        self.state.consecutive_skips += 1
-        if self.state.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-            raise NonFiniteError(msg + f" {self.state.consecutive_skips} steps in a row were non-finite: stopping. "
-                                 f"Last good checkpoint: {self._last_checkpoint()}.")
-        self.log(msg + f" Skipped ({self.state.skipped_steps} so far); step {self.step + 1} is retried on the next "
-                 "batches.")
+        stopping.skip_nonfinite(self.state, values, grad_norm_sq, self.cfg, self.output_dir, self.log)
 
     def _start_watchdog(self) -> None:
         if self.watchdog is None:
@@ -466,16 +399,12 @@ class DPOTrainer:
         return self.watchdog.guard(what) if self.watchdog is not None else contextlib.nullcontext()
 
     def _last_checkpoint(self) -> str:
-        last = checkpoint.latest_checkpoint(self.output_dir)
-        return f"{last} (resume with --resume)" if last else "none yet"
+        return stopping.last_checkpoint(self.output_dir)
 
     def _stop(self, signum: int) -> None:
         """After SIGINT/SIGTERM: checkpoint, say how to resume, raise TrainingInterrupted."""
         path = self.save_checkpoint() or f"{self.output_dir} by rank 0"
-        out = self.output_dir
-        raise checkpoint.TrainingInterrupted(
-            signum, f"{signal.Signals(signum).name}: stopped after step {self.step}; checkpoint saved to {path}. "
-                    f"Resume with: mlx-dpo train --config {out / 'config.yaml'} --output-dir {out} --resume")
+        raise stopping.interrupted(signum, self.step, path, self.output_dir)
 
     # ------------------------------------------------------------------ saving
     def save_checkpoint(self) -> Path:
