@@ -92,3 +92,24 @@ def test_generate_cli_prompts_file_and_errors(run_dir, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "no prompt"}\n')
     with pytest.raises(AuditError, match="bad.jsonl:1"):
         read_prompts(tmp_path / "bad.jsonl")
+
+
+def test_generate_wraps_prompts_in_the_runs_prompt_template(run_dir, llama_dir, monkeypatch):
+    """A run trained with ``prompt_template``: its text (with special tokens), not the chat template,
+    as mlx-lm's generate encodes a plain string prompt."""
+    import dataclasses
+
+    from mlx_lm import generate as mlx_generate
+    from mlx_lm import load
+    from mlx_lm.sample_utils import make_sampler
+
+    from mlx_dpo import generate as generate_module
+
+    run = load_run(run_dir)
+    run.cfg = dataclasses.replace(run.cfg, prompt_template="Q: {prompt}\nA:")
+    monkeypatch.setattr(generate_module, "load_run", lambda path: run)
+    results = generate(run_dir, PROMPTS, max_tokens=8)
+    model, tokenizer = load(str(llama_dir), adapter_path=str(run_dir))
+    for r in results:
+        text = f"Q: {r['prompt']}\nA:"
+        assert r["policy"]["text"] == mlx_generate(model, tokenizer, text, max_tokens=8, sampler=make_sampler(0.0))
