@@ -11,6 +11,7 @@ import mlx.core as mx
 from .batching import eval_batches
 from .config import DPOConfig
 from .data import TokenizedPair
+from .metal import release_cache
 from .state import TrainState
 
 
@@ -21,7 +22,7 @@ def peak_memory_gb() -> float:
 def evaluate(model, eval_step: Callable, pairs: List[TokenizedPair], cfg: DPOConfig, collate: Callable,
              to_device: Callable, loss_state: dict, log: Callable[[str], None]) -> Dict[str, float]:
     """Mean loss and metrics (``eval_*``, weighted by pairs) over ``pairs`` (``max_eval_batches``
-    batches of them) in inference mode; the model's train/eval mode is left as it was.
+    batches of them) in inference mode; the model's train/eval mode is left as it was, MLX's buffer cache freed.
     ``collate(pairs, indices)`` pads a batch, ``to_device(batch, "eval")`` makes its arrays."""
     was_training = model.training
     model.eval()
@@ -37,6 +38,7 @@ def evaluate(model, eval_step: Callable, pairs: List[TokenizedPair], cfg: DPOCon
             totals[k] = totals.get(k, 0.0) + float(v.item()) * n
         count += n
     model.train(was_training)
+    release_cache()  # the eval batches' buffers: shapes the training step does not reuse
     log(f"evaluation: {count} pairs in {time.perf_counter() - tic:.1f} s")
     return {f"eval_{k}": v / count for k, v in totals.items()}
 

@@ -28,7 +28,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
-from . import checkpoint, distributed, evaluation, losses, stopping
+from . import checkpoint, distributed, evaluation, losses, metal, stopping
 from .adapters import adapter_config, reference_mode, sync_reference
 from .batching import Batch, BatchSampler, collate
 from .callbacks import CallbackList, console, default_callbacks
@@ -220,6 +220,7 @@ class DPOTrainer:
                     model_path=self.model_path, split=split, log=self.log, initial=self.step == 0,
                     group=self.group if self.ranks > 1 else None)
                 self.reference_forwards += batches
+        metal.release_cache()
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> Dict[str, float]:
@@ -257,7 +258,7 @@ class DPOTrainer:
                 with self._guard("the reference precompute"):
                     self.precompute_reference()
             self.model.train()
-            with checkpoint.StopSignals() as stop:
+            with checkpoint.StopSignals() as stop, metal.wired_limit(self.model, self.log):
                 return self._train_loop(stop)
         except RuntimeError as e:
             error = stopping.fault_error(e, self.step, self.rank, self.ranks, self.output_dir)

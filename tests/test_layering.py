@@ -11,7 +11,7 @@ PACKAGE = Path(mlx_dpo.__file__).parent
 LAYERS = [
     "io", "hubnet", "coerce", "config", "toy", "schedule", "distributed", "architectures", "data", "shapes", "batching",
     "state", "quant", "adapters", "gguf", "demo",
-    "model", "prefix", "logprobs", "reduce", "pair_losses", "losses", "steps", "perf", "reference", "checkpoint",
+    "model", "prefix", "logprobs", "reduce", "pair_losses", "losses", "steps", "perf", "metal", "reference", "checkpoint",
     "rundir", "faults", "stopping", "callbacks", "trackers", "health", "preflight", "evaluation", "trainer", "plan",
     "verify", "gguf_export", "formats", "hub",
     "export", "report", "lint", "audit", "generate", "judges", "sample", "cli", "__main__", "__init__",

@@ -230,3 +230,55 @@ def test_inference_dequantizes_once_on_the_cpu_only(qwen2_dir, monkeypatch):
     model, _, _ = load_model(cfg)
     dequantize_for_inference(model)
     assert is_quantized(model)
+
+
+def test_training_wires_metals_working_set_and_restores_it(llama_dir, toy_data_dir, tmp_path, monkeypatch):
+    """As mlx-lm's trainer: ``mx.set_wired_limit(max_recommended_working_set_size)`` while training
+    (not before the first step), the previous limit back at the end; a warning when the weights
+    alone pass 90% of the set. The CPU backend: never called."""
+    from mlx_dpo import metal
+
+    calls = []
+    monkeypatch.setattr(mx, "set_wired_limit", lambda n: calls.append(n) or 123)
+    cfg = DPOConfig(model=str(llama_dir), data=str(toy_data_dir), output_dir=str(tmp_path / "cpu"), max_steps=2,
+                    batch_size=4, progress_bar=False)
+    DPOTrainer(cfg, log=lambda *a: None).train()
+    assert calls == []  # not on Metal
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(mx, "device_info", lambda *a, **k: {**METAL_INFO, "max_recommended_working_set_size": 10**9})
+    monkeypatch.setattr(mx, "synchronize", lambda *a: calls.append("synchronize"))
+    steps = []
+
+    class Spy:  # what had been called when each step ended
+        def on_step_end(self, *args):
+            steps.append(list(calls))
+
+    trainer = DPOTrainer(DPOConfig(**{**cfg.__dict__, "output_dir": str(tmp_path / "metal")}), log=lambda *a: None,
+                         callbacks=[Spy()])
+    trainer.train()
+    assert steps[0] == [10**9] and calls == [10**9, "synchronize", 123]
+    lines = []
+    with metal.wired_limit(trainer.model, lines.append):
+        pass
+    assert lines == []
+    monkeypatch.setattr(mx, "device_info", lambda *a, **k: {**METAL_INFO, "max_recommended_working_set_size": 1000})
+    with metal.wired_limit(trainer.model, lines.append):
+        pass
+    assert len(lines) == 1 and "over 90% of Metal's recommended working set" in lines[0]
+
+
+def test_buffer_cache_is_freed_after_evaluation_and_the_precompute(llama_dir, toy_data_dir, tmp_path):
+    """Eval and precompute batches leave no buffers in MLX's cache (``mx.clear_cache``): measured
+    with ``mx.get_cache_memory``, which holds megabytes after a forward without it."""
+    cfg = DPOConfig(model=str(llama_dir), data=str(toy_data_dir), output_dir=str(tmp_path / "run"), max_steps=1,
+                    batch_size=8, progress_bar=False, precompute_ref_log_probs=True, eval_steps=1)
+    trainer = DPOTrainer(cfg, log=lambda *a: None)
+    trainer.model(mx.ones((8, 64), mx.int32)).sum().item()
+    cached = mx.get_cache_memory()
+    assert cached > 2**20  # a forward leaves megabytes of freed buffers cached
+    trainer.precompute_reference()
+    assert mx.get_cache_memory() == 0
+    trainer.model(mx.ones((8, 64), mx.int32)).sum().item()
+    assert mx.get_cache_memory() > 2**20
+    assert trainer.evaluate()["eval_loss"] > 0
+    assert mx.get_cache_memory() < 1024  # at most the last batch's scalars, freed on return
