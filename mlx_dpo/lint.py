@@ -138,6 +138,7 @@ def lint_rows(rows: List[Row], tokenizer, cfg: DPOConfig) -> dict:
         if usable is not None:
             lengths.append(usable)
     result = {"pairs": len(rows), "usable": len(lengths), "max_length": cfg.max_length,
+              "max_prompt_length": cfg.max_prompt_length, "max_completion_length": cfg.max_completion_length,
               "checks": {**checks, "length_bias": length_bias(lengths)}}
     result["problems"] = problems(result)
     result["fatal"] = not lengths
@@ -156,12 +157,15 @@ def problems(result: dict) -> List[str]:
             lines.append(f"{c[name]['count']} of {n} pairs {what}")
     t = c["truncation"]
     if t["count"] or t["dropped"]:
-        lines.append(f"{t['count']} pairs lose {t['tokens_lost']} completion tokens at max_length "
-                     f"{result['max_length']}; {t['dropped']} dropped (the prompt fills max_length)")
+        limits = f"max_length {result['max_length']}" + "".join(
+            f", {k} {result[k]}" for k in ("max_prompt_length", "max_completion_length") if result.get(k))
+        lines.append(f"{t['count']} pairs lose {t['tokens_lost']} completion tokens at {limits}; "
+                     f"{t['dropped']} dropped (the prompt fills max_length)")
     bias = c["length_bias"]
     if bias["biased"]:
         side = "longer" if bias["chosen_longer"] > 0.5 else "shorter"
-        lines.append(f"length bias: the chosen completion is the {side} one in {bias['chosen_longer']:.0%} of pairs "
+        share = bias["chosen_longer"] if side == "longer" else 1 - bias["chosen_longer"]
+        lines.append(f"length bias: the chosen completion is the {side} one in {share:.0%} of pairs "
                      f"(mean length ratio {bias['mean_ratio']}): DPO will learn to write {side}")
     if not result["usable"]:
         lines.append("no usable pairs: training would be meaningless")

@@ -83,3 +83,16 @@ def test_cli_text_json_and_exit_codes(tmp_path, llama_dir):
     assert result["fatal"] and result["checks"]["identical"]["count"] == 3 and result["checks"]["duplicates"]["count"] == 2
     out = CliRunner().invoke(main, ["lint", "--data", str(tmp_path / "missing.jsonl")])
     assert out.exit_code == 2 and "missing.jsonl" in out.output
+
+
+def test_problems_name_the_biased_side_and_the_limits_that_cut(tmp_path, llama_dir):
+    """Chosen shorter in 5 of 6 pairs: "the shorter one in 83%"; truncation names max_completion_length."""
+    path = tmp_path / "short.jsonl"
+    rows = [{**p, "rejected": p["chosen"] + " and more words here."} for p in toy_pairs(6)]
+    rows[0] = {**rows[0], "chosen": rows[0]["rejected"] + " yes", "rejected": rows[0]["chosen"]}
+    write_jsonl(path, rows)
+    out = CliRunner().invoke(main, ["lint", "--data", str(path), "--model", str(llama_dir)])
+    assert "the chosen completion is the shorter one in 83% of pairs" in out.output, out.output
+    out = CliRunner().invoke(main, ["lint", "--data", str(path), "--model", str(llama_dir),
+                                    "--max-completion-length", "3"])
+    assert "completion tokens at max_length 1024, max_completion_length 3;" in out.output, out.output
