@@ -36,6 +36,13 @@ BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
          "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
          "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 BIASED = {"qwen2": ("attn_q", "attn_k", "attn_v")}  # layers with a ``.bias`` in the architecture
+# ``{arch}.*`` GGUF hyper-parameters as Hugging Face config keys (read here, written by
+# gguf_export): (GGUF key, config key, type, default when missing; None: required)
+HPARAMS = (("embedding_length", "hidden_size", int, None), ("block_count", "num_hidden_layers", int, None),
+           ("feed_forward_length", "intermediate_size", int, None),
+           ("attention.head_count", "num_attention_heads", int, None),
+           ("attention.layer_norm_rms_epsilon", "rms_norm_eps", float, 1e-6),
+           ("rope.freq_base", "rope_theta", float, 10000.0), ("context_length", "max_position_embeddings", int, 4096))
 # GGUF value types (gguf spec): struct formats of the scalars; 8 is a string, 9 an array
 SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 # tokenizer.ggml.pre types whose llama.cpp split transformers does not reproduce
@@ -172,19 +179,15 @@ def hf_config(header: dict, arch: str, quantization) -> dict:
     def get(key, default=None):
         return meta.get(f"{arch}.{key}", default)
 
-    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
-    config = {
-        "model_type": arch, "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]],
-        "hidden_size": hidden, "num_hidden_layers": int(get("block_count")),
-        "intermediate_size": int(get("feed_forward_length")), "num_attention_heads": heads,
+    config = {"model_type": arch, "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]],
+              **{hf: kind(get(key, default)) for key, hf, kind, default in HPARAMS}}
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    config.update({
         "num_key_value_heads": int(get("attention.head_count_kv", heads)),
         "head_dim": int(get("attention.key_length", hidden // heads)),
-        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": float(get("rope.freq_base", 10000.0)),
         "vocab_size": int(get("vocab_size", tensors["token_embd.weight"][0][0])),
-        "max_position_embeddings": int(get("context_length", 4096)),
         "tie_word_embeddings": "output.weight" not in tensors, "hidden_act": "silu",
-    }
+    })
     for key in ("bos_token_id", "eos_token_id", "padding_token_id"):
         if f"tokenizer.ggml.{key}" in meta:
             config[key.replace("padding", "pad")] = int(meta[f"tokenizer.ggml.{key}"])

@@ -21,7 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .gguf import BIASED, BLOCK, TOP
+from .gguf import BIASED, BLOCK, HPARAMS, TOP
 
 GGUF_FILE = "model.gguf"
 # export --dtype -> the ggml type of 2-D weights (1-D tensors, the norms, stay float32 as in llama.cpp)
@@ -98,18 +98,9 @@ def model_fields(config: dict) -> dict:
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     arch = GGUF_ARCH[model_type]
-    fields = {
-        "context_length": config.get("max_position_embeddings", 2048),
-        "embedding_length": config["hidden_size"],
-        "block_count": config["num_hidden_layers"],
-        "feed_forward_length": config["intermediate_size"],
-        "attention.head_count": heads,
-        "attention.head_count_kv": config.get("num_key_value_heads", heads),
-        "attention.layer_norm_rms_epsilon": float(config.get("rms_norm_eps", 1e-6)),
-        "rope.freq_base": float(config.get("rope_theta", 10000.0)),
-        "rope.dimension_count": head_dim,
-        "vocab_size": config["vocab_size"],
-    }
+    fields = {key: kind(config[hf] if default is None else config.get(hf, default)) for key, hf, kind, default in HPARAMS}
+    fields.update({"attention.head_count_kv": config.get("num_key_value_heads", heads),
+                   "rope.dimension_count": head_dim, "vocab_size": config["vocab_size"]})
     if scaling.get("rope_type", scaling.get("type")) == "linear":
         fields["rope.scaling.type"], fields["rope.scaling.factor"] = "linear", float(scaling["factor"])
     return {f"{arch}.{k}": v for k, v in fields.items()}
