@@ -241,7 +241,7 @@ def test_training_wires_metals_working_set_and_restores_it(llama_dir, toy_data_d
     calls = []
     monkeypatch.setattr(mx, "set_wired_limit", lambda n: calls.append(n) or 123)
     cfg = DPOConfig(model=str(llama_dir), data=str(toy_data_dir), output_dir=str(tmp_path / "cpu"), max_steps=2,
-                    batch_size=4, progress_bar=False)
+                    batch_size=4, progress_bar=False, cache_dir=str(tmp_path / "cache"))
     DPOTrainer(cfg, log=lambda *a: None).train()
     assert calls == []  # not on Metal
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
@@ -271,7 +271,8 @@ def test_buffer_cache_is_freed_after_evaluation_and_the_precompute(llama_dir, to
     """Eval and precompute batches leave no buffers in MLX's cache (``mx.clear_cache``): measured
     with ``mx.get_cache_memory``, which holds megabytes after a forward without it."""
     cfg = DPOConfig(model=str(llama_dir), data=str(toy_data_dir), output_dir=str(tmp_path / "run"), max_steps=1,
-                    batch_size=8, progress_bar=False, precompute_ref_log_probs=True, eval_steps=1)
+                    batch_size=8, progress_bar=False, precompute_ref_log_probs=True, eval_steps=1,
+                    cache_dir=str(tmp_path / "cache"))  # its own: test_reference counts the forwards of a fresh one
     trainer = DPOTrainer(cfg, log=lambda *a: None)
     trainer.model(mx.ones((8, 64), mx.int32)).sum().item()
     cached = mx.get_cache_memory()

@@ -112,8 +112,9 @@ def test_ref_adapter_shape_mismatch_is_named(llama_dir, toy_data_dir, tmp_path, 
 def test_precomputed_reference_is_cached_and_matches(llama_dir, toy_data_dir, tmp_path, monkeypatch):
     import mlx_dpo.reference as reference
 
+    cache = str(tmp_path / "cache")  # its own: another test's cache of the same key would hide the first pass
     cfg = cfg_for(llama_dir, toy_data_dir, tmp_path, precompute_ref_log_probs=True, precompute_ref_batch_size=16,
-                  eval_steps=2)
+                  eval_steps=2, cache_dir=cache)
     first = DPOTrainer(cfg, **QUIET)
     batch, arrays = batch_arrays(first)
     expected = independent_sums(llama_dir, arrays)
@@ -133,7 +134,7 @@ def test_precomputed_reference_is_cached_and_matches(llama_dir, toy_data_dir, tm
     calls = []
     monkeypatch.setattr(reference, "compute_reference_logps", lambda *a, **k: calls.append(1))
     second = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path / "2", precompute_ref_log_probs=True,
-                                precompute_ref_batch_size=16, eval_steps=2), **QUIET)
+                                precompute_ref_batch_size=16, eval_steps=2, cache_dir=cache), **QUIET)
     second.train()
     assert calls == [] and second.reference_forwards == 0
     assert second.trace_count == len(distinct_step_shapes(second, cfg.max_steps))
