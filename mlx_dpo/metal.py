@@ -16,11 +16,8 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
-
-def weights_bytes(model: nn.Module) -> int:
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+from .perf import system_memory_bytes, weights_bytes
 
 
 @contextlib.contextmanager
@@ -30,7 +27,7 @@ def wired_limit(model: nn.Module, log: Callable[[str], None] = print):
     if not mx.metal.is_available():
         yield
         return
-    limit = int(mx.device_info()["max_recommended_working_set_size"])
+    limit = system_memory_bytes()  # on Metal: max_recommended_working_set_size
     weights = weights_bytes(model)
     if weights > 0.9 * limit:
         log(f"warning: the weights ({weights / 1e9:.2f} GB) are over 90% of Metal's recommended working set "
@@ -48,4 +45,4 @@ def release_cache() -> None:
     mx.clear_cache()
 
 
-__all__ = ["weights_bytes", "wired_limit", "release_cache"]
+__all__ = ["wired_limit", "release_cache"]

@@ -69,6 +69,11 @@ def mfu(tokens_per_second: float, flops_token: float, peak_gflops: float) -> flo
     return tokens_per_second * flops_token / (peak_gflops * 1e9)
 
 
+def weights_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters as stored (quantized weights packed)."""
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
 def system_memory_bytes() -> int:
     """Memory MLX may use: Metal's recommended working set, else the device's memory
     (``memory_size``; ``total_memory`` on CUDA), else physical RAM (the CPU backend)."""
@@ -88,7 +93,7 @@ def static_memory_estimate(model: nn.Module, batch_size: int, seq_len: int, prom
     args = model.args
     hidden, inter = args.hidden_size, getattr(args, "intermediate_size", 4 * args.hidden_size)
     heads, layers = args.num_attention_heads, len(model.layers)
-    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    weights = weights_bytes(model)
     trainable = 4 * sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
     tokens = 2 * batch_size * seq_len - (batch_size * prompt_len if prompt_len else 0)
     per_token = hidden if gradient_checkpointing else 16 * hidden + 3 * inter + 2 * heads * seq_len
