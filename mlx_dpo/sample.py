@@ -36,7 +36,7 @@ class SampleError(ValueError):
     """A sampling option, judge or file the user can fix; the message names it."""
 
 
-# --------------------------------------------------------------------------- generation
+# --------------------------------------------------------------------------- prompts
 
 
 def encode_prompt(prompt: Union[str, list], tokenizer, where: str) -> Tuple[List[int], bool]:
