@@ -37,6 +37,8 @@ VARIANTS = {  # mlx-dpo settings
     "mlx-dpo (prefix)": dict(prefix_sharing="true", precompute_ref_log_probs=False),
     "mlx-dpo (precompute)": dict(prefix_sharing="false", precompute_ref_log_probs=True),
     "mlx-dpo (prefix+precompute)": dict(prefix_sharing="true", precompute_ref_log_probs=True),
+    "mlx-dpo (padding_free)": dict(padding_free=True, precompute_ref_log_probs=False),
+    "mlx-dpo (padding_free+precompute)": dict(padding_free=True, precompute_ref_log_probs=True),
     "mlx-dpo (prefix+precompute+ckpt)": dict(prefix_sharing="true", precompute_ref_log_probs=True,
                                              gradient_checkpointing=True),
 }

@@ -6,8 +6,10 @@ Each pair's chosen and rejected sequences go through ONE forward pass: a batch o
 :class:`~mlx_dpo.shapes.ShapePlan` (at most ``max_batch_shapes``), so ``mx.compile``
 traces a small bounded number of shapes per run, whatever the lengths.
 
-With ``prefix=True`` the batch holds each prompt once instead (see ``prefix.py``):
+With ``layout="prefix"`` the batch holds each prompt once instead (see ``prefix.py``):
 ``prompt`` (B, P) left-padded, ``prompt_lens`` (B,) and ``completion`` (2B, T - 1).
+With ``layout="packed"`` (``padding_free``, see ``packed.py``) row ``i`` of ``tokens`` (B, S) is
+pair ``i``'s prompt, chosen and rejected inputs, with ``rope_pos`` and ``branch`` per token.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class Batch:
     - ``mask``     (2B, T) float32: 1 for real completion tokens
     - ``indices``  (B,) dataset indices of the pairs (for precomputed reference log-probs)
     - shared-prefix layout instead of ``tokens``/``positions``: ``prompt``, ``prompt_lens``, ``completion``
+    - packed layout: ``tokens`` (B, S), ``positions`` flat indices into ``tokens``' B * S
+      positions, ``rope_pos`` and ``branch`` (B, S)
     """
 
     tokens: Optional[np.ndarray]
@@ -42,6 +46,8 @@ class Batch:
     prompt: Optional[np.ndarray] = None
     prompt_lens: Optional[np.ndarray] = None
     completion: Optional[np.ndarray] = None
+    rope_pos: Optional[np.ndarray] = None
+    branch: Optional[np.ndarray] = None
     slots: int = 0  # input positions the forward runs (real + padding)
     filled: int = 0  # of which real tokens
 
@@ -55,19 +61,27 @@ class Batch:
 
     def arrays(self) -> Dict[str, np.ndarray]:
         keys = ("prompt", "prompt_lens", "completion") if self.prompt is not None else ("tokens", "positions")
+        if self.branch is not None:
+            keys += ("rope_pos", "branch")
         return {**{k: getattr(self, k) for k in keys}, "targets": self.targets, "mask": self.mask}
 
 
+LAYOUTS = ("unshared", "prefix", "packed")
+
+
 def collate(pairs: List[TokenizedPair], indices: List[int], pad_id: int = 0, bucket: int = 32,
-            prefix: bool = False, shape: Optional[Tuple[int, int]] = None) -> Batch:
-    """Pad ``pairs`` to ``shape`` (a cell: ``(L, T)``, or ``(P, C)`` with ``prefix``), or
+            layout: str = "unshared", shape: Optional[Tuple[int, int]] = None) -> Batch:
+    """Pad ``pairs`` to ``shape`` (a cell of ``layout``, see ``shapes.pair_dims``), or
     without one to their own widths rounded up by :func:`~mlx_dpo.shapes.bucket_length`."""
+    assert layout in LAYOUTS, layout
     empty = [i for i, p in zip(indices, pairs) if not p.prompt]
     if empty:  # position len(prompt) - 1 would be -1: the first completion token scored from padding
         raise ValueError(f"pairs {empty[:5]} have an empty prompt; the first completion token needs at least one "
                          "prompt token (e.g. BOS) to be scored (tokenize_pairs drops such pairs)")
-    if prefix:
+    if layout == "prefix":
         return collate_prefix(pairs, indices, pad_id, bucket, shape)
+    if layout == "packed":
+        return collate_packed(pairs, indices, pad_id, shape)
     rows = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
     # Inputs are the sequence minus its last token; hidden state t predicts token t + 1.
     seq_len, comp_len = shape or (bucket_length(max(len(a) + len(b) for a, b in rows) - 1, bucket),
@@ -115,6 +129,39 @@ def collate_prefix(pairs: List[TokenizedPair], indices: List[int], pad_id: int =
                  completion=completion, slots=prompt.size + completion.size, filled=filled)
 
 
+def collate_packed(pairs: List[TokenizedPair], indices: List[int], pad_id: int = 0,
+                   shape: Optional[Tuple[int, int]] = None) -> Batch:
+    """Padding-free layout (``packed.py``): row ``i`` = pair ``i``'s prompt, chosen[:-1] and
+    rejected[:-1], right-padded to ``S``; completions scored from flat row positions."""
+    from .packed import CHOSEN, PAD, PROMPT, REJECTED
+    from .shapes import pair_dims
+
+    dims = np.array([pair_dims(p, "packed") for p in pairs])
+    width, comp_len = shape or (bucket_length(int(dims[:, 0].max()), 16), bucket_length(int(dims[:, 1].max()), 16))
+    b = len(pairs)
+    tokens = np.full((b, width), pad_id, dtype=np.int32)
+    rope_pos = np.zeros((b, width), dtype=np.int32)
+    branch = np.full((b, width), PAD, dtype=np.int32)
+    positions = np.zeros((2 * b, comp_len), dtype=np.int32)
+    targets = np.zeros((2 * b, comp_len), dtype=np.int32)
+    mask = np.zeros((2 * b, comp_len), dtype=np.float32)
+    for i, p in enumerate(pairs):
+        n_p, start = len(p.prompt), 0
+        for kind, part in ((PROMPT, p.prompt), (CHOSEN, p.chosen[:-1]), (REJECTED, p.rejected[:-1])):
+            end = start + len(part)
+            tokens[i, start:end], branch[i, start:end] = part, kind
+            rope_pos[i, start:end] = np.arange(len(part)) + (0 if kind == PROMPT else n_p)
+            if kind != PROMPT:  # token j of the completion is scored at prompt end (j = 0), else input j - 1
+                row, completion = (i, p.chosen) if kind == CHOSEN else (b + i, p.rejected)
+                k = len(completion)
+                positions[row, :k] = i * width + np.concatenate([[n_p - 1], np.arange(start, start + k - 1)])
+                targets[row, :k], mask[row, :k] = completion, 1.0
+            start = end
+    num_tokens = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+    return Batch(tokens, positions, targets, mask, np.asarray(indices, dtype=np.int64), num_tokens,
+                 rope_pos=rope_pos, branch=branch, slots=tokens.size, filled=int(dims[:, 0].sum()))
+
+
 @dataclass
 class SamplerState:
     epoch: int = 0
@@ -146,7 +193,7 @@ class BatchSampler:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.state = SamplerState(seed=seed)
-        self.shapes = shapes or ShapePlan(pairs, prefix=False, max_cells=16)
+        self.shapes = shapes or ShapePlan(pairs, "unshared", max_cells=16)
         cell_of = np.array(self.shapes.assign(pairs))
         self.members = [np.flatnonzero(cell_of == k) for k in range(len(self.shapes.cells))]
         leftover = sum(len(m) % batch_size for m in self.members)

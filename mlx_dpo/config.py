@@ -209,6 +209,10 @@ class DPOConfig:
                        resume="match", keys=("data_cache", "card"))
     prefix_sharing: str = option("auto", "auto / true / false: run each pair's prompt once for both completions.",
                                  "optim", keys=("ref_cache",))
+    padding_free: bool = option(False, "Pack each pair into one row (prompt once, then chosen, then rejected, "
+                                "each token at its own position, a block-diagonal causal mask): no padding "
+                                "but the row's tail (TRL's name; mlx_dpo/packed.py).", "optim",
+                                keys=("ref_cache",))
     max_batch_shapes: int = option(16, "At most this many padded batch shapes per run (each compiles the step "
                                    "once): batches group pairs that pad to the same one (mlx_dpo/shapes.py).",
                                    "optim", resume="match")

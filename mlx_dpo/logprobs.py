@@ -51,17 +51,18 @@ def _score(logits: mx.array, targets: mx.array, with_wpo: bool):
 def completion_logps(model: nn.Module, batch: Dict[str, mx.array], with_wpo: bool = False,
                      chunked: bool = True) -> Dict[str, mx.array]:
     """Per-token log-probs of the completion tokens of a ``(2B, L)`` batch (or of the
-    shared-prefix layout, see ``prefix.py``).
+    shared-prefix layout, see ``prefix.py``, or the packed one, ``packed.py``).
 
     Returns ``token_logps`` (2B, T) (0 where ``mask`` is 0), ``mask``, ``logits_sum``
     (2B,) = sum over completion tokens of the mean-over-vocab logit, and with
     ``with_wpo`` the per-token ``wpo_adjust`` = ``log sum_v p_v^2``.
     """
     targets, mask = batch["targets"], batch["mask"]
-    if "prompt" in batch:  # shared-prefix layout: each prompt runs once
+    if "prompt" in batch or "branch" in batch:  # shared-prefix or packed layout: each prompt runs once
+        from .packed import packed_hidden
         from .prefix import shared_prefix_hidden
 
-        h = shared_prefix_hidden(model, batch)
+        h = (packed_hidden if "branch" in batch else shared_prefix_hidden)(model, batch)
 
         def score(h_chunk, t_chunk):
             return _score(project(model, h_chunk), t_chunk, with_wpo)

@@ -44,6 +44,23 @@ def use_prefix_sharing(setting: str, model: nn.Module) -> bool:
     return ok and setting != "false"
 
 
+def batch_layout(prefix_sharing: str, padding_free: bool, model: nn.Module) -> str:
+    """The run's batch layout (``batching.LAYOUTS``): ``packed`` with ``padding_free``
+    (``packed.py``), else ``prefix`` when prefix sharing is on, else ``unshared``."""
+    if not padding_free:
+        return "prefix" if use_prefix_sharing(prefix_sharing, model) else "unshared"
+    from .config import ConfigError
+
+    if not supports_prefix_sharing(model):
+        supported = ", ".join(sorted(with_feature("prefix_sharing")))
+        raise ConfigError(f"padding_free: true is not supported for model_type "
+                          f"{getattr(model, 'model_type', '?')!r} (supported: {supported})")
+    if prefix_sharing == "false":
+        raise ConfigError("padding_free: true packs each prompt once with both of its completions, so it cannot "
+                          "be combined with prefix_sharing: false (leave prefix_sharing at auto)")
+    return "packed"
+
+
 class _PrefixKV:
     """A one-layer "KV cache": records the prompt's keys/values (``prefix=None``), or
     prepends them, repeated for the chosen and rejected rows, to the completion's."""

@@ -2,8 +2,9 @@
 
 Every pair has two padded widths ("dims"), fixed by the batch layout (``batching.py``):
 
-- unshared: ``(L, T)`` = (prompt + longer completion - 1 inputs, longer completion)
-- shared prefix: ``(P, C)`` = (prompt, longer completion)
+- ``unshared``: ``(L, T)`` = (prompt + longer completion - 1 inputs, longer completion)
+- ``prefix`` (shared prefix): ``(P, C)`` = (prompt, longer completion)
+- ``packed`` (padding-free): ``(S, T)`` = (prompt + chosen + rejected - 2 inputs, longer completion)
 
 A batch pads to a *cell* ``(a, b)`` that holds all its pairs. :func:`plan_cells`
 picks at most ``max_cells`` cells for a data set: each pair's dims are rounded up to
@@ -12,7 +13,8 @@ picks at most ``max_cells`` cells for a data set: each pair's dims are rounded u
 are merged until ``max_cells - 1`` are left and each holds ``min_pairs`` (the trainer:
 ``MIN_BATCHES_PER_SHAPE`` batches' worth), and the cell holding every pair is added. The weights are the relative cost of a padded column: unshared, ``L`` runs
 the whole model on 2 rows and ``T`` only the LM head (``w = (1, 1/4)``); shared,
-``P`` runs on 1 row and ``C`` on 2 (``w = (1, 2)``). So a run traces at most
+``P`` runs on 1 row and ``C`` on 2 (``w = (1, 2)``); packed, ``S`` runs on 1 row and ``T`` only
+the LM head on 2 (``w = (1, 1/2)``). So a run traces at most
 ``max_cells`` train shapes, whatever the lengths (and batch sizes: batches are full).
 """
 
@@ -24,7 +26,7 @@ import numpy as np
 
 Cell = Tuple[int, int]
 MIN_BATCHES_PER_SHAPE = 1  # a shape compiles the step (measured ~1 step of time on a CPU): a batch at least
-WEIGHTS = {False: (1.0, 0.25), True: (1.0, 2.0)}
+WEIGHTS = {"unshared": (1.0, 0.25), "prefix": (1.0, 2.0), "packed": (1.0, 0.5)}
 
 
 def bucket_length(n: int, minimum: int = 32) -> int:
@@ -36,18 +38,20 @@ def bucket_length(n: int, minimum: int = 32) -> int:
     return -(-n // step) * step
 
 
-def pair_dims(pair, prefix: bool) -> Cell:
-    """The two widths ``pair`` needs in a batch of the given layout (module docstring)."""
+def pair_dims(pair, layout: str) -> Cell:
+    """The two widths ``pair`` needs in a batch of ``layout`` (module docstring)."""
     c = max(len(pair.chosen), len(pair.rejected))
-    return (len(pair.prompt), c) if prefix else (len(pair.prompt) + c - 1, c)
+    if layout == "packed":
+        return len(pair.prompt) + len(pair.chosen) + len(pair.rejected) - 2, c
+    return (len(pair.prompt), c) if layout == "prefix" else (len(pair.prompt) + c - 1, c)
 
 
-def cell_cost(cell: Sequence[int], prefix: bool) -> float:
-    wa, wb = WEIGHTS[prefix]
+def cell_cost(cell: Sequence[int], layout: str) -> float:
+    wa, wb = WEIGHTS[layout]
     return wa * cell[0] + wb * cell[1]
 
 
-def plan_cells(dims: np.ndarray, prefix: bool, max_cells: int, min_pairs: int = 1) -> List[Cell]:
+def plan_cells(dims: np.ndarray, layout: str, max_cells: int, min_pairs: int = 1) -> List[Cell]:
     """At most ``max_cells`` cells covering ``dims`` (N, 2), cheapest first (module docstring);
     merging goes on while a cell holds fewer than ``min_pairs`` pairs (each shape costs a
     compile, worth it only for a few batches)."""
@@ -55,7 +59,7 @@ def plan_cells(dims: np.ndarray, prefix: bool, max_cells: int, min_pairs: int = 
     top = tuple(int(x) for x in fine.max(axis=0))
     cells, counts = np.unique(fine, axis=0, return_counts=True)
     cells, counts = cells.astype(np.float64), counts.astype(np.float64)
-    w = np.array(WEIGHTS[prefix])
+    w = np.array(WEIGHTS[layout])
     alive = np.ones(len(cells), dtype=bool)
     while alive.sum() > 1:
         idx = np.flatnonzero(alive)
@@ -74,20 +78,21 @@ def plan_cells(dims: np.ndarray, prefix: bool, max_cells: int, min_pairs: int = 
         cells[a], counts[a] = np.maximum(cells[a], cells[b]), counts[a] + counts[b]
         alive[b] = False
     out = {tuple(int(x) for x in cell) for cell in cells[alive]} | {top}
-    return sorted(out, key=lambda cell: (cell_cost(cell, prefix), cell))
+    return sorted(out, key=lambda cell: (cell_cost(cell, layout), cell))
 
 
 class ShapePlan:
     """The cells of a run (:func:`plan_cells` over the training pairs) and the cell of a batch."""
 
-    def __init__(self, pairs: list, prefix: bool, max_cells: int, min_pairs: int = 1):
-        self.prefix, self.max_cells = prefix, max_cells
-        self.cells = plan_cells(np.array([pair_dims(p, prefix) for p in pairs]), prefix, max_cells, min_pairs)
+    def __init__(self, pairs: list, layout: str, max_cells: int, min_pairs: int = 1):
+        assert layout in WEIGHTS, layout
+        self.layout, self.max_cells = layout, max_cells
+        self.cells = plan_cells(np.array([pair_dims(p, layout) for p in pairs]), layout, max_cells, min_pairs)
 
     def cell(self, pairs: list) -> Cell:
         """The cheapest cell that holds every pair of ``pairs``; pairs longer than every
         cell (eval pairs) get their own bucketed widths instead."""
-        need = np.max([pair_dims(p, self.prefix) for p in pairs], axis=0)
+        need = np.max([pair_dims(p, self.layout) for p in pairs], axis=0)
         for cell in self.cells:  # cheapest first
             if cell[0] >= need[0] and cell[1] >= need[1]:
                 return cell

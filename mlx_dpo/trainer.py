@@ -39,8 +39,9 @@ from .evaluation import peak_memory_gb
 from .faults import NonFiniteError  # noqa: F401  (re-exported)
 from .health import HealthMonitor
 from .model import count_parameters, model_for_training, setup_trainable
+from .packed import enable_position_rope
 from .perf import Throughput, reference_blas_warning, warn_if_too_big
-from .prefix import use_prefix_sharing
+from .prefix import batch_layout
 from .preflight import warn_unused_settings
 from .reference import precompute_reference_logps
 from .rundir import METRICS_FILE, RunLock, check_output_dir, check_resume, prepare_output_dir
@@ -95,10 +96,13 @@ class DPOTrainer:
             train_pairs, eval_pairs = load_datasets(cfg, tokenizer, log=self.log)
         self.train_pairs, self.eval_pairs = train_pairs, eval_pairs or []
         self.pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
-        self.prefix_sharing = use_prefix_sharing(cfg.prefix_sharing, model)
+        self.layout = batch_layout(cfg.prefix_sharing, cfg.padding_free, model)
+        self.prefix_sharing = self.layout != "unshared"  # each prompt runs once
         self.use_reference = losses.needs_reference(cfg)
         self.precompute = cfg.precompute_ref_log_probs or (cfg.train_type == "full" and self.use_reference)
         self.num_layers = setup_trainable(model, cfg, self.use_reference)
+        if self.layout == "packed":
+            enable_position_rope(model)
         self.num_parameters, trainable = count_parameters(model)
         self.log(f"parameters: {self.num_parameters / 1e6:.2f}M total, {trainable / 1e6:.3f}M trainable "
                  f"({100 * trainable / max(self.num_parameters, 1):.3f}%)")
@@ -143,7 +147,7 @@ class DPOTrainer:
         if len(self.train_pairs) < cfg.batch_size * self.ranks:
             raise ConfigError(f"batch_size {cfg.batch_size} x {self.ranks} ranks is larger than the "
                               f"{len(self.train_pairs)} training pairs")
-        self.shapes = ShapePlan(self.train_pairs, self.prefix_sharing, cfg.max_batch_shapes,
+        self.shapes = ShapePlan(self.train_pairs, self.layout, cfg.max_batch_shapes,
                                 min_pairs=MIN_BATCHES_PER_SHAPE * cfg.batch_size * self.ranks)
         self.sampler = BatchSampler(self.train_pairs, cfg.batch_size, cfg.seed, shapes=self.shapes,
                                     rank=self.rank, ranks=self.ranks)
@@ -196,9 +200,9 @@ class DPOTrainer:
             group=self.group if self.ranks > 1 else None)
 
     def collate(self, pairs: List[TokenizedPair], indices: List[int]) -> Batch:
-        """Pad ``pairs[indices]`` into a batch of one of the run's shapes (shared-prefix layout when enabled)."""
+        """Pad ``pairs[indices]`` into a batch of one of the run's shapes, in the run's layout."""
         chosen = [pairs[i] for i in indices]
-        return collate(chosen, indices, self.pad_id, prefix=self.prefix_sharing, shape=self.shapes.cell(chosen))
+        return collate(chosen, indices, self.pad_id, layout=self.layout, shape=self.shapes.cell(chosen))
 
     def to_device(self, batch: Batch, split: str = "train") -> Dict[str, mx.array]:
         arrays = {k: mx.array(v) for k, v in batch.arrays().items()}

@@ -282,12 +282,12 @@ def test_gradient_accumulation_equals_big_batch(llama_dir, toy_data_dir, tmp_pat
         np.testing.assert_allclose((np.array(a) + np.array(b)) / 2, np.array(c), atol=1e-6, rtol=1e-4, err_msg=k)
 
 
-@pytest.mark.parametrize("prefix", [False, True])
-def test_collate_rejects_an_empty_prompt(prefix):
+@pytest.mark.parametrize("layout", ["unshared", "prefix", "packed"])
+def test_collate_rejects_an_empty_prompt(layout):
     pairs = random_pairs(np.random.default_rng(0), 2, 100)
     pairs[1] = TokenizedPair([], pairs[1].chosen, pairs[1].rejected)
     with pytest.raises(ValueError, match=r"pairs \[7\] have an empty prompt"):
-        collate(pairs, [6, 7], prefix=prefix)
+        collate(pairs, [6, 7], layout=layout)
 
 
 def test_max_eval_batches_is_a_fixed_unbiased_subset():

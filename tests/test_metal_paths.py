@@ -15,6 +15,7 @@ from mlx_dpo.config import DPOConfig
 from mlx_dpo.data import TokenizedPair
 from mlx_dpo.logprobs import completion_logps
 from mlx_dpo.model import load_model
+from mlx_dpo.packed import enable_position_rope
 from mlx_dpo.toy import build_toy_model
 from mlx_dpo.trainer import DPOTrainer
 
@@ -85,15 +86,16 @@ def test_fused_quantized_kernels_match_the_cpu_dequantize_path(arch, request, tm
 # --------------------------------------------------------------------------- 16-bit prefix sharing
 
 
-def logps_and_grads(model_dir, dtype, prefix, n=5):
-    """Per-token log-probs and adapter gradients of ``n`` pairs in ``dtype``, with the
-    prompt shared or not; the same adapters in every call (seeded)."""
+def logps_and_grads(model_dir, dtype, layout, n=5):
+    """Per-token log-probs and adapter gradients of ``n`` pairs in ``dtype``, in batch
+    ``layout`` (unshared, shared prefix, packed); the same adapters in every call (seeded)."""
     mx.random.seed(0)
     cfg = DPOConfig(model=str(model_dir), compute_dtype=dtype)
     model, _, _ = load_model(cfg)
     add_adapters(model, cfg)
     randomize_lora_b(model)
-    batch = {k: mx.array(v) for k, v in collate(random_pairs(n, 200, seed=3), list(range(n)), prefix=prefix)
+    enable_position_rope(model)
+    batch = {k: mx.array(v) for k, v in collate(random_pairs(n, 200, seed=3), list(range(n)), layout=layout)
              .arrays().items()}
     weights = mx.arange(batch["targets"].shape[1], dtype=mx.float32) + 1
     _, grads = nn.value_and_grad(model, lambda m: (completion_logps(m, batch)["token_logps"] * weights).sum())(model)
@@ -104,18 +106,18 @@ def logps_and_grads(model_dir, dtype, prefix, n=5):
 
 @pytest.mark.parametrize("dtype, atol", [("bfloat16", 1e-2), ("float16", 2e-3)])
 def test_shared_prefix_in_16_bit_matches_unshared_and_float32(llama_dir, dtype, atol):
-    """Shared-prefix log-probs in bfloat16/float16 equal the unshared ones and float32's
+    """Shared-prefix and packed log-probs in bfloat16/float16 equal the unshared ones and float32's
     within the dtype's rounding (measured max |diff| on log-probs ~ -6.2: bfloat16 2.4e-3,
     float16 5e-4; hiding no left-pad key moves them by 0.59), gradients to cosine > 0.999
     (measured >= 0.99989; that mutation: -0.27)."""
-    ref, mask, ref_grads = logps_and_grads(llama_dir, "float32", prefix=False)
-    for prefix in (False, True):
-        logps, _, grads = logps_and_grads(llama_dir, dtype, prefix)
+    ref, mask, ref_grads = logps_and_grads(llama_dir, "float32", "unshared")
+    for layout in ("unshared", "prefix", "packed"):
+        logps, _, grads = logps_and_grads(llama_dir, dtype, layout)
         assert np.isfinite(logps).all()
-        np.testing.assert_allclose(logps[mask], ref[mask], atol=atol, err_msg=f"prefix={prefix}")
+        np.testing.assert_allclose(logps[mask], ref[mask], atol=atol, err_msg=layout)
         for k, g in grads.items():
             cosine = g @ ref_grads[k] / (np.linalg.norm(g) * np.linalg.norm(ref_grads[k]))
-            assert cosine > 0.999, f"prefix={prefix} {k}: cosine {cosine:.5f}"
+            assert cosine > 0.999, f"{layout} {k}: cosine {cosine:.5f}"
 
 
 def test_prefix_masks_hold_no_infinity_in_float16():

@@ -1,0 +1,106 @@
+"""Padding-free forward (``padding_free: true``): each pair packed into one row.
+
+Row ``i`` of a batch of ``B`` pairs (built by ``batching.collate_packed``) is
+``[prompt | chosen[:-1] | rejected[:-1] | padding]``, with per-token
+
+- ``rope_pos`` (B, S): each token's position in its own sequence (the prompt from 0,
+  chosen and rejected both from ``len(prompt)``), applied per token by :class:`PositionRoPE`;
+- ``branch``   (B, S): 0 prompt, 1 chosen, 2 rejected, 3 padding.
+
+Token ``q`` attends key ``k`` iff ``pos_k <= pos_q`` and (``k`` is a prompt token or in
+``q``'s own branch): a block-diagonal causal mask per sequence, so the chosen and rejected
+completions see the prompt and themselves only, exactly as in two separate sequences. The
+prompt runs once (as with ``prefix_sharing``) and nothing is padded but the row's tail.
+
+TRL's ``padding_free`` flattens the whole batch into one row for FlashAttention's varlen
+kernels; MLX's attention is dense over a row, so one pair per row keeps the attention
+work at ``sum_i S_i^2`` rather than ``(sum_i S_i)^2``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import mlx.core as mx
+import mlx.nn as nn
+
+PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
+
+
+class Positions:
+    """A RoPE ``offset`` that gives each token its own position: ``pos`` (B, S) int32."""
+
+    def __init__(self, pos: mx.array):
+        self.pos = pos
+
+
+class PositionRoPE(nn.Module):
+    """Wraps an attention layer's RoPE: an ``int``/array offset passes through unchanged;
+    a :class:`Positions` offset rotates token ``(b, s)`` by ``pos[b, s]`` (the row is
+    turned into ``B * S`` one-token rows, each with its own offset)."""
+
+    def __init__(self, rope: nn.Module):
+        super().__init__()
+        self.rope = rope
+
+    def __call__(self, x: mx.array, offset=0) -> mx.array:
+        if not isinstance(offset, Positions):
+            return self.rope(x, offset=offset)
+        b, h, s, d = x.shape
+        y = x.transpose(0, 2, 1, 3).reshape(b * s, h, 1, d)
+        y = self.rope(y, offset=offset.pos.reshape(-1))
+        return y.reshape(b, s, h, d).transpose(0, 2, 1, 3)
+
+
+def enable_position_rope(model: nn.Module) -> None:
+    """Wrap every attention layer's ``rope`` in :class:`PositionRoPE` (idempotent; call it
+    before the step functions are compiled: it changes the module tree)."""
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        if not isinstance(attn.rope, PositionRoPE):
+            attn.rope = PositionRoPE(attn.rope)
+
+
+class _PositionCache:
+    """A one-layer "cache" that only carries the per-token positions to RoPE."""
+
+    def __init__(self, pos: mx.array):
+        self.offset = Positions(pos)
+
+    def update_and_fetch(self, keys, values):
+        return keys, values
+
+
+def packed_mask(rope_pos: mx.array, branch: mx.array) -> mx.array:
+    """(B, 1, S, S) boolean (True = attend): ``pos_k <= pos_q`` and ``k`` in the prompt or
+    in ``q``'s branch. A padding query sees the padding keys (so no row is empty)."""
+    pq, pk = rope_pos[:, :, None], rope_pos[:, None, :]
+    bq, bk = branch[:, :, None], branch[:, None, :]
+    return ((pk <= pq) & ((bk == PROMPT) | (bk == bq)))[:, None]
+
+
+def _block(layer, h, mask, pos):
+    plain = getattr(type(layer), "plain_call", None)
+    if plain is None:
+        return layer(h, mask, _PositionCache(pos))
+
+    def inner(params, h, mask, pos):  # gradient_checkpointing: a pure function of arrays
+        layer.update(params)
+        return plain(layer, h, mask, _PositionCache(pos))
+
+    return mx.checkpoint(inner)(layer.trainable_parameters(), h, mask, pos)
+
+
+def packed_hidden(model: nn.Module, batch: Dict[str, mx.array]) -> mx.array:
+    """Final-norm hidden states that score the completion tokens: (2B, T, H); ``positions``
+    holds flat indices into the ``B * S`` row positions (chosen rows, then rejected)."""
+    inner = model.model
+    if not isinstance(inner.layers[0].self_attn.rope, PositionRoPE):
+        raise RuntimeError("padding_free batches need packed.enable_position_rope(model) first")
+    tokens, pos = batch["tokens"], batch["rope_pos"]
+    mask = packed_mask(pos, batch["branch"])
+    h = inner.embed_tokens(tokens)
+    for layer in inner.layers:
+        h = _block(layer, h, mask, pos)
+    h = inner.norm(h)
+    return h.reshape(-1, h.shape[-1])[batch["positions"]]
