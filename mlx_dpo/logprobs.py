@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .architectures import has_feature, model_type
+from .blocks import causal_hidden, standard_blocks
 from .quant import base_linear, dequantized_weight, on_cpu
 
 # Keep a chunk's float32 logits under this many elements (256 MB).
@@ -68,7 +69,7 @@ def completion_logps(model: nn.Module, batch: Dict[str, mx.array], with_wpo: boo
             return _score(project(model, h_chunk), t_chunk, with_wpo)
     elif has_plain_head(model):
         tokens, positions = batch["tokens"], batch["positions"]
-        h = model.model(tokens)
+        h = causal_hidden(model, tokens) if standard_blocks(model) else model.model(tokens)
         h = mx.take_along_axis(h, positions[..., None], axis=1)  # (2B, T, H): only scoring positions
 
         def score(h_chunk, t_chunk):

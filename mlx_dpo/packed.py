@@ -24,14 +24,9 @@ from typing import Dict
 import mlx.core as mx
 import mlx.nn as nn
 
+from .blocks import Positions, run_block
+
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
-
-
-class Positions:
-    """A RoPE ``offset`` that gives each token its own position: ``pos`` (B, S) int32."""
-
-    def __init__(self, pos: mx.array):
-        self.pos = pos
 
 
 class PositionRoPE(nn.Module):
@@ -61,34 +56,12 @@ def enable_position_rope(model: nn.Module) -> None:
             attn.rope = PositionRoPE(attn.rope)
 
 
-class _PositionCache:
-    """A one-layer "cache" that only carries the per-token positions to RoPE."""
-
-    def __init__(self, pos: mx.array):
-        self.offset = Positions(pos)
-
-    def update_and_fetch(self, keys, values):
-        return keys, values
-
-
 def packed_mask(rope_pos: mx.array, branch: mx.array) -> mx.array:
     """(B, 1, S, S) boolean (True = attend): ``pos_k <= pos_q`` and ``k`` in the prompt or
     in ``q``'s branch. A padding query sees the padding keys (so no row is empty)."""
     pq, pk = rope_pos[:, :, None], rope_pos[:, None, :]
     bq, bk = branch[:, :, None], branch[:, None, :]
     return ((pk <= pq) & ((bk == PROMPT) | (bk == bq)))[:, None]
-
-
-def _block(layer, h, mask, pos):
-    plain = getattr(type(layer), "plain_call", None)
-    if plain is None:
-        return layer(h, mask, _PositionCache(pos))
-
-    def inner(params, h, mask, pos):  # gradient_checkpointing: a pure function of arrays
-        layer.update(params)
-        return plain(layer, h, mask, _PositionCache(pos))
-
-    return mx.checkpoint(inner)(layer.trainable_parameters(), h, mask, pos)
 
 
 def packed_hidden(model: nn.Module, batch: Dict[str, mx.array]) -> mx.array:
@@ -101,6 +74,6 @@ def packed_hidden(model: nn.Module, batch: Dict[str, mx.array]) -> mx.array:
     mask = packed_mask(pos, batch["branch"])
     h = inner.embed_tokens(tokens)
     for layer in inner.layers:
-        h = _block(layer, h, mask, pos)
+        h, _ = run_block(layer, h, mask, pos)
     h = inner.norm(h)
     return h.reshape(-1, h.shape[-1])[batch["positions"]]

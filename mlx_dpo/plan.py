@@ -60,6 +60,10 @@ def epoch_padding(trainer) -> float:
     return 1.0 - filled / max(slots, 1)
 
 
+LAYOUT_NAMES = {"unshared": "unshared (prefix sharing off)", "prefix": "shared prefix",
+                "packed": "packed (padding_free)"}
+
+
 def checkpointing_advice(trainer) -> Optional[str]:
     """Suggest ``gradient_checkpointing`` when activations are most of the estimated peak
     (:func:`~mlx_dpo.perf.static_memory_estimate` for the longest batch)."""
@@ -109,6 +113,7 @@ def plan(cfg, memory_budget_gb: Optional[float] = None, steps: int = 3, log=prin
         "batch_size": bs,
         "longest_pair_tokens": longest,
         "prefix_sharing": trainer.prefix_sharing,
+        "batch_layout": trainer.layout,
         "tokens_per_second": main["tokens_per_second"],
         "mfu": mfu(main["tokens_per_second"], fpt, peak),
         "peak_memory_gb": main["peak_bytes"] / 1e9,
@@ -123,7 +128,7 @@ def plan(cfg, memory_budget_gb: Optional[float] = None, steps: int = 3, log=prin
         "suggestion": checkpointing_advice(trainer),
     }
     log(f"plan: {result['parameters'] / 1e6:.1f}M params, batch {bs} (longest pair {longest} tokens), "
-        f"prefix sharing {'on' if trainer.prefix_sharing else 'off'}")
+        f"batch layout {LAYOUT_NAMES[trainer.layout]}")
     log(f"  speed:  {result['tokens_per_second']:.0f} tokens/s, MFU {100 * result['mfu']:.1f}% "
         f"(float32 GEMM peak {peak:.0f} GFLOP/s, {fpt / 1e6:.0f} MFLOP/token)")
     log(f"  memory: peak {result['peak_memory_gb']:.3f} GB, +{result['memory_per_pair_gb'] * 1e3:.1f} MB per pair; "

@@ -9,7 +9,7 @@ Layout (built by ``batching.collate(..., prefix=True)``):
 
 Pass 1 runs the prompts through every block, recording each attention layer's keys
 and values. Pass 2 runs the 2B completions at RoPE offset ``P`` against
-``[prompt keys | own keys]``. RoPE scores depend on relative positions only, so the
+``[prompt keys | own keys]``; both passes run their queries in chunks (``blocks.py``). RoPE scores depend on relative positions only, so the
 left-padding shift changes nothing; gradients reach the prompt through its keys and
 values exactly as in the unshared computation. The hidden state of the last prompt
 column scores the first completion token; completion column ``j`` scores token ``j + 1``.
@@ -22,14 +22,13 @@ from typing import Dict
 import mlx.core as mx
 import mlx.nn as nn
 
-from .architectures import has_feature, model_type, with_feature
+from .architectures import with_feature
+from .blocks import run_block, standard_blocks
+
 
 def supports_prefix_sharing(model: nn.Module) -> bool:
-    """An architecture with ``prefix_sharing`` (``architectures.py``), without sliding windows."""
-    inner = getattr(model, "model", None)
-    return (has_feature(model_type(model), "prefix_sharing") and inner is not None
-            and all(hasattr(inner, k) for k in ("embed_tokens", "layers", "norm"))
-            and not any(getattr(layer, "use_sliding", False) for layer in inner.layers))
+    """An architecture with standard blocks (``blocks.standard_blocks``)."""
+    return standard_blocks(model)
 
 
 def use_prefix_sharing(setting: str, model: nn.Module) -> bool:
@@ -61,23 +60,6 @@ def batch_layout(prefix_sharing: str, padding_free: bool, model: nn.Module) -> s
     return "packed"
 
 
-class _PrefixKV:
-    """A one-layer "KV cache": records the prompt's keys/values (``prefix=None``), or
-    prepends them, repeated for the chosen and rejected rows, to the completion's."""
-
-    def __init__(self, offset: int, prefix=None):
-        self.offset, self.prefix, self.kv = offset, prefix, None
-
-    def update_and_fetch(self, keys, values):
-        if self.prefix is None:
-            self.kv = (keys, values)
-            return keys, values
-        pk, pv = self.prefix
-        reps = keys.shape[0] // pk.shape[0]
-        pk, pv = mx.concatenate([pk] * reps), mx.concatenate([pv] * reps)
-        return mx.concatenate([pk, keys], axis=2), mx.concatenate([pv, values], axis=2)
-
-
 def prefix_masks(prompt_lens: mx.array, p: int, c: int, reps: int = 2):
     """Boolean masks (True = attend; mlx-lm's own convention, exact in every dtype, where an
     additive -1e9 is -inf in float16): prompts (B, 1, P, P) causal with left-pad keys hidden
@@ -93,27 +75,6 @@ def prefix_masks(prompt_lens: mx.array, p: int, c: int, reps: int = 2):
     return prompt_mask, mx.concatenate([prompt_keys, causal], axis=-1)
 
 
-def _block(layer, h, mask, offset, prefix=None):
-    """One block with a ``_PrefixKV`` cache: returns ``(h, (keys, values))`` on the
-    prompt pass, ``(h, None)`` on the completion pass. A block wrapped by
-    ``gradient_checkpointing`` is checkpointed here as a pure function of arrays (the
-    recorded keys/values must be outputs of the checkpoint, not leaked tracers)."""
-    plain = getattr(type(layer), "plain_call", None)
-    if plain is None:
-        cache = _PrefixKV(offset, prefix)
-        out = layer(h, mask, cache)
-        return out, cache.kv
-
-    def inner(params, h, mask, *kv):
-        layer.update(params)
-        cache = _PrefixKV(offset, kv or None)
-        out = plain(layer, h, mask, cache)
-        return (out,) if kv else (out, *cache.kv)
-
-    outs = mx.checkpoint(inner)(layer.trainable_parameters(), h, mask, *(prefix or ()))
-    return outs[0], (None if prefix else outs[1:])
-
-
 def shared_prefix_hidden(model: nn.Module, batch: Dict[str, mx.array]) -> mx.array:
     """Final-norm hidden states that score the completion tokens: (2B, T, H),
     row ``r``, column ``j`` scores ``targets[r, j]``."""
@@ -126,12 +87,13 @@ def shared_prefix_hidden(model: nn.Module, batch: Dict[str, mx.array]) -> mx.arr
     prompt_mask, completion_mask = prefix_masks(lens, p, c, reps)
     kvs = []
     for layer in inner.layers:
-        h, kv = _block(layer, h, prompt_mask, 0)
+        h, kv = run_block(layer, h, prompt_mask, 0)
         kvs.append(kv)
     last = inner.norm(h[:, -1:])  # scores each pair's first completion token
 
     h = inner.embed_tokens(completion)
-    for layer, kv in zip(inner.layers, kvs):
-        h, _ = _block(layer, h, completion_mask, p, kv)
+    for layer, (keys, values) in zip(inner.layers, kvs):  # the prompt's, once per completion row
+        lead = mx.concatenate([keys] * reps), mx.concatenate([values] * reps)
+        h, _ = run_block(layer, h, completion_mask, p, lead)
     h = inner.norm(h)
     return mx.concatenate([mx.concatenate([last] * reps), h], axis=1)
