@@ -321,10 +321,14 @@ def mlx_truncate(model_dir: Path, mode: str) -> list:
 # --------------------------------------------------------------------------- comparing
 
 
-def rel_diffs(ours: list, theirs: list) -> dict:
+def rel_diffs(ours: list, theirs: list, beta: float = 0.1) -> dict:
     """Max over steps of ``|ours - theirs| / scale`` per metric. The scale is ``|theirs|``,
-    at least 0.05 for the loss (a loss near zero is held to 2e-4 * 0.05 absolute) and, for
-    ``rewards/margins`` (a difference of two rewards), at least the rewards' own size."""
+    at least 0.05 for the loss (a loss near zero is held to 2e-4 * 0.05 absolute); for
+    ``rewards/margins`` (a difference of two rewards), at least the rewards' own size; and for
+    every ``rewards/*`` (beta x a difference of two log-probs of size ``|logps|``, which float32
+    resolves to ~1e-7 of ``|logps|``), at least ``beta |logps| / 100``: a reward at or crossing
+    zero is held to ``2e-6 beta |logps|`` absolute (seen on one CPU: 9e-7 at reward -0.0036, logps
+    -35, beta 0.1, where another gave 3e-7; a first-step margin of 5e-8 where TRL's is 0)."""
     if [r["step"] for r in ours] != [r["step"] for r in theirs]:
         raise AssertionError(f"logged steps differ: {[r['step'] for r in ours]} vs {[r['step'] for r in theirs]}")
     out = {}
@@ -336,6 +340,8 @@ def rel_diffs(ours: list, theirs: list) -> dict:
                 scale = max(scale, 0.05)
             if key == "rewards/margins":
                 scale = max(scale, abs(b["rewards/chosen"]), abs(b["rewards/rejected"]))
+            if key.startswith("rewards/"):
+                scale = max(scale, beta * max(abs(b["logps/chosen"]), abs(b["logps/rejected"])) / 100)
             worst = max(worst, abs(a[key] - b[key]) / max(scale, 1e-12))
         out[key] = worst
     return out
