@@ -3,6 +3,7 @@
     python benchmarks/profile_step.py --size medium
 
 Times each op of one transformer block at the step's shapes in isolation (forward;
+attention as the trainer runs it, in query chunks (``mlx_dpo/blocks.py``), and one-pass for comparison;
 the backward of an op through frozen weights costs about the same again), the LM
 head on the completion positions, and one whole compiled forward of ``model.model``;
 then prints the share of each op and the GEMM rate it achieves.
@@ -59,12 +60,24 @@ def main():
     k = mx.random.normal((n, kv, L, d))
     ops["attention (sdpa, causal)"] = (timed(lambda q, k: mx.fast.scaled_dot_product_attention(
         q, k, k, scale=d ** -0.5, mask="causal"), q, k), 4 * n * heads * L * L * d / 2)
+    from mlx_dpo.blocks import chunk_bounds
+
+    bounds = chunk_bounds(L)
+
+    def block_causal(q, k):  # what mlx_dpo/blocks.py runs: query chunks, keys up to each chunk's end
+        return mx.concatenate([mx.fast.scaled_dot_product_attention(
+            q[:, :, a:b], k[:, :, :b], k[:, :, :b], scale=d ** -0.5, mask="causal")
+            for a, b in zip(bounds, bounds[1:])], axis=2)
+
+    attention = f"attention, block-causal ({len(bounds) - 1} chunks, as trained)"
+    ops[attention] = (timed(block_causal, q, k), 4 * n * heads * L * L * d / 2)
     rope = nn.RoPE(d)
     ops["rope q+k"] = (timed(lambda q, k: (rope(q), rope(k)), q, k), 0)
     norm = nn.RMSNorm(h)
     ops["rmsnorm x2"] = (2 * timed(norm, x), 0)
     g = mx.random.normal((n * L, inter))
     ops["silu(gate)*up"] = (timed(lambda a, b: nn.silu(a) * b, g, xi), 0)
+    one_pass = ops.pop("attention (sdpa, causal)")  # shown, not summed: the trainer runs the block-causal one
     per_layer = sum(t for t, _ in ops.values())
     head_x = mx.random.normal((n * args.completion, h))
     Wh = mx.random.normal((vocab, h)) * 0.02
@@ -75,7 +88,7 @@ def main():
     print(f"{args.size}: {n} rows x {L} tokens, {layers} layers; float32 GEMM peak {peak:.0f} GFLOP/s")
     print("| op (forward, one pass over the batch) | ms | share | GFLOP/s |")
     print("|---|---:|---:|---:|")
-    for name, (t, flops) in list(ops.items()):
+    for name, (t, flops) in [*ops.items(), ("attention, one pass (sdpa, causal; not summed)", one_pass)]:
         rate = f"{flops / t / 1e9:.0f}" if flops else ""
         print(f"| {name} (x{layers} layers) | {1e3 * layers * t:.1f} | {100 * layers * t / total:.0f}% | {rate} |")
     print(f"| lm head + logsumexp ({args.completion} positions/row) | {1e3 * head[0]:.1f} | "
