@@ -39,6 +39,8 @@ VARIANTS = {  # mlx-dpo settings
     "mlx-dpo (prefix+precompute)": dict(prefix_sharing="true", precompute_ref_log_probs=True),
     "mlx-dpo (padding_free)": dict(padding_free=True, precompute_ref_log_probs=False),
     "mlx-dpo (padding_free+precompute)": dict(padding_free=True, precompute_ref_log_probs=True),
+    "mlx-dpo (padding_free+precompute+ckpt)": dict(padding_free=True, precompute_ref_log_probs=True,
+                                                   gradient_checkpointing=True),
     "mlx-dpo (prefix+precompute+ckpt)": dict(prefix_sharing="true", precompute_ref_log_probs=True,
                                              gradient_checkpointing=True),
 }

@@ -26,6 +26,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .blocks import chunk_bounds, standard_blocks
+
 # Fallback when no probe is run: a float32 GEMM peak measured on a 2-core x86 CPU
 # with OpenBLAS (the reference machine of benchmarks/README.md).
 DEFAULT_PEAK_GFLOPS = 140.0
@@ -88,7 +90,8 @@ def static_memory_estimate(model: nn.Module, batch_size: int, seq_len: int, prom
                            gradient_checkpointing: bool = False) -> Dict[str, float]:
     """Rough peak bytes of one step: weights, trainable state (param, grad, Adam m, v),
     activations kept for the backward pass (~16 hidden + 3 MLP + attention-score values
-    per token per layer, float32; one hidden per token per layer with checkpointing)
+    per token per layer, float32, the scores over the keys a block-causal chunk sees; one hidden
+    per token per layer with checkpointing)
     and a chunk of logits. ``prompt_len`` > 0: shared prefix (prompt counted once)."""
     args = model.args
     hidden, inter = args.hidden_size, getattr(args, "intermediate_size", 4 * args.hidden_size)
@@ -96,7 +99,9 @@ def static_memory_estimate(model: nn.Module, batch_size: int, seq_len: int, prom
     weights = weights_bytes(model)
     trainable = 4 * sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
     tokens = 2 * batch_size * seq_len - (batch_size * prompt_len if prompt_len else 0)
-    per_token = hidden if gradient_checkpointing else 16 * hidden + 3 * inter + 2 * heads * seq_len
+    n = len(chunk_bounds(seq_len)) - 1 if standard_blocks(model) else 1  # block-causal: (n+1)/(2n) of the keys
+    keys = seq_len * (n + 1) / (2 * n) if n > 1 else seq_len
+    per_token = hidden if gradient_checkpointing else 16 * hidden + 3 * inter + 2 * heads * keys
     activations = 4 * tokens * layers * per_token
     from .logprobs import MAX_LOGIT_ELEMENTS
 
