@@ -139,6 +139,8 @@ def assert_same_metrics(one, two):
     for r1, r2 in zip(m1, m2):
         assert r1.keys() == r2.keys()
         for k in r1:
+            if k.endswith("accuracies") and abs(r1.get(k.replace("accuracies", "margins"), 1.0)) < 1e-5:
+                continue  # margins of float-rounding size (step 1, adapters at 0): which side wins is rounding
             assert r2[k] == pytest.approx(r1[k], rel=1e-4, abs=1e-5), (r1["step"], k)
 
 
@@ -197,7 +199,7 @@ def test_two_ranks_train_as_one_process_with_the_global_batch(llama_dir, small_d
 @pytest.mark.slow
 def test_two_ranks_bco_pair_with_a_precomputed_reference(llama_dir, small_data, tmp_path):
     """bco_pair's running reward mean couples the batch; the reference pass is split over the
-    ranks and the cache file is the one a single process writes."""
+    ranks and the cache file holds the values a single process writes."""
     kw = dict(loss_type="bco_pair", precompute_ref_log_probs=True, max_steps=8, save_steps=0)
     one = one_process(llama_dir, small_data, tmp_path / "one", cache_dir=str(tmp_path / "cache1"), **kw)
     cfg = write_config(tmp_path / "two.yaml", **base_config(llama_dir, small_data, tmp_path / "two", batch_size=2,
@@ -209,7 +211,11 @@ def test_two_ranks_bco_pair_with_a_precomputed_reference(llama_dir, small_data, 
     assert len(files[0]) == 2 and [f.name for f in files[0]] == [f.name for f in files[1]]  # train, eval
     for one_file, two_file in zip(*files):
         a, b = np.load(one_file), np.load(two_file)
-        assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
+        # equal to float32 rounding: each rank pads its own half-size batches, and block-causal
+        # attention chunks a batch by its padded width (mlx_dpo/blocks.py)
+        assert a.files == b.files
+        for k in a.files:
+            np.testing.assert_allclose(a[k], b[k], rtol=2e-6, atol=1e-5, err_msg=k)
 
 
 @pytest.mark.slow
