@@ -20,7 +20,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from .data import TokenizedPair
-from .shapes import ShapePlan, bucket_length
+from .packed import CHOSEN, PAD, PROMPT, REJECTED
+from .shapes import ShapePlan, bucket_length, pair_dims
 
 
 @dataclass
@@ -69,6 +70,12 @@ class Batch:
 LAYOUTS = ("unshared", "prefix", "packed")
 
 
+def real_tokens(pairs: List[TokenizedPair]) -> int:
+    """Tokens of both sequences of each pair, the prompt counted twice (``Batch.num_tokens``,
+    what tokens/s counts in every layout)."""
+    return sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+
+
 def collate(pairs: List[TokenizedPair], indices: List[int], pad_id: int = 0, bucket: int = 32,
             layout: str = "unshared", shape: Optional[Tuple[int, int]] = None) -> Batch:
     """Pad ``pairs`` to ``shape`` (a cell of ``layout``, see ``shapes.pair_dims``), or
@@ -91,7 +98,6 @@ def collate(pairs: List[TokenizedPair], indices: List[int], pad_id: int = 0, buc
     positions = np.zeros((n, comp_len), dtype=np.int32)
     targets = np.zeros((n, comp_len), dtype=np.int32)
     mask = np.zeros((n, comp_len), dtype=np.float32)
-    num_tokens = 0
     for i, (prompt, completion) in enumerate(rows):
         seq = prompt + completion
         tokens[i, : len(seq) - 1] = seq[:-1]
@@ -99,7 +105,7 @@ def collate(pairs: List[TokenizedPair], indices: List[int], pad_id: int = 0, buc
         positions[i, :k] = np.arange(len(prompt) - 1, len(seq) - 1)
         targets[i, :k] = completion
         mask[i, :k] = 1.0
-        num_tokens += len(seq)
+    num_tokens = real_tokens(pairs)
     return Batch(tokens, positions, targets, mask, np.asarray(indices, dtype=np.int64), num_tokens,
                  slots=tokens.size, filled=num_tokens - n)
 
@@ -122,7 +128,7 @@ def collate_prefix(pairs: List[TokenizedPair], indices: List[int], pad_id: int =
         completion[i, : len(c) - 1] = c[:-1]
         targets[i, : len(c)] = c
         mask[i, : len(c)] = 1.0
-    num_tokens = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+    num_tokens = real_tokens(pairs)
     filled = sum(len(p.prompt) for p in pairs) + sum(len(c) - 1 for c in completions)
     return Batch(None, None, targets, mask, np.asarray(indices, dtype=np.int64), num_tokens,
                  prompt=prompt, prompt_lens=np.array([len(p.prompt) for p in pairs], dtype=np.int32),
@@ -133,9 +139,6 @@ def collate_packed(pairs: List[TokenizedPair], indices: List[int], pad_id: int =
                    shape: Optional[Tuple[int, int]] = None) -> Batch:
     """Padding-free layout (``packed.py``): row ``i`` = pair ``i``'s prompt, chosen[:-1] and
     rejected[:-1], right-padded to ``S``; completions scored from flat row positions."""
-    from .packed import CHOSEN, PAD, PROMPT, REJECTED
-    from .shapes import pair_dims
-
     dims = np.array([pair_dims(p, "packed") for p in pairs])
     width, comp_len = shape or (bucket_length(int(dims[:, 0].max()), 16), bucket_length(int(dims[:, 1].max()), 16))
     b = len(pairs)
@@ -157,7 +160,7 @@ def collate_packed(pairs: List[TokenizedPair], indices: List[int], pad_id: int =
                 positions[row, :k] = i * width + np.concatenate([[n_p - 1], np.arange(start, start + k - 1)])
                 targets[row, :k], mask[row, :k] = completion, 1.0
             start = end
-    num_tokens = sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+    num_tokens = real_tokens(pairs)
     return Batch(tokens, positions, targets, mask, np.asarray(indices, dtype=np.int64), num_tokens,
                  rope_pos=rope_pos, branch=branch, slots=tokens.size, filled=int(dims[:, 0].sum()))
 

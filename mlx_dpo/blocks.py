@@ -6,7 +6,8 @@ Run the queries in ``n`` chunks instead, chunk ``j`` attending only to the keys 
 own end, with the earlier chunks' keys and values kept as in a KV cache's chunked prefill:
 ``L^2 (n + 1) / (2n)`` scores. Each query sees exactly the keys its mask lets it see, so the
 result is the one-pass result. Measured here (34M Llama, 4 x 1024 tokens, forward and
-backward, float32): 9.1 s -> 5.9 s with 8 chunks, peak 3.0 -> 2.3 GB (benchmarks/README.md).
+backward, float32; ``benchmarks/chunked_attention.py``): 11.7 s -> 6.5 s with 8 chunks, peak
+2.99 -> 2.33 GB.
 
 Blocks are mlx-lm's ``layer(h, mask, cache)``: ``cache.offset`` is read for RoPE before
 ``cache.update_and_fetch(keys, values)`` returns every key and value to attend to.

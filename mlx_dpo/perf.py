@@ -99,8 +99,8 @@ def static_memory_estimate(model: nn.Module, batch_size: int, seq_len: int, prom
     weights = weights_bytes(model)
     trainable = 4 * sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
     tokens = 2 * batch_size * seq_len - (batch_size * prompt_len if prompt_len else 0)
-    n = len(chunk_bounds(seq_len)) - 1 if standard_blocks(model) else 1  # block-causal: (n+1)/(2n) of the keys
-    keys = seq_len * (n + 1) / (2 * n) if n > 1 else seq_len
+    n = len(chunk_bounds(seq_len)) - 1 if standard_blocks(model) else 1
+    keys = seq_len * (n + 1) / (2 * n)  # block-causal chunks see (n+1)/(2n) of the keys on average
     per_token = hidden if gradient_checkpointing else 16 * hidden + 3 * inter + 2 * heads * keys
     activations = 4 * tokens * layers * per_token
     from .logprobs import MAX_LOGIT_ELEMENTS

@@ -9,8 +9,8 @@ Layout (built by ``batching.collate(..., prefix=True)``):
 
 Pass 1 runs the prompts through every block, recording each attention layer's keys
 and values. Pass 2 runs the 2B completions at RoPE offset ``P`` against
-``[prompt keys | own keys]``; both passes run their queries in chunks (``blocks.py``). RoPE scores depend on relative positions only, so the
-left-padding shift changes nothing; gradients reach the prompt through its keys and
+``[prompt keys | own keys]``; both passes run their queries in chunks (``blocks.py``).
+RoPE scores depend on relative positions only, so the left-padding shift changes nothing; gradients reach the prompt through its keys and
 values exactly as in the unshared computation. The hidden state of the last prompt
 column scores the first completion token; completion column ``j`` scores token ``j + 1``.
 """
