@@ -43,6 +43,11 @@ VARIANTS = {  # mlx-dpo settings
                                                    gradient_checkpointing=True),
     "mlx-dpo (prefix+precompute+ckpt)": dict(prefix_sharing="true", precompute_ref_log_probs=True,
                                              gradient_checkpointing=True),
+    # MLX's own exp/sigmoid kernels instead of mlx_dpo/cpu_math.py (the default on the CPU backend)
+    "mlx-dpo (plain, MLX kernels)": dict(prefix_sharing="false", precompute_ref_log_probs=False,
+                                         cpu_fast_math=False),
+    "mlx-dpo (padding_free+precompute, MLX kernels)": dict(padding_free=True, precompute_ref_log_probs=True,
+                                                           cpu_fast_math=False),
 }
 PEERS = {
     "mlx-lm-lora": ("mlxlora", ["mlx-lm-lora==5.10.2", "mlx[cpu]"], "mlx_lm_lora_driver.py", {}),

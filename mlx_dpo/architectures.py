@@ -21,13 +21,16 @@ class Arch:
     plain_head: bool = False
     # mlx-lm's parameter names are transformers' (Hugging Face / PEFT export).
     hf_names: bool = False
+    # Attention calls the model module's ``scaled_dot_product_attention`` and the MLP is
+    # ``down_proj(swiglu(gate_proj(x), up_proj(x)))``: both can run through ``cpu_math.py``.
+    cpu_math: bool = False
 
 
 ARCHITECTURES = {
-    "llama": Arch(prefix_sharing=True, plain_head=True, hf_names=True),
-    "qwen2": Arch(prefix_sharing=True, plain_head=True, hf_names=True),
-    "mistral": Arch(prefix_sharing=True, plain_head=True, hf_names=True),
-    "qwen3": Arch(prefix_sharing=True, plain_head=True, hf_names=True),
+    "llama": Arch(prefix_sharing=True, plain_head=True, hf_names=True, cpu_math=True),
+    "qwen2": Arch(prefix_sharing=True, plain_head=True, hf_names=True, cpu_math=True),
+    "mistral": Arch(prefix_sharing=True, plain_head=True, hf_names=True, cpu_math=True),
+    "qwen3": Arch(prefix_sharing=True, plain_head=True, hf_names=True, cpu_math=True),
     "phi3": Arch(plain_head=True),
     "olmo2": Arch(plain_head=True),
     "internlm3": Arch(plain_head=True),

@@ -46,8 +46,9 @@ class ChunkCache:
     """One layer's keys/values so far: optional leading ones (a shared prompt's), then
     those of each chunk in turn; ``offset`` is set by :func:`_run_chunks` per chunk."""
 
-    def __init__(self, lead: Optional[Tuple[mx.array, mx.array]] = None):
+    def __init__(self, lead: Optional[Tuple[mx.array, mx.array]] = None, cpu_math: bool = False):
         self.kv, self.offset = lead, 0
+        self.cpu_math = cpu_math  # attention through cpu_math.py (``enable_cpu_math``)
 
     def update_and_fetch(self, keys, values):
         if self.kv is not None:
@@ -60,13 +61,13 @@ class ChunkCache:
 Offset = Union[int, mx.array]  # the first RoPE position, or per-token positions (B, L)
 
 
-def _run_chunks(call, h, mask, offset: Offset, lead):
+def _run_chunks(call, h, mask, offset: Offset, lead, cpu_math: bool = False):
     """``call(h_chunk, mask_chunk, cache)`` over the chunks of ``h`` (N, L, H). ``mask``:
     ``"causal"`` or boolean (N, 1, L, K0 + L) with ``K0`` leading keys. Returns the output
     (N, L, H) and every key/value (leading ones included)."""
     k0 = 0 if lead is None else lead[0].shape[2]
     bounds = chunk_bounds(h.shape[1])
-    cache, outs = ChunkCache(lead), []
+    cache, outs = ChunkCache(lead, cpu_math), []
     for a, b in zip(bounds, bounds[1:]):
         cache.offset = Positions(offset[:, a:b]) if isinstance(offset, mx.array) else offset + a
         chunk_mask = mask if isinstance(mask, str) else mask[..., a:b, : k0 + b]
@@ -80,8 +81,9 @@ def run_block(layer: nn.Module, h: mx.array, mask, offset: Offset = 0,
     ``gradient_checkpointing`` is checkpointed whole, as a pure function of arrays (the
     keys/values must be outputs of the checkpoint, not leaked tracers)."""
     plain = getattr(type(layer), "plain_call", None)
+    cpu_math = getattr(layer, "cpu_math", False)
     if plain is None:
-        return _run_chunks(layer, h, mask, offset, lead)
+        return _run_chunks(layer, h, mask, offset, lead, cpu_math)
     arrays = [x for x in (mask, offset) if isinstance(x, mx.array)] + list(lead or ())
 
     def inner(params, h, *arrays):
@@ -89,7 +91,7 @@ def run_block(layer: nn.Module, h: mx.array, mask, offset: Offset = 0,
         rest = list(arrays)
         m = rest.pop(0) if isinstance(mask, mx.array) else mask
         o = rest.pop(0) if isinstance(offset, mx.array) else offset
-        out, kv = _run_chunks(partial(plain, layer), h, m, o, tuple(rest) or None)
+        out, kv = _run_chunks(partial(plain, layer), h, m, o, tuple(rest) or None, cpu_math)
         return (out, *kv)
 
     out, *kv = mx.checkpoint(inner)(layer.trainable_parameters(), h, *arrays)

@@ -33,6 +33,7 @@ from .adapters import adapter_config, reference_mode, sync_reference
 from .batching import Batch, BatchSampler, collate
 from .callbacks import CallbackList, console, default_callbacks
 from .config import ConfigError, DPOConfig, resolve_config
+from .cpu_math import enable_cpu_math
 from .data import TokenizedPair, load_datasets
 from .data.formats import check_data_format
 from .evaluation import peak_memory_gb
@@ -42,6 +43,7 @@ from .model import count_parameters, model_for_training, setup_trainable
 from .packed import enable_position_rope
 from .perf import Throughput, reference_blas_warning, warn_if_too_big
 from .prefix import batch_layout
+from .quant import on_cpu
 from .preflight import warn_unused_settings
 from .reference import precompute_reference_logps
 from .rundir import METRICS_FILE, RunLock, check_output_dir, check_resume, prepare_output_dir
@@ -103,6 +105,9 @@ class DPOTrainer:
         self.num_layers = setup_trainable(model, cfg, self.use_reference)
         if self.layout == "packed":
             enable_position_rope(model)
+        if cfg.cpu_fast_math and on_cpu() and enable_cpu_math(model):
+            self.log("CPU backend: attention softmax and SwiGLU through mlx_dpo/cpu_math.py "
+                     "(cpu_fast_math: false for MLX's kernels)")
         self.num_parameters, trainable = count_parameters(model)
         self.log(f"parameters: {self.num_parameters / 1e6:.2f}M total, {trainable / 1e6:.3f}M trainable "
                  f"({100 * trainable / max(self.num_parameters, 1):.3f}%)")
