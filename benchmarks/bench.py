@@ -44,9 +44,9 @@ VARIANTS = {  # mlx-dpo settings
     "mlx-dpo (prefix+precompute+ckpt)": dict(prefix_sharing="true", precompute_ref_log_probs=True,
                                              gradient_checkpointing=True),
     # MLX's own exp/sigmoid kernels instead of mlx_dpo/cpu_math.py (the default on the CPU backend)
-    "mlx-dpo (plain, MLX kernels)": dict(prefix_sharing="false", precompute_ref_log_probs=False,
+    "mlx-dpo (plain; MLX kernels)": dict(prefix_sharing="false", precompute_ref_log_probs=False,
                                          cpu_fast_math=False),
-    "mlx-dpo (padding_free+precompute, MLX kernels)": dict(padding_free=True, precompute_ref_log_probs=True,
+    "mlx-dpo (padding_free+precompute; MLX kernels)": dict(padding_free=True, precompute_ref_log_probs=True,
                                                            cpu_fast_math=False),
 }
 PEERS = {

@@ -123,21 +123,22 @@ def attention(queries, keys, values, scale: float, mask=None) -> mx.array:
     """``softmax(q k^T scale + mask) v`` with grouped heads, as
     ``mx.fast.scaled_dot_product_attention``: queries (B, Hq, L, D), keys/values
     (B, Hkv, S, D); ``mask`` ``"causal"`` (aligned to the last key), boolean or additive,
-    broadcastable to (B, Hq, L, S)."""
+    broadcastable to (B, Hq, L, S). The ``Hq / Hkv`` query heads of a key head are stacked
+    along the query axis: one GEMM per key head, no broadcast keys."""
     b, hq, length, d = queries.shape
     hkv, s = keys.shape[1], keys.shape[2]
-    dtype = queries.dtype
-    q = (queries * scale).reshape(b, hkv, hq // hkv, length, d).astype(mx.float32)
-    scores = q @ keys[:, :, None].astype(mx.float32).swapaxes(-1, -2)
+    rep = hq // hkv
+    q = (queries * scale).astype(mx.float32).reshape(b, hkv, rep * length, d)
+    scores = q @ keys.astype(mx.float32).swapaxes(-1, -2)
     if isinstance(mask, str):
         mask = mx.arange(s - length, s)[:, None] >= mx.arange(s)[None]
     if mask is not None:  # additive, at the mask's own shape (a broadcast ``where`` is 4x slower)
         mask = mx.where(mask, 0.0, -1e30) if mask.dtype == mx.bool_ else mask.astype(mx.float32)
         if mask.ndim == 4:  # (B, 1 or Hq, L, S) -> grouped heads
-            mask = mask[:, :, None] if mask.shape[1] == 1 else mask.reshape(b, hkv, -1, length, s)
-        scores = scores + mask
-    out = softmax(scores).astype(values.dtype) @ values[:, :, None]
-    return out.reshape(b, hq, length, -1).astype(dtype)
+            mask = mask[:, :, None] if mask.shape[1] == 1 else mask.reshape(b, hkv, rep, length, s)
+        scores = (scores.reshape(b, hkv, rep, length, s) + mask).reshape(b, hkv, rep * length, s)
+    out = softmax(scores).astype(values.dtype) @ values
+    return out.reshape(b, hq, length, -1).astype(queries.dtype)
 
 
 # --------------------------------------------------------------------------- installing
