@@ -8,7 +8,7 @@ module writes them from polynomials MLX fuses:
 
 - ``exp`` for ``x <= 0``: Cephes' ``expf`` (Moshier, 1984): ``x = n ln2 + r``,
   ``|r| <= ln2 / 2``, ``e^r = 1 + r + r^2 P(r)`` (degree-5 ``P``) and ``2^n`` written
-  straight into the float's exponent bits. Relative error <= 1e-7 on [-87, 0].
+  straight into the float's exponent bits. Relative error <= 1e-7 on [-87, 0] (8e-8 measured).
 - ``tanh`` (and ``sigmoid(x) = (1 + tanh(x / 2)) / 2``): the rational minimax
   approximation Eigen and XLA use for float32 (degree 13 / 6 in ``x``, argument clamped to
   +-7.9053), absolute error <= 4e-7. (Relative error grows where sigmoid is small, x < -5;
@@ -18,8 +18,9 @@ module writes them from polynomials MLX fuses:
 Gradients are the exact derivatives written in the same functions (``exp' = exp``,
 ``sigmoid' = s (1 - s)``), not derivatives of the polynomials. :func:`enable_cpu_math` puts
 them into a model's blocks (the trainer does so on the CPU backend only; Metal keeps MLX's
-kernels). Measured here (34M Llama, 8 x 640 tokens, forward and backward, float32):
-9.5 s -> 7.7 s, loss equal to 1e-7, gradients to 8e-7 of their largest entry.
+kernels). Measured here (34M Llama, 8 x 640 tokens, forward and backward, float32,
+``benchmarks/cpu_math.py``): 9.20 s -> 6.94 s (1.33x), loss equal to 1.2e-7, gradients to 8e-7
+of their largest entry.
 """
 
 from __future__ import annotations
@@ -92,19 +93,24 @@ def _sigmoid_vjp(primals, cotangent, output):
 
 
 @mx.custom_function
-def swiglu(gate: mx.array, up: mx.array) -> mx.array:
-    """``silu(gate) * up`` (mlx-lm's ``swiglu``), computed in float32."""
+def _swiglu(gate: mx.array, up: mx.array) -> mx.array:
     g = gate.astype(mx.float32)
     return (g * sigmoid(g) * up.astype(mx.float32)).astype(up.dtype)
 
 
-@swiglu.vjp
+@_swiglu.vjp
 def _swiglu_vjp(primals, cotangent, output):
     """``d/dg = c u s (1 + g (1 - s))``, ``d/du = c g s`` with ``s = sigmoid(g)``."""
     gate, up = primals
     g, u, c = (a.astype(mx.float32) for a in (gate, up, cotangent))
     s = sigmoid(g)
     return (c * u * s * (1.0 + g * (1.0 - s))).astype(gate.dtype), (c * g * s).astype(up.dtype)
+
+
+# ``silu(gate) * up`` (mlx-lm's ``swiglu``), computed in float32. Compiled (per shape: a
+# ``custom_function`` cannot be shapeless) for the MLPs' calls outside a compiled step, as in
+# generation: eager, its ~30 separate ops take twice mlx-lm's time for a decoded token.
+swiglu = mx.compile(_swiglu)
 
 
 @mx.custom_function
@@ -156,8 +162,17 @@ def _fast_sdpa(original):
     return scaled_dot_product_attention
 
 
-def _swiglu_mlp_call(self, x):
-    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+MIN_TOKENS = 64  # fewer (a decoded token): mlx-lm's own MLP, whose one fused kernel costs less
+
+
+def _swiglu_mlp(cls):
+    """A subclass of the MLP class ``cls`` whose SwiGLU is :func:`swiglu`."""
+    def __call__(self, x):
+        if x.size < MIN_TOKENS * x.shape[-1]:
+            return cls.__call__(self, x)
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+    return type(cls.__name__ + "CPUMath", (cls,), {"__call__": __call__, "cpu_math": True})
 
 
 def enable_cpu_math(model: nn.Module) -> bool:
@@ -175,8 +190,7 @@ def enable_cpu_math(model: nn.Module) -> bool:
             module.scaled_dot_product_attention = _fast_sdpa(module.scaled_dot_product_attention)
         mlp = layer.mlp
         if not getattr(type(mlp), "cpu_math", False):
-            mlp.__class__ = type(type(mlp).__name__ + "CPUMath", (type(mlp),),
-                                 {"__call__": _swiglu_mlp_call, "cpu_math": True})
+            mlp.__class__ = _swiglu_mlp(type(mlp))
         layer.cpu_math = True
     return True
 

@@ -112,6 +112,13 @@ def test_the_wrapper_only_takes_enabled_chunk_caches(llama_dir, monkeypatch):
         sinks = mx.zeros((2,)) if cache is not None and cache.cpu_math else None
         module.scaled_dot_product_attention(q, q, q, cache, 1.0, "causal", sinks)
     assert calls == [1]  # MLX's kernel for generation's caches, other models, attention sinks
+    mlp, swiglus = model.layers[0].mlp, []
+    monkeypatch.setattr(cpu_math, "swiglu", lambda g, u: swiglus.append(g.shape) or g * u)
+    hidden = model.args.hidden_size
+    mlp(mx.zeros((1, cpu_math.MIN_TOKENS - 1, hidden)))  # a few tokens (decoding): mlx-lm's MLP
+    assert swiglus == []
+    mlp(mx.zeros((2, cpu_math.MIN_TOKENS // 2, hidden)))
+    assert len(swiglus) == 1
     assert cpu_math.enable_cpu_math(nn.Linear(2, 2)) is False  # not a known architecture
 
 
@@ -146,3 +153,17 @@ def test_model_logps_and_gradients_equal_mlx_kernels(arch, dtype, layout, reques
         assert scale > 1e-4, key
         np.testing.assert_allclose(f64(ga[key]), f64(gb[key]), atol=(2e-4 if dtype == mx.float32 else 5e-2) * scale,
                                    rtol=1e-3 if dtype == mx.float32 else 5e-2, err_msg=key)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_trainer_enables_it_on_the_cpu_backend_unless_switched_off(enabled, llama_dir, toy_data_dir, tmp_path):
+    from mlx_dpo import DPOConfig, DPOTrainer
+
+    logs = []
+    cfg = DPOConfig(model=str(llama_dir), data=str(toy_data_dir), output_dir=str(tmp_path / "run"), max_steps=1,
+                    progress_bar=False, cpu_fast_math=enabled)
+    trainer = DPOTrainer(cfg, log=logs.append)
+    layers = trainer.model.model.layers
+    assert [getattr(layer, "cpu_math", False) for layer in layers] == [enabled] * len(layers)
+    assert [getattr(type(layer.mlp), "cpu_math", False) for layer in layers] == [enabled] * len(layers)
+    assert any("cpu_math.py" in str(line) for line in logs) == enabled
