@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_dpo import logprobs, model as model_lib, perf, quant
+from mlx_dpo import logprobs, model as model_lib, perf, quant, trainer as trainer_lib
 from mlx_dpo.adapters import add_adapters
 from mlx_dpo.batching import collate
 from mlx_dpo.config import DPOConfig
@@ -22,7 +22,7 @@ from mlx_dpo.trainer import DPOTrainer
 
 def on_metal(monkeypatch):
     """``on_cpu()`` is False wherever it is looked up."""
-    for module in (quant, logprobs, model_lib):
+    for module in (quant, logprobs, model_lib, trainer_lib):
         monkeypatch.setattr(module, "on_cpu", lambda: False)
 
 
@@ -180,6 +180,7 @@ def test_compute_dtype_auto_keeps_the_checkpoint_dtype_on_metal(bf16_dir, tmp_pa
     trainer = DPOTrainer(cfg, train_pairs=random_pairs(4, 200), log=lambda *a: None)
     assert float_dtypes(trainer.model.layers[0]) == float_dtypes(trainer.model.model.embed_tokens) == {mx.bfloat16}
     assert float_dtypes(trainer.model.layers[1]) == {mx.float32}
+    assert not any(getattr(layer, "cpu_math", False) for layer in trainer.model.layers)  # MLX's kernels on Metal
     before = {k: np.array(v) for k, v in tree_flatten(trainer.model.trainable_parameters())}
     trainer.train()
     after = dict(tree_flatten(trainer.model.trainable_parameters()))
