@@ -109,8 +109,9 @@ def worker(spec_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     options = dict(spec["options"])
-    if options.get("cache_limit_gb"):
-        mx.set_cache_limit(int(options.pop("cache_limit_gb") * 2 ** 30))
+    cache_limit_gb = options.pop("cache_limit_gb", None)  # a benchmark knob, not a DPOConfig key
+    if cache_limit_gb:
+        mx.set_cache_limit(int(cache_limit_gb * 2 ** 30))
     pairs = [TokenizedPair(p["prompt"], p["chosen"], p["rejected"]) for p in json.loads(Path(spec["data"]).read_text())]
     cfg = DPOConfig(model=spec["model"], lora_rank=8, lora_alpha=16, lora_target_modules=[f"self_attn.{t}" for t in TARGETS],
                     batch_size=spec["batch_size"], max_steps=spec["steps"] + spec["warmup"], learning_rate=1e-5,

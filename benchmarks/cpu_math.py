@@ -10,27 +10,17 @@ differences of the loss and of the gradients (relative to the largest gradient).
 """
 
 import argparse
-import time
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
-
-
-def best_of(fn, *args, repeats=3):
-    mx.eval(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        mx.eval(fn(*args))
-        best = min(best, time.perf_counter() - tic)
-    return best
+from profile_step import timed  # compiles, warms up, best of ``repeats``
 
 
 def fwd_bwd(fn):
-    """``fn`` and the vjp of all its inputs, compiled."""
-    return mx.compile(lambda *a: mx.vjp(fn, list(a), [mx.ones_like(fn(*a))]))
+    """``fn`` and the vjp of all its inputs."""
+    return lambda *a: mx.vjp(fn, list(a), [mx.ones_like(fn(*a))])
 
 
 def op_table(rows, length, hidden, inter, heads, kv_heads):
@@ -55,8 +45,8 @@ def op_table(rows, length, hidden, inter, heads, kv_heads):
     print("| op | shape | MLX fwd ms | ours fwd ms | MLX fwd+bwd ms | ours fwd+bwd ms | x fwd+bwd |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for name, theirs, ours, args in cases:
-        t = [best_of(mx.compile(f), *args) for f in (theirs, ours)]
-        tb = [best_of(fwd_bwd(f), *args) for f in (theirs, ours)]
+        t = [timed(f, *args, repeats=3) for f in (theirs, ours)]
+        tb = [timed(fwd_bwd(f), *args, repeats=3) for f in (theirs, ours)]
         print(f"| {name} | {'x'.join(map(str, args[0].shape))} | {t[0] * 1e3:.1f} | {t[1] * 1e3:.1f} | "
               f"{tb[0] * 1e3:.1f} | {tb[1] * 1e3:.1f} | {tb[0] / tb[1]:.2f} |", flush=True)
 
@@ -98,7 +88,7 @@ def model_step(model_dir, rows, length):
     for ours in (False, True, False, True):  # twice each, interleaved: the machine drifts
         set_kernels(ours)
         step = mx.compile(mx.value_and_grad(loss))  # a new trace: the blocks changed
-        t = best_of(step, params)
+        t = timed(step, params, repeats=3)
         results[ours] = (min(t, results.get(ours, (t,))[0]), step(params))
     model.update(params)
     (t0, (v0, g0)), (t1, (v1, g1)) = results[False], results[True]
