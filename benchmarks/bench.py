@@ -55,6 +55,10 @@ VARIANTS = {  # mlx-dpo settings
 }
 PEERS = {
     "mlx-lm-lora": ("mlxlora", ["mlx-lm-lora==5.10.2", "mlx[cpu]"], "mlx_lm_lora_driver.py", {}),
+    # the same with torch installed, as most users of transformers have it (mlx-lm's tokenizer
+    # import loads transformers' AutoTokenizer, which imports torch when it is installed)
+    "mlx-lm-lora (with torch)": ("mlxlora-torch", ["mlx-lm-lora==5.10.2", "mlx[cpu]", "torch==2.13.0"],
+                                 "mlx_lm_lora_driver.py", {}),
     "trl+peft": ("trl", ["trl==1.16", "peft", "torch==2.13.0"], "trl_driver.py", {}),
     "trl+peft (precompute)": ("trl", ["trl==1.16", "peft", "torch==2.13.0"], "trl_driver.py", {"precompute": True}),
 }
@@ -98,7 +102,13 @@ def build_inputs(work: Path, size: str, args) -> dict:
 
 
 def worker(spec_path: str) -> None:
-    """One mlx-dpo run (in its own process)."""
+    """One mlx-dpo run (in its own process), importing mlx-lm as ``mlx-dpo train`` does."""
+    try:
+        from mlx_dpo.entry import import_mlx_lm_without_torch
+    except ImportError:  # a checkout from before mlx_dpo/entry.py
+        pass
+    else:
+        import_mlx_lm_without_torch()
     import mlx.core as mx
 
     from mlx_dpo.config import DPOConfig
@@ -189,7 +199,7 @@ def main(argv=None):
     ap.add_argument("--completion-len", type=int, default=64)
     ap.add_argument("--variants", default=",".join(list(VARIANTS)[:3]), help="comma-separated mlx-dpo variants")
     ap.add_argument("--peers", action="store_true", help="also run mlx-lm-lora and TRL+PEFT")
-    ap.add_argument("--peer-list", default=",".join(PEERS))
+    ap.add_argument("--peer-list", default="mlx-lm-lora,trl+peft,trl+peft (precompute)")
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "mlx-dpo-bench"))
     ap.add_argument("--json", default=None, help="write the results here too")
     ap.add_argument("--mlx-python", default=None,
@@ -241,7 +251,8 @@ def print_table(results: list) -> None:
             print(f"| {r['size']} | {r['name']} | failed | | | | | | | |")
             continue
         tps = r["tokens_per_second"]
-        lora = f"{tps / ref['mlx-lm-lora']:.2f}" if "mlx-lm-lora" in ref else ""
+        base = next((ref[k] for k in ("mlx-lm-lora", "mlx-lm-lora (with torch)") if k in ref), None)
+        lora = f"{tps / base:.2f}" if base else ""
         trl = f"{tps / ref['trl+peft']:.2f}" if "trl+peft" in ref else ""
         fpt = r.get("flops_per_token") or next((x.get("flops_per_token") for x in same if "flops_per_token" in x), None)
         live = "precompute" not in r["name"]

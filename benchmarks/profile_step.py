@@ -1,12 +1,15 @@
 """Where a DPO step's time goes on this machine, per op, for the benchmark's models.
 
     python benchmarks/profile_step.py --size medium
+    python benchmarks/profile_step.py --size medium --backward --kernels cpu_math
 
-Times each op of one transformer block at the step's shapes in isolation (forward;
-attention as the trainer runs it, in query chunks (``mlx_dpo/blocks.py``), and one-pass for comparison;
-the backward of an op through frozen weights costs about the same again), the LM
-head on the completion positions, and one whole compiled forward of ``model.model``;
-then prints the share of each op and the GEMM rate it achieves.
+Times each op of one transformer block at the step's shapes in isolation, compiled: forward,
+or with ``--backward`` forward + backward (the vjp of the activations only: the base weights are
+frozen under LoRA, so a linear's backward is one GEMM, ``dx = dy W``). Attention runs as the
+trainer runs it, in query chunks (``mlx_dpo/blocks.py``), one-pass shown for comparison;
+``--kernels cpu_math`` times attention and SwiGLU as ``cpu_fast_math`` runs them on the CPU
+backend (``mlx_dpo/cpu_math.py``). Then the LM head on the completion positions, and the share of
+each op and the GEMM rate it achieves.
 """
 
 import argparse
@@ -33,6 +36,8 @@ def main():
     ap.add_argument("--rows", type=int, default=8, help="sequences (2 x pairs)")
     ap.add_argument("--length", type=int, default=160, help="padded sequence length")
     ap.add_argument("--completion", type=int, default=80, help="scored positions per row")
+    ap.add_argument("--backward", action="store_true", help="forward + backward (activations' vjp)")
+    ap.add_argument("--kernels", default="mlx", choices=["mlx", "cpu_math"], help="attention/SwiGLU kernels")
     args = ap.parse_args()
     import sys
     from pathlib import Path
@@ -46,55 +51,76 @@ def main():
     h, inter, heads, kv = s["hidden_size"], s["intermediate_size"], s["num_heads"], s["num_kv_heads"]
     d, vocab, layers = h // heads, 8192, s["num_layers"]
     n, L = args.rows, args.length
+    passes = 2 if args.backward else 1  # FLOPs: a frozen linear's backward is one more GEMM
+
+    def time_op(fn, *inputs, frozen=()):
+        """Best time of ``fn(*inputs, *frozen)``, with ``--backward`` plus the vjp of ``inputs``."""
+        mx.eval(inputs, frozen)  # a lazy frozen weight would be re-drawn inside every timed call
+        if not args.backward:
+            return timed(fn, *inputs, *frozen)
+        f = lambda *x: fn(*x, *frozen)  # noqa: E731
+        return timed(lambda *a: mx.vjp(f, list(a), [mx.ones_like(f(*a))]), *inputs)
+
     x = mx.random.normal((n * L, h))
     w = {"q": (heads * d, h), "k": (kv * d, h), "v": (kv * d, h), "o": (h, heads * d),
          "gate": (inter, h), "up": (inter, h)}
     ops = {}
     for name, shape in w.items():
         W = mx.random.normal(shape) * 0.02
-        ops[f"matmul {name}"] = (timed(lambda a, b: a @ b.T, x, W), 2 * n * L * shape[0] * shape[1])
+        ops[f"matmul {name}"] = (time_op(lambda a, b: a @ b.T, x, frozen=(W,)), passes * 2 * n * L * shape[0] * shape[1])
     Wd = mx.random.normal((h, inter)) * 0.02
     xi = mx.random.normal((n * L, inter))
-    ops["matmul down"] = (timed(lambda a, b: a @ b.T, xi, Wd), 2 * n * L * h * inter)
+    ops["matmul down"] = (time_op(lambda a, b: a @ b.T, xi, frozen=(Wd,)), passes * 2 * n * L * h * inter)
+    A, B = mx.random.normal((8, h)) * 0.02, mx.random.normal((heads * d, 8)) * 0.02
+    ops["LoRA r8 x 4 (q, k, v, o)"] = (4 * time_op(lambda a, wa, wb: (a @ wa.T) @ wb.T, x, A, B), 0)
     q = mx.random.normal((n, heads, L, d))
     k = mx.random.normal((n, kv, L, d))
-    ops["attention (sdpa, causal)"] = (timed(lambda q, k: mx.fast.scaled_dot_product_attention(
-        q, k, k, scale=d ** -0.5, mask="causal"), q, k), 4 * n * heads * L * L * d / 2)
+    from mlx_dpo import cpu_math
     from mlx_dpo.blocks import chunk_bounds
 
+    def sdpa(q, k, v, mask):
+        if args.kernels == "cpu_math":
+            return cpu_math.attention(q, k, v, d ** -0.5, mask)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=d ** -0.5, mask=mask)
+
+    attn_flops = (1 + passes) * 2 * n * heads * L * L * d / 2  # QK^T and PV over the causal half; bwd 2x
+    ops["attention (one pass, causal)"] = (time_op(lambda q, k: sdpa(q, k, k, "causal"), q, k), attn_flops)
     bounds = chunk_bounds(L)
 
     def block_causal(q, k):  # what mlx_dpo/blocks.py runs: query chunks, keys up to each chunk's end
-        return mx.concatenate([mx.fast.scaled_dot_product_attention(
-            q[:, :, a:b], k[:, :, :b], k[:, :, :b], scale=d ** -0.5, mask="causal")
-            for a, b in zip(bounds, bounds[1:])], axis=2)
+        return mx.concatenate([sdpa(q[:, :, a:b], k[:, :, :b], k[:, :, :b], "causal")
+                               for a, b in zip(bounds, bounds[1:])], axis=2)
 
     attention = f"attention, block-causal ({len(bounds) - 1} chunks, as trained)"
-    ops[attention] = (timed(block_causal, q, k), 4 * n * heads * L * L * d / 2)
+    ops[attention] = (time_op(block_causal, q, k), attn_flops)
     rope = nn.RoPE(d)
-    ops["rope q+k"] = (timed(lambda q, k: (rope(q), rope(k)), q, k), 0)
+    ops["rope q+k"] = (time_op(lambda q, k: rope(q).sum(axis=1) + rope(k).sum(axis=1), q, k), 0)
     norm = nn.RMSNorm(h)
-    ops["rmsnorm x2"] = (2 * timed(norm, x), 0)
+    ops["rmsnorm x2"] = (2 * time_op(norm, x), 0)
     g = mx.random.normal((n * L, inter))
-    ops["silu(gate)*up"] = (timed(lambda a, b: nn.silu(a) * b, g, xi), 0)
-    one_pass = ops.pop("attention (sdpa, causal)")  # shown, not summed: the trainer runs the block-causal one
+    act = cpu_math.swiglu if args.kernels == "cpu_math" else (lambda a, b: nn.silu(a) * b)
+    ops["silu(gate)*up"] = (time_op(act, g, xi), 0)
+    one_pass = ops.pop("attention (one pass, causal)")  # shown, not summed: the trainer runs the block-causal one
     per_layer = sum(t for t, _ in ops.values())
     head_x = mx.random.normal((n * args.completion, h))
     Wh = mx.random.normal((vocab, h)) * 0.02
-    head = (timed(lambda a, b: mx.logsumexp(a @ b.T, axis=-1), head_x, Wh), 2 * n * args.completion * vocab * h)
+    head = (time_op(lambda a, b: mx.logsumexp(a @ b.T, axis=-1), head_x, frozen=(Wh,)),
+            passes * 2 * n * args.completion * vocab * h)
 
     peak = gemm_peak_gflops()
     total = layers * per_layer + head[0]
-    print(f"{args.size}: {n} rows x {L} tokens, {layers} layers; float32 GEMM peak {peak:.0f} GFLOP/s")
-    print("| op (forward, one pass over the batch) | ms | share | GFLOP/s |")
+    what = "forward + backward" if args.backward else "forward"
+    print(f"{args.size}: {n} rows x {L} tokens, {layers} layers, {what}, {args.kernels} kernels; "
+          f"float32 GEMM peak {peak:.0f} GFLOP/s")
+    print(f"| op ({what}, one pass over the batch) | ms | share | GFLOP/s |")
     print("|---|---:|---:|---:|")
-    for name, (t, flops) in [*ops.items(), ("attention, one pass (sdpa, causal; not summed)", one_pass)]:
+    for name, (t, flops) in [*ops.items(), ("attention, one pass (causal; not summed)", one_pass)]:
         rate = f"{flops / t / 1e9:.0f}" if flops else ""
         print(f"| {name} (x{layers} layers) | {1e3 * layers * t:.1f} | {100 * layers * t / total:.0f}% | {rate} |")
     print(f"| lm head + logsumexp ({args.completion} positions/row) | {1e3 * head[0]:.1f} | "
           f"{100 * head[0] / total:.0f}% | {head[1] / head[0] / 1e9:.0f} |")
-    gemm_flops = layers * sum(f for _, f in ops.values() if f) + head[1]
-    print(f"sum of ops: {1e3 * total:.1f} ms per forward; at GEMM peak the FLOPs would take "
+    gemm_flops = layers * sum(f for name, (_, f) in ops.items() if name.startswith("matmul")) + head[1]
+    print(f"sum of ops: {1e3 * total:.1f} ms; the linears' and the head's FLOPs at GEMM peak would take "
           f"{1e3 * gemm_flops / (peak * 1e9):.1f} ms")
 
 

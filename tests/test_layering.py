@@ -14,7 +14,7 @@ LAYERS = [
     "model", "prefix", "logprobs", "reduce", "pair_losses", "losses", "steps", "perf", "metal", "reference", "checkpoint",
     "rundir", "faults", "stopping", "callbacks", "trackers", "health", "preflight", "evaluation", "trainer", "plan",
     "verify", "gguf_export", "formats", "hub",
-    "export", "report", "lint", "audit", "generate", "judges", "sample", "cli", "__main__", "__init__",
+    "export", "report", "lint", "audit", "generate", "judges", "sample", "cli", "entry", "__main__", "__init__",
 ]
 DATA_LAYERS = ["base", "readers", "sources", "formats", "tokenize", "cache", "__init__"]
 

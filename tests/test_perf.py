@@ -1,6 +1,8 @@
 """Performance contracts that can be asserted exactly: no retracing beyond the length
 buckets, gradient checkpointing changes no gradient, planning/MFU arithmetic."""
 
+import os
+import subprocess
 import sys
 
 import mlx.core as mx
@@ -283,3 +285,25 @@ def test_a_small_data_set_gets_few_shapes():
     assert len(many) > 8 and len(few) <= 2
     assert few[-1] == (max(bucket_length(len(p.prompt), 16) for p in pairs),
                        max(bucket_length(max(len(p.chosen), len(p.rejected)), 16) for p in pairs))
+
+
+@pytest.mark.parametrize("import_torch", [False, True])
+def test_training_process_keeps_torch_out(llama_dir, toy_data_dir, tmp_path, import_torch):
+    """``mlx-dpo train`` trains without importing torch (mlx-lm's tokenizer import would, through
+    transformers, whenever torch is installed: +180-230 MB RSS); torch stays importable after.
+    ``MLX_DPO_IMPORT_TORCH=1`` (the second case) shows the import would otherwise happen here."""
+    pytest.importorskip("torch")
+    argv = ["train", "--model", str(llama_dir), "--data", str(toy_data_dir), "--output-dir", str(tmp_path / "run"),
+            "--batch-size", "2", "--max-steps", "2", "--eval-steps", "0", "--no-progress-bar"]
+    script = ("import atexit, sys\n"
+              "atexit.register(lambda: print('TORCH', 'torch' in sys.modules, 'transformers' in sys.modules,"
+              " __import__('torch').tensor([1.0]).item()))\n"
+              f"sys.argv[1:] = {argv!r}\n"
+              "from mlx_dpo.entry import run\nrun()\n")
+    env = {k: v for k, v in os.environ.items() if k != "MLX_DPO_IMPORT_TORCH"}
+    if import_torch:
+        env["MLX_DPO_IMPORT_TORCH"] = "1"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "run" / "adapters.safetensors").exists()
+    assert f"TORCH {import_torch} True 1.0" in out.stdout, out.stdout[-500:]
