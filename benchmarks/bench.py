@@ -199,7 +199,7 @@ def main(argv=None):
     ap.add_argument("--completion-len", type=int, default=64)
     ap.add_argument("--variants", default=",".join(list(VARIANTS)[:3]), help="comma-separated mlx-dpo variants")
     ap.add_argument("--peers", action="store_true", help="also run mlx-lm-lora and TRL+PEFT")
-    ap.add_argument("--peer-list", default="mlx-lm-lora,trl+peft,trl+peft (precompute)")
+    ap.add_argument("--peer-list", default=",".join(k for k in PEERS if "with torch" not in k))
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "mlx-dpo-bench"))
     ap.add_argument("--json", default=None, help="write the results here too")
     ap.add_argument("--mlx-python", default=None,

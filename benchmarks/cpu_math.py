@@ -15,12 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
-from profile_step import timed  # compiles, warms up, best of ``repeats``
-
-
-def fwd_bwd(fn):
-    """``fn`` and the vjp of all its inputs."""
-    return lambda *a: mx.vjp(fn, list(a), [mx.ones_like(fn(*a))])
+from profile_step import fwd_bwd, timed  # timed: compiles, warms up, best of ``repeats``
 
 
 def op_table(rows, length, hidden, inter, heads, kv_heads):

@@ -19,6 +19,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
+def fwd_bwd(fn):
+    """``fn`` and the vjp of all its inputs (cotangent ones)."""
+    return lambda *a: mx.vjp(fn, list(a), [mx.ones_like(fn(*a))])
+
+
 def timed(fn, *args, repeats=5):
     fn = mx.compile(fn)
     mx.eval(fn(*args))
@@ -58,8 +63,7 @@ def main():
         mx.eval(inputs, frozen)  # a lazy frozen weight would be re-drawn inside every timed call
         if not args.backward:
             return timed(fn, *inputs, *frozen)
-        f = lambda *x: fn(*x, *frozen)  # noqa: E731
-        return timed(lambda *a: mx.vjp(f, list(a), [mx.ones_like(f(*a))]), *inputs)
+        return timed(fwd_bwd(lambda *x: fn(*x, *frozen)), *inputs)
 
     x = mx.random.normal((n * L, h))
     w = {"q": (heads * d, h), "k": (kv * d, h), "v": (kv * d, h), "o": (h, heads * d),
