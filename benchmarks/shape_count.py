@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mlx_dpo.batching import LAYOUTS, BatchSampler, collate  # noqa: E402
 from mlx_dpo.data import TokenizedPair  # noqa: E402
-from mlx_dpo.shapes import MIN_BATCHES_PER_SHAPE, ShapePlan  # noqa: E402
+from mlx_dpo.shapes import ShapePlan  # noqa: E402
 from mlx_dpo.toy import lognormal_lengths  # noqa: E402
 
 FLOOR = {  # input positions of a one-pair batch with no rounding, by layout
@@ -31,7 +31,7 @@ FLOOR = {  # input positions of a one-pair batch with no rounding, by layout
 
 def epoch(pairs, batch_size, layout, max_shapes):
     """(distinct shapes, padding fraction, pairs seen) of epoch 0."""
-    plan = ShapePlan(pairs, layout, max_shapes, min_pairs=MIN_BATCHES_PER_SHAPE * batch_size)
+    plan = ShapePlan(pairs, layout, max_shapes, batch_size=batch_size, passes=1.0)
     shapes, slots, filled, seen = set(), 0, 0, set()
     for g in BatchSampler(pairs, batch_size, 0, shapes=plan).epoch_batches(0):
         chosen = [pairs[i] for i in g]

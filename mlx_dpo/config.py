@@ -207,18 +207,20 @@ class DPOConfig:
                                      keys=("card",))
     seed: int = option(42, "Seed of the data order, the eval_split hold-out, adapter init and dropout.", "optim",
                        resume="match", keys=("data_cache", "card"))
-    prefix_sharing: str = option("auto", "auto / true / false: run each pair's prompt once for both completions.",
+    prefix_sharing: Union[str, bool] = option("auto", "auto / true / false: run each pair's prompt once for both completions.",
                                  "optim", keys=("ref_cache",))
     padding_free: bool = option(False, "Pack each pair into one row (prompt once, then chosen, then rejected, "
                                 "each token at its own position, a block-diagonal causal mask): no padding "
                                 "but the row's tail (TRL's name; mlx_dpo/packed.py).", "optim",
                                 keys=("ref_cache",))
-    cpu_fast_math: bool = option(True, "On MLX's CPU backend, run attention's softmax and SwiGLU through "
+    cpu_fast_math: bool = option(False, "On MLX's CPU backend, run attention's softmax and SwiGLU through "
                                  "polynomial exp/sigmoid that MLX fuses (mlx_dpo/cpu_math.py; float32 error "
-                                 "<= 4e-7, ~1.2x a step); no effect on Metal, which keeps MLX's kernels.",
-                                 "optim", keys=("ref_cache",))
+                                 "<= 4e-7). Its sign depends on the processor (1.08x a whole run on an AMD EPYC, "
+                                 "3.4x slower steps on an AVX-512 Xeon), so it is off unless asked for; no effect "
+                                 "on Metal, which keeps MLX's kernels.", "optim", keys=("ref_cache",))
     max_batch_shapes: int = option(16, "At most this many padded batch shapes per run (each compiles the step "
-                                   "once): batches group pairs that pad to the same one (mlx_dpo/shapes.py).",
+                                   "once): batches group pairs that pad to the same one; fewer in a short run, "
+                                   "where a compile costs more than the padding it saves (mlx_dpo/shapes.py).",
                                    "optim", resume="match")
     skip_nonfinite_steps: bool = option(False, "Skip (and retry) a step whose loss or gradients are not finite, "
                                         "instead of stopping.", "optim")

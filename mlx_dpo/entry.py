@@ -35,6 +35,9 @@ def import_mlx_lm_without_torch() -> bool:
 
 def run() -> None:
     """``mlx-dpo ...`` (``MLX_DPO_IMPORT_TORCH=1`` keeps transformers' usual torch import)."""
+    from .clock import mark_process_start
+
+    mark_process_start()  # a run's reported start-up time counts from here
     if sys.argv[1:2] and sys.argv[1] in TORCH_FREE_COMMANDS and not os.environ.get("MLX_DPO_IMPORT_TORCH"):
         import_mlx_lm_without_torch()
     from .cli import main

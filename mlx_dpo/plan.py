@@ -17,12 +17,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from . import distributed
+from .batching import eval_batches
 from .perf import flops_per_token, gemm_peak_gflops, mfu, static_memory_estimate, system_memory_bytes
 
 ACTIVATIONS_DOMINATE = 0.5  # share of the estimated peak above which gradient_checkpointing is suggested
@@ -46,18 +47,55 @@ def _timed_steps(trainer, batch_size: int, steps: int, warmup: int = 2) -> Dict[
             seconds += time.perf_counter() - tic
         elif i == 0:
             first = time.perf_counter() - tic
-    return {"batch_size": batch_size, "peak_bytes": mx.get_peak_memory(),
+    return {"batch_size": batch_size, "peak_bytes": mx.get_peak_memory(), "slots": batch.slots,
             "tokens_per_second": steps * batch.num_tokens / seconds, "seconds_per_step": seconds / steps,
             "compile_seconds": max(0.0, first - seconds / steps)}  # the first step's extra time: its trace
 
 
-def epoch_padding(trainer) -> float:
-    """Padding share of the input positions over the first epoch's training batches."""
+def epoch_slots(trainer) -> Tuple[int, int, set]:
+    """Input positions (real + padding) and real tokens of the first epoch's training batches,
+    and the cells they pad to."""
     slots = filled = 0
+    cells = set()
     for indices in trainer.sampler.epoch_batches(0):
+        pairs = [trainer.train_pairs[i] for i in indices]
         batch = trainer.collate(trainer.train_pairs, indices)
         slots, filled = slots + batch.slots, filled + batch.filled
-    return 1.0 - filled / max(slots, 1)
+        cells.add(trainer.shapes.cell(pairs))
+    return slots, filled, cells
+
+
+# A forward pass (the reference precompute, evaluation) costs about this share of a LoRA training step
+# at the same shape (measured 0.52-0.62 on this CPU for a 34M Llama, benchmarks/README.md).
+FORWARD_SHARE = 0.55
+
+
+def predicted_split(trainer, built: Dict[str, float], timed: Dict[str, float], slots: int,
+                    cells: int) -> Dict[str, float]:
+    """The run's wall-time split (:mod:`.clock` phases): start-up and data as measured in ``built``
+    (the trainer's clock once built); the rest predicted from the ``timed`` steps: step time
+    scaled by input positions (``slots`` of an epoch), one compile per training shape, forward passes
+    at :data:`FORWARD_SHARE` of a step."""
+    cfg = trainer.cfg
+    per_slot = timed["seconds_per_step"] / timed["slots"]
+    passes = trainer.total_steps * cfg.gradient_accumulation_steps / max(len(trainer.sampler), 1)
+    eval_slots = sum(trainer.collate(trainer.eval_pairs, g).slots
+                     for g in eval_batches(trainer.eval_pairs, cfg.eval_batch_size or cfg.batch_size,
+                                           cfg.max_eval_batches)) if trainer.eval_pairs else 0
+    every = {"no": 0, "epoch": trainer.steps_per_epoch}.get(cfg.eval_mode, cfg.eval_steps or cfg.logging_steps)
+    evals = (trainer.total_steps // every + (trainer.total_steps % every > 0)) if every and eval_slots else 0
+    live = trainer.use_reference and not trainer.precompute
+    precompute = trainer.precompute and trainer.use_reference
+    split = {
+        "startup": built["total"] - built["data"],  # measured: this process's start-up and data loading
+        "data": built["data"],
+        "precompute": FORWARD_SHARE * per_slot * (slots + eval_slots) if precompute else 0.0,
+        "compile": cells * timed["compile_seconds"],
+        "train": passes * slots * per_slot,
+        "eval": evals * eval_slots * per_slot * FORWARD_SHARE * (2 if live else 1),
+    }
+    split["total"] = sum(split.values())
+    return {k: round(v, 1) for k, v in split.items()}
 
 
 LAYOUT_NAMES = {"unshared": "unshared (prefix sharing off)", "prefix": "shared prefix",
@@ -89,6 +127,7 @@ def plan(cfg, memory_budget_gb: Optional[float] = None, steps: int = 3, log=prin
 
     cfg = dataclasses.replace(cfg, output_dir=os.path.join(cfg.output_dir, ".plan"), overwrite_output_dir=True)
     trainer = DPOTrainer(cfg, log=lambda *a: None)
+    built = trainer.clock.split()  # start-up and data, before the timed steps
     if trainer.precompute and trainer.use_reference:  # plan the step with dummy reference values
         import numpy as np
 
@@ -104,6 +143,7 @@ def plan(cfg, memory_budget_gb: Optional[float] = None, steps: int = 3, log=prin
     fixed = m1 - slope * b1
     max_batch = max(0, int((budget - fixed) // slope))
     longest = max(p.length for p in trainer.train_pairs)
+    slots, filled, cells = epoch_slots(trainer)
     fpt = flops_per_token(trainer.model, trainer.use_reference and not trainer.precompute)
     peak = gemm_peak_gflops()
     result = {
@@ -122,9 +162,10 @@ def plan(cfg, memory_budget_gb: Optional[float] = None, steps: int = 3, log=prin
         "max_batch_size": max_batch,
         "fits": main["peak_bytes"] <= budget,
         **_data_parallel(trainer, cfg, ranks or distributed.size(), main["seconds_per_step"]),
-        "compiled_shapes": len(trainer.shapes.cells),
+        "compiled_shapes": len(cells),
         "compile_seconds_per_shape": main["compile_seconds"],
-        "padding_fraction": epoch_padding(trainer),
+        "padding_fraction": 1.0 - filled / max(slots, 1),
+        "time_split": predicted_split(trainer, built, main, slots, len(cells)),
         "suggestion": checkpointing_advice(trainer),
     }
     log(f"plan: {result['parameters'] / 1e6:.1f}M params, batch {bs} (longest pair {longest} tokens), "
@@ -141,6 +182,9 @@ def plan(cfg, memory_budget_gb: Optional[float] = None, steps: int = 3, log=prin
     log(f"  shapes: {result['compiled_shapes']} padded batch shapes (max_batch_shapes {cfg.max_batch_shapes}), "
         f"~{result['compile_seconds_per_shape']:.1f} s to compile each; {100 * result['padding_fraction']:.1f}% of "
         f"an epoch's input positions are padding")
+    split = result["time_split"]
+    log(f"  time:   ~{split['total']:.0f} s predicted for {trainer.total_steps} steps = " + ", ".join(
+        f"{k} {v:.1f}" for k, v in split.items() if k != "total") + " s")
     if result["suggestion"]:
         log(result["suggestion"])
     return result

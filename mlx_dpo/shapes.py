@@ -25,7 +25,11 @@ from typing import List, Sequence, Tuple
 import numpy as np
 
 Cell = Tuple[int, int]
-MIN_BATCHES_PER_SHAPE = 1  # a shape compiles the step (measured ~1 step of time on a CPU): a batch at least
+MIN_BATCHES_PER_SHAPE = 1  # a shape compiles the step: it must hold a batch at least
+# What one more shape costs a run (tracing, MLX's compilation and the first run of the step at it, which
+# first touches its buffers), in steps of a median batch: measured 0.4 (AMD EPYC, kernels cached) to ~1
+# (Xeon, issue 33) on 2-core CPUs (benchmarks/README.md, "Shapes and compile cost").
+COMPILE_STEPS = 1.0
 WEIGHTS = {"unshared": (1.0, 0.25), "prefix": (1.0, 2.0), "packed": (1.0, 0.5)}
 
 
@@ -51,10 +55,12 @@ def cell_cost(cell: Sequence[int], layout: str) -> float:
     return wa * cell[0] + wb * cell[1]
 
 
-def plan_cells(dims: np.ndarray, layout: str, max_cells: int, min_pairs: int = 1) -> List[Cell]:
-    """At most ``max_cells`` cells covering ``dims`` (N, 2), cheapest first (module docstring);
-    merging goes on while a cell holds fewer than ``min_pairs`` pairs (each shape costs a
-    compile, worth it only for a few batches)."""
+def plan_cells(dims: np.ndarray, layout: str, max_cells: int, min_pairs: int = 1, passes: float = 1.0,
+               compile_cost: float = 0.0) -> List[Cell]:
+    """At most ``max_cells`` cells covering ``dims`` (N, 2), cheapest first (module docstring).
+    Merging goes on while a cell holds fewer than ``min_pairs`` pairs, and while the cheapest
+    merge adds less padded work over the run (``passes`` times through the pairs) than one more
+    shape's ``compile_cost`` (in the same units: one pair-column of :func:`cell_cost`)."""
     fine = np.array([[bucket_length(int(a), 16), bucket_length(int(b), 16)] for a, b in dims], dtype=np.int64)
     top = tuple(int(x) for x in fine.max(axis=0))
     cells, counts = np.unique(fine, axis=0, return_counts=True)
@@ -65,14 +71,15 @@ def plan_cells(dims: np.ndarray, layout: str, max_cells: int, min_pairs: int = 1
         idx = np.flatnonzero(alive)
         c, n = cells[idx], counts[idx]
         small = n < min_pairs
-        if len(idx) <= max(1, max_cells - 1) and not small.any():
-            break
         merged = np.maximum(c[:, None, :], c[None, :, :]) @ w  # (k, k) cost of the merged cell
         own = c @ w
         added = (n[:, None] + n[None, :]) * merged - (n * own)[:, None] - (n * own)[None, :]
-        if len(idx) <= max(1, max_cells - 1):  # within the bound: only merges that fill a small cell
-            added[~(small[:, None] | small[None, :])] = np.inf
         np.fill_diagonal(added, np.inf)
+        if len(idx) <= max(1, max_cells - 1):  # within the bound: merges that fill a small cell or pay for
+            worth = small[:, None] | small[None, :] | (added * passes < compile_cost)  # their compile
+            added[~worth] = np.inf
+            if not np.isfinite(added).any():
+                break
         i, j = np.unravel_index(np.argmin(added), added.shape)
         a, b = idx[i], idx[j]
         cells[a], counts[a] = np.maximum(cells[a], cells[b]), counts[a] + counts[b]
@@ -81,13 +88,28 @@ def plan_cells(dims: np.ndarray, layout: str, max_cells: int, min_pairs: int = 1
     return sorted(out, key=lambda cell: (cell_cost(cell, layout), cell))
 
 
-class ShapePlan:
-    """The cells of a run (:func:`plan_cells` over the training pairs) and the cell of a batch."""
+def run_passes(max_steps: int, num_train_epochs: float, pairs_per_step: int, num_pairs: int) -> float:
+    """How many times a run goes through its training pairs."""
+    return num_train_epochs if max_steps < 0 else max_steps * pairs_per_step / max(num_pairs, 1)
 
-    def __init__(self, pairs: list, layout: str, max_cells: int, min_pairs: int = 1):
+
+class ShapePlan:
+    """The cells of a run (:func:`plan_cells` over the training pairs) and the cell of a batch.
+
+    With ``batch_size``, each shape must hold a batch (``MIN_BATCHES_PER_SHAPE``) and pay for
+    its compile (``COMPILE_STEPS`` steps of a median batch) with the padding it saves over the
+    run's ``passes`` through the pairs: a short run gets few shapes, a long one up to ``max_cells``."""
+
+    def __init__(self, pairs: list, layout: str, max_cells: int, min_pairs: int = 1, batch_size: int = 0,
+                 passes: float = 1.0):
         assert layout in WEIGHTS, layout
         self.layout, self.max_cells = layout, max_cells
-        self.cells = plan_cells(np.array([pair_dims(p, layout) for p in pairs]), layout, max_cells, min_pairs)
+        dims = np.array([pair_dims(p, layout) for p in pairs])
+        compile_cost = 0.0
+        if batch_size:
+            min_pairs = max(min_pairs, MIN_BATCHES_PER_SHAPE * batch_size)
+            compile_cost = COMPILE_STEPS * batch_size * float(np.median(dims @ np.array(WEIGHTS[layout])))
+        self.cells = plan_cells(dims, layout, max_cells, min_pairs, passes, compile_cost)
 
     def cell(self, pairs: list) -> Cell:
         """The cheapest cell that holds every pair of ``pairs``; pairs longer than every

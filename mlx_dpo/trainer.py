@@ -32,6 +32,7 @@ from . import checkpoint, distributed, evaluation, losses, metal, stopping
 from .adapters import adapter_config, reference_mode, sync_reference
 from .batching import Batch, BatchSampler, collate
 from .callbacks import CallbackList, console, default_callbacks
+from .clock import RunClock
 from .config import ConfigError, DPOConfig, resolve_config
 from .cpu_math import enable_cpu_math
 from .data import TokenizedPair, load_datasets
@@ -48,7 +49,7 @@ from .preflight import warn_unused_settings
 from .reference import precompute_reference_logps
 from .rundir import METRICS_FILE, RunLock, check_output_dir, check_resume, prepare_output_dir
 from .schedule import build_schedule
-from .shapes import MIN_BATCHES_PER_SHAPE, ShapePlan
+from .shapes import ShapePlan, run_passes
 from .state import TrainState
 from .stopping import DistributedError  # noqa: F401  (re-exported)
 from .steps import build_steps, reference_logps
@@ -79,6 +80,7 @@ class DPOTrainer:
                  eval_pairs: Optional[List[TokenizedPair]] = None, log: Optional[Callable] = None,
                  callbacks: Optional[Iterable] = None):
         self.cfg = cfg
+        self.clock = RunClock()  # the wall-time split of the run (start-up counts from here, or the process start)
         self.group = distributed.world()
         self.rank, self.ranks = self.group.rank(), self.group.size()
         self.main = self.rank == 0  # data parallel: rank 0 prints and writes
@@ -95,7 +97,8 @@ class DPOTrainer:
         model, tokenizer, self.model_path = model_for_training(cfg, model, tokenizer, train_pairs, self.log)
         self.model, self.tokenizer = model, tokenizer
         if train_pairs is None:
-            train_pairs, eval_pairs = load_datasets(cfg, tokenizer, log=self.log)
+            with self.clock.phase("data"):
+                train_pairs, eval_pairs = load_datasets(cfg, tokenizer, log=self.log)
         self.train_pairs, self.eval_pairs = train_pairs, eval_pairs or []
         self.pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
         self.layout = batch_layout(cfg.prefix_sharing, cfg.padding_free, model)
@@ -152,8 +155,10 @@ class DPOTrainer:
         if len(self.train_pairs) < cfg.batch_size * self.ranks:
             raise ConfigError(f"batch_size {cfg.batch_size} x {self.ranks} ranks is larger than the "
                               f"{len(self.train_pairs)} training pairs")
+        pairs_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * self.ranks
+        passes = run_passes(cfg.max_steps, cfg.num_train_epochs, pairs_per_step, len(self.train_pairs))
         self.shapes = ShapePlan(self.train_pairs, self.layout, cfg.max_batch_shapes,
-                                min_pairs=MIN_BATCHES_PER_SHAPE * cfg.batch_size * self.ranks)
+                                batch_size=cfg.batch_size * self.ranks, passes=passes)
         self.sampler = BatchSampler(self.train_pairs, cfg.batch_size, cfg.seed, shapes=self.shapes,
                                     rank=self.rank, ranks=self.ranks)
 
@@ -264,7 +269,7 @@ class DPOTrainer:
             self._start_watchdog()
         try:
             if self.precompute and self.use_reference:
-                with self._guard("the reference precompute"):
+                with self._guard("the reference precompute"), self.clock.phase("precompute"):
                     self.precompute_reference()
             self.model.train()
             with checkpoint.StopSignals() as stop, metal.wired_limit(self.model, self.log):
@@ -297,10 +302,11 @@ class DPOTrainer:
         self.callbacks.on_train_begin(state)
         if cfg.eval_on_start and state.step == 0 and self.eval_pairs:
             self._log_and_evaluate(start=True)
+        self.clock.started_training()
         while state.step < state.max_steps:
             if stop.signum is not None and (self.ranks == 1 or self.stop_agreed):
                 self._stop(stop.signum)
-            tic = time.perf_counter()
+            tic, traces = time.perf_counter(), self.trace_count
             with self._guard(f"step {state.step + 1}"):
                 grads, ok, values, tokens = self._accumulate(batches)
                 learning_rate = self.optimizer.learning_rate  # this update's (the schedule at the current step)
@@ -316,6 +322,7 @@ class DPOTrainer:
                 sync_reference(self.model, cfg.ref_model_mixup_alpha)
             seconds = time.perf_counter() - tic
             self.throughput.add(tokens, seconds)
+            self.clock.step(seconds, tokens, traced=self.trace_count > traces)
             state.window.add(metrics, tokens, seconds)
             self.callbacks.on_step_end(state, metrics)
             self._log_and_evaluate(metrics["learning_rate"], metrics["grad_norm"])
@@ -325,13 +332,19 @@ class DPOTrainer:
         self.save()
         self.callbacks.on_train_end(state)
         self.log(f"done: {state.step} steps, peak memory {peak_memory_gb():.3f} GB, adapters in {self.output_dir}")
-        self.log(f"compiled {self.trace_count} training-step shapes (max_batch_shapes {cfg.max_batch_shapes}); the "
-                 f"micro-steps that traced them took {self.compile_seconds:.1f} s")
+        self.log(f"{self.clock.line()}; {self.trace_count} training-step shapes compiled (max_batch_shapes "
+                 f"{cfg.max_batch_shapes})")
         self.log(self.throughput.report(self.model, self.use_reference and not self.precompute))
         final = state.log_history[-1] if state.log_history else {}
         return TrainResult(self.output_dir, state.step,
                            {k: v for k, v in final.items() if not k.startswith("eval_") and k != "warnings"},
                            dict(state.window.last_eval), state.log_history)
+
+    def _time_split(self) -> dict:
+        """The run's wall time so far (transformers' ``train_runtime``) and its split by phase
+        (``time/<phase>``, :mod:`.clock`), in seconds: the last step's record carries them."""
+        split = self.clock.split()
+        return {"train_runtime": split.pop("total"), **{f"time/{k}": v for k, v in split.items()}}
 
     def _accumulate(self, batches):
         """Gradients (averaged) of ``gradient_accumulation_steps`` micro-batches, a device-side
@@ -389,9 +402,12 @@ class DPOTrainer:
         record = None if start else evaluation.log_record(cfg, state, learning_rate, grad_norm, self.trace_count,
                                                            self.compile_seconds)
         if start or evaluation.eval_due(cfg, state, self.steps_per_epoch, bool(self.eval_pairs)):
-            state.window.last_eval = self.evaluate()
+            with self.clock.phase("eval"):
+                state.window.last_eval = self.evaluate()
             self.callbacks.on_evaluate(state, state.window.last_eval)
             record = {**(record or {"step": state.step, "epoch": round(state.epoch, 4)}), **state.window.last_eval}
+        if record is not None and state.step == state.max_steps and not start:
+            record.update(self._time_split())  # the final save is in the done line's split only
         if record is not None:
             state.log_history.append(record)
             self.callbacks.on_log(state, record)
@@ -422,8 +438,9 @@ class DPOTrainer:
         written by rank 0 only (``None`` on the others)."""
         if not self.main:
             return None
-        path = checkpoint.save_checkpoint(self.output_dir, self.state, self.model, self.optimizer, self.cfg,
-                                          self.adapter_config())
+        with self.clock.phase("save"):
+            path = checkpoint.save_checkpoint(self.output_dir, self.state, self.model, self.optimizer, self.cfg,
+                                              self.adapter_config())
         self.log(f"checkpoint: {path}")
         self.callbacks.on_save(self.state, path)
         return path
@@ -442,7 +459,8 @@ class DPOTrainer:
         if not self.main:
             return directory
         try:
-            checkpoint.save_adapters(directory, self.model, self.cfg, self.adapter_config())
+            with self.clock.phase("save"):
+                checkpoint.save_adapters(directory, self.model, self.cfg, self.adapter_config())
         except OSError as e:
             raise checkpoint.CheckpointError(f"could not save adapters to {directory}: {e}. The last checkpoint is "
                                              f"{self._last_checkpoint()}") from e

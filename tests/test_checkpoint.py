@@ -23,7 +23,7 @@ from mlx_dpo.config import ConfigError, DPOConfig
 from mlx_dpo.trainer import DPOTrainer, NonFiniteError
 
 QUIET = dict(log=lambda *a: None)
-TIMING = ("tokens_per_second", "peak_memory_gb", "compiled_shapes", "compile_seconds")  # per process
+TIMING = ("tokens_per_second", "peak_memory_gb", "compiled_shapes", "compile_seconds", "train_runtime")  # per process
 
 
 def cfg_for(model_dir, data_dir, out, **kw):
@@ -49,7 +49,7 @@ def inject(trainer, at_step, fault):
 
 
 def metrics(out):
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING and not k.startswith("time/")}
             for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_dpo import cpu_math
 from mlx_dpo.adapters import adapter_mode, add_adapters
 from mlx_dpo.batching import BatchSampler, bucket_length, collate, eval_batches
 from mlx_dpo.config import DPOConfig
@@ -100,7 +99,8 @@ def test_reference_equals_base_model_before_and_after_training(llama_dir, toy_da
     cfg = cfg_for(llama_dir, toy_data_dir, tmp_path, max_steps=5, eval_steps=0)
     trainer = DPOTrainer(cfg, log=lambda *a: None)
     base, _, _ = load_model(DPOConfig(model=str(llama_dir)))
-    assert cpu_math.enable_cpu_math(base)  # the same kernels as the trainer's model (CPU backend)
+    assert cfg.cpu_fast_math is False  # the default: MLX's kernels, as the loaded base (cpu_math on: test_cpu_math)
+    assert not any(getattr(layer, "cpu_math", False) for layer in trainer.model.layers)
     batch = collate(trainer.train_pairs[:4], [0, 1, 2, 3])
     arrays = {k: mx.array(v) for k, v in batch.arrays().items()}
     expected = np.array(completion_logps(base, arrays)["token_logps"])

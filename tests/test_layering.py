@@ -9,7 +9,7 @@ import mlx_dpo
 PACKAGE = Path(mlx_dpo.__file__).parent
 # Lowest first. A package (data/) is one entry; its own modules are checked the same way.
 LAYERS = [
-    "io", "hubnet", "coerce", "config", "toy", "schedule", "distributed", "architectures", "cpu_math", "blocks", "packed", "data", "shapes", "batching",
+    "clock", "io", "hubnet", "coerce", "config", "toy", "schedule", "distributed", "architectures", "cpu_math", "blocks", "packed", "data", "shapes", "batching",
     "state", "quant", "adapters", "gguf", "demo",
     "model", "prefix", "logprobs", "reduce", "pair_losses", "losses", "steps", "perf", "metal", "reference", "checkpoint",
     "rundir", "faults", "stopping", "callbacks", "trackers", "health", "preflight", "evaluation", "trainer", "plan",

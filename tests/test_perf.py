@@ -54,8 +54,11 @@ def test_traces_equal_fed_shapes_and_stay_within_the_bound(llama_dir, tmp_path, 
     seen = fed_shapes(trainer)
     trainer.train()
     assert trainer.trace_count == len(seen) and 1 < len(seen) <= 4, seen
-    assert trainer.state.log_history[-1]["compiled_shapes"] == len(seen)
-    assert trainer.state.log_history[-1]["compile_seconds"] > 0
+    last = trainer.state.log_history[-1]
+    assert last["compiled_shapes"] == len(seen) and last["compile_seconds"] > 0
+    # the last record carries the run's time split (compile: the traced steps beyond their tokens at steady speed)
+    assert 0 <= last["time/compile"] <= last["time/compile"] + last["time/train"] <= last["train_runtime"]
+    assert abs(sum(v for k, v in last.items() if k.startswith("time/")) - last["train_runtime"]) < 0.5
 
 
 INPUTS = {  # input positions a pair fills / its floor (chosen and rejected padded to the longer), by layout
@@ -220,6 +223,11 @@ def test_plan_leaves_the_config_alone_and_times_training_mode(llama_dir, toy_dat
     assert cfg.output_dir == str(tmp_path / "run") and cfg.overwrite_output_dir is False
     assert seen and all(seen)
     assert 1 <= result["compiled_shapes"] <= cfg.max_batch_shapes and 0 < result["padding_fraction"] < 1
+    # 2 steps, each at most the longest batch's 0.25 s (steps are scaled by their input positions); the timed
+    # steps take 0.25 s from the first on, so nothing is compile; no precompute, no eval data
+    split = result["time_split"]
+    assert set(split) == {"startup", "data", "precompute", "compile", "train", "eval", "total"}
+    assert 0.1 <= split["train"] <= 0.5 and split["compile"] == split["precompute"] == split["eval"] == 0.0
 
 
 MLX_BLAS = "7f00-7f01 r-xp 0 08:01 1 /venv/site-packages/mlx_cpu.libs/libblas-bd8a282c.so.3.10.0\n"
@@ -307,3 +315,57 @@ def test_training_process_keeps_torch_out(llama_dir, toy_data_dir, tmp_path, imp
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "run" / "adapters.safetensors").exists()
     assert f"TORCH {import_torch} True 1.0" in out.stdout, out.stdout[-500:]
+
+
+def test_run_clock_splits_compile_from_steady_training(monkeypatch):
+    """compile = the traced steps' seconds beyond what their tokens cost at the steady rate; start-up =
+    what no phase timed before the first step; other = the rest of the wall time."""
+    from mlx_dpo import clock
+
+    now = [100.0]
+    monkeypatch.setattr(clock.time, "perf_counter", lambda: now[0])
+    clock.mark_process_start()
+    now[0] = 103.0  # 3 s of imports and model loading
+    c = clock.RunClock()
+    assert c.start == 100.0 and clock._process_start is None  # the process start is taken once
+    with c.phase("data"):
+        now[0] += 2.0
+    with c.phase("precompute"):
+        now[0] += 5.0
+    c.started_training()
+    c.step(12.0, 300, traced=True)  # at the steady 100 tokens/s, 3 s of it is compute: 9 s compiling
+    c.step(10.0, 1000, traced=False)
+    now[0] += 22.0
+    with c.phase("save"):
+        now[0] += 1.0
+    now[0] += 0.5
+    split = c.split()
+    assert split == {"startup": 3.0, "data": 2.0, "precompute": 5.0, "compile": 9.0, "train": 13.0, "eval": 0.0,
+                     "save": 1.0, "other": 0.5, "total": 33.5}
+    assert c.line().startswith("time: 33.5 s = startup 3.0, data 2.0, precompute 5.0, compile 9.0, train 13.0")
+    assert clock.RunClock().start == now[0]  # the next run (the Python API) counts from its own start
+
+
+def test_shapes_are_weighed_against_the_run_length():
+    """A 16-step run on 64 long-tailed pairs gets few shapes; a ~5000-step run on the same pairs gets
+    more, as each shape's compile (COMPILE_STEPS median batches) is paid once and its padding saving
+    every pass. The cost counted here from raw lengths (prefix layout: P + 2C per pair, a median batch
+    per compile) is lower with the run-aware cells than with the bound alone, for the short run."""
+    from mlx_dpo.shapes import COMPILE_STEPS
+
+    lengths = lognormal_lengths(64, seed=0, max_length=1024)
+    pairs = [TokenizedPair([1] * p, [5] * c, [6] * r) for p, c, r in lengths]
+    bound_only = ShapePlan(pairs, "prefix", 16, min_pairs=4)
+    short = ShapePlan(pairs, "prefix", 16, batch_size=4, passes=1.0)
+    long = ShapePlan(pairs, "prefix", 16, batch_size=4, passes=5000 * 4 / 64)
+    assert len(short.cells) == 6 and len(long.cells) == len(bound_only.cells) == 11, (short.cells, long.cells)
+
+    median_batch = 4 * float(np.median([p + 2 * max(c, r) for p, c, r in lengths]))
+
+    def run_cost(plan, passes):
+        batches = BatchSampler(pairs, 4, seed=0, shapes=plan).epoch_batches(0)
+        cells = [plan.cell([pairs[i] for i in b]) for b in batches]
+        padded = sum(4 * (a + 2 * c) for a, c in cells)  # every batch pads its 4 pairs to its cell
+        return passes * padded + COMPILE_STEPS * median_batch * len(set(cells))
+
+    assert run_cost(short, 1.0) < run_cost(bound_only, 1.0)
