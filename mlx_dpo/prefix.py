@@ -17,13 +17,14 @@ column scores the first completion token; completion column ``j`` scores token `
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .architectures import with_feature
 from .blocks import run_block, standard_blocks
+from .quant import on_cpu
 
 
 def supports_prefix_sharing(model: nn.Module) -> bool:
@@ -43,10 +44,14 @@ def use_prefix_sharing(setting: str, model: nn.Module) -> bool:
     return ok and setting != "false"
 
 
-def batch_layout(prefix_sharing: str, padding_free: bool, model: nn.Module) -> str:
+def batch_layout(prefix_sharing: Union[str, bool], padding_free: Union[str, bool], model: nn.Module) -> str:
     """The run's batch layout (``batching.LAYOUTS``): ``packed`` with ``padding_free``
-    (``packed.py``), else ``prefix`` when prefix sharing is on, else ``unshared``."""
-    if not padding_free:
+    (``packed.py``; ``auto``: on MLX's CPU backend, for architectures with standard blocks, unless
+    ``prefix_sharing`` is false), else ``prefix`` when prefix sharing is on, else ``unshared``."""
+    prefix_sharing, padding_free = str(prefix_sharing).lower(), str(padding_free).lower()  # DPOConfig's spelling
+    if padding_free == "auto":
+        padding_free = str(on_cpu() and prefix_sharing != "false" and supports_prefix_sharing(model)).lower()
+    if padding_free == "false":
         return "prefix" if use_prefix_sharing(prefix_sharing, model) else "unshared"
     from .config import ConfigError
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_dpo import logprobs, model as model_lib, perf, quant, trainer as trainer_lib
+from mlx_dpo import logprobs, model as model_lib, perf, prefix, quant, trainer as trainer_lib
 from mlx_dpo.adapters import add_adapters
 from mlx_dpo.batching import collate
 from mlx_dpo.config import DPOConfig
@@ -22,7 +22,7 @@ from mlx_dpo.trainer import DPOTrainer
 
 def on_metal(monkeypatch):
     """``on_cpu()`` is False wherever it is looked up."""
-    for module in (quant, logprobs, model_lib, trainer_lib):
+    for module in (quant, logprobs, model_lib, prefix, trainer_lib):
         monkeypatch.setattr(module, "on_cpu", lambda: False)
 
 
