@@ -43,7 +43,7 @@ VARIANTS = {  # mlx-dpo settings
                                                    gradient_checkpointing=True),
     "mlx-dpo (prefix+precompute+ckpt)": dict(prefix_sharing="true", precompute_ref_log_probs=True,
                                              gradient_checkpointing=True),
-    # MLX's own exp/sigmoid kernels instead of mlx_dpo/cpu_math.py (the default on the CPU backend)
+    # MLX's own exp/sigmoid kernels instead of mlx_dpo/forward/cpu_math.py (the default on the CPU backend)
     "mlx-dpo (plain; MLX kernels)": dict(prefix_sharing="false", precompute_ref_log_probs=False,
                                          cpu_fast_math=False),
     "mlx-dpo (padding_free+precompute; MLX kernels)": dict(padding_free=True, precompute_ref_log_probs=True,
@@ -69,7 +69,7 @@ OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 def pair_lengths(args, n: int, rng) -> list:
     """(prompt, chosen, rejected) token lengths, EOS and BOS included."""
     if args.lengths == "ultrafeedback":
-        from mlx_dpo.toy import lognormal_lengths
+        from mlx_dpo.model.toy import lognormal_lengths
 
         return [(max(p, 2), c, r) for p, c, r in lognormal_lengths(n, seed=0, max_length=args.max_length - 1)]
     draw = lambda mean: max(2, int(rng.normal(mean, 8)))  # noqa: E731
@@ -77,7 +77,7 @@ def pair_lengths(args, n: int, rng) -> list:
 
 
 def build_inputs(work: Path, size: str, args) -> dict:
-    from mlx_dpo.toy import build_toy_model
+    from mlx_dpo.model.toy import build_toy_model
 
     if args.model:  # a real model (e.g. converted from a GGUF): its vocabulary, its weights
         model, vocab = Path(args.model), json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
@@ -111,11 +111,11 @@ def worker(spec_path: str) -> None:
         import_mlx_lm_without_torch()
     import mlx.core as mx
 
-    from mlx_dpo.config import DPOConfig
+    from mlx_dpo.config.fields import DPOConfig
     from mlx_dpo.data import TokenizedPair
-    from mlx_dpo.model import load_model
-    from mlx_dpo.perf import gemm_peak_gflops
-    from mlx_dpo.trainer import DPOTrainer
+    from mlx_dpo.model.loader import load_model
+    from mlx_dpo.monitor.perf import gemm_peak_gflops
+    from mlx_dpo.train.trainer import DPOTrainer
 
     spec = json.loads(Path(spec_path).read_text())
     options = dict(spec["options"])
@@ -155,7 +155,7 @@ def worker(spec_path: str) -> None:
         "tokens_per_second": tps, "gemm_peak_gflops": peak, "precompute_seconds": precompute_s,
         "compiled_shapes": getattr(trainer, "trace_count", None), "compile_seconds": getattr(trainer, "compile_seconds", None),
         "padding_fraction": 1 - padding[1] / max(padding[0], 1) if padding[0] else None,
-        "flops_per_token": __import__("mlx_dpo.perf", fromlist=["x"]).flops_per_token(
+        "flops_per_token": __import__("mlx_dpo.monitor.perf", fromlist=["x"]).flops_per_token(
             trainer.model, trainer.use_reference and not trainer.precompute),
         "mlx_peak_gb": mx.get_peak_memory() / 1e9}), flush=True)
 

@@ -1,4 +1,4 @@
-"""Block-causal attention (``mlx_dpo/blocks.py``): one forward + backward over ``rows x length``
+"""Block-causal attention (``mlx_dpo/forward/blocks.py``): one forward + backward over ``rows x length``
 tokens with the queries in 1 (one pass, as mlx-lm runs a model), 2, 4, 8 or 16 chunks.
 
     python benchmarks/chunked_attention.py --model /tmp/mlx-dpo-bench/model-medium --length 1024 --rows 4
@@ -26,9 +26,9 @@ def main():
     args = ap.parse_args()
     from mlx_lm import load
 
-    from mlx_dpo import blocks
-    from mlx_dpo.adapters import add_adapters
-    from mlx_dpo.config import DPOConfig
+    from mlx_dpo.forward import blocks
+    from mlx_dpo.model.adapters import add_adapters
+    from mlx_dpo.config.fields import DPOConfig
 
     model, _ = load(args.model)
     model.set_dtype(mx.float32)

@@ -1,4 +1,4 @@
-"""Polynomial exp/sigmoid on MLX's CPU backend (``mlx_dpo/cpu_math.py``) against MLX's kernels.
+"""Polynomial exp/sigmoid on MLX's CPU backend (``mlx_dpo/forward/cpu_math.py``) against MLX's kernels.
 
     python benchmarks/cpu_math.py --model /tmp/mlx-dpo-bench/model-medium --rows 8 --length 640
 
@@ -21,7 +21,7 @@ from profile_step import fwd_bwd, timed  # timed: compiles, warms up, best of ``
 def op_table(rows, length, hidden, inter, heads, kv_heads):
     from mlx_lm.models.activations import swiglu
 
-    from mlx_dpo import cpu_math
+    from mlx_dpo.forward import cpu_math
 
     d, chunk = hidden // heads, 128
     key = iter(mx.random.split(mx.random.key(0), 8))
@@ -49,9 +49,9 @@ def op_table(rows, length, hidden, inter, heads, kv_heads):
 def model_step(model_dir, rows, length):
     from mlx_lm import load
 
-    from mlx_dpo import blocks, cpu_math, logprobs
-    from mlx_dpo.adapters import add_adapters
-    from mlx_dpo.config import DPOConfig
+    from mlx_dpo.forward import blocks, cpu_math, logprobs
+    from mlx_dpo.model.adapters import add_adapters
+    from mlx_dpo.config.fields import DPOConfig
 
     model, _ = load(model_dir)
     model.set_dtype(mx.float32)

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mlx_dpo.distributed import LINKS_GB_S, allreduce_bytes, ring_seconds, write_local_hostfile  # noqa: E402
+from mlx_dpo.util.distributed import LINKS_GB_S, allreduce_bytes, ring_seconds, write_local_hostfile  # noqa: E402
 
 # Qwen2.5-0.5B: 24 layers, hidden 896, 14 query heads / 2 kv heads of 64, MLP 4864
 QWEN05 = dict(layers=24, hidden=896, kv=2 * 64, mlp=4864)
@@ -91,7 +91,7 @@ def main():
     bytes_table()
     if args.bytes_only:
         return
-    from mlx_dpo.toy import build_toy_dataset, build_toy_model
+    from mlx_dpo.model.toy import build_toy_dataset, build_toy_model
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -26,13 +26,13 @@ def main():
     ap.add_argument("--hidden", type=int, default=256)
     args = ap.parse_args()
 
-    from mlx_dpo.batching import collate
-    from mlx_dpo.config import DPOConfig
+    from mlx_dpo.data.batching import collate
+    from mlx_dpo.config.fields import DPOConfig
     from mlx_dpo.data import TokenizedPair
-    from mlx_dpo.logprobs import completion_logps
-    from mlx_dpo.adapters import add_adapters
-    from mlx_dpo.model import load_model
-    from mlx_dpo.toy import build_toy_model
+    from mlx_dpo.forward.logprobs import completion_logps
+    from mlx_dpo.model.adapters import add_adapters
+    from mlx_dpo.model.loader import load_model
+    from mlx_dpo.model.toy import build_toy_model
 
     d = build_toy_model(Path(tempfile.mkdtemp()) / "m", arch="llama", hidden_size=args.hidden, num_layers=2,
                         num_heads=4, num_kv_heads=2, intermediate_size=2 * args.hidden, vocab_size=args.vocab)

@@ -13,7 +13,7 @@ import math
 import tempfile
 
 from mlx_dpo import DPOConfig, DPOTrainer
-from mlx_dpo.losses import LOSSES
+from mlx_dpo.loss.losses import LOSSES
 
 ALIASES = {"cdpo", "rso", "aot_pair"}
 # per-loss settings a user would pick (beta scale differs between families)

@@ -6,9 +6,9 @@
 Times each op of one transformer block at the step's shapes in isolation, compiled: forward,
 or with ``--backward`` forward + backward (the vjp of the activations only: the base weights are
 frozen under LoRA, so a linear's backward is one GEMM, ``dx = dy W``). Attention runs as the
-trainer runs it, in query chunks (``mlx_dpo/blocks.py``), one-pass shown for comparison;
+trainer runs it, in query chunks (``mlx_dpo/forward/blocks.py``), one-pass shown for comparison;
 ``--kernels cpu_math`` times attention and SwiGLU as ``cpu_fast_math`` runs them on the CPU
-backend (``mlx_dpo/cpu_math.py``). Then the LM head on the completion positions, and the share of
+backend (``mlx_dpo/forward/cpu_math.py``). Then the LM head on the completion positions, and the share of
 each op and the GEMM rate it achieves.
 """
 
@@ -50,7 +50,7 @@ def main():
     sys.path.insert(0, str(Path(__file__).parent))
     from bench import SIZES
 
-    from mlx_dpo.perf import gemm_peak_gflops
+    from mlx_dpo.monitor.perf import gemm_peak_gflops
 
     s = SIZES[args.size]
     h, inter, heads, kv = s["hidden_size"], s["intermediate_size"], s["num_heads"], s["num_kv_heads"]
@@ -79,8 +79,8 @@ def main():
     ops["LoRA r8 x 4 (q, k, v, o)"] = (4 * time_op(lambda a, wa, wb: (a @ wa.T) @ wb.T, x, A, B), 0)
     q = mx.random.normal((n, heads, L, d))
     k = mx.random.normal((n, kv, L, d))
-    from mlx_dpo import cpu_math
-    from mlx_dpo.blocks import chunk_bounds
+    from mlx_dpo.forward import cpu_math
+    from mlx_dpo.forward.blocks import chunk_bounds
 
     def sdpa(q, k, v, mask):
         if args.kernels == "cpu_math":
@@ -91,7 +91,7 @@ def main():
     ops["attention (one pass, causal)"] = (time_op(lambda q, k: sdpa(q, k, k, "causal"), q, k), attn_flops)
     bounds = chunk_bounds(L)
 
-    def block_causal(q, k):  # what mlx_dpo/blocks.py runs: query chunks, keys up to each chunk's end
+    def block_causal(q, k):  # what mlx_dpo/forward/blocks.py runs: query chunks, keys up to each chunk's end
         return mx.concatenate([sdpa(q[:, :, a:b], k[:, :, :b], k[:, :, :b], "causal")
                                for a, b in zip(bounds, bounds[1:])], axis=2)
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlx_dpo.batching import LAYOUTS, BatchSampler, collate  # noqa: E402
+from mlx_dpo.data.batching import LAYOUTS, BatchSampler, collate  # noqa: E402
 from mlx_dpo.data import TokenizedPair  # noqa: E402
-from mlx_dpo.shapes import ShapePlan  # noqa: E402
-from mlx_dpo.toy import lognormal_lengths  # noqa: E402
+from mlx_dpo.data.shapes import ShapePlan  # noqa: E402
+from mlx_dpo.model.toy import lognormal_lengths  # noqa: E402
 
 FLOOR = {  # input positions of a one-pair batch with no rounding, by layout
     "unshared": lambda p, c, r: 2 * (p + max(c, r) - 1),

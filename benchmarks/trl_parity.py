@@ -88,7 +88,7 @@ EXPECTED_DIFFERENCES = {
 
 def build_model(out_dir: Path) -> Path:
     """The tiny random Llama (float32, BPE tokenizer with BOS), as a Hugging Face directory."""
-    from mlx_dpo.toy import build_toy_model
+    from mlx_dpo.model.toy import build_toy_model
 
     return build_toy_model(out_dir, arch="llama", seed=SEED)
 
@@ -165,7 +165,7 @@ def _write_ref_adapter(model_dir: Path, data: Path, work: Path, lora: dict) -> P
 def run_mlx(name: str, model_dir: Path, work: Path) -> list:
     """Per logged step, the metrics of mlx-dpo on case ``name``."""
     from mlx_dpo import DPOTrainer
-    from mlx_dpo.toy import write_jsonl
+    from mlx_dpo.model.toy import write_jsonl
 
     options, _ = case_options(name)
     data = work / "pairs.jsonl"

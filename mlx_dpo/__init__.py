@@ -1,9 +1,9 @@
 """mlx-dpo: preference fine-tuning (DPO and friends) with QLoRA on Apple's MLX."""
 
-from .callbacks import TrainerCallback
-from .config import ConfigError, DPOConfig
-from .losses import preference_loss
-from .state import TrainState
+from .monitor.callbacks import TrainerCallback
+from .config.fields import ConfigError, DPOConfig
+from .loss.losses import preference_loss
+from .train.state import TrainState
 
 __version__ = "0.1.0"
 
@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # The trainer pulls in mlx-lm's model code; import it only when asked for.
     if name in ("DPOTrainer", "train", "TrainResult"):
-        from . import trainer
+        from .train import trainer
 
         return getattr(trainer, name)
     raise AttributeError(name)

@@ -1,4 +1,4 @@
-"""The ``mlx-dpo`` program: the CLI (:mod:`.cli`), with torch kept out of training processes.
+"""The ``mlx-dpo`` program: the CLI (:mod:`mlx_dpo.cli.commands`), with torch kept out of training processes.
 
 mlx-lm's tokenizer loader imports transformers' ``AutoTokenizer``, which imports torch whenever
 torch is installed (+180-230 MB peak RSS measured here, ``benchmarks/README.md``), though
@@ -35,11 +35,11 @@ def import_mlx_lm_without_torch() -> bool:
 
 def run() -> None:
     """``mlx-dpo ...`` (``MLX_DPO_IMPORT_TORCH=1`` keeps transformers' usual torch import)."""
-    from .clock import mark_process_start
+    from .util.clock import mark_process_start
 
     mark_process_start()  # a run's reported start-up time counts from here
     if sys.argv[1:2] and sys.argv[1] in TORCH_FREE_COMMANDS and not os.environ.get("MLX_DPO_IMPORT_TORCH"):
         import_mlx_lm_without_torch()
-    from .cli import main
+    from .cli.commands import main
 
     main()

@@ -22,7 +22,7 @@ def isolated_cache(tmp_path_factory):
 
 
 def _build(tmp_path_factory, name, **kwargs):
-    from mlx_dpo.toy import build_toy_model
+    from mlx_dpo.model.toy import build_toy_model
 
     return build_toy_model(tmp_path_factory.mktemp(name) / "model", **kwargs)
 
@@ -47,6 +47,6 @@ def llama_sp_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def toy_data_dir(tmp_path_factory):
-    from mlx_dpo.toy import build_toy_dataset
+    from mlx_dpo.model.toy import build_toy_dataset
 
     return build_toy_dataset(tmp_path_factory.mktemp("data") / "toy", n_train=256, n_valid=32)

@@ -5,8 +5,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_dpo.adapters import SwitchableDoRALinear, SwitchableLoRALinear
-from mlx_dpo.quant import dense_weight
+from mlx_dpo.model.adapters import SwitchableDoRALinear, SwitchableLoRALinear
+from mlx_dpo.model.quant import dense_weight
 
 IN, OUT, RANK, SCALE = 64, 48, 4, 2.0
 
@@ -66,8 +66,8 @@ BLOCK = ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "s
 
 def test_target_modules_match_as_peft():
     """PEFT: a module matches a name equal to its key or ending in '.' + name; all-linear is all."""
-    from mlx_dpo.adapters import resolve_target_modules
-    from mlx_dpo.config import ConfigError
+    from mlx_dpo.model.adapters import resolve_target_modules
+    from mlx_dpo.config.fields import ConfigError
 
     assert resolve_target_modules(["q_proj", "v_proj"], BLOCK) == ["self_attn.q_proj", "self_attn.v_proj"]
     assert resolve_target_modules(["self_attn.q_proj", "up_proj"], BLOCK) == ["mlp.up_proj", "self_attn.q_proj"]
@@ -81,8 +81,8 @@ def test_target_modules_match_as_peft():
 
 
 def test_resume_accepts_suffix_names_for_the_saved_keys():
-    from mlx_dpo.checkpoint import config_differences
-    from mlx_dpo.config import DPOConfig
+    from mlx_dpo.train.checkpoint import config_differences
+    from mlx_dpo.config.fields import DPOConfig
 
     saved = DPOConfig(lora_target_modules=["self_attn.q_proj", "self_attn.v_proj"]).to_dict()
     assert config_differences(saved, DPOConfig(lora_target_modules=["q_proj", "v_proj"]))[0] == []

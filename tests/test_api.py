@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from mlx_dpo import DPOConfig, DPOTrainer
-from mlx_dpo.config import ConfigError
-from mlx_dpo.model import load_model
+from mlx_dpo.config.fields import ConfigError
+from mlx_dpo.model.loader import load_model
 
 QUIET = dict(log=lambda *a: None)
 
@@ -99,8 +99,8 @@ def test_a_passed_model_without_cfg_model_does_not_name_the_toy_base(llama_dir, 
 def test_hub_models_come_through_huggingface_hub(llama_dir, monkeypatch):
     """A Hub id is fetched with huggingface_hub's public snapshot_download (mlx-lm's file patterns);
     a failure names the id and the way out."""
-    import mlx_dpo.model as model_mod
-    from mlx_dpo import hubnet
+    import mlx_dpo.model.loader as model_mod
+    from mlx_dpo.util import hubnet
 
     calls = []
 

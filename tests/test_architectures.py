@@ -4,10 +4,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from mlx_dpo import architectures
-from mlx_dpo.architectures import Arch, has_feature, with_feature
-from mlx_dpo.logprobs import has_plain_head
-from mlx_dpo.prefix import supports_prefix_sharing
+from mlx_dpo.model import architectures
+from mlx_dpo.model.architectures import Arch, has_feature, with_feature
+from mlx_dpo.forward.logprobs import has_plain_head
+from mlx_dpo.forward.prefix import supports_prefix_sharing
 
 
 def fake_model(model_type):

@@ -6,12 +6,12 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from mlx_dpo.audit import AuditError, audit, load_run
-from mlx_dpo.cli import main
-from mlx_dpo.config import DPOConfig
-from mlx_dpo.generate import generate, read_prompts
-from mlx_dpo.toy import toy_pairs, write_jsonl
-from mlx_dpo.trainer import DPOTrainer
+from mlx_dpo.analysis.audit import AuditError, audit, load_run
+from mlx_dpo.cli.commands import main
+from mlx_dpo.config.fields import DPOConfig
+from mlx_dpo.generation.generate import generate, read_prompts
+from mlx_dpo.model.toy import toy_pairs, write_jsonl
+from mlx_dpo.train.trainer import DPOTrainer
 
 FLIPPED = [5, 17]
 
@@ -103,7 +103,7 @@ def test_generate_wraps_prompts_in_the_runs_prompt_template(run_dir, llama_dir, 
     from mlx_lm import load
     from mlx_lm.sample_utils import make_sampler
 
-    from mlx_dpo import generate as generate_module
+    from mlx_dpo.generation import generate as generate_module
 
     run = load_run(run_dir)
     run.cfg = dataclasses.replace(run.cfg, prompt_template="Q: {prompt}\nA:")

@@ -1,4 +1,4 @@
-"""Block-causal attention (``blocks.py``): queries in chunks give the log-probs and gradients
+"""Block-causal attention (``forward/blocks.py``): queries in chunks give the log-probs and gradients
 of mlx-lm's own one-pass forward, in every batch layout, on sequences long enough to chunk."""
 
 import mlx.core as mx
@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_dpo.adapters import add_adapters
-from mlx_dpo.batching import collate
-from mlx_dpo.blocks import CHUNK_TOKENS, chunk_bounds
-from mlx_dpo.config import DPOConfig
+from mlx_dpo.model.adapters import add_adapters
+from mlx_dpo.data.batching import collate
+from mlx_dpo.forward.blocks import CHUNK_TOKENS, chunk_bounds
+from mlx_dpo.config.fields import DPOConfig
 from mlx_dpo.data import TokenizedPair
-from mlx_dpo.logprobs import completion_logps
-from mlx_dpo.model import checkpoint_block, load_model
-from mlx_dpo.packed import enable_position_rope
+from mlx_dpo.forward.logprobs import completion_logps
+from mlx_dpo.model.loader import checkpoint_block, load_model
+from mlx_dpo.forward.packed import enable_position_rope
 
 
 def test_chunk_bounds():

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mlx_dpo import checkpoint
-from mlx_dpo.checkpoint import CheckpointError, TrainingError, TrainingInterrupted
-from mlx_dpo.cli import main
-from mlx_dpo.config import ConfigError, DPOConfig
-from mlx_dpo.trainer import DPOTrainer, NonFiniteError
+from mlx_dpo.train import checkpoint
+from mlx_dpo.train.checkpoint import CheckpointError, TrainingError, TrainingInterrupted
+from mlx_dpo.cli.commands import main
+from mlx_dpo.config.fields import ConfigError, DPOConfig
+from mlx_dpo.train.trainer import DPOTrainer, NonFiniteError
 
 QUIET = dict(log=lambda *a: None)
 TIMING = ("tokens_per_second", "peak_memory_gb", "compiled_shapes", "compile_seconds", "train_runtime")  # per process
@@ -224,10 +224,11 @@ CHILD = """
 import sys
 from pathlib import Path
 import mlx.core as mx, mlx.nn as nn, mlx.optimizers as optim
-from mlx_dpo import checkpoint, losses
-from mlx_dpo.config import DPOConfig
+from mlx_dpo.train import checkpoint
+from mlx_dpo.loss import losses
+from mlx_dpo.config.fields import DPOConfig
 from mlx_dpo.data import TokenizedPair
-from mlx_dpo.state import TrainState
+from mlx_dpo.train.state import TrainState
 
 out = Path(sys.argv[1])
 cfg = DPOConfig(output_dir=str(out), save_total_limit=3, loss_type="bco_pair")

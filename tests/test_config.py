@@ -3,8 +3,8 @@
 import pytest
 from click.testing import CliRunner
 
-from mlx_dpo.cli import main
-from mlx_dpo.config import ConfigError, DPOConfig, resolve_config
+from mlx_dpo.cli.commands import main
+from mlx_dpo.config.fields import ConfigError, DPOConfig, resolve_config
 
 
 @pytest.fixture
@@ -19,7 +19,7 @@ def captured_config(monkeypatch):
         def train(self):
             raise SystemExit(0)
 
-    monkeypatch.setattr("mlx_dpo.trainer.DPOTrainer", FakeTrainer)
+    monkeypatch.setattr("mlx_dpo.train.trainer.DPOTrainer", FakeTrainer)
     return seen
 
 
@@ -106,7 +106,7 @@ def test_bool_aliases_work_on_the_command_line(captured_config):
 
 
 def test_epochs_with_more_accumulation_than_batches_still_count_epochs(llama_dir, toy_data_dir, tmp_path):
-    from mlx_dpo.trainer import DPOTrainer
+    from mlx_dpo.train.trainer import DPOTrainer
 
     cfg = DPOConfig(model=str(llama_dir), data=str(toy_data_dir), output_dir=str(tmp_path), batch_size=64,
                     gradient_accumulation_steps=16, num_train_epochs=3, progress_bar=False)
@@ -117,7 +117,7 @@ def test_epochs_with_more_accumulation_than_batches_still_count_epochs(llama_dir
 def test_every_option_has_help_and_the_cli_shows_it():
     from dataclasses import fields
 
-    from mlx_dpo.config import ROLES
+    from mlx_dpo.config.fields import ROLES
 
     help_text = " ".join(CliRunner().invoke(main, ["train", "--help"], terminal_width=200).output.split())
     for f in fields(DPOConfig):
@@ -130,7 +130,7 @@ def test_every_option_has_help_and_the_cli_shows_it():
 
 def test_key_lists_by_role():
     """Spot checks of what each role implies (the lists used on resume, by caches and cards)."""
-    from mlx_dpo.config import config_keys
+    from mlx_dpo.config.fields import config_keys
 
     match, note, free = (set(config_keys(k)) for k in ("resume_match", "resume_note", "resume_free"))
     assert not (match & note or match & free or note & free)
@@ -147,7 +147,7 @@ def test_key_lists_by_role():
 def test_every_data_option_changes_the_tokenized_cache_key(key, tmp_path):
     """A data option left out of the cache key would serve stale tokens."""
     from mlx_dpo import data
-    from mlx_dpo.toy import write_jsonl
+    from mlx_dpo.model.toy import write_jsonl
 
     path = tmp_path / "d.jsonl"
     write_jsonl(path, [{"prompt": "p", "chosen": "a", "rejected": "b"}])

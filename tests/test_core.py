@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_dpo.adapters import adapter_mode, add_adapters
-from mlx_dpo.batching import BatchSampler, bucket_length, collate, eval_batches
-from mlx_dpo.config import DPOConfig
+from mlx_dpo.model.adapters import adapter_mode, add_adapters
+from mlx_dpo.data.batching import BatchSampler, bucket_length, collate, eval_batches
+from mlx_dpo.config.fields import DPOConfig
 from mlx_dpo.data import TokenizedPair
-from mlx_dpo.logprobs import completion_logps, sequence_logps_reference
-from mlx_dpo.model import load_model
-from mlx_dpo.schedule import build_schedule
-from mlx_dpo.trainer import DPOTrainer
+from mlx_dpo.forward.logprobs import completion_logps, sequence_logps_reference
+from mlx_dpo.model.loader import load_model
+from mlx_dpo.train.schedule import build_schedule
+from mlx_dpo.train.trainer import DPOTrainer
 
 
 def cfg_for(model_dir, data_dir, tmp_path, **kw):
@@ -57,7 +57,7 @@ def test_completion_logps_match_loop(arch, request):
 
 
 def test_chunked_logps_with_forced_small_chunks(llama_dir, monkeypatch):
-    import mlx_dpo.logprobs as lp
+    import mlx_dpo.forward.logprobs as lp
 
     model, _, _ = load_model(DPOConfig(model=str(llama_dir)))
     pairs = random_pairs(np.random.default_rng(1), 2, model.args.vocab_size)
@@ -309,7 +309,7 @@ def test_max_eval_batches_is_a_fixed_unbiased_subset():
 def test_base_dropout_is_disabled_and_lora_dropout_only_touches_the_policy(llama_dir):
     """TRL's disable_dropout for the base; LoRA dropout acts on the policy path only, so the
     reference (adapters off) stays deterministic in training mode."""
-    from mlx_dpo.model import disable_dropout
+    from mlx_dpo.model.loader import disable_dropout
 
     class Block(nn.Module):
         def __init__(self):

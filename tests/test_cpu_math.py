@@ -1,4 +1,4 @@
-"""``cpu_math.py``: polynomial exp/sigmoid and the ops built on them against float64
+"""``forward/cpu_math.py``: polynomial exp/sigmoid and the ops built on them against float64
 formulas, and a model's log-probs and gradients with them against MLX's own kernels."""
 
 import mlx.core as mx
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_dpo import cpu_math
-from mlx_dpo.batching import collate
-from mlx_dpo.blocks import ChunkCache
-from mlx_dpo.logprobs import completion_logps
+from mlx_dpo.forward import cpu_math
+from mlx_dpo.data.batching import collate
+from mlx_dpo.forward.blocks import ChunkCache
+from mlx_dpo.forward.logprobs import completion_logps
 
 from test_blocks import adapted, long_pairs, weights_of
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from mlx_dpo import data as data_mod
-from mlx_dpo import hubnet
-from mlx_dpo.config import DPOConfig
+from mlx_dpo.util import hubnet
+from mlx_dpo.config.fields import DPOConfig
 from mlx_dpo.data import DataError, formats, extract_prompt, load_datasets, parse_split, tokenize_pairs
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
@@ -230,7 +230,7 @@ def test_a_new_format_is_one_class_in_the_registry(bpe_tok, tmp_path, monkeypatc
 
 def test_data_format_choices_are_the_registry(bpe_tok, tmp_path, monkeypatch):
     """data_format accepts auto and the registered formats' names, and a new one once registered."""
-    from mlx_dpo.config import ConfigError
+    from mlx_dpo.config.fields import ConfigError
 
     with pytest.raises(ConfigError, match="data_format must be one of auto, standard, conversational, implicit; "
                                           "got 'ranked'"):
@@ -514,7 +514,7 @@ def test_tokenized_data_is_cached(bpe_tok, tmp_path):
     third, _, _ = load(tok, tmp_path, data=str(path), eval_split=0.5)
     assert tok.calls > 0 and len(third) == 4
     # the default cache root honours MLX_DPO_CACHE (set by conftest)
-    from mlx_dpo.toy import cache_root
+    from mlx_dpo.model.toy import cache_root
 
     assert data_mod.cache_path(DPOConfig(), "k") == cache_root() / "tokenized" / "k.npz"
 

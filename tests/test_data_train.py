@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from mlx_dpo.cli import main
+from mlx_dpo.cli.commands import main
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
 

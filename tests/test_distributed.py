@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import yaml
 
-from mlx_dpo import checkpoint
-from mlx_dpo.batching import BatchSampler
-from mlx_dpo.config import DPOConfig
+from mlx_dpo.train import checkpoint
+from mlx_dpo.data.batching import BatchSampler
+from mlx_dpo.config.fields import DPOConfig
 from mlx_dpo.data import TokenizedPair
-from mlx_dpo.distributed import write_local_hostfile
-from mlx_dpo.trainer import DPOTrainer
+from mlx_dpo.util.distributed import write_local_hostfile
+from mlx_dpo.train.trainer import DPOTrainer
 
 RUN_TIMEOUT = 240  # seconds for a whole 2-rank run on a loaded 2-core box
 TIMING = ("tokens_per_second", "peak_memory_gb", "compiled_shapes", "compile_seconds", "train_runtime")  # per process
@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # (SIGTERM, handled) itself at the start of step N: argv = config.yaml [kill:N | stop:N | term:N].
 WORKER = """
 import os, signal, sys
-from mlx_dpo.checkpoint import TrainingError, TrainingInterrupted
-from mlx_dpo.config import resolve_config
-from mlx_dpo.trainer import DPOTrainer
+from mlx_dpo.train.checkpoint import TrainingError, TrainingInterrupted
+from mlx_dpo.config.fields import resolve_config
+from mlx_dpo.train.trainer import DPOTrainer
 trainer = DPOTrainer(resolve_config(sys.argv[1]))
 if len(sys.argv) > 2 and trainer.rank == 1:
     kind, at = sys.argv[2].split(":")
@@ -54,7 +54,7 @@ except (TrainingError, TrainingInterrupted) as e:
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    from mlx_dpo.toy import build_toy_dataset
+    from mlx_dpo.model.toy import build_toy_dataset
 
     return build_toy_dataset(tmp_path_factory.mktemp("ddp") / "toy", n_train=48, n_valid=2)
 
@@ -212,7 +212,7 @@ def test_two_ranks_bco_pair_with_a_precomputed_reference(llama_dir, small_data, 
     for one_file, two_file in zip(*files):
         a, b = np.load(one_file), np.load(two_file)
         # equal to float32 rounding: each rank pads its own half-size batches, and block-causal
-        # attention chunks a batch by its padded width (mlx_dpo/blocks.py)
+        # attention chunks a batch by its padded width (mlx_dpo/forward/blocks.py)
         assert a.files == b.files
         for k in a.files:
             np.testing.assert_allclose(a[k], b[k], rtol=2e-6, atol=1e-5, err_msg=k)
@@ -282,7 +282,7 @@ def test_a_hung_rank_times_out_the_other_with_its_rank(llama_dir, small_data, tm
 
 
 def test_plan_reports_the_global_batch_and_the_bytes_all_reduced_per_step(llama_dir, small_data, tmp_path):
-    from mlx_dpo.plan import plan
+    from mlx_dpo.analysis.plan import plan
 
     cfg = DPOConfig(**base_config(llama_dir, small_data, tmp_path / "plan", batch_size=2, gradient_accumulation_steps=3,
                                   lora_rank=4, num_layers=2, lora_target_modules=["q_proj", "v_proj"]))

@@ -8,8 +8,8 @@ from mlx.utils import tree_flatten
 
 from mlx_dpo import DPOConfig, DPOTrainer
 from mlx_dpo.data import TokenizedPair
-from mlx_dpo.model import load_model, setup_trainable
-from mlx_dpo.toy import build_toy_model
+from mlx_dpo.model.loader import load_model, setup_trainable
+from mlx_dpo.model.toy import build_toy_model
 
 QUIET = dict(log=lambda *a: None)
 

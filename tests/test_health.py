@@ -5,7 +5,7 @@ import json
 import math
 
 from mlx_dpo import DPOConfig, DPOTrainer
-from mlx_dpo.health import LN2, HealthMonitor
+from mlx_dpo.monitor.health import LN2, HealthMonitor
 
 HEALTHY = {"loss": 0.5, "rewards/chosen": 0.1, "rewards/margins": 1.0, "rewards/accuracies": 0.8,
            "grad_norm": 1.0}

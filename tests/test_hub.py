@@ -6,8 +6,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from mlx_dpo.cli import main
-from mlx_dpo.hub import is_hub_id, model_card, upload
+from mlx_dpo.cli.commands import main
+from mlx_dpo.export.hub import is_hub_id, model_card, upload
 
 SECRET = "hf_TOPSECRETtoken1234567890abcdef"
 

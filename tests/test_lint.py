@@ -6,10 +6,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from mlx_dpo.cli import main
-from mlx_dpo.config import DPOConfig
-from mlx_dpo.lint import length_bias, lint, load_tokenizer
-from mlx_dpo.toy import toy_pairs, write_jsonl
+from mlx_dpo.cli.commands import main
+from mlx_dpo.config.fields import DPOConfig
+from mlx_dpo.analysis.lint import length_bias, lint, load_tokenizer
+from mlx_dpo.model.toy import toy_pairs, write_jsonl
 
 LONG = "Repeat: the cat sat on the mat. Answer:"  # 21 tokens: 11 left at max_length 32
 SAME = " one two three four five six seven eight nine ten eleven twelve"

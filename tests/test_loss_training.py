@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from test_losses import np_batch  # the float64 numpy losses, written from the papers / TRL
 
-from mlx_dpo.batching import BatchSampler, collate
-from mlx_dpo.config import ConfigError, DPOConfig
-from mlx_dpo.logprobs import completion_logps
-from mlx_dpo.losses import LOSSES
-from mlx_dpo.trainer import DPOTrainer
+from mlx_dpo.data.batching import BatchSampler, collate
+from mlx_dpo.config.fields import ConfigError, DPOConfig
+from mlx_dpo.forward.logprobs import completion_logps
+from mlx_dpo.loss.losses import LOSSES
+from mlx_dpo.train.trainer import DPOTrainer
 
 OPTIONS = {"robust": {"label_smoothing": 0.1}, "simpo": {"beta": 2.0}}
 

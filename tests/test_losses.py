@@ -1,5 +1,5 @@
 """Preference losses against independent float64 numpy implementations (written from the
-papers / TRL formulas, not from mlx_dpo.losses), torchtune's published vectors, finite
+papers / TRL formulas, not from mlx_dpo.loss.losses), torchtune's published vectors, finite
 differences, mx.compile, and config validation."""
 
 import math
@@ -9,8 +9,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_dpo.config import ConfigError, DPOConfig
-from mlx_dpo.losses import (
+from mlx_dpo.config.fields import ConfigError, DPOConfig
+from mlx_dpo.loss.losses import (
     LOSSES,
     batch_loss,
     f_scores,
@@ -21,7 +21,7 @@ from mlx_dpo.losses import (
     resolve_loss,
     validate_loss_config,
 )
-from mlx_dpo.reduce import reduce_logps
+from mlx_dpo.loss.reduce import reduce_logps
 
 BETAS = [0.1, 0.5, 2.0]
 
@@ -592,7 +592,7 @@ def test_validate_rejects(kw, match):
 
 
 def test_trl_notes_for_label_smoothing_with_sigmoid():
-    from mlx_dpo.losses import trl_notes
+    from mlx_dpo.loss.losses import trl_notes
 
     assert trl_notes(DPOConfig()) == [] and trl_notes(DPOConfig(loss_type="robust", label_smoothing=0.1)) == []
     for name in ("sigmoid", "cdpo", ["hinge", "sigmoid"]):

@@ -8,16 +8,19 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_dpo import logprobs, model as model_lib, perf, prefix, quant, trainer as trainer_lib
-from mlx_dpo.adapters import add_adapters
-from mlx_dpo.batching import collate
-from mlx_dpo.config import DPOConfig
+from mlx_dpo.forward import logprobs, prefix
+from mlx_dpo.model import loader as model_lib, quant
+from mlx_dpo.monitor import perf
+from mlx_dpo.train import trainer as trainer_lib
+from mlx_dpo.model.adapters import add_adapters
+from mlx_dpo.data.batching import collate
+from mlx_dpo.config.fields import DPOConfig
 from mlx_dpo.data import TokenizedPair
-from mlx_dpo.logprobs import completion_logps
-from mlx_dpo.model import load_model
-from mlx_dpo.packed import enable_position_rope
-from mlx_dpo.toy import build_toy_model
-from mlx_dpo.trainer import DPOTrainer
+from mlx_dpo.forward.logprobs import completion_logps
+from mlx_dpo.model.loader import load_model
+from mlx_dpo.forward.packed import enable_position_rope
+from mlx_dpo.model.toy import build_toy_model
+from mlx_dpo.train.trainer import DPOTrainer
 
 
 def on_metal(monkeypatch):
@@ -124,7 +127,7 @@ def test_prefix_masks_hold_no_infinity_in_float16():
     """An additive -1e9 is -inf in float16: on Metal a tile of keys that is all -inf makes an
     online softmax compute -inf - -inf = NaN. The masks are boolean (True = attend), exact in
     every dtype, and every query sees at least itself."""
-    from mlx_dpo.prefix import prefix_masks
+    from mlx_dpo.forward.prefix import prefix_masks
 
     for mask in prefix_masks(mx.array([1, 4, 6]), 6, 3):
         assert mask.dtype == mx.bool_ or bool(mx.isfinite(mask.astype(mx.float16)).all())
@@ -219,7 +222,7 @@ def test_every_quantized_layer_expands_on_the_cpu_and_matches_the_fused_kernel(q
 def test_inference_dequantizes_once_on_the_cpu_only(qwen2_dir, monkeypatch):
     """generate/sample/audit on the CPU: the quantized layers become float32 ones (same logits
     as the quantized model's); on Metal the model stays quantized."""
-    from mlx_dpo.model import dequantize_for_inference, is_quantized
+    from mlx_dpo.model.loader import dequantize_for_inference, is_quantized
 
     cfg = DPOConfig(model=str(qwen2_dir), quantize={"bits": 4, "group_size": 32})
     model, tokenizer, _ = load_model(cfg)
@@ -239,7 +242,7 @@ def test_training_wires_metals_working_set_and_restores_it(llama_dir, toy_data_d
     """As mlx-lm's trainer: ``mx.set_wired_limit(max_recommended_working_set_size)`` while training
     (not before the first step), the previous limit back at the end; a warning when the weights
     alone pass 90% of the set. The CPU backend: never called."""
-    from mlx_dpo import metal
+    from mlx_dpo.util import metal
 
     calls = []
     monkeypatch.setattr(mx, "set_wired_limit", lambda n: calls.append(n) or 123)

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from mlx_dpo.config import ConfigError
+from mlx_dpo.config.fields import ConfigError
 from mlx_dpo.data import DataError
-from mlx_dpo.hubnet import HubUnreachable
+from mlx_dpo.util.hubnet import HubUnreachable
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def bounded(fn, limit=30.0):
 
 
 def test_a_hub_model_id_fails_in_bounded_time(stalled_hub):
-    from mlx_dpo.model import resolve_model_path
+    from mlx_dpo.model.loader import resolve_model_path
 
     error = bounded(lambda: resolve_model_path("org/tiny-model"))
     assert isinstance(error, ConfigError)
@@ -67,7 +67,7 @@ def test_a_hub_dataset_id_fails_in_bounded_time(stalled_hub):
 
 
 def test_upload_fails_in_bounded_time_and_changes_nothing(stalled_hub, tmp_path):
-    from mlx_dpo.hub import upload
+    from mlx_dpo.export.hub import upload
 
     folder = tmp_path / "export"
     folder.mkdir()

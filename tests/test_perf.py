@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_dpo import trainer as trainer_module
-from mlx_dpo.batching import BatchSampler
-from mlx_dpo.shapes import ShapePlan, bucket_length
-from mlx_dpo.toy import lognormal_lengths
-from mlx_dpo.config import DPOConfig
+from mlx_dpo.train import trainer as trainer_module
+from mlx_dpo.data.batching import BatchSampler
+from mlx_dpo.data.shapes import ShapePlan, bucket_length
+from mlx_dpo.model.toy import lognormal_lengths
+from mlx_dpo.config.fields import DPOConfig
 from mlx_dpo.data import TokenizedPair
-from mlx_dpo.model import load_model
-from mlx_dpo.perf import Throughput, compute_parameters, flops_per_token, reference_blas_warning, static_memory_estimate
-from mlx_dpo.trainer import DPOTrainer
+from mlx_dpo.model.loader import load_model
+from mlx_dpo.monitor.perf import (Throughput, compute_parameters, flops_per_token, reference_blas_warning,
+                                  static_memory_estimate)
+from mlx_dpo.train.trainer import DPOTrainer
 
 
 def lognormal_pairs(n, vocab, seed=0, **kw):
@@ -188,7 +189,7 @@ def test_throughput_skips_warmup():
 
 def test_plan_leaves_the_config_alone_and_times_training_mode(llama_dir, toy_data_dir, tmp_path, monkeypatch):
     """``plan`` works on a copy of the config, and times the step with dropout on (train mode)."""
-    import mlx_dpo.plan as plan_module
+    import mlx_dpo.analysis.plan as plan_module
 
     cfg = DPOConfig(model=str(llama_dir), data=str(toy_data_dir), output_dir=str(tmp_path / "run"), batch_size=2,
                     max_steps=2, progress_bar=False, lora_dropout=0.1)
@@ -259,7 +260,7 @@ def test_reference_blas_warning_in_a_real_process(preload):
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     if preload:
         env["LD_PRELOAD"] = path
-    code = "import numpy; from mlx_dpo.perf import reference_blas_warning; print(reference_blas_warning())"
+    code = "import numpy; from mlx_dpo.monitor.perf import reference_blas_warning; print(reference_blas_warning())"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert (out.strip() != "None") == (not preload), out
 
@@ -267,7 +268,7 @@ def test_reference_blas_warning_in_a_real_process(preload):
 def test_plan_suggests_gradient_checkpointing_when_activations_dominate(llama_dir):
     from types import SimpleNamespace
 
-    from mlx_dpo.plan import checkpointing_advice
+    from mlx_dpo.analysis.plan import checkpointing_advice
 
     model, _, _ = load_model(DPOConfig(model=str(llama_dir)))
 
@@ -320,7 +321,7 @@ def test_training_process_keeps_torch_out(llama_dir, toy_data_dir, tmp_path, imp
 def test_run_clock_splits_compile_from_steady_training(monkeypatch):
     """compile = the traced steps' seconds beyond what their tokens cost at the steady rate; start-up =
     what no phase timed before the first step; other = the rest of the wall time."""
-    from mlx_dpo import clock
+    from mlx_dpo.util import clock
 
     now = [100.0]
     monkeypatch.setattr(clock.time, "perf_counter", lambda: now[0])
@@ -351,7 +352,7 @@ def test_shapes_are_weighed_against_the_run_length():
     more, as each shape's compile (COMPILE_STEPS median batches) is paid once and its padding saving
     every pass. The cost counted here from raw lengths (prefix layout: P + 2C per pair, a median batch
     per compile) is lower with the run-aware cells than with the bound alone, for the short run."""
-    from mlx_dpo.shapes import COMPILE_STEPS
+    from mlx_dpo.data.shapes import COMPILE_STEPS
 
     lengths = lognormal_lengths(64, seed=0, max_length=1024)
     pairs = [TokenizedPair([1] * p, [5] * c, [6] * r) for p, c, r in lengths]

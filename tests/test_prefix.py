@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_dpo.adapters import adapter_mode, add_adapters
-from mlx_dpo.batching import collate
-from mlx_dpo.config import ConfigError, DPOConfig
+from mlx_dpo.model.adapters import adapter_mode, add_adapters
+from mlx_dpo.data.batching import collate
+from mlx_dpo.config.fields import ConfigError, DPOConfig
 from mlx_dpo.data import TokenizedPair
-from mlx_dpo.logprobs import completion_logps, sequence_logps_reference
-from mlx_dpo.model import checkpoint_block, load_model
-from mlx_dpo.packed import enable_position_rope, packed_mask
-from mlx_dpo.prefix import batch_layout, use_prefix_sharing
-from mlx_dpo.trainer import DPOTrainer
+from mlx_dpo.forward.logprobs import completion_logps, sequence_logps_reference
+from mlx_dpo.model.loader import checkpoint_block, load_model
+from mlx_dpo.forward.packed import enable_position_rope, packed_mask
+from mlx_dpo.forward.prefix import batch_layout, use_prefix_sharing
+from mlx_dpo.train.trainer import DPOTrainer
 
 
 def pairs_of(rng, n, vocab, eos=2):
@@ -188,7 +188,7 @@ def test_prefix_sharing_setting(llama_dir):
 def test_padding_free_auto_packs_on_the_cpu_backend_only(llama_dir, monkeypatch):
     """padding_free: auto (the default) is packed on MLX's CPU backend, where whole runs measured 1.3x
     faster, and TRL's default (off) on Metal; prefix_sharing: false keeps it unshared everywhere."""
-    import mlx_dpo.prefix as prefix_module
+    import mlx_dpo.forward.prefix as prefix_module
 
     model, _, _ = load_model(DPOConfig(model=str(llama_dir)))
     assert DPOConfig().padding_free == "auto" and DPOConfig(padding_free=False).padding_free == "false"

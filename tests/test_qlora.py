@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_dpo.adapters import adapter_mode
-from mlx_dpo.batching import collate
-from mlx_dpo.config import ConfigError, DPOConfig
-from mlx_dpo.logprobs import completion_logps
-from mlx_dpo.model import load_model
-from mlx_dpo.quant import base_linear
-from mlx_dpo.trainer import DPOTrainer
+from mlx_dpo.model.adapters import adapter_mode
+from mlx_dpo.data.batching import collate
+from mlx_dpo.config.fields import ConfigError, DPOConfig
+from mlx_dpo.forward.logprobs import completion_logps
+from mlx_dpo.model.loader import load_model
+from mlx_dpo.model.quant import base_linear
+from mlx_dpo.train.trainer import DPOTrainer
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -23,8 +23,8 @@ pytestmark = pytest.mark.slow
 def run_dir(tmp_path_factory):
     """The recipe, trained once as on a new machine: empty caches (GGUF conversion, tokenized
     data, reference log-probs); the wheel cached in MLX_DPO_DEMO_DIR or ~/.cache/mlx_dpo/demo."""
-    from mlx_dpo.config import DPOConfig
-    from mlx_dpo.trainer import train
+    from mlx_dpo.config.fields import DPOConfig
+    from mlx_dpo.train.trainer import train
 
     root = tmp_path_factory.mktemp("smollm2")
     with pytest.MonkeyPatch.context() as env:  # for the whole module: the tests load the converted model
@@ -55,7 +55,7 @@ def test_heldout_preference_accuracy_rises_from_the_untrained_baseline(run_dir):
 
 
 def test_greedy_answers_on_heldout_prompts_get_shorter(run_dir):
-    from mlx_dpo.generate import generate, read_prompts
+    from mlx_dpo.generation.generate import generate, read_prompts
 
     results = generate(run_dir, read_prompts(HELDOUT), max_tokens=64)
     policy = np.mean([r["policy"]["tokens"] for r in results])
@@ -67,9 +67,9 @@ def test_greedy_answers_on_heldout_prompts_get_shorter(run_dir):
 def test_gguf_export_reads_back_as_the_trained_model(run_dir, tmp_path):
     """The merged float32 GGUF, read back by our loader: the logits of the in-memory model
     (4-bit base + adapters), the same greedy tokens."""
-    from mlx_dpo.export import Run
-    from mlx_dpo.formats import WRITERS
-    from mlx_dpo.verify import load_gguf, reference_outputs, verify_export
+    from mlx_dpo.export.exporter import Run
+    from mlx_dpo.export.writers import WRITERS
+    from mlx_dpo.export.verify import load_gguf, reference_outputs, verify_export
 
     run = Run(run_dir)
     reference = reference_outputs(run.model, run.tokenizer)
@@ -85,8 +85,8 @@ def test_mlx_lm_generates_with_the_adapters(run_dir):
     from mlx_lm import load
     from mlx_lm.sample_utils import make_sampler
 
-    from mlx_dpo.generate import generate
-    from mlx_dpo.model import resolve_model_path
+    from mlx_dpo.generation.generate import generate
+    from mlx_dpo.model.loader import resolve_model_path
 
     prompt = "Tell me about a tornado."
     ours = generate(run_dir, [prompt], max_tokens=12)[0]["policy"]["text"]

@@ -9,13 +9,13 @@ import pytest
 from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
-from mlx_dpo.adapters import adapter_config, adapter_layers, add_adapters
-from mlx_dpo.batching import BatchSampler, collate
-from mlx_dpo.cli import main
-from mlx_dpo.config import ConfigError, DPOConfig
-from mlx_dpo.logprobs import completion_logps
-from mlx_dpo.model import load_model
-from mlx_dpo.trainer import DPOTrainer
+from mlx_dpo.model.adapters import adapter_config, adapter_layers, add_adapters
+from mlx_dpo.data.batching import BatchSampler, collate
+from mlx_dpo.cli.commands import main
+from mlx_dpo.config.fields import ConfigError, DPOConfig
+from mlx_dpo.forward.logprobs import completion_logps
+from mlx_dpo.model.loader import load_model
+from mlx_dpo.train.trainer import DPOTrainer
 
 QUIET = dict(log=lambda *a: None)
 # summed completion log-probs (~ -45) from two float32 code paths
@@ -110,7 +110,7 @@ def test_ref_adapter_shape_mismatch_is_named(llama_dir, toy_data_dir, tmp_path, 
 
 
 def test_precomputed_reference_is_cached_and_matches(llama_dir, toy_data_dir, tmp_path, monkeypatch):
-    import mlx_dpo.reference as reference
+    import mlx_dpo.train.reference as reference
 
     cache = str(tmp_path / "cache")  # its own: another test's cache of the same key would hide the first pass
     cfg = cfg_for(llama_dir, toy_data_dir, tmp_path, precompute_ref_log_probs=True, precompute_ref_batch_size=16,
@@ -264,13 +264,13 @@ def test_reference_cache_follows_the_weights_in_memory(llama_dir, toy_data_dir, 
 
 
 def key(trainer):
-    from mlx_dpo.reference import cache_key
+    from mlx_dpo.train.reference import cache_key
 
     return cache_key(trainer.model, trainer.train_pairs, trainer.cfg, trainer.model_path, trainer.reductions)
 
 
 def test_reference_cache_key_uses_the_resolved_compute_dtype(llama_dir, toy_data_dir, tmp_path):
-    from mlx_dpo.model import compute_dtype
+    from mlx_dpo.model.loader import compute_dtype
 
     auto = cfg_for(llama_dir, toy_data_dir, tmp_path / "auto", precompute_ref_log_probs=True)
     resolved = compute_dtype(auto)
@@ -286,7 +286,7 @@ def test_reference_cache_key_uses_the_resolved_compute_dtype(llama_dir, toy_data
 
 
 def test_corrupt_reference_cache_is_recomputed(llama_dir, toy_data_dir, tmp_path):
-    from mlx_dpo.reference import cache_file
+    from mlx_dpo.train.reference import cache_file
 
     messages = []
     cfg = cfg_for(llama_dir, toy_data_dir, tmp_path / "a", precompute_ref_log_probs=True)

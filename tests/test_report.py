@@ -13,9 +13,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from mlx_dpo.cli import main
-from mlx_dpo.report import (FIGURES, ReportError, build_figures, ema, load_run, report, write_html,
-                            write_pngs)
+from mlx_dpo.cli.commands import main
+from mlx_dpo.analysis.report import FIGURES, ReportError, build_figures, ema, load_run, report, write_html, write_pngs
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # axes with data per figure: the two-panel figures are grad_norm + lr and tokens/s + memory
@@ -153,7 +152,7 @@ def test_cli_report(two_runs, tmp_path):
 
 
 def test_the_cli_starts_without_matplotlib():
-    code = "import sys; import mlx_dpo.cli; print('matplotlib' in sys.modules)"
+    code = "import sys; import mlx_dpo.cli.commands; print('matplotlib' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
 
@@ -166,7 +165,7 @@ def test_write_html_alone(tmp_path, two_runs):
 
 def test_a_last_record_cut_short_by_a_crash_is_skipped(tmp_path):
     """A killed run can leave half a line at the end of metrics.jsonl (each record ends with a newline)."""
-    from mlx_dpo.report import load_run
+    from mlx_dpo.analysis.report import load_run
 
     run = tmp_path / "killed"
     run.mkdir()

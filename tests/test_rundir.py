@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from mlx_dpo import DPOConfig, DPOTrainer
-from mlx_dpo.config import ConfigError
-from mlx_dpo.rundir import LOCK_FILE
+from mlx_dpo.config.fields import ConfigError
+from mlx_dpo.train.rundir import LOCK_FILE
 
 HOLD = """
 import fcntl, os, sys, time

@@ -10,13 +10,13 @@ import mlx.core as mx
 import pytest
 from click.testing import CliRunner
 
-from mlx_dpo import sample as sample_mod
-from mlx_dpo.cli import main
-from mlx_dpo.config import DPOConfig
+from mlx_dpo.generation import sample as sample_mod
+from mlx_dpo.cli.commands import main
+from mlx_dpo.config.fields import DPOConfig
 from mlx_dpo.data import load_records, tokenize_pairs
-from mlx_dpo.judges import JudgeError, make_judge, pick_pair, score
-from mlx_dpo.model import load_model
-from mlx_dpo.sample import SampleError, encode_prompt, generate_samples, sample, sample_pairs
+from mlx_dpo.generation.judges import JudgeError, make_judge, pick_pair, score
+from mlx_dpo.model.loader import load_model
+from mlx_dpo.generation.sample import SampleError, encode_prompt, generate_samples, sample, sample_pairs
 
 PROMPTS = ["apple banana red", "owl", "list three fruit and two colours please", "sky sea"]
 
@@ -216,8 +216,8 @@ def test_written_pairs_load_as_a_preference_dataset(llama_dir, toy, tmp_path):
 @pytest.fixture(scope="module")
 def run_dir(llama_dir, tmp_path_factory):
     """A toy run of 4 steps (lr high enough to move greedy tokens)."""
-    from mlx_dpo.toy import toy_pairs, write_jsonl
-    from mlx_dpo.trainer import DPOTrainer
+    from mlx_dpo.model.toy import toy_pairs, write_jsonl
+    from mlx_dpo.train.trainer import DPOTrainer
 
     tmp = tmp_path_factory.mktemp("sample_run")
     write_jsonl(tmp / "pairs.jsonl", toy_pairs(16))
@@ -232,7 +232,7 @@ def test_adapter_path_samples_from_the_trained_adapters(run_dir, llama_dir, prom
     with adapter_path), and differ from the base model's."""
     from mlx_lm import load
 
-    from mlx_dpo.audit import load_run
+    from mlx_dpo.analysis.audit import load_run
 
     run = load_run(run_dir)
     ids = [encode_prompt(p, run.tokenizer, "")[0] for p in PROMPTS]
@@ -311,8 +311,8 @@ def test_a_failing_judge_keeps_the_old_output(llama_dir, prompts_file, tmp_path)
 
 
 def test_prompts_file_with_messages_and_bad_records(tmp_path):
-    from mlx_dpo.audit import AuditError
-    from mlx_dpo.generate import read_prompts
+    from mlx_dpo.analysis.audit import AuditError
+    from mlx_dpo.generation.generate import read_prompts
 
     path = tmp_path / "p.jsonl"
     chat = [{"role": "user", "content": "hi"}]

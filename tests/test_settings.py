@@ -3,10 +3,10 @@
 import pytest
 
 from mlx_dpo import DPOConfig, DPOTrainer
-from mlx_dpo.config import ConfigError, resolve_config
+from mlx_dpo.config.fields import ConfigError, resolve_config
 from mlx_dpo.data import DataError
-from mlx_dpo.preflight import warn_unused_settings
-from mlx_dpo.toy import write_jsonl
+from mlx_dpo.train.preflight import warn_unused_settings
+from mlx_dpo.model.toy import write_jsonl
 
 
 def cfg_for(model_dir, data_dir, tmp_path, **kw):

@@ -6,8 +6,8 @@ import types
 import pytest
 
 from mlx_dpo import DPOConfig, DPOTrainer
-from mlx_dpo.config import ConfigError
-from mlx_dpo.trackers import scalars
+from mlx_dpo.config.fields import ConfigError
+from mlx_dpo.monitor.trackers import scalars
 
 
 def cfg_for(model_dir, data_dir, tmp_path, **kw):

@@ -79,7 +79,7 @@ def test_wpo_clamp_is_the_only_difference(parity_model, tmp_path, monkeypatch):
     """Without the clamp (TRL 1.16's weights exp(mean aligned lp chosen + rejected)), use_weighting matches TRL."""
     import mlx.core as mx
 
-    from mlx_dpo import losses
+    from mlx_dpo.loss import losses
 
     def unclamped(token_logps, wpo_adjust, mask):
         per_seq = ((token_logps - wpo_adjust) * mask).sum(-1) / mx.maximum(mask.sum(-1), 1.0)

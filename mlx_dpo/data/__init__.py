@@ -27,7 +27,7 @@ import random
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from ..config import DPOConfig
+from ..config.fields import DPOConfig
 from . import formats
 from .base import DataError, Row, TokenizedPair
 from .cache import cache_key, cache_path, load_cache, save_cache, tokenizer_fingerprint

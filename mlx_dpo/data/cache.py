@@ -16,7 +16,7 @@ from typing import List, Tuple
 
 import numpy as np
 
-from ..config import DPOConfig, config_keys
+from ..config.fields import DPOConfig, config_keys
 from .base import TokenizedPair
 from .tokenize import eos_ids
 
@@ -71,7 +71,7 @@ def cache_key(plan: dict, cfg: DPOConfig, tokenizer) -> str:
 
 
 def cache_path(cfg: DPOConfig, key: str) -> Path:
-    from ..toy import cache_subdir
+    from ..model.toy import cache_subdir
 
     return cache_subdir(cfg.cache_dir, "tokenized") / f"{key}.npz"
 
@@ -92,7 +92,7 @@ def _unpack(ids: np.ndarray, lengths: np.ndarray) -> List[TokenizedPair]:
 
 
 def save_cache(path: Path, train, evals, stats: dict) -> None:
-    from ..io import atomic_write_bytes
+    from ..util.io import atomic_write_bytes
 
     train_ids, train_len = _pack(train)
     eval_ids, eval_len = _pack(evals)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from typing import Any, List, Tuple, Union
 
-from ..config import ConfigError, DPOConfig
+from ..config.fields import ConfigError, DPOConfig
 from .base import DataError, Row
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -302,7 +302,7 @@ def format_names() -> tuple:
 
 def check_data_format(cfg: DPOConfig) -> None:
     """``data_format`` is ``auto`` or a registered format (checked before anything loads;
-    config.py sits below this package, so the choices are checked here)."""
+    config/fields.py sits below this package, so the choices are checked here)."""
     choices = ("auto", *format_names())
     if cfg.data_format not in choices:
         raise ConfigError(f"data_format must be one of {', '.join(choices)}; got {cfg.data_format!r}")

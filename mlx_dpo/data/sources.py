@@ -8,7 +8,7 @@ A source is:
 - a Hub dataset id ``org/name``: the snapshot is fetched with
   ``huggingface_hub.snapshot_download`` into the normal HF cache and its files are
   read as a directory (``dataset_subset`` picks the ``<subset>/`` folder);
-- ``toy``: the synthetic set from :mod:`mlx_dpo.toy`.
+- ``toy``: the synthetic set from :mod:`mlx_dpo.model.toy`.
 
 ``dataset_split`` / ``eval_dataset_split`` name the split and may slice it like
 ``datasets`` does: ``train[:10%]``, ``train[10:20]``, ``test[-100:]``. Without an
@@ -22,8 +22,8 @@ import re
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from ..config import DPOConfig
-from .. import hubnet
+from ..config.fields import DPOConfig
+from ..util import hubnet
 from .base import DataError
 from .readers import DATA_SUFFIXES, data_suffix
 
@@ -104,7 +104,7 @@ def _looks_like_hub_id(spec: str) -> bool:
 def resolve_source(spec: str, subset: Optional[str] = None, revision: Optional[str] = None) -> Path:
     """A local file or directory for ``data``: ``toy``, a path, or a Hub dataset snapshot."""
     if spec == "toy":
-        from ..toy import resolve_toy_data
+        from ..model.toy import resolve_toy_data
 
         return resolve_toy_data()
     path = Path(spec).expanduser()

@@ -21,7 +21,7 @@ import json
 
 from typing import List, Optional, Tuple
 
-from ..config import DPOConfig
+from ..config.fields import DPOConfig
 from .base import Row, TokenizedPair
 from .formats import Conversational, check_format_options, column_map, detect_format, get_format
 

@@ -1,0 +1,1 @@
+"""Looking at data and runs: lint, audit, report, plan."""

@@ -1,0 +1,109 @@
+"""Audit a trained run: the implicit reward margin of every pair, most negative first.
+
+``margin = beta * [(log pi(c) - log pi_ref(c)) - (log pi(r) - log pi_ref(r))]`` with the
+policy = the run's adapters on and the reference = adapters off, on the same loaded
+weights (summed completion log-probs, as the sigmoid DPO loss uses them). A pair the
+trained model still ranks the wrong way round after training is often mislabeled: the
+most negative margins are written as JSONL for review.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import List, Optional, Union
+
+import mlx.core as mx
+import numpy as np
+
+from ..model.adapters import adapter_mode
+from ..data.batching import collate, eval_batches
+from ..config.fields import ConfigError
+from ..data import DataError, load_records, tokenize_pairs
+from ..data.formats import column_map, map_columns
+from ..export.exporter import Run
+from ..export.writers import ExportError
+from ..model.loader import dequantize_for_inference
+from ..util.io import atomic_write_text
+from ..forward.logprobs import completion_logps
+
+
+class AuditError(ValueError):
+    """A run or data problem the user can fix; the message names the file."""
+
+
+def load_run(run_dir: Union[str, Path], model: Optional[str] = None) -> Run:
+    """The run's model (or ``model``, the same base elsewhere) with its adapters (``exporter.Run``),
+    refusing a run without LoRA/DoRA adapters."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise AuditError(f"run directory {path} does not exist")
+    for name in ("adapter_config.json", "adapters.safetensors"):
+        if not (path / name).is_file():
+            raise AuditError(f"{path / name} is missing (is {path} a finished training run?)")
+    try:
+        run = Run(path, model)
+    except (ExportError, ConfigError) as e:
+        raise AuditError(str(e)) from None
+    if run.fine_tune_type == "full":
+        raise AuditError(f"{path} is a full fine-tune: it has no adapters to switch off for the reference")
+    dequantize_for_inference(run.model)
+    return run
+
+
+def sequence_logps(model, pairs: list, indices: List[int], pad_id: int, mode: str) -> np.ndarray:
+    """Summed completion log-probs ``(B, 2)`` (chosen, rejected) of ``pairs[indices]`` in ``mode``."""
+    batch = collate([pairs[i] for i in indices], indices, pad_id)
+    with adapter_mode(model, mode):
+        out = completion_logps(model, {k: mx.array(v) for k, v in batch.arrays().items()})
+        sums = np.array(out["token_logps"].sum(axis=-1))
+    b = len(indices)
+    return np.stack([sums[:b], sums[b:]], axis=1)
+
+
+def margins(model, pairs: list, beta: float, pad_id: int = 0, batch_size: int = 8) -> np.ndarray:
+    """The implicit reward margin of every pair (policy = adapters on, reference = adapters off)."""
+    out = np.zeros(len(pairs), dtype=np.float64)
+    for indices in eval_batches(pairs, batch_size):
+        policy = sequence_logps(model, pairs, indices, pad_id, "policy")
+        reference = sequence_logps(model, pairs, indices, pad_id, "base")
+        rewards = beta * (policy - reference)
+        out[indices] = rewards[:, 0] - rewards[:, 1]
+    return out
+
+
+def _records(run: Run, data: Optional[str]) -> tuple:
+    """``(rows, pairs)`` of every record of ``data`` (default: the run's), pairs ``None`` where dropped."""
+    cfg = dataclasses.replace(run.cfg, data=data or run.cfg.data, eval_split=0.0, eval_data=None)
+    try:
+        rows, _ = load_records(cfg)
+        pairs = [tokenize_pairs([row], run.tokenizer, cfg)[0] for row in rows]
+    except (DataError, FileNotFoundError) as e:
+        raise AuditError(str(e)) from None
+    return cfg, rows, [p[0] if p else None for p in pairs]
+
+
+def audit(run_dir: Union[str, Path], data: Optional[str] = None, top: int = 20,
+          output: Optional[Union[str, Path]] = None, batch_size: int = 8) -> dict:
+    """Margins of every pair of ``data`` under the run's adapters, sorted ascending; the ``top``
+    most negative written to ``output`` (default ``RUN_DIR/audit.jsonl``) as JSONL."""
+    run = load_run(run_dir)
+    cfg, rows, pairs = _records(run, data)
+    kept = [i for i, p in enumerate(pairs) if p is not None]
+    if not kept:
+        raise AuditError(f"no usable pairs in {cfg.data}")
+    pad_id = getattr(run.tokenizer, "pad_token_id", None) or 0
+    values = margins(run.model, [pairs[i] for i in kept], cfg.beta, pad_id, batch_size)
+    order = np.argsort(values, kind="stable")
+    mapping = column_map(cfg)
+    ranked = []
+    for j in order:
+        rec = map_columns(rows[kept[j]], mapping)
+        ranked.append({"index": kept[j], "where": rows[kept[j]].where, "margin": round(float(values[j]), 6),
+                       "prompt": rec.get("prompt"), "chosen": rec.get("chosen"), "rejected": rec.get("rejected")})
+    path = Path(output) if output else Path(run_dir) / "audit.jsonl"
+    worst = ranked[:top]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in worst))
+    return {"output": str(path), "pairs": len(kept), "skipped": len(rows) - len(kept), "beta": cfg.beta,
+            "negative": int((values < 0).sum()), "mean_margin": float(values.mean()), "worst": worst}

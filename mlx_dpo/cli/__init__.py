@@ -1,0 +1,1 @@
+"""The ``mlx-dpo`` command line (click commands)."""

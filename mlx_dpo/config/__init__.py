@@ -1,0 +1,1 @@
+"""The run's configuration: DPOConfig's fields, cross-field checks, value coercion."""

@@ -1,0 +1,478 @@
+"""Training configuration: one dataclass, the single source of defaults.
+
+Keys are flat and follow TRL's ``DPOConfig`` / ``TrainingArguments`` names where
+one exists, mlx-lm's names where TRL has none. The CLI and YAML loaders are thin
+layers over :class:`DPOConfig`: ``defaults < YAML file < command line``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import yaml
+
+from .coerce import ConfigError, coerce_fields, load_yaml  # ConfigError is imported from here everywhere
+
+# TRL / transformers spellings accepted as aliases of our keys.
+ALIASES = {
+    "per_device_train_batch_size": "batch_size",
+    "train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size",
+    "model_name_or_path": "model",
+    "dataset_name": "data",
+    "dataset_config": "dataset_subset",
+    "dataset_train_split": "dataset_split",
+    "dataset_test_split": "eval_dataset_split",
+    "iters": "max_steps",
+    "adapter_path": "output_dir",
+    "grad_checkpoint": "gradient_checkpointing",
+    "fine_tune_type": "adapter",
+    "lora_r": "lora_rank",
+    "target_modules": "lora_target_modules",
+    "lora_layers": "num_layers",
+}
+
+DEFAULT_LORA_TARGETS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+QUANT_BITS = (2, 3, 4, 5, 6, 8)
+
+
+ROLES = ("model", "adapter", "reference", "data", "loss", "optim", "run")
+# What a change of a key of each role means on --resume: "match" (refused), "note"
+# (allowed and reported), "free" (allowed silently). A field may override it.
+RESUME_BY_ROLE = {"model": "match", "adapter": "match", "reference": "match", "data": "match",
+                  "loss": "match", "optim": "note", "run": "free"}
+# Derived key lists a field can join beyond its role (``keys=...``):
+#   data_cache  the tokenized-data cache key (every ``data`` key is in it)
+#   ref_cache   the reference log-prob cache key (every ``model`` key is in it)
+#   card        the model card's "Training configuration" table
+KEY_LISTS = ("data_cache", "ref_cache", "card")
+
+
+def option(default: Any = None, help: str = "", role: str = "run", *, resume: Optional[str] = None,
+           keys: tuple = (), factory: Optional[Callable] = None):
+    """A :class:`DPOConfig` field with its help text and role (see :func:`config_keys`)."""
+    assert role in ROLES and resume in (None, "match", "note", "free") and set(keys) <= set(KEY_LISTS)
+    metadata = {"help": help, "role": role, "resume": resume or RESUME_BY_ROLE[role], "keys": tuple(keys)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class DPOConfig:
+    """Every option of a run; TRL's ``DPOConfig``/``TrainingArguments`` names where one exists."""
+
+    # ---- model ---------------------------------------------------------------
+    model: str = option("toy:llama", "Local HF/MLX model directory, a Hub id (org/name), a GGUF file (path/model.gguf "
+                        "or org/name/file.gguf on the Hub; Llama/Qwen2 family, Q4_0/Q4_1/Q8_0/F16/F32, kept quantized "
+                        "as stored), demo:smollm2 (a real 135M instruct GGUF from PyPI), or toy:llama / toy:qwen2 "
+                        "(a tiny random-weight model built locally; works offline).", "model")
+    revision: Optional[str] = option(None, "Branch, tag or commit of a Hub model.", "model")
+    trust_remote_code: bool = option(False, "Allow a Hub model's own Python code (transformers' flag).", "model",
+                                     resume="note")
+    quantize: Optional[dict] = option(None, "Quantize the base at load time (QLoRA): {bits: 4|8, group_size: "
+                                      "32|64|128}.", "model", keys=("card",))
+    compute_dtype: str = option("auto", "Dtype of the non-quantized weights and activations: auto (float32 on the "
+                                "CPU backend, the checkpoint's dtype on Metal), float32, bfloat16, float16.", "model",
+                                resume="note")
+
+    # ---- adapters ------------------------------------------------------------
+    train_type: str = option("adapter", "adapter (LoRA/DoRA on a frozen base) or full (train the last num_layers "
+                             "blocks).", "adapter", keys=("ref_cache", "card"))
+    adapter: str = option("lora", "Adapter kind: lora or dora.", "adapter", keys=("card",))
+    lora_rank: int = option(8, "LoRA rank r (PEFT's r).", "adapter", keys=("card",))
+    lora_alpha: float = option(16.0, "LoRA alpha; the adapter scale is lora_alpha / lora_rank (PEFT's "
+                               "convention).", "adapter", keys=("card",))
+    lora_dropout: float = option(0.0, "Dropout on the adapter's input (policy pass only).", "adapter", keys=("card",))
+    lora_target_modules: Optional[list] = option(None, "Linear layers inside a transformer block that get adapters: "
+                                                 "mlx-lm keys (self_attn.q_proj), PEFT's suffix names (q_proj) or "
+                                                 "all-linear (default: attention and MLP projections).", "adapter")
+    num_layers: int = option(-1, "Number of (last) transformer blocks that get adapters or are trained; -1 = all.",
+                             "adapter", keys=("card",))
+    gradient_checkpointing: bool = option(False, "Recompute each block's activations in the backward pass "
+                                          "(less memory, ~30% slower).", "adapter", resume="note")
+
+    # ---- reference model -----------------------------------------------------
+    reference: str = option("base", "Reference model: base (the same weights with adapters off) or adapter (a "
+                            "frozen copy of ref_adapter_path).", "reference", keys=("card",))
+    ref_adapter_path: Optional[str] = option(None, "mlx-lm adapter directory the policy starts from and the "
+                                             "reference stays at (reference: adapter).", "reference")
+    reference_free: bool = option(False, "Ignore the reference model (log-ratios against a uniform reference).",
+                                  "reference")
+    precompute_ref_log_probs: bool = option(False, "Compute the reference log-probs once before training (cached "
+                                            "on disk) instead of in every step.", "reference")
+    precompute_ref_batch_size: Optional[int] = option(None, "Batch size of the reference precompute pass (default: "
+                                                      "eval_batch_size, then batch_size).", "reference", resume="free")
+    sync_ref_model: bool = option(False, "TR-DPO: move the reference adapter towards the policy every "
+                                  "ref_model_sync_steps.", "reference")
+    ref_model_mixup_alpha: float = option(0.6, "TR-DPO mix: ref <- alpha * policy + (1 - alpha) * ref.", "reference")
+    ref_model_sync_steps: int = option(512, "TR-DPO: steps between reference updates.", "reference")
+
+    # ---- data ----------------------------------------------------------------
+    data: str = option("toy", "JSONL/JSON/Parquet file, an mlx-lm style directory, a Hub dataset id, or toy (a "
+                       "small synthetic preference set generated locally).", "data", keys=("card",))
+    eval_data: Optional[str] = option(None, "Evaluation data (same forms as data); default: the data's "
+                                      "valid/validation/test split, else eval_split.", "data", resume="note")
+    eval_split: float = option(0.0, "Fraction of the training records held out for evaluation (seeded) when "
+                               "there is no eval set.", "data")
+    dataset_subset: Optional[str] = option(None, "Subset (config) folder of a Hub dataset or directory.", "data")
+    dataset_revision: Optional[str] = option(None, "Branch, tag or commit of a Hub dataset (revision is the "
+                                             "model's).", "data")
+    dataset_split: str = option("train", "Training split, optionally sliced: train, train[:10%], train[10:20].",
+                                "data")
+    eval_dataset_split: Optional[str] = option(None, "Evaluation split of data (or of eval_data).", "data",
+                                               resume="note")
+    data_format: str = option("auto", "auto (detected per file), or a format of mlx_dpo/data/formats.py: standard "
+                              "(prompt/chosen/rejected strings), conversational (message lists), implicit "
+                              "(chosen/rejected sharing a prompt).", "data")
+    columns: Optional[dict] = option(None, "Column mapping, e.g. {prompt: question, chosen: response_j, rejected: "
+                                     "response_k}.", "data")
+    prompt_template: Optional[str] = option(None, "Template wrapping string prompts, e.g. 'Question: "
+                                            "{prompt}\\n\\nAnswer: '.", "data")
+    system_prompt: Optional[str] = option(None, "System message prepended to conversational prompts that have "
+                                          "none.", "data")
+    tools: Optional[list] = option(None, "Tool definitions passed to the chat template (conversational data).",
+                                   "data")
+    max_length: Optional[int] = option(1024, "Maximum prompt + completion tokens; each joined sequence is cut "
+                                       "to it as truncation_mode says (TRL 1.16).", "data", keys=("card",))
+    max_prompt_length: Optional[int] = option(None, "Maximum prompt tokens, their end is kept (not in TRL 1.16; "
+                                              "applied before max_length).", "data", keys=("card",))
+    max_completion_length: Optional[int] = option(None, "Maximum completion tokens, their start is kept (not in "
+                                                  "TRL 1.16).", "data")
+    truncation_mode: str = option("keep_start", "Which end of a joined prompt + completion longer than "
+                                  "max_length to keep: keep_start (drops pairs whose prompt fills max_length) or "
+                                  "keep_end (cuts the prompt's start).", "data")
+    cache_dir: Optional[str] = option(None, "Where tokenized datasets and precomputed reference log-probs are "
+                                      "cached (default ~/.cache/mlx_dpo).", "run")
+
+    # ---- loss ----------------------------------------------------------------
+    loss_type: Union[str, list] = option("sigmoid", "Loss name (sigmoid, ipo, hinge, robust, bco_pair, ... see "
+                                         "docs/losses.md) or a list of them (a weighted mixture).", "loss",
+                                         keys=("card",))
+    loss_weights: Optional[list] = option(None, "Weights of a loss_type mixture (default: 1 each).", "loss")
+    beta: float = option(0.1, "Temperature of the implicit reward beta * log(pi / pi_ref); higher stays closer "
+                         "to the reference.", "loss", keys=("card",))
+    label_smoothing: float = option(0.0, "Assumed probability that a pair's preference label is flipped "
+                                    "(conservative/robust DPO), in [0, 0.5].", "loss")
+    f_divergence_type: str = option("reverse_kl", "f-DPO divergence: reverse_kl, forward_kl, js_divergence or "
+                                    "alpha_divergence (sigmoid, hinge, ipo, robust, exo_pair, discopop, "
+                                    "sigmoid_norm).", "loss")
+    f_alpha_divergence_coef: float = option(0.5, "alpha of f_divergence_type: alpha_divergence, TRL's convention: "
+                                            "score (exp((alpha-1) u) - 1)/(alpha-1), 1 = reverse KL; the "
+                                            "paper's alpha is 1 - this.", "loss")
+    discopop_tau: float = option(0.05, "Temperature of the discopop loss.", "loss")
+    rpo_alpha: Optional[float] = option(None, "RPO: weight of an NLL loss on the chosen completions.", "loss")
+    use_weighting: bool = option(False, "WPO: weight each pair by its policy probability.", "loss")
+    ld_alpha: Optional[float] = option(None, "LD-DPO: weight of the completion tokens past the shorter one's "
+                                       "length.", "loss", keys=("ref_cache",))
+    simpo_gamma: float = option(0.5, "SimPO target reward margin gamma.", "loss")
+    cpo_alpha: float = option(1.0, "CPO/SimPO: weight of the NLL term on the chosen completions.", "loss")
+
+    # ---- optimisation --------------------------------------------------------
+    learning_rate: float = option(1e-6, "Peak learning rate of AdamW.", "optim", keys=("card",))
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay (0 disables); as transformers' Trainer, "
+                                 "not on biases and norm weights.", "optim")
+    adam_beta1: float = option(0.9, "AdamW beta1 (first-moment decay).", "optim")
+    adam_beta2: float = option(0.999, "AdamW beta2 (second-moment decay).", "optim")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon (denominator term).", "optim")
+    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this (0 disables).", "optim")
+    lr_scheduler_type: str = option("linear", "Schedule: constant, constant_with_warmup, linear or cosine.",
+                                    "optim", keys=("card",))
+    warmup_steps: int = option(0, "Linear warmup steps (overrides warmup_ratio).", "optim", keys=("card",))
+    warmup_ratio: float = option(0.0, "Warmup as a fraction of the total steps.", "optim")
+    batch_size: int = option(4, "Pairs per micro-batch (TRL's per_device_train_batch_size).", "optim",
+                             resume="match", keys=("data_cache", "card"))
+    eval_batch_size: Optional[int] = option(None, "Pairs per evaluation batch (default: batch_size).", "run")
+    gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.", "optim", resume="match",
+                                              keys=("card",))
+    max_steps: int = option(-1, "Optimizer steps to train; -1 = num_train_epochs.", "optim", resume="free",
+                            keys=("card",))
+    num_train_epochs: float = option(3.0, "Epochs to train when max_steps is -1.", "optim", resume="free",
+                                     keys=("card",))
+    seed: int = option(42, "Seed of the data order, the eval_split hold-out, adapter init and dropout.", "optim",
+                       resume="match", keys=("data_cache", "card"))
+    prefix_sharing: Union[str, bool] = option("auto", "auto / true / false: run each pair's prompt once for both "
+                                              "completions.", "optim", keys=("ref_cache",))
+    padding_free: Union[str, bool] = option("auto", "auto / true / false: pack each pair into one row (prompt once, "
+                                            "then chosen, then rejected, each token at its own position, a "
+                                            "block-diagonal causal mask): no padding but the row's tail (TRL's "
+                                            "name; mlx_dpo/forward/packed.py). auto: on with MLX's CPU backend, where whole "
+                                            "runs measured 1.3x faster, off on Metal (TRL's default).", "optim",
+                                            keys=("ref_cache",))
+    cpu_fast_math: bool = option(False, "On MLX's CPU backend, run attention's softmax and SwiGLU through "
+                                 "polynomial exp/sigmoid that MLX fuses (mlx_dpo/forward/cpu_math.py; float32 error "
+                                 "<= 4e-7). Its sign depends on the processor (1.08x a whole run on an AMD EPYC, "
+                                 "3.4x slower steps on an AVX-512 Xeon), so it is off unless asked for; no effect "
+                                 "on Metal, which keeps MLX's kernels.", "optim", keys=("ref_cache",))
+    max_batch_shapes: int = option(16, "At most this many padded batch shapes per run (each compiles the step "
+                                   "once): batches group pairs that pad to the same one; fewer in a short run, "
+                                   "where a compile costs more than the padding it saves (mlx_dpo/data/shapes.py).",
+                                   "optim", resume="match")
+    skip_nonfinite_steps: bool = option(False, "Skip (and retry) a step whose loss or gradients are not finite, "
+                                        "instead of stopping.", "optim")
+    ddp_timeout: float = option(1800.0, "Data parallel (mlx.launch): seconds a step may wait for the other ranks "
+                                "before this rank stops with an error naming it (TRL's ddp_timeout).", "run")
+
+    # ---- logging, eval, checkpoints -------------------------------------------
+    output_dir: str = option("runs/dpo", "Run directory: adapters, checkpoints, metrics.jsonl, config.yaml.")
+    overwrite_output_dir: bool = option(False, "Start over in an output_dir that holds a run.")
+    logging_steps: int = option(10, "Log metrics every N optimizer steps.")
+    eval_strategy: Optional[str] = option(None, "When to evaluate: no, steps (every eval_steps) or epoch (each "
+                                          "epoch's end), and then also at the last step. Unset: steps when "
+                                          "eval_steps is set, else no (TRL's default).")
+    eval_steps: Optional[int] = option(None, "Evaluate every N steps with eval_strategy steps (default: "
+                                       "logging_steps); 0 disables evaluation.")
+    eval_on_start: bool = option(False, "Evaluate before the first step (logged as step 0: the untrained "
+                                 "baseline); not again on resume.")
+    max_eval_batches: int = option(-1, "Evaluate on at most this many (evenly spaced) batches; -1 = all.")
+    save_steps: int = option(500, "Save a resumable checkpoint every N steps (and at the end); 0 = only at the end.")
+    save_total_limit: Optional[int] = option(None, "Keep only the newest N checkpoints.")
+    resume_from_checkpoint: Optional[str] = option(None, "latest, a run directory or a checkpoints/step-N "
+                                                   "directory to resume from.")
+    progress_bar: bool = option(True, "Show a progress bar (metric lines are printed either way).")
+    report_to: Optional[Union[str, list]] = option(None, "Live trackers (TRL's report_to): wandb, tensorboard, or a "
+                                                   "list of them; none by default (metrics.jsonl is always written).")
+    health_warnings: bool = option(True, "Warn about unhealthy training (loss stuck at ln 2, chosen log-probs "
+                                   "below the reference, overfitting, exploding margins, grad_norm spikes); "
+                                   "also recorded under warnings in metrics.jsonl.")
+
+    # ------------------------------------------------------------------------
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def trackers(self) -> list:
+        """``report_to`` as a list of tracker names (``none`` dropped)."""
+        names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or [])
+        return [n for n in names if n != "none"]
+
+    @property
+    def eval_mode(self) -> str:
+        """``eval_strategy`` resolved: ``no``, ``steps`` or ``epoch``."""
+        if self.eval_steps == 0:
+            return "no"
+        return self.eval_strategy or ("steps" if self.eval_steps else "no")
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank
+
+    @property
+    def target_modules(self) -> tuple:
+        """``lora_target_modules`` (or the default) as a tuple; one string (``all-linear``) is one name."""
+        names = self.lora_target_modules or DEFAULT_LORA_TARGETS
+        return (names,) if isinstance(names, str) else tuple(names)
+
+    @property
+    def loss_types(self) -> list:
+        return list(self.loss_type) if isinstance(self.loss_type, (list, tuple)) else [self.loss_type]
+
+    def validate(self) -> None:
+        """Coerce command-line strings to the fields' types, then check every option."""
+        coerce_fields(self)
+        _check_choices(self)
+        _check_ranges(self)
+        self.quantize = _quantize_options(self.quantize)
+        _check_combinations(self)
+
+    # ---- (de)serialisation ---------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Union[str, Path]) -> None:
+        from ..util.io import atomic_write_text
+
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "DPOConfig":
+        return cls(**normalize_keys(values, source))
+
+    @classmethod
+    def from_yaml(cls, path: Union[str, Path], overrides: Optional[dict] = None) -> "DPOConfig":
+        values = load_yaml(path)
+        values = {**normalize_keys(values, str(path)), **normalize_keys(overrides or {}, "command line")}
+        return cls(**values)
+
+
+def _check_choices(cfg: DPOConfig) -> None:
+    """Options that take one of a few names."""
+    _check_choice("train_type", cfg.train_type, ("adapter", "full"))
+    _check_choice("adapter", cfg.adapter, ("lora", "dora"))
+    _check_choice("reference", cfg.reference, ("base", "adapter"))
+    _check_choice("truncation_mode", cfg.truncation_mode, ("keep_end", "keep_start"))
+    for name in cfg.trackers:
+        _check_choice("report_to", name, ("none", "wandb", "tensorboard"))
+    if cfg.eval_strategy is not None:
+        _check_choice("eval_strategy", cfg.eval_strategy, ("no", "steps", "epoch"))
+    _check_choice("lr_scheduler_type", cfg.lr_scheduler_type, LR_SCHEDULERS)
+    _check_choice("compute_dtype", cfg.compute_dtype, ("auto", "float32", "bfloat16", "float16"))
+    _check_choice("f_divergence_type", cfg.f_divergence_type, ("reverse_kl", "forward_kl", "js_divergence",
+                                                              "alpha_divergence"))
+    for name in ("prefix_sharing", "padding_free"):  # booleans too: the Python API and YAML's true/false
+        setattr(cfg, name, str(getattr(cfg, name)).lower())
+        _check_choice(name, getattr(cfg, name), ("auto", "true", "false"))
+
+
+def _check_ranges(cfg: DPOConfig) -> None:
+    """Numeric options out of their range."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number, got {value}")
+    if cfg.max_steps == 0 or cfg.max_steps < -1:
+        raise ConfigError(f"max_steps must be -1 (train num_train_epochs) or >= 1, got {cfg.max_steps}")
+    for name in ("lora_rank", "batch_size", "gradient_accumulation_steps", "logging_steps",
+                 "ref_model_sync_steps", "max_batch_shapes"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("eval_batch_size", "precompute_ref_batch_size", "max_prompt_length", "max_completion_length",
+                 "save_total_limit"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be >= 1 (or unset), got {getattr(cfg, name)}")
+    if cfg.max_length is not None and cfg.max_length < 2:
+        raise ConfigError(f"max_length must be >= 2 (a prompt token and a completion token), got {cfg.max_length}")
+    for name in ("warmup_steps", "save_steps", "max_grad_norm", "weight_decay"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.eval_steps is not None and cfg.eval_steps < 0:
+        raise ConfigError(f"eval_steps must be >= 0 (0 disables evaluation), got {cfg.eval_steps}")
+    if cfg.num_layers == 0 or cfg.num_layers < -1:
+        raise ConfigError(f"num_layers must be -1 (all blocks) or >= 1, got {cfg.num_layers}")
+    if not 0.0 <= cfg.warmup_ratio <= 1.0:
+        raise ConfigError(f"warmup_ratio must be in [0, 1], got {cfg.warmup_ratio}")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.lora_alpha <= 0:
+        raise ConfigError(f"lora_alpha must be > 0, got {cfg.lora_alpha}")
+    if cfg.learning_rate <= 0:
+        raise ConfigError(f"learning_rate must be > 0, got {cfg.learning_rate}")
+    if not 0.0 <= cfg.eval_split < 1.0:
+        raise ConfigError(f"eval_split must be in [0, 1), got {cfg.eval_split}")
+    if not 0.0 <= cfg.label_smoothing <= 0.5:
+        raise ConfigError(f"label_smoothing must be in [0, 0.5], got {cfg.label_smoothing}")
+
+
+def _quantize_options(quantize: Optional[dict]) -> Optional[dict]:
+    """``quantize`` with its defaults filled in: ``{bits: 4, group_size: 64}``."""
+    if quantize is None:
+        return None
+    if not isinstance(quantize, dict) or set(quantize) - {"bits", "group_size"}:
+        raise ConfigError("quantize must be a mapping with keys bits (e.g. 4 or 8) and group_size (32|64|128)")
+    bits = quantize.get("bits", 4)
+    group = quantize.get("group_size", 64)
+    if bits not in QUANT_BITS or group not in (32, 64, 128):
+        raise ConfigError(f"quantize: bits must be one of {', '.join(map(str, QUANT_BITS))} (4 or 8 "
+                          f"recommended) and group_size 32, 64 or 128, got {quantize}")
+    return {"bits": bits, "group_size": group}
+
+
+def _check_combinations(cfg: DPOConfig) -> None:
+    """Options that are fine alone but contradict each other (or are missing a partner)."""
+    if cfg.eval_strategy == "no" and cfg.eval_steps:
+        raise ConfigError(f"eval_steps is {cfg.eval_steps} but eval_strategy is 'no'; set eval_strategy: steps "
+                          "(or remove eval_steps)")
+    if cfg.reference == "adapter" and not cfg.ref_adapter_path:
+        raise ConfigError("reference: adapter needs ref_adapter_path (an mlx-lm adapter directory)")
+    if cfg.ref_adapter_path and cfg.reference != "adapter":
+        raise ConfigError("ref_adapter_path is set but reference is 'base', so it would be ignored; "
+                          "set reference: adapter (or remove ref_adapter_path)")
+    if cfg.train_type == "full" and cfg.reference == "adapter":
+        raise ConfigError("train_type: full has no adapters; reference: adapter needs train_type: adapter")
+    if cfg.train_type == "full" and cfg.sync_ref_model:
+        raise ConfigError("sync_ref_model (TR-DPO) mixes adapters; it needs train_type: adapter")
+    if cfg.resume_from_checkpoint and cfg.overwrite_output_dir:
+        raise ConfigError("resume_from_checkpoint and overwrite_output_dir contradict each other; choose one")
+    if cfg.sync_ref_model and cfg.precompute_ref_log_probs:
+        raise ConfigError("sync_ref_model (TR-DPO) updates the reference; it cannot be combined with precompute_ref_log_probs")
+    if cfg.sync_ref_model and cfg.reference_free:
+        raise ConfigError("sync_ref_model needs a reference; it cannot be combined with reference_free")
+    if cfg.sync_ref_model and not 0.0 <= cfg.ref_model_mixup_alpha <= 1.0:
+        raise ConfigError(f"ref_model_mixup_alpha must be in [0, 1], got {cfg.ref_model_mixup_alpha}")
+    if cfg.loss_weights is not None and len(cfg.loss_weights) != len(cfg.loss_types):
+        raise ConfigError(
+            f"loss_weights has {len(cfg.loss_weights)} entries but loss_type has {len(cfg.loss_types)}"
+        )
+    if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
+        raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
+
+
+def config_field_names() -> list:
+    return [f.name for f in fields(DPOConfig)]
+
+
+def field_help(name: str) -> str:
+    return DPOConfig.__dataclass_fields__[name].metadata["help"]
+
+
+def config_keys(kind: str) -> tuple:
+    """Config keys by what they take part in, derived from each field's role and ``keys``:
+
+    - ``resume_match`` / ``resume_note`` / ``resume_free``: a change on resume is refused /
+      reported / allowed silently;
+    - ``data_cache``: every ``data`` key, plus those that join it (the seed of eval_split);
+    - ``ref_cache``: every ``model`` key, plus those that join it;
+    - ``card``: the keys shown in a model card's table.
+    """
+    out = []
+    for f in fields(DPOConfig):
+        meta = f.metadata
+        if kind.startswith("resume_"):
+            member = meta["resume"] == kind[len("resume_"):]
+        elif kind in KEY_LISTS:
+            role = {"data_cache": "data", "ref_cache": "model"}.get(kind)
+            member = meta["role"] == role or kind in meta["keys"]
+        else:
+            raise ValueError(f"unknown key list {kind!r}")
+        if member:
+            out.append(f.name)
+    return tuple(out)
+
+
+def normalize_keys(values: dict, source: str = "config") -> dict:
+    """Map aliases to canonical names; unknown keys raise, naming the closest key."""
+    valid = set(config_field_names())
+    out = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        name = ALIASES.get(name, name)
+        if name not in valid:
+            close = difflib.get_close_matches(name, sorted(valid | set(ALIASES)), n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
+        if name in out:
+            raise ConfigError(f"{source}: '{key}' given twice (as '{name}' and an alias)")
+        out[name] = value
+    return out
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def resolve_config(config: Optional[Union[str, Path]] = None, **overrides) -> DPOConfig:
+    """Defaults < YAML file < keyword overrides (the Python API and the CLI use this)."""
+    if config is None:
+        return DPOConfig.from_dict(overrides, "arguments")
+    return DPOConfig.from_yaml(config, overrides)
+
+
+def dumps(cfg: DPOConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)

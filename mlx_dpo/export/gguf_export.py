@@ -1,0 +1,251 @@
+"""``export --format gguf``: the merged model as one GGUF file for llama.cpp, Ollama, LM Studio.
+
+Written with the ``gguf`` package (llama.cpp's own Python writer). Tensor names and
+metadata follow llama.cpp's ``convert_hf_to_gguf.py`` for the ``llama`` architecture
+(Llama, SmolLM, Mistral) and ``qwen2``. llama.cpp's ``llama`` rope pairs dimension
+``i`` with ``i + 1`` where transformers pairs ``i`` with ``i + d/2``, so the rows of
+``q_proj``/``k_proj`` are permuted per head (:func:`permute_rope`); ``qwen2`` uses the
+NeoX layout and is written as is.
+
+Tokenizer metadata comes from the source GGUF when the model was loaded from one
+(copied field by field), else from ``tokenizer.json`` (byte-level BPE, llama.cpp's
+``gpt2`` model) or ``tokenizer.model`` (SentencePiece, llama.cpp's ``llama`` model).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from ..model.gguf import BIASED, BLOCK, HPARAMS, TOP
+
+GGUF_FILE = "model.gguf"
+# export --dtype -> the ggml type of 2-D weights (1-D tensors, the norms, stay float32 as in llama.cpp)
+GGUF_DTYPES = ("float32", "float16", "bfloat16", "q8_0", "q4_0", "q4_1")
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # model_type -> general.architecture
+
+GGUF_TOP = {hf: name for name, hf in TOP.items()}  # model.norm -> output_norm
+GGUF_BLOCK = {hf: name for name, hf in BLOCK.items()}  # self_attn.q_proj -> attn_q
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+
+
+class GGUFExportError(ValueError):
+    """The model cannot be written as GGUF (the message says why)."""
+
+
+def gguf_tensor_name(name: str, arch: str) -> str:
+    """llama.cpp's name of a merged weight under transformers' (= mlx-lm's) name: the inverse of
+    the reader's tables (:data:`mlx_dpo.model.gguf.TOP`, :data:`mlx_dpo.model.gguf.BLOCK`)."""
+    stem, _, suffix = name.rpartition(".")
+    layer = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", stem)
+    if layer and layer.group(2) in GGUF_BLOCK:
+        target = f"blk.{layer.group(1)}.{GGUF_BLOCK[layer.group(2)]}"
+    else:
+        target = GGUF_TOP.get(stem)
+    biased = suffix == "bias" and target and target.rpartition(".")[2] in BIASED.get(arch, ())
+    if target is None or not (suffix == "weight" or biased):
+        raise GGUFExportError(f"no GGUF name for tensor {name!r}")
+    return f"{target}.{suffix}"
+
+
+def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """transformers' half-split rope rows -> llama.cpp's interleaved ones, per head
+    (``convert_hf_to_gguf.py``'s ``permute``): row ``h·d + 2j + s`` <- ``h·d + s·d/2 + j``."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def ggml_type(dtype: str):
+    from gguf import GGMLQuantizationType as T
+
+    return {"float32": T.F32, "float16": T.F16, "bfloat16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0,
+            "q4_1": T.Q4_1}[dtype]
+
+
+def encode_tensor(w: np.ndarray, dtype: str):
+    """``(data, raw_dtype)`` for ``GGUFWriter.add_tensor``: floats as numpy arrays, quantized
+    types as their byte blocks (``gguf.quants.quantize``, llama.cpp's reference rounding)."""
+    from gguf import GGMLQuantizationType as T
+    from gguf import quants
+
+    qtype = ggml_type(dtype)
+    if w.ndim == 1 or qtype == T.F32:
+        return w.astype(np.float32), None
+    if qtype == T.F16:
+        return w.astype(np.float16), None
+    block = quants.GGML_QUANT_SIZES[qtype][0]
+    if w.shape[-1] % block:
+        return w.astype(np.float16), None  # llama.cpp's fallback for rows that do not fill blocks
+    return quants.quantize(w.astype(np.float32), qtype), qtype
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def model_fields(config: dict) -> dict:
+    """``{arch}.*`` hyper-parameters from a transformers ``config.json``."""
+    model_type = config.get("model_type")
+    if model_type not in GGUF_ARCH:
+        raise GGUFExportError(f"GGUF export supports model types {', '.join(GGUF_ARCH)}; this model is "
+                              f"{model_type!r} (use --format hf and llama.cpp's convert_hf_to_gguf.py)")
+    scaling = config.get("rope_scaling") or {}
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default", "linear"):
+        raise GGUFExportError(f"GGUF export: rope_scaling {scaling} is not supported "
+                              "(use --format hf and llama.cpp's convert_hf_to_gguf.py)")
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    arch = GGUF_ARCH[model_type]
+    fields = {key: kind(config[hf] if default is None else config.get(hf, default)) for key, hf, kind, default in HPARAMS}
+    fields.update({"attention.head_count_kv": config.get("num_key_value_heads", heads),
+                   "rope.dimension_count": head_dim, "vocab_size": config["vocab_size"]})
+    if scaling.get("rope_type", scaling.get("type")) == "linear":
+        fields["rope.scaling.type"], fields["rope.scaling.factor"] = "linear", float(scaling["factor"])
+    return {f"{arch}.{k}": v for k, v in fields.items()}
+
+
+def hf_tokenizer_fields(base_dir: Path, vocab_size: int) -> dict:
+    """``tokenizer.ggml.*`` from a Hugging Face tokenizer directory."""
+    base_dir = Path(base_dir)
+    tok_cfg = _read_json(base_dir / "tokenizer_config.json")
+    if (base_dir / "tokenizer.json").is_file():
+        fields = bpe_fields(_read_json(base_dir / "tokenizer.json"))
+    elif (base_dir / "tokenizer.model").is_file():
+        fields = sentencepiece_fields(base_dir / "tokenizer.model")
+    else:
+        raise GGUFExportError(f"GGUF export needs tokenizer.json or tokenizer.model in {base_dir}")
+    tokens = fields["tokenizer.ggml.tokens"]
+    if len(tokens) > vocab_size:
+        raise GGUFExportError(f"the tokenizer has {len(tokens)} tokens, the embedding {vocab_size} rows")
+    pad = vocab_size - len(tokens)  # an embedding padded past the tokenizer, as convert_hf_to_gguf.py pads
+    fields["tokenizer.ggml.tokens"] = tokens + [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
+    fields["tokenizer.ggml.token_type"] = fields["tokenizer.ggml.token_type"] + [TOKEN_UNUSED] * pad
+    if "tokenizer.ggml.scores" in fields:
+        fields["tokenizer.ggml.scores"] = fields["tokenizer.ggml.scores"] + [-1000.0] * pad
+    index = {t: i for i, t in enumerate(fields["tokenizer.ggml.tokens"])}
+    for role in ("bos", "eos", "pad", "unk"):
+        token = _token_text(tok_cfg.get(f"{role}_token"))
+        if token in index:
+            fields[f"tokenizer.ggml.{'unknown' if role == 'unk' else role}_token_id"] = index[token]
+    if "add_bos_token" in tok_cfg:
+        fields["tokenizer.ggml.add_bos_token"] = bool(tok_cfg["add_bos_token"])
+    template = tok_cfg.get("chat_template")
+    if template is None and (base_dir / "chat_template.jinja").is_file():
+        template = (base_dir / "chat_template.jinja").read_text()
+    if isinstance(template, str):
+        fields["tokenizer.chat_template"] = template
+    return fields
+
+
+def bpe_fields(tokenizer: dict) -> dict:
+    """A byte-level BPE ``tokenizer.json`` as llama.cpp's ``gpt2`` tokenizer."""
+    model = tokenizer.get("model", {})
+    if model.get("type") != "BPE":
+        raise GGUFExportError(f"GGUF export: tokenizer.json model type {model.get('type')!r} is not BPE")
+    vocab = dict(model["vocab"])
+    special = {}
+    for added in tokenizer.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+        special[added["id"]] = TOKEN_CONTROL if added.get("special") else TOKEN_USER_DEFINED
+    size = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    for text, i in vocab.items():
+        tokens[i] = text
+    ids = set(vocab.values())
+    types = [special.get(i, TOKEN_NORMAL if i in ids else TOKEN_UNUSED) for i in range(size)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges}
+
+
+def sentencepiece_fields(path: Path) -> dict:
+    """A SentencePiece ``tokenizer.model`` as llama.cpp's ``llama`` tokenizer."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    n = sp.vocab_size()
+    types = [TOKEN_UNKNOWN if sp.is_unknown(i) else TOKEN_CONTROL if sp.is_control(i) else
+             TOKEN_BYTE if sp.is_byte(i) else TOKEN_UNUSED if sp.is_unused(i) else TOKEN_NORMAL for i in range(n)]
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+            "tokenizer.ggml.scores": [float(sp.get_score(i)) for i in range(n)], "tokenizer.ggml.token_type": types}
+
+
+def gguf_tokenizer_fields(source: Path) -> dict:
+    """Every ``tokenizer.*`` field of a GGUF file, as ``{key: (value, type, sub_type)}``."""
+    from gguf import GGUFReader, GGUFValueType
+
+    fields = {}
+    for key, field in GGUFReader(str(source)).fields.items():
+        if key.startswith("tokenizer."):
+            sub = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
+            fields[key] = (field.contents(), field.types[0], sub)
+    return fields
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _token_text(token):
+    return token.get("content") if isinstance(token, dict) else token
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def gguf_tensors(weights: dict, config: dict, dtype: str):
+    """``(gguf name, data, raw_dtype)`` for every merged float weight, rope rows permuted."""
+    arch = GGUF_ARCH[config["model_type"]]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads", heads)
+    for name in sorted(weights):
+        if name == "lm_head.weight" and config.get("tie_word_embeddings"):
+            continue
+        w = np.array(weights[name].astype(mx.float32))
+        if arch == "llama" and re.search(r"self_attn\.[qk]_proj\.", name):
+            w = permute_rope(w, heads if ".q_proj." in name else kv_heads)
+        yield (gguf_tensor_name(name, arch), *encode_tensor(w, dtype))
+
+
+def write_gguf_file(path: Path, weights: dict, config: dict, dtype: str, tokenizer_fields: dict,
+                    name: str = "model") -> None:
+    """One GGUF file: ``general.*``, the model's hyper-parameters, the tokenizer, the tensors."""
+    import gguf
+
+    arch = GGUF_ARCH.get(config.get("model_type"))
+    hparams = model_fields(config)  # refuses unsupported architectures before anything is written
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(name)
+    writer.add_file_type({"float32": 0, "float16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "bfloat16": 32}[dtype])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, value in {**hparams, **tokenizer_fields}.items():
+        if isinstance(value, tuple):  # copied from a GGUF with its own types
+            writer.add_key_value(key, *value)
+        else:
+            writer.add_key_value(key, value, *_value_type(value))
+    for tensor_name, data, raw_dtype in gguf_tensors(weights, config, dtype):
+        writer.add_tensor(tensor_name, data, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _value_type(value):
+    from gguf import GGUFValueType as V
+
+    def scalar(v):
+        return V.BOOL if isinstance(v, bool) else V.UINT32 if isinstance(v, int) else \
+            V.FLOAT32 if isinstance(v, float) else V.STRING
+
+    if isinstance(value, list):
+        return V.ARRAY, (V.INT32 if value and type(value[0]) is int else scalar(value[0]) if value else V.STRING)
+    if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+        return (V.INT32,)
+    return (scalar(value),)
+
+
+__all__ = ["GGUF_FILE", "GGUF_DTYPES", "GGUFExportError", "gguf_tensor_name", "permute_rope", "model_fields",
+           "hf_tokenizer_fields", "gguf_tokenizer_fields", "write_gguf_file"]

@@ -1,0 +1,1 @@
+"""Completion log-probs: blocks, prefix sharing, packed rows, CPU math, logprobs."""

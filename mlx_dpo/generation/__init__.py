@@ -1,0 +1,1 @@
+"""Generation from a trained run: side-by-side generation, on-policy sampling, judges."""

@@ -1,0 +1,140 @@
+"""Generate from a trained run: the policy (adapters on) beside the reference (adapters
+off), on the same prompts and from the same loaded weights, each side one batch through
+mlx-lm's continuous-batching ``BatchGenerator`` (also used by ``mlx-dpo sample``).
+
+Greedy by default (``temp=0``); with ``temp > 0`` both sides sample from the same seed.
+A run trained with ``prompt_template`` gets its prompts wrapped the same way; otherwise a
+tokenizer with a chat template renders each prompt as a user turn, as training and
+``mlx-dpo sample`` encode it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple, Union
+
+import mlx.core as mx
+
+from ..model.adapters import adapter_mode
+from ..analysis.audit import AuditError, load_run
+from ..data import DataError
+from ..data.formats import check_value
+from ..data import tokenize
+
+
+def read_prompts(path: Union[str, Path], messages: bool = False) -> List[Union[str, list]]:
+    """Prompts from a text file (one a line) or a JSONL file (a ``prompt`` string per record;
+    with ``messages``, also a list of ``{role, content}`` messages, TRL's conversational form)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AuditError(f"prompts file {path} does not exist")
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix != ".jsonl":
+        return lines
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise AuditError(f"{path}:{n}: not JSON ({e.msg})") from None
+        prompt = record.get("prompt") if isinstance(record, dict) else None
+        if messages and isinstance(prompt, list):
+            try:
+                prompt = check_value(prompt, "prompt", f"{path}:{n}", as_messages=True)
+            except DataError as e:
+                raise AuditError(str(e)) from None
+        elif not isinstance(prompt, str):
+            kind = "a 'prompt' string or message list" if messages else "a 'prompt' string"
+            raise AuditError(f"{path}:{n}: expected an object with {kind}")
+        prompts.append(prompt)
+    return prompts
+
+
+def generate_samples(model, tokenizer, prompt_ids: List[List[int]], k: int, sampler, max_tokens: int,
+                     batch_size: int, on_prompt_done: Callable = lambda: None) -> Tuple[list, list, object]:
+    """``k`` completions of every prompt with mlx-lm's ``BatchGenerator`` (continuous batching,
+    ``batch_size`` sequences at once): ``(tokens[prompt][sample], finished[prompt][sample], stats)``,
+    ``finished`` False for a completion cut at ``max_tokens``; EOS is not part of the tokens."""
+    from mlx_lm.generate import BatchGenerator
+
+    gen = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+                         sampler=sampler, completion_batch_size=batch_size, prefill_batch_size=min(batch_size, 8))
+    uids = gen.insert([ids for ids in prompt_ids for _ in range(k)])
+    slot = {uid: divmod(n, k) for n, uid in enumerate(uids)}
+    tokens = [[[] for _ in range(k)] for _ in prompt_ids]
+    finished = [[False] * k for _ in prompt_ids]
+    left = [k] * len(prompt_ids)
+    try:
+        with gen.stats() as stats:
+            while responses := gen.next_generated():
+                for r in responses:
+                    p, s = slot[r.uid]
+                    if r.finish_reason != "stop":
+                        tokens[p][s].append(r.token)
+                    if r.finish_reason is not None:
+                        finished[p][s] = r.finish_reason == "stop"
+                        left[p] -= 1
+                        if not left[p]:
+                            on_prompt_done()
+    finally:
+        gen.close()
+    return tokens, finished, stats
+
+
+def prompt_ids(prompt: Union[str, list], tokenizer, template: Optional[str], where: str) -> List[int]:
+    """The prompt's token ids as training encodes it: wrapped in the run's ``prompt_template``
+    (with special tokens), else through the chat template when the tokenizer has one."""
+    if template:
+        return tokenize.encode(tokenizer, template.replace("{prompt}", prompt), True)
+    try:
+        return tokenize.encode_prompt(prompt, tokenizer, where)[0]
+    except DataError as e:
+        raise AuditError(str(e)) from None
+
+
+def generate(run_dir: Union[str, Path], prompts: List[str], max_tokens: int = 64, temp: float = 0.0,
+             seed: int = 0, batch_size: int = 16) -> List[dict]:
+    """``{prompt, policy: {text, tokens}, reference: {text, tokens}}`` for every prompt, each side
+    generated as one batch (``batch_size`` sequences at a time); ``tokens`` counts the EOS
+    that ended a completion, as mlx-lm's ``stream_generate`` does."""
+    from mlx_lm.sample_utils import make_sampler
+
+    if not prompts:
+        raise AuditError("no prompts given (pass --prompt TEXT or --prompts FILE)")
+    run = load_run(run_dir)
+    ids = [prompt_ids(p, run.tokenizer, run.cfg.prompt_template, f"prompt {n}") for n, p in enumerate(prompts)]
+    results = [{"prompt": p} for p in prompts]
+    for side, mode in (("policy", "policy"), ("reference", "base")):
+        mx.random.seed(seed)
+        with adapter_mode(run.model, mode):
+            tokens, finished, _ = generate_samples(run.model, run.tokenizer, ids, 1, make_sampler(temp),
+                                                   max_tokens, batch_size)
+        for row, sample, done in zip(results, tokens, finished):
+            row[side] = {"text": detokenize(run.tokenizer, sample[0]), "tokens": len(sample[0]) + int(done[0])}
+    return results
+
+
+def detokenize(tokenizer, tokens: List[int]) -> str:
+    """The text of generated ``tokens`` as mlx-lm's streaming detokenizer writes it (which, unlike
+    ``decode``, drops a SentencePiece word-start space before the first token)."""
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    for token in tokens:
+        detokenizer.add_token(token)
+    detokenizer.finalize()
+    return detokenizer.text
+
+
+def format_text(results: List[dict]) -> str:
+    lines = []
+    for r in results:
+        lines.append(f"prompt: {r['prompt']}")
+        for side in ("policy", "reference"):
+            lines.append(f"  {side:<9} ({r[side]['tokens']} tokens): {r[side]['text']!r}")
+    return "\n".join(lines)
+
+
+def gather_prompts(prompt: Optional[tuple], prompts_file: Optional[str]) -> List[str]:
+    """The prompts of ``--prompt`` (repeatable) and ``--prompts FILE``."""
+    return list(prompt or ()) + (read_prompts(prompts_file) if prompts_file else [])

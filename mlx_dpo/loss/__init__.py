@@ -1,0 +1,1 @@
+"""Preference losses: per-pair formulas, reductions, the batch loss."""

@@ -1,0 +1,59 @@
+"""What mlx-dpo knows about each mlx-lm architecture (by ``model_type``), in one table.
+
+Adding an architecture is one entry here. An architecture not listed still trains and
+exports to ``mlx``; it just takes the general (slower) paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Arch:
+    # Blocks are ``layer(h, mask, cache)`` with the standard KV-cache interface (``offset`` +
+    # ``update_and_fetch``) under ``model.model.{embed_tokens,layers,norm}``: prompts can be
+    # shared between the chosen and rejected completions (``forward/prefix.py``).
+    prefix_sharing: bool = False
+    # ``Model.__call__`` is exactly ``head(model.model(x))``: only the scoring positions are
+    # projected onto the vocabulary (``forward/logprobs.py``).
+    plain_head: bool = False
+    # mlx-lm's parameter names are transformers' (Hugging Face / PEFT export).
+    hf_names: bool = False
+    # Attention calls the model module's ``scaled_dot_product_attention`` and the MLP is
+    # ``down_proj(swiglu(gate_proj(x), up_proj(x)))``: both can run through ``forward/cpu_math.py``.
+    cpu_math: bool = False
+
+
+ARCHITECTURES = {
+    "llama": Arch(prefix_sharing=True, plain_head=True, hf_names=True, cpu_math=True),
+    "qwen2": Arch(prefix_sharing=True, plain_head=True, hf_names=True, cpu_math=True),
+    "mistral": Arch(prefix_sharing=True, plain_head=True, hf_names=True, cpu_math=True),
+    "qwen3": Arch(prefix_sharing=True, plain_head=True, hf_names=True, cpu_math=True),
+    "phi3": Arch(plain_head=True),
+    "olmo2": Arch(plain_head=True),
+    "internlm3": Arch(plain_head=True),
+}
+
+FEATURES = tuple(f.name for f in fields(Arch))
+
+
+def model_type(model) -> Optional[str]:
+    """An mlx-lm model's ``model_type`` (``None`` if it has none)."""
+    return getattr(model, "model_type", None)
+
+
+def has_feature(model_type: Optional[str], feature: str) -> bool:
+    """Whether architecture ``model_type`` has ``feature`` (a field of :class:`Arch`)."""
+    if feature not in FEATURES:
+        raise ValueError(f"unknown architecture feature {feature!r}; one of {', '.join(FEATURES)}")
+    return getattr(ARCHITECTURES.get(model_type, Arch()), feature)
+
+
+def with_feature(feature: str) -> list:
+    """The architectures with ``feature``, in table order."""
+    return [name for name in ARCHITECTURES if has_feature(name, feature)]
+
+
+__all__ = ["Arch", "ARCHITECTURES", "model_type", "has_feature", "with_feature"]

@@ -1,0 +1,310 @@
+"""GGUF files (llama.cpp's format) as a model source.
+
+A ``.gguf`` file is converted once into an MLX model directory in the cache
+(``<MLX_DPO_CACHE>/gguf/<name>-<key>/``: ``config.json``, ``model.safetensors``, tokenizer
+files and ``gguf_source.json`` naming the file), which mlx-lm then loads like any other.
+The quantization is kept as stored: ``mx.load`` maps Q4_0/Q4_1/Q8_0 blocks (32 weights,
+one scale and one offset each) to MLX's affine quantization (``w = scale * q + bias``,
+group 32) without de-quantizing, so the model trains on exactly the weights llama.cpp runs.
+
+llama.cpp stores the ``attn_q``/``attn_k`` rows of Llama models permuted for its rope
+layout (``convert_hf_to_gguf.py``: per head, rows ``(2, d/2) -> (d/2, 2)``); they are put
+back in the Hugging Face order. Quantization groups lie within rows, so this works on the
+packed weights, scales and biases alike. The tokenizer and chat template are rebuilt from
+the metadata by transformers' own GGUF conversion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+
+from ..config.coerce import ConfigError
+from ..util.io import atomic_directory, atomic_write_text, save_safetensors
+from .toy import cache_root
+
+VERSION = 1  # of the conversion: part of the cache key
+ARCHITECTURES = ("llama", "qwen2")
+# ggml types kept as stored (mx.load maps the quantized ones to MLX affine quantization, group 32)
+KEPT_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"}
+GROUP_SIZE = 32
+TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+         "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+         "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+BIASED = {"qwen2": ("attn_q", "attn_k", "attn_v")}  # layers with a ``.bias`` in the architecture
+# ``{arch}.*`` GGUF hyper-parameters as Hugging Face config keys (read here, written by
+# gguf_export): (GGUF key, config key, type, default when missing; None: required)
+HPARAMS = (("embedding_length", "hidden_size", int, None), ("block_count", "num_hidden_layers", int, None),
+           ("feed_forward_length", "intermediate_size", int, None),
+           ("attention.head_count", "num_attention_heads", int, None),
+           ("attention.layer_norm_rms_epsilon", "rms_norm_eps", float, 1e-6),
+           ("rope.freq_base", "rope_theta", float, 10000.0), ("context_length", "max_position_embeddings", int, 4096))
+# GGUF value types (gguf spec): struct formats of the scalars; 8 is a string, 9 an array
+SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+# tokenizer.ggml.pre types whose llama.cpp split transformers does not reproduce
+SMOLLM_PRE = ("smollm",)  # llama.cpp: digits split one by one ("\p{N}"), then the GPT-2 regex
+
+
+# --------------------------------------------------------------------------- reading the header
+
+
+def read_header(path: Path) -> dict:
+    """The metadata (scalars and strings; arrays as their length) and the tensor table
+    ``{name: (shape, ggml type name)}`` of the GGUF file ``path``, without reading tensor data.
+    A file that is not GGUF, or shorter than its tensor table says, is a ``ConfigError``."""
+    import mmap
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24 or f.read(4) != b"GGUF":
+            raise ConfigError(f"model: {path} is not a GGUF file (it does not start with the bytes 'GGUF')")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            try:
+                metadata, tensors, end = _parse(buf, GGML_QUANT_SIZES, GGMLQuantizationType)
+            except (struct.error, UnicodeDecodeError, ValueError, KeyError) as e:
+                raise ConfigError(f"model: {path} is a truncated or damaged GGUF file ({type(e).__name__}: {e})"
+                                  ) from None
+    if end > size:
+        raise ConfigError(f"model: {path} is truncated ({size} bytes, its tensor table describes {end}): "
+                          "an incomplete copy or download?")
+    return {"metadata": metadata, "tensors": tensors}
+
+
+def _parse(buf, sizes, types):
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version}; versions 2 and 3 are read")
+    pos, metadata = 24, {}
+    for _ in range(n_kv):
+        key, pos = _string(buf, pos)
+        (kind,) = struct.unpack_from("<I", buf, pos)
+        metadata[key], pos = _value(buf, pos + 4, kind)
+    tensors, ends = {}, []
+    for _ in range(n_tensors):
+        name, pos = _string(buf, pos)
+        (ndim,) = struct.unpack_from("<I", buf, pos)
+        dims = struct.unpack_from(f"<{ndim}Q", buf, pos + 4)
+        kind, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * ndim)
+        pos += 16 + 8 * ndim
+        kind = types(kind)
+        block, nbytes = sizes[kind]
+        count = 1
+        for d in dims:
+            count *= d
+        tensors[name] = (tuple(reversed(dims)), kind.name)  # ggml lists the fastest-moving dimension first
+        ends.append(offset + count // block * nbytes)
+    align = int(metadata.get("general.alignment", 32))
+    start = (pos + align - 1) // align * align
+    return metadata, tensors, start + max(ends, default=0)
+
+
+def _string(buf, pos):
+    (n,) = struct.unpack_from("<Q", buf, pos)
+    if pos + 8 + n > len(buf):
+        raise ValueError("a string runs past the end of the file")
+    return bytes(buf[pos + 8:pos + 8 + n]).decode("utf-8"), pos + 8 + n
+
+
+def _value(buf, pos, kind):
+    if kind in SCALARS:
+        fmt = "<" + SCALARS[kind]
+        return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
+    if kind == 8:
+        return _string(buf, pos)
+    if kind != 9:
+        raise ValueError(f"unknown metadata value type {kind}")
+    inner, n = struct.unpack_from("<IQ", buf, pos)
+    pos += 12
+    if inner in SCALARS:
+        return n, pos + n * struct.calcsize("<" + SCALARS[inner])
+    for _ in range(n):  # strings (or nested arrays): walked, kept as the count
+        _, pos = _value(buf, pos, inner)
+    return n, pos
+
+
+# --------------------------------------------------------------------------- checking and the config
+
+
+def check_supported(path: Path, header: dict) -> str:
+    """The architecture of a GGUF ``path`` this module converts; a ``ConfigError`` naming
+    what is not supported (architecture, tensor type, tensor, rope scaling) otherwise."""
+    meta, tensors = header["metadata"], header["tensors"]
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"model: {path}: GGUF architecture {arch!r} is not supported; supported: "
+                          f"{', '.join(ARCHITECTURES)} (llama covers Llama, SmolLM and Mistral files)")
+    bad = sorted({kind for _, kind in tensors.values() if kind not in KEPT_TYPES})
+    if bad:
+        names = [n for n, (_, kind) in tensors.items() if kind in bad]
+        raise ConfigError(f"model: {path} holds tensors of type {', '.join(bad)} (e.g. {names[0]}), which cannot be "
+                          f"kept quantized as stored; supported types: {', '.join(sorted(KEPT_TYPES))} (a Q4_0, "
+                          "Q4_1 or Q8_0 file of the model)")
+    for name in tensors:
+        hf_name(name, arch, path)
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    if scaling != "none" or "rope_freqs.weight" in tensors:
+        raise ConfigError(f"model: {path}: rope scaling ({scaling if scaling != 'none' else 'rope_freqs'}) "
+                          "is not supported for GGUF files")
+    return arch
+
+
+def hf_name(name: str, arch: str, path: Path) -> str:
+    """mlx-lm's (Hugging Face) name of the GGUF tensor ``name``: ``blk.3.attn_q.scales`` ->
+    ``model.layers.3.self_attn.q_proj.scales``."""
+    stem, _, suffix = name.rpartition(".")
+    parts = stem.split(".")
+    if len(parts) == 1 and parts[0] in TOP:
+        mapped = TOP[parts[0]]
+    elif len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in BLOCK:
+        mapped = f"model.layers.{parts[1]}.{BLOCK[parts[2]]}"
+    else:
+        mapped = None
+    biased = suffix == "bias" and parts[-1] in BIASED.get(arch, ())
+    if mapped is None or not (suffix in ("weight", "scales", "biases") or biased):
+        raise ConfigError(f"model: {path}: tensor {name!r} has no place in a {arch} model (only plain "
+                          f"{'/'.join(ARCHITECTURES)} transformer tensors are supported)")
+    return f"{mapped}.{suffix}"
+
+
+def hf_config(header: dict, arch: str, quantization) -> dict:
+    """The Hugging Face ``config.json`` mlx-lm's ``arch`` model reads, from the GGUF metadata."""
+    meta, tensors = header["metadata"], header["tensors"]
+
+    def get(key, default=None):
+        return meta.get(f"{arch}.{key}", default)
+
+    config = {"model_type": arch, "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]],
+              **{hf: kind(get(key, default)) for key, hf, kind, default in HPARAMS}}
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    config.update({
+        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+        "head_dim": int(get("attention.key_length", hidden // heads)),
+        "vocab_size": int(get("vocab_size", tensors["token_embd.weight"][0][0])),
+        "tie_word_embeddings": "output.weight" not in tensors, "hidden_act": "silu",
+    })
+    for key in ("bos_token_id", "eos_token_id", "padding_token_id"):
+        if f"tokenizer.ggml.{key}" in meta:
+            config[key.replace("padding", "pad")] = int(meta[f"tokenizer.ggml.{key}"])
+    if quantization:
+        config["quantization"] = config["quantization_config"] = quantization
+    return config
+
+
+def quantization_of(weights: dict) -> dict:
+    """mlx-lm's ``quantization`` entry for the quantized ``weights``: the most common bits as
+    the default, a per-layer entry for every layer stored otherwise (the 8-bit embedding);
+    ``{}`` if nothing is quantized. Bits = packed uint32 columns / groups per row."""
+    layers = {k[:-len(".scales")]: weights[k[:-len(".scales")] + ".weight"].shape[-1] // weights[k].shape[-1]
+              for k in weights if k.endswith(".scales")}
+    if not layers:
+        return {}
+    bits = max(set(layers.values()), key=list(layers.values()).count)
+    quantization = {"group_size": GROUP_SIZE, "bits": bits, "mode": "affine"}
+    quantization.update({p: {"group_size": GROUP_SIZE, "bits": b} for p, b in sorted(layers.items()) if b != bits})
+    return quantization
+
+
+# --------------------------------------------------------------------------- converting
+
+
+def unpermute_rows(w, n_head: int):
+    """Undo llama.cpp's rope permutation of ``attn_q``/``attn_k`` rows (per head
+    ``(2, d/2) -> (d/2, 2)``); works on packed weights, scales, biases and 1-D biases."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def convert_weights(path: Path, arch: str, header: dict) -> dict:
+    """The tensors of ``path`` under mlx-lm's names, quantized as stored, q/k rows un-permuted (llama)."""
+    import mlx.core as mx
+
+    meta = header["metadata"]
+    heads = int(meta[f"{arch}.attention.head_count"])
+    kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
+    try:
+        loaded = mx.load(str(path), format="gguf")
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"model: MLX cannot read the GGUF file {path} ({e})") from None
+    weights = {}
+    for name, w in loaded.items():
+        layer = name.rpartition(".")[0].rpartition(".")[2]
+        if arch == "llama" and layer in ("attn_q", "attn_k"):
+            w = unpermute_rows(w, heads if layer == "attn_q" else kv_heads)
+        weights[hf_name(name, arch, path)] = w
+    return weights
+
+
+def write_tokenizer(path: Path, out: Path, header: dict) -> None:
+    """``tokenizer.json`` + ``tokenizer_config.json`` (with the chat template, special tokens,
+    ``add_bos_token``) rebuilt from the GGUF metadata by transformers' GGUF tokenizer conversion."""
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
+
+    meta = header["metadata"]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # transformers raises many types for metadata it cannot convert
+        raise ConfigError(f"model: cannot rebuild the tokenizer of {path} from its GGUF metadata "
+                          f"({type(e).__name__}: {e})") from None
+    if meta.get("tokenizer.ggml.pre") in SMOLLM_PRE:  # as SmolLM's own tokenizer.json
+        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tokenizer.save_pretrained(str(out))
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    for key in ("is_local", "local_files_only", "backend", "name_or_path"):
+        config.pop(key, None)
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["add_bos_token"] = bool(meta.get("tokenizer.ggml.add_bos_token", getattr(tokenizer, "add_bos_token", False)))
+    config["add_eos_token"] = bool(meta.get("tokenizer.ggml.add_eos_token", False))
+    if tokenizer.chat_template:
+        config["chat_template"] = tokenizer.chat_template
+        (out / "chat_template.jinja").unlink(missing_ok=True)  # one copy, where every transformers reads it
+    atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+
+
+def cache_key(path: Path) -> str:
+    """What the converted directory depends on: the file (its resolved path, size, mtime) and
+    this conversion's :data:`VERSION`."""
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{VERSION}".encode()).hexdigest()[:12]
+
+
+def source_gguf(model_dir: Path):
+    """The GGUF file a model directory was converted from (its ``gguf_source.json``), if it is still there."""
+    info = Path(model_dir) / "gguf_source.json"
+    path = json.loads(info.read_text()).get("gguf_file") if info.is_file() else None
+    return Path(path) if path and Path(path).is_file() else None
+
+
+def gguf_model_dir(path, cache_dir=None) -> Path:
+    """The MLX model directory of the GGUF file ``path``, converted on first use into
+    ``<cache_dir or MLX_DPO_CACHE>/gguf/<name>-<key>`` (written atomically: an interrupted
+    conversion leaves nothing behind)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"model: {path} is not a file")
+    header = read_header(path)
+    arch = check_supported(path, header)
+    target = (Path(cache_dir) if cache_dir else cache_root()) / "gguf" / f"{path.stem}-{cache_key(path)}"
+    if (target / "gguf_source.json").is_file():
+        return target
+    weights = convert_weights(path, arch, header)
+    with atomic_directory(target, overwrite=True) as tmp:
+        save_safetensors(tmp / "model.safetensors", weights, {"format": "mlx"})
+        config = hf_config(header, arch, quantization_of(weights))
+        atomic_write_text(tmp / "config.json", json.dumps(config, indent=2))
+        write_tokenizer(path, tmp, header)
+        source = {"gguf_file": str(path.resolve()), "size": path.stat().st_size, "architecture": arch,
+                  "file_type": header["metadata"].get("general.file_type"), "conversion_version": VERSION}
+        atomic_write_text(tmp / "gguf_source.json", json.dumps(source, indent=2))
+    return target
+
+
+__all__ = ["read_header", "check_supported", "hf_name", "hf_config", "quantization_of", "unpermute_rows",
+           "convert_weights", "write_tokenizer", "cache_key", "source_gguf", "gguf_model_dir"]

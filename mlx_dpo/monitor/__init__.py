@@ -1,0 +1,1 @@
+"""What watches a run: callbacks, live trackers, health warnings, performance figures."""

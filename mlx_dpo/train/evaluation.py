@@ -1,0 +1,67 @@
+"""Evaluation and logging for the training loop: the eval pass over held-out pairs, when it
+is due (``eval_strategy``), and the logged record of a logging step (TRL / transformers names)."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, List, Optional
+
+import mlx.core as mx
+
+from ..data.batching import eval_batches
+from ..config.fields import DPOConfig
+from ..data import TokenizedPair
+from ..util.metal import release_cache
+from .state import TrainState
+
+
+def peak_memory_gb() -> float:
+    return mx.get_peak_memory() / 1e9
+
+
+def evaluate(model, eval_step: Callable, pairs: List[TokenizedPair], cfg: DPOConfig, collate: Callable,
+             to_device: Callable, loss_state: dict, log: Callable[[str], None]) -> Dict[str, float]:
+    """Mean loss and metrics (``eval_*``, weighted by pairs) over ``pairs`` (``max_eval_batches``
+    batches of them) in inference mode; the model's train/eval mode is left as it was, MLX's buffer cache freed.
+    ``collate(pairs, indices)`` pads a batch, ``to_device(batch, "eval")`` makes its arrays."""
+    was_training = model.training
+    model.eval()
+    bs = cfg.eval_batch_size or cfg.batch_size
+    totals: Dict[str, float] = {}
+    count, tic = 0, time.perf_counter()
+    for indices in eval_batches(pairs, bs, cfg.max_eval_batches):
+        batch = collate(pairs, indices)
+        loss, metrics = eval_step(to_device(batch, "eval"), loss_state)
+        mx.eval(loss, metrics)
+        n = batch.num_pairs
+        for k, v in {"loss": loss, **metrics}.items():
+            totals[k] = totals.get(k, 0.0) + float(v.item()) * n
+        count += n
+    model.train(was_training)
+    release_cache()  # the eval batches' buffers: shapes the training step does not reuse
+    log(f"evaluation: {count} pairs in {time.perf_counter() - tic:.1f} s")
+    return {f"eval_{k}": v / count for k, v in totals.items()}
+
+
+def eval_due(cfg: DPOConfig, state: TrainState, steps_per_epoch: int, has_eval: bool) -> bool:
+    """``eval_strategy``: every ``eval_steps`` (``steps``) or at each epoch's end (``epoch``),
+    and at the last step; never with ``no`` or without eval pairs."""
+    if cfg.eval_mode == "no" or not has_eval:
+        return False
+    every = steps_per_epoch if cfg.eval_mode == "epoch" else (cfg.eval_steps or cfg.logging_steps)
+    return state.step % every == 0 or state.step == state.max_steps
+
+
+def log_record(cfg: DPOConfig, state: TrainState, learning_rate: float, grad_norm: float, compiled_shapes: int,
+               compile_seconds: float) -> Optional[dict]:
+    """At a logging step (every ``logging_steps`` and the last): the window's means as a record,
+    except ``learning_rate`` and ``grad_norm`` (pre-clip), the logging step's own, as
+    transformers' Trainer; ``None`` at other steps."""
+    if not (state.step % cfg.logging_steps == 0 or state.step == state.max_steps):
+        return None
+    record = {"step": state.step, "epoch": round(state.epoch, 4), **state.window.flush(),
+              "peak_memory_gb": peak_memory_gb(), "learning_rate": learning_rate, "grad_norm": grad_norm,
+              "compiled_shapes": compiled_shapes, "compile_seconds": round(compile_seconds, 3)}
+    if cfg.skip_nonfinite_steps:
+        record["skipped_steps"] = state.skipped_steps
+    return record

@@ -1,0 +1,137 @@
+"""The run directory: checked before anything is loaded, prepared before the first step.
+
+``check_output_dir`` refuses a run that would overwrite or restart another by surprise;
+``check_resume`` finds the checkpoint to resume and compares its config with ours;
+``prepare_output_dir`` creates the directory, removes a killed run's temporaries and,
+on resume, the records and checkpoints newer than the resumed step.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from . import checkpoint
+from ..config.fields import ConfigError, DPOConfig
+
+METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".mlx_dpo.lock"
+
+
+class RunLock:
+    """An exclusive lock on a run directory, so two runs never write into one.
+
+    ``fcntl.flock`` on ``OUTPUT_DIR/.mlx_dpo.lock``: the OS drops it when the holder exits,
+    also on ``kill -9``, so a stale lock is simply taken over. The file holds the holder's
+    pid, for the message."""
+
+    def __init__(self, output_dir: Path):
+        self.path = Path(output_dir) / LOCK_FILE
+        self.fd: Optional[int] = None
+
+    def check(self) -> None:
+        """Refuse now if another process holds the lock (creates nothing)."""
+        if self.path.is_file() and self.fd is None:
+            self.acquire()
+            self.release()
+
+    def acquire(self) -> None:
+        if self.fd is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(f"output_dir: {self.path.parent} is in use by another run (pid {holder}); wait for "
+                              "it to finish, stop it, or choose another output_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def check_output_dir(cfg: DPOConfig) -> Path:
+    """The resolved ``output_dir``, after checking it may be written as ``cfg`` asks."""
+    out = Path(cfg.output_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {out} exists and is not a directory")
+    for key in ("model", "data", "ref_adapter_path"):
+        value = getattr(cfg, key)
+        if value and Path(value).expanduser().exists() and Path(value).expanduser().resolve() == out:
+            raise ConfigError(f"output_dir: {out} is the {key} directory; choose another output_dir")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not _writable(existing):
+        raise ConfigError(f"output_dir: {existing} is not writable (choose another output_dir or fix its "
+                          "permissions)")
+    if cfg.overwrite_output_dir or cfg.resume_from_checkpoint:
+        return out
+    if (out / "adapters.safetensors").exists():
+        raise ConfigError(f"output_dir: {out} already holds a finished run; pass --overwrite "
+                          "(overwrite_output_dir: true) or choose another output_dir")
+    last = checkpoint.latest_checkpoint(out)
+    if last is not None:
+        raise ConfigError(f"output_dir: {out} holds checkpoints of an unfinished run (latest: {last.name}); "
+                          "pass --resume to continue it, --overwrite to start over, or choose another output_dir")
+    return out
+
+
+def _writable(directory: Path) -> bool:
+    """A file can be created in ``directory`` (tried, not guessed: ``os.access`` says yes to root
+    on a read-only or immutable directory). The probe file is gone at once."""
+    if not os.access(directory, os.W_OK):
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=directory, prefix=".mlx_dpo-probe"):
+            return True
+    except OSError:
+        return False
+
+
+def check_resume(cfg: DPOConfig, output_dir: Path, log: Callable = print, ranks: int = 1) -> Optional[Path]:
+    """The checkpoint to resume from, after checking its config against ``cfg`` (before
+    anything is loaded or written); ``None`` when not resuming. ``ranks``: data-parallel
+    processes now (the checkpoint records its own)."""
+    if not cfg.resume_from_checkpoint:
+        return None
+    path = checkpoint.resolve_resume(cfg.resume_from_checkpoint, output_dir)
+    ranks_then = int(json.loads((path / "trainer_state.json").read_text()).get("world_size", 1))
+    errors, notes = checkpoint.config_differences(checkpoint.read_config(path), cfg, ranks_then, ranks)
+    if errors:
+        raise ConfigError(f"cannot resume from {path}: the config changes what the run depends on: "
+                          + "; ".join(errors) + f". Use the checkpoint's values (see {path / 'config.yaml'}) "
+                          "or start a new run (another output_dir, or --overwrite)")
+    for note in notes:
+        log(f"resume: changed {note}")
+    return path
+
+
+def prepare_output_dir(out: Path, step: int, resuming: bool, overwrite: bool, log: Callable = print) -> List[dict]:
+    """Create ``out``, remove a killed run's temporaries; with ``overwrite`` clear the old run
+    (only now, after config, model and data loaded fine); on resume keep the metric records
+    up to ``step`` (returned) and drop newer checkpoints."""
+    out.mkdir(parents=True, exist_ok=True)
+    for p in checkpoint.clean_stale(out):
+        log(f"removed stale temporary {p}")
+    metrics_file = out / METRICS_FILE
+    if not resuming:
+        if overwrite:
+            checkpoint.clear_run(out)
+        metrics_file.write_text("")
+        return []
+    for newer in checkpoint.list_checkpoints(out):
+        if checkpoint.step_of(newer) > step:
+            log(f"removing {newer} (newer than the resumed step {step})")
+            checkpoint.remove_checkpoint(newer)
+    return checkpoint.truncate_metrics(metrics_file, step)

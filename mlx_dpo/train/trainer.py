@@ -1,0 +1,477 @@
+"""The DPO training loop: a compiled step over one shared model.
+
+One step = reference forward (adapters switched off, or the frozen reference
+adapter, under ``mx.stop_gradient``; skipped when reference log-probs are
+precomputed or the loss is reference-free) + policy forward/backward + loss, all in
+one ``mx.compile``d function; the optimizer update (clipping + AdamW with bias
+correction) is a second compiled function, applied every
+``gradient_accumulation_steps`` micro-batches and only when loss and gradients are
+finite.
+
+Progress lives in an explicit :class:`~mlx_dpo.train.state.TrainState` (``trainer.state``)
+that :mod:`.checkpoint` saves and restores; what watches training (the metrics file,
+console lines, the progress bar, yours) are :mod:`mlx_dpo.monitor.callbacks`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_map
+
+from . import checkpoint, evaluation, stopping
+from ..util import distributed, metal
+from ..loss import losses
+from ..model.adapters import adapter_config, reference_mode, sync_reference
+from ..data.batching import Batch, BatchSampler, collate
+from ..monitor.callbacks import CallbackList, console, default_callbacks
+from ..util.clock import RunClock
+from ..config.fields import ConfigError, DPOConfig, resolve_config
+from ..forward.cpu_math import enable_cpu_math
+from ..data import TokenizedPair, load_datasets
+from ..data.formats import check_data_format
+from .evaluation import peak_memory_gb
+from .faults import NonFiniteError  # noqa: F401  (re-exported)
+from ..monitor.health import HealthMonitor
+from ..model.loader import count_parameters, model_for_training, setup_trainable
+from ..forward.packed import enable_position_rope
+from ..monitor.perf import Throughput, reference_blas_warning, warn_if_too_big
+from ..forward.prefix import batch_layout
+from ..model.quant import on_cpu
+from .preflight import warn_unused_settings
+from .reference import precompute_reference_logps
+from .rundir import METRICS_FILE, RunLock, check_output_dir, check_resume, prepare_output_dir
+from .schedule import build_schedule
+from ..data.shapes import ShapePlan, run_passes
+from .state import TrainState
+from .stopping import DistributedError  # noqa: F401  (re-exported)
+from .steps import build_steps, reference_logps
+from ..monitor.trackers import tracker_callbacks
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    step: int
+    metrics: Dict[str, float] = field(default_factory=dict)
+    eval_metrics: Dict[str, float] = field(default_factory=dict)
+    history: List[dict] = field(default_factory=list)
+
+
+def _silent(*args, **kwargs) -> None:
+    """The log of the ranks other than 0."""
+
+
+class DPOTrainer:
+    """TRL-style trainer. ``DPOTrainer(cfg).train()``; the model, tokenizer and tokenized
+    pairs may be passed in (notebooks), otherwise they are loaded from ``cfg``.
+
+    ``log`` receives every message and metric line (default: stdout, tqdm-safe);
+    ``callbacks`` are added after the built-in ones (see :mod:`mlx_dpo.monitor.callbacks`)."""
+
+    def __init__(self, cfg: DPOConfig, model: Optional[nn.Module] = None, tokenizer=None,
+                 train_pairs: Optional[List[TokenizedPair]] = None,
+                 eval_pairs: Optional[List[TokenizedPair]] = None, log: Optional[Callable] = None,
+                 callbacks: Optional[Iterable] = None):
+        self.cfg = cfg
+        self.clock = RunClock()  # the wall-time split of the run (start-up counts from here, or the process start)
+        self.group = distributed.world()
+        self.rank, self.ranks = self.group.rank(), self.group.size()
+        self.main = self.rank == 0  # data parallel: rank 0 prints and writes
+        self.log = (log or console) if self.main else _silent
+        losses.validate_loss_config(cfg)
+        check_data_format(cfg)
+        self.output_dir = check_output_dir(cfg)
+        self.lock = RunLock(self.output_dir)
+        if self.main:
+            self.lock.check()  # another run in this output_dir: refuse before loading anything
+        trackers = tracker_callbacks(cfg, self.output_dir) if self.main else []  # a missing package fails here
+        self.resume_path = check_resume(cfg, self.output_dir, self.log, self.ranks)
+        mx.random.seed(cfg.seed)
+        model, tokenizer, self.model_path = model_for_training(cfg, model, tokenizer, train_pairs, self.log)
+        self.model, self.tokenizer = model, tokenizer
+        if train_pairs is None:
+            with self.clock.phase("data"):
+                train_pairs, eval_pairs = load_datasets(cfg, tokenizer, log=self.log)
+        self.train_pairs, self.eval_pairs = train_pairs, eval_pairs or []
+        self.pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+        self.layout = batch_layout(cfg.prefix_sharing, cfg.padding_free, model)
+        self.prefix_sharing = self.layout != "unshared"  # each prompt runs once
+        self.use_reference = losses.needs_reference(cfg)
+        self.precompute = cfg.precompute_ref_log_probs or (cfg.train_type == "full" and self.use_reference)
+        self.num_layers = setup_trainable(model, cfg, self.use_reference)
+        if self.layout == "packed":
+            enable_position_rope(model)
+        if cfg.cpu_fast_math and on_cpu() and enable_cpu_math(model):
+            self.log("CPU backend: attention softmax and SwiGLU through mlx_dpo/forward/cpu_math.py "
+                     "(cpu_fast_math: false for MLX's kernels)")
+        self.num_parameters, trainable = count_parameters(model)
+        self.log(f"parameters: {self.num_parameters / 1e6:.2f}M total, {trainable / 1e6:.3f}M trainable "
+                 f"({100 * trainable / max(self.num_parameters, 1):.3f}%)")
+        self.reductions = losses.reductions(cfg)
+        self._build_sampler()
+        self._build_optimizer()
+        self.state = TrainState(max_steps=self.total_steps, num_batches=len(self.sampler),
+                                data_fingerprint=checkpoint.data_fingerprint(self.train_pairs),
+                                sampler=self.sampler.state, loss_state=losses.init_loss_state(cfg),
+                                world_size=self.ranks)
+        health = HealthMonitor.from_config(cfg, self.log) if cfg.health_warnings and self.main else None
+        extra = [*trackers, *(callbacks or ())]
+        self.callbacks = CallbackList(default_callbacks(self.output_dir / METRICS_FILE, self.log, cfg.progress_bar,
+                                                        extra, health) if self.main else ())
+        self.ref_cache: Dict[str, Dict[str, np.ndarray]] = {}
+        self.reference_forwards = 0
+        self.watchdog = None  # data parallel: set while train() runs
+        self.trace_count = 0
+        self.compile_seconds = 0.0  # wall time of the micro-steps that traced a new shape
+        self._build_steps()
+        if self.resume_path is not None:
+            self._resume()
+        if self.ranks > 1:  # every rank has checked output_dir and the checkpoint before rank 0 writes
+            self._start_watchdog()
+            with self._guard("start-up"):
+                mx.eval(distributed.all_sum(mx.array(1), self.group))
+
+    # ------------------------------------------------------------------ setup
+    def _resume(self) -> None:
+        """Advance the freshly built state, model and optimizer to the checkpoint's."""
+        self.state = checkpoint.restore(checkpoint.load_checkpoint(self.resume_path), self.state, self.model,
+                                        self.optimizer)
+        self.sampler.state = self.state.sampler
+        if self.step > self.total_steps:
+            raise ConfigError(f"max_steps is {self.total_steps} but the checkpoint {self.resume_path} is at "
+                              f"step {self.step}; set max_steps >= {self.step} to continue it")
+        self.log(f"resumed from {self.resume_path} (step {self.step})")
+
+    def _build_sampler(self) -> None:
+        """The run's batch shapes and this rank's batch sampler."""
+        cfg = self.cfg
+        if len(self.train_pairs) < cfg.batch_size * self.ranks:
+            raise ConfigError(f"batch_size {cfg.batch_size} x {self.ranks} ranks is larger than the "
+                              f"{len(self.train_pairs)} training pairs")
+        pairs_per_step = cfg.batch_size * cfg.gradient_accumulation_steps * self.ranks
+        passes = run_passes(cfg.max_steps, cfg.num_train_epochs, pairs_per_step, len(self.train_pairs))
+        self.shapes = ShapePlan(self.train_pairs, self.layout, cfg.max_batch_shapes,
+                                batch_size=cfg.batch_size * self.ranks, passes=passes)
+        self.sampler = BatchSampler(self.train_pairs, cfg.batch_size, cfg.seed, shapes=self.shapes,
+                                    rank=self.rank, ranks=self.ranks)
+
+    def _build_optimizer(self) -> None:
+        cfg = self.cfg
+        self.steps_per_epoch = max(1, len(self.sampler) // cfg.gradient_accumulation_steps)
+        if cfg.max_steps > 0:
+            self.total_steps = cfg.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(cfg.num_train_epochs * self.steps_per_epoch))
+        warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
+        warn_unused_settings(cfg, bool(self.eval_pairs), self.use_reference, self.total_steps, warmup, self.log)
+        self.schedule = build_schedule(cfg.lr_scheduler_type, cfg.learning_rate, self.total_steps, warmup)
+        self.optimizer = optim.AdamW(
+            learning_rate=self.schedule, betas=[cfg.adam_beta1, cfg.adam_beta2], eps=cfg.adam_epsilon,
+            weight_decay=0.0, bias_correction=True,
+        )  # cfg.weight_decay is applied by apply_update, to transformers' parameter groups
+        self.optimizer.init(self.model.trainable_parameters())
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @property
+    def loss_state(self) -> dict:
+        return self.state.loss_state
+
+    @property
+    def reference_mode(self) -> str:
+        return reference_mode(self.model)
+
+    # ------------------------------------------------------------------ the step
+    @property
+    def reference_source(self) -> Optional[str]:
+        """Where the step's reference log-probs come from (see :mod:`.steps`)."""
+        if not self.use_reference:
+            return None
+        return "precomputed" if self.precompute else self.reference_mode
+
+    def reference_logps(self, batch: Dict[str, mx.array]) -> Optional[Dict[str, mx.array]]:
+        return reference_logps(self.model, batch, self.cfg, self.reductions, self.reference_source)
+
+    def _build_steps(self) -> None:
+        def traced():
+            self.trace_count += 1
+
+        self.grad_step, self.apply_update, self.eval_step = build_steps(
+            self.model, self.optimizer, self.cfg, self.reductions, self.reference_source, on_trace=traced,
+            group=self.group if self.ranks > 1 else None)
+
+    def collate(self, pairs: List[TokenizedPair], indices: List[int]) -> Batch:
+        """Pad ``pairs[indices]`` into a batch of one of the run's shapes, in the run's layout."""
+        chosen = [pairs[i] for i in indices]
+        return collate(chosen, indices, self.pad_id, layout=self.layout, shape=self.shapes.cell(chosen))
+
+    def to_device(self, batch: Batch, split: str = "train") -> Dict[str, mx.array]:
+        arrays = {k: mx.array(v) for k, v in batch.arrays().items()}
+        if self.precompute and self.use_reference:
+            cache = self.ref_cache[split]
+            for r in self.reductions:
+                values = cache[r][batch.indices]  # (B, 2): chosen, rejected
+                arrays[f"ref_{r}"] = mx.array(np.concatenate([values[:, 0], values[:, 1]]).astype(np.float32))
+        return arrays
+
+    # ------------------------------------------------------------------ precompute
+    def precompute_reference(self) -> None:
+        """Reference log-probs of every train/eval pair, once, in inference mode;
+        cached on disk keyed by model, reference adapter, data and settings."""
+        for split, pairs in (("train", self.train_pairs), ("eval", self.eval_pairs)):
+            if pairs:
+                self.ref_cache[split], batches = precompute_reference_logps(
+                    self.model, pairs, self.cfg, self.collate, reductions=self.reductions,
+                    model_path=self.model_path, split=split, log=self.log, initial=self.step == 0,
+                    group=self.group if self.ranks > 1 else None)
+                self.reference_forwards += batches
+        metal.release_cache()
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> Dict[str, float]:
+        """Mean loss and metrics over the eval pairs (``max_eval_batches`` of them), in inference
+        mode (:func:`.evaluation.evaluate`); the model's train/eval mode is left as it was."""
+        if not self.eval_pairs:
+            return {}
+        if self.reference_source == "precomputed" and "eval" not in self.ref_cache:
+            self.precompute_reference()  # evaluate() before train()
+        return evaluation.evaluate(self.model, self.eval_step, self.eval_pairs, self.cfg, self.collate,
+                                   self.to_device, self.loss_state, self.log)
+
+    # ------------------------------------------------------------------ training
+    def train(self) -> TrainResult:
+        """Train to ``state.max_steps``, checkpointing every ``save_steps`` and at the end.
+        SIGINT/SIGTERM: finish the step, checkpoint, raise ``TrainingInterrupted``.
+        The output directory is locked while it runs (a second run there is refused)."""
+        if self.main:
+            self.lock.acquire()
+        try:
+            return self._train()
+        finally:
+            self.lock.release()
+
+    def _train(self) -> TrainResult:
+        if self.main:
+            self.state.log_history = prepare_output_dir(self.output_dir, self.step, self.resume_path is not None,
+                                                        self.cfg.overwrite_output_dir, self.log)
+            checkpoint.run_config(self.cfg).save(self.output_dir / "config.yaml")
+        was_training = self.model.training
+        if self.ranks > 1:
+            self._start_watchdog()
+        try:
+            if self.precompute and self.use_reference:
+                with self._guard("the reference precompute"), self.clock.phase("precompute"):
+                    self.precompute_reference()
+            self.model.train()
+            with checkpoint.StopSignals() as stop, metal.wired_limit(self.model, self.log):
+                return self._train_loop(stop)
+        except RuntimeError as e:
+            error = stopping.fault_error(e, self.step, self.rank, self.ranks, self.output_dir)
+            if error is None:
+                raise
+            raise error from None
+        finally:
+            self.model.train(was_training)  # as loaded (mlx-lm: eval), so dropout is off for generation
+            if self.watchdog is not None:
+                self.watchdog.close()
+                self.watchdog = None
+            self.callbacks.close()  # a bar or tracker left open by an exception
+
+    def _train_loop(self, stop: checkpoint.StopSignals) -> TrainResult:
+        cfg, state = self.cfg, self.state
+        batches = iter(self.sampler)
+        self.stop_signals, self.stop_agreed = stop, False  # data parallel: every rank stops after the same step
+        self.log(f"training: {state.max_steps} steps, {len(self.train_pairs)} pairs, "
+                 f"{distributed.global_batch_message(cfg.batch_size, cfg.gradient_accumulation_steps, self.ranks)}"
+                 f", loss {cfg.loss_type}, reference {self.reference_source or 'none'}")
+        warn_if_too_big(self.model, self.train_pairs, cfg.batch_size, self.prefix_sharing,
+                        cfg.gradient_checkpointing, self.log)
+        blas = reference_blas_warning()
+        if blas:
+            self.log(blas)
+        self.throughput = Throughput()
+        self.callbacks.on_train_begin(state)
+        if cfg.eval_on_start and state.step == 0 and self.eval_pairs:
+            self._log_and_evaluate(start=True)
+        self.clock.started_training()
+        while state.step < state.max_steps:
+            if stop.signum is not None and (self.ranks == 1 or self.stop_agreed):
+                self._stop(stop.signum)
+            tic, traces = time.perf_counter(), self.trace_count
+            with self._guard(f"step {state.step + 1}"):
+                grads, ok, values, tokens = self._accumulate(batches)
+                learning_rate = self.optimizer.learning_rate  # this update's (the schedule at the current step)
+                norm = self.apply_update(grads, ok)
+                mx.eval(norm, ok, learning_rate, values, self._pending_loss_state,
+                        self.model.trainable_parameters(), self.optimizer.state)  # the step's one host sync
+                tokens = self._share_tokens_and_stop(tokens)
+            metrics = self._step_metrics(values, norm, learning_rate)
+            if metrics is None:  # skipped on the device: the step is retried on the next batches
+                continue
+            state.step += 1
+            if cfg.sync_ref_model and state.step % cfg.ref_model_sync_steps == 0:
+                sync_reference(self.model, cfg.ref_model_mixup_alpha)
+            seconds = time.perf_counter() - tic
+            self.throughput.add(tokens, seconds)
+            self.clock.step(seconds, tokens, traced=self.trace_count > traces)
+            state.window.add(metrics, tokens, seconds)
+            self.callbacks.on_step_end(state, metrics)
+            self._log_and_evaluate(metrics["learning_rate"], metrics["grad_norm"])
+            if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < state.max_steps:
+                self.save_checkpoint()
+        self.save_checkpoint()
+        self.save()
+        self.callbacks.on_train_end(state)
+        self.log(f"done: {state.step} steps, peak memory {peak_memory_gb():.3f} GB, adapters in {self.output_dir}")
+        self.log(f"{self.clock.line()}; {self.trace_count} training-step shapes compiled (max_batch_shapes "
+                 f"{cfg.max_batch_shapes})")
+        self.log(self.throughput.report(self.model, self.use_reference and not self.precompute))
+        final = state.log_history[-1] if state.log_history else {}
+        return TrainResult(self.output_dir, state.step,
+                           {k: v for k, v in final.items() if not k.startswith("eval_") and k != "warnings"},
+                           dict(state.window.last_eval), state.log_history)
+
+    def _time_split(self) -> dict:
+        """The run's wall time so far (transformers' ``train_runtime``) and its split by phase
+        (``time/<phase>``, :mod:`mlx_dpo.util.clock`), in seconds: the last step's record carries them."""
+        split = self.clock.split()
+        return {"train_runtime": split.pop("total"), **{f"time/{k}": v for k, v in split.items()}}
+
+    def _accumulate(self, batches):
+        """Gradients (averaged) of ``gradient_accumulation_steps`` micro-batches, a device-side
+        flag "loss and gradients finite", the per-micro-batch values (lazy) and the tokens.
+        Nothing waits for the device here; traces (new batch shapes) are timed."""
+        accum, state = self.cfg.gradient_accumulation_steps, self.state
+        grads_sum, ok, values, tokens = None, mx.array(True), [], 0
+        loss_state = state.loss_state
+        for _ in range(accum):
+            batch = self.collate(self.train_pairs, next(batches))
+            traces, tic = self.trace_count, time.perf_counter()
+            loss, out, loss_state, grads, grad_sq = self.grad_step(self.to_device(batch), loss_state)
+            if self.trace_count > traces:  # a new shape: tracing + compiling the step, then running it once
+                mx.eval(loss, grads)
+                self.compile_seconds += time.perf_counter() - tic
+            ok = ok & mx.isfinite(loss) & mx.isfinite(grad_sq)
+            grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
+            values.append(({"loss": loss, **out}, grad_sq))
+            if accum > 1:
+                mx.async_eval(grads_sum, ok)  # bounded memory; the host goes on to the next micro-batch
+            tokens += batch.num_tokens
+        self._pending_loss_state = loss_state
+        if accum > 1:
+            grads_sum = tree_map(lambda g: g / accum, grads_sum)
+        return grads_sum, ok, values, tokens
+
+    def _share_tokens_and_stop(self, tokens: int) -> int:
+        """Data parallel: the global tokens; all ranks stop after the same step (:mod:`.stopping`)."""
+        if self.ranks == 1:
+            return tokens
+        tokens, stopped = stopping.share_tokens_and_stop(tokens, self.stop_signals, self.group)
+        self.stop_agreed = self.stop_agreed or stopped
+        return tokens
+
+    def _step_metrics(self, values: list, norm: mx.array, learning_rate: mx.array) -> Optional[dict]:
+        """The step's metrics as floats (micro-batch means), or ``None`` after a non-finite step
+        (the update was not applied; see :meth:`_nonfinite`)."""
+        floats = [({k: float(v.item()) for k, v in out.items()}, float(sq.item())) for out, sq in values]
+        bad = next(((out, sq) for out, sq in floats
+                    if not math.isfinite(out["loss"]) or not math.isfinite(sq)), None)
+        if bad is not None:
+            self._nonfinite(*bad)
+            return None
+        self.state.loss_state = self._pending_loss_state
+        self.state.consecutive_skips = 0
+        metrics = {k: sum(out[k] for out, _ in floats) / len(floats) for k in floats[0][0]}
+        metrics.update(learning_rate=float(learning_rate.item()), grad_norm=float(norm.item()))
+        return metrics
+
+    def _log_and_evaluate(self, learning_rate: float = 0.0, grad_norm: float = 0.0, start: bool = False) -> None:
+        """At a logging step: the record of :func:`.evaluation.log_record`; at an eval step (or
+        ``start``: before step 1, ``eval_on_start``): evaluate and add the ``eval_*`` metrics.
+        The record goes to ``log_history`` and the callbacks."""
+        cfg, state = self.cfg, self.state
+        record = None if start else evaluation.log_record(cfg, state, learning_rate, grad_norm, self.trace_count,
+                                                           self.compile_seconds)
+        if start or evaluation.eval_due(cfg, state, self.steps_per_epoch, bool(self.eval_pairs)):
+            with self.clock.phase("eval"):
+                state.window.last_eval = self.evaluate()
+            self.callbacks.on_evaluate(state, state.window.last_eval)
+            record = {**(record or {"step": state.step, "epoch": round(state.epoch, 4)}), **state.window.last_eval}
+        if record is not None and state.step == state.max_steps and not start:
+            record.update(self._time_split())  # the final save is in the done line's split only
+        if record is not None:
+            state.log_history.append(record)
+            self.callbacks.on_log(state, record)
+
+    def _nonfinite(self, values: dict, grad_norm_sq: float) -> None:
+        """Stop on a non-finite step, or (``skip_nonfinite_steps``) count it and go on."""
+        stopping.skip_nonfinite(self.state, values, grad_norm_sq, self.cfg, self.output_dir, self.log)
+
+    def _start_watchdog(self) -> None:
+        if self.watchdog is None:
+            self.watchdog = distributed.Watchdog(self.cfg.ddp_timeout, self.rank, self.ranks, self._last_checkpoint)
+
+    def _guard(self, what: str):
+        """The watchdog around a section with collectives (a no-op in one process)."""
+        return self.watchdog.guard(what) if self.watchdog is not None else contextlib.nullcontext()
+
+    def _last_checkpoint(self) -> str:
+        return stopping.last_checkpoint(self.output_dir)
+
+    def _stop(self, signum: int) -> None:
+        """After SIGINT/SIGTERM: checkpoint, say how to resume, raise TrainingInterrupted."""
+        path = self.save_checkpoint() or f"{self.output_dir} by rank 0"
+        raise stopping.interrupted(signum, self.step, path, self.output_dir)
+
+    # ------------------------------------------------------------------ saving
+    def save_checkpoint(self) -> Path:
+        """``checkpoints/step-N``: everything needed to resume exactly (see :mod:`.checkpoint`);
+        written by rank 0 only (``None`` on the others)."""
+        if not self.main:
+            return None
+        with self.clock.phase("save"):
+            path = checkpoint.save_checkpoint(self.output_dir, self.state, self.model, self.optimizer, self.cfg,
+                                              self.adapter_config())
+        self.log(f"checkpoint: {path}")
+        self.callbacks.on_save(self.state, path)
+        return path
+
+    def adapter_config(self) -> dict:
+        """mlx-lm's ``adapter_config.json`` for this run (``model: null`` when the base is unknown)."""
+        if self.model_path is None:
+            base = None
+        else:
+            base = self.cfg.model if self.cfg.model.startswith("toy:") else str(self.model_path)
+        return adapter_config(self.cfg, self.num_layers, base)
+
+    def save(self, directory: Optional[Path] = None) -> Path:
+        """Adapters in mlx-lm's format + resolved config."""
+        directory = Path(directory or self.output_dir)
+        if not self.main:
+            return directory
+        try:
+            with self.clock.phase("save"):
+                checkpoint.save_adapters(directory, self.model, self.cfg, self.adapter_config())
+        except OSError as e:
+            raise checkpoint.CheckpointError(f"could not save adapters to {directory}: {e}. The last checkpoint is "
+                                             f"{self._last_checkpoint()}") from e
+        return directory
+
+
+def train(config=None, **overrides) -> TrainResult:
+    """Python API: ``train("configs/toy.yaml", beta=0.2)`` or ``train(DPOConfig(...))``."""
+    cfg = config if isinstance(config, DPOConfig) else resolve_config(config, **overrides)
+    if isinstance(config, DPOConfig) and overrides:
+        cfg = DPOConfig.from_dict({**config.to_dict(), **overrides})
+    return DPOTrainer(cfg).train()

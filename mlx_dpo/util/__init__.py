@@ -1,0 +1,1 @@
+"""Leaf helpers: atomic files, paths and cache locations, Hub timeouts, Metal memory, ranks, the clock."""

@@ -1,0 +1,48 @@
+"""Metal memory hygiene, as mlx-lm's trainer and generator do it (no-ops on other backends).
+
+- :func:`wired_limit` (around training): wire up to Metal's recommended working set
+  (``mx.set_wired_limit``) so the weights and activations stay resident between steps, and
+  restore the previous limit afterwards; warn when the weights alone exceed 90% of that set
+  (the machine will swap).
+- :func:`release_cache`: ``mx.clear_cache()`` after evaluation and after the reference
+  precompute, whose buffer shapes the training step does not reuse (MLX keeps freed buffers
+  in its cache for reuse; on a Mac that memory is the GPU's and the rest of the system's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..monitor.perf import system_memory_bytes, weights_bytes
+
+
+@contextlib.contextmanager
+def wired_limit(model: nn.Module, log: Callable[[str], None] = print):
+    """On Metal: ``mx.set_wired_limit(max_recommended_working_set_size)`` for the block, then the
+    old limit back (after ``mx.synchronize``); elsewhere nothing."""
+    if not mx.metal.is_available():
+        yield
+        return
+    limit = system_memory_bytes()  # on Metal: max_recommended_working_set_size
+    weights = weights_bytes(model)
+    if weights > 0.9 * limit:
+        log(f"warning: the weights ({weights / 1e9:.2f} GB) are over 90% of Metal's recommended working set "
+            f"({limit / 1e9:.2f} GB): expect swapping; use a smaller or quantized model")
+    old = mx.set_wired_limit(limit)
+    try:
+        yield
+    finally:
+        mx.synchronize()
+        mx.set_wired_limit(old)
+
+
+def release_cache() -> None:
+    """Free MLX's cache of unused buffers (``mx.clear_cache``)."""
+    mx.clear_cache()
+
+
+__all__ = ["wired_limit", "release_cache"]
