@@ -20,6 +20,7 @@ from mlx_dpo.forward.logprobs import completion_logps
 from mlx_dpo.model.loader import load_model
 from mlx_dpo.forward.packed import enable_position_rope
 from mlx_dpo.model.toy import build_toy_model
+from mlx_dpo.util import metal
 from mlx_dpo.train.trainer import DPOTrainer
 
 
@@ -147,18 +148,18 @@ def test_memory_is_metals_recommended_working_set(llama_dir, monkeypatch):
     The CPU backend reports no memory size: physical RAM; CUDA reports ``total_memory``."""
     import os
 
-    assert perf.system_memory_bytes() == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert metal.system_memory_bytes() == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     model, _, _ = load_model(DPOConfig(model=str(llama_dir)))
     pairs = random_pairs(4, 200)
     for recommended, warns in ((27 * 2**30, False), (2**20, True)):
         monkeypatch.setattr(mx, "device_info", lambda *a, **k: {**METAL_INFO,
                                                                 "max_recommended_working_set_size": recommended})
-        assert perf.system_memory_bytes() == recommended
+        assert metal.system_memory_bytes() == recommended
         lines = []
         perf.warn_if_too_big(model, pairs, 4, False, False, log=lines.append)
         assert bool(lines) == warns and (not warns or f"{recommended / 1e9:.1f} GB available" in lines[0])
     monkeypatch.setattr(mx, "device_info", lambda *a, **k: {"device_name": "NVIDIA H100", "total_memory": 80 * 2**30})
-    assert perf.system_memory_bytes() == 80 * 2**30
+    assert metal.system_memory_bytes() == 80 * 2**30
 
 
 @pytest.fixture(scope="module")

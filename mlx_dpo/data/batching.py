@@ -20,9 +20,10 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from .base import TokenizedPair
-from ..forward.packed import CHOSEN, PAD, PROMPT, REJECTED
 from .shapes import ShapePlan, bucket_length, pair_dims
 
+
+PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3  # the packed layout's branch of each token (forward/packed.py)
 
 @dataclass
 class Batch:

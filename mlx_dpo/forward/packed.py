@@ -24,9 +24,8 @@ from typing import Dict
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..data.batching import CHOSEN, PAD, PROMPT, REJECTED
 from .blocks import Positions, run_block
-
-PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
 
 
 class PositionRoPE(nn.Module):

@@ -27,6 +27,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..forward.blocks import chunk_bounds, standard_blocks
+from ..util.metal import system_memory_bytes, weights_bytes
 
 # Fallback when no probe is run: a float32 GEMM peak measured on a 2-core x86 CPU
 # with OpenBLAS (the reference machine of benchmarks/README.md).
@@ -69,21 +70,6 @@ def flops_per_token(model: nn.Module, live_reference: bool) -> float:
 
 def mfu(tokens_per_second: float, flops_token: float, peak_gflops: float) -> float:
     return tokens_per_second * flops_token / (peak_gflops * 1e9)
-
-
-def weights_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters as stored (quantized weights packed)."""
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-
-
-def system_memory_bytes() -> int:
-    """Memory MLX may use: Metal's recommended working set, else the device's memory
-    (``memory_size``; ``total_memory`` on CUDA), else physical RAM (the CPU backend)."""
-    info = mx.device_info()
-    for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
-        if info.get(key):
-            return int(info[key])
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def static_memory_estimate(model: nn.Module, batch_size: int, seq_len: int, prompt_len: int = 0,

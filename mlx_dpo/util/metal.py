@@ -12,12 +12,27 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
-from ..monitor.perf import system_memory_bytes, weights_bytes
+
+def weights_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters as stored (quantized weights packed)."""
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def system_memory_bytes() -> int:
+    """Memory MLX may use: Metal's recommended working set, else the device's memory
+    (``memory_size``; ``total_memory`` on CUDA), else physical RAM (the CPU backend)."""
+    info = mx.device_info()
+    for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
+        if info.get(key):
+            return int(info[key])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 @contextlib.contextmanager
@@ -45,4 +60,4 @@ def release_cache() -> None:
     mx.clear_cache()
 
 
-__all__ = ["wired_limit", "release_cache"]
+__all__ = ["wired_limit", "release_cache", "weights_bytes", "system_memory_bytes"]
