@@ -20,7 +20,8 @@ from mlx_dpo.train import checkpoint
 from mlx_dpo.train.checkpoint import CheckpointError, TrainingError, TrainingInterrupted
 from mlx_dpo.cli.commands import main
 from mlx_dpo.config.fields import ConfigError, DPOConfig
-from mlx_dpo.train.trainer import DPOTrainer, NonFiniteError
+from mlx_dpo.train.faults import NonFiniteError
+from mlx_dpo.train.trainer import DPOTrainer
 
 QUIET = dict(log=lambda *a: None)
 TIMING = ("tokens_per_second", "peak_memory_gb", "compiled_shapes", "compile_seconds", "train_runtime")  # per process

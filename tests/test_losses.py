@@ -13,7 +13,6 @@ from mlx_dpo.config.fields import ConfigError, DPOConfig
 from mlx_dpo.loss.losses import (
     LOSSES,
     batch_loss,
-    f_scores,
     init_loss_state,
     needs_reference,
     preference_loss,
@@ -21,6 +20,7 @@ from mlx_dpo.loss.losses import (
     resolve_loss,
     validate_loss_config,
 )
+from mlx_dpo.loss.pair_losses import f_scores
 from mlx_dpo.loss.reduce import reduce_logps
 
 BETAS = [0.1, 0.5, 2.0]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -417,9 +416,6 @@ def config_field_names() -> list:
     return [f.name for f in fields(DPOConfig)]
 
 
-def field_help(name: str) -> str:
-    return DPOConfig.__dataclass_fields__[name].metadata["help"]
-
 
 def config_keys(kind: str) -> tuple:
     """Config keys by what they take part in, derived from each field's role and ``keys``:
@@ -472,7 +468,3 @@ def resolve_config(config: Optional[Union[str, Path]] = None, **overrides) -> DP
     if config is None:
         return DPOConfig.from_dict(overrides, "arguments")
     return DPOConfig.from_yaml(config, overrides)
-
-
-def dumps(cfg: DPOConfig) -> str:
-    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)

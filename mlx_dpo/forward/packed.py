@@ -24,7 +24,7 @@ from typing import Dict
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..data.batching import CHOSEN, PAD, PROMPT, REJECTED
+from ..data.batching import PROMPT
 from .blocks import Positions, run_block
 
 

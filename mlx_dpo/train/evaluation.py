@@ -11,12 +11,8 @@ import mlx.core as mx
 from ..data.batching import eval_batches
 from ..config.fields import DPOConfig
 from ..data import TokenizedPair
-from ..util.metal import release_cache
+from ..util.metal import peak_memory_gb, release_cache
 from .state import TrainState
-
-
-def peak_memory_gb() -> float:
-    return mx.get_peak_memory() / 1e9
 
 
 def evaluate(model, eval_step: Callable, pairs: List[TokenizedPair], cfg: DPOConfig, collate: Callable,

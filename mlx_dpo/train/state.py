@@ -9,7 +9,7 @@ trainer's loop passes along; nothing else carries progress between steps.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from ..data.batching import SamplerState
 
@@ -87,12 +87,10 @@ class TrainState:
                 "data_fingerprint": self.data_fingerprint, "log": self.window.to_dict(),
                 "world_size": self.world_size}
 
-    def load_json(self, d: dict, log_history: Optional[List[dict]] = None) -> None:
+    def load_json(self, d: dict) -> None:
         """Restore the counters, sampler position and logging window saved by :meth:`to_json`."""
         self.step = int(d["step"])
         self.skipped_steps = int(d["skipped_steps"])
         self.consecutive_skips = int(d.get("consecutive_skips", 0))
         self.sampler = SamplerState(**d["sampler"])
         self.window = LogWindow.from_dict(d.get("log", {}))
-        if log_history is not None:
-            self.log_history = log_history

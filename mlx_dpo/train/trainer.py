@@ -39,8 +39,6 @@ from ..config.fields import ConfigError, DPOConfig, resolve_config
 from ..forward.cpu_math import enable_cpu_math
 from ..data import TokenizedPair, load_datasets
 from ..data.formats import check_data_format
-from .evaluation import peak_memory_gb
-from .faults import NonFiniteError  # noqa: F401  (re-exported)
 from ..monitor.health import HealthMonitor
 from ..model.loader import count_parameters, model_for_training, setup_trainable
 from ..forward.packed import enable_position_rope
@@ -53,7 +51,6 @@ from .rundir import METRICS_FILE, RunLock, check_output_dir, check_resume, prepa
 from .schedule import build_schedule
 from ..data.shapes import ShapePlan, run_passes
 from .state import TrainState
-from .stopping import DistributedError  # noqa: F401  (re-exported)
 from .steps import build_steps, reference_logps
 from ..monitor.trackers import tracker_callbacks
 
@@ -333,7 +330,7 @@ class DPOTrainer:
         self.save_checkpoint()
         self.save()
         self.callbacks.on_train_end(state)
-        self.log(f"done: {state.step} steps, peak memory {peak_memory_gb():.3f} GB, adapters in {self.output_dir}")
+        self.log(f"done: {state.step} steps, peak memory {metal.peak_memory_gb():.3f} GB, adapters in {self.output_dir}")
         self.log(f"{self.clock.line()}; {self.trace_count} training-step shapes compiled (max_batch_shapes "
                  f"{cfg.max_batch_shapes})")
         self.log(self.throughput.report(self.model, self.use_reference and not self.precompute))

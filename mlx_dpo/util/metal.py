@@ -35,6 +35,11 @@ def system_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def peak_memory_gb() -> float:
+    """MLX's peak memory so far (``mx.get_peak_memory``), in GB."""
+    return mx.get_peak_memory() / 1e9
+
+
 @contextlib.contextmanager
 def wired_limit(model: nn.Module, log: Callable[[str], None] = print):
     """On Metal: ``mx.set_wired_limit(max_recommended_working_set_size)`` for the block, then the
@@ -60,4 +65,4 @@ def release_cache() -> None:
     mx.clear_cache()
 
 
-__all__ = ["wired_limit", "release_cache", "weights_bytes", "system_memory_bytes"]
+__all__ = ["wired_limit", "release_cache", "weights_bytes", "system_memory_bytes", "peak_memory_gb"]
