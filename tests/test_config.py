@@ -164,3 +164,10 @@ def test_every_data_option_changes_the_tokenized_cache_key(key, tmp_path):
     a = data.cache_key(plan, DPOConfig(), Tok())
     b = data.cache_key(plan, DPOConfig(**{key: changed}), Tok())
     assert a != b
+
+
+def test_padding_free_against_prefix_sharing_false_is_refused_when_the_config_builds():
+    """A DPOConfig that builds is never refused later: the layout contradiction is a config error."""
+    with pytest.raises(ConfigError, match="cannot be combined with prefix_sharing: false"):
+        DPOConfig(prefix_sharing=False, padding_free=True)
+    assert DPOConfig(prefix_sharing=False).padding_free == "auto"  # auto then keeps the unshared layout

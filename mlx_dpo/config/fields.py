@@ -396,6 +396,7 @@ def _check_combinations(cfg: DPOConfig) -> None:
         raise ConfigError("train_type: full has no adapters; reference: adapter needs train_type: adapter")
     if cfg.train_type == "full" and cfg.sync_ref_model:
         raise ConfigError("sync_ref_model (TR-DPO) mixes adapters; it needs train_type: adapter")
+    check_layout(cfg.prefix_sharing, cfg.padding_free)
     if cfg.resume_from_checkpoint and cfg.overwrite_output_dir:
         raise ConfigError("resume_from_checkpoint and overwrite_output_dir contradict each other; choose one")
     if cfg.sync_ref_model and cfg.precompute_ref_log_probs:
@@ -410,6 +411,13 @@ def _check_combinations(cfg: DPOConfig) -> None:
         )
     if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
         raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
+
+
+def check_layout(prefix_sharing: str, padding_free: str) -> None:
+    """``padding_free: true`` shares each prompt: it contradicts ``prefix_sharing: false``."""
+    if padding_free == "true" and prefix_sharing == "false":
+        raise ConfigError("padding_free: true packs each prompt once with both of its completions, so it cannot "
+                          "be combined with prefix_sharing: false (leave prefix_sharing at auto)")
 
 
 def config_field_names() -> list:

@@ -53,15 +53,13 @@ def batch_layout(prefix_sharing: Union[str, bool], padding_free: Union[str, bool
         padding_free = str(on_cpu() and prefix_sharing != "false" and supports_prefix_sharing(model)).lower()
     if padding_free == "false":
         return "prefix" if use_prefix_sharing(prefix_sharing, model) else "unshared"
-    from ..config.fields import ConfigError
+    from ..config.fields import ConfigError, check_layout
 
     if not supports_prefix_sharing(model):
         supported = ", ".join(sorted(with_feature("prefix_sharing")))
         raise ConfigError(f"padding_free: true is not supported for model_type "
                           f"{getattr(model, 'model_type', '?')!r} (supported: {supported})")
-    if prefix_sharing == "false":
-        raise ConfigError("padding_free: true packs each prompt once with both of its completions, so it cannot "
-                          "be combined with prefix_sharing: false (leave prefix_sharing at auto)")
+    check_layout(prefix_sharing, padding_free)
     return "packed"
 
 
