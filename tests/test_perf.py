@@ -58,7 +58,7 @@ def test_traces_equal_fed_shapes_and_stay_within_the_bound(llama_dir, tmp_path, 
     last = trainer.state.log_history[-1]
     assert last["compiled_shapes"] == len(seen) and last["compile_seconds"] > 0
     # the last record carries the run's time split (compile: the traced steps beyond their tokens at steady speed)
-    assert 0 <= last["time/compile"] <= last["time/compile"] + last["time/train"] <= last["train_runtime"]
+    assert 0 <= last["time/compile"] and last["time/compile"] + last["time/train"] <= last["train_runtime"] + 0.1
     assert abs(sum(v for k, v in last.items() if k.startswith("time/")) - last["train_runtime"]) < 0.5
 
 

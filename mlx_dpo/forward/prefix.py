@@ -53,7 +53,8 @@ def batch_layout(prefix_sharing: Union[str, bool], padding_free: Union[str, bool
         padding_free = str(on_cpu() and prefix_sharing != "false" and supports_prefix_sharing(model)).lower()
     if padding_free == "false":
         return "prefix" if use_prefix_sharing(prefix_sharing, model) else "unshared"
-    from ..config.fields import ConfigError, check_layout
+    from ..config.checks import check_layout
+    from ..config.fields import ConfigError
 
     if not supports_prefix_sharing(model):
         supported = ", ".join(sorted(with_feature("prefix_sharing")))

@@ -37,7 +37,7 @@ def _take_process_start() -> Optional[float]:
 
 class RunClock:
     """Seconds per phase of one run. ``phase(name)`` times a block; the trainer calls
-    :meth:`steps` with the training steps' own times to split ``compile`` from ``train``."""
+    :meth:`step` with the training steps' own times to split ``compile`` from ``train``."""
 
     def __init__(self):
         self.start = _take_process_start() or time.perf_counter()

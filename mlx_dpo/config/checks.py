@@ -1,0 +1,129 @@
+"""Every check that can refuse a configuration: names out of their choices, numbers out of their
+range, options that contradict each other. :meth:`DPOConfig.validate <mlx_dpo.config.fields.DPOConfig.validate>`
+runs them all, so a DPOConfig that builds is never refused later (``cfg`` below is a DPOConfig)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+from typing import Any, Optional
+
+from .coerce import ConfigError
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+QUANT_BITS = (2, 3, 4, 5, 6, 8)
+
+
+def check_choices(cfg) -> None:
+    """Options that take one of a few names."""
+    _check_choice("train_type", cfg.train_type, ("adapter", "full"))
+    _check_choice("adapter", cfg.adapter, ("lora", "dora"))
+    _check_choice("reference", cfg.reference, ("base", "adapter"))
+    _check_choice("truncation_mode", cfg.truncation_mode, ("keep_end", "keep_start"))
+    for name in cfg.trackers:
+        _check_choice("report_to", name, ("none", "wandb", "tensorboard"))
+    if cfg.eval_strategy is not None:
+        _check_choice("eval_strategy", cfg.eval_strategy, ("no", "steps", "epoch"))
+    _check_choice("lr_scheduler_type", cfg.lr_scheduler_type, LR_SCHEDULERS)
+    _check_choice("compute_dtype", cfg.compute_dtype, ("auto", "float32", "bfloat16", "float16"))
+    _check_choice("f_divergence_type", cfg.f_divergence_type, ("reverse_kl", "forward_kl", "js_divergence",
+                                                              "alpha_divergence"))
+    for name in ("prefix_sharing", "padding_free"):  # booleans too: the Python API and YAML's true/false
+        setattr(cfg, name, str(getattr(cfg, name)).lower())
+        _check_choice(name, getattr(cfg, name), ("auto", "true", "false"))
+
+
+def check_ranges(cfg) -> None:
+    """Numeric options out of their range."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{f.name} must be a finite number, got {value}")
+    if cfg.max_steps == 0 or cfg.max_steps < -1:
+        raise ConfigError(f"max_steps must be -1 (train num_train_epochs) or >= 1, got {cfg.max_steps}")
+    for name in ("lora_rank", "batch_size", "gradient_accumulation_steps", "logging_steps",
+                 "ref_model_sync_steps", "max_batch_shapes"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("eval_batch_size", "precompute_ref_batch_size", "max_prompt_length", "max_completion_length",
+                 "save_total_limit"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be >= 1 (or unset), got {getattr(cfg, name)}")
+    if cfg.max_length is not None and cfg.max_length < 2:
+        raise ConfigError(f"max_length must be >= 2 (a prompt token and a completion token), got {cfg.max_length}")
+    for name in ("warmup_steps", "save_steps", "max_grad_norm", "weight_decay"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.eval_steps is not None and cfg.eval_steps < 0:
+        raise ConfigError(f"eval_steps must be >= 0 (0 disables evaluation), got {cfg.eval_steps}")
+    if cfg.num_layers == 0 or cfg.num_layers < -1:
+        raise ConfigError(f"num_layers must be -1 (all blocks) or >= 1, got {cfg.num_layers}")
+    if not 0.0 <= cfg.warmup_ratio <= 1.0:
+        raise ConfigError(f"warmup_ratio must be in [0, 1], got {cfg.warmup_ratio}")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
+    if cfg.lora_alpha <= 0:
+        raise ConfigError(f"lora_alpha must be > 0, got {cfg.lora_alpha}")
+    if cfg.learning_rate <= 0:
+        raise ConfigError(f"learning_rate must be > 0, got {cfg.learning_rate}")
+    if not 0.0 <= cfg.eval_split < 1.0:
+        raise ConfigError(f"eval_split must be in [0, 1), got {cfg.eval_split}")
+    if not 0.0 <= cfg.label_smoothing <= 0.5:
+        raise ConfigError(f"label_smoothing must be in [0, 0.5], got {cfg.label_smoothing}")
+
+
+def quantize_options(quantize: Optional[dict]) -> Optional[dict]:
+    """``quantize`` with its defaults filled in: ``{bits: 4, group_size: 64}``."""
+    if quantize is None:
+        return None
+    if not isinstance(quantize, dict) or set(quantize) - {"bits", "group_size"}:
+        raise ConfigError("quantize must be a mapping with keys bits (e.g. 4 or 8) and group_size (32|64|128)")
+    bits = quantize.get("bits", 4)
+    group = quantize.get("group_size", 64)
+    if bits not in QUANT_BITS or group not in (32, 64, 128):
+        raise ConfigError(f"quantize: bits must be one of {', '.join(map(str, QUANT_BITS))} (4 or 8 "
+                          f"recommended) and group_size 32, 64 or 128, got {quantize}")
+    return {"bits": bits, "group_size": group}
+
+
+def check_combinations(cfg) -> None:
+    """Options that are fine alone but contradict each other (or are missing a partner)."""
+    if cfg.eval_strategy == "no" and cfg.eval_steps:
+        raise ConfigError(f"eval_steps is {cfg.eval_steps} but eval_strategy is 'no'; set eval_strategy: steps "
+                          "(or remove eval_steps)")
+    if cfg.reference == "adapter" and not cfg.ref_adapter_path:
+        raise ConfigError("reference: adapter needs ref_adapter_path (an mlx-lm adapter directory)")
+    if cfg.ref_adapter_path and cfg.reference != "adapter":
+        raise ConfigError("ref_adapter_path is set but reference is 'base', so it would be ignored; "
+                          "set reference: adapter (or remove ref_adapter_path)")
+    if cfg.train_type == "full" and cfg.reference == "adapter":
+        raise ConfigError("train_type: full has no adapters; reference: adapter needs train_type: adapter")
+    if cfg.train_type == "full" and cfg.sync_ref_model:
+        raise ConfigError("sync_ref_model (TR-DPO) mixes adapters; it needs train_type: adapter")
+    check_layout(cfg.prefix_sharing, cfg.padding_free)
+    if cfg.resume_from_checkpoint and cfg.overwrite_output_dir:
+        raise ConfigError("resume_from_checkpoint and overwrite_output_dir contradict each other; choose one")
+    if cfg.sync_ref_model and cfg.precompute_ref_log_probs:
+        raise ConfigError("sync_ref_model (TR-DPO) updates the reference; it cannot be combined with precompute_ref_log_probs")
+    if cfg.sync_ref_model and cfg.reference_free:
+        raise ConfigError("sync_ref_model needs a reference; it cannot be combined with reference_free")
+    if cfg.sync_ref_model and not 0.0 <= cfg.ref_model_mixup_alpha <= 1.0:
+        raise ConfigError(f"ref_model_mixup_alpha must be in [0, 1], got {cfg.ref_model_mixup_alpha}")
+    if cfg.loss_weights is not None and len(cfg.loss_weights) != len(cfg.loss_types):
+        raise ConfigError(
+            f"loss_weights has {len(cfg.loss_weights)} entries but loss_type has {len(cfg.loss_types)}"
+        )
+    if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
+        raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
+
+
+def check_layout(prefix_sharing: str, padding_free: str) -> None:
+    """``padding_free: true`` shares each prompt: it contradicts ``prefix_sharing: false``."""
+    if padding_free == "true" and prefix_sharing == "false":
+        raise ConfigError("padding_free: true packs each prompt once with both of its completions, so it cannot "
+                          "be combined with prefix_sharing: false (leave prefix_sharing at auto)")
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
