@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mlx_dpo.train import checkpoint
+from mlx_dpo.train import checkpoint, stopping
 from mlx_dpo.train.checkpoint import CheckpointError, TrainingError, TrainingInterrupted
 from mlx_dpo.cli.commands import main
 from mlx_dpo.config.fields import ConfigError, DPOConfig
@@ -208,7 +208,7 @@ def test_disk_full_while_saving_leaves_no_partial_checkpoint(llama_dir, toy_data
 
 
 def test_second_signal_stops_at_once():
-    with checkpoint.StopSignals() as stop:
+    with stopping.StopSignals() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.01)
         assert stop.signum == signal.SIGTERM
@@ -226,6 +226,8 @@ import sys
 from pathlib import Path
 import mlx.core as mx, mlx.nn as nn, mlx.optimizers as optim
 from mlx_dpo.train import checkpoint
+from mlx_dpo.train.rundir import clean_stale
+from mlx_dpo.data.cache import data_fingerprint
 from mlx_dpo.loss import losses
 from mlx_dpo.config.fields import DPOConfig
 from mlx_dpo.data import TokenizedPair
@@ -237,11 +239,11 @@ model = nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 512))
 optimizer = optim.AdamW(learning_rate=1e-3)
 optimizer.init(model.trainable_parameters())
 pairs = [TokenizedPair([1, i], [2], [3]) for i in range(8)]
-state = TrainState(max_steps=10 ** 9, num_batches=2, data_fingerprint=checkpoint.data_fingerprint(pairs),
+state = TrainState(max_steps=10 ** 9, num_batches=2, data_fingerprint=data_fingerprint(pairs),
                    loss_state=losses.init_loss_state(cfg))
 if sys.argv[2]:
     state = checkpoint.restore(checkpoint.load_checkpoint(checkpoint.latest_checkpoint(out)), state, model, optimizer)
-checkpoint.clean_stale(out)
+clean_stale(out)
 print("ready", state.step, flush=True)
 while True:
     state.step += 1

@@ -86,7 +86,7 @@ def _interrupt_once(signum, frame) -> None:
 def _quiet_interrupts():
     """Once a run is stopping (Ctrl-C, SIGTERM), later signals are ignored, so a second Ctrl-C
     cannot print a traceback from cleanup or an atexit handler; the exit code stays 130/143.
-    (While the training loop runs, its own handlers take over: see ``checkpoint.StopSignals``.)"""
+    (While the training loop runs, its own handlers take over: see ``stopping.StopSignals``.)"""
     old = signal.signal(signal.SIGINT, _interrupt_once)
     try:
         yield

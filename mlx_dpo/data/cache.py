@@ -57,6 +57,19 @@ def _file_id(path: Path) -> list:
     return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
 
+def data_fingerprint(pairs, sample: int = 1000) -> str:
+    """Hash of every pair's lengths and of the tokens of ~``sample`` evenly spaced pairs
+    (cheap for large data sets; a changed data file changes it)."""
+    h = hashlib.sha256(np.array([(len(p.prompt), len(p.chosen), len(p.rejected)) for p in pairs],
+                                dtype=np.int64).tobytes())
+    for p in pairs[:: max(1, len(pairs) // sample)]:
+        h.update(np.asarray([*p.prompt, -1, *p.chosen, -1, *p.rejected], dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------- saving
+
+
 def cache_key(plan: dict, cfg: DPOConfig, tokenizer) -> str:
     """Hash of the planned files, the data settings and the tokenizer."""
     settings = {name: getattr(cfg, name) for name in config_keys("data_cache")}

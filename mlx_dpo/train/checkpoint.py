@@ -21,13 +21,10 @@ next start. Only safetensors, JSON and YAML are ever read back (no pickle).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
 import shutil
-import signal
-import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -97,30 +94,6 @@ def latest_checkpoint(output_dir: Path) -> Optional[Path]:
         return root / name
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
-
-
-def clean_stale(output_dir: Path) -> List[Path]:
-    """Remove temporaries a killed process left behind (never a complete checkpoint):
-    ``.NAME.*.tmp`` files/dirs, ``.NAME.deleting`` and ``.NAME.old`` dirs."""
-    removed = []
-    for folder in (Path(output_dir), checkpoints_dir(output_dir)):
-        for p in folder.iterdir() if folder.is_dir() else []:
-            if p.name.startswith(".") and (p.name.endswith((".tmp", ".deleting", ".old")) or ".tmp." in p.name):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-                removed.append(p)
-    return removed
-
-
-def clear_run(output_dir: Path) -> None:
-    """``--overwrite``: remove the old run's checkpoints, adapters and metrics (nothing else)."""
-    root = checkpoints_dir(output_dir)
-    if root.is_dir():
-        doomed = root.with_name(f".{CHECKPOINTS}.deleting")
-        shutil.rmtree(doomed, ignore_errors=True)
-        os.replace(root, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
-    for name in ("adapters.safetensors", "adapter_config.json", "metrics.jsonl"):
-        (Path(output_dir) / name).unlink(missing_ok=True)
 
 
 def resolve_resume(spec: str, output_dir: Path) -> Path:
@@ -200,17 +173,6 @@ def _same(a, b) -> bool:
     return False
 
 
-def data_fingerprint(pairs, sample: int = 1000) -> str:
-    """Hash of every pair's lengths and of the tokens of ~``sample`` evenly spaced pairs
-    (cheap for large data sets; a changed data file changes it)."""
-    h = hashlib.sha256(np.array([(len(p.prompt), len(p.chosen), len(p.rejected)) for p in pairs],
-                                dtype=np.int64).tobytes())
-    for p in pairs[:: max(1, len(pairs) // sample)]:
-        h.update(np.asarray([*p.prompt, -1, *p.chosen, -1, *p.rejected], dtype=np.int64).tobytes())
-    return h.hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------- saving
 def run_config(cfg: DPOConfig) -> DPOConfig:
     """The config as saved with a run: the recipe, without this invocation's
     ``resume_from_checkpoint`` / ``overwrite_output_dir`` (reusing it never resumes or
@@ -383,47 +345,3 @@ def restore(ckpt: Checkpoint, state: TrainState, model, optimizer) -> TrainState
     restored.load_json(saved)
     mx.eval(model.parameters(), optimizer.state, restored.loss_state)
     return restored
-
-
-def truncate_metrics(metrics_file: Path, step: int) -> List[dict]:
-    """Keep the records with ``step <= step`` (a resumed run rewrites the rest)."""
-    if not metrics_file.is_file():
-        return []
-    kept = []
-    for line in metrics_file.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a crash
-        if isinstance(record, dict) and record.get("step", 0) <= step:
-            kept.append(record)
-    atomic_write_text(metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
-    return kept
-
-
-# ---------------------------------------------------------------------- signals
-class StopSignals:
-    """While active, SIGINT/SIGTERM set ``signum`` (the loop finishes its step, saves and
-    stops); a second signal raises :class:`TrainingInterrupted` at once."""
-
-    def __init__(self):
-        self.signum: Optional[int] = None
-        self._old = {}
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
-
-    def _handle(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.signum is not None:
-            raise TrainingInterrupted(signum, f"{name} again: stopped at once; saved checkpoints are intact")
-        self.signum = signum
-        # os.write, not print: a handler may run in the middle of another print
-        os.write(2, f"\n{name}: finishing this step, then saving a checkpoint (again to stop at once)\n".encode())

@@ -11,12 +11,14 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, List, Optional
 
 from . import checkpoint
 from ..config.fields import ConfigError, DPOConfig
+from ..util.io import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".mlx_dpo.lock"
@@ -122,16 +124,56 @@ def prepare_output_dir(out: Path, step: int, resuming: bool, overwrite: bool, lo
     (only now, after config, model and data loaded fine); on resume keep the metric records
     up to ``step`` (returned) and drop newer checkpoints."""
     out.mkdir(parents=True, exist_ok=True)
-    for p in checkpoint.clean_stale(out):
+    for p in clean_stale(out):
         log(f"removed stale temporary {p}")
     metrics_file = out / METRICS_FILE
     if not resuming:
         if overwrite:
-            checkpoint.clear_run(out)
+            clear_run(out)
         metrics_file.write_text("")
         return []
     for newer in checkpoint.list_checkpoints(out):
         if checkpoint.step_of(newer) > step:
             log(f"removing {newer} (newer than the resumed step {step})")
             checkpoint.remove_checkpoint(newer)
-    return checkpoint.truncate_metrics(metrics_file, step)
+    return truncate_metrics(metrics_file, step)
+
+
+def clean_stale(output_dir: Path) -> List[Path]:
+    """Remove temporaries a killed process left behind (never a complete checkpoint):
+    ``.NAME.*.tmp`` files/dirs, ``.NAME.deleting`` and ``.NAME.old`` dirs."""
+    removed = []
+    for folder in (Path(output_dir), checkpoint.checkpoints_dir(output_dir)):
+        for p in folder.iterdir() if folder.is_dir() else []:
+            if p.name.startswith(".") and (p.name.endswith((".tmp", ".deleting", ".old")) or ".tmp." in p.name):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def clear_run(output_dir: Path) -> None:
+    """``--overwrite``: remove the old run's checkpoints, adapters and metrics (nothing else)."""
+    root = checkpoint.checkpoints_dir(output_dir)
+    if root.is_dir():
+        doomed = root.with_name(f".{checkpoint.CHECKPOINTS}.deleting")
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(root, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    for name in ("adapters.safetensors", "adapter_config.json", METRICS_FILE):
+        (Path(output_dir) / name).unlink(missing_ok=True)
+
+
+def truncate_metrics(metrics_file: Path, step: int) -> List[dict]:
+    """Keep the records with ``step <= step`` (a resumed run rewrites the rest)."""
+    if not metrics_file.is_file():
+        return []
+    kept = []
+    for line in metrics_file.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a crash
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(record)
+    atomic_write_text(metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept

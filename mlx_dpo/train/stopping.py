@@ -4,13 +4,16 @@ naming the last good checkpoint to resume from."""
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 from pathlib import Path
 from typing import Callable, Optional
 
 import mlx.core as mx
 
 from . import checkpoint
+from .checkpoint import TrainingInterrupted
 from ..util import distributed
 from ..config.fields import DPOConfig
 from .faults import MAX_CONSECUTIVE_SKIPS, NonFiniteError, is_out_of_memory, nonfinite_message, \
@@ -43,7 +46,7 @@ def skip_nonfinite(state: TrainState, values: dict, grad_norm_sq: float, cfg: DP
     log(msg + f" Skipped ({state.skipped_steps} so far); step {state.step + 1} is retried on the next batches.")
 
 
-def share_tokens_and_stop(tokens: int, stop: checkpoint.StopSignals, group) -> tuple:
+def share_tokens_and_stop(tokens: int, stop: StopSignals, group) -> tuple:
     """Data parallel: every rank's tokens (for tokens/s) and stop signal, summed after the
     step (whose collectives are where a dead peer blocks): ``(global tokens, stopped)``; when
     some rank was signalled, ``stop.signum`` is set on every rank (its own, or the peer's
@@ -72,3 +75,30 @@ def fault_error(e: RuntimeError, step: int, rank: int, ranks: int, output_dir: P
     if isinstance(e, checkpoint.TrainingError) or not is_out_of_memory(e):
         return None
     return out_of_memory_error(step + 1, e, last_checkpoint(output_dir))
+
+
+class StopSignals:
+    """While active, SIGINT/SIGTERM set ``signum`` (the loop finishes its step, saves and
+    stops); a second signal raises :class:`TrainingInterrupted` at once."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            raise TrainingInterrupted(signum, f"{name} again: stopped at once; saved checkpoints are intact")
+        self.signum = signum
+        # os.write, not print: a handler may run in the middle of another print
+        os.write(2, f"\n{name}: finishing this step, then saving a checkpoint (again to stop at once)\n".encode())

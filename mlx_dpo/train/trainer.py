@@ -38,6 +38,7 @@ from ..util.clock import RunClock
 from ..config.fields import ConfigError, DPOConfig, resolve_config
 from ..forward.cpu_math import enable_cpu_math
 from ..data import TokenizedPair, load_datasets
+from ..data.cache import data_fingerprint
 from ..data.formats import check_data_format
 from ..monitor.health import HealthMonitor
 from ..model.loader import count_parameters, model_for_training, setup_trainable
@@ -117,7 +118,7 @@ class DPOTrainer:
         self._build_sampler()
         self._build_optimizer()
         self.state = TrainState(max_steps=self.total_steps, num_batches=len(self.sampler),
-                                data_fingerprint=checkpoint.data_fingerprint(self.train_pairs),
+                                data_fingerprint=data_fingerprint(self.train_pairs),
                                 sampler=self.sampler.state, loss_state=losses.init_loss_state(cfg),
                                 world_size=self.ranks)
         health = HealthMonitor.from_config(cfg, self.log) if cfg.health_warnings and self.main else None
@@ -271,7 +272,7 @@ class DPOTrainer:
                 with self._guard("the reference precompute"), self.clock.phase("precompute"):
                     self.precompute_reference()
             self.model.train()
-            with checkpoint.StopSignals() as stop, metal.wired_limit(self.model, self.log):
+            with stopping.StopSignals() as stop, metal.wired_limit(self.model, self.log):
                 return self._train_loop(stop)
         except RuntimeError as e:
             error = stopping.fault_error(e, self.step, self.rank, self.ranks, self.output_dir)
@@ -285,7 +286,7 @@ class DPOTrainer:
                 self.watchdog = None
             self.callbacks.close()  # a bar or tracker left open by an exception
 
-    def _train_loop(self, stop: checkpoint.StopSignals) -> TrainResult:
+    def _train_loop(self, stop: stopping.StopSignals) -> TrainResult:
         cfg, state = self.cfg, self.state
         batches = iter(self.sampler)
         self.stop_signals, self.stop_agreed = stop, False  # data parallel: every rank stops after the same step
