@@ -16,6 +16,11 @@ the whole model on 2 rows and ``T`` only the LM head (``w = (1, 1/4)``); shared,
 ``P`` runs on 1 row and ``C`` on 2 (``w = (1, 2)``); packed, ``S`` runs on 1 row and ``T`` only
 the LM head on 2 (``w = (1, 1/2)``). So a run traces at most
 ``max_cells`` train shapes, whatever the lengths (and batch sizes: batches are full).
+
+Merging also goes on while a merge pads less work over the whole run than one more shape
+costs (:class:`ShapePlan` with ``batch_size``: ``COMPILE_STEPS`` median batches per shape,
+against the padding of the run's ``passes`` through the pairs), so a short run gets a few
+shapes and a long one up to ``max_cells``.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ Cell = Tuple[int, int]
 MIN_BATCHES_PER_SHAPE = 1  # a shape compiles the step: it must hold a batch at least
 # What one more shape costs a run (tracing, MLX's compilation and the first run of the step at it, which
 # first touches its buffers), in steps of a median batch: measured 0.4 (AMD EPYC, kernels cached) to ~1
-# (Xeon, issue 33) on 2-core CPUs (benchmarks/README.md, "Shapes and compile cost").
+# (Xeon, issue 33) on 2-core CPUs (benchmarks/README.md, "Where the time goes").
 COMPILE_STEPS = 1.0
 WEIGHTS = {"unshared": (1.0, 0.25), "prefix": (1.0, 2.0), "packed": (1.0, 0.5)}
 
