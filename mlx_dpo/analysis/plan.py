@@ -168,16 +168,24 @@ def plan(cfg, memory_budget_gb: Optional[float] = None, steps: int = 3, log=prin
         "time_split": predicted_split(trainer, built, main, slots, len(cells)),
         "suggestion": checkpointing_advice(trainer),
     }
-    log(f"plan: {result['parameters'] / 1e6:.1f}M params, batch {bs} (longest pair {longest} tokens), "
-        f"batch layout {LAYOUT_NAMES[trainer.layout]}")
+    _log_plan(result, trainer, log)
+    return result
+
+
+def _log_plan(result: Dict[str, object], trainer, log) -> None:
+    """The plan's lines (:func:`plan`'s result for ``trainer``'s config)."""
+    cfg = trainer.cfg
+    log(f"plan: {result['parameters'] / 1e6:.1f}M params, batch {result['batch_size']} (longest pair "
+        f"{result['longest_pair_tokens']} tokens), batch layout {LAYOUT_NAMES[trainer.layout]}")
     log(f"  speed:  {result['tokens_per_second']:.0f} tokens/s, MFU {100 * result['mfu']:.1f}% "
-        f"(float32 GEMM peak {peak:.0f} GFLOP/s, {fpt / 1e6:.0f} MFLOP/token)")
+        f"(float32 GEMM peak {result['gemm_peak_gflops']:.0f} GFLOP/s, "
+        f"{result['flops_per_token'] / 1e6:.0f} MFLOP/token)")
     log(f"  memory: peak {result['peak_memory_gb']:.3f} GB, +{result['memory_per_pair_gb'] * 1e3:.1f} MB per pair; "
-        f"budget {result['memory_budget_gb']:.2f} GB -> largest batch_size {max_batch}"
+        f"budget {result['memory_budget_gb']:.2f} GB -> largest batch_size {result['max_batch_size']}"
         f"{'' if result['fits'] else '  (the configured batch does NOT fit)'}")
     n, mb = result["ranks"], result["allreduce_bytes_per_step"] / 1e6
-    log(f"  ranks:  {n}, {distributed.global_batch_message(bs, cfg.gradient_accumulation_steps, n)}; memory above "
-        f"is per rank; all-reduce {mb:.2f} MB per step" + ("; step " + ", ".join(
+    batch = distributed.global_batch_message(result["batch_size"], cfg.gradient_accumulation_steps, n)
+    log(f"  ranks:  {n}, {batch}; memory above is per rank; all-reduce {mb:.2f} MB per step" + ("; step " + ", ".join(
             f"{s:.3f} s on {link}" for link, s in result["seconds_per_step"].items()) if n > 1 else ""))
     log(f"  shapes: {result['compiled_shapes']} padded batch shapes (max_batch_shapes {cfg.max_batch_shapes}), "
         f"~{result['compile_seconds_per_shape']:.1f} s to compile each; {100 * result['padding_fraction']:.1f}% of "
@@ -187,7 +195,6 @@ def plan(cfg, memory_budget_gb: Optional[float] = None, steps: int = 3, log=prin
         f"{k} {v:.1f}" for k, v in split.items() if k != "total") + " s")
     if result["suggestion"]:
         log(result["suggestion"])
-    return result
 
 
 def _data_parallel(trainer, cfg, ranks: int, local_seconds: float) -> Dict[str, object]:

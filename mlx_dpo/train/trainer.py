@@ -105,15 +105,7 @@ class DPOTrainer:
         self.prefix_sharing = self.layout != "unshared"  # each prompt runs once
         self.use_reference = losses.needs_reference(cfg)
         self.precompute = cfg.precompute_ref_log_probs or (cfg.train_type == "full" and self.use_reference)
-        self.num_layers = setup_trainable(model, cfg, self.use_reference)
-        if self.layout == "packed":
-            enable_position_rope(model)
-        if cfg.cpu_fast_math and on_cpu() and enable_cpu_math(model):
-            self.log("CPU backend: attention softmax and SwiGLU through mlx_dpo/forward/cpu_math.py "
-                     "(cpu_fast_math: false for MLX's kernels)")
-        self.num_parameters, trainable = count_parameters(model)
-        self.log(f"parameters: {self.num_parameters / 1e6:.2f}M total, {trainable / 1e6:.3f}M trainable "
-                 f"({100 * trainable / max(self.num_parameters, 1):.3f}%)")
+        self._prepare_model()
         self.reductions = losses.reductions(cfg)
         self._build_sampler()
         self._build_optimizer()
@@ -139,6 +131,19 @@ class DPOTrainer:
                 mx.eval(distributed.all_sum(mx.array(1), self.group))
 
     # ------------------------------------------------------------------ setup
+    def _prepare_model(self) -> None:
+        """What trains (adapters or blocks), the layout's and the backend's kernels; logs the counts."""
+        cfg, model = self.cfg, self.model
+        self.num_layers = setup_trainable(model, cfg, self.use_reference)
+        if self.layout == "packed":
+            enable_position_rope(model)
+        if cfg.cpu_fast_math and on_cpu() and enable_cpu_math(model):
+            self.log("CPU backend: attention softmax and SwiGLU through mlx_dpo/forward/cpu_math.py "
+                     "(cpu_fast_math: false for MLX's kernels)")
+        self.num_parameters, trainable = count_parameters(model)
+        self.log(f"parameters: {self.num_parameters / 1e6:.2f}M total, {trainable / 1e6:.3f}M trainable "
+                 f"({100 * trainable / max(self.num_parameters, 1):.3f}%)")
+
     def _resume(self) -> None:
         """Advance the freshly built state, model and optimizer to the checkpoint's."""
         self.state = checkpoint.restore(checkpoint.load_checkpoint(self.resume_path), self.state, self.model,
@@ -331,7 +336,8 @@ class DPOTrainer:
         self.save_checkpoint()
         self.save()
         self.callbacks.on_train_end(state)
-        self.log(f"done: {state.step} steps, peak memory {metal.peak_memory_gb():.3f} GB, adapters in {self.output_dir}")
+        self.log(f"done: {state.step} steps, peak memory {metal.peak_memory_gb():.3f} GB, "
+                 f"adapters in {self.output_dir}")
         self.log(f"{self.clock.line()}; {self.trace_count} training-step shapes compiled (max_batch_shapes "
                  f"{cfg.max_batch_shapes})")
         self.log(self.throughput.report(self.model, self.use_reference and not self.precompute))
