@@ -24,6 +24,7 @@ from mlx.utils import tree_flatten
 
 from ..util import distributed
 from ..data.batching import eval_batches
+from ..train.evaluation import eval_every
 from ..monitor.perf import flops_per_token, gemm_peak_gflops, mfu, static_memory_estimate, system_memory_bytes
 
 ACTIVATIONS_DOMINATE = 0.5  # share of the estimated peak above which gradient_checkpointing is suggested
@@ -82,8 +83,8 @@ def predicted_split(trainer, built: Dict[str, float], timed: Dict[str, float], s
     eval_slots = sum(trainer.collate(trainer.eval_pairs, g).slots
                      for g in eval_batches(trainer.eval_pairs, cfg.eval_batch_size or cfg.batch_size,
                                            cfg.max_eval_batches)) if trainer.eval_pairs else 0
-    every = {"no": 0, "epoch": trainer.steps_per_epoch}.get(cfg.eval_mode, cfg.eval_steps or cfg.logging_steps)
-    evals = (trainer.total_steps // every + (trainer.total_steps % every > 0)) if every and eval_slots else 0
+    every = eval_every(cfg, trainer.steps_per_epoch)  # and at the last step, as eval_due
+    evals = -(-trainer.total_steps // every) if every and eval_slots else 0
     live = trainer.use_reference and not trainer.precompute
     precompute = trainer.precompute and trainer.use_reference
     split = {

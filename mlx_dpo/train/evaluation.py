@@ -39,12 +39,19 @@ def evaluate(model, eval_step: Callable, pairs: List[TokenizedPair], cfg: DPOCon
     return {f"eval_{k}": v / count for k, v in totals.items()}
 
 
+def eval_every(cfg: DPOConfig, steps_per_epoch: int) -> int:
+    """Steps between evaluations by ``eval_strategy``: ``eval_steps`` (``steps``), an epoch
+    (``epoch``), or 0 (``no``)."""
+    if cfg.eval_mode == "no":
+        return 0
+    return steps_per_epoch if cfg.eval_mode == "epoch" else (cfg.eval_steps or cfg.logging_steps)
+
+
 def eval_due(cfg: DPOConfig, state: TrainState, steps_per_epoch: int, has_eval: bool) -> bool:
-    """``eval_strategy``: every ``eval_steps`` (``steps``) or at each epoch's end (``epoch``),
-    and at the last step; never with ``no`` or without eval pairs."""
-    if cfg.eval_mode == "no" or not has_eval:
+    """Every :func:`eval_every` steps and at the last step; never with ``no`` or without eval pairs."""
+    every = eval_every(cfg, steps_per_epoch)
+    if not every or not has_eval:
         return False
-    every = steps_per_epoch if cfg.eval_mode == "epoch" else (cfg.eval_steps or cfg.logging_steps)
     return state.step % every == 0 or state.step == state.max_steps
 
 
