@@ -1,7 +1,8 @@
 """mlx-dpo: preference fine-tuning (DPO and friends) with QLoRA on Apple's MLX."""
 
 from .monitor.callbacks import TrainerCallback
-from .config.fields import ConfigError, DPOConfig
+from .config.fields import DPOConfig
+from .errors import ConfigError
 from .loss.losses import preference_loss
 from .train.state import TrainState
 

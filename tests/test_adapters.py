@@ -67,7 +67,7 @@ BLOCK = ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "s
 def test_target_modules_match_as_peft():
     """PEFT: a module matches a name equal to its key or ending in '.' + name; all-linear is all."""
     from mlx_dpo.model.adapters import resolve_target_modules
-    from mlx_dpo.config.fields import ConfigError
+    from mlx_dpo.errors import ConfigError
 
     assert resolve_target_modules(["q_proj", "v_proj"], BLOCK) == ["self_attn.q_proj", "self_attn.v_proj"]
     assert resolve_target_modules(["self_attn.q_proj", "up_proj"], BLOCK) == ["mlp.up_proj", "self_attn.q_proj"]

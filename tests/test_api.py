@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mlx_dpo import DPOConfig, DPOTrainer
-from mlx_dpo.config.fields import ConfigError
+from mlx_dpo.errors import ConfigError
 from mlx_dpo.model.loader import load_model
 
 QUIET = dict(log=lambda *a: None)

@@ -6,7 +6,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from mlx_dpo.analysis.audit import AuditError, audit, load_run
+from mlx_dpo.analysis.audit import audit
+from mlx_dpo.errors import AuditError, DataError, RunError
+from mlx_dpo.model.trained import load_adapter_run
 from mlx_dpo.cli.commands import main
 from mlx_dpo.config.fields import DPOConfig
 from mlx_dpo.generation.generate import generate, read_prompts
@@ -44,10 +46,10 @@ def test_audit_cli_and_errors(run_dir, tmp_path):
     out = CliRunner().invoke(main, ["audit", str(run_dir), "--top", "2", "-o", str(tmp_path / "a.jsonl")])
     assert out.exit_code == 0, out.output
     assert "32 pairs" in out.output and len((tmp_path / "a.jsonl").read_text().splitlines()) == 2
-    with pytest.raises(AuditError, match="does not exist"):
-        load_run(tmp_path / "missing")
-    with pytest.raises(AuditError, match="adapter_config.json is missing"):
-        load_run(tmp_path)
+    with pytest.raises(RunError, match="does not exist"):
+        load_adapter_run(tmp_path / "missing")
+    with pytest.raises(RunError, match="adapter_config.json is missing"):
+        load_adapter_run(tmp_path)
     out = CliRunner().invoke(main, ["audit", str(run_dir), "--data", str(tmp_path / "nope.jsonl")])
     assert out.exit_code == 2 and "nope.jsonl" in out.output
 
@@ -90,7 +92,7 @@ def test_generate_cli_prompts_file_and_errors(run_dir, tmp_path):
         out = CliRunner().invoke(main, ["generate", *args])
         assert out.exit_code == 2 and message in out.output, out.output
     (tmp_path / "bad.jsonl").write_text('{"text": "no prompt"}\n')
-    with pytest.raises(AuditError, match="bad.jsonl:1"):
+    with pytest.raises(DataError, match="bad.jsonl:1"):
         read_prompts(tmp_path / "bad.jsonl")
 
 
@@ -105,9 +107,9 @@ def test_generate_wraps_prompts_in_the_runs_prompt_template(run_dir, llama_dir, 
 
     from mlx_dpo.generation import generate as generate_module
 
-    run = load_run(run_dir)
+    run = load_adapter_run(run_dir)
     run.cfg = dataclasses.replace(run.cfg, prompt_template="Q: {prompt}\nA:")
-    monkeypatch.setattr(generate_module, "load_run", lambda path: run)
+    monkeypatch.setattr(generate_module, "load_adapter_run", lambda path, trust_remote_code=False: run)
     results = generate(run_dir, PROMPTS, max_tokens=8)
     model, tokenizer = load(str(llama_dir), adapter_path=str(run_dir))
     for r in results:

@@ -17,10 +17,9 @@ import pytest
 from click.testing import CliRunner
 
 from mlx_dpo.train import checkpoint, stopping
-from mlx_dpo.train.checkpoint import CheckpointError, TrainingError, TrainingInterrupted
+from mlx_dpo.errors import CheckpointError, ConfigError, NonFiniteError, TrainingError, TrainingInterrupted
 from mlx_dpo.cli.commands import main
-from mlx_dpo.config.fields import ConfigError, DPOConfig
-from mlx_dpo.train.faults import NonFiniteError
+from mlx_dpo.config.fields import DPOConfig
 from mlx_dpo.train.trainer import DPOTrainer
 
 QUIET = dict(log=lambda *a: None)

@@ -4,7 +4,8 @@ import pytest
 from click.testing import CliRunner
 
 from mlx_dpo.cli.commands import main
-from mlx_dpo.config.fields import ConfigError, DPOConfig, resolve_config
+from mlx_dpo.config.fields import DPOConfig, resolve_config
+from mlx_dpo.errors import ConfigError
 
 
 @pytest.fixture

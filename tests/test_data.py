@@ -10,7 +10,8 @@ import pytest
 from mlx_dpo import data as data_mod
 from mlx_dpo.util import hubnet
 from mlx_dpo.config.fields import DPOConfig
-from mlx_dpo.data import DataError, formats, extract_prompt, load_datasets, parse_split, tokenize_pairs
+from mlx_dpo.data import formats, extract_prompt, load_datasets, parse_split, tokenize_pairs
+from mlx_dpo.errors import DataError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
 STACKEXCHANGE = dict(
@@ -230,7 +231,7 @@ def test_a_new_format_is_one_class_in_the_registry(bpe_tok, tmp_path, monkeypatc
 
 def test_data_format_choices_are_the_registry(bpe_tok, tmp_path, monkeypatch):
     """data_format accepts auto and the registered formats' names, and a new one once registered."""
-    from mlx_dpo.config.fields import ConfigError
+    from mlx_dpo.errors import ConfigError
 
     with pytest.raises(ConfigError, match="data_format must be one of auto, standard, conversational, implicit; "
                                           "got 'ranked'"):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from mlx_dpo import DPOConfig, DPOTrainer
-from mlx_dpo.config.fields import ConfigError
+from mlx_dpo.errors import ConfigError
 
 
 def run(model_dir, data_dir, tmp_path, **kw):

@@ -13,7 +13,8 @@ from mlx.utils import tree_flatten
 from mlx_dpo.model.adapters import adapter_mode, add_adapters, load_adapter_weights
 from mlx_dpo.cli.commands import main
 from mlx_dpo.config.fields import DPOConfig
-from mlx_dpo.export.exporter import ExportError, export
+from mlx_dpo.export.exporter import export
+from mlx_dpo.errors import ExportError
 from mlx_dpo.model.loader import load_model
 from mlx_dpo.export.verify import mlx_greedy, mlx_logits, prompt_batch
 
@@ -431,7 +432,8 @@ def test_gguf_export_sentencepiece_tokenizer(tmp_path_factory, llama_sp_dir, toy
 
 
 def test_gguf_export_refuses_other_architectures():
-    from mlx_dpo.export.gguf_export import GGUFExportError, model_fields
+    from mlx_dpo.export.gguf_export import model_fields
+    from mlx_dpo.errors import GGUFExportError
 
     with pytest.raises(GGUFExportError, match="supports model types llama, mistral, qwen2; this model is 'phi3'"):
         model_fields({"model_type": "phi3"})

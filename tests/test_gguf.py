@@ -18,7 +18,8 @@ gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 
 from mlx_dpo.util import hubnet  # noqa: E402
-from mlx_dpo.config.fields import ConfigError, DPOConfig  # noqa: E402
+from mlx_dpo.config.fields import DPOConfig
+from mlx_dpo.errors import ConfigError
 from mlx_dpo.model.loader import count_parameters, load_model, resolve_model_path  # noqa: E402
 from mlx_dpo.model.toy import CHAT_TEMPLATE, build_bpe_tokenizer  # noqa: E402
 

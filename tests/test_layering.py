@@ -23,24 +23,14 @@ MODULE_ORDER = {
     "forward": ["cpu_math", "blocks", "packed", "prefix", "logprobs", "__init__"],
     "loss": ["reduce", "pair_losses", "losses", "__init__"],
     "monitor": ["callbacks", "trackers", "health", "perf", "__init__"],
-    "train": ["schedule", "state", "checkpoint", "faults", "rundir", "stopping", "preflight", "steps", "reference",
+    "train": ["schedule", "state", "checkpoint", "rundir", "stopping", "preflight", "steps", "reference",
               "evaluation", "loop", "trainer", "__init__"],
     "export": ["verify", "gguf_export", "writers", "hub", "exporter", "__init__"],
     "generation": ["judges", "generate", "sample", "__init__"],
     "analysis": ["lint", "report", "audit", "plan", "__init__"],
     "cli": ["commands", "__init__"],
 }
-# Upward imports left by the move (issue 27, step 1) that step 2 removes: delete each entry
-# with its fix (the test fails on a new upward import, and on an entry that is fixed).
-KNOWN_UPWARD = {
-    "generation/generate.py -> analysis.audit",  # load_run -> model/trained.py, AuditError -> errors.py
-    "generation/sample.py -> analysis.audit",    # idem
-}
 MAX_TOP_LEVEL, MAX_PER_PACKAGE, MAX_MODULE_LINES, MAX_FUNCTION_LINES = 8, 12, 400, 60
-# Over the limits after the move, split in step 2 (delete each entry with its split).
-KNOWN_TOO_LONG = {
-    "train/trainer.py",
-}
 
 
 def module_name(path: Path) -> str:
@@ -134,8 +124,7 @@ def test_no_module_imports_one_above_it():
         for dep in imports(path):
             if src != "__init__" and upward(src, dep):
                 found.add(f"{path.relative_to(PACKAGE)} -> {dep}")
-    assert not found - KNOWN_UPWARD, sorted(found - KNOWN_UPWARD)
-    assert not KNOWN_UPWARD - found, f"fixed: remove {sorted(KNOWN_UPWARD - found)} from KNOWN_UPWARD"
+    assert not found, sorted(found)
 
 
 def test_modules_and_functions_are_short():
@@ -155,8 +144,7 @@ def test_modules_and_functions_are_short():
                 owner = getattr(node, "parent", None)
                 qual = f"{owner.name}.{node.name}" if isinstance(owner, ast.ClassDef) else node.name
                 long.add(f"{rel}:{qual}")
-    assert not long - KNOWN_TOO_LONG, sorted(long - KNOWN_TOO_LONG)
-    assert not KNOWN_TOO_LONG - long, f"fixed: remove {sorted(KNOWN_TOO_LONG - long)} from KNOWN_TOO_LONG"
+    assert not long, sorted(long)
 
 
 def test_the_checker_sees_imports_inside_functions():

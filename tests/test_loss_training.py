@@ -10,7 +10,8 @@ import pytest
 from test_losses import np_batch  # the float64 numpy losses, written from the papers / TRL
 
 from mlx_dpo.data.batching import BatchSampler, collate
-from mlx_dpo.config.fields import ConfigError, DPOConfig
+from mlx_dpo.config.fields import DPOConfig
+from mlx_dpo.errors import ConfigError
 from mlx_dpo.forward.logprobs import completion_logps
 from mlx_dpo.loss.losses import LOSSES
 from mlx_dpo.train.trainer import DPOTrainer

@@ -9,7 +9,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_dpo.config.fields import ConfigError, DPOConfig
+from mlx_dpo.config.fields import DPOConfig
+from mlx_dpo.errors import ConfigError
 from mlx_dpo.loss.losses import (
     LOSSES,
     batch_loss,

@@ -7,9 +7,7 @@ import time
 
 import pytest
 
-from mlx_dpo.config.fields import ConfigError
-from mlx_dpo.data import DataError
-from mlx_dpo.util.hubnet import HubUnreachable
+from mlx_dpo.errors import ConfigError, DataError, HubUnreachable
 
 
 @pytest.fixture

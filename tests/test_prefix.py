@@ -9,7 +9,8 @@ from mlx.utils import tree_flatten
 
 from mlx_dpo.model.adapters import adapter_mode, add_adapters
 from mlx_dpo.data.batching import collate
-from mlx_dpo.config.fields import ConfigError, DPOConfig
+from mlx_dpo.config.fields import DPOConfig
+from mlx_dpo.errors import ConfigError
 from mlx_dpo.data import TokenizedPair
 from mlx_dpo.forward.logprobs import completion_logps, sequence_logps_reference
 from mlx_dpo.model.loader import checkpoint_block, load_model

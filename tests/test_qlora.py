@@ -8,7 +8,8 @@ from mlx.utils import tree_flatten
 
 from mlx_dpo.model.adapters import adapter_mode
 from mlx_dpo.data.batching import collate
-from mlx_dpo.config.fields import ConfigError, DPOConfig
+from mlx_dpo.config.fields import DPOConfig
+from mlx_dpo.errors import ConfigError
 from mlx_dpo.forward.logprobs import completion_logps
 from mlx_dpo.model.loader import load_model
 from mlx_dpo.model.quant import base_linear

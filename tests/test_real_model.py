@@ -67,11 +67,11 @@ def test_greedy_answers_on_heldout_prompts_get_shorter(run_dir):
 def test_gguf_export_reads_back_as_the_trained_model(run_dir, tmp_path):
     """The merged float32 GGUF, read back by our loader: the logits of the in-memory model
     (4-bit base + adapters), the same greedy tokens."""
-    from mlx_dpo.export.exporter import Run
+    from mlx_dpo.model.trained import TrainedRun
     from mlx_dpo.export.writers import WRITERS
     from mlx_dpo.export.verify import load_gguf, reference_outputs, verify_export
 
-    run = Run(run_dir)
+    run = TrainedRun(run_dir)
     reference = reference_outputs(run.model, run.tokenizer)
     WRITERS["gguf"].write(run, tmp_path, "float32")
     report = verify_export(tmp_path, load_gguf, reference, run.tokenizer, run.base_path)

@@ -12,14 +12,21 @@ from mlx.utils import tree_flatten
 from mlx_dpo.model.adapters import adapter_config, adapter_layers, add_adapters
 from mlx_dpo.data.batching import BatchSampler, collate
 from mlx_dpo.cli.commands import main
-from mlx_dpo.config.fields import ConfigError, DPOConfig
+from mlx_dpo.config.fields import DPOConfig
+from mlx_dpo.errors import ConfigError
 from mlx_dpo.forward.logprobs import completion_logps
 from mlx_dpo.model.loader import load_model
+from mlx_dpo.train.steps import reference_logps
 from mlx_dpo.train.trainer import DPOTrainer
 
 QUIET = dict(log=lambda *a: None)
 # summed completion log-probs (~ -45) from two float32 code paths
 SUM_RTOL, SUM_ATOL = 1e-6, 1e-5  # measured: <= 4e-6 abs, 9e-8 rel
+
+
+def trainer_reference_logps(trainer, arrays):
+    """The reference log-probs ``trainer``'s step uses for ``arrays`` (None without a reference)."""
+    return reference_logps(trainer.model, arrays, trainer.cfg, trainer.reductions, trainer.reference_source)
 
 
 def cfg_for(model_dir, data_dir, tmp_path, **kw):
@@ -49,7 +56,7 @@ def batch_arrays(trainer, n=4):
 
 
 def trainer_reference_sums(trainer, arrays):
-    return np.array(trainer.reference_logps(arrays)["sum"])
+    return np.array(trainer_reference_logps(trainer, arrays)["sum"])
 
 
 def perturb_policy(trainer, seed=7, scale=0.2):
@@ -127,7 +134,7 @@ def test_precomputed_reference_is_cached_and_matches(llama_dir, toy_data_dir, tm
     np.testing.assert_allclose(cached[:, 1], expected[4:], rtol=SUM_RTOL, atol=SUM_ATOL)
     assert "eval" in first.ref_cache
     # the step uses the cached values, not a reference forward
-    assert np.array_equal(np.array(first.reference_logps(first.to_device(batch))["sum"]),
+    assert np.array_equal(np.array(trainer_reference_logps(first, first.to_device(batch))["sum"]),
                           np.concatenate([cached[:, 0], cached[:, 1]]).astype(np.float32))
 
     # second run, same key: the file is reused and no reference forward runs
@@ -184,7 +191,7 @@ def test_reference_free_skips_the_reference(llama_dir, toy_data_dir, tmp_path):
     for kw in (dict(reference_free=True), dict(loss_type="simpo", beta=2.0)):
         trainer = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path / kw.get("loss_type", "rf"), **kw), **QUIET)
         _, arrays = batch_arrays(trainer)
-        assert trainer.reference_logps(arrays) is None
+        assert trainer_reference_logps(trainer, arrays) is None
         assert not trainer.precompute
         result = trainer.train()
         assert trainer.reference_forwards == 0 and trainer.reference_source is None

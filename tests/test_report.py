@@ -14,7 +14,8 @@ import yaml
 from click.testing import CliRunner
 
 from mlx_dpo.cli.commands import main
-from mlx_dpo.analysis.report import FIGURES, ReportError, build_figures, ema, load_run, report, write_html, write_pngs
+from mlx_dpo.analysis.report import FIGURES, build_figures, ema, load_run, report, write_html, write_pngs
+from mlx_dpo.errors import ReportError
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # axes with data per figure: the two-panel figures are grad_norm + lr and tokens/s + memory

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from mlx_dpo import DPOConfig, DPOTrainer
-from mlx_dpo.config.fields import ConfigError
+from mlx_dpo.errors import ConfigError
 from mlx_dpo.train.rundir import LOCK_FILE
 
 HOLD = """

@@ -14,9 +14,10 @@ from mlx_dpo.generation import sample as sample_mod
 from mlx_dpo.cli.commands import main
 from mlx_dpo.config.fields import DPOConfig
 from mlx_dpo.data import load_records, tokenize_pairs
-from mlx_dpo.generation.judges import JudgeError, make_judge, pick_pair, score
+from mlx_dpo.generation.judges import make_judge, pick_pair, score
+from mlx_dpo.errors import JudgeError, SampleError
 from mlx_dpo.model.loader import load_model
-from mlx_dpo.generation.sample import SampleError, encode_prompt, generate_samples, sample, sample_pairs
+from mlx_dpo.generation.sample import encode_prompt, generate_samples, sample, sample_pairs
 
 PROMPTS = ["apple banana red", "owl", "list three fruit and two colours please", "sky sea"]
 
@@ -232,9 +233,9 @@ def test_adapter_path_samples_from_the_trained_adapters(run_dir, llama_dir, prom
     with adapter_path), and differ from the base model's."""
     from mlx_lm import load
 
-    from mlx_dpo.analysis.audit import load_run
+    from mlx_dpo.model.trained import load_adapter_run
 
-    run = load_run(run_dir)
+    run = load_adapter_run(run_dir)
     ids = [encode_prompt(p, run.tokenizer, "")[0] for p in PROMPTS]
     tokens, _, _ = generate_samples(run.model, run.tokenizer, ids, 2, None, 8, batch_size=8)
     adapted, tok = load(str(llama_dir), adapter_path=str(run_dir))
@@ -311,15 +312,15 @@ def test_a_failing_judge_keeps_the_old_output(llama_dir, prompts_file, tmp_path)
 
 
 def test_prompts_file_with_messages_and_bad_records(tmp_path):
-    from mlx_dpo.analysis.audit import AuditError
+    from mlx_dpo.errors import DataError
     from mlx_dpo.generation.generate import read_prompts
 
     path = tmp_path / "p.jsonl"
     chat = [{"role": "user", "content": "hi"}]
     path.write_text(json.dumps({"prompt": chat}) + "\n" + json.dumps({"prompt": "plain"}) + "\n")
     assert read_prompts(path, messages=True) == [chat, "plain"]
-    with pytest.raises(AuditError, match="p.jsonl:1: expected an object with a 'prompt' string$"):
+    with pytest.raises(DataError, match="p.jsonl:1: expected an object with a 'prompt' string$"):
         read_prompts(path)  # mlx-dpo generate takes strings only
     path.write_text(json.dumps({"prompt": [{"role": "robot", "content": "hi"}]}) + "\n")
-    with pytest.raises(AuditError, match="p.jsonl:1: field 'prompt' message 0 has role 'robot'"):
+    with pytest.raises(DataError, match="p.jsonl:1: field 'prompt' message 0 has role 'robot'"):
         read_prompts(path, messages=True)

@@ -3,8 +3,8 @@
 import pytest
 
 from mlx_dpo import DPOConfig, DPOTrainer
-from mlx_dpo.config.fields import ConfigError, resolve_config
-from mlx_dpo.data import DataError
+from mlx_dpo.config.fields import resolve_config
+from mlx_dpo.errors import ConfigError, DataError
 from mlx_dpo.train.preflight import warn_unused_settings
 from mlx_dpo.model.toy import write_jsonl
 

@@ -6,7 +6,7 @@ import types
 import pytest
 
 from mlx_dpo import DPOConfig, DPOTrainer
-from mlx_dpo.config.fields import ConfigError
+from mlx_dpo.errors import ConfigError
 from mlx_dpo.monitor.trackers import scalars
 
 

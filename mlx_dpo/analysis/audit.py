@@ -19,37 +19,12 @@ import numpy as np
 
 from ..model.adapters import adapter_mode
 from ..data.batching import collate, eval_batches
-from ..config.fields import ConfigError
-from ..data import DataError, load_records, tokenize_pairs
+from ..errors import AuditError, DataError
+from ..data import load_records, tokenize_pairs
 from ..data.formats import column_map, map_columns
-from ..export.exporter import Run
-from ..export.writers import ExportError
-from ..model.loader import dequantize_for_inference
+from ..model.trained import TrainedRun, load_adapter_run
 from ..util.io import atomic_write_text
 from ..forward.logprobs import completion_logps
-
-
-class AuditError(ValueError):
-    """A run or data problem the user can fix; the message names the file."""
-
-
-def load_run(run_dir: Union[str, Path], model: Optional[str] = None) -> Run:
-    """The run's model (or ``model``, the same base elsewhere) with its adapters (``exporter.Run``),
-    refusing a run without LoRA/DoRA adapters."""
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise AuditError(f"run directory {path} does not exist")
-    for name in ("adapter_config.json", "adapters.safetensors"):
-        if not (path / name).is_file():
-            raise AuditError(f"{path / name} is missing (is {path} a finished training run?)")
-    try:
-        run = Run(path, model)
-    except (ExportError, ConfigError) as e:
-        raise AuditError(str(e)) from None
-    if run.fine_tune_type == "full":
-        raise AuditError(f"{path} is a full fine-tune: it has no adapters to switch off for the reference")
-    dequantize_for_inference(run.model)
-    return run
 
 
 def sequence_logps(model, pairs: list, indices: List[int], pad_id: int, mode: str) -> np.ndarray:
@@ -73,7 +48,7 @@ def margins(model, pairs: list, beta: float, pad_id: int = 0, batch_size: int = 
     return out
 
 
-def _records(run: Run, data: Optional[str]) -> tuple:
+def _records(run: TrainedRun, data: Optional[str]) -> tuple:
     """``(rows, pairs)`` of every record of ``data`` (default: the run's), pairs ``None`` where dropped."""
     cfg = dataclasses.replace(run.cfg, data=data or run.cfg.data, eval_split=0.0, eval_data=None)
     try:
@@ -85,10 +60,10 @@ def _records(run: Run, data: Optional[str]) -> tuple:
 
 
 def audit(run_dir: Union[str, Path], data: Optional[str] = None, top: int = 20,
-          output: Optional[Union[str, Path]] = None, batch_size: int = 8) -> dict:
+          output: Optional[Union[str, Path]] = None, batch_size: int = 8, trust_remote_code: bool = False) -> dict:
     """Margins of every pair of ``data`` under the run's adapters, sorted ascending; the ``top``
     most negative written to ``output`` (default ``RUN_DIR/audit.jsonl``) as JSONL."""
-    run = load_run(run_dir)
+    run = load_adapter_run(run_dir, trust_remote_code=trust_remote_code)
     cfg, rows, pairs = _records(run, data)
     kept = [i for i, p in enumerate(pairs) if p is not None]
     if not kept:

@@ -25,13 +25,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from ..train.rundir import METRICS_FILE
+from ..errors import ReportError
 
 SMOOTHING = 0.6  # EMA weight of the previous value (TensorBoard's slider)
 STEP_LABEL = "step (optimizer steps)"
-
-
-class ReportError(ValueError):
-    """A run directory that cannot be reported, or matplotlib missing."""
 
 
 @dataclass

@@ -17,7 +17,8 @@ from dataclasses import fields
 
 import click
 
-from ..config.fields import ALIASES, ConfigError, DPOConfig
+from ..config.fields import ALIASES, DPOConfig
+from ..errors import ConfigError
 from ..export.writers import DTYPES, WRITERS, default_dtypes_help, formats_help
 from ..generation.judges import JUDGE_HELP
 from ..generation.sample import DEFAULTS as SAMPLE_DEFAULTS
@@ -98,6 +99,12 @@ def _quiet_interrupts():
             signal.signal(signal.SIGINT, old)
 
 
+# The commands that load a trained run: its config.yaml is data and never allows code by itself.
+TRUST_REMOTE_CODE = click.option(
+    "--trust-remote-code", is_flag=True,
+    help="Allow the model's own Python code (transformers' flag). A run's config.yaml never allows it by itself.")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="mlx-dpo")
 def main():
@@ -115,9 +122,9 @@ def train(config_file, resume, overwrite, **kwargs):
 
     Exit codes: 0 done, 1 training fault (non-finite loss, out of memory, disk full),
     2 config/data error, 130/143 stopped by SIGINT/SIGTERM (a checkpoint was saved)."""
-    from ..train.checkpoint import TrainingError, TrainingInterrupted
+    from ..errors import TrainingError, TrainingInterrupted
     from ..config.fields import resolve_config
-    from ..data import DataError
+    from ..errors import DataError
     from ..train.trainer import DPOTrainer
 
     overrides = _overrides(kwargs)
@@ -161,7 +168,7 @@ def plan(config_file, memory_budget_gb, steps, json_out, ranks, **kwargs):
     import json
 
     from ..config.fields import resolve_config
-    from ..data import DataError
+    from ..errors import DataError
     from ..analysis.plan import plan as run_plan
 
     try:
@@ -186,7 +193,7 @@ def lint(config_file, json_out, **kwargs):
     import json
 
     from ..config.fields import resolve_config
-    from ..data import DataError
+    from ..errors import DataError
     from ..analysis.lint import format_text
     from ..analysis.lint import lint as run_lint
 
@@ -205,7 +212,7 @@ def lint(config_file, json_out, **kwargs):
 def report(run_dirs, output):
     """Plot what DPO did: PNGs and one self-contained report.html from each run's
     metrics.jsonl and config.yaml; several runs overlay on the same axes."""
-    from ..analysis.report import ReportError
+    from ..errors import ReportError
     from ..analysis.report import report as make_report
 
     try:
@@ -223,15 +230,16 @@ def report(run_dirs, output):
 @click.option("--top", type=int, default=20, show_default=True, help="How many of the most negative margins to write.")
 @click.option("--output", "-o", default=None, type=click.Path(dir_okay=False),
               help="JSONL file for the most negative margins [default: RUN_DIR/audit.jsonl].")
-def audit(run_dir, data, top, output):
+@TRUST_REMOTE_CODE
+def audit(run_dir, data, top, output, trust_remote_code):
     """Per-pair implicit reward margins under the trained adapters (reference: adapters
     off), sorted ascending; the most negative (likely mislabeled pairs) written as JSONL."""
-    from ..analysis.audit import AuditError
     from ..analysis.audit import audit as run_audit
+    from ..errors import AuditError, RunError
 
     try:
-        result = run_audit(run_dir, data, top, output)
-    except AuditError as e:
+        result = run_audit(run_dir, data, top, output, trust_remote_code=trust_remote_code)
+    except (AuditError, RunError) as e:
         _fail(e)
     click.echo(f"{result['pairs']} pairs ({result['skipped']} skipped), beta {result['beta']}: "
                f"{result['negative']} with a negative margin, mean margin {result['mean_margin']:.4f}")
@@ -249,18 +257,20 @@ def audit(run_dir, data, top, output):
 @click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature (0: greedy).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (the same for both sides).")
 @click.option("--json", "json_out", is_flag=True, help="Print the generations as JSON.")
-def generate(run_dir, prompt, prompts_file, max_tokens, temp, seed, json_out):
+@TRUST_REMOTE_CODE
+def generate(run_dir, prompt, prompts_file, max_tokens, temp, seed, json_out, trust_remote_code):
     """The policy (adapters on) beside the reference (adapters off) on the same prompts,
     from the same loaded weights, with the generated lengths."""
     import json
 
-    from ..analysis.audit import AuditError
+    from ..errors import DataError, RunError
     from ..generation.generate import format_text, gather_prompts
     from ..generation.generate import generate as run_generate
 
     try:
-        results = run_generate(run_dir, gather_prompts(prompt, prompts_file), max_tokens, temp, seed)
-    except AuditError as e:
+        results = run_generate(run_dir, gather_prompts(prompt, prompts_file), max_tokens, temp, seed,
+                               trust_remote_code=trust_remote_code)
+    except (RunError, DataError, ConfigError) as e:
         _fail(e)
     click.echo(json.dumps(results, indent=2) if json_out else format_text(results))
 
@@ -287,21 +297,22 @@ def generate(run_dir, prompt, prompts_file, max_tokens, temp, seed, json_out):
 @click.option("--batch-size", type=int, default=SAMPLE_DEFAULTS["batch_size"], show_default=True,
               help="Completions generated at once (continuous batching).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@TRUST_REMOTE_CODE
 def sample(model, adapter_path, prompts_file, num_samples, judge, output, temperature, top_p, seed, max_tokens,
-           batch_size, overwrite):
+           batch_size, overwrite, trust_remote_code):
     """On-policy preference pairs: K completions per prompt from the model (with a run's
     adapters), ranked by a judge; the best against the worst written as TRL pairs, ties
     skipped. Train on them, then sample again with the new adapters (iterative DPO).
 
     Exit codes: 0 pairs written, 1 every prompt tied (no file written), 2 option/input error."""
-    from ..generation.judges import JudgeError
-    from ..generation.sample import SampleError, format_summary
+    from ..errors import JudgeError, SampleError
+    from ..generation.sample import format_summary
     from ..generation.sample import sample as run_sample
 
     try:
         with _show_logs():
             result = run_sample(prompts_file, output, judge, model=model, adapter_path=adapter_path,
-                                overwrite=overwrite, num_samples=num_samples, temperature=temperature, top_p=top_p,
+                                overwrite=overwrite, trust_remote_code=trust_remote_code, num_samples=num_samples, temperature=temperature, top_p=top_p,
                                 seed=seed, max_tokens=max_tokens, batch_size=batch_size, progress=True)
     except (SampleError, JudgeError) as e:
         _fail(e)
@@ -322,17 +333,19 @@ def sample(model, adapter_path, prompts_file, num_samples, judge, output, temper
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--upload-repo", default=None, metavar="USER/NAME", help="Then upload to this Hub repository.")
 @click.option("--private", is_flag=True, help="With --upload-repo: create the repository private.")
-def export(adapter_path, output, model, fmt, dtype, verify, overwrite, upload_repo, private):
+@TRUST_REMOTE_CODE
+def export(adapter_path, output, model, fmt, dtype, verify, overwrite, upload_repo, private, trust_remote_code):
     """Export a run: merged HF/MLX model or PEFT adapter (atomic)."""
-    from ..export.exporter import ExportError
+    from ..errors import ExportError, RunError
     from ..export.exporter import export as run_export
 
     if private and not upload_repo:
         _fail(ConfigError("--private only applies with --upload-repo"))
     try:
         with _show_logs():
-            run_export(adapter_path, output, model=model, format=fmt, dtype=dtype, verify=verify, overwrite=overwrite)
-    except (ExportError, ConfigError, FileNotFoundError) as e:
+            run_export(adapter_path, output, model=model, format=fmt, dtype=dtype, verify=verify, overwrite=overwrite,
+                       trust_remote_code=trust_remote_code)
+    except (ExportError, RunError, ConfigError, FileNotFoundError) as e:
         _fail(e)
     except OSError as e:  # disk full, permissions: atomic_directory removed what it had written
         kept = "the old export is kept" if overwrite and os.path.exists(output) else "nothing was written"

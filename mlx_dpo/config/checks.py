@@ -8,7 +8,7 @@ import math
 from dataclasses import fields
 from typing import Any, Optional
 
-from .coerce import ConfigError
+from ..errors import ConfigError
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 QUANT_BITS = (2, 3, 4, 5, 6, 8)

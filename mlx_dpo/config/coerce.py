@@ -9,10 +9,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import yaml
-
-
-class ConfigError(ValueError):
-    """A configuration problem the user can fix: says which key and why."""
+from ..errors import ConfigError
 
 
 def load_yaml(path: Union[str, Path]) -> dict:

@@ -16,7 +16,8 @@ from typing import Any, Callable, Optional, Union
 import yaml
 
 from .checks import check_choices, check_combinations, check_ranges, quantize_options
-from .coerce import ConfigError, coerce_fields, load_yaml  # ConfigError is imported from here everywhere
+from .coerce import coerce_fields, load_yaml
+from ..errors import ConfigError
 
 # TRL / transformers spellings accepted as aliases of our keys.
 ALIASES = {

@@ -2,7 +2,7 @@
 
 :func:`load_datasets` is the entry point. The steps live in submodules, lowest first:
 
-- :mod:`.base`: :class:`DataError`, :class:`Row` (a raw record), :class:`TokenizedPair`;
+- :mod:`.base`: :class:`Row` (a raw record), :class:`TokenizedPair`;
 - :mod:`.readers`: ``.jsonl`` / ``.json`` / ``.parquet`` (+ ``.gz``) files -> rows;
 - :mod:`.sources`: ``data`` / ``eval_data`` (a file, a directory, a Hub dataset or
   ``toy``) and split specs (``train[:10%]``) -> the files of the train and eval sets;
@@ -17,7 +17,7 @@ differing from its first character, with a tokenizer that adds no BOS, as
 Qwen2/Qwen3) is dropped: see :func:`tokenize_pairs`. Counts of truncated and dropped
 pairs are logged.
 
-Bad input raises :class:`DataError` naming the file, the line (``.jsonl``) or
+Bad input raises :class:`~mlx_dpo.errors.DataError` naming the file, the line (``.jsonl``) or
 record index (``.json``/``.parquet``, 0-based) and the field, before training starts.
 """
 
@@ -29,7 +29,8 @@ from typing import List, Optional, Tuple
 
 from ..config.fields import DPOConfig
 from . import formats
-from .base import DataError, Row, TokenizedPair
+from .base import Row, TokenizedPair
+from ..errors import DataError
 from .cache import cache_key, cache_path, load_cache, save_cache, tokenizer_fingerprint
 from .formats import (FIELDS, FORMATS, check_format_options, column_map, detect_format, extract_prompt, format_names,
                       get_format)

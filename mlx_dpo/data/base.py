@@ -6,10 +6,6 @@ from dataclasses import dataclass
 from typing import List
 
 
-class DataError(ValueError):
-    """Bad input data: the message names the file, the record and the field."""
-
-
 @dataclass
 class TokenizedPair:
     prompt: List[int]

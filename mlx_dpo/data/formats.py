@@ -32,8 +32,9 @@ from __future__ import annotations
 
 from typing import Any, List, Tuple, Union
 
-from ..config.fields import ConfigError, DPOConfig
-from .base import DataError, Row
+from ..config.fields import DPOConfig
+from ..errors import ConfigError, DataError
+from .base import Row
 
 FIELDS = ("prompt", "chosen", "rejected")
 

@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 from typing import List, Optional
 
-from .base import DataError, Row
+from .base import Row
+from ..errors import DataError
 
 
 def _read_text(path: Path) -> str:

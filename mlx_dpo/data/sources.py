@@ -24,7 +24,7 @@ from typing import List, Optional, Tuple
 
 from ..config.fields import DPOConfig
 from ..util import hubnet
-from .base import DataError
+from ..errors import DataError
 from .readers import DATA_SUFFIXES, data_suffix
 
 EVAL_SPLITS = ("valid", "validation", "test")

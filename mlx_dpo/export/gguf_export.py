@@ -22,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..model.gguf import BIASED, BLOCK, HPARAMS, TOP
+from ..errors import GGUFExportError
 
 GGUF_FILE = "model.gguf"
 # export --dtype -> the ggml type of 2-D weights (1-D tensors, the norms, stay float32 as in llama.cpp)
@@ -31,10 +32,6 @@ GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # model_ty
 GGUF_TOP = {hf: name for name, hf in TOP.items()}  # model.norm -> output_norm
 GGUF_BLOCK = {hf: name for name, hf in BLOCK.items()}  # self_attn.q_proj -> attn_q
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
-
-
-class GGUFExportError(ValueError):
-    """The model cannot be written as GGUF (the message says why)."""
 
 
 def gguf_tensor_name(name: str, arch: str) -> str:

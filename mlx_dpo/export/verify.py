@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from ..errors import VerifySkipped
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +25,6 @@ VERIFY_PROMPTS = (
     "The quick brown fox jumps over the lazy dog because",
     "Repeat: red moon. Answer: red",
 )
-
-
-class VerifySkipped(Exception):
-    """The export cannot be loaded here (the reason is the message)."""
 
 
 # --------------------------------------------------------------------------- logits

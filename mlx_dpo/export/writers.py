@@ -8,7 +8,7 @@
          llama.cpp's Q8_0/Q4_0/Q4_1 (:mod:`mlx_dpo.export.gguf_export`).
 
 Adding a format is one ``WRITERS`` entry and its writer function, here. A writer is
-``write(run, out_dir, dtype, max_shard_bytes)``; ``run`` is an ``exporter.Run``.
+``write(run, out_dir, dtype, max_shard_bytes)``; ``run`` is a ``model.trained.TrainedRun``.
 ``model/loader.py`` (which pulls in mlx-lm) is imported on use, so the CLI reads the table quickly.
 """
 
@@ -32,6 +32,7 @@ from ..model.architectures import with_feature
 from .gguf_export import GGUF_DTYPES, GGUF_FILE, write_gguf_file
 from ..util.io import atomic_write_text, save_safetensors
 from .verify import load_gguf, load_mlx, load_peft, load_transformers
+from ..errors import ExportError
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,6 @@ TOKENIZER_FILES = (
     "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
     "chat_template*", "*.tiktoken", "spiece.model", "*.py",
 )
-
-
-class ExportError(ValueError):
-    """An export problem the user can fix."""
 
 
 # --------------------------------------------------------------------------- merging

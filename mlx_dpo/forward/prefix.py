@@ -36,7 +36,7 @@ def use_prefix_sharing(setting: str, model: nn.Module) -> bool:
     """Resolve ``prefix_sharing: auto|true|false`` for ``model``."""
     ok = supports_prefix_sharing(model)
     if setting == "true" and not ok:
-        from ..config.fields import ConfigError
+        from ..errors import ConfigError
 
         supported = ", ".join(sorted(with_feature("prefix_sharing")))
         raise ConfigError(f"prefix_sharing: true is not supported for model_type "
@@ -54,7 +54,7 @@ def batch_layout(prefix_sharing: Union[str, bool], padding_free: Union[str, bool
     if padding_free == "false":
         return "prefix" if use_prefix_sharing(prefix_sharing, model) else "unshared"
     from ..config.checks import check_layout
-    from ..config.fields import ConfigError
+    from ..errors import ConfigError
 
     if not supports_prefix_sharing(model):
         supported = ", ".join(sorted(with_feature("prefix_sharing")))

@@ -17,8 +17,8 @@ from typing import Callable, List, Optional, Tuple, Union
 import mlx.core as mx
 
 from ..model.adapters import adapter_mode
-from ..analysis.audit import AuditError, load_run
-from ..data import DataError
+from ..errors import ConfigError, DataError
+from ..model.trained import load_adapter_run
 from ..data.formats import check_value
 from ..data import tokenize
 
@@ -28,7 +28,7 @@ def read_prompts(path: Union[str, Path], messages: bool = False) -> List[Union[s
     with ``messages``, also a list of ``{role, content}`` messages, TRL's conversational form)."""
     path = Path(path)
     if not path.is_file():
-        raise AuditError(f"prompts file {path} does not exist")
+        raise DataError(f"prompts file {path} does not exist")
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     if path.suffix != ".jsonl":
         return lines
@@ -37,16 +37,13 @@ def read_prompts(path: Union[str, Path], messages: bool = False) -> List[Union[s
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise AuditError(f"{path}:{n}: not JSON ({e.msg})") from None
+            raise DataError(f"{path}:{n}: not JSON ({e.msg})") from None
         prompt = record.get("prompt") if isinstance(record, dict) else None
         if messages and isinstance(prompt, list):
-            try:
-                prompt = check_value(prompt, "prompt", f"{path}:{n}", as_messages=True)
-            except DataError as e:
-                raise AuditError(str(e)) from None
+            prompt = check_value(prompt, "prompt", f"{path}:{n}", as_messages=True)
         elif not isinstance(prompt, str):
             kind = "a 'prompt' string or message list" if messages else "a 'prompt' string"
-            raise AuditError(f"{path}:{n}: expected an object with {kind}")
+            raise DataError(f"{path}:{n}: expected an object with {kind}")
         prompts.append(prompt)
     return prompts
 
@@ -87,22 +84,20 @@ def prompt_ids(prompt: Union[str, list], tokenizer, template: Optional[str], whe
     (with special tokens), else through the chat template when the tokenizer has one."""
     if template:
         return tokenize.encode(tokenizer, template.replace("{prompt}", prompt), True)
-    try:
-        return tokenize.encode_prompt(prompt, tokenizer, where)[0]
-    except DataError as e:
-        raise AuditError(str(e)) from None
+    return tokenize.encode_prompt(prompt, tokenizer, where)[0]
 
 
 def generate(run_dir: Union[str, Path], prompts: List[str], max_tokens: int = 64, temp: float = 0.0,
-             seed: int = 0, batch_size: int = 16) -> List[dict]:
+             seed: int = 0, batch_size: int = 16, trust_remote_code: bool = False) -> List[dict]:
     """``{prompt, policy: {text, tokens}, reference: {text, tokens}}`` for every prompt, each side
     generated as one batch (``batch_size`` sequences at a time); ``tokens`` counts the EOS
-    that ended a completion, as mlx-lm's ``stream_generate`` does."""
+    that ended a completion, as mlx-lm's ``stream_generate`` does. ``trust_remote_code``: the command's own
+    flag (:mod:`mlx_dpo.model.trained`)."""
     from mlx_lm.sample_utils import make_sampler
 
     if not prompts:
-        raise AuditError("no prompts given (pass --prompt TEXT or --prompts FILE)")
-    run = load_run(run_dir)
+        raise ConfigError("no prompts given (pass --prompt TEXT or --prompts FILE)")
+    run = load_adapter_run(run_dir, trust_remote_code=trust_remote_code)
     ids = [prompt_ids(p, run.tokenizer, run.cfg.prompt_template, f"prompt {n}") for n, p in enumerate(prompts)]
     results = [{"prompt": p} for p in prompts]
     for side, mode in (("policy", "policy"), ("reference", "base")):

@@ -13,12 +13,9 @@ import math
 import re
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Tuple, Union
+from ..errors import JudgeError
 
 Judge = Callable[[Union[str, list], str], float]
-
-
-class JudgeError(ValueError):
-    """A judge spec the user can fix, or a judge that failed; the message names it."""
 
 
 def shorter(prompt, completion: str) -> float:

@@ -21,8 +21,8 @@ import json
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
-from ..config.fields import ConfigError, DPOConfig
-from ..data import DataError
+from ..config.fields import DPOConfig
+from ..errors import ConfigError, DataError, RunError, SampleError
 from ..data import tokenize
 from .generate import generate_samples
 from ..util.io import atomic_write_text
@@ -30,10 +30,6 @@ from .judges import Judge, make_judge, pick_pair, score
 
 # The sampling options' defaults (the API's and the command line's).
 DEFAULTS = {"num_samples": 4, "temperature": 1.0, "top_p": 1.0, "seed": 0, "max_tokens": 256, "batch_size": 32}
-
-
-class SampleError(ValueError):
-    """A sampling option, judge or file the user can fix; the message names it."""
 
 
 # --------------------------------------------------------------------------- prompts
@@ -115,27 +111,28 @@ def sample_pairs(model, tokenizer, prompts: List[Union[str, list]], judge: Union
     return records, summary
 
 
-def load_sampler_model(model: Optional[str], adapter_path: Optional[str]) -> tuple:
-    """``(model, tokenizer)``: ``model`` alone, or a run's adapters on its base (or on ``model``)."""
-    from ..analysis.audit import load_run
+def load_sampler_model(model: Optional[str], adapter_path: Optional[str], trust_remote_code: bool = False) -> tuple:
+    """``(model, tokenizer)``: ``model`` alone, or a run's adapters on its base (or on ``model``).
+    ``trust_remote_code``: the command's own flag (a run's config never sets it: :mod:`mlx_dpo.model.trained`)."""
     from ..model.loader import dequantize_for_inference, load_model
+    from ..model.trained import load_adapter_run
 
     if adapter_path:
-        run = load_run(adapter_path, model)
+        run = load_adapter_run(adapter_path, model, trust_remote_code)
         return run.model, run.tokenizer
     if not model:
         raise SampleError("pass --model (a model to sample from) or --adapter-path (a training run)")
-    loaded, tokenizer, _ = load_model(DPOConfig(model=model))
+    loaded, tokenizer, _ = load_model(DPOConfig(model=model, trust_remote_code=trust_remote_code))
     dequantize_for_inference(loaded)
     return loaded, tokenizer
 
 
 def sample(prompts: Union[str, Path], output: Union[str, Path], judge: Union[str, Judge], model: Optional[str] = None,
-           adapter_path: Optional[str] = None, overwrite: bool = False, **options) -> dict:
+           adapter_path: Optional[str] = None, overwrite: bool = False, trust_remote_code: bool = False,
+           **options) -> dict:
     """Read ``prompts`` (:func:`generate.read_prompts`), :func:`sample_pairs` from ``model`` (with the
     adapters of the run ``adapter_path``) and write the pairs to ``output`` (JSONL, atomically;
     nothing is written when every prompt tied). Returns the summary, with ``output``."""
-    from ..analysis.audit import AuditError
     from .generate import read_prompts
 
     output = Path(output)
@@ -151,13 +148,13 @@ def sample(prompts: Union[str, Path], output: Union[str, Path], judge: Union[str
     judge = make_judge(judge)  # before the (slow) model load
     try:
         texts = read_prompts(prompts, messages=True)
-    except AuditError as e:
+    except DataError as e:
         raise SampleError(str(e)) from None
     if not texts:
         raise SampleError(f"prompts file {prompts} holds no prompts")
     try:
-        loaded, tokenizer = load_sampler_model(model, adapter_path)
-    except (AuditError, ConfigError) as e:
+        loaded, tokenizer = load_sampler_model(model, adapter_path, trust_remote_code)
+    except (RunError, ConfigError) as e:
         raise SampleError(str(e)) from None
     records, summary = sample_pairs(loaded, tokenizer, texts, judge, **options)
     if records:

@@ -18,7 +18,8 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 
-from ..config.fields import ConfigError, DPOConfig
+from ..config.fields import DPOConfig
+from ..errors import ConfigError
 from .quant import base_linear, dense_weight
 
 MODES = ("policy", "base", "reference")

@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
-from ..config.coerce import ConfigError
+from ..errors import ConfigError
 from ..util.io import umask
 from .toy import cache_root
 

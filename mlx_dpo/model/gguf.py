@@ -22,7 +22,7 @@ import os
 import struct
 from pathlib import Path
 
-from ..config.coerce import ConfigError
+from ..errors import ConfigError
 from ..util.io import atomic_directory, atomic_write_text, save_safetensors
 from .toy import cache_root
 

@@ -14,7 +14,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .adapters import add_adapters, add_reference_copy, check_reference_adapter, last_blocks, load_adapter_weights
-from ..config.fields import ConfigError, DPOConfig
+from ..config.fields import DPOConfig
+from ..errors import ConfigError
 from ..util import hubnet
 from .gguf import gguf_model_dir
 from ..util.io import safetensors_problem

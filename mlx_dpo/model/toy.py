@@ -21,7 +21,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from ..config.coerce import ConfigError
+from ..errors import ConfigError
 from ..util.io import atomic_directory, atomic_write_text
 
 WORDS = (

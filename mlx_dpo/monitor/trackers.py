@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Dict
 
 from .callbacks import TrainerCallback
-from ..config.fields import ConfigError, DPOConfig
+from ..config.fields import DPOConfig
+from ..errors import ConfigError
 
 # report_to name -> (modules to try, in order; the pip package to suggest)
 PACKAGES = {"wandb": (("wandb",), "wandb"), "tensorboard": (("tensorboardX", "torch.utils.tensorboard"), "tensorboardX")}

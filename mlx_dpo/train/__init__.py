@@ -1,2 +1,2 @@
 """The trainer: compiled steps, TrainState, schedule, evaluation, reference cache, checkpoints, the run
-directory, stopping and faults."""
+directory, stopping (signals, faults, data-parallel agreement)."""

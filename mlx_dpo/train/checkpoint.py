@@ -35,35 +35,16 @@ import yaml
 from mlx.utils import tree_flatten
 
 from ..model.adapters import resolve_target_modules
-from ..config.fields import ConfigError, DPOConfig, config_keys
+from ..config.fields import DPOConfig, config_keys
 from ..util.io import atomic_directory, atomic_write_text, fsync_dir, save_safetensors
 from .state import TrainState
+from ..errors import CheckpointError, ConfigError
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _FILES = ("adapters.safetensors", "optimizer.safetensors", "state.safetensors", "trainer_state.json", "config.yaml")
-
-class TrainingError(RuntimeError):
-    """Training stopped on a fault (non-finite values, out of memory, disk full)."""
-
-
-class CheckpointError(TrainingError):
-    """A checkpoint could not be written or read."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Stopped by SIGINT/SIGTERM; ``exit_code`` is 128 + the signal number."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.signum, self.message = signum, message
-        self.exit_code = 128 + signum
-
-    def __str__(self) -> str:
-        return self.message
-
 
 # ---------------------------------------------------------------------- locating
 def checkpoints_dir(output_dir: Path) -> Path:

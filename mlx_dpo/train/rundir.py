@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from . import checkpoint
-from ..config.fields import ConfigError, DPOConfig
+from ..config.fields import DPOConfig
+from ..errors import ConfigError
 from ..util.io import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"

@@ -9,6 +9,7 @@ trainer's loop passes along; nothing else carries progress between steps.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Dict, List
 
 from ..data.batching import SamplerState
@@ -94,3 +95,15 @@ class TrainState:
         self.consecutive_skips = int(d.get("consecutive_skips", 0))
         self.sampler = SamplerState(**d["sampler"])
         self.window = LogWindow.from_dict(d.get("log", {}))
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`DPOTrainer.train` returns: the run directory, the last step, the last
+    record's training metrics and evaluation metrics, and every record logged."""
+
+    output_dir: Path
+    step: int
+    metrics: Dict[str, float] = field(default_factory=dict)
+    eval_metrics: Dict[str, float] = field(default_factory=dict)
+    history: List[dict] = field(default_factory=list)

@@ -4,6 +4,7 @@ naming the last good checkpoint to resume from."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -13,16 +14,34 @@ from typing import Callable, Optional
 import mlx.core as mx
 
 from . import checkpoint
-from .checkpoint import TrainingInterrupted
 from ..util import distributed
 from ..config.fields import DPOConfig
-from .faults import MAX_CONSECUTIVE_SKIPS, NonFiniteError, is_out_of_memory, nonfinite_message, \
-    out_of_memory_error
 from .state import TrainState
+from ..errors import DistributedError, NonFiniteError, TrainingError, TrainingInterrupted
+
+MAX_CONSECUTIVE_SKIPS = 10
 
 
-class DistributedError(checkpoint.TrainingError):
-    """A data-parallel collective failed: another rank went away."""
+def nonfinite_message(step: int, values: dict, grad_norm_sq: float, cfg: DPOConfig) -> str:
+    """Which values of step ``step`` are not finite, and the usual causes."""
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    bad += [] if math.isfinite(grad_norm_sq) else ["gradient norm"]
+    return (f"step {step}: non-finite {', '.join(bad)} (loss={values['loss']}, grad_norm^2={grad_norm_sq}). "
+            f"Likely causes: learning_rate too high ({cfg.learning_rate}), beta too large ({cfg.beta}), or float16 "
+            f"overflow (compute_dtype: {cfg.compute_dtype}; use float32 or bfloat16).")
+
+
+def is_out_of_memory(e: Exception) -> bool:
+    text = str(e).lower()
+    return any(w in text for w in ("out of memory", "insufficient memory", "unable to allocate", "malloc",
+                                   "attempting to allocate"))
+
+
+def out_of_memory_error(step: int, e: Exception, last_checkpoint: str) -> TrainingError:
+    return TrainingError(
+        f"step {step}: out of memory ({e}). Try a smaller max_length, gradient_checkpointing: true, quantize: "
+        "{bits: 4}, or a new run with a smaller batch_size (and more gradient_accumulation_steps). Last good "
+        f"checkpoint: {last_checkpoint}; gradient_checkpointing and compute_dtype may change on --resume.")
 
 
 def last_checkpoint(output_dir: Path) -> str:
@@ -59,9 +78,9 @@ def share_tokens_and_stop(tokens: int, stop: StopSignals, group) -> tuple:
     return tokens, bool(stopped)
 
 
-def interrupted(signum: int, step: int, path, output_dir: Path) -> checkpoint.TrainingInterrupted:
+def interrupted(signum: int, step: int, path, output_dir: Path) -> TrainingInterrupted:
     """After SIGINT/SIGTERM and the checkpoint at ``path``: the error that says how to resume."""
-    return checkpoint.TrainingInterrupted(
+    return TrainingInterrupted(
         signum, f"{signal.Signals(signum).name}: stopped after step {step}; checkpoint saved to {path}. "
                 f"Resume with: mlx-dpo train --config {output_dir / 'config.yaml'} --output-dir {output_dir} --resume")
 
@@ -70,9 +89,9 @@ def fault_error(e: RuntimeError, step: int, rank: int, ranks: int, output_dir: P
     """What to raise instead of ``e`` from training at ``step``: :class:`DistributedError` for a
     lost peer, the out-of-memory advice; ``None`` to raise ``e`` itself."""
     lost = distributed.peer_lost_message(e, rank, ranks) if ranks > 1 else None
-    if lost is not None and not isinstance(e, checkpoint.TrainingError):
+    if lost is not None and not isinstance(e, TrainingError):
         return DistributedError(f"{lost}. Stopped at step {step}; last checkpoint: {last_checkpoint(output_dir)}")
-    if isinstance(e, checkpoint.TrainingError) or not is_out_of_memory(e):
+    if isinstance(e, TrainingError) or not is_out_of_memory(e):
         return None
     return out_of_memory_error(step + 1, e, last_checkpoint(output_dir))
 

@@ -1,4 +1,4 @@
-"""The DPO training loop: a compiled step over one shared model.
+"""The DPO trainer: builds a run (model, data, shapes, compiled steps, callbacks) and runs it.
 
 One step = reference forward (adapters switched off, or the frozen reference
 adapter, under ``mx.stop_gradient``; skipped when reference log-probs are
@@ -10,15 +10,14 @@ finite.
 
 Progress lives in an explicit :class:`~mlx_dpo.train.state.TrainState` (``trainer.state``)
 that :mod:`.checkpoint` saves and restores; what watches training (the metrics file,
-console lines, the progress bar, yours) are :mod:`mlx_dpo.monitor.callbacks`.
+console lines, the progress bar, yours) are :mod:`mlx_dpo.monitor.callbacks`. The loop itself
+is :mod:`.loop`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional
 
@@ -26,16 +25,16 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_map
 
 from . import checkpoint, evaluation, stopping
 from ..util import distributed, metal
 from ..loss import losses
-from ..model.adapters import adapter_config, reference_mode, sync_reference
+from ..model.adapters import adapter_config, reference_mode
 from ..data.batching import Batch, BatchSampler, collate
 from ..monitor.callbacks import CallbackList, console, default_callbacks
 from ..util.clock import RunClock
-from ..config.fields import ConfigError, DPOConfig, resolve_config
+from ..config.fields import DPOConfig, resolve_config
+from ..errors import CheckpointError, ConfigError
 from ..forward.cpu_math import enable_cpu_math
 from ..data import TokenizedPair, load_datasets
 from ..data.cache import data_fingerprint
@@ -43,7 +42,6 @@ from ..data.formats import check_data_format
 from ..monitor.health import HealthMonitor
 from ..model.loader import count_parameters, model_for_training, setup_trainable
 from ..forward.packed import enable_position_rope
-from ..monitor.perf import Throughput, reference_blas_warning, warn_if_too_big
 from ..forward.prefix import batch_layout
 from ..model.quant import on_cpu
 from .preflight import warn_unused_settings
@@ -51,24 +49,17 @@ from .reference import precompute_reference_logps
 from .rundir import METRICS_FILE, RunLock, check_output_dir, check_resume, prepare_output_dir
 from .schedule import build_schedule
 from ..data.shapes import ShapePlan, run_passes
-from .state import TrainState
-from .steps import build_steps, reference_logps
+from .loop import TrainingLoop
+from .state import TrainResult, TrainState
+from .steps import build_steps
 from ..monitor.trackers import tracker_callbacks
-
-@dataclass
-class TrainResult:
-    output_dir: Path
-    step: int
-    metrics: Dict[str, float] = field(default_factory=dict)
-    eval_metrics: Dict[str, float] = field(default_factory=dict)
-    history: List[dict] = field(default_factory=list)
 
 
 def _silent(*args, **kwargs) -> None:
     """The log of the ranks other than 0."""
 
 
-class DPOTrainer:
+class DPOTrainer(TrainingLoop):
     """TRL-style trainer. ``DPOTrainer(cfg).train()``; the model, tokenizer and tokenized
     pairs may be passed in (notebooks), otherwise they are loaded from ``cfg``.
 
@@ -203,9 +194,6 @@ class DPOTrainer:
             return None
         return "precomputed" if self.precompute else self.reference_mode
 
-    def reference_logps(self, batch: Dict[str, mx.array]) -> Optional[Dict[str, mx.array]]:
-        return reference_logps(self.model, batch, self.cfg, self.reductions, self.reference_source)
-
     def _build_steps(self) -> None:
         def traced():
             self.trace_count += 1
@@ -291,137 +279,6 @@ class DPOTrainer:
                 self.watchdog = None
             self.callbacks.close()  # a bar or tracker left open by an exception
 
-    def _train_loop(self, stop: stopping.StopSignals) -> TrainResult:
-        cfg, state = self.cfg, self.state
-        batches = iter(self.sampler)
-        self.stop_signals, self.stop_agreed = stop, False  # data parallel: every rank stops after the same step
-        self.log(f"training: {state.max_steps} steps, {len(self.train_pairs)} pairs, "
-                 f"{distributed.global_batch_message(cfg.batch_size, cfg.gradient_accumulation_steps, self.ranks)}"
-                 f", loss {cfg.loss_type}, reference {self.reference_source or 'none'}")
-        warn_if_too_big(self.model, self.train_pairs, cfg.batch_size, self.prefix_sharing,
-                        cfg.gradient_checkpointing, self.log)
-        blas = reference_blas_warning()
-        if blas:
-            self.log(blas)
-        self.throughput = Throughput()
-        self.callbacks.on_train_begin(state)
-        if cfg.eval_on_start and state.step == 0 and self.eval_pairs:
-            self._log_and_evaluate(start=True)
-        self.clock.started_training()
-        while state.step < state.max_steps:
-            if stop.signum is not None and (self.ranks == 1 or self.stop_agreed):
-                self._stop(stop.signum)
-            tic, traces = time.perf_counter(), self.trace_count
-            with self._guard(f"step {state.step + 1}"):
-                grads, ok, values, tokens = self._accumulate(batches)
-                learning_rate = self.optimizer.learning_rate  # this update's (the schedule at the current step)
-                norm = self.apply_update(grads, ok)
-                mx.eval(norm, ok, learning_rate, values, self._pending_loss_state,
-                        self.model.trainable_parameters(), self.optimizer.state)  # the step's one host sync
-                tokens = self._share_tokens_and_stop(tokens)
-            metrics = self._step_metrics(values, norm, learning_rate)
-            if metrics is None:  # skipped on the device: the step is retried on the next batches
-                continue
-            state.step += 1
-            if cfg.sync_ref_model and state.step % cfg.ref_model_sync_steps == 0:
-                sync_reference(self.model, cfg.ref_model_mixup_alpha)
-            seconds = time.perf_counter() - tic
-            self.throughput.add(tokens, seconds)
-            self.clock.step(seconds, tokens, traced=self.trace_count > traces)
-            state.window.add(metrics, tokens, seconds)
-            self.callbacks.on_step_end(state, metrics)
-            self._log_and_evaluate(metrics["learning_rate"], metrics["grad_norm"])
-            if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < state.max_steps:
-                self.save_checkpoint()
-        self.save_checkpoint()
-        self.save()
-        self.callbacks.on_train_end(state)
-        self.log(f"done: {state.step} steps, peak memory {metal.peak_memory_gb():.3f} GB, "
-                 f"adapters in {self.output_dir}")
-        self.log(f"{self.clock.line()}; {self.trace_count} training-step shapes compiled (max_batch_shapes "
-                 f"{cfg.max_batch_shapes})")
-        self.log(self.throughput.report(self.model, self.use_reference and not self.precompute))
-        final = state.log_history[-1] if state.log_history else {}
-        return TrainResult(self.output_dir, state.step,
-                           {k: v for k, v in final.items() if not k.startswith("eval_") and k != "warnings"},
-                           dict(state.window.last_eval), state.log_history)
-
-    def _time_split(self) -> dict:
-        """The run's wall time so far (transformers' ``train_runtime``) and its split by phase
-        (``time/<phase>``, :mod:`mlx_dpo.util.clock`), in seconds: the last step's record carries them."""
-        split = self.clock.split()
-        return {"train_runtime": split.pop("total"), **{f"time/{k}": v for k, v in split.items()}}
-
-    def _accumulate(self, batches):
-        """Gradients (averaged) of ``gradient_accumulation_steps`` micro-batches, a device-side
-        flag "loss and gradients finite", the per-micro-batch values (lazy) and the tokens.
-        Nothing waits for the device here; traces (new batch shapes) are timed."""
-        accum, state = self.cfg.gradient_accumulation_steps, self.state
-        grads_sum, ok, values, tokens = None, mx.array(True), [], 0
-        loss_state = state.loss_state
-        for _ in range(accum):
-            batch = self.collate(self.train_pairs, next(batches))
-            traces, tic = self.trace_count, time.perf_counter()
-            loss, out, loss_state, grads, grad_sq = self.grad_step(self.to_device(batch), loss_state)
-            if self.trace_count > traces:  # a new shape: tracing + compiling the step, then running it once
-                mx.eval(loss, grads)
-                self.compile_seconds += time.perf_counter() - tic
-            ok = ok & mx.isfinite(loss) & mx.isfinite(grad_sq)
-            grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
-            values.append(({"loss": loss, **out}, grad_sq))
-            if accum > 1:
-                mx.async_eval(grads_sum, ok)  # bounded memory; the host goes on to the next micro-batch
-            tokens += batch.num_tokens
-        self._pending_loss_state = loss_state
-        if accum > 1:
-            grads_sum = tree_map(lambda g: g / accum, grads_sum)
-        return grads_sum, ok, values, tokens
-
-    def _share_tokens_and_stop(self, tokens: int) -> int:
-        """Data parallel: the global tokens; all ranks stop after the same step (:mod:`.stopping`)."""
-        if self.ranks == 1:
-            return tokens
-        tokens, stopped = stopping.share_tokens_and_stop(tokens, self.stop_signals, self.group)
-        self.stop_agreed = self.stop_agreed or stopped
-        return tokens
-
-    def _step_metrics(self, values: list, norm: mx.array, learning_rate: mx.array) -> Optional[dict]:
-        """The step's metrics as floats (micro-batch means), or ``None`` after a non-finite step
-        (the update was not applied; see :meth:`_nonfinite`)."""
-        floats = [({k: float(v.item()) for k, v in out.items()}, float(sq.item())) for out, sq in values]
-        bad = next(((out, sq) for out, sq in floats
-                    if not math.isfinite(out["loss"]) or not math.isfinite(sq)), None)
-        if bad is not None:
-            self._nonfinite(*bad)
-            return None
-        self.state.loss_state = self._pending_loss_state
-        self.state.consecutive_skips = 0
-        metrics = {k: sum(out[k] for out, _ in floats) / len(floats) for k in floats[0][0]}
-        metrics.update(learning_rate=float(learning_rate.item()), grad_norm=float(norm.item()))
-        return metrics
-
-    def _log_and_evaluate(self, learning_rate: float = 0.0, grad_norm: float = 0.0, start: bool = False) -> None:
-        """At a logging step: the record of :func:`.evaluation.log_record`; at an eval step (or
-        ``start``: before step 1, ``eval_on_start``): evaluate and add the ``eval_*`` metrics.
-        The record goes to ``log_history`` and the callbacks."""
-        cfg, state = self.cfg, self.state
-        record = None if start else evaluation.log_record(cfg, state, learning_rate, grad_norm, self.trace_count,
-                                                           self.compile_seconds)
-        if start or evaluation.eval_due(cfg, state, self.steps_per_epoch, bool(self.eval_pairs)):
-            with self.clock.phase("eval"):
-                state.window.last_eval = self.evaluate()
-            self.callbacks.on_evaluate(state, state.window.last_eval)
-            record = {**(record or {"step": state.step, "epoch": round(state.epoch, 4)}), **state.window.last_eval}
-        if record is not None and state.step == state.max_steps and not start:
-            record.update(self._time_split())  # the final save is in the done line's split only
-        if record is not None:
-            state.log_history.append(record)
-            self.callbacks.on_log(state, record)
-
-    def _nonfinite(self, values: dict, grad_norm_sq: float) -> None:
-        """Stop on a non-finite step, or (``skip_nonfinite_steps``) count it and go on."""
-        stopping.skip_nonfinite(self.state, values, grad_norm_sq, self.cfg, self.output_dir, self.log)
-
     def _start_watchdog(self) -> None:
         if self.watchdog is None:
             self.watchdog = distributed.Watchdog(self.cfg.ddp_timeout, self.rank, self.ranks, self._last_checkpoint)
@@ -432,11 +289,6 @@ class DPOTrainer:
 
     def _last_checkpoint(self) -> str:
         return stopping.last_checkpoint(self.output_dir)
-
-    def _stop(self, signum: int) -> None:
-        """After SIGINT/SIGTERM: checkpoint, say how to resume, raise TrainingInterrupted."""
-        path = self.save_checkpoint() or f"{self.output_dir} by rank 0"
-        raise stopping.interrupted(signum, self.step, path, self.output_dir)
 
     # ------------------------------------------------------------------ saving
     def save_checkpoint(self) -> Path:
@@ -468,7 +320,7 @@ class DPOTrainer:
             with self.clock.phase("save"):
                 checkpoint.save_adapters(directory, self.model, self.cfg, self.adapter_config())
         except OSError as e:
-            raise checkpoint.CheckpointError(f"could not save adapters to {directory}: {e}. The last checkpoint is "
+            raise CheckpointError(f"could not save adapters to {directory}: {e}. The last checkpoint is "
                                              f"{self._last_checkpoint()}") from e
         return directory
 

@@ -12,12 +12,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Optional
+from ..errors import HubUnreachable
 
 DEFAULT_TIMEOUT = 30.0
-
-
-class HubUnreachable(ConnectionError):
-    """The Hub did not answer within the timeout (or the connection failed)."""
 
 
 def hub_timeout() -> float:
