@@ -7,7 +7,7 @@ Builds random-weight Llama models in HF format (``toy.build_toy_model``, the toy
 tokenizer's vocabulary padded to 8192; or ``--model DIR``, an MLX/HF model directory),
 random token-id preference pairs (``--lengths normal``: prompt and completions ~N(len,
 8 tokens) long; ``ultrafeedback``: lognormal, long-tailed lengths up to ``--max-length``,
-``toy.ULTRAFEEDBACK_LENGTHS``; all ending in EOS), and trains LoRA r8/alpha16 on
+``ULTRAFEEDBACK_LENGTHS`` (tests/helpers.py); all ending in EOS), and trains LoRA r8/alpha16 on
 q,k,v,o for ``warmup + steps`` steps at ``batch`` pairs per step, float32. Every run
 is its own subprocess: peak RSS is that child's ``ru_maxrss`` (``os.wait4``).
 tokens/s counts the real tokens of both sequences of a pair (prompt included twice)
@@ -69,7 +69,8 @@ OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 def pair_lengths(args, n: int, rng) -> list:
     """(prompt, chosen, rejected) token lengths, EOS and BOS included."""
     if args.lengths == "ultrafeedback":
-        from mlx_dpo.model.toy import lognormal_lengths
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from helpers import lognormal_lengths  # tests/helpers.py
 
         return [(max(p, 2), c, r) for p, c, r in lognormal_lengths(n, seed=0, max_length=args.max_length - 1)]
     draw = lambda mean: max(2, int(rng.normal(mean, 8)))  # noqa: E731

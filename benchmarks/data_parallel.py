@@ -23,8 +23,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # helpers.py
 
-from mlx_dpo.util.distributed import LINKS_GB_S, allreduce_bytes, ring_seconds, write_local_hostfile  # noqa: E402
+from helpers import write_local_hostfile  # noqa: E402
+from mlx_dpo.util.distributed import LINKS_GB_S, allreduce_bytes, ring_seconds  # noqa: E402
 
 # Qwen2.5-0.5B: 24 layers, hidden 896, 14 query heads / 2 kv heads of 64, MLP 4864
 QWEN05 = dict(layers=24, hidden=896, kv=2 * 64, mlp=4864)

@@ -3,7 +3,7 @@
     python benchmarks/shape_count.py                       # max_batch_shapes 16
     python benchmarks/shape_count.py --max-batch-shapes 8
 
-Pairs with ``toy.ULTRAFEEDBACK_LENGTHS`` lengths (8k, max_length 1024), batch 2/4/8, in each
+Pairs with ``ULTRAFEEDBACK_LENGTHS`` (tests/helpers.py) lengths (8k, max_length 1024), batch 2/4/8, in each
 batch layout: unshared, shared prefix (``prefix_sharing``), packed (``padding_free``). Each
 distinct shape compiles the training step once. Padding = share of the input positions the
 forward runs that are padding (``Batch.padding_fraction``: tokens (2B, L) unshared; prompt (B, P)
@@ -16,11 +16,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # helpers.py
 
 from mlx_dpo.data.batching import LAYOUTS, BatchSampler, collate  # noqa: E402
 from mlx_dpo.data import TokenizedPair  # noqa: E402
 from mlx_dpo.data.shapes import ShapePlan  # noqa: E402
-from mlx_dpo.model.toy import lognormal_lengths  # noqa: E402
+from helpers import lognormal_lengths  # noqa: E402
 
 FLOOR = {  # input positions of a one-pair batch with no rounding, by layout
     "unshared": lambda p, c, r: 2 * (p + max(c, r) - 1),

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlx_dpo.analysis.audit import audit
-from mlx_dpo.errors import AuditError, DataError, RunError
+from mlx_dpo.errors import DataError, RunError
 from mlx_dpo.model.trained import load_adapter_run
 from mlx_dpo.cli.commands import main
 from mlx_dpo.config.fields import DPOConfig

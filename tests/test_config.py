@@ -162,8 +162,8 @@ def test_every_data_option_changes_the_tokenized_cache_key(key, tmp_path):
 
     changed = {"max_prompt_length": 7, "truncation_mode": "keep_end", "prompt_template": "Q: {prompt}",
                "columns": {"prompt": "q"}, "seed": 1, "max_completion_length": 3, "eval_split": 0.5}[key]
-    a = data.cache_key(plan, DPOConfig(), Tok())
-    b = data.cache_key(plan, DPOConfig(**{key: changed}), Tok())
+    a = data.data_cache_key(plan, DPOConfig(), Tok())
+    b = data.data_cache_key(plan, DPOConfig(**{key: changed}), Tok())
     assert a != b
 
 

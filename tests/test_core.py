@@ -13,7 +13,8 @@ from mlx_dpo.model.adapters import adapter_mode, add_adapters
 from mlx_dpo.data.batching import BatchSampler, bucket_length, collate, eval_batches
 from mlx_dpo.config.fields import DPOConfig
 from mlx_dpo.data import TokenizedPair
-from mlx_dpo.forward.logprobs import completion_logps, sequence_logps_reference
+from mlx_dpo.forward.logprobs import completion_logps
+from helpers import sequence_logps_reference
 from mlx_dpo.model.loader import load_model
 from mlx_dpo.train.schedule import build_schedule
 from mlx_dpo.train.trainer import DPOTrainer

@@ -515,7 +515,7 @@ def test_tokenized_data_is_cached(bpe_tok, tmp_path):
     third, _, _ = load(tok, tmp_path, data=str(path), eval_split=0.5)
     assert tok.calls > 0 and len(third) == 4
     # the default cache root honours MLX_DPO_CACHE (set by conftest)
-    from mlx_dpo.model.toy import cache_root
+    from mlx_dpo.util.paths import cache_root
 
     assert data_mod.cache_path(DPOConfig(), "k") == cache_root() / "tokenized" / "k.npz"
 

@@ -21,7 +21,7 @@ from mlx_dpo.train import checkpoint
 from mlx_dpo.data.batching import BatchSampler
 from mlx_dpo.config.fields import DPOConfig
 from mlx_dpo.data import TokenizedPair
-from mlx_dpo.util.distributed import write_local_hostfile
+from helpers import write_local_hostfile
 from mlx_dpo.train.trainer import DPOTrainer
 
 RUN_TIMEOUT = 240  # seconds for a whole 2-rank run on a loaded 2-core box

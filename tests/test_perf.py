@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 from mlx_dpo.train import trainer as trainer_module
 from mlx_dpo.data.batching import BatchSampler
 from mlx_dpo.data.shapes import ShapePlan, bucket_length
-from mlx_dpo.model.toy import lognormal_lengths
+from helpers import lognormal_lengths
 from mlx_dpo.config.fields import DPOConfig
 from mlx_dpo.data import TokenizedPair
 from mlx_dpo.model.loader import load_model

@@ -12,7 +12,8 @@ from mlx_dpo.data.batching import collate
 from mlx_dpo.config.fields import DPOConfig
 from mlx_dpo.errors import ConfigError
 from mlx_dpo.data import TokenizedPair
-from mlx_dpo.forward.logprobs import completion_logps, sequence_logps_reference
+from mlx_dpo.forward.logprobs import completion_logps
+from helpers import sequence_logps_reference
 from mlx_dpo.model.loader import checkpoint_block, load_model
 from mlx_dpo.forward.packed import enable_position_rope, packed_mask
 from mlx_dpo.forward.prefix import batch_layout, use_prefix_sharing

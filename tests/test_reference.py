@@ -271,9 +271,9 @@ def test_reference_cache_follows_the_weights_in_memory(llama_dir, toy_data_dir, 
 
 
 def key(trainer):
-    from mlx_dpo.train.reference import cache_key
+    from mlx_dpo.train.reference import reference_cache_key
 
-    return cache_key(trainer.model, trainer.train_pairs, trainer.cfg, trainer.model_path, trainer.reductions)
+    return reference_cache_key(trainer.model, trainer.train_pairs, trainer.cfg, trainer.model_path, trainer.reductions)
 
 
 def test_reference_cache_key_uses_the_resolved_compute_dtype(llama_dir, toy_data_dir, tmp_path):

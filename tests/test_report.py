@@ -14,7 +14,7 @@ import yaml
 from click.testing import CliRunner
 
 from mlx_dpo.cli.commands import main
-from mlx_dpo.analysis.report import FIGURES, build_figures, ema, load_run, report, write_html, write_pngs
+from mlx_dpo.analysis.report import FIGURES, build_figures, ema, read_run_records, report, write_html, write_pngs
 from mlx_dpo.errors import ReportError
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -65,7 +65,7 @@ def axes_with_data(fig):
 
 
 def test_every_panel_is_drawn(two_runs):
-    figures, notes = build_figures([load_run(two_runs[0])])
+    figures, notes = build_figures([read_run_records(two_runs[0])])
     assert notes == [] and set(figures) == set(FIGURES) | {"lengths"}
     assert {name: len(axes_with_data(fig)) for name, fig in figures.items()} == PANELS
     for fig in figures.values():
@@ -76,7 +76,7 @@ def test_every_panel_is_drawn(two_runs):
 def test_pngs_are_valid_and_not_blank(two_runs, tmp_path):
     import matplotlib.image
 
-    figures, _ = build_figures([load_run(two_runs[0])])
+    figures, _ = build_figures([read_run_records(two_runs[0])])
     paths = write_pngs(figures, tmp_path / "out")
     assert set(paths) == set(PANELS)
     for path in paths.values():
@@ -87,7 +87,7 @@ def test_pngs_are_valid_and_not_blank(two_runs, tmp_path):
 
 
 def test_two_runs_overlay_with_their_names(two_runs):
-    figures, _ = build_figures([load_run(p) for p in two_runs])
+    figures, _ = build_figures([read_run_records(p) for p in two_runs])
     for name, fig in figures.items():
         for ax in axes_with_data(fig):
             labels = [t.get_text() for t in ax.get_legend().get_texts()]
@@ -110,7 +110,7 @@ def test_html_embeds_every_image_and_lists_warnings(two_runs, tmp_path):
 
 def test_missing_panels_are_noted(tmp_path):
     run = write_run(tmp_path / "run", [{"step": 1, "loss": 0.6}, {"step": 2, "loss": 0.5}])
-    figures, notes = build_figures([load_run(run)])
+    figures, notes = build_figures([read_run_records(run)])
     assert set(figures) == {"loss"}
     assert any(n.startswith("lengths: ") and "config.yaml names no data" in n for n in notes)
     assert any(n.startswith("speed: ") for n in notes)
@@ -129,13 +129,13 @@ def test_unreadable_runs_say_why(tmp_path, content, message):
     if content is not None:
         (run / "metrics.jsonl").write_text(content)
     with pytest.raises(ReportError, match=message):
-        load_run(run)
+        read_run_records(run)
 
 
 def test_missing_matplotlib_says_how_to_install(two_runs, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ReportError, match=re.escape('pip install "mlx-dpo[report]"')):
-        build_figures([load_run(two_runs[0])])
+        build_figures([read_run_records(two_runs[0])])
 
 
 def test_ema_is_debiased():
@@ -159,16 +159,16 @@ def test_the_cli_starts_without_matplotlib():
 
 
 def test_write_html_alone(tmp_path, two_runs):
-    run = load_run(two_runs[0])
+    run = read_run_records(two_runs[0])
     path = write_html([run], {}, ["a note"], tmp_path / "page" / "report.html")
     assert "a note" in path.read_text() and "<td>beta0.1</td>" in path.read_text()
 
 
 def test_a_last_record_cut_short_by_a_crash_is_skipped(tmp_path):
     """A killed run can leave half a line at the end of metrics.jsonl (each record ends with a newline)."""
-    from mlx_dpo.analysis.report import load_run
+    from mlx_dpo.analysis.report import read_run_records
 
     run = tmp_path / "killed"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n{"step": 2, "loss": 0.6}\n{"step": 3, "lo')
-    assert [r["step"] for r in load_run(run).records] == [1, 2]
+    assert [r["step"] for r in read_run_records(run).records] == [1, 2]

@@ -3,7 +3,7 @@
 Reads only ``metrics.jsonl`` and ``config.yaml`` of each run directory (plus, for the
 completion-length panel, the local training data ``config.yaml`` names). Pure steps::
 
-    runs = [load_run(d) for d in run_dirs]
+    runs = [read_run_records(d) for d in run_dirs]
     figures, notes = build_figures(runs)       # {name: matplotlib Figure}
     pngs = write_pngs(figures, out_dir)         # {name: path}
     write_html(runs, pngs, notes, out_dir / "report.html")
@@ -32,7 +32,7 @@ STEP_LABEL = "step (optimizer steps)"
 
 
 @dataclass
-class Run:
+class RunRecords:
     name: str
     path: Path
     records: List[dict]
@@ -71,7 +71,7 @@ FIGURES: Dict[str, Tuple[Panel, ...]] = {
 
 
 # ---------------------------------------------------------------------------- loading
-def load_run(path) -> Run:
+def read_run_records(path) -> RunRecords:
     """A run directory's records (``metrics.jsonl``) and config (``config.yaml``, if any)."""
     path = Path(path)
     metrics = path / METRICS_FILE
@@ -96,7 +96,7 @@ def load_run(path) -> Run:
                           "logging_steps)")
     config_file = path / "config.yaml"
     config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
-    return Run(path.resolve().name, path, records, config if isinstance(config, dict) else {})
+    return RunRecords(path.resolve().name, path, records, config if isinstance(config, dict) else {})
 
 
 def points(records: Sequence[dict], key: str) -> Tuple[List[float], List[float]]:
@@ -136,7 +136,7 @@ def _style(run_index: int, series_index: int, n_series: int) -> dict:
     return {"color": color, "linestyle": ("-", "--", ":", "-.")[run_index % 4]}
 
 
-def plot_panel(ax, panel: Panel, runs: Sequence[Run]) -> bool:
+def plot_panel(ax, panel: Panel, runs: Sequence[RunRecords]) -> bool:
     """Draw every run's series of ``panel`` on ``ax``; False when no run has any of them."""
     drawn = False
     for i, run in enumerate(runs):
@@ -159,7 +159,7 @@ def plot_panel(ax, panel: Panel, runs: Sequence[Run]) -> bool:
     return drawn
 
 
-def metric_figure(Figure, panels: Sequence[Panel], runs: Sequence[Run]):
+def metric_figure(Figure, panels: Sequence[Panel], runs: Sequence[RunRecords]):
     """One figure with a row of ``panels``; None when none of them has data."""
     fig = Figure(figsize=(6.4 * len(panels), 4.2), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
@@ -173,7 +173,7 @@ def metric_figure(Figure, panels: Sequence[Panel], runs: Sequence[Run]):
     return fig
 
 
-def build_figures(runs: Sequence[Run]) -> Tuple[dict, List[str]]:
+def build_figures(runs: Sequence[RunRecords]) -> Tuple[dict, List[str]]:
     """``({name: Figure}, notes)``: the metric figures, then the completion lengths; a note
     for each figure left out."""
     Figure = _matplotlib()
@@ -262,19 +262,19 @@ def write_pngs(figures: dict, out_dir) -> Dict[str, Path]:
     return paths
 
 
-def run_warnings(run: Run) -> List[Tuple[int, str]]:
+def run_warnings(run: RunRecords) -> List[Tuple[int, str]]:
     """``(step, message)`` of every health warning recorded in the run's metrics."""
     return [(r["step"], f"{msg} [{kind}]") for r in run.records for kind, msg in (r.get("warnings") or {}).items()]
 
 
-def _run_row(run: Run) -> str:
+def _run_row(run: RunRecords) -> str:
     c = run.config
     cells = [run.name, str(run.path), str(run.records[-1]["step"]), str(c.get("loss_type", "")),
              str(c.get("beta", "")), str(c.get("learning_rate", "")), str(c.get("model", ""))]
     return "<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in cells) + "</tr>"
 
 
-def write_html(runs: Sequence[Run], pngs: Dict[str, Path], notes: Sequence[str], path) -> Path:
+def write_html(runs: Sequence[RunRecords], pngs: Dict[str, Path], notes: Sequence[str], path) -> Path:
     """One self-contained page: the runs, health warnings, notes and every PNG (base64)."""
     path = Path(path)
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>mlx-dpo report</title>",
@@ -303,7 +303,7 @@ def report(run_dirs: Sequence, output=None) -> Tuple[Path, List[str]]:
     ``report/``); returns the HTML path and the notes."""
     if not run_dirs:
         raise ReportError("give at least one run directory")
-    runs = [load_run(d) for d in run_dirs]
+    runs = [read_run_records(d) for d in run_dirs]
     out_dir = Path(output) if output else Path(run_dirs[0]) / "report"
     figures, notes = build_figures(runs)
     pngs = write_pngs(figures, out_dir)

@@ -31,7 +31,7 @@ from ..config.fields import DPOConfig
 from . import formats
 from .base import Row, TokenizedPair
 from ..errors import DataError
-from .cache import cache_key, cache_path, load_cache, save_cache, tokenizer_fingerprint
+from .cache import data_cache_key, cache_path, load_cache, save_cache, tokenizer_fingerprint
 from .formats import (FIELDS, FORMATS, check_format_options, column_map, detect_format, extract_prompt, format_names,
                       get_format)
 from .readers import DATA_SUFFIXES, READERS, read_file
@@ -41,7 +41,7 @@ from .tokenize import tokenize_pairs
 
 __all__ = [
     "DataError", "Row", "TokenizedPair", "FIELDS", "FORMATS", "DATA_SUFFIXES", "READERS",
-    "cache_key", "cache_path", "check_format_options", "column_map", "detect_format", "extract_prompt",
+    "data_cache_key", "cache_path", "check_format_options", "column_map", "detect_format", "extract_prompt",
     "find_split_files", "format_names", "get_format", "load_cache", "load_datasets", "load_records", "parse_split",
     "plan_sources", "read_file", "read_rows", "resolve_source", "save_cache", "slice_rows",
     "split_files", "tokenize_pairs", "tokenizer_fingerprint",
@@ -115,7 +115,7 @@ def load_datasets(cfg: DPOConfig, tokenizer, log=print) -> Tuple[List[TokenizedP
     if plan["eval"] and cfg.eval_split > 0:
         log(f"warning: eval_split {cfg.eval_split} is not used: the eval set comes from "
             f"{', '.join(str(p) for p in plan['eval'][0])}")
-    path = cache_path(cfg, cache_key(plan, cfg, tokenizer))
+    path = cache_path(cfg, data_cache_key(plan, cfg, tokenizer))
     cached = load_cache(path)
     if cached is not None:
         train, evals, stats = cached

@@ -17,12 +17,13 @@ from typing import List, Tuple
 import numpy as np
 
 from ..config.fields import DPOConfig, config_keys
+from ..util.paths import cache_subdir
 from .base import TokenizedPair
 from .tokenize import eos_ids
 
 CACHE_VERSION = 4  # 2: pairs with a 0-token prompt are dropped; 3: key from config roles;
 # 4: TRL 1.16's truncation_mode and tokenization at the join
-TOKENIZER_FILES = (
+TOKENIZER_HASHED_FILES = (
     "tokenizer.json",
     "tokenizer.model",
     "tokenizer_config.json",
@@ -42,7 +43,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     inner = getattr(tokenizer, "_tokenizer", tokenizer)
     path = getattr(inner, "name_or_path", None)
     if path and Path(path).is_dir():
-        for name in TOKENIZER_FILES:
+        for name in TOKENIZER_HASHED_FILES:
             if (Path(path) / name).is_file():
                 h.update(name.encode() + b"\0" + (Path(path) / name).read_bytes())
     else:
@@ -70,7 +71,7 @@ def data_fingerprint(pairs, sample: int = 1000) -> str:
 # ---------------------------------------------------------------------- saving
 
 
-def cache_key(plan: dict, cfg: DPOConfig, tokenizer) -> str:
+def data_cache_key(plan: dict, cfg: DPOConfig, tokenizer) -> str:
     """Hash of the planned files, the data settings and the tokenizer."""
     settings = {name: getattr(cfg, name) for name in config_keys("data_cache")}
     key = {
@@ -84,8 +85,6 @@ def cache_key(plan: dict, cfg: DPOConfig, tokenizer) -> str:
 
 
 def cache_path(cfg: DPOConfig, key: str) -> Path:
-    from ..model.toy import cache_subdir
-
     return cache_subdir(cfg.cache_dir, "tokenized") / f"{key}.npz"
 
 

@@ -17,6 +17,7 @@ from .writers import DTYPES, FORMATS, MAX_SHARD_BYTES, WRITERS
 from .hub import EXPORT_INFO, RUN_CONFIG, write_model_card
 from ..util.io import atomic_directory, atomic_write_text
 from ..model.trained import TrainedRun
+from ..train.rundir import METRICS_FILE
 from .verify import reference_outputs, verify_export
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def final_metrics(run_dir: Path) -> dict:
     """The last training record and the last evaluation record of ``metrics.jsonl``."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_FILE
     train, evaluation = {}, {}
     if path.is_file():
         for line in path.read_text().splitlines():

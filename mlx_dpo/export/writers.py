@@ -37,7 +37,7 @@ from ..errors import ExportError
 log = logging.getLogger(__name__)
 
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' "5GB"
-TOKENIZER_FILES = (
+TOKENIZER_COPY_PATTERNS = (
     "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
     "chat_template*", "*.tiktoken", "spiece.model", "*.py",
 )
@@ -91,7 +91,7 @@ def check_names(names, base_dir: Path, model_type: str) -> None:
 
 def copy_model_files(base_dir: Path, out_dir: Path) -> None:
     """Copy the base's tokenizer files, custom code and ``generation_config.json``."""
-    for pattern in TOKENIZER_FILES + ("generation_config.json",):
+    for pattern in TOKENIZER_COPY_PATTERNS + ("generation_config.json",):
         for file in Path(base_dir).glob(pattern):
             if file.is_file() and not (out_dir / file.name).exists():
                 shutil.copyfile(file, out_dir / file.name)  # the umask's mode, not the source's
@@ -122,7 +122,7 @@ def save_sharded(weights: dict, out_dir: Path, max_shard_bytes: int = MAX_SHARD_
     return names
 
 
-def hf_config(base_config: dict, dtype: str) -> dict:
+def merged_hf_config(base_config: dict, dtype: str) -> dict:
     config = {k: v for k, v in base_config.items() if k not in ("quantization", "quantization_config")}
     config["torch_dtype"] = dtype
     config["dtype"] = dtype
@@ -137,7 +137,7 @@ def write_hf(run, out_dir: Path, dtype: str, max_shard_bytes: int = MAX_SHARD_BY
     if run.base_config.get("tie_word_embeddings"):
         weights.pop("lm_head.weight", None)
     save_sharded(weights, out_dir, max_shard_bytes)
-    atomic_write_text(out_dir / "config.json", json.dumps(hf_config(run.base_config, dtype), indent=2))
+    atomic_write_text(out_dir / "config.json", json.dumps(merged_hf_config(run.base_config, dtype), indent=2))
     copy_model_files(run.base_path, out_dir)
 
 
@@ -149,7 +149,7 @@ def write_mlx(run, out_dir: Path, dtype: str, max_shard_bytes: int = MAX_SHARD_B
 
     merge_and_dequantize(run.model)
     cast_floats(run.model, getattr(mx, dtype))
-    config = hf_config(run.base_config, dtype)
+    config = merged_hf_config(run.base_config, dtype)
     q = run.quantization
     if q:
         run.model, config = quantize_model(run.model, config, q["group_size"], q["bits"], mode=q["mode"])

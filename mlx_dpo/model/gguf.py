@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..util.io import atomic_directory, atomic_write_text, save_safetensors
-from .toy import cache_root
+from ..util.paths import cache_subdir
 
 VERSION = 1  # of the conversion: part of the cache key
 ARCHITECTURES = ("llama", "qwen2")
@@ -172,7 +172,7 @@ def hf_name(name: str, arch: str, path: Path) -> str:
     return f"{mapped}.{suffix}"
 
 
-def hf_config(header: dict, arch: str, quantization) -> dict:
+def config_from_gguf(header: dict, arch: str, quantization) -> dict:
     """The Hugging Face ``config.json`` mlx-lm's ``arch`` model reads, from the GGUF metadata."""
     meta, tensors = header["metadata"], header["tensors"]
 
@@ -268,7 +268,7 @@ def write_tokenizer(path: Path, out: Path, header: dict) -> None:
     atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
 
 
-def cache_key(path: Path) -> str:
+def conversion_key(path: Path) -> str:
     """What the converted directory depends on: the file (its resolved path, size, mtime) and
     this conversion's :data:`VERSION`."""
     st = path.stat()
@@ -291,13 +291,13 @@ def gguf_model_dir(path, cache_dir=None) -> Path:
         raise ConfigError(f"model: {path} is not a file")
     header = read_header(path)
     arch = check_supported(path, header)
-    target = (Path(cache_dir) if cache_dir else cache_root()) / "gguf" / f"{path.stem}-{cache_key(path)}"
+    target = cache_subdir(cache_dir, "gguf") / f"{path.stem}-{conversion_key(path)}"
     if (target / "gguf_source.json").is_file():
         return target
     weights = convert_weights(path, arch, header)
     with atomic_directory(target, overwrite=True) as tmp:
         save_safetensors(tmp / "model.safetensors", weights, {"format": "mlx"})
-        config = hf_config(header, arch, quantization_of(weights))
+        config = config_from_gguf(header, arch, quantization_of(weights))
         atomic_write_text(tmp / "config.json", json.dumps(config, indent=2))
         write_tokenizer(path, tmp, header)
         source = {"gguf_file": str(path.resolve()), "size": path.stat().st_size, "architecture": arch,
@@ -306,5 +306,5 @@ def gguf_model_dir(path, cache_dir=None) -> Path:
     return target
 
 
-__all__ = ["read_header", "check_supported", "hf_name", "hf_config", "quantization_of", "unpermute_rows",
-           "convert_weights", "write_tokenizer", "cache_key", "source_gguf", "gguf_model_dir"]
+__all__ = ["read_header", "check_supported", "hf_name", "config_from_gguf", "quantization_of", "unpermute_rows",
+           "convert_weights", "write_tokenizer", "conversion_key", "source_gguf", "gguf_model_dir"]

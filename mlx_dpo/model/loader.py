@@ -69,7 +69,7 @@ def resolve_model_path(model: str, revision: Optional[str] = None) -> Path:
     return gguf_model_dir(snapshot / filename)
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json", "vocab.txt")
+TOKENIZER_MODEL_FILES = ("tokenizer.json", "tokenizer.model", "tiktoken.model", "vocab.json", "vocab.txt")
 # mlx_lm/models/*.py modules that are building blocks, not architectures
 MODEL_HELPERS = {"activations", "base", "bitlinear_layers", "cache", "gated_delta", "mla", "pipeline", "rope_utils",
                  "ssm", "switch_layers"}
@@ -106,8 +106,8 @@ def check_model_dir(path: Path) -> None:
         problem = safetensors_problem(file)
         if problem:
             raise ConfigError(f"model: {file} {problem}")
-    if not any((path / name).is_file() for name in TOKENIZER_FILES) and not any(path.glob("*.tiktoken")):
-        raise ConfigError(f"model: {path} has no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
+    if not any((path / name).is_file() for name in TOKENIZER_MODEL_FILES) and not any(path.glob("*.tiktoken")):
+        raise ConfigError(f"model: {path} has no tokenizer files (expected one of {', '.join(TOKENIZER_MODEL_FILES)})")
 
 
 def _load(path: Path, trust_remote_code: bool):

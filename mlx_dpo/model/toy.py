@@ -14,7 +14,6 @@ training works.
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from typing import Optional, Union
@@ -23,6 +22,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..util.io import atomic_directory, atomic_write_text
+from ..util.paths import cache_root
 
 WORDS = (
     "apple banana cherry grape lemon mango olive peach pear plum "
@@ -268,29 +268,6 @@ def toy_pairs(n: int, seed: int = 0) -> list:
     return pairs
 
 
-# Token lengths of UltraFeedback-binarized-like pairs: lognormal (median, sigma) per
-# field (see benchmarks/README.md for where they come from).
-ULTRAFEEDBACK_LENGTHS = {"prompt": (90, 0.9), "chosen": (240, 0.7), "rejected": (200, 0.8)}
-
-
-def lognormal_lengths(n: int, seed: int = 0, max_length: int = 1024, max_prompt_length: int = 512,
-                      model: Optional[dict] = None) -> list:
-    """``n`` (prompt, chosen, rejected) token lengths drawn from ``model`` (default
-    :data:`ULTRAFEEDBACK_LENGTHS`), cut as the data loader cuts them: the prompt to
-    ``max_prompt_length``, each completion to ``max_length - prompt``; all >= 1."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    model = model or ULTRAFEEDBACK_LENGTHS
-    draw = {k: np.maximum(1, np.round(med * np.exp(sigma * rng.standard_normal(n)))).astype(int)
-            for k, (med, sigma) in model.items()}
-    out = []
-    for p, c, r in zip(draw["prompt"], draw["chosen"], draw["rejected"]):
-        p = int(min(p, max_prompt_length))
-        out.append((p, int(min(c, max_length - p)), int(min(r, max_length - p))))
-    return out
-
-
 def write_jsonl(path: Union[str, Path], records: list) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
@@ -303,15 +280,6 @@ def build_toy_dataset(out_dir: Union[str, Path], n_train: int = 512, n_valid: in
         write_jsonl(tmp / "train.jsonl", pairs[:n_train])
         write_jsonl(tmp / "valid.jsonl", pairs[n_train:])
     return out_dir
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MLX_DPO_CACHE", Path.home() / ".cache" / "mlx_dpo"))
-
-
-def cache_subdir(cache_dir: Optional[str], name: str) -> Path:
-    """``<cache_dir or cache_root()>/<name>``: where tokenized data and reference log-probs live."""
-    return (Path(cache_dir).expanduser() if cache_dir else cache_root()) / name
 
 
 def resolve_toy_model(spec: str) -> Path:

@@ -154,7 +154,7 @@ def _same(a, b) -> bool:
     return False
 
 
-def run_config(cfg: DPOConfig) -> DPOConfig:
+def recorded_config(cfg: DPOConfig) -> DPOConfig:
     """The config as saved with a run: the recipe, without this invocation's
     ``resume_from_checkpoint`` / ``overwrite_output_dir`` (reusing it never resumes or
     overwrites by surprise)."""
@@ -203,7 +203,7 @@ def save_adapters(directory: Path, model, cfg: DPOConfig, adapter_config: dict) 
     finally:
         tmp.unlink(missing_ok=True)
     atomic_write_text(directory / "adapter_config.json", json.dumps(adapter_config, indent=2))
-    run_config(cfg).save(directory / "config.yaml")
+    recorded_config(cfg).save(directory / "config.yaml")
 
 
 def _write_checkpoint(tmp: Path, state: TrainState, model, optimizer, cfg: DPOConfig, adapter_config: dict) -> None:

@@ -30,6 +30,7 @@ from ..data.batching import eval_batches
 from ..config.fields import DPOConfig, config_keys
 from ..data import TokenizedPair
 from ..util.io import atomic_write_bytes
+from ..util.paths import cache_subdir
 from ..forward.logprobs import completion_logps
 from ..model.loader import compute_dtype
 from ..loss.reduce import reduce_logps
@@ -63,7 +64,7 @@ def weights_fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def cache_key(model, pairs: List[TokenizedPair], cfg: DPOConfig, model_path: Optional[Path],
+def reference_cache_key(model, pairs: List[TokenizedPair], cfg: DPOConfig, model_path: Optional[Path],
               reductions: List[str]) -> str:
     """Hash of what the reference log-probs depend on: the model's files and the frozen
     weights in memory, the reference adapter, the ``ref_cache`` config keys (compute dtype
@@ -90,8 +91,6 @@ def cache_key(model, pairs: List[TokenizedPair], cfg: DPOConfig, model_path: Opt
 
 
 def cache_file(cfg: DPOConfig, key: str) -> Path:
-    from ..model.toy import cache_subdir
-
     return cache_subdir(cfg.cache_dir, "ref_logps") / f"{key}.npz"
 
 
@@ -141,7 +140,7 @@ def precompute_reference_logps(model, pairs: List[TokenizedPair], cfg: DPOConfig
     Returns ``(values, reference batches run)`` (0 when loaded from the cache). ``initial``: the model still holds its initial weights
     (a full fine-tune's reference can only be computed then). ``group``: data-parallel ranks
     share the work (:func:`compute_reference_logps`); they load the cache only if every one has it."""
-    path = cache_file(cfg, cache_key(model, pairs, cfg, model_path, reductions))
+    path = cache_file(cfg, reference_cache_key(model, pairs, cfg, model_path, reductions))
     cached = {}
     if path.is_file():
         try:

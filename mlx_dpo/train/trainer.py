@@ -256,7 +256,7 @@ class DPOTrainer(TrainingLoop):
         if self.main:
             self.state.log_history = prepare_output_dir(self.output_dir, self.step, self.resume_path is not None,
                                                         self.cfg.overwrite_output_dir, self.log)
-            checkpoint.run_config(self.cfg).save(self.output_dir / "config.yaml")
+            checkpoint.recorded_config(self.cfg).save(self.output_dir / "config.yaml")
         was_training = self.model.training
         if self.ranks > 1:
             self._start_watchdog()

@@ -89,23 +89,6 @@ def local(x: mx.array, group=None) -> mx.array:
     return x[group.rank() * b:(group.rank() + 1) * b]
 
 
-def write_local_hostfile(path, ranks: int):
-    """A ring hostfile for ``ranks`` processes on this machine, one free 127.0.0.1 port each (what
-    ``mlx.launch -n N`` writes for one host), for runs started without the launcher: each process
-    gets ``MLX_RANK`` and ``MLX_HOSTFILE``. Returns ``path``."""
-    import json
-    import socket
-
-    socks = [socket.socket() for _ in range(ranks)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    path.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in ports]))
-    return path
-
-
 def global_batch_message(batch_size: int, accumulation: int, ranks: int) -> str:
     return (f"global batch {batch_size * accumulation * ranks} = batch_size {batch_size} x "
             f"gradient_accumulation_steps {accumulation} x {ranks} rank{'s' if ranks > 1 else ''}")
