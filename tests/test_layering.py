@@ -23,7 +23,7 @@ MODULE_ORDER = {
     "forward": ["cpu_math", "blocks", "packed", "prefix", "logprobs", "__init__"],
     "loss": ["reduce", "pair_losses", "losses", "__init__"],
     "monitor": ["callbacks", "trackers", "health", "perf", "__init__"],
-    "train": ["schedule", "state", "checkpoint", "rundir", "stopping", "preflight", "steps", "reference",
+    "train": ["schedule", "state", "checkpoint", "rundir", "stopping", "preflight", "steps", "precompute",
               "evaluation", "loop", "trainer", "__init__"],
     "export": ["verify", "gguf_export", "writers", "hub", "exporter", "__init__"],
     "generation": ["judges", "generate", "sample", "__init__"],

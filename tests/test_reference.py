@@ -117,7 +117,7 @@ def test_ref_adapter_shape_mismatch_is_named(llama_dir, toy_data_dir, tmp_path, 
 
 
 def test_precomputed_reference_is_cached_and_matches(llama_dir, toy_data_dir, tmp_path, monkeypatch):
-    import mlx_dpo.train.reference as reference
+    import mlx_dpo.train.precompute as precompute
 
     cache = str(tmp_path / "cache")  # its own: another test's cache of the same key would hide the first pass
     cfg = cfg_for(llama_dir, toy_data_dir, tmp_path, precompute_ref_log_probs=True, precompute_ref_batch_size=16,
@@ -139,7 +139,7 @@ def test_precomputed_reference_is_cached_and_matches(llama_dir, toy_data_dir, tm
 
     # second run, same key: the file is reused and no reference forward runs
     calls = []
-    monkeypatch.setattr(reference, "compute_reference_logps", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(precompute, "compute_reference_logps", lambda *a, **k: calls.append(1))
     second = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path / "2", precompute_ref_log_probs=True,
                                 precompute_ref_batch_size=16, eval_steps=2, cache_dir=cache), **QUIET)
     second.train()
@@ -271,7 +271,7 @@ def test_reference_cache_follows_the_weights_in_memory(llama_dir, toy_data_dir, 
 
 
 def key(trainer):
-    from mlx_dpo.train.reference import reference_cache_key
+    from mlx_dpo.train.precompute import reference_cache_key
 
     return reference_cache_key(trainer.model, trainer.train_pairs, trainer.cfg, trainer.model_path, trainer.reductions)
 
@@ -293,7 +293,7 @@ def test_reference_cache_key_uses_the_resolved_compute_dtype(llama_dir, toy_data
 
 
 def test_corrupt_reference_cache_is_recomputed(llama_dir, toy_data_dir, tmp_path):
-    from mlx_dpo.train.reference import cache_file
+    from mlx_dpo.train.precompute import cache_file
 
     messages = []
     cfg = cfg_for(llama_dir, toy_data_dir, tmp_path / "a", precompute_ref_log_probs=True)

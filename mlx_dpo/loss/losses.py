@@ -21,7 +21,7 @@ import mlx.core as mx
 from ..util import distributed
 from ..errors import ConfigError
 from .pair_losses import LOSSES, bco_pair, preference_loss, sigmoid, update_bco_state
-from .reduce import chosen_nll, reduce_logps, wpo_weights  # reduce_logps: also losses.reduce_logps
+from .reduce import chosen_nll, reduce_logps, wpo_weights
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from ..forward.packed import enable_position_rope
 from ..forward.prefix import batch_layout
 from ..model.quant import on_cpu
 from .preflight import warn_unused_settings
-from .reference import precompute_reference_logps
+from .precompute import precompute_reference_logps
 from .rundir import METRICS_FILE, RunLock, check_output_dir, check_resume, prepare_output_dir
 from .schedule import build_schedule
 from ..data.shapes import ShapePlan, run_passes
