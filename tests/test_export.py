@@ -14,7 +14,7 @@ from mlx_dpo.model.adapters import adapter_mode, add_adapters, load_adapter_weig
 from mlx_dpo.cli.commands import main
 from mlx_dpo.config.fields import DPOConfig
 from mlx_dpo.export.exporter import export
-from mlx_dpo.errors import ExportError
+from mlx_dpo.errors import ExportError, RunError
 from mlx_dpo.model.loader import load_model
 from mlx_dpo.export.verify import mlx_greedy, mlx_logits, prompt_batch
 
@@ -245,7 +245,6 @@ def test_sharded_export(runs, tmp_path):
 
 
 def test_failed_export_leaves_nothing(runs, tmp_path, monkeypatch):
-    import mlx_dpo.export.exporter as export_module
 
     calls = []
     real_save = mx.save_safetensors
@@ -256,7 +255,7 @@ def test_failed_export_leaves_nothing(runs, tmp_path, monkeypatch):
             raise OSError("disk full")
         real_save(path, weights, metadata=metadata)
 
-    monkeypatch.setattr(export_module.mx, "save_safetensors", failing_save)
+    monkeypatch.setattr(mx, "save_safetensors", failing_save)
     with pytest.raises(OSError, match="disk full"):
         export(runs("llama-lora"), tmp_path / "out", max_shard_bytes=100_000)
     assert len(calls) == 2
@@ -344,7 +343,7 @@ def test_full_finetune_export_of_a_mismatched_run_is_refused(tmp_path, llama_dir
         name = "model.layers.7.mlp.up_proj.weight"
     else:  # trained on a wider model
         name, w = "model.layers.1.mlp.up_proj.weight", mx.zeros((w.shape[0] + 8, w.shape[1]))
-    with pytest.raises(ExportError, match=re.escape(name)):
+    with pytest.raises(RunError, match=re.escape(name)):
         export(full_run(tmp_path, llama_dir, {name: w}), tmp_path / "out", format="mlx")
     assert not (tmp_path / "out").exists()
 

@@ -312,8 +312,9 @@ def sample(model, adapter_path, prompts_file, num_samples, judge, output, temper
     try:
         with _show_logs():
             result = run_sample(prompts_file, output, judge, model=model, adapter_path=adapter_path,
-                                overwrite=overwrite, trust_remote_code=trust_remote_code, num_samples=num_samples, temperature=temperature, top_p=top_p,
-                                seed=seed, max_tokens=max_tokens, batch_size=batch_size, progress=True)
+                                overwrite=overwrite, trust_remote_code=trust_remote_code, num_samples=num_samples,
+                                temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens,
+                                batch_size=batch_size, progress=True)
     except (SampleError, JudgeError) as e:
         _fail(e)
     click.echo(format_summary(result))

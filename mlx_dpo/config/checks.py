@@ -117,6 +117,35 @@ def check_combinations(cfg) -> None:
         raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
 
 
+def flag_on(value) -> bool:
+    """A boolean setting as YAML, the command line or Python gives it."""
+    return str(value).lower() in ("true", "1", "yes", "on")
+
+
+def code_settings(values: dict) -> list:
+    """The settings in ``values`` (config keys) that run Python from outside mlx-dpo: ``trust_remote_code``
+    on (a model directory's code) and ``module:function`` losses."""
+    found = []
+    if flag_on(values.get("trust_remote_code", False)):
+        found.append("trust_remote_code: true")
+    losses = values.get("loss_type")
+    for name in losses if isinstance(losses, (list, tuple)) else [losses]:
+        if isinstance(name, str) and ":" in name:
+            found.append(f"loss_type {name!r}")
+    return found
+
+
+def check_file_code(values: dict, source: str, allowed: bool) -> None:
+    """A config file never allows code by itself (a run directory's ``config.yaml`` may have been
+    planted): settings of :func:`code_settings` in ``values``, read from ``source``, need
+    ``allowed`` -- ``--trust-remote-code`` on the command line, ``trust_remote_code=True`` in Python."""
+    found = code_settings(values)
+    if found and not allowed:
+        raise ConfigError(f"{source}: {' and '.join(found)} would run Python code from outside mlx-dpo, and a "
+                          "config file never allows that by itself: pass --trust-remote-code on the command line "
+                          "(trust_remote_code=True in Python) if you trust it")
+
+
 def check_layout(prefix_sharing: str, padding_free: str) -> None:
     """``padding_free: true`` shares each prompt: it contradicts ``prefix_sharing: false``."""
     if padding_free == "true" and prefix_sharing == "false":

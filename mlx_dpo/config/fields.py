@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Union
 
 import yaml
 
-from .checks import check_choices, check_combinations, check_ranges, quantize_options
+from .checks import check_choices, check_combinations, check_file_code, check_ranges, flag_on, quantize_options
 from .coerce import coerce_fields, load_yaml
 from ..errors import ConfigError
 
@@ -81,8 +81,9 @@ class DPOConfig:
                         "as stored), demo:smollm2 (a real 135M instruct GGUF from PyPI), or toy:llama / toy:qwen2 "
                         "(a tiny random-weight model built locally; works offline).", "model")
     revision: Optional[str] = option(None, "Branch, tag or commit of a Hub model.", "model")
-    trust_remote_code: bool = option(False, "Allow a Hub model's own Python code (transformers' flag).", "model",
-                                     resume="note")
+    trust_remote_code: bool = option(False, "Allow a Hub model's own Python code (transformers' flag), and "
+                                     "module:function losses from a config file (a file never allows either "
+                                     "alone).", "model", resume="note")
     quantize: Optional[dict] = option(None, "Quantize the base at load time (QLoRA): {bits: 4|8, group_size: "
                                       "32|64|128}.", "model", keys=("card",))
     compute_dtype: str = option("auto", "Dtype of the non-quantized weights and activations: auto (float32 on the "
@@ -302,10 +303,15 @@ class DPOConfig:
         return cls(**normalize_keys(values, source))
 
     @classmethod
-    def from_yaml(cls, path: Union[str, Path], overrides: Optional[dict] = None) -> "DPOConfig":
-        values = load_yaml(path)
-        values = {**normalize_keys(values, str(path)), **normalize_keys(overrides or {}, "command line")}
-        return cls(**values)
+    def from_yaml(cls, path: Union[str, Path], overrides: Optional[dict] = None,
+                  refuse_code: bool = True) -> "DPOConfig":
+        """Defaults < the file < ``overrides``. With ``refuse_code``, the file's settings that run code
+        (``trust_remote_code``, ``module:function`` losses) need ``trust_remote_code`` in ``overrides``
+        (:func:`.checks.check_file_code`)."""
+        from_file, given = normalize_keys(load_yaml(path), str(path)), normalize_keys(overrides or {}, "command line")
+        if refuse_code:
+            check_file_code(from_file, str(path), flag_on(given.get("trust_remote_code")))
+        return cls(**{**from_file, **given})
 
 
 def config_field_names() -> list:

@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from ..config.checks import flag_on
 from ..config.coerce import load_yaml
 from ..config.fields import DPOConfig
 from ..errors import ConfigError, RunError
@@ -124,12 +125,11 @@ def read_run_config(run_dir: Path, adapter_cfg: dict, model: Optional[str] = Non
     path = run_dir / "config.yaml"
     if path.is_file():
         try:
-            recorded = load_yaml(path).get("trust_remote_code", False)
-            if recorded not in (False, None, "false", "False") and not trust_remote_code:
+            if flag_on(load_yaml(path).get("trust_remote_code", False)) and not trust_remote_code:
                 raise RunError(f"{path}: trust_remote_code is on, and loading this model runs Python from its "
                                "directory. A run's config.yaml never enables code by itself: pass "
                                "--trust-remote-code if you trust the model")
-            return DPOConfig.from_yaml(path, overrides)
+            return DPOConfig.from_yaml(path, overrides, refuse_code=False)  # loading imports no loss
         except ConfigError as e:
             raise RunError(f"{path}: {e}") from None
     base = model or adapter_cfg.get("model") or adapter_cfg.get("base_model")

@@ -18,8 +18,11 @@ holds ``record`` when ``on_log`` runs. Pass your own with
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional
+
+from ..util.io import open_no_follow
 
 EVENTS = ("on_train_begin", "on_step_end", "on_log", "on_evaluate", "on_save", "on_train_end")
 CONSOLE_KEYS = ("step", "loss", "rewards/accuracies", "rewards/margins", "eval_loss", "eval_rewards/accuracies",
@@ -68,7 +71,7 @@ class JSONLWriter(TrainerCallback):
         self.path = Path(path)
 
     def on_log(self, state, record: dict) -> None:
-        with open(self.path, "a") as f:
+        with os.fdopen(open_no_follow(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a") as f:
             f.write(json.dumps(record) + "\n")
 
 

@@ -176,6 +176,9 @@ def save_checkpoint(output_dir: Path, state: TrainState, model, optimizer, cfg: 
     root = checkpoints_dir(output_dir)
     name = f"step-{state.step}"
     path = root / name
+    if root.is_symlink():  # planted after the run started (rundir.check_no_links refused it before)
+        raise CheckpointError(f"{root} is a symbolic link; a run never writes through links. The last good "
+                              f"checkpoint is {latest_checkpoint(output_dir) or 'none'}")
     try:
         if not path.is_dir():  # an existing step-N already holds this state (e.g. resumed, then stopped)
             with atomic_directory(path) as tmp:

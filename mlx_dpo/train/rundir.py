@@ -19,7 +19,7 @@ from typing import Callable, List, Optional
 from . import checkpoint
 from ..config.fields import DPOConfig
 from ..errors import ConfigError
-from ..util.io import atomic_write_text
+from ..util.io import atomic_write_text, open_no_follow
 
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".mlx_dpo.lock"
@@ -46,7 +46,7 @@ class RunLock:
         if self.fd is not None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_no_follow(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -78,6 +78,7 @@ def check_output_dir(cfg: DPOConfig) -> Path:
     if not _writable(existing):
         raise ConfigError(f"output_dir: {existing} is not writable (choose another output_dir or fix its "
                           "permissions)")
+    check_no_links(out)
     if cfg.overwrite_output_dir or cfg.resume_from_checkpoint:
         return out
     if (out / "adapters.safetensors").exists():
@@ -88,6 +89,23 @@ def check_output_dir(cfg: DPOConfig) -> Path:
         raise ConfigError(f"output_dir: {out} holds checkpoints of an unfinished run (latest: {last.name}); "
                           "pass --resume to continue it, --overwrite to start over, or choose another output_dir")
     return out
+
+
+# What a run writes or removes in its directory (besides temporaries).
+RUN_ENTRIES = (LOCK_FILE, METRICS_FILE, checkpoint.CHECKPOINTS, "adapters.safetensors", "adapter_config.json",
+               "config.yaml")
+
+
+def check_no_links(out: Path) -> None:
+    """Refuse a run directory where a file or directory the run writes, appends to or prunes is a
+    symbolic link (it would write or delete elsewhere): :data:`RUN_ENTRIES` and the checkpoints."""
+    root = checkpoint.checkpoints_dir(out)
+    entries = [out / name for name in RUN_ENTRIES]
+    entries += list(root.iterdir()) if root.is_dir() and not root.is_symlink() else []
+    for path in entries:
+        if path.is_symlink():
+            raise ConfigError(f"output_dir: {path} is a symbolic link (to {os.readlink(path)}); a run never writes "
+                              "through links: remove it, or choose another output_dir")
 
 
 def _writable(directory: Path) -> bool:
@@ -131,7 +149,7 @@ def prepare_output_dir(out: Path, step: int, resuming: bool, overwrite: bool, lo
     if not resuming:
         if overwrite:
             clear_run(out)
-        metrics_file.write_text("")
+        os.close(open_no_follow(metrics_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
         return []
     for newer in checkpoint.list_checkpoints(out):
         if checkpoint.step_of(newer) > step:

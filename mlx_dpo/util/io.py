@@ -1,8 +1,10 @@
-"""Atomic file and directory writes: a crash never leaves a half-written file."""
+"""Atomic file and directory writes: a crash never leaves a half-written file. Files a run keeps
+open or appends to are opened without following symbolic links (:func:`open_no_follow`)."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import struct
@@ -12,6 +14,20 @@ from pathlib import Path
 from typing import Iterator, Optional, Union
 
 PathLike = Union[str, Path]
+
+
+def open_no_follow(path: PathLike, flags: int, mode: int = 0o644) -> int:
+    """``os.open(path, flags)`` that refuses a symbolic link at ``path`` (``O_NOFOLLOW``): a link
+    planted in a run directory must not make the run write elsewhere. Raises ``ConfigError``."""
+    from ..errors import ConfigError
+
+    try:
+        return os.open(str(path), flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise ConfigError(f"{path} is a symbolic link (to {os.readlink(path)}); mlx-dpo does not write through "
+                          "links in a run directory: remove it, or choose another output_dir") from None
 
 
 def fsync_dir(path: PathLike) -> None:
