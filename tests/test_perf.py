@@ -56,7 +56,8 @@ def test_traces_equal_fed_shapes_and_stay_within_the_bound(llama_dir, tmp_path, 
     trainer.train()
     assert trainer.trace_count == len(seen) and 1 < len(seen) <= 4, seen
     last = trainer.state.log_history[-1]
-    assert last["compiled_shapes"] == len(seen) and last["compile_seconds"] > 0
+    assert last["compiled_shapes"] == len(seen)
+    assert abs(last["compile_seconds"] - last["time/compile"]) <= 0.05  # one quantity (rounded to 0.1 s / 1 ms)
     # the last record carries the run's time split (compile: the traced steps beyond their tokens at steady speed)
     assert 0 <= last["time/compile"] and last["time/compile"] + last["time/train"] <= last["train_runtime"] + 0.1
     assert abs(sum(v for k, v in last.items() if k.startswith("time/")) - last["train_runtime"]) < 0.5
@@ -144,7 +145,7 @@ def test_skipped_update_changes_nothing_and_one_sync_per_step(llama_dir, toy_dat
     traced_before = trainer.trace_count
     trainer.train()
     in_steps = [name for name in evals if name in ("_train_loop", "_accumulate", "_step_metrics")]
-    assert len(in_steps) == cfg.max_steps + trainer.trace_count - traced_before  # 1 per step, +1 per new trace
+    assert len(in_steps) == cfg.max_steps and trainer.trace_count > traced_before  # 1 per step, a tracing one too
 
 
 def test_gradient_checkpointing_same_gradients(llama_dir, toy_data_dir, tmp_path):

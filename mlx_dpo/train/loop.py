@@ -92,17 +92,13 @@ class TrainingLoop:
     def _accumulate(self, batches):
         """Gradients (averaged) of ``gradient_accumulation_steps`` micro-batches, a device-side
         flag "loss and gradients finite", the per-micro-batch values (lazy) and the tokens.
-        Nothing waits for the device here; traces (new batch shapes) are timed."""
+        Nothing waits for the device here (a step that traced a new shape is timed by the run clock)."""
         accum, state = self.cfg.gradient_accumulation_steps, self.state
         grads_sum, ok, values, tokens = None, mx.array(True), [], 0
         loss_state = state.loss_state
         for _ in range(accum):
             batch = self.collate(self.train_pairs, next(batches))
-            traces, tic = self.trace_count, time.perf_counter()
             loss, out, loss_state, grads, grad_sq = self.grad_step(self.to_device(batch), loss_state)
-            if self.trace_count > traces:  # a new shape: tracing + compiling the step, then running it once
-                mx.eval(loss, grads)
-                self.compile_seconds += time.perf_counter() - tic
             ok = ok & mx.isfinite(loss) & mx.isfinite(grad_sq)
             grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
             values.append(({"loss": loss, **out}, grad_sq))
@@ -143,7 +139,7 @@ class TrainingLoop:
         The record goes to ``log_history`` and the callbacks."""
         cfg, state = self.cfg, self.state
         record = None if start else evaluation.log_record(cfg, state, learning_rate, grad_norm, self.trace_count,
-                                                           self.compile_seconds)
+                                                           self.clock.compile_seconds())
         if start or evaluation.eval_due(cfg, state, self.steps_per_epoch, bool(self.eval_pairs)):
             with self.clock.phase("eval"):
                 state.window.last_eval = self.evaluate()

@@ -112,7 +112,6 @@ class DPOTrainer(TrainingLoop):
         self.reference_forwards = 0
         self.watchdog = None  # data parallel: set while train() runs
         self.trace_count = 0
-        self.compile_seconds = 0.0  # wall time of the micro-steps that traced a new shape
         self._build_steps()
         if self.resume_path is not None:
             self._resume()

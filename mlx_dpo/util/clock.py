@@ -65,11 +65,16 @@ class RunClock:
         acc[0] += seconds
         acc[1] += tokens
 
+    def compile_seconds(self) -> float:
+        """The ``compile`` phase so far: the traced steps' seconds beyond their tokens at the steady
+        steps' speed (all of their seconds while no step has run at a known shape yet)."""
+        steady_rate = self.steady[1] / self.steady[0] if self.steady[0] > 0 else None
+        return max(0.0, self.traced[0] - (self.traced[1] / steady_rate if steady_rate else 0.0))
+
     def split(self) -> Dict[str, float]:
         """Seconds per phase so far (:data:`PHASES`), rounded to 0.1 s, and ``total``."""
         out = dict(self.seconds)
-        steady_rate = self.steady[1] / self.steady[0] if self.steady[0] > 0 else None
-        out["compile"] = max(0.0, self.traced[0] - (self.traced[1] / steady_rate if steady_rate else 0.0))
+        out["compile"] = self.compile_seconds()
         out["train"] = self.traced[0] + self.steady[0] - out["compile"]
         out["total"] = time.perf_counter() - self.start
         out["other"] = max(0.0, out["total"] - sum(out[k] for k in PHASES if k != "other"))
