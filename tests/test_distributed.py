@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # (SIGTERM, handled) itself at the start of step N: argv = config.yaml [kill:N | stop:N | term:N].
 WORKER = """
 import os, signal, sys
-from mlx_dpo.train.checkpoint import TrainingError, TrainingInterrupted
+from mlx_dpo.errors import TrainingError, TrainingInterrupted
 from mlx_dpo.config.fields import resolve_config
 from mlx_dpo.train.trainer import DPOTrainer
 trainer = DPOTrainer(resolve_config(sys.argv[1]))
