@@ -13,7 +13,7 @@ from mlx_dpo.forward.blocks import CHUNK_TOKENS, chunk_bounds
 from mlx_dpo.config.fields import DPOConfig
 from mlx_dpo.data import TokenizedPair
 from mlx_dpo.forward.logprobs import completion_logps
-from mlx_dpo.model.loader import checkpoint_block, load_model
+from mlx_dpo.model.loader import recompute_block_in_backward, load_model
 from mlx_dpo.forward.packed import enable_position_rope
 
 
@@ -54,7 +54,7 @@ def adapted(model_dir, checkpointing=False):
     enable_position_rope(model)
     if checkpointing:
         for block in model.layers:
-            checkpoint_block(block)
+            recompute_block_in_backward(block)
     return model
 
 

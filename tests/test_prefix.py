@@ -14,7 +14,7 @@ from mlx_dpo.errors import ConfigError
 from mlx_dpo.data import TokenizedPair
 from mlx_dpo.forward.logprobs import completion_logps
 from helpers import sequence_logps_reference
-from mlx_dpo.model.loader import checkpoint_block, load_model
+from mlx_dpo.model.loader import recompute_block_in_backward, load_model
 from mlx_dpo.forward.packed import enable_position_rope, packed_mask
 from mlx_dpo.forward.prefix import batch_layout, use_prefix_sharing
 from mlx_dpo.train.trainer import DPOTrainer
@@ -87,7 +87,7 @@ def test_shared_prefix_with_gradient_checkpointing(llama_dir, layout):
     pairs = pairs_of(np.random.default_rng(7), 3, model.args.vocab_size)
     a, ga = logps_and_grads(model, device(collate(pairs, [0, 1, 2])))
     for block in model.layers:
-        checkpoint_block(block)
+        recompute_block_in_backward(block)
     b, gb = logps_and_grads(model, device(collate(pairs, [0, 1, 2], layout=layout)))
     np.testing.assert_allclose(np.array(b["token_logps"]), np.array(a["token_logps"]), atol=2e-5)
     for k in ga:

@@ -64,7 +64,7 @@ def merge_and_dequantize(model: nn.Module) -> None:
 # --------------------------------------------------------------------------- files
 
 
-def checkpoint_keys(model_dir: Path) -> set:
+def saved_tensor_names(model_dir: Path) -> set:
     """Tensor names in a model directory's safetensors files (headers only)."""
     keys = set()
     for file in Path(model_dir).glob("*.safetensors"):
@@ -79,7 +79,7 @@ def checkpoint_keys(model_dir: Path) -> set:
 
 def check_names(names, base_dir: Path, model_type: str) -> None:
     """Refuse to write names the base checkpoint (transformers' names) does not have."""
-    known = checkpoint_keys(base_dir)
+    known = saved_tensor_names(base_dir)
     unknown = sorted(n for n in names if n not in known)
     if known and unknown:
         raise ExportError(

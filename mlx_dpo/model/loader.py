@@ -299,11 +299,11 @@ def setup_trainable(model: nn.Module, cfg: DPOConfig, use_reference: bool) -> in
             add_reference_copy(model)
     if cfg.gradient_checkpointing:
         for block in model.layers:
-            checkpoint_block(block)
+            recompute_block_in_backward(block)
     return num_layers
 
 
-def checkpoint_block(block: nn.Module) -> None:
+def recompute_block_in_backward(block: nn.Module) -> None:
     """Recompute a transformer block's activations in the backward pass (mlx-lm's
     ``grad_checkpoint``, per instance)."""
     fn = type(block).__call__
@@ -323,5 +323,5 @@ __all__ = [
     "resolve_model_path", "check_model_dir", "supported_architectures", "compute_dtype", "load_model", "prepare_model", "is_quantized", "cast_floats",
     "dequantize_for_inference",
     "disable_dropout", "setup_full_finetune", "hold_master_weights", "count_parameters", "setup_trainable",
-    "checkpoint_block",
+    "recompute_block_in_backward",
 ]
