@@ -28,7 +28,7 @@ MODULE_ORDER = {
     "export": ["verify", "gguf_export", "writers", "hub", "exporter", "__init__"],
     "generation": ["judges", "generate", "sample", "__init__"],
     "analysis": ["lint", "report", "audit", "plan", "__init__"],
-    "cli": ["commands", "__init__"],
+    "cli": ["options", "commands", "__init__"],
 }
 MAX_TOP_LEVEL, MAX_PER_PACKAGE, MAX_MODULE_LINES, MAX_FUNCTION_LINES = 8, 12, 400, 60
 

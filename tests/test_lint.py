@@ -75,10 +75,12 @@ def test_cli_text_json_and_exit_codes(tmp_path, llama_dir):
     write_jsonl(clean, [{**p, "chosen": p["chosen"] + " and more words here."} for p in toy_pairs(6)])
     write_jsonl(bad, [{"prompt": "Say yes.", "chosen": " yes.", "rejected": " yes."}] * 3)
     out = CliRunner().invoke(main, ["lint", "--data", str(clean), "--model", str(llama_dir)])
-    assert out.exit_code == 0, out.output
+    assert out.exit_code == 1, out.output  # a problem found: exit 1, as linters do
     assert "6 pairs, 6 usable" in out.output and "DPO will learn to write longer" in out.output
-    out = CliRunner().invoke(main, ["lint", "--data", str(bad), "--json", "--model", str(llama_dir)])
-    assert out.exit_code == 1
+    out = CliRunner().invoke(main, ["lint", "--data", str(clean), "--model", str(llama_dir), "--exit-zero"])
+    assert out.exit_code == 0 and "DPO will learn to write longer" in out.output, out.output
+    out = CliRunner().invoke(main, ["lint", "--data", str(bad), "--json", "--model", str(llama_dir), "--exit-zero"])
+    assert out.exit_code == 1  # no usable pair: 1 even with --exit-zero
     result = json.loads(out.output)
     assert result["fatal"] and result["checks"]["identical"]["count"] == 3 and result["checks"]["duplicates"]["count"] == 2
     out = CliRunner().invoke(main, ["lint", "--data", str(tmp_path / "missing.jsonl")])

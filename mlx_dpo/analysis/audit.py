@@ -19,10 +19,11 @@ import numpy as np
 
 from ..model.adapters import adapter_mode
 from ..data.batching import collate, eval_batches
-from ..errors import AuditError, DataError
+from ..errors import AuditError, ConfigError, DataError
 from ..data import load_records, tokenize_pairs
 from ..data.formats import column_map, map_columns
 from ..model.trained import TrainedRun, load_adapter_run
+from ..train.rundir import RunLock
 from ..util.io import atomic_write_text
 from ..forward.logprobs import completion_logps
 
@@ -48,6 +49,16 @@ def margins(model, pairs: list, beta: float, pad_id: int = 0, batch_size: int = 
     return out
 
 
+def check_auditable(run_dir: Path, data: Optional[str]) -> None:
+    """Before loading anything: ``run_dir`` is not being trained, and the data to audit is known."""
+    try:
+        RunLock(run_dir).check()
+    except ConfigError as e:  # held by a training run (or a planted link): its adapters are not final
+        raise AuditError(f"audit: {e}") from None
+    if not data and run_dir.is_dir() and not (run_dir / "config.yaml").is_file():
+        raise AuditError(f"{run_dir} has no config.yaml naming its training data; pass --data FILE")
+
+
 def _records(run: TrainedRun, data: Optional[str]) -> tuple:
     """``(rows, pairs)`` of every record of ``data`` (default: the run's), pairs ``None`` where dropped."""
     cfg = dataclasses.replace(run.cfg, data=data or run.cfg.data, eval_split=0.0, eval_data=None)
@@ -62,7 +73,10 @@ def _records(run: TrainedRun, data: Optional[str]) -> tuple:
 def audit(run_dir: Union[str, Path], data: Optional[str] = None, top: int = 20,
           output: Optional[Union[str, Path]] = None, batch_size: int = 8, trust_remote_code: bool = False) -> dict:
     """Margins of every pair of ``data`` under the run's adapters, sorted ascending; the ``top``
-    most negative written to ``output`` (default ``RUN_DIR/audit.jsonl``) as JSONL."""
+    most negative written to ``output`` (default ``RUN_DIR/audit.jsonl``) as JSONL. Refused while a
+    training run holds ``run_dir`` (its adapters are stale), and without ``data`` for a run that
+    records no config (there is no training data to fall back on)."""
+    check_auditable(Path(run_dir), data)
     run = load_adapter_run(run_dir, trust_remote_code=trust_remote_code)
     cfg, rows, pairs = _records(run, data)
     kept = [i for i, p in enumerate(pairs) if p is not None]

@@ -95,7 +95,13 @@ def read_run_records(path) -> RunRecords:
         raise ReportError(f"{metrics} is empty: the run has logged nothing yet (a record is written every "
                           "logging_steps)")
     config_file = path / "config.yaml"
-    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+    try:
+        config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ReportError(f"{config_file}{where}: not a readable YAML config ({getattr(e, 'problem', None) or e})"
+                          ) from None
     return RunRecords(path.resolve().name, path, records, config if isinstance(config, dict) else {})
 
 

@@ -7,102 +7,16 @@ wins over the defaults.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-import signal
 import sys
-import typing
-from dataclasses import fields
 
 import click
 
-from ..config.fields import ALIASES, DPOConfig
 from ..errors import ConfigError
 from ..export.writers import DTYPES, WRITERS, default_dtypes_help, formats_help
 from ..generation.judges import JUDGE_HELP
 from ..generation.sample import DEFAULTS as SAMPLE_DEFAULTS
-
-
-def config_options(func):
-    """Add one ``--option`` per config field (and per TRL alias), with the field's help."""
-    hints = typing.get_type_hints(DPOConfig)
-    for f in reversed(fields(DPOConfig)):
-        name = f.name.replace("_", "-")
-        aliases = [f"--{a.replace('_', '-')}" for a, target in ALIASES.items() if target == f.name]
-        text = f"{f.metadata['help']} [default: {_shown(f.default)}]"
-        if hints[f.name] is bool:
-            flags = [f"--{flag}/--no-{flag}" for flag in (name, *(a[2:] for a in aliases))]
-            func = click.option(*flags, f.name, default=None, help=text)(func)
-        else:
-            func = click.option(f"--{name}", *aliases, f.name, default=None, metavar="VALUE", help=text)(func)
-    return func
-
-
-def _shown(default) -> str:
-    if default is None:
-        return "unset"
-    return str(default).lower() if isinstance(default, bool) else str(default)
-
-
-def _overrides(kwargs: dict) -> dict:
-    return {k: v for k, v in kwargs.items() if v is not None}
-
-
-def _fail(e: Exception) -> None:
-    click.echo(f"error: {e}", err=True)
-    sys.exit(2)
-
-
-class _EchoHandler(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
-        click.echo(self.format(record))
-
-
-@contextlib.contextmanager
-def _show_logs():
-    """While a command runs, print the library's log lines (INFO and up) plainly on stdout."""
-    logger, handler = logging.getLogger("mlx_dpo"), _EchoHandler()
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
-def _ignore_stop_signals(*_) -> None:
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, signal.SIG_IGN)
-
-
-def _interrupt_once(signum, frame) -> None:
-    _ignore_stop_signals()
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _quiet_interrupts():
-    """Once a run is stopping (Ctrl-C, SIGTERM), later signals are ignored, so a second Ctrl-C
-    cannot print a traceback from cleanup or an atexit handler; the exit code stays 130/143.
-    (While the training loop runs, its own handlers take over: see ``stopping.StopSignals``.)"""
-    old = signal.signal(signal.SIGINT, _interrupt_once)
-    try:
-        yield
-    except KeyboardInterrupt:  # TrainingInterrupted too: the process exits next
-        _ignore_stop_signals()
-        raise
-    finally:
-        if signal.getsignal(signal.SIGINT) is _interrupt_once:
-            signal.signal(signal.SIGINT, old)
-
-
-# The commands that load a trained run: its config.yaml is data and never allows code by itself.
-TRUST_REMOTE_CODE = click.option(
-    "--trust-remote-code", is_flag=True,
-    help="Allow the model's own Python code (transformers' flag). A run's config.yaml never allows it by itself.")
+from .options import TRUST_REMOTE_CODE, config_options, fail, given_options, quiet_interrupts, show_logs
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -122,18 +36,17 @@ def train(config_file, resume, overwrite, **kwargs):
 
     Exit codes: 0 done, 1 training fault (non-finite loss, out of memory, disk full),
     2 config/data error, 130/143 stopped by SIGINT/SIGTERM (a checkpoint was saved)."""
-    from ..errors import TrainingError, TrainingInterrupted
     from ..config.fields import resolve_config
-    from ..errors import DataError
+    from ..errors import DataError, TrainingError, TrainingInterrupted
     from ..train.trainer import DPOTrainer
 
-    overrides = _overrides(kwargs)
+    overrides = given_options(kwargs)
     if resume:
         overrides.setdefault("resume_from_checkpoint", "latest")
     if overwrite:
         overrides["overwrite_output_dir"] = True
     try:
-        with _quiet_interrupts():
+        with quiet_interrupts():
             cfg = resolve_config(config_file, **overrides)
             trainer = DPOTrainer(cfg)
             result = trainer.train()
@@ -144,7 +57,7 @@ def train(config_file, resume, overwrite, **kwargs):
         click.echo("interrupted (nothing half-written is left behind)", err=True)
         sys.exit(130)
     except (ConfigError, DataError, FileNotFoundError) as e:
-        _fail(e)
+        fail(e)
     except (TrainingError, OSError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
@@ -172,10 +85,10 @@ def plan(config_file, memory_budget_gb, steps, json_out, ranks, **kwargs):
     from ..analysis.plan import plan as run_plan
 
     try:
-        result = run_plan(resolve_config(config_file, **_overrides(kwargs)), memory_budget_gb, steps,
+        result = run_plan(resolve_config(config_file, **given_options(kwargs)), memory_budget_gb, steps,
                           log=click.echo, ranks=ranks)
     except (ConfigError, DataError, FileNotFoundError) as e:
-        _fail(e)
+        fail(e)
     if json_out:
         click.echo(json.dumps(result, indent=2))
 
@@ -184,12 +97,14 @@ def plan(config_file, memory_budget_gb, steps, json_out, ranks, **kwargs):
 @main.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML recipe (see configs/).")
 @click.option("--json", "json_out", is_flag=True, help="Print the result as JSON.")
+@click.option("--exit-zero", is_flag=True, help="Report problems as warnings: exit 0 unless no pair is usable.")
 @config_options
-def lint(config_file, json_out, **kwargs):
+def lint(config_file, json_out, exit_zero, **kwargs):
     """Check preference data before training: identical, duplicate and empty pairs, length
     bias, prompts echoed in completions, truncation losses, tokens changed at the join.
 
-    Exit codes: 0 usable, 1 no usable pairs (training would be meaningless), 2 config/data error."""
+    Exit codes: 0 no problem found, 1 problems found (with --exit-zero: only when no pair is
+    usable), 2 config/data error."""
     import json
 
     from ..config.fields import resolve_config
@@ -198,11 +113,11 @@ def lint(config_file, json_out, **kwargs):
     from ..analysis.lint import lint as run_lint
 
     try:
-        result = run_lint(resolve_config(config_file, **_overrides(kwargs)))
+        result = run_lint(resolve_config(config_file, **given_options(kwargs)))
     except (ConfigError, DataError, FileNotFoundError) as e:
-        _fail(e)
+        fail(e)
     click.echo(json.dumps(result, indent=2) if json_out else format_text(result))
-    sys.exit(1 if result["fatal"] else 0)
+    sys.exit(1 if result["fatal"] or (result["problems"] and not exit_zero) else 0)
 
 
 @main.command()
@@ -218,7 +133,7 @@ def report(run_dirs, output):
     try:
         path, notes = make_report(run_dirs, output)
     except ReportError as e:
-        _fail(e)
+        fail(e)
     for note in notes:
         click.echo(f"note: {note}")
     click.echo(f"report: {path}")
@@ -240,7 +155,7 @@ def audit(run_dir, data, top, output, trust_remote_code):
     try:
         result = run_audit(run_dir, data, top, output, trust_remote_code=trust_remote_code)
     except (AuditError, RunError) as e:
-        _fail(e)
+        fail(e)
     click.echo(f"{result['pairs']} pairs ({result['skipped']} skipped), beta {result['beta']}: "
                f"{result['negative']} with a negative margin, mean margin {result['mean_margin']:.4f}")
     for r in result["worst"][:5]:
@@ -271,7 +186,7 @@ def generate(run_dir, prompt, prompts_file, max_tokens, temp, seed, json_out, tr
         results = run_generate(run_dir, gather_prompts(prompt, prompts_file), max_tokens, temp, seed,
                                trust_remote_code=trust_remote_code)
     except (RunError, DataError, ConfigError) as e:
-        _fail(e)
+        fail(e)
     click.echo(json.dumps(results, indent=2) if json_out else format_text(results))
 
 
@@ -310,13 +225,13 @@ def sample(model, adapter_path, prompts_file, num_samples, judge, output, temper
     from ..generation.sample import sample as run_sample
 
     try:
-        with _show_logs():
+        with show_logs():
             result = run_sample(prompts_file, output, judge, model=model, adapter_path=adapter_path,
                                 overwrite=overwrite, trust_remote_code=trust_remote_code, num_samples=num_samples,
                                 temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens,
                                 batch_size=batch_size, progress=True)
     except (SampleError, JudgeError) as e:
-        _fail(e)
+        fail(e)
     click.echo(format_summary(result))
     sys.exit(0 if result["pairs"] else 1)
 
@@ -341,13 +256,13 @@ def export(adapter_path, output, model, fmt, dtype, verify, overwrite, upload_re
     from ..export.exporter import export as run_export
 
     if private and not upload_repo:
-        _fail(ConfigError("--private only applies with --upload-repo"))
+        fail(ConfigError("--private only applies with --upload-repo"))
     try:
-        with _show_logs():
+        with show_logs():
             run_export(adapter_path, output, model=model, format=fmt, dtype=dtype, verify=verify, overwrite=overwrite,
                        trust_remote_code=trust_remote_code)
     except (ExportError, RunError, ConfigError, FileNotFoundError) as e:
-        _fail(e)
+        fail(e)
     except OSError as e:  # disk full, permissions: atomic_directory removed what it had written
         kept = "the old export is kept" if overwrite and os.path.exists(output) else "nothing was written"
         click.echo(f"error: export to {output} failed: {e} ({kept})", err=True)
@@ -369,7 +284,7 @@ def fetch_demo(mlx_dir):
         path = smollm2_gguf()
         click.echo(gguf_model_dir(path) if mlx_dir else path)
     except ConfigError as e:
-        _fail(e)
+        fail(e)
 
 
 @main.command()
@@ -389,10 +304,10 @@ def _upload(folder, repo_id, **kwargs):
     from ..export.hub import upload as hub_upload
 
     try:
-        with _show_logs():
+        with show_logs():
             hub_upload(folder, repo_id, **kwargs)
     except Exception as e:  # hub errors (auth, network, permissions) carry no token
-        _fail(f"upload to {repo_id} failed: {type(e).__name__}: {e}")
+        fail(f"upload to {repo_id} failed: {type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ then ``eval_split`` holds out a seeded random fraction of the training records.
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -110,6 +111,10 @@ def resolve_source(spec: str, subset: Optional[str] = None, revision: Optional[s
     path = Path(spec).expanduser()
     if path.exists():
         return path
+    if path.parent != Path(".") and path.parent.is_dir():  # a local directory: a typo, not a Hub id
+        close = difflib.get_close_matches(path.name, sorted(p.name for p in path.parent.iterdir()), n=1, cutoff=0.6)
+        hint = f"; did you mean {path.parent / close[0]}?" if close else ""
+        raise DataError(f"data: {spec} does not exist (its directory {path.parent} does){hint}")
     if _looks_like_hub_id(spec):
         patterns = [f"{subset}/*", f"data/{subset}/*"] if subset else [f"*{s}" for s in DATA_SUFFIXES]
         try:

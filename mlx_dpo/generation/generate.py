@@ -29,7 +29,12 @@ def read_prompts(path: Union[str, Path], messages: bool = False) -> List[Union[s
     path = Path(path)
     if not path.is_file():
         raise DataError(f"prompts file {path} does not exist")
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset "
+                        f"{e.start}); save the file as UTF-8") from None
     if path.suffix != ".jsonl":
         return lines
     prompts = []

@@ -97,14 +97,19 @@ def load_user_judge(spec: str) -> Judge:
 
 
 def score(judge: Judge, prompt, completion: str, where: str) -> float:
-    """``judge(prompt, completion)``, refused unless it is a finite number."""
+    """``judge(prompt, completion)`` as a float: anything ``float()`` takes (a numpy or MLX scalar
+    too) but a bool or a string, refused unless finite."""
     try:
         value = judge(prompt, completion)
     except Exception as e:
         raise JudgeError(f"{where}: the judge failed ({type(e).__name__}: {e})") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    try:
+        number = None if isinstance(value, (bool, str, bytes)) else float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or not math.isfinite(number):
         raise JudgeError(f"{where}: the judge returned {value!r}; expected a finite number (higher is better)")
-    return float(value)
+    return number
 
 
 def pick_pair(scores: Sequence[float]) -> Optional[Tuple[int, int]]:

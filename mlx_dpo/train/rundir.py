@@ -12,14 +12,13 @@ import fcntl
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, List, Optional
 
 from . import checkpoint
 from ..config.fields import DPOConfig
 from ..errors import ConfigError
-from ..util.io import atomic_write_text, open_no_follow
+from ..util.io import atomic_write_text, nearest_existing, open_no_follow, writable_dir
 
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".mlx_dpo.lock"
@@ -74,8 +73,8 @@ def check_output_dir(cfg: DPOConfig) -> Path:
         value = getattr(cfg, key)
         if value and Path(value).expanduser().exists() and Path(value).expanduser().resolve() == out:
             raise ConfigError(f"output_dir: {out} is the {key} directory; choose another output_dir")
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not _writable(existing):
+    existing = nearest_existing(out)
+    if not writable_dir(existing):
         raise ConfigError(f"output_dir: {existing} is not writable (choose another output_dir or fix its "
                           "permissions)")
     check_no_links(out)
@@ -106,18 +105,6 @@ def check_no_links(out: Path) -> None:
         if path.is_symlink():
             raise ConfigError(f"output_dir: {path} is a symbolic link (to {os.readlink(path)}); a run never writes "
                               "through links: remove it, or choose another output_dir")
-
-
-def _writable(directory: Path) -> bool:
-    """A file can be created in ``directory`` (tried, not guessed: ``os.access`` says yes to root
-    on a read-only or immutable directory). The probe file is gone at once."""
-    if not os.access(directory, os.W_OK):
-        return False
-    try:
-        with tempfile.TemporaryFile(dir=directory, prefix=".mlx_dpo-probe"):
-            return True
-    except OSError:
-        return False
 
 
 def check_resume(cfg: DPOConfig, output_dir: Path, log: Callable = print, ranks: int = 1) -> Optional[Path]:

@@ -51,6 +51,24 @@ def umask() -> int:
     return mask
 
 
+def writable_dir(directory: PathLike) -> bool:
+    """A file can be created in ``directory`` (tried, not guessed: ``os.access`` says yes to root
+    on a read-only or immutable directory). The probe file is gone at once."""
+    if not os.access(directory, os.W_OK):
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=directory, prefix=".mlx_dpo-probe"):
+            return True
+    except OSError:
+        return False
+
+
+def nearest_existing(path: PathLike) -> Path:
+    """``path`` or its nearest ancestor that exists (what a ``mkdir(parents=True)`` would start from)."""
+    path = Path(path).expanduser().absolute()
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

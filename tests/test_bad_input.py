@@ -1,0 +1,90 @@
+"""Bad input, second round (issue 32): each case through the CLI, with its message, its exit
+code, and nothing written or changed where it should not be."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from mlx_dpo.errors import JudgeError
+from mlx_dpo.generation.judges import score
+from mlx_dpo.train.rundir import RunLock
+
+from test_faults import cli, run_dir, snapshot  # noqa: F401  (run_dir: a finished two-step run)
+
+
+def test_sample_refuses_a_non_utf8_prompts_file_with_its_line(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"hello\nna\xefve\n")
+    result = cli("sample", "--model", "toy:llama", "--prompts", prompts, "--judge", "shorter",
+                 "--output", tmp_path / "pairs.jsonl")
+    assert result.exit_code == 2, result.output
+    assert f"{prompts}:2: not UTF-8 text" in result.output
+    assert not (tmp_path / "pairs.jsonl").exists()
+
+
+def test_sample_checks_its_output_before_sampling(tmp_path):
+    prompts, blocker = tmp_path / "prompts.txt", tmp_path / "a-file"
+    prompts.write_text("hello\n")
+    blocker.write_text("not a directory\n")
+    result = cli("sample", "--model", "toy:llama", "--prompts", prompts, "--judge", "shorter",
+                 "--output", blocker / "pairs.jsonl")
+    assert result.exit_code == 2, result.output
+    assert f"{blocker} is not a writable directory (checked before sampling)" in result.output
+    assert blocker.read_text() == "not a directory\n"
+
+
+def test_a_judge_may_return_any_number_float_takes():
+    assert score(lambda p, c: np.float32(1.5), "p", "c", "row 1") == 1.5
+    assert score(lambda p, c: np.int64(3), "p", "c", "row 1") == 3.0
+    for bad in (True, "1.5", float("nan"), None):
+        with pytest.raises(JudgeError, match="row 1: the judge returned"):
+            score(lambda p, c: bad, "p", "c", "row 1")
+
+
+def test_report_names_the_line_of_a_broken_config(run_dir, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
+    (run / "config.yaml").write_text("beta: 0.1\nloss_type: [sigmoid\n")
+    result = cli("report", run, "--output", tmp_path / "report")
+    assert result.exit_code == 2, result.output
+    assert f"{run / 'config.yaml'}:3: not a readable YAML config" in result.output
+    assert not (tmp_path / "report").exists()
+
+
+def test_audit_refuses_a_run_that_is_still_training(run_dir):  # noqa: F811
+    lock = RunLock(run_dir)
+    lock.acquire()  # as the training process holds it
+    try:
+        before = snapshot(run_dir)
+        result = cli("audit", run_dir)
+    finally:
+        lock.release()
+    assert result.exit_code == 2, result.output
+    assert "is in use by another run" in result.output and snapshot(run_dir) == before
+
+
+def test_audit_without_a_config_needs_data(run_dir, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("adapters.safetensors", "adapter_config.json"):
+        (run / name).write_bytes((run_dir / name).read_bytes())
+    config = json.loads((run / "adapter_config.json").read_text())
+    config["model"] = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
+    (run / "adapter_config.json").write_text(json.dumps(config))
+    result = cli("audit", run)
+    assert result.exit_code == 2, result.output
+    assert f"{run} has no config.yaml naming its training data; pass --data FILE" in result.output
+    assert sorted(p.name for p in run.iterdir()) == ["adapter_config.json", "adapters.safetensors"]
+
+
+def test_a_mistyped_local_data_path_suggests_the_file_at_once(tmp_path, toy_data_dir):
+    data = tmp_path / "mydata"
+    data.mkdir()
+    (data / "train.jsonl").write_text((toy_data_dir / "train.jsonl").read_text())
+    result = cli("lint", "--data", data / "train.jsnl")
+    assert result.exit_code == 2, result.output
+    assert f"did you mean {data / 'train.jsonl'}?" in result.output
+    assert "Hub" not in result.output
