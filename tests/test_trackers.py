@@ -9,6 +9,8 @@ from mlx_dpo import DPOConfig, DPOTrainer
 from mlx_dpo.errors import ConfigError
 from mlx_dpo.monitor.trackers import scalars
 
+from test_faults import cli, snapshot
+
 
 def cfg_for(model_dir, data_dir, tmp_path, **kw):
     return DPOConfig(model=str(model_dir), data=str(data_dir), output_dir=str(tmp_path / "run"), max_steps=4,
@@ -46,6 +48,7 @@ def fake_modules(monkeypatch):
     tbx.SummaryWriter = Writer
     monkeypatch.setitem(sys.modules, "wandb", wandb)
     monkeypatch.setitem(sys.modules, "tensorboardX", tbx)
+    monkeypatch.setenv("WANDB_API_KEY", "fake-key-for-the-fake-module")
     return calls
 
 
@@ -69,6 +72,36 @@ def test_a_missing_tracker_package_is_a_config_error_before_loading(tmp_path, mo
         DPOTrainer(DPOConfig(model="/nonexistent", output_dir=str(tmp_path / "run"), report_to="wandb"))
     with pytest.raises(ConfigError, match="report_to must be one of none, wandb, tensorboard"):
         DPOConfig(report_to="mlflow")
+
+
+def test_wandb_without_a_key_is_refused_before_loading(tmp_path, monkeypatch):
+    fake_modules(monkeypatch)
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("NETRC", raising=False)
+    with pytest.raises(ConfigError, match=r"report_to: wandb has no API key \(run `wandb login`"):
+        DPOTrainer(DPOConfig(model="/nonexistent", output_dir=str(tmp_path / "run"), report_to="wandb"))
+    monkeypatch.setenv("WANDB_MODE", "offline")  # needs no key; the model is loaded next (and missing here)
+    with pytest.raises(ConfigError, match="/nonexistent"):
+        DPOTrainer(DPOConfig(model="/nonexistent", output_dir=str(tmp_path / "run"), report_to="wandb"))
+
+
+def test_a_tracker_directory_that_cannot_be_written_is_refused_before_overwrite(llama_dir, toy_data_dir, tmp_path,
+                                                                                monkeypatch):
+    """--overwrite removes the old run only once every check has passed: a file where tensorboard
+    writes its directory refuses the run, and the old run stays whole."""
+    fake_modules(monkeypatch)
+    trainer = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path), log=lambda *a: None)
+    trainer.train()
+    run = tmp_path / "run"
+    (run / "runs").write_text("a file, not tensorboard's directory\n")
+    before = snapshot(run)
+    result = cli("train", "--model", llama_dir, "--data", toy_data_dir, "--output-dir", run, "--max-steps", 2,
+                 "--batch-size", 2, "--no-progress-bar", "--report-to", "tensorboard", "--overwrite")
+    assert result.exit_code == 2, result.output
+    assert f"report_to: tensorboard writes to {run / 'runs'}, which is not a directory" in result.output
+    assert snapshot(run) == before
 
 
 def test_scalars_use_transformers_names():

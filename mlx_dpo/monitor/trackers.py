@@ -15,6 +15,7 @@ from typing import Dict
 from .callbacks import TrainerCallback
 from ..config.fields import DPOConfig
 from ..errors import ConfigError
+from ..util.io import nearest_existing, writable_dir
 
 # report_to name -> (modules to try, in order; the pip package to suggest)
 PACKAGES = {"wandb": (("wandb",), "wandb"), "tensorboard": (("tensorboardX", "torch.utils.tensorboard"), "tensorboardX")}
@@ -29,6 +30,30 @@ def _import(name: str):
             continue
     raise ConfigError(f"report_to: {name} needs the {package} package (pip install {package}); "
                       "or remove it from report_to")
+
+
+def check_log_dir(path: Path, name: str) -> None:
+    """Refuse now, before anything is loaded or an old run is removed, a tracker directory that
+    cannot be written (or that a file or link stands in for)."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise ConfigError(f"report_to: {name} writes to {path}, which is not a directory; remove it")
+    where = nearest_existing(path)
+    if not where.is_dir() or not writable_dir(where):
+        raise ConfigError(f"report_to: {name} writes to {path}, but {where} is not writable (fix its permissions, "
+                          "choose another output_dir, or remove it from report_to)")
+
+
+def wandb_credentials() -> bool:
+    """Whether wandb can start without asking: an API key in ``WANDB_API_KEY`` or ``~/.netrc``
+    (what ``wandb login`` writes), or a mode that needs none (``WANDB_MODE=offline|disabled``)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return True
+    try:
+        import netrc
+
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def scalars(record: dict) -> Dict[str, float]:
@@ -46,6 +71,10 @@ class WandbCallback(TrainerCallback):
 
     def __init__(self, cfg: DPOConfig, output_dir: Path):
         self.wandb, self.cfg, self.output_dir, self.run = _import("wandb"), cfg, Path(output_dir), None
+        if not wandb_credentials():
+            raise ConfigError("report_to: wandb has no API key (run `wandb login`, set WANDB_API_KEY, or "
+                              "WANDB_MODE=offline to log locally)")
+        check_log_dir(self.output_dir / "wandb", "wandb")
 
     def on_train_begin(self, state) -> None:
         self.run = self.wandb.init(project=os.environ.get("WANDB_PROJECT", "mlx-dpo"), name=self.output_dir.name,
@@ -66,6 +95,7 @@ class TensorBoardCallback(TrainerCallback):
 
     def __init__(self, cfg: DPOConfig, output_dir: Path):
         self.module, self.log_dir, self.writer = _import("tensorboard"), Path(output_dir) / "runs", None
+        check_log_dir(self.log_dir, "tensorboard")
 
     def on_train_begin(self, state) -> None:
         self.writer = self.module.SummaryWriter(log_dir=str(self.log_dir))
