@@ -97,10 +97,11 @@ def transformers_logits(path: Path, ids: list) -> np.ndarray:
 
 
 def write_tiny_gguf(path: Path, arch: str, types: dict, pre: str, hidden=64, layers=2, heads=4, kv_heads=2,
-                    inter=128, tied=False, seed=0, extra=None) -> Path:
+                    inter=128, tied=False, seed=0, extra=None, drop=()) -> Path:
     """A random-weight ``arch`` model in GGUF (llama.cpp's names and layout), with a
     byte-level BPE vocabulary trained by ``tokenizers``; ``types`` maps a tensor kind
-    (``embd``, ``attn``, ``ffn``, ``output``) to its ggml type."""
+    (``embd``, ``attn``, ``ffn``, ``output``) to its ggml type; ``extra`` adds or replaces tensors,
+    ``drop`` leaves out hyper-parameters (``feed_forward_length``)."""
     tok_dir = path.parent / f"{path.stem}-tok"
     tok_dir.mkdir(parents=True, exist_ok=True)
     build_bpe_tokenizer(tok_dir)
@@ -115,7 +116,8 @@ def write_tiny_gguf(path: Path, arch: str, types: dict, pre: str, hidden=64, lay
     w.add_block_count(layers)
     w.add_context_length(2048)
     w.add_embedding_length(hidden)
-    w.add_feed_forward_length(inter)
+    if "feed_forward_length" not in drop:
+        w.add_feed_forward_length(inter)
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
     w.add_layer_norm_rms_eps(1e-5)
@@ -310,6 +312,24 @@ def test_gguf_errors_name_the_problem(tmp_path, tiny_llama):
                                                extra={"blk.0.ffn_gate_exps.weight": (f32, None)})))
     with pytest.raises(ConfigError, match=r"GGUF architecture 'gemma' is not supported; supported: llama, qwen2"):
         resolve_model_path(str(write_tiny_gguf(tmp_path / "gemma.gguf", "gemma", {}, "smollm", layers=1)))
+
+
+def test_a_damaged_gguf_is_named_through_the_cli(tmp_path, toy_data_dir):
+    """A GGUF without a hyper-parameter, or with NaN in a tensor: the command names the key or
+    the tensor (not a traceback, not the learning rate), and nothing is left in the cache."""
+    from test_faults import cli
+
+    cache = tmp_path / "cache"
+    no_ffn = write_tiny_gguf(tmp_path / "no-ffn.gguf", "llama", {}, "smollm", layers=1, drop=("feed_forward_length",))
+    nan = np.full(64, np.nan, np.float32)
+    nans = write_tiny_gguf(tmp_path / "nan.gguf", "llama", {}, "smollm", layers=1,
+                           extra={"blk.0.ffn_norm.weight": (nan, None)})
+    for path, message in ((no_ffn, "lacks llama.feed_forward_length"),
+                          (nans, "tensor blk.0.ffn_norm.weight holds NaN or infinite values")):
+        result = cli("train", "--model", path, "--data", toy_data_dir, "--output-dir", tmp_path / "run",
+                     "--max-steps", 1, "--batch-size", 2, "--no-progress-bar", "--cache-dir", cache)
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not (tmp_path / "run").exists() and not list(cache.rglob("*.safetensors"))
 
 
 # --------------------------------------------------------------------------- the real model

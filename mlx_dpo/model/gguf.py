@@ -139,6 +139,11 @@ def check_supported(path: Path, header: dict) -> str:
     if arch not in ARCHITECTURES:
         raise ConfigError(f"model: {path}: GGUF architecture {arch!r} is not supported; supported: "
                           f"{', '.join(ARCHITECTURES)} (llama covers Llama, SmolLM and Mistral files)")
+    missing = [f"{arch}.{key}" for key, _, _, default in HPARAMS if default is None and f"{arch}.{key}" not in meta]
+    missing += [] if "token_embd.weight" in tensors else ["tensor token_embd.weight"]
+    if missing:
+        raise ConfigError(f"model: {path}: the GGUF file lacks {', '.join(missing)}, which the model needs (llama.cpp's "
+                          "convert_hf_to_gguf.py writes them); it cannot be loaded")
     bad = sorted({kind for _, kind in tensors.values() if kind not in KEPT_TYPES})
     if bad:
         names = [n for n, (_, kind) in tensors.items() if kind in bad]
@@ -236,6 +241,9 @@ def convert_weights(path: Path, arch: str, header: dict) -> dict:
         layer = name.rpartition(".")[0].rpartition(".")[2]
         if arch == "llama" and layer in ("attn_q", "attn_k"):
             w = unpermute_rows(w, heads if layer == "attn_q" else kv_heads)
+        if mx.issubdtype(w.dtype, mx.floating) and not mx.all(mx.isfinite(w)).item():
+            raise ConfigError(f"model: {path}: tensor {name} holds NaN or infinite values (a damaged or badly "
+                              "converted file); it cannot be trained")
         weights[hf_name(name, arch, path)] = w
     return weights
 
