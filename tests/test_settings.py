@@ -63,8 +63,21 @@ def test_warnings_for_settings_that_do_nothing(llama_dir, toy_data_dir, tmp_path
     assert any("warmup (2 steps) is not shorter than the run (2 steps)" in line for line in lines)
     assert any("note: truncation_mode keep_end cuts the prompt's start" in line for line in lines)
     quiet = []
-    warn_unused_settings(DPOConfig(), True, True, 10, 0, quiet.append)
+    warn_unused_settings(DPOConfig(), True, 10, 0, quiet.append)
     assert quiet == []
+
+
+def test_settings_without_effect_are_errors(llama_dir, toy_data_dir, tmp_path):
+    """An option the chosen loss or schedule ignores is refused, before anything loads."""
+    with pytest.raises(ConfigError, match="warmup_steps/warmup_ratio have no effect with lr_scheduler_type 'constant'"):
+        DPOConfig(lr_scheduler_type="constant", warmup_ratio=0.1)
+    DPOConfig(lr_scheduler_type="constant_with_warmup", warmup_ratio=0.1)  # applies there
+    with pytest.raises(ConfigError, match="reference: adapter has no effect: loss_type simpo is reference-free"):
+        DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path, loss_type="simpo", reference="adapter",
+                           ref_adapter_path=str(tmp_path / "never-read")), log=lambda *a: None)
+    with pytest.raises(ConfigError, match="reference: adapter has no effect: reference_free is set"):
+        DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path, reference_free=True, reference="adapter",
+                           ref_adapter_path=str(tmp_path / "never-read")), log=lambda *a: None)
 
 
 def test_resume_with_max_steps_below_the_checkpoint(llama_dir, toy_data_dir, tmp_path):

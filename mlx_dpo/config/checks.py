@@ -113,6 +113,9 @@ def check_combinations(cfg) -> None:
         raise ConfigError(
             f"loss_weights has {len(cfg.loss_weights)} entries but loss_type has {len(cfg.loss_types)}"
         )
+    if (cfg.warmup_steps or cfg.warmup_ratio) and cfg.lr_scheduler_type == "constant":
+        raise ConfigError("warmup_steps/warmup_ratio have no effect with lr_scheduler_type 'constant' (as in "
+                          "transformers); use constant_with_warmup, or remove the warmup")
     if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
         raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
 

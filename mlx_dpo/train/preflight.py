@@ -13,7 +13,7 @@ from ..config.fields import DPOConfig
 from ..loss.losses import trl_notes
 
 
-def warn_unused_settings(cfg: DPOConfig, has_eval: bool, use_reference: bool, total_steps: int, warmup: int,
+def warn_unused_settings(cfg: DPOConfig, has_eval: bool, total_steps: int, warmup: int,
                          log: Callable[[str], None]) -> None:
     for note in trl_notes(cfg):  # where we follow the paper rather than TRL
         log(f"note: {note}")
@@ -23,12 +23,6 @@ def warn_unused_settings(cfg: DPOConfig, has_eval: bool, use_reference: bool, to
     if (cfg.eval_mode != "no" or cfg.eval_on_start) and not has_eval:
         log(f"warning: eval_strategy is {cfg.eval_mode!r} but there is no eval data (set eval_data, "
             "eval_dataset_split or eval_split); nothing will be evaluated")
-    if cfg.reference == "adapter" and not use_reference:
-        log(f"warning: loss {cfg.loss_type} is reference-free, so ref_adapter_path "
-            f"({cfg.ref_adapter_path}) only initialises the policy; it is not used as a reference")
     if warmup >= total_steps:
         log(f"warning: warmup ({warmup} steps) is not shorter than the run ({total_steps} steps): "
             "the learning rate never reaches learning_rate; lower warmup_steps/warmup_ratio")
-    if warmup and cfg.lr_scheduler_type == "constant":
-        log("warning: lr_scheduler_type 'constant' has no warmup (as in transformers); "
-            "use 'constant_with_warmup' for warmup_steps/warmup_ratio to apply")

@@ -165,7 +165,7 @@ class DPOTrainer(TrainingLoop):
         else:
             self.total_steps = max(1, math.ceil(cfg.num_train_epochs * self.steps_per_epoch))
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
-        warn_unused_settings(cfg, bool(self.eval_pairs), self.use_reference, self.total_steps, warmup, self.log)
+        warn_unused_settings(cfg, bool(self.eval_pairs), self.total_steps, warmup, self.log)
         self.schedule = build_schedule(cfg.lr_scheduler_type, cfg.learning_rate, self.total_steps, warmup)
         self.optimizer = optim.AdamW(
             learning_rate=self.schedule, betas=[cfg.adam_beta1, cfg.adam_beta2], eps=cfg.adam_epsilon,
