@@ -11,7 +11,7 @@ from mlx_dpo.errors import JudgeError
 from mlx_dpo.generation.judges import score
 from mlx_dpo.train.rundir import RunLock
 
-from test_faults import cli, run_dir, snapshot  # noqa: F401  (run_dir: a finished two-step run)
+from test_faults import _disk_full, cli, run_dir, snapshot  # noqa: F401  (run_dir: a finished two-step run)
 
 
 def test_sample_refuses_a_non_utf8_prompts_file_with_its_line(tmp_path):
@@ -88,3 +88,24 @@ def test_a_mistyped_local_data_path_suggests_the_file_at_once(tmp_path, toy_data
     assert result.exit_code == 2, result.output
     assert f"did you mean {data / 'train.jsonl'}?" in result.output
     assert "Hub" not in result.output
+
+
+def test_a_file_size_limit_is_not_called_a_full_disk(llama_dir, toy_data_dir, tmp_path, monkeypatch):
+    """A write that fails under a file-size limit (``ulimit -f``; MLX raises RuntimeError) names
+    the limit and says to raise it, not to free space."""
+    import shutil
+    from collections import namedtuple
+
+    from mlx_dpo.util import io
+
+    _disk_full(monkeypatch)  # every safetensors write fails ...
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 40, 0, 1 << 39))  # ... with space left
+    monkeypatch.setattr(io, "file_size_limit", lambda: 4096)  # and a 4 KB file-size limit
+    out = tmp_path / "run"
+    result = cli("train", "--model", llama_dir, "--data", toy_data_dir, "--output-dir", out, "--max-steps", 2,
+                 "--save-steps", 2, "--batch-size", 4, "--no-progress-bar", "--cache-dir", tmp_path / "cache")
+    assert result.exit_code == 1, result.output
+    assert (f"could not save checkpoint {out / 'checkpoints' / 'step-2'}: a file reached the file-size limit "
+            "(ulimit -f: 4096 bytes); raise the limit") in result.output
+    assert "free space" not in result.output and "disk is full" not in result.output

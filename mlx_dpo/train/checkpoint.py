@@ -20,7 +20,6 @@ next start. Only safetensors, JSON and YAML are ever read back (no pickle).
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -36,7 +35,7 @@ from mlx.utils import tree_flatten
 
 from ..model.adapters import resolve_target_modules
 from ..config.fields import DPOConfig, config_keys
-from ..util.io import atomic_directory, atomic_write_text, fsync_dir, save_safetensors
+from ..util.io import atomic_directory, atomic_write_text, fsync_dir, save_safetensors, write_failure
 from .state import TrainState
 from ..errors import CheckpointError, ConfigError
 
@@ -186,10 +185,8 @@ def save_checkpoint(output_dir: Path, state: TrainState, model, optimizer, cfg: 
         atomic_write_text(root / LATEST, name + "\n")
     except OSError as e:
         last = latest_checkpoint(output_dir)
-        why = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
-        raise CheckpointError(f"could not save checkpoint {path}: {why}. No partial checkpoint was left; the last "
-                              f"good one is {last or 'none'}. Free space (or fix the path) and resume with "
-                              "--resume.") from e
+        raise CheckpointError(f"could not save checkpoint {path}: {write_failure(e)}, then resume with --resume. "
+                              f"No partial checkpoint was left; the last good one is {last or 'none'}.") from e
     prune(output_dir, cfg.save_total_limit, keep=path)
     return path
 

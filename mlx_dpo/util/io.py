@@ -154,11 +154,30 @@ def safetensors_problem(path: PathLike) -> Optional[str]:
     return None
 
 
+def file_size_limit() -> Optional[int]:
+    """The process's file-size limit in bytes (``ulimit -f``), or None when there is none."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def write_failure(e: OSError) -> str:
+    """What a failed write means and what to do, by its errno: a full disk, the file-size limit,
+    or (anything else) the error itself."""
+    if e.errno == errno.ENOSPC:
+        return "the disk is full; free space"
+    if e.errno == errno.EFBIG:
+        limit = file_size_limit()
+        return (f"a file reached the file-size limit ({'ulimit -f: ' + str(limit) + ' bytes' if limit else 'EFBIG'}); "
+                "raise the limit")
+    return f"{type(e).__name__}: {e}; fix the path or its permissions"
+
+
 def save_safetensors(path: PathLike, arrays: dict, metadata: dict) -> None:
     """``mx.save_safetensors``, with a failed write (MLX raises ``RuntimeError``, e.g. on a
-    full disk) raised as ``OSError`` like every other file error (ENOSPC when the disk is full)."""
-    import errno
-
+    full disk) raised as ``OSError`` like every other file error: ENOSPC when the disk is full,
+    EFBIG when a file-size limit is set and the file would pass it, else EIO."""
     import mlx.core as mx
 
     try:
@@ -168,5 +187,7 @@ def save_safetensors(path: PathLike, arrays: dict, metadata: dict) -> None:
             full = shutil.disk_usage(Path(path).parent).free < (1 << 20)
         except OSError:
             full = False
-        code = errno.ENOSPC if full else errno.EIO
+        limit = file_size_limit()
+        too_big = limit is not None and sum(a.nbytes for a in arrays.values()) >= limit
+        code = errno.ENOSPC if full else errno.EFBIG if too_big else errno.EIO
         raise OSError(code, f"{os.strerror(code)} while writing {path} ({e})") from None
