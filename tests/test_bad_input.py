@@ -109,3 +109,47 @@ def test_a_file_size_limit_is_not_called_a_full_disk(llama_dir, toy_data_dir, tm
     assert (f"could not save checkpoint {out / 'checkpoints' / 'step-2'}: a file reached the file-size limit "
             "(ulimit -f: 4096 bytes); raise the limit") in result.output
     assert "free space" not in result.output and "disk is full" not in result.output
+
+
+@pytest.mark.parametrize("hosts, rank, message", [
+    (None, "0", "MLX_HOSTFILE={hostfile}: cannot read it (No such file or directory)"),
+    ("not json", "0", "MLX_HOSTFILE={hostfile}: not JSON"),
+    ('{"hosts": 2}', "0", "expected a JSON list of hosts, each a list of \"host:port\" strings"),
+    ('[["127.0.0.1:5000"], ["127.0.0.1:5001"]]', "2", "MLX_RANK=2: expected a rank from 0 to 1"),
+])
+def test_a_broken_launch_environment_is_named(hosts, rank, message, tmp_path, monkeypatch, llama_dir, toy_data_dir):
+    from mlx_dpo.util import distributed
+
+    hostfile = tmp_path / "hosts.json"
+    if hosts is not None:
+        hostfile.write_text(hosts)
+    monkeypatch.setattr(distributed, "_WORLD", None)
+    monkeypatch.setenv("MLX_HOSTFILE", str(hostfile))
+    monkeypatch.setenv("MLX_RANK", rank)
+    result = cli("train", "--model", llama_dir, "--data", toy_data_dir, "--output-dir", tmp_path / "run",
+                 "--max-steps", 1, "--no-progress-bar")
+    assert result.exit_code == 2, result.output
+    assert message.format(hostfile=hostfile) in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_rank_whose_peer_never_starts_stops_after_ddp_timeout(tmp_path, llama_dir, toy_data_dir):
+    """Rank 0 of two, the other never started: MLX's ring backend would wait for ever; ddp_timeout
+    covers the start-up too (hard timeout on the test itself)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from helpers import write_local_hostfile
+
+    hostfile = write_local_hostfile(tmp_path / "hosts.json", 2)
+    env = dict(os.environ, MLX_RANK="0", MLX_HOSTFILE=str(hostfile))
+    tic = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "mlx_dpo", "train", "--model", str(llama_dir), "--data",
+                        str(toy_data_dir), "--output-dir", str(tmp_path / "run"), "--max-steps", "1",
+                        "--no-progress-bar", "--ddp-timeout", "3"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == -15, p.stdout + p.stderr  # ended by the watcher's SIGTERM (143 in a shell)
+    assert "rank 0: the other ranks did not join within ddp_timeout (3 s)" in p.stderr
+    assert time.monotonic() - tic < 60 and not (tmp_path / "run").exists()

@@ -224,8 +224,9 @@ class DPOConfig:
                                    "optim", resume="match")
     skip_nonfinite_steps: bool = option(False, "Skip (and retry) a step whose loss or gradients are not finite, "
                                         "instead of stopping.", "optim")
-    ddp_timeout: float = option(1800.0, "Data parallel (mlx.launch): seconds a step may wait for the other ranks "
-                                "before this rank stops with an error naming it (TRL's ddp_timeout).", "run")
+    ddp_timeout: float = option(1800.0, "Data parallel (mlx.launch): seconds the start-up or a step may wait for "
+                                "the other ranks before this rank stops with an error naming it (TRL's "
+                                "ddp_timeout).", "run")
 
     # ---- logging, eval, checkpoints -------------------------------------------
     output_dir: str = option("runs/dpo", "Run directory: adapters, checkpoints, metrics.jsonl, config.yaml.")

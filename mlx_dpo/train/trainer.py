@@ -72,7 +72,7 @@ class DPOTrainer(TrainingLoop):
                  callbacks: Optional[Iterable] = None):
         self.cfg = cfg
         self.clock = RunClock()  # the wall-time split of the run (start-up counts from here, or the process start)
-        self.group = distributed.world()
+        self.group = distributed.world(cfg.ddp_timeout)
         self.rank, self.ranks = self.group.rank(), self.group.size()
         self.main = self.rank == 0  # data parallel: rank 0 prints and writes
         self.log = (log or console) if self.main else _silent

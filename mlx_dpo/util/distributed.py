@@ -20,6 +20,7 @@ message naming the rank, instead of blocking forever.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import select
@@ -34,12 +35,67 @@ import mlx.core as mx
 _WORLD = None
 
 
-def world():
-    """The global group (``mx.distributed.init()``, cached); size 1 when not launched."""
+def check_launch() -> None:
+    """The environment ``mlx.launch`` (or a user) set for this process: ``MLX_HOSTFILE`` a readable
+    JSON list of hosts (each a list of ``"host:port"``) and ``MLX_RANK`` an index into it. MLX itself
+    raises a bare JSON or ring error for each; this names the variable, the file and the fix."""
+    from ..errors import ConfigError
+
+    hostfile, rank = os.environ.get("MLX_HOSTFILE"), os.environ.get("MLX_RANK")
+    if not hostfile:
+        return
+    how = "mlx.launch writes it: run `mlx.launch --backend ring -n N -- mlx-dpo train ...`"
+    try:
+        with open(hostfile) as f:
+            hosts = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"MLX_HOSTFILE={hostfile}: cannot read it ({e.strerror}); {how}") from None
+    except ValueError as e:
+        raise ConfigError(f"MLX_HOSTFILE={hostfile}: not JSON ({e}); {how}") from None
+    if not (isinstance(hosts, list) and hosts and all(isinstance(h, list) and h and all(
+            isinstance(a, str) and a.rpartition(":")[2].isdigit() for a in h) for h in hosts)):
+        raise ConfigError(f"MLX_HOSTFILE={hostfile}: expected a JSON list of hosts, each a list of \"host:port\" "
+                          f"strings, e.g. [[\"127.0.0.1:5000\"], [\"127.0.0.1:5001\"]]; {how}")
+    if rank is None or not rank.isdigit() or int(rank) >= len(hosts):
+        raise ConfigError(f"MLX_RANK={rank}: expected a rank from 0 to {len(hosts) - 1} (MLX_HOSTFILE={hostfile} "
+                          f"lists {len(hosts)} hosts); {how}")
+
+
+def world(timeout: Optional[float] = None):
+    """The global group (``mx.distributed.init()``, cached); size 1 when not launched. The launch
+    environment is checked first (:func:`check_launch`). ``timeout``: seconds to wait for the other
+    ranks to join (``ddp_timeout``), after which this process ends with a message naming its rank
+    (MLX's ring backend would wait for ever for a rank that never starts)."""
     global _WORLD
     if _WORLD is None:
-        _WORLD = mx.distributed.init()
+        check_launch()
+        watcher = _watch_join(timeout) if timeout and os.environ.get("MLX_HOSTFILE") else None
+        try:
+            _WORLD = mx.distributed.init()
+        finally:
+            if watcher is not None:
+                os.close(watcher[0])  # joined (or failed): the watcher exits quietly
+                os.waitpid(watcher[1], 0)
     return _WORLD
+
+
+def _watch_join(timeout: float):
+    """A forked watcher for ``mx.distributed.init()``, which blocks in C++ holding the GIL (no
+    Python thread or signal handler runs meanwhile): unless this process closes the pipe within
+    ``timeout`` seconds, the watcher prints the error and sends it SIGTERM. Returns (pipe, pid)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(write)
+        ready, _, _ = select.select([read], [], [], timeout)
+        if not ready:
+            os.write(2, (f"error: rank {os.environ.get('MLX_RANK')}: the other ranks did not join within "
+                         f"ddp_timeout ({timeout:g} s); start every rank (mlx.launch starts them all) and check "
+                         f"that the hosts of {os.environ.get('MLX_HOSTFILE')} can reach each other\n").encode())
+            os.kill(os.getppid(), signal.SIGTERM)
+        os._exit(0)
+    os.close(read)
+    return write, pid
 
 
 def rank() -> int:
