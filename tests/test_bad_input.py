@@ -153,3 +153,27 @@ def test_a_rank_whose_peer_never_starts_stops_after_ddp_timeout(tmp_path, llama_
     assert p.returncode == -15, p.stdout + p.stderr  # ended by the watcher's SIGTERM (143 in a shell)
     assert "rank 0: the other ranks did not join within ddp_timeout (3 s)" in p.stderr
     assert time.monotonic() - tic < 60 and not (tmp_path / "run").exists()
+
+
+def test_status_tells_a_complete_run_from_a_failed_one(run_dir, llama_dir, toy_data_dir, tmp_path,  # noqa: F811
+                                                       monkeypatch):
+    """mlx.launch exits 0 whatever its ranks did: `mlx-dpo status` is what a script checks."""
+    result = cli("status", run_dir)
+    assert result.exit_code == 0 and result.output.startswith("complete: 2 steps"), result.output
+    lock = RunLock(run_dir)
+    lock.acquire()
+    try:
+        result = cli("status", run_dir)
+    finally:
+        lock.release()
+    assert result.exit_code == 1 and "running: " in result.output
+    out = tmp_path / "failed"
+    _disk_full(monkeypatch, after=3)  # step-2's checkpoint is written, then the disk is full
+    result = cli("train", "--model", llama_dir, "--data", toy_data_dir, "--output-dir", out, "--max-steps", 4,
+                 "--save-steps", 2, "--batch-size", 4, "--no-progress-bar", "--cache-dir", tmp_path / "cache")
+    assert result.exit_code == 1, result.output
+    result = cli("status", out)
+    assert result.exit_code == 1, result.output
+    assert f"not complete: the run stopped before its end (see its output); the last checkpoint is {out}" \
+        in result.output and "step-2 (resume with --resume)" in result.output
+    assert cli("status", tmp_path).exit_code == 2

@@ -22,6 +22,7 @@ from mlx_dpo.data.batching import BatchSampler
 from mlx_dpo.config.fields import DPOConfig
 from mlx_dpo.data import TokenizedPair
 from helpers import write_local_hostfile
+from mlx_dpo.train.rundir import run_status
 from mlx_dpo.train.trainer import DPOTrainer
 
 RUN_TIMEOUT = 240  # seconds for a whole 2-rank run on a loaded 2-core box
@@ -240,9 +241,11 @@ def test_a_killed_rank_stops_the_other_and_the_run_resumes_on_one_process(llama_
     else:
         assert "error: rank 0 of 2: SIGTERM while step 5 waited for the other ranks (1)" in text
     assert "last checkpoint: " + str(tmp_path / "two" / "checkpoints" / "step-4") in text
+    assert run_status(tmp_path / "two")[0] == 1  # what a script checks after mlx.launch (which exits 0)
     # resume on one process with batch 4 (the same global batch), against an uninterrupted run
     DPOTrainer(DPOConfig(**base_config(llama_dir, small_data, tmp_path / "two", batch_size=4, **kw),
                          resume_from_checkpoint="latest"), log=lambda *a: None).train()
+    assert run_status(tmp_path / "two") == (0, f"complete: 8 steps, adapters in {tmp_path / 'two'}")
     one = one_process(llama_dir, small_data, tmp_path / "one", **kw)
     assert_same_adapters(one / "adapters.safetensors", tmp_path / "two" / "adapters.safetensors")
     assert_same_metrics(one, tmp_path / "two")

@@ -165,6 +165,21 @@ def audit(run_dir, data, top, output, trust_remote_code):
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
+def status(run_dir):
+    """Whether a run completed. mlx.launch exits 0 whatever its ranks did: check with this after it.
+
+    Exit codes: 0 complete, 1 running or stopped before its end, 2 not a run directory."""
+    from pathlib import Path
+
+    from ..train.rundir import run_status
+
+    code, line = run_status(Path(run_dir))
+    click.echo(line, err=code != 0)
+    sys.exit(code)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--prompt", "prompt", multiple=True, help="A prompt (repeatable).")
 @click.option("--prompts", "prompts_file", default=None, type=click.Path(dir_okay=False),
               help="Prompts file: one a line, or JSONL with a 'prompt' field.")

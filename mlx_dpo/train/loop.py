@@ -21,6 +21,7 @@ from . import evaluation, stopping
 from ..model.adapters import sync_reference
 from ..monitor.perf import Throughput, reference_blas_warning, warn_if_too_big
 from ..util import distributed, metal
+from .rundir import mark_complete
 from .state import TrainResult
 
 
@@ -73,6 +74,8 @@ class TrainingLoop:
         self.save_checkpoint()
         self.save()
         self.callbacks.on_train_end(state)
+        if self.main:
+            mark_complete(self.output_dir, state.step, self.ranks)
         self.log(f"done: {state.step} steps, peak memory {metal.peak_memory_gb():.3f} GB, "
                  f"adapters in {self.output_dir}")
         self.log(f"{self.clock.line()}; {self.trace_count} training-step shapes compiled (max_batch_shapes "

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 from . import checkpoint
 from ..config.fields import DPOConfig
@@ -22,6 +22,7 @@ from ..util.io import atomic_write_text, nearest_existing, open_no_follow, writa
 
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".mlx_dpo.lock"
+COMPLETE_FILE = "run_complete.json"  # written last by a run that finished (mlx-dpo status reads it)
 
 
 class RunLock:
@@ -91,8 +92,8 @@ def check_output_dir(cfg: DPOConfig) -> Path:
 
 
 # What a run writes or removes in its directory (besides temporaries).
-RUN_ENTRIES = (LOCK_FILE, METRICS_FILE, checkpoint.CHECKPOINTS, "adapters.safetensors", "adapter_config.json",
-               "config.yaml")
+RUN_ENTRIES = (LOCK_FILE, METRICS_FILE, COMPLETE_FILE, checkpoint.CHECKPOINTS, "adapters.safetensors",
+               "adapter_config.json", "config.yaml")
 
 
 def check_no_links(out: Path) -> None:
@@ -130,6 +131,7 @@ def prepare_output_dir(out: Path, step: int, resuming: bool, overwrite: bool, lo
     (only now, after config, model and data loaded fine); on resume keep the metric records
     up to ``step`` (returned) and drop newer checkpoints."""
     out.mkdir(parents=True, exist_ok=True)
+    (out / COMPLETE_FILE).unlink(missing_ok=True)  # this run is not complete until it says so
     for p in clean_stale(out):
         log(f"removed stale temporary {p}")
     metrics_file = out / METRICS_FILE
@@ -143,6 +145,29 @@ def prepare_output_dir(out: Path, step: int, resuming: bool, overwrite: bool, lo
             log(f"removing {newer} (newer than the resumed step {step})")
             checkpoint.remove_checkpoint(newer)
     return truncate_metrics(metrics_file, step)
+
+
+def mark_complete(out: Path, step: int, ranks: int) -> None:
+    """The run finished: every step, the last checkpoint and the adapters are written."""
+    atomic_write_text(out / COMPLETE_FILE, json.dumps({"step": step, "world_size": ranks}) + "\n")
+
+
+def run_status(out: Path) -> Tuple[int, str]:
+    """``(exit code, line)`` of ``mlx-dpo status``: 0 the run completed, 1 it is running or did not
+    complete (a fault, a signal, a lost rank), 2 ``out`` is no run directory. ``mlx.launch`` exits 0
+    whatever its ranks did; this is what a script checks after it."""
+    if not out.is_dir() or not ((out / METRICS_FILE).is_file() or (out / "config.yaml").is_file()):
+        return 2, f"{out} is not a run directory (no {METRICS_FILE} or config.yaml)"
+    try:
+        RunLock(out).check()
+    except ConfigError as e:
+        return 1, f"running: {e}"
+    if (out / COMPLETE_FILE).is_file():
+        step = json.loads((out / COMPLETE_FILE).read_text()).get("step")
+        return 0, f"complete: {step} steps, adapters in {out}"
+    last = checkpoint.latest_checkpoint(out)
+    resume = f"the last checkpoint is {last} (resume with --resume)" if last else "it has no checkpoint"
+    return 1, f"not complete: the run stopped before its end (see its output); {resume}"
 
 
 def clean_stale(output_dir: Path) -> List[Path]:
@@ -165,7 +190,7 @@ def clear_run(output_dir: Path) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
         os.replace(root, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
-    for name in ("adapters.safetensors", "adapter_config.json", METRICS_FILE):
+    for name in ("adapters.safetensors", "adapter_config.json", METRICS_FILE, COMPLETE_FILE):
         (Path(output_dir) / name).unlink(missing_ok=True)
 
 
