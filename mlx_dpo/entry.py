@@ -9,6 +9,7 @@ nothing that imports mlx-lm.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 
@@ -38,6 +39,7 @@ def run() -> None:
     from .util.clock import mark_process_start
 
     mark_process_start()  # a run's reported start-up time counts from here
+    faulthandler.enable()  # a fatal signal (SIGSEGV past a memory limit) prints where, not nothing
     if sys.argv[1:2] and sys.argv[1] in TORCH_FREE_COMMANDS and not os.environ.get("MLX_DPO_IMPORT_TORCH"):
         import_mlx_lm_without_torch()
     from .cli.commands import main

@@ -177,3 +177,24 @@ def test_status_tells_a_complete_run_from_a_failed_one(run_dir, llama_dir, toy_d
     assert f"not complete: the run stopped before its end (see its output); the last checkpoint is {out}" \
         in result.output and "step-2 (resume with --resume)" in result.output
     assert cli("status", tmp_path).exit_code == 2
+
+
+def test_a_memory_limit_is_named_before_training_and_a_crash_past_it_says_where(tmp_path, llama_dir, toy_data_dir):
+    """Past ``ulimit -v`` MLX's allocation fails with SIGSEGV, which no handler can explain when it
+    comes: the run says so before training, and a crash prints Python's fault report, not nothing."""
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "mlx_dpo", "train", "--model", str(llama_dir), "--data", str(toy_data_dir),
+            "--output-dir", str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "2", "--no-progress-bar",
+            "--eval-strategy", "no", "--cache-dir", str(tmp_path / "cache")]
+    limit = "import resource; resource.setrlimit(resource.RLIMIT_AS, ({0}, resource.RLIM_INFINITY)); "
+    run = "import runpy, sys; sys.argv = {1!r}; runpy.run_module('mlx_dpo', run_name='__main__')"
+    p = subprocess.run([sys.executable, "-c", (limit + run).format(64 << 30, ["mlx-dpo", *args[3:]])],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "warning: this process has a memory limit (ulimit -v/-d: 68.72 GB)" in p.stdout
+    crash = ("import ctypes, sys; sys.argv = ['mlx-dpo', 'status', '/']; import mlx_dpo.cli.commands as c; "
+             "c.main = lambda: ctypes.string_at(0); from mlx_dpo.entry import run; run()")  # a crash inside a command
+    p = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, timeout=60)
+    assert p.returncode == -11 and "Fatal Python error: Segmentation fault" in p.stderr, p.stderr

@@ -38,9 +38,9 @@ class TrainingLoop:
                  f", loss {cfg.loss_type}, reference {self.reference_source or 'none'}")
         warn_if_too_big(self.model, self.train_pairs, cfg.batch_size, self.prefix_sharing,
                         cfg.gradient_checkpointing, self.log)
-        blas = reference_blas_warning()
-        if blas:
-            self.log(blas)
+        for warning in (reference_blas_warning(), metal.memory_limit_warning()):
+            if warning:
+                self.log(warning)
         self.throughput = Throughput()
         self.callbacks.on_train_begin(state)
         if cfg.eval_on_start and state.step == 0 and self.eval_pairs:

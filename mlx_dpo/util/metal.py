@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable
+from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -60,9 +60,31 @@ def wired_limit(model: nn.Module, log: Callable[[str], None] = print):
         mx.set_wired_limit(old)
 
 
+def memory_rlimit() -> Optional[int]:
+    """The smallest memory limit set on this process (``ulimit -v``/``-d``: RLIMIT_AS, RLIMIT_DATA),
+    in bytes, or None. MLX cannot report an allocation past it: the process dies with SIGSEGV."""
+    import resource
+
+    limits = [resource.getrlimit(r)[0] for r in (resource.RLIMIT_AS, resource.RLIMIT_DATA)]
+    limits = [x for x in limits if x != resource.RLIM_INFINITY]
+    return min(limits) if limits else None
+
+
+def memory_limit_warning() -> Optional[str]:
+    """The line to print before training when :func:`memory_rlimit` is set: what happens past it
+    and what to do (a segmentation fault cannot be caught and explained when it comes)."""
+    limit = memory_rlimit()
+    if limit is None:
+        return None
+    return (f"warning: this process has a memory limit (ulimit -v/-d: {limit / 1e9:.2f} GB); MLX cannot report an "
+            "allocation past it and the run would end in a segmentation fault. Raise the limit, or lower the peak "
+            "(mlx-dpo plan estimates it: smaller batch_size or max_length, gradient_checkpointing: true)")
+
+
 def release_cache() -> None:
     """Free MLX's cache of unused buffers (``mx.clear_cache``)."""
     mx.clear_cache()
 
 
-__all__ = ["wired_limit", "release_cache", "weights_bytes", "system_memory_bytes", "peak_memory_gb"]
+__all__ = ["wired_limit", "release_cache", "weights_bytes", "system_memory_bytes", "peak_memory_gb", "memory_rlimit",
+           "memory_limit_warning"]
