@@ -198,3 +198,42 @@ def test_a_memory_limit_is_named_before_training_and_a_crash_past_it_says_where(
              "c.main = lambda: ctypes.string_at(0); from mlx_dpo.entry import run; run()")  # a crash inside a command
     p = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, timeout=60)
     assert p.returncode == -11 and "Fatal Python error: Segmentation fault" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "{run}", "--prompt", "hi", "--max-tokens", "-1"], "Invalid value for '--max-tokens': -1 is not in the range x>=1"),
+    (["generate", "{run}", "--prompt", "hi", "--temp", "-0.5"], "Invalid value for '--temp': -0.5 is not in the range x>=0.0"),
+    (["audit", "{run}", "--top", "-5"], "Invalid value for '--top': -5 is not in the range x>=1"),
+])
+def test_third_round_out_of_range_numbers_are_refused(args, message, run_dir):  # noqa: F811
+    """Found by the third round: generate --max-tokens -1 ended in mlx-lm's traceback, audit --top -5
+    wrote every pair but five."""
+    before = snapshot(run_dir)
+    result = cli(*[a.format(run=run_dir) for a in args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert snapshot(run_dir) == before
+
+
+def test_third_round_a_key_given_twice_in_a_config_file_is_refused(tmp_path):
+    """YAML keeps the last of two equal keys: a recipe that sets beta twice trained on one silently."""
+    config = tmp_path / "dup.yaml"
+    config.write_text("beta: 0.1\nloss_type: ipo\nbeta: 0.2\n")
+    result = cli("plan", "--config", config, "--model", "toy:llama")
+    assert result.exit_code == 2 and f"{config}:3: invalid YAML: key 'beta' is given twice" in result.output
+
+
+def test_third_round_a_damaged_checkpoint_state_is_refused_on_resume(run_dir, tmp_path, llama_dir,  # noqa: F811
+                                                                       toy_data_dir):
+    """A trainer_state.json cut short ended --resume in a JSONDecodeError traceback."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "checkpoints" / "step-2" / "trainer_state.json").write_text("{bad")
+    (run / "adapters.safetensors").unlink()
+    before = snapshot(run)
+    result = cli("train", "--model", llama_dir, "--data", toy_data_dir, "--output-dir", run, "--max-steps", 4,
+                 "--batch-size", 4, "--no-progress-bar", "--eval-strategy", "no", "--resume")
+    assert result.exit_code == 2, result.output
+    assert f"cannot resume from {run / 'checkpoints' / 'step-2'}: its trainer_state.json is unreadable" in result.output
+    assert snapshot(run) == before

@@ -76,6 +76,8 @@ def audit(run_dir: Union[str, Path], data: Optional[str] = None, top: int = 20,
     most negative written to ``output`` (default ``RUN_DIR/audit.jsonl``) as JSONL. Refused while a
     training run holds ``run_dir`` (its adapters are stale), and without ``data`` for a run that
     records no config (there is no training data to fall back on)."""
+    if top < 1:
+        raise AuditError(f"top must be >= 1, got {top}")
     check_auditable(Path(run_dir), data)
     run = load_adapter_run(run_dir, trust_remote_code=trust_remote_code)
     cfg, rows, pairs = _records(run, data)

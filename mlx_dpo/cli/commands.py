@@ -142,7 +142,8 @@ def report(run_dirs, output):
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--data", default=None, help="Preference data to audit [default: the run's data].")
-@click.option("--top", type=int, default=20, show_default=True, help="How many of the most negative margins to write.")
+@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True,
+              help="How many of the most negative margins to write.")
 @click.option("--output", "-o", default=None, type=click.Path(dir_okay=False),
               help="JSONL file for the most negative margins [default: RUN_DIR/audit.jsonl].")
 @TRUST_REMOTE_CODE
@@ -183,8 +184,10 @@ def status(run_dir):
 @click.option("--prompt", "prompt", multiple=True, help="A prompt (repeatable).")
 @click.option("--prompts", "prompts_file", default=None, type=click.Path(dir_okay=False),
               help="Prompts file: one a line, or JSONL with a 'prompt' field.")
-@click.option("--max-tokens", type=int, default=64, show_default=True, help="Tokens to generate per prompt.")
-@click.option("--temp", type=float, default=0.0, show_default=True, help="Sampling temperature (0: greedy).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Tokens to generate per prompt.")
+@click.option("--temp", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+              help="Sampling temperature (0: greedy).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (the same for both sides).")
 @click.option("--json", "json_out", is_flag=True, help="Print the generations as JSON.")
 @TRUST_REMOTE_CODE

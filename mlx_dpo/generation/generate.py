@@ -102,6 +102,8 @@ def generate(run_dir: Union[str, Path], prompts: List[str], max_tokens: int = 64
 
     if not prompts:
         raise ConfigError("no prompts given (pass --prompt TEXT or --prompts FILE)")
+    if max_tokens < 1 or temp < 0:
+        raise ConfigError(f"max_tokens must be >= 1 and temp >= 0; got {max_tokens} and {temp}")
     run = load_adapter_run(run_dir, trust_remote_code=trust_remote_code)
     ids = [prompt_ids(p, run.tokenizer, run.cfg.prompt_template, f"prompt {n}") for n, p in enumerate(prompts)]
     results = [{"prompt": p} for p in prompts]

@@ -115,7 +115,12 @@ def check_resume(cfg: DPOConfig, output_dir: Path, log: Callable = print, ranks:
     if not cfg.resume_from_checkpoint:
         return None
     path = checkpoint.resolve_resume(cfg.resume_from_checkpoint, output_dir)
-    ranks_then = int(json.loads((path / "trainer_state.json").read_text()).get("world_size", 1))
+    try:
+        ranks_then = int(json.loads((path / "trainer_state.json").read_text()).get("world_size", 1))
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(f"cannot resume from {path}: its trainer_state.json is unreadable ({e}); resume from an "
+                          f"earlier checkpoint (resume_from_checkpoint: {path.parent}/step-N) or start over "
+                          "(--overwrite)") from None
     errors, notes = checkpoint.config_differences(checkpoint.read_config(path), cfg, ranks_then, ranks)
     if errors:
         raise ConfigError(f"cannot resume from {path}: the config changes what the run depends on: "
