@@ -57,7 +57,7 @@ def test_traces_equal_fed_shapes_and_stay_within_the_bound(llama_dir, tmp_path, 
     assert trainer.trace_count == len(seen) and 1 < len(seen) <= 4, seen
     last = trainer.state.log_history[-1]
     assert last["compiled_shapes"] == len(seen)
-    assert abs(last["compile_seconds"] - last["time/compile"]) <= 0.05  # one quantity (rounded to 0.1 s / 1 ms)
+    assert abs(last["compile_seconds"] - last["time/compile"]) <= 0.051  # one quantity (rounded to 0.1 s / 1 ms)
     # the last record carries the run's time split (compile: the traced steps beyond their tokens at steady speed)
     assert 0 <= last["time/compile"] and last["time/compile"] + last["time/train"] <= last["train_runtime"] + 0.1
     assert abs(sum(v for k, v in last.items() if k.startswith("time/")) - last["train_runtime"]) < 0.5

@@ -68,7 +68,7 @@ def train(config_file, resume, overwrite, **kwargs):
 
 @main.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML recipe (see configs/).")
-@click.option("--memory-budget-gb", type=float, default=None,
+@click.option("--memory-budget-gb", type=click.FloatRange(min=0.0, min_open=True), default=None,
               help="Memory to plan for (default: 80% of this machine's).")
 @click.option("--steps", type=int, default=3, show_default=True, help="Timed steps per batch size.")
 @click.option("--json", "json_out", is_flag=True, help="Print the plan as JSON too.")

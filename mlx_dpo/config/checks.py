@@ -51,6 +51,11 @@ def check_ranges(cfg) -> None:
             raise ConfigError(f"{name} must be >= 1 (or unset), got {getattr(cfg, name)}")
     if cfg.max_length is not None and cfg.max_length < 2:
         raise ConfigError(f"max_length must be >= 2 (a prompt token and a completion token), got {cfg.max_length}")
+    for name in ("max_prompt_length", "max_completion_length"):
+        limit = getattr(cfg, name)
+        if limit is not None and cfg.max_length is not None and limit >= cfg.max_length:
+            raise ConfigError(f"{name} {limit} has no effect with max_length {cfg.max_length} (a pair is cut to "
+                              f"max_length first): set it below max_length, or leave it unset")
     for name in ("warmup_steps", "save_steps", "max_grad_norm", "weight_decay"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")

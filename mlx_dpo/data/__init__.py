@@ -137,9 +137,8 @@ def load_datasets(cfg: DPOConfig, tokenizer, log=print) -> Tuple[List[TokenizedP
 def _why_none(stats: Optional[dict], cfg: DPOConfig) -> str:
     """The setting to change when every pair was dropped."""
     if stats and stats["pairs"] and stats["dropped_too_long"] == stats["pairs"]:
-        fix = ("raise max_length above max_prompt_length or lower max_prompt_length" if cfg.max_prompt_length
-               else "raise max_length, set max_prompt_length below it, or truncation_mode: keep_end")
-        return f": every prompt fills max_length ({cfg.max_length}) (truncation_mode: keep_start); {fix}"
+        return (f": every prompt fills max_length ({cfg.max_length}) (truncation_mode: keep_start); raise max_length, "
+                "set max_prompt_length below it, or truncation_mode: keep_end")
     if stats and stats["pairs"] and stats["dropped_identical"] == stats["pairs"]:
         return ": every pair has chosen == rejected"
     return ""
