@@ -69,6 +69,14 @@ def test_warnings_for_settings_that_do_nothing(llama_dir, toy_data_dir, tmp_path
 
 def test_settings_without_effect_are_errors(llama_dir, toy_data_dir, tmp_path):
     """An option the chosen loss or schedule ignores is refused, before anything loads."""
+    for option, needs in (({"ref_model_mixup_alpha": 0.5}, "sync_ref_model: true"),
+                          ({"ref_model_sync_steps": 64}, "sync_ref_model: true"),
+                          ({"precompute_ref_batch_size": 8}, "precompute_ref_log_probs: true")):
+        name = next(iter(option))
+        with pytest.raises(ConfigError, match=f"{name}: .* has no effect without {needs}"):
+            DPOConfig(**option)
+    DPOConfig(sync_ref_model=True, ref_model_mixup_alpha=0.5, ref_model_sync_steps=64)  # where they act
+    DPOConfig(precompute_ref_log_probs=True, precompute_ref_batch_size=8)
     with pytest.raises(ConfigError, match="warmup_steps/warmup_ratio have no effect with lr_scheduler_type 'constant'"):
         DPOConfig(lr_scheduler_type="constant", warmup_ratio=0.1)
     DPOConfig(lr_scheduler_type="constant_with_warmup", warmup_ratio=0.1)  # applies there

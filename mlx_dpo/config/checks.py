@@ -91,6 +91,25 @@ def quantize_options(quantize: Optional[dict]) -> Optional[dict]:
     return {"bits": bits, "group_size": group}
 
 
+# Options that only act with another setting: (option, whether it acts, what it needs). A value
+# other than the field's default where it cannot act is an error (the loss options' own table is
+# ``LOSSES``' ``options``, checked with the loss).
+APPLIES = (
+    ("ref_model_mixup_alpha", lambda c: c.sync_ref_model, "sync_ref_model: true (TR-DPO)"),
+    ("ref_model_sync_steps", lambda c: c.sync_ref_model, "sync_ref_model: true (TR-DPO)"),
+    ("precompute_ref_batch_size", lambda c: c.precompute_ref_log_probs, "precompute_ref_log_probs: true"),
+)
+
+
+def check_applies(cfg) -> None:
+    """An option set (to other than its default) where it cannot act is refused (:data:`APPLIES`)."""
+    defaults = {f.name: f.default for f in fields(cfg)}
+    for name, acts, needs in APPLIES:
+        if getattr(cfg, name) != defaults[name] and not acts(cfg):
+            raise ConfigError(f"{name}: {getattr(cfg, name)!r} has no effect without {needs}; set that too, or "
+                              f"remove {name}")
+
+
 def check_combinations(cfg) -> None:
     """Options that are fine alone but contradict each other (or are missing a partner)."""
     if cfg.eval_strategy == "no" and cfg.eval_steps:
@@ -121,6 +140,7 @@ def check_combinations(cfg) -> None:
     if (cfg.warmup_steps or cfg.warmup_ratio) and cfg.lr_scheduler_type == "constant":
         raise ConfigError("warmup_steps/warmup_ratio have no effect with lr_scheduler_type 'constant' (as in "
                           "transformers); use constant_with_warmup, or remove the warmup")
+    check_applies(cfg)
     if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
         raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
 
