@@ -83,6 +83,9 @@ def test_settings_without_effect_are_errors(llama_dir, toy_data_dir, tmp_path):
     with pytest.raises(ConfigError, match="reference: adapter has no effect: loss_type simpo is reference-free"):
         DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path, loss_type="simpo", reference="adapter",
                            ref_adapter_path=str(tmp_path / "never-read")), log=lambda *a: None)
+    with pytest.raises(ConfigError, match="precompute_ref_log_probs has no effect: loss_type orpo is reference-free"):
+        DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path, loss_type="orpo", precompute_ref_log_probs=True),
+                   log=lambda *a: None)
     with pytest.raises(ConfigError, match="reference: adapter has no effect: reference_free is set"):
         DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path, reference_free=True, reference="adapter",
                            ref_adapter_path=str(tmp_path / "never-read")), log=lambda *a: None)
