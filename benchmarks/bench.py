@@ -9,7 +9,10 @@ random token-id preference pairs (``--lengths normal``: prompt and completions ~
 8 tokens) long; ``ultrafeedback``: lognormal, long-tailed lengths up to ``--max-length``,
 ``ULTRAFEEDBACK_LENGTHS`` (tests/helpers.py); all ending in EOS), and trains LoRA r8/alpha16 on
 q,k,v,o for ``warmup + steps`` steps at ``batch`` pairs per step, float32. Every run
-is its own subprocess: peak RSS is that child's ``ru_maxrss`` (``os.wait4``).
+is its own subprocess: peak RSS is that child's ``ru_maxrss`` (``os.wait4``), ``process s`` its
+whole-process wall time (start-up, loading, compiling, every step: what a user waits; with
+``--lengths ultrafeedback`` one epoch). ``benchmarks/epoch.py`` runs the users' own command,
+``mlx-dpo train`` with the defaults, the same way.
 tokens/s counts the real tokens of both sequences of a pair (prompt included twice)
 over the steps after the warm-up. With ``--peers``, mlx-lm-lora 5.10.2 and TRL 1.16 +
 PEFT run with the same settings in their own venvs (created on first use).
@@ -23,6 +26,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +134,6 @@ def worker(spec_path: str) -> None:
                     overwrite_output_dir=True, beta=0.1, **options)
     model, tok, _ = load_model(cfg)
     trainer = DPOTrainer(cfg, model, tok, pairs, [], log=lambda *a: None)
-    import time
 
     padding = [0, 0]  # input positions, real tokens of the batches trained on
     collate = trainer.collate
@@ -171,7 +174,8 @@ def ensure_venv(name: str, packages: list) -> Path:
 
 
 def run_child(cmd: list, env: dict) -> dict:
-    """Run ``cmd``; return its BENCH_RESULT plus its own peak RSS (MB)."""
+    """Run ``cmd``; return its BENCH_RESULT plus its own peak RSS (MB) and whole-process wall time (s)."""
+    tic = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -181,6 +185,7 @@ def run_child(cmd: list, env: dict) -> dict:
         return {"error": out[-2000:]}
     result = json.loads(lines[-1][len("BENCH_RESULT "):])
     result["peak_rss_mb"] = usage.ru_maxrss / 1024  # KiB on Linux
+    result["process_seconds"] = time.perf_counter() - tic  # start-up, loading, compiling and every step
     return result
 
 
@@ -243,13 +248,17 @@ def main(argv=None):
 
 def print_table(results: list) -> None:
     peak = next((r["gemm_peak_gflops"] for r in results if "gemm_peak_gflops" in r), None)
-    print("\n| size | run | tokens/s | x mlx-lm-lora | x TRL | peak RSS MB | MFU | shapes | compile s | padding |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| size | run | process s | tokens/s | x mlx-lm-lora | x TRL | peak RSS MB | MFU | shapes | compile s | "
+          "padding |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         same = [x for x in results if x["size"] == r["size"] and "tokens_per_second" in x]
         ref = {x["name"]: x["tokens_per_second"] for x in same}
         if "tokens_per_second" not in r:
-            print(f"| {r['size']} | {r['name']} | failed | | | | | | | |")
+            print(f"| {r['size']} | {r['name']} | failed | | | | | | | | |")
+            continue
+        if r["tokens_per_second"] is None:  # too few steps after the warm-up to time
+            print(f"| {r['size']} | {r['name']} | {r['process_seconds']:.0f} | too few steps | | | | | | | |")
             continue
         tps = r["tokens_per_second"]
         base = next((ref[k] for k in ("mlx-lm-lora", "mlx-lm-lora (with torch)") if k in ref), None)
@@ -264,7 +273,7 @@ def print_table(results: list) -> None:
         extra = [str(r["compiled_shapes"]) if r.get("compiled_shapes") is not None else "",
                  f"{r['compile_seconds']:.1f}" if r.get("compile_seconds") is not None else "",
                  f"{100 * r['padding_fraction']:.1f}%" if r.get("padding_fraction") is not None else ""]
-        print(f"| {r['size']} | {r['name']} | {tps:.0f} | {lora} | {trl} | {r['peak_rss_mb']:.0f} | {mfu} | "
+        print(f"| {r['size']} | {r['name']} | {r['process_seconds']:.0f} | {tps:.0f} | {lora} | {trl} | {r['peak_rss_mb']:.0f} | {mfu} | "
               + " | ".join(extra) + " |")
     if peak:
         print(f"\nfloat32 GEMM peak (probe, 1024^3): {peak:.0f} GFLOP/s")
