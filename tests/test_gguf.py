@@ -536,3 +536,23 @@ def test_smollm2_chat_pairs_split_at_the_assistant_turn(smollm2):
             assert ids == encode(prompt_text + content + "<|im_end|>\n")[len(pair.prompt):]
             assert ids[-2:] == turn_end and ids.count(tokenizer.eos_token_id) == 1  # <|im_end|> is EOS
             assert tokenizer.decode(ids[:-2]) == "\n" * moved + content
+
+
+def test_a_gguf_converts_without_torch(tiny_llama, tmp_path):
+    """``pip install mlx-dpo`` has no torch, and transformers' own GGUF reader imports it: the
+    conversion reads the vocabulary itself. A process where torch cannot be imported converts the
+    file, and its tokenizer equals the one converted here (with torch importable)."""
+    import subprocess
+    import sys
+
+    from mlx_dpo.model.gguf import gguf_tokenizer, read_header
+
+    code = ("import sys; sys.modules['torch'] = None; "  # `import torch` raises ImportError
+            "from mlx_dpo.model.gguf import gguf_model_dir; "
+            f"print(gguf_model_dir({str(tiny_llama)!r}, {str(tmp_path / 'cache')!r}))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    converted = json.loads((Path(p.stdout.strip().splitlines()[-1]) / "tokenizer.json").read_text())
+    here = json.loads(gguf_tokenizer(tiny_llama).backend_tokenizer.to_str())
+    assert converted["model"]["vocab"] == here["model"]["vocab"] and converted["model"]["merges"] == here["model"]["merges"]
+    assert len(converted["model"]["vocab"]) == read_header(tiny_llama)["metadata"]["tokenizer.ggml.tokens"]  # the count

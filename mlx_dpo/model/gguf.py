@@ -52,10 +52,11 @@ SMOLLM_PRE = ("smollm",)  # llama.cpp: digits split one by one ("\p{N}"), then t
 # --------------------------------------------------------------------------- reading the header
 
 
-def read_header(path: Path) -> dict:
-    """The metadata (scalars and strings; arrays as their length) and the tensor table
-    ``{name: (shape, ggml type name)}`` of the GGUF file ``path``, without reading tensor data.
-    A file that is not GGUF, or shorter than its tensor table says, is a ``ConfigError``."""
+def read_header(path: Path, arrays: tuple = ()) -> dict:
+    """The metadata (scalars and strings; arrays as their length, those named in ``arrays`` as
+    lists) and the tensor table ``{name: (shape, ggml type name)}`` of the GGUF file ``path``,
+    without reading tensor data. A file that is not GGUF, or shorter than its tensor table says,
+    is a ``ConfigError``."""
     import mmap
 
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -66,7 +67,7 @@ def read_header(path: Path) -> dict:
             raise ConfigError(f"model: {path} is not a GGUF file (it does not start with the bytes 'GGUF')")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             try:
-                metadata, tensors, end = _parse(buf, GGML_QUANT_SIZES, GGMLQuantizationType)
+                metadata, tensors, end = _parse(buf, GGML_QUANT_SIZES, GGMLQuantizationType, arrays)
             except (struct.error, UnicodeDecodeError, ValueError, KeyError) as e:
                 raise ConfigError(f"model: {path} is a truncated or damaged GGUF file ({type(e).__name__}: {e})"
                                   ) from None
@@ -76,7 +77,7 @@ def read_header(path: Path) -> dict:
     return {"metadata": metadata, "tensors": tensors}
 
 
-def _parse(buf, sizes, types):
+def _parse(buf, sizes, types, arrays=()):
     version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
     if version not in (2, 3):
         raise ValueError(f"GGUF version {version}; versions 2 and 3 are read")
@@ -84,7 +85,7 @@ def _parse(buf, sizes, types):
     for _ in range(n_kv):
         key, pos = _string(buf, pos)
         (kind,) = struct.unpack_from("<I", buf, pos)
-        metadata[key], pos = _value(buf, pos + 4, kind)
+        metadata[key], pos = _value(buf, pos + 4, kind, key in arrays)
     tensors, ends = {}, []
     for _ in range(n_tensors):
         name, pos = _string(buf, pos)
@@ -111,7 +112,8 @@ def _string(buf, pos):
     return bytes(buf[pos + 8:pos + 8 + n]).decode("utf-8"), pos + 8 + n
 
 
-def _value(buf, pos, kind):
+def _value(buf, pos, kind, full: bool = False):
+    """A metadata value at ``pos`` and the position after it; an array as its length unless ``full``."""
     if kind in SCALARS:
         fmt = "<" + SCALARS[kind]
         return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
@@ -122,10 +124,16 @@ def _value(buf, pos, kind):
     inner, n = struct.unpack_from("<IQ", buf, pos)
     pos += 12
     if inner in SCALARS:
-        return n, pos + n * struct.calcsize("<" + SCALARS[inner])
-    for _ in range(n):  # strings (or nested arrays): walked, kept as the count
-        _, pos = _value(buf, pos, inner)
-    return n, pos
+        end = pos + n * struct.calcsize("<" + SCALARS[inner])
+        if end > len(buf):
+            raise ValueError("an array runs past the end of the file")
+        return (list(struct.unpack_from(f"<{n}{SCALARS[inner]}", buf, pos)) if full else n), end
+    items = []
+    for _ in range(n):  # strings (or nested arrays): kept when ``full``, else walked and counted
+        item, pos = _value(buf, pos, inner, full)
+        if full:
+            items.append(item)
+    return (items if full else n), pos
 
 
 # --------------------------------------------------------------------------- checking and the config
@@ -248,15 +256,41 @@ def convert_weights(path: Path, arch: str, header: dict) -> dict:
     return weights
 
 
+# The vocabulary arrays a tokenizer is rebuilt from, read in full (read_header counts other arrays).
+TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
+                    "tokenizer.ggml.token_type")
+SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
+                  "pad_token": "padding_token_id"}
+
+
+def gguf_tokenizer(path: Path):
+    """A fast tokenizer rebuilt from the GGUF metadata of ``path`` by transformers' GGUF tokenizer
+    conversion (BPE or Unigram from the vocabulary, merges, scores and token types), fed by this
+    module's reader: transformers' own GGUF reader imports torch, which ``pip install mlx-dpo`` lacks."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+
+    meta = read_header(path, TOKENIZER_ARRAYS)["metadata"]
+    grouped = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta}
+               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    tokenizer, config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tokenizer.get("tokenizer_type") == "llama":  # llama.cpp adds BOS to a sentencepiece vocabulary by default
+        config.setdefault("add_bos_token", True)
+    for name, key in SPECIAL_TOKENS.items():
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+    backend, extra = convert_gguf_tokenizer(meta["general.architecture"], tokenizer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
+
+
 def write_tokenizer(path: Path, out: Path, header: dict) -> None:
     """``tokenizer.json`` + ``tokenizer_config.json`` (with the chat template, special tokens,
-    ``add_bos_token``) rebuilt from the GGUF metadata by transformers' GGUF tokenizer conversion."""
+    ``add_bos_token``) rebuilt from the GGUF metadata (:func:`gguf_tokenizer`)."""
     from tokenizers import pre_tokenizers
-    from transformers import AutoTokenizer
 
     meta = header["metadata"]
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tokenizer = gguf_tokenizer(path)
     except Exception as e:  # transformers raises many types for metadata it cannot convert
         raise ConfigError(f"model: cannot rebuild the tokenizer of {path} from its GGUF metadata "
                           f"({type(e).__name__}: {e})") from None
