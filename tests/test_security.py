@@ -18,7 +18,7 @@ import yaml
 from mlx_dpo.errors import ConfigError
 from mlx_dpo.monitor.callbacks import JSONLWriter
 
-from test_faults import cli, snapshot
+from test_faults import cli, run_dir, snapshot  # noqa: F401  (run_dir: a finished two-step run)
 
 PLANTED = '''
 import mlx.core as mx
@@ -45,16 +45,6 @@ def planted(tmp_path, monkeypatch):
     import sys
 
     sys.modules.pop("planted_mod", None)
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, llama_dir, toy_data_dir):
-    """A finished two-step LoRA run with checkpoints/step-2 (copied by each test that changes it)."""
-    out = tmp_path_factory.mktemp("security") / "run"
-    result = cli("train", "--model", llama_dir, "--data", toy_data_dir, "--output-dir", out, "--max-steps", 2,
-                 "--save-steps", 1, "--batch-size", 4, "--no-progress-bar", "--eval-strategy", "no")
-    assert result.exit_code == 0, result.output
-    return out
 
 
 def copy_run(run, tmp_path):
@@ -88,12 +78,10 @@ def test_a_config_file_loss_import_needs_the_command_line_flag(planted, tmp_path
     assert planted.read_text() == "imported" and (out / "adapters.safetensors").is_file()
 
 
-def test_the_printed_resume_command_imports_no_planted_loss(planted, finished_run, tmp_path):
-    run = copy_run(finished_run, tmp_path)
-    shutil.rmtree(run / "checkpoints" / "step-2")  # an unfinished run: resume from step 1
-    (run / "checkpoints" / "latest").write_text("step-1\n")
-    (run / "adapters.safetensors").unlink()
-    set_config(run, loss_type="planted_mod:loss", max_steps=2)
+def test_the_printed_resume_command_imports_no_planted_loss(planted, run_dir, tmp_path):
+    run = copy_run(run_dir, tmp_path)
+    (run / "adapters.safetensors").unlink()  # as a run stopped after its step-2 checkpoint
+    set_config(run, loss_type="planted_mod:loss", max_steps=4)
     before = snapshot(run)
     result = cli("train", "--config", run / "config.yaml", "--output-dir", run, "--resume")
     assert result.exit_code == 2, result.output
@@ -102,8 +90,8 @@ def test_the_printed_resume_command_imports_no_planted_loss(planted, finished_ru
 
 
 @pytest.mark.parametrize("command", ["export", "generate", "audit", "sample"])
-def test_a_run_config_never_enables_remote_code(command, finished_run, tmp_path):
-    run = copy_run(finished_run, tmp_path)
+def test_a_run_config_never_enables_remote_code(command, run_dir, tmp_path):
+    run = copy_run(run_dir, tmp_path)
     set_config(run, trust_remote_code=True)
     before = snapshot(run)
     prompts = tmp_path / "prompts.txt"
@@ -120,8 +108,8 @@ def test_a_run_config_never_enables_remote_code(command, finished_run, tmp_path)
     assert not (tmp_path / "exported").exists() and not (tmp_path / "pairs.jsonl").exists()
 
 
-def test_the_flag_lets_export_load_such_a_run(finished_run, tmp_path):
-    run = copy_run(finished_run, tmp_path)
+def test_the_flag_lets_export_load_such_a_run(run_dir, tmp_path):
+    run = copy_run(run_dir, tmp_path)
     set_config(run, trust_remote_code=True)
     result = cli("export", "--adapter-path", run, "--output", tmp_path / "exported", "--format", "mlx",
                  "--trust-remote-code")
@@ -151,11 +139,11 @@ def test_a_planted_file_link_is_refused(name, tmp_path, llama_dir, toy_data_dir)
     assert sorted(p.name for p in out.iterdir()) == [name]
 
 
-def test_a_planted_checkpoints_link_is_refused_on_resume_too(finished_run, tmp_path, llama_dir, toy_data_dir):
+def test_a_planted_checkpoints_link_is_refused_on_resume_too(run_dir, tmp_path, llama_dir, toy_data_dir):
     elsewhere = tmp_path / "elsewhere"
-    shutil.copytree(finished_run / "checkpoints", elsewhere)
+    shutil.copytree(run_dir / "checkpoints", elsewhere)
     before = snapshot(elsewhere)
-    run = copy_run(finished_run, tmp_path)
+    run = copy_run(run_dir, tmp_path)
     shutil.rmtree(run / "checkpoints")
     os.symlink(elsewhere, run / "checkpoints")
     for extra in ([], ["--resume"], ["--overwrite"]):
