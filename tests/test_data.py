@@ -165,6 +165,39 @@ def test_conversational_system_prompt_tools_and_eos_in_template(llama_dir, tmp_p
     assert "Be brief." in tok.decode(pair.prompt) and "Be kind." not in tok.decode(pair.prompt)
 
 
+THINK_TEMPLATE = (  # a template variable that changes the rendering (Qwen3's split of an empty think block: issue 29)
+    "{% if enable_thinking is defined and not enable_thinking %}/no_think\n{% endif %}"
+    "{% if tools %}TOOLS: {{ tools | map(attribute='name') | join(',') }}\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_chat_template_kwargs_per_run_and_per_row_as_transformers_renders_them(llama_dir, tmp_path):
+    """TRL's ``chat_template_kwargs`` (per run, and a column per row on top) and per-row ``tools``
+    reach the template: the prompt equals transformers' ``apply_chat_template`` with the same
+    arguments. A string row with those columns is an error (they would be ignored)."""
+    tok = _custom_template_tokenizer(llama_dir, tmp_path, THINK_TEMPLATE)
+    user = [{"role": "user", "content": "hi"}]
+    row = {"prompt": user, "chosen": [{"role": "assistant", "content": "hello"}],
+           "rejected": [{"role": "assistant", "content": "go away"}]}
+    rows = [row, {**row, "chat_template_kwargs": {"enable_thinking": False}, "tools": [{"name": "calc"}]}]
+    path = write_jsonl(tmp_path / "k.jsonl", rows)
+    # enable_thinking: true differs from the default mlx-lm's wrapper passes (False for this tokenizer)
+    pairs, _, _ = load(tok, tmp_path, data=str(path), chat_template_kwargs={"enable_thinking": True},
+                       tools=[{"name": "search"}])
+    expected = [tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True, enable_thinking=True,
+                                        tools=[{"name": "search"}]),
+                tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True, enable_thinking=False,
+                                        tools=[{"name": "calc"}])]
+    assert "/no_think" not in expected[0] and "/no_think" in expected[1] and "calc" in expected[1]
+    assert [tok.decode(p.prompt) for p in pairs] == expected
+    strings = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "hi", "chosen": " a", "rejected": " b",
+                                                   "chat_template_kwargs": {"enable_thinking": False}}])
+    with pytest.raises(DataError, match="s.jsonl:1: field 'chat_template_kwargs' applies to conversational rows"):
+        load(tok, tmp_path, data=str(strings))
+
+
 def test_extract_prompt_follows_trl():
     chosen = "\n\nHuman: Hi?\n\nAssistant: Hello there."
     rejected = "\n\nHuman: Hi?\n\nAssistant: Go away."

@@ -145,8 +145,11 @@ class DPOConfig:
                                             "{prompt}\\n\\nAnswer: '.", "data")
     system_prompt: Optional[str] = option(None, "System message prepended to conversational prompts that have "
                                           "none.", "data")
-    tools: Optional[list] = option(None, "Tool definitions passed to the chat template (conversational data).",
-                                   "data")
+    tools: Optional[list] = option(None, "Tool definitions passed to the chat template (conversational data); a "
+                                   "'tools' column overrides them per row.", "data")
+    chat_template_kwargs: Optional[dict] = option(None, "Extra variables for the chat template (TRL's name), e.g. "
+                                                  "{enable_thinking: false}; a 'chat_template_kwargs' column adds to "
+                                                  "them per row.", "data")
     max_length: Optional[int] = option(1024, "Maximum prompt + completion tokens; each joined sequence is cut "
                                        "to it as truncation_mode says (TRL 1.16).", "data", keys=("card",))
     max_prompt_length: Optional[int] = option(None, "Maximum prompt tokens, their end is kept (not in TRL 1.16; "

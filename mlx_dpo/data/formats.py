@@ -30,13 +30,14 @@ adding one is a class here and its entry in :data:`FORMATS`.
 
 from __future__ import annotations
 
-from typing import Any, List, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 from ..config.fields import DPOConfig
 from ..errors import ConfigError, DataError
 from .base import Row
 
 FIELDS = ("prompt", "chosen", "rejected")
+ROW_OPTIONS = {"tools": list, "chat_template_kwargs": dict}  # optional per-row columns (TRL's names)
 
 
 # ---------------------------------------------------------------------------
@@ -174,11 +175,26 @@ class Format:
         prompt, chosen, rejected = [check_value(rec[name], mapping[name], row.where, cls.chat) for name in FIELDS]
         if chosen == rejected:
             return "identical"
-        return cls.example(prompt, chosen, rejected, cfg)
+        return cls.row_options(cls.example(prompt, chosen, rejected, cfg), row)
 
     @classmethod
     def example(cls, prompt, chosen, rejected, cfg: DPOConfig) -> dict:
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "chat": cls.chat}
+
+    @staticmethod
+    def row_options(example: Union[dict, str], row: Row) -> Union[dict, str]:
+        """``example`` with the row's own chat template options (TRL's ``tools`` and
+        ``chat_template_kwargs`` columns), checked; they apply to conversational rows only."""
+        found = {k: row.record[k] for k in ROW_OPTIONS if row.record.get(k) is not None}
+        if not found or not isinstance(example, dict):
+            return example
+        if not example["chat"]:
+            raise DataError(f"{row.where}: field '{next(iter(found))}' applies to conversational rows (message lists) "
+                            "only; this row's prompt and completions are strings")
+        for key, kind in ROW_OPTIONS.items():
+            if key in found and not isinstance(found[key], kind):
+                raise DataError(f"{row.where}: field '{key}' must be a {kind.__name__}, got {_type_name(found[key])}")
+        return {**example, **found}
 
     @classmethod
     def render(cls, example: dict, tokenizer, cfg: DPOConfig, where: str) -> Tuple[str, str, str]:
@@ -219,14 +235,23 @@ class Conversational(Format):
             prompt = [{"role": "system", "content": cfg.system_prompt}] + list(prompt)
         return super().example(prompt, chosen, rejected, cfg)
 
+    @staticmethod
+    def template_kwargs(cfg: DPOConfig, example: Optional[dict] = None) -> dict:
+        """What ``apply_chat_template`` gets besides the messages: ``tools`` and ``chat_template_kwargs``,
+        the run's (``cfg``) with the row's (``example``) over them."""
+        row = example or {}
+        tools = row.get("tools", cfg.tools)
+        return {**({"tools": tools} if tools else {}), **(cfg.chat_template_kwargs or {}),
+                **row.get("chat_template_kwargs", {})}
+
     @classmethod
-    def render_prompt(cls, prompt: list, tokenizer, cfg: DPOConfig, where: str) -> str:
+    def render_prompt(cls, prompt: list, tokenizer, cfg: DPOConfig, where: str, example: Optional[dict] = None) -> str:
         """The prompt messages rendered with the generation prompt (``continue_final_message``
         when they end with an assistant message): the text a completion follows."""
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(f"{where}: conversational data needs a tokenizer with a chat_template; this one has none")
         cont = prompt[-1]["role"] == "assistant"
-        kwargs = {"tools": cfg.tools} if cfg.tools else {}
+        kwargs = cls.template_kwargs(cfg, example)
         try:
             return tokenizer.apply_chat_template(
                 prompt, tokenize=False, add_generation_prompt=not cont, continue_final_message=cont, **kwargs
@@ -238,8 +263,8 @@ class Conversational(Format):
     def render(cls, example: dict, tokenizer, cfg: DPOConfig, where: str) -> Tuple[str, str, str]:
         """The prompt with the generation prompt; a completion as ``render(prompt + completion)`` minus it."""
         prompt = example["prompt"]
-        prompt_text = cls.render_prompt(prompt, tokenizer, cfg, where)
-        kwargs = {"tools": cfg.tools} if cfg.tools else {}
+        prompt_text = cls.render_prompt(prompt, tokenizer, cfg, where, example)
+        kwargs = cls.template_kwargs(cfg, example)
         try:
             texts = []
             for name in ("chosen", "rejected"):
@@ -281,7 +306,7 @@ class Implicit(Format):
         prompt, chosen, rejected = extract_prompt(chosen, rejected)
         if not chosen or not rejected or (chat and not prompt):
             return "no_prompt"
-        return cls._kind(chat).example(prompt, chosen, rejected, cfg)
+        return cls.row_options(cls._kind(chat).example(prompt, chosen, rejected, cfg), row)
 
     @classmethod
     def render(cls, example: dict, tokenizer, cfg: DPOConfig, where: str) -> Tuple[str, str, str]:

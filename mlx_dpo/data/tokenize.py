@@ -30,14 +30,15 @@ def encode(tokenizer, text: str, special: bool) -> List[int]:
     return list(tokenizer.encode(text, add_special_tokens=special))
 
 
-def encode_prompt(prompt, tokenizer, where: str) -> Tuple[List[int], bool]:
+def encode_prompt(prompt, tokenizer, where: str, cfg: Optional[DPOConfig] = None) -> Tuple[List[int], bool]:
     """``(token ids, chat)``: a prompt for generation as training encodes it: a string as is
     (with special tokens) when the tokenizer has no chat template, else (and for a message
-    list) rendered by the chat template with the generation prompt. Raises ``DataError``."""
+    list) rendered by the chat template with the generation prompt and ``cfg``'s ``tools`` and
+    ``chat_template_kwargs`` (a run's, so generation renders as training did). Raises ``DataError``."""
     if isinstance(prompt, str) and not getattr(tokenizer, "chat_template", None):
         return encode(tokenizer, prompt, True), False
     messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-    return encode(tokenizer, Conversational.render_prompt(messages, tokenizer, DPOConfig(), where), False), True
+    return encode(tokenizer, Conversational.render_prompt(messages, tokenizer, cfg or DPOConfig(), where), False), True
 
 
 def eos_ids(tokenizer) -> set:

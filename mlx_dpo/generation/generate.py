@@ -17,6 +17,7 @@ from typing import Callable, List, Optional, Tuple, Union
 import mlx.core as mx
 
 from ..model.adapters import adapter_mode
+from ..config.fields import DPOConfig
 from ..errors import ConfigError, DataError
 from ..model.trained import load_adapter_run
 from ..data.formats import check_value
@@ -84,12 +85,13 @@ def generate_samples(model, tokenizer, prompt_ids: List[List[int]], k: int, samp
     return tokens, finished, stats
 
 
-def prompt_ids(prompt: Union[str, list], tokenizer, template: Optional[str], where: str) -> List[int]:
-    """The prompt's token ids as training encodes it: wrapped in the run's ``prompt_template``
-    (with special tokens), else through the chat template when the tokenizer has one."""
-    if template:
-        return tokenize.encode(tokenizer, template.replace("{prompt}", prompt), True)
-    return tokenize.encode_prompt(prompt, tokenizer, where)[0]
+def prompt_ids(prompt: Union[str, list], tokenizer, cfg: DPOConfig, where: str) -> List[int]:
+    """The prompt's token ids as training encodes it: wrapped in the run's (``cfg``) ``prompt_template``
+    (with special tokens), else through the chat template when the tokenizer has one, with the run's
+    ``tools`` and ``chat_template_kwargs``."""
+    if cfg.prompt_template:
+        return tokenize.encode(tokenizer, cfg.prompt_template.replace("{prompt}", prompt), True)
+    return tokenize.encode_prompt(prompt, tokenizer, where, cfg)[0]
 
 
 def generate(run_dir: Union[str, Path], prompts: List[str], max_tokens: int = 64, temp: float = 0.0,
@@ -105,7 +107,7 @@ def generate(run_dir: Union[str, Path], prompts: List[str], max_tokens: int = 64
     if max_tokens < 1 or temp < 0:
         raise ConfigError(f"max_tokens must be >= 1 and temp >= 0; got {max_tokens} and {temp}")
     run = load_adapter_run(run_dir, trust_remote_code=trust_remote_code)
-    ids = [prompt_ids(p, run.tokenizer, run.cfg.prompt_template, f"prompt {n}") for n, p in enumerate(prompts)]
+    ids = [prompt_ids(p, run.tokenizer, run.cfg, f"prompt {n}") for n, p in enumerate(prompts)]
     results = [{"prompt": p} for p in prompts]
     for side, mode in (("policy", "policy"), ("reference", "base")):
         mx.random.seed(seed)
