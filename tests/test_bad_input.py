@@ -20,7 +20,7 @@ def test_sample_refuses_a_non_utf8_prompts_file_with_its_line(tmp_path):
     result = cli("sample", "--model", "toy:llama", "--prompts", prompts, "--judge", "shorter",
                  "--output", tmp_path / "pairs.jsonl")
     assert result.exit_code == 2, result.output
-    assert f"{prompts}:2: not UTF-8 text" in result.output
+    assert f"{prompts}:2: invalid UTF-8 (invalid continuation byte at byte 8)" in result.output
     assert not (tmp_path / "pairs.jsonl").exists()
 
 

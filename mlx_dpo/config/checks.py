@@ -9,6 +9,7 @@ from dataclasses import fields
 from typing import Any, Optional
 
 from ..errors import ConfigError
+from .coerce import as_bool
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
@@ -145,16 +146,11 @@ def check_combinations(cfg) -> None:
         raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
 
 
-def flag_on(value) -> bool:
-    """A boolean setting as YAML, the command line or Python gives it."""
-    return str(value).lower() in ("true", "1", "yes", "on")
-
-
 def code_settings(values: dict) -> list:
     """The settings in ``values`` (config keys) that run Python from outside mlx-dpo: ``trust_remote_code``
     on (a model directory's code) and ``module:function`` losses."""
     found = []
-    if flag_on(values.get("trust_remote_code", False)):
+    if as_bool("trust_remote_code", values.get("trust_remote_code", False)):
         found.append("trust_remote_code: true")
     losses = values.get("loss_type")
     for name in losses if isinstance(losses, (list, tuple)) else [losses]:

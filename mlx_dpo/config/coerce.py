@@ -55,6 +55,15 @@ def coerce_fields(obj: Any) -> None:
         setattr(obj, f.name, _coerce(f.name, value, hints[f.name]))
 
 
+def as_bool(name: str, value: Any) -> bool:
+    """A boolean option as YAML, the command line or Python gives it (``true``, ``yes``, ``1``...)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        return value.lower() in ("true", "1", "yes", "on")
+    raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -68,11 +77,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
                 continue
         raise ConfigError(f"{name}: cannot interpret {value!r}")
     if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return as_bool(name, value)
     if hint in (int, float):
         if isinstance(value, bool):
             raise ConfigError(f"{name} must be a number, got {value!r}")
@@ -107,4 +112,4 @@ def _parse_structured(name: str, value: str, keep_string: bool = False) -> Any:
         raise ConfigError(f"{name}: cannot parse {value!r} (use YAML, e.g. [a, b] or {{bits: 4}})") from None
 
 
-__all__ = ["ConfigError", "load_yaml", "coerce_fields"]
+__all__ = ["ConfigError", "load_yaml", "coerce_fields", "as_bool"]

@@ -15,8 +15,8 @@ from typing import Any, Callable, Optional, Union
 
 import yaml
 
-from .checks import check_choices, check_combinations, check_file_code, check_ranges, flag_on, quantize_options
-from .coerce import coerce_fields, load_yaml
+from .checks import check_choices, check_combinations, check_file_code, check_ranges, quantize_options
+from .coerce import as_bool, coerce_fields, load_yaml
 from ..errors import ConfigError
 
 # TRL / transformers spellings accepted as aliases of our keys.
@@ -314,7 +314,8 @@ class DPOConfig:
         (:func:`.checks.check_file_code`)."""
         from_file, given = normalize_keys(load_yaml(path), str(path)), normalize_keys(overrides or {}, "command line")
         if refuse_code:
-            check_file_code(from_file, str(path), flag_on(given.get("trust_remote_code")))
+            allowed = as_bool("trust_remote_code", given.get("trust_remote_code", False))
+            check_file_code(from_file, str(path), allowed)
         return cls(**{**from_file, **given})
 
 

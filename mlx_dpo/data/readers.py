@@ -19,7 +19,8 @@ from .base import Row
 from ..errors import DataError
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
+    """The UTF-8 text of ``path`` (gunzipped for ``.gz``); ``DataError`` naming the line of a bad byte."""
     data = path.read_bytes()
     if path.name.lower().endswith(".gz"):
         try:
@@ -67,11 +68,11 @@ def _json_rows(path: Path, text: str) -> List[Row]:
 
 
 def read_jsonl(path: Path) -> List[Row]:
-    return _jsonl_rows(path, _read_text(path))
+    return _jsonl_rows(path, read_text(path))
 
 
 def read_json(path: Path) -> List[Row]:
-    return _json_rows(path, _read_text(path))
+    return _json_rows(path, read_text(path))
 
 
 def read_parquet(path: Path) -> List[Row]:

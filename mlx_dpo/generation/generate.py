@@ -22,6 +22,7 @@ from ..errors import ConfigError, DataError
 from ..model.trained import load_adapter_run
 from ..data.formats import check_value
 from ..data import tokenize
+from ..data.readers import read_text
 
 
 def read_prompts(path: Union[str, Path], messages: bool = False) -> List[Union[str, list]]:
@@ -30,12 +31,7 @@ def read_prompts(path: Union[str, Path], messages: bool = False) -> List[Union[s
     path = Path(path)
     if not path.is_file():
         raise DataError(f"prompts file {path} does not exist")
-    try:
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset "
-                        f"{e.start}); save the file as UTF-8") from None
+    lines = [line for line in read_text(path).splitlines() if line.strip()]
     if path.suffix != ".jsonl":
         return lines
     prompts = []

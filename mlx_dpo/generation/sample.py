@@ -25,7 +25,7 @@ from ..config.fields import DPOConfig
 from ..errors import ConfigError, DataError, RunError, SampleError
 from ..data import tokenize
 from .generate import generate_samples
-from ..util.io import atomic_write_text, nearest_existing, writable_dir
+from ..util.io import atomic_write_text, unwritable_ancestor
 from .judges import Judge, make_judge, pick_pair, score
 
 # The sampling options' defaults (the API's and the command line's).
@@ -140,9 +140,9 @@ def sample(prompts: Union[str, Path], output: Union[str, Path], judge: Union[str
         raise SampleError(f"output {output} already exists; pass --overwrite to replace it")
     if output.is_dir():
         raise SampleError(f"output {output} is a directory; expected a .jsonl file path")
-    parent = nearest_existing(output.parent)
-    if not parent.is_dir() or not writable_dir(parent):
-        raise SampleError(f"output {output}: {parent} is not a writable directory (checked before sampling)")
+    blocked = unwritable_ancestor(output.parent)
+    if blocked is not None:
+        raise SampleError(f"output {output}: {blocked} is not a writable directory (checked before sampling)")
     unknown = sorted(set(options) - set(DEFAULTS) - {"progress"})
     if unknown:
         raise TypeError(f"sample() got unexpected options {unknown}")

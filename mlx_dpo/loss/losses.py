@@ -143,12 +143,11 @@ def validate_loss_config(cfg) -> None:
     ld_alpha = getattr(cfg, "ld_alpha", None)
     if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
         raise ConfigError(f"ld_alpha must be in [0, 1], got {ld_alpha}")
-    if cfg.precompute_ref_log_probs and not needs_reference(cfg):
+    if (cfg.precompute_ref_log_probs or cfg.reference == "adapter") and not needs_reference(cfg):
         why = "reference_free is set" if cfg.reference_free else f"loss_type {cfg.loss_type} is reference-free"
-        raise ConfigError(f"precompute_ref_log_probs has no effect: {why}, so there is no reference to precompute; "
-                          "remove it")
-    if cfg.reference == "adapter" and not needs_reference(cfg):
-        why = "reference_free is set" if cfg.reference_free else f"loss_type {cfg.loss_type} is reference-free"
+        if cfg.precompute_ref_log_probs:
+            raise ConfigError(f"precompute_ref_log_probs has no effect: {why}, so there is no reference to "
+                              "precompute; remove it")
         raise ConfigError(f"reference: adapter has no effect: {why}, so no reference is computed; remove "
                           "reference and ref_adapter_path (or choose a loss with a reference)")
     for name in names:

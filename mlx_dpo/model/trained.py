@@ -17,8 +17,6 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..config.checks import flag_on
-from ..config.coerce import load_yaml
 from ..config.fields import DPOConfig
 from ..errors import ConfigError, RunError
 from ..util.io import safetensors_problem
@@ -92,10 +90,10 @@ def load_full_weights(model: nn.Module, run_dir: Path) -> None:
     for name, w in weights.items():
         if name not in params:
             raise RunError(f"{run_dir}: tensor {name} is not a parameter of the base model "
-                              "(was the run trained on another model? check --model and num_layers)")
+                           "(was the run trained on another model? check --model and num_layers)")
         if params[name].shape != w.shape:
             raise RunError(f"{run_dir}: {name} has shape {tuple(w.shape)}, the base model's has "
-                              f"{tuple(params[name].shape)} (was the run trained on another model? check --model)")
+                           f"{tuple(params[name].shape)} (was the run trained on another model? check --model)")
     model.load_weights([(k, w.astype(params[k].dtype)) for k, w in weights.items()], strict=False)
 
 
@@ -121,17 +119,19 @@ def read_run_config(run_dir: Path, adapter_cfg: dict, model: Optional[str] = Non
             overrides["lora_target_modules"] = list(lora["keys"])
     if model:
         overrides["model"] = model
-    overrides["trust_remote_code"] = trust_remote_code  # never the run's own: see below
+    if trust_remote_code:  # the command's own flag; the run's recorded value is only checked below
+        overrides["trust_remote_code"] = True
     path = run_dir / "config.yaml"
     if path.is_file():
         try:
-            if flag_on(load_yaml(path).get("trust_remote_code", False)) and not trust_remote_code:
-                raise RunError(f"{path}: trust_remote_code is on, and loading this model runs Python from its "
-                               "directory. A run's config.yaml never enables code by itself: pass "
-                               "--trust-remote-code if you trust the model")
-            return DPOConfig.from_yaml(path, overrides, refuse_code=False)  # loading imports no loss
+            cfg = DPOConfig.from_yaml(path, overrides, refuse_code=False)  # loading imports no loss
         except ConfigError as e:
             raise RunError(f"{path}: {e}") from None
+        if cfg.trust_remote_code and not trust_remote_code:
+            raise RunError(f"{path}: trust_remote_code is on, and loading this model runs Python from its "
+                           "directory. A run's config.yaml never enables code by itself: pass "
+                           "--trust-remote-code if you trust the model")
+        return cfg
     base = model or adapter_cfg.get("model") or adapter_cfg.get("base_model")
     if not base:
         raise RunError(f"{run_dir}: no config.yaml and no base model in adapter_config.json; pass --model")

@@ -15,7 +15,7 @@ from typing import Dict
 from .callbacks import TrainerCallback
 from ..config.fields import DPOConfig
 from ..errors import ConfigError
-from ..util.io import nearest_existing, writable_dir
+from ..util.io import unwritable_ancestor
 
 # report_to name -> (modules to try, in order; the pip package to suggest)
 PACKAGES = {"wandb": (("wandb",), "wandb"), "tensorboard": (("tensorboardX", "torch.utils.tensorboard"), "tensorboardX")}
@@ -37,9 +37,9 @@ def check_log_dir(path: Path, name: str) -> None:
     cannot be written (or that a file or link stands in for)."""
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise ConfigError(f"report_to: {name} writes to {path}, which is not a directory; remove it")
-    where = nearest_existing(path)
-    if not where.is_dir() or not writable_dir(where):
-        raise ConfigError(f"report_to: {name} writes to {path}, but {where} is not writable (fix its permissions, "
+    blocked = unwritable_ancestor(path)
+    if blocked is not None:
+        raise ConfigError(f"report_to: {name} writes to {path}, but {blocked} is not writable (fix its permissions, "
                           "choose another output_dir, or remove it from report_to)")
 
 

@@ -18,7 +18,7 @@ from typing import Callable, List, Optional, Tuple
 from . import checkpoint
 from ..config.fields import DPOConfig
 from ..errors import ConfigError
-from ..util.io import atomic_write_text, nearest_existing, open_no_follow, writable_dir
+from ..util.io import atomic_write_text, link_refusal, open_no_follow, unwritable_ancestor
 
 METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".mlx_dpo.lock"
@@ -37,15 +37,22 @@ class RunLock:
         self.fd: Optional[int] = None
 
     def check(self) -> None:
-        """Refuse now if another process holds the lock (creates nothing)."""
+        """Refuse now if another process holds the lock (creates and writes nothing: ``mlx-dpo
+        status`` and ``audit`` ask this of a run directory they only read)."""
         if self.path.is_file() and self.fd is None:
-            self.acquire()
-            self.release()
+            os.close(self._lock())
 
     def acquire(self) -> None:
         if self.fd is not None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = self._lock()
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def _lock(self) -> int:
+        """The lock file, opened and locked (closing it releases the lock); refused if held."""
         fd = open_no_follow(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -54,9 +61,7 @@ class RunLock:
             os.close(fd)
             raise ConfigError(f"output_dir: {self.path.parent} is in use by another run (pid {holder}); wait for "
                               "it to finish, stop it, or choose another output_dir") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd = fd
+        return fd
 
     def release(self) -> None:
         if self.fd is not None:
@@ -74,9 +79,9 @@ def check_output_dir(cfg: DPOConfig) -> Path:
         value = getattr(cfg, key)
         if value and Path(value).expanduser().exists() and Path(value).expanduser().resolve() == out:
             raise ConfigError(f"output_dir: {out} is the {key} directory; choose another output_dir")
-    existing = nearest_existing(out)
-    if not writable_dir(existing):
-        raise ConfigError(f"output_dir: {existing} is not writable (choose another output_dir or fix its "
+    blocked = unwritable_ancestor(out)
+    if blocked is not None:
+        raise ConfigError(f"output_dir: {blocked} is not writable (choose another output_dir or fix its "
                           "permissions)")
     check_no_links(out)
     if cfg.overwrite_output_dir or cfg.resume_from_checkpoint:
@@ -104,8 +109,7 @@ def check_no_links(out: Path) -> None:
     entries += list(root.iterdir()) if root.is_dir() and not root.is_symlink() else []
     for path in entries:
         if path.is_symlink():
-            raise ConfigError(f"output_dir: {path} is a symbolic link (to {os.readlink(path)}); a run never writes "
-                              "through links: remove it, or choose another output_dir")
+            raise ConfigError(f"output_dir: {link_refusal(path)}")
 
 
 def check_resume(cfg: DPOConfig, output_dir: Path, log: Callable = print, ranks: int = 1) -> Optional[Path]:

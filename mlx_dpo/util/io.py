@@ -16,6 +16,12 @@ from typing import Iterator, Optional, Union
 PathLike = Union[str, Path]
 
 
+def link_refusal(path: PathLike) -> str:
+    """Why a symbolic link at ``path`` in a run directory is refused, and what to do."""
+    return (f"{path} is a symbolic link (to {os.readlink(path)}); a run never writes through links: remove it, "
+            "or choose another output_dir")
+
+
 def open_no_follow(path: PathLike, flags: int, mode: int = 0o644) -> int:
     """``os.open(path, flags)`` that refuses a symbolic link at ``path`` (``O_NOFOLLOW``): a link
     planted in a run directory must not make the run write elsewhere. Raises ``ConfigError``."""
@@ -26,8 +32,7 @@ def open_no_follow(path: PathLike, flags: int, mode: int = 0o644) -> int:
     except OSError as e:
         if e.errno != errno.ELOOP:
             raise
-        raise ConfigError(f"{path} is a symbolic link (to {os.readlink(path)}); mlx-dpo does not write through "
-                          "links in a run directory: remove it, or choose another output_dir") from None
+        raise ConfigError(link_refusal(path)) from None
 
 
 def fsync_dir(path: PathLike) -> None:
@@ -63,10 +68,12 @@ def writable_dir(directory: PathLike) -> bool:
         return False
 
 
-def nearest_existing(path: PathLike) -> Path:
-    """``path`` or its nearest ancestor that exists (what a ``mkdir(parents=True)`` would start from)."""
+def unwritable_ancestor(path: PathLike) -> Optional[Path]:
+    """None when ``path`` can be created or written where it is (its nearest existing ancestor,
+    where a ``mkdir(parents=True)`` starts, is a writable directory); else that ancestor."""
     path = Path(path).expanduser().absolute()
-    return next(p for p in (path, *path.parents) if p.exists())
+    where = next(p for p in (path, *path.parents) if p.exists())
+    return None if where.is_dir() and writable_dir(where) else where
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
@@ -154,12 +161,19 @@ def safetensors_problem(path: PathLike) -> Optional[str]:
     return None
 
 
-def file_size_limit() -> Optional[int]:
-    """The process's file-size limit in bytes (``ulimit -f``), or None when there is none."""
+def soft_rlimit(*names: str) -> Optional[int]:
+    """The smallest soft limit of this process among the ``resource.RLIMIT_<name>`` of ``names``
+    (``"FSIZE"``: ``ulimit -f``, ``"AS"``: ``ulimit -v``...), or None when none is set."""
     import resource
 
-    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    return None if soft == resource.RLIM_INFINITY else soft
+    limits = [resource.getrlimit(getattr(resource, f"RLIMIT_{n}"))[0] for n in names]
+    limits = [x for x in limits if x != resource.RLIM_INFINITY]
+    return min(limits) if limits else None
+
+
+def file_size_limit() -> Optional[int]:
+    """The process's file-size limit in bytes (``ulimit -f``), or None when there is none."""
+    return soft_rlimit("FSIZE")
 
 
 def write_failure(e: OSError) -> str:

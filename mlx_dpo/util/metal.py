@@ -19,6 +19,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .io import soft_rlimit
+
 
 def weights_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters as stored (quantized weights packed)."""
@@ -63,11 +65,7 @@ def wired_limit(model: nn.Module, log: Callable[[str], None] = print):
 def memory_rlimit() -> Optional[int]:
     """The smallest memory limit set on this process (``ulimit -v``/``-d``: RLIMIT_AS, RLIMIT_DATA),
     in bytes, or None. MLX cannot report an allocation past it: the process dies with SIGSEGV."""
-    import resource
-
-    limits = [resource.getrlimit(r)[0] for r in (resource.RLIMIT_AS, resource.RLIMIT_DATA)]
-    limits = [x for x in limits if x != resource.RLIM_INFINITY]
-    return min(limits) if limits else None
+    return soft_rlimit("AS", "DATA")
 
 
 def memory_limit_warning() -> Optional[str]:
