@@ -237,3 +237,23 @@ def test_third_round_a_damaged_checkpoint_state_is_refused_on_resume(run_dir, tm
     assert result.exit_code == 2, result.output
     assert f"cannot resume from {run / 'checkpoints' / 'step-2'}: its trainer_state.json is unreadable" in result.output
     assert snapshot(run) == before
+
+
+def test_a_broken_run_config_is_named_once(run_dir, tmp_path):  # noqa: F811
+    """Found checking as a user: a run's config.yaml with a YAML error was named twice
+    ("run/config.yaml: run/config.yaml:3: ..."); a config error without a file still gets it."""
+    import re
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text + "beta: 0.5\n")
+    result = cli("export", "--adapter-path", run, "--output", tmp_path / "out", "--format", "mlx")
+    assert result.exit_code == 2, result.output
+    assert f"error: {run / 'config.yaml'}:{text.count(chr(10)) + 1}: invalid YAML: key 'beta' is given twice" \
+        in result.output
+    (run / "config.yaml").write_text(re.sub(r"(?m)^learning_rate: .*$", "learning_rate: -1.0", text))
+    result = cli("export", "--adapter-path", run, "--output", tmp_path / "out", "--format", "mlx")
+    assert result.exit_code == 2, result.output
+    assert f"error: {run / 'config.yaml'}: learning_rate must be > 0, got -1.0" in result.output

@@ -125,8 +125,8 @@ def read_run_config(run_dir: Path, adapter_cfg: dict, model: Optional[str] = Non
     if path.is_file():
         try:
             cfg = DPOConfig.from_yaml(path, overrides, refuse_code=False)  # loading imports no loss
-        except ConfigError as e:
-            raise RunError(f"{path}: {e}") from None
+        except ConfigError as e:  # name the file, once (a YAML error names it already)
+            raise RunError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
         if cfg.trust_remote_code and not trust_remote_code:
             raise RunError(f"{path}: trust_remote_code is on, and loading this model runs Python from its "
                            "directory. A run's config.yaml never enables code by itself: pass "
