@@ -3,9 +3,9 @@
 A ``.gguf`` file is converted once into an MLX model directory in the cache
 (``<MLX_DPO_CACHE>/gguf/<name>-<key>/``: ``config.json``, ``model.safetensors``, tokenizer
 files and ``gguf_source.json`` naming the file), which mlx-lm then loads like any other.
-The quantization is kept as stored: ``mx.load`` maps Q4_0/Q4_1/Q8_0 blocks (32 weights,
-one scale and one offset each) to MLX's affine quantization (``w = scale * q + bias``,
-group 32) without de-quantizing, so the model trains on exactly the weights llama.cpp runs.
+The quantization is kept as stored wherever MLX's affine quantization (``w = scale * q + bias``,
+group 32) holds it exactly (``model/ggml.py``: every type but Q6_K and Q2_K), so the model
+trains on exactly the weights llama.cpp runs.
 
 llama.cpp stores the ``attn_q``/``attn_k`` rows of Llama models permuted for its rope
 layout (``convert_hf_to_gguf.py``: per head, rows ``(2, d/2) -> (d/2, 2)``); they are put
@@ -25,12 +25,10 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..util.io import atomic_directory, atomic_write_text, save_safetensors
 from ..util.paths import cache_subdir
+from .ggml import GROUP, SUPPORTED, decode
 
 VERSION = 1  # of the conversion: part of the cache key
 ARCHITECTURES = ("llama", "qwen2")
-# ggml types kept as stored (mx.load maps the quantized ones to MLX affine quantization, group 32)
-KEPT_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0"}
-GROUP_SIZE = 32
 TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
          "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
@@ -54,8 +52,9 @@ SMOLLM_PRE = ("smollm",)  # llama.cpp: digits split one by one ("\p{N}"), then t
 
 def read_header(path: Path, arrays: tuple = ()) -> dict:
     """The metadata (scalars and strings; arrays as their length, those named in ``arrays`` as
-    lists) and the tensor table ``{name: (shape, ggml type name)}`` of the GGUF file ``path``,
-    without reading tensor data. A file that is not GGUF, or shorter than its tensor table says,
+    lists), the tensor table ``{name: (shape, ggml type name)}`` and where each tensor's data
+    starts (``offsets``, bytes from the file's start) of the GGUF file ``path``, without
+    reading tensor data. A file that is not GGUF, or shorter than its tensor table says,
     is a ``ConfigError``."""
     import mmap
 
@@ -67,14 +66,14 @@ def read_header(path: Path, arrays: tuple = ()) -> dict:
             raise ConfigError(f"model: {path} is not a GGUF file (it does not start with the bytes 'GGUF')")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             try:
-                metadata, tensors, end = _parse(buf, GGML_QUANT_SIZES, GGMLQuantizationType, arrays)
+                metadata, tensors, offsets, end = _parse(buf, GGML_QUANT_SIZES, GGMLQuantizationType, arrays)
             except (struct.error, UnicodeDecodeError, ValueError, KeyError) as e:
                 raise ConfigError(f"model: {path} is a truncated or damaged GGUF file ({type(e).__name__}: {e})"
                                   ) from None
     if end > size:
         raise ConfigError(f"model: {path} is truncated ({size} bytes, its tensor table describes {end}): "
                           "an incomplete copy or download?")
-    return {"metadata": metadata, "tensors": tensors}
+    return {"metadata": metadata, "tensors": tensors, "offsets": offsets}
 
 
 def _parse(buf, sizes, types, arrays=()):
@@ -86,7 +85,7 @@ def _parse(buf, sizes, types, arrays=()):
         key, pos = _string(buf, pos)
         (kind,) = struct.unpack_from("<I", buf, pos)
         metadata[key], pos = _value(buf, pos + 4, kind, key in arrays)
-    tensors, ends = {}, []
+    tensors, offsets, ends = {}, {}, []
     for _ in range(n_tensors):
         name, pos = _string(buf, pos)
         (ndim,) = struct.unpack_from("<I", buf, pos)
@@ -99,10 +98,11 @@ def _parse(buf, sizes, types, arrays=()):
         for d in dims:
             count *= d
         tensors[name] = (tuple(reversed(dims)), kind.name)  # ggml lists the fastest-moving dimension first
+        offsets[name] = offset
         ends.append(offset + count // block * nbytes)
     align = int(metadata.get("general.alignment", 32))
     start = (pos + align - 1) // align * align
-    return metadata, tensors, start + max(ends, default=0)
+    return metadata, tensors, {k: start + v for k, v in offsets.items()}, start + max(ends, default=0)
 
 
 def _string(buf, pos):
@@ -152,12 +152,12 @@ def check_supported(path: Path, header: dict) -> str:
     if missing:
         raise ConfigError(f"model: {path}: the GGUF file lacks {', '.join(missing)}, which the model needs (llama.cpp's "
                           "convert_hf_to_gguf.py writes them); it cannot be loaded")
-    bad = sorted({kind for _, kind in tensors.values() if kind not in KEPT_TYPES})
+    bad = sorted({kind for _, kind in tensors.values() if kind not in SUPPORTED})
     if bad:
         names = [n for n, (_, kind) in tensors.items() if kind in bad]
-        raise ConfigError(f"model: {path} holds tensors of type {', '.join(bad)} (e.g. {names[0]}), which cannot be "
-                          f"kept quantized as stored; supported types: {', '.join(sorted(KEPT_TYPES))} (a Q4_0, "
-                          "Q4_1 or Q8_0 file of the model)")
+        raise ConfigError(f"model: {path} holds tensors of type {', '.join(bad)} (e.g. {names[0]}), which mlx-dpo "
+                          f"cannot read; supported types: {', '.join(SUPPORTED)}: use a Q4_K_M, Q5_K_M, Q8_0 or "
+                          "F16 file of the model (IQ* and TQ* files need an importance matrix or ternary kernels)")
     for name in tensors:
         hf_name(name, arch, path)
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
@@ -218,8 +218,8 @@ def quantization_of(weights: dict) -> dict:
     if not layers:
         return {}
     bits = max(set(layers.values()), key=list(layers.values()).count)
-    quantization = {"group_size": GROUP_SIZE, "bits": bits, "mode": "affine"}
-    quantization.update({p: {"group_size": GROUP_SIZE, "bits": b} for p, b in sorted(layers.items()) if b != bits})
+    quantization = {"group_size": GROUP, "bits": bits, "mode": "affine"}
+    quantization.update({p: {"group_size": GROUP, "bits": b} for p, b in sorted(layers.items()) if b != bits})
     return quantization
 
 
@@ -233,26 +233,47 @@ def unpermute_rows(w, n_head: int):
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def convert_weights(path: Path, arch: str, header: dict) -> dict:
-    """The tensors of ``path`` under mlx-lm's names, quantized as stored, q/k rows un-permuted (llama)."""
+def read_tensor(data, header: dict, name: str, path: Path) -> dict:
+    """Tensor ``name`` of the GGUF file ``path`` (its bytes mapped in ``data``) as MLX arrays: ``{"weight": w}``, or
+    ``weight``/``scales``/``biases`` of MLX affine quantization (:mod:`.ggml`)."""
     import mlx.core as mx
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    shape, kind = header["tensors"][name]
+    block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
+    count = int(np.prod(shape))
+    if shape[-1] % block:
+        raise ConfigError(f"model: {path}: tensor {name} ({kind}) has rows of {shape[-1]} values, not a multiple "
+                          f"of its {block}-value blocks: a damaged file")
+    start = header["offsets"][name]
+    raw = data[start:start + count // block * nbytes]
+    parts = decode(raw, kind, shape)
+    for part, value in parts.items():
+        if part != "bits" and value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise ConfigError(f"model: {path}: tensor {name} ({kind}) holds NaN or infinite values (a damaged or "
+                              "badly converted file); it cannot be trained")
+    out = {part: mx.array(value) for part, value in parts.items() if part != "bits"}
+    return {**out, "weight": out["weight"].astype(mx.bfloat16)} if kind == "BF16" else out
+
+
+def convert_weights(path: Path, arch: str, header: dict) -> dict:
+    """The tensors of ``path`` under mlx-lm's names, quantized as stored (:func:`read_tensor`),
+    q/k rows un-permuted (llama)."""
+    import numpy as np
 
     meta = header["metadata"]
     heads = int(meta[f"{arch}.attention.head_count"])
     kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
-    try:
-        loaded = mx.load(str(path), format="gguf")
-    except (RuntimeError, ValueError) as e:
-        raise ConfigError(f"model: MLX cannot read the GGUF file {path} ({e})") from None
     weights = {}
-    for name, w in loaded.items():
-        layer = name.rpartition(".")[0].rpartition(".")[2]
-        if arch == "llama" and layer in ("attn_q", "attn_k"):
-            w = unpermute_rows(w, heads if layer == "attn_q" else kv_heads)
-        if mx.issubdtype(w.dtype, mx.floating) and not mx.all(mx.isfinite(w)).item():
-            raise ConfigError(f"model: {path}: tensor {name} holds NaN or infinite values (a damaged or badly "
-                              "converted file); it cannot be trained")
-        weights[hf_name(name, arch, path)] = w
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    for name in header["tensors"]:
+        stem, _, suffix = name.rpartition(".")
+        layer = stem.rpartition(".")[2]
+        for part, w in read_tensor(data, header, name, path).items():
+            if arch == "llama" and layer in ("attn_q", "attn_k"):
+                w = unpermute_rows(w, heads if layer == "attn_q" else kv_heads)
+            weights[hf_name(f"{stem}.{part if suffix == 'weight' else suffix}", arch, path)] = w
     return weights
 
 

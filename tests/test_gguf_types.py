@@ -1,0 +1,117 @@
+"""Every ggml tensor type a GGUF file holds, read as MLX arrays (mlx_dpo.model.ggml).
+
+Oracles: ``gguf.quants.dequantize`` (gguf-py's reference de-quantization) for each type's
+weights, and transformers' own GGUF loading for a whole model mixing the types as llama.cpp's
+``_K_M`` files do.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+from gguf_files import K_TYPES, Q, random_blocks, write_tiny_gguf  # noqa: E402
+from mlx_dpo.config.fields import DPOConfig  # noqa: E402
+from mlx_dpo.model.gguf import read_header, read_tensor  # noqa: E402
+from mlx_dpo.model.loader import load_model  # noqa: E402
+
+EXACT = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q3_K, Q.Q4_K, Q.Q5_K)
+RE_QUANTIZED = (Q.Q2_K, Q.Q6_K)  # 16-weight groups: de-quantized, then MLX 8-bit affine group 32
+BITS = {Q.Q4_0: 4, Q.Q4_1: 4, Q.Q5_0: 5, Q.Q5_1: 5, Q.Q8_0: 8, Q.Q3_K: 8, Q.Q4_K: 4, Q.Q5_K: 5,
+        Q.Q2_K: 8, Q.Q6_K: 8}
+
+
+def blocks(rng, kind, shape, std=0.02):
+    if kind in K_TYPES:
+        return random_blocks(rng, shape, kind, std)
+    return gguf.quants.quantize(rng.normal(0, std, shape).astype(np.float32), kind)
+
+
+def one_tensor_file(tmp_path, kind, raw, shape):
+    path = tmp_path / f"{kind.name}.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tensor("blk.0.ffn_up.weight", raw, raw_shape=shape if kind in (Q.F32, Q.F16) else None,
+                 raw_dtype=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def mlx_weights(path):
+    header = read_header(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    parts = read_tensor(data, header, "blk.0.ffn_up.weight", path)
+    if "scales" not in parts:
+        return np.array(parts["weight"].astype(mx.float32)), None
+    w, s, b = parts["weight"], parts["scales"], parts["biases"]
+    bits = w.shape[-1] * 32 // (s.shape[-1] * 32)
+    return np.array(mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=32, bits=bits)), bits
+
+
+@pytest.mark.parametrize("kind", EXACT + RE_QUANTIZED, ids=lambda k: k.name)
+def test_each_type_reads_as_gguf_dequantizes_it(kind, tmp_path):
+    """The weights MLX computes from our arrays equal gguf's reference de-quantization: exactly
+    for the types MLX's affine quantization holds, within half an 8-bit step of each 32-weight
+    group's range for Q2_K and Q6_K (the error the README states)."""
+    rng = np.random.default_rng(kind.value)
+    shape = (8, 512)
+    raw = blocks(rng, kind, shape)
+    ours, bits = mlx_weights(one_tensor_file(tmp_path, kind, raw, shape))
+    theirs = gguf.quants.dequantize(raw, kind).reshape(shape)
+    assert bits == BITS[kind] and np.abs(theirs).max() > 0
+    if kind in EXACT:
+        np.testing.assert_array_equal(ours, theirs)
+        return
+    groups = theirs.reshape(-1, 32)
+    half_step = (groups.max(-1) - groups.min(-1)) / 255 / 2
+    err = np.abs(ours.reshape(-1, 32) - groups).max(-1)
+    assert (err <= half_step * 1.01 + 1e-7).all() and err.max() > 0
+
+
+@pytest.mark.parametrize("kind", [Q.F32, Q.F16, Q.BF16], ids=lambda k: k.name)
+def test_float_types_stay_as_stored(kind, tmp_path):
+    rng = np.random.default_rng(1)
+    values = rng.normal(0, 1, (4, 64)).astype(np.float32)
+    raw = {Q.F32: values, Q.F16: values.astype(np.float16),
+           Q.BF16: gguf.quants.quantize(values, Q.BF16) if kind == Q.BF16 else None}[kind]
+    path = one_tensor_file(tmp_path, kind, raw, values.shape)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    parts = read_tensor(data, read_header(path), "blk.0.ffn_up.weight", path)
+    assert parts["weight"].dtype == {Q.F32: mx.float32, Q.F16: mx.float16, Q.BF16: mx.bfloat16}[kind]
+    expected = gguf.quants.dequantize(raw, kind).reshape(values.shape)
+    np.testing.assert_array_equal(np.array(parts["weight"].astype(mx.float32)), expected)
+
+
+# A Q4_K_M-like mix (llama.cpp gives attn_v and half of ffn_down Q6_K, output Q6_K) and one of only exact types.
+MIXES = {
+    "q4_k_m": {"embd": Q.Q4_K, "attn": Q.Q4_K, "attn_v": Q.Q6_K, "ffn": Q.Q4_K, "ffn_down": Q.Q6_K,
+               "output": Q.Q6_K},
+    "exact": {"embd": Q.Q8_0, "attn": Q.Q5_K, "attn_v": Q.Q3_K, "ffn": Q.Q4_K, "ffn_down": Q.Q5_0,
+              "ffn_up": Q.Q5_1, "output": Q.BF16},
+}
+
+
+@pytest.mark.parametrize("mix", MIXES)
+def test_a_k_quant_model_computes_transformers_logits(mix, tmp_path):
+    """A llama of 256-wide rows (K types need 256) mixing the types: our logits equal the ones
+    transformers computes from the same file (it de-quantizes to float32 with gguf-py), to 1e-4 of
+    their scale where every type is exact; the Q6_K mix within what its 8-bit re-quantization costs."""
+    torch = pytest.importorskip("torch")
+    from test_gguf import prompt_ids, transformers_logits
+
+    path = write_tiny_gguf(tmp_path / f"{mix}.gguf", "llama", MIXES[mix], "smollm", hidden=256, inter=512,
+                           heads=4, kv_heads=2, seed=3)
+    model, tokenizer, _ = load_model(DPOConfig(model=str(path), cache_dir=str(tmp_path / "cache")))
+    ids = prompt_ids(tokenizer)
+    with torch.no_grad():
+        theirs = transformers_logits(path, ids)
+    ours = np.array(model(mx.array([ids]))[0].astype(mx.float32))
+    scale = np.abs(theirs).max()
+    assert scale > 1.0
+    err = np.abs(ours - theirs).max() / scale
+    print(f"{mix}: max |logit error| / max |logit| = {err:.2e}")
+    assert err < (1e-4 if mix == "exact" else 2e-2)
+    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= (1.0 if mix == "exact" else 0.9)
