@@ -33,11 +33,13 @@ def random_blocks(rng, shape: tuple, kind, std: float) -> np.ndarray:
 
 
 def write_tiny_gguf(path: Path, arch: str, types: dict, pre: str, hidden=64, layers=2, heads=4, kv_heads=2,
-                    inter=128, tied=False, seed=0, extra=None, drop=()) -> Path:
+                    inter=128, tied=False, seed=0, extra=None, drop=(), head_dim=None, sliding_window=None,
+                    embd_std=0.5) -> Path:
     """A random-weight ``arch`` model in GGUF (llama.cpp's names and layout), with a
     byte-level BPE vocabulary trained by ``tokenizers``; ``types`` maps a tensor kind
     (``embd``, ``attn``, ``ffn``, ``output``) to its ggml type; ``extra`` adds or replaces tensors,
-    ``drop`` leaves out hyper-parameters (``feed_forward_length``)."""
+    ``drop`` leaves out hyper-parameters (``feed_forward_length``). ``qwen3`` adds q/k norms,
+    ``gemma3`` those and the norms after attention and MLP (stored as 1 + w, as llama.cpp does)."""
     tok_dir = path.parent / f"{path.stem}-tok"
     tok_dir.mkdir(parents=True, exist_ok=True)
     build_bpe_tokenizer(tok_dir)
@@ -58,7 +60,13 @@ def write_tiny_gguf(path: Path, arch: str, types: dict, pre: str, hidden=64, lay
     w.add_head_count_kv(kv_heads)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(10000.0)
-    w.add_rope_dimension_count(hidden // heads)
+    hd = head_dim or hidden // heads
+    w.add_rope_dimension_count(hd)
+    if head_dim:
+        w.add_key_length(hd)
+        w.add_value_length(hd)
+    if sliding_window:
+        w.add_sliding_window(sliding_window)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
@@ -84,8 +92,7 @@ def write_tiny_gguf(path: Path, arch: str, types: dict, pre: str, hidden=64, lay
         else:
             w.add_tensor(name, gguf.quants.quantize(a, t), raw_dtype=t)
 
-    hd = hidden // heads
-    add("token_embd.weight", (len(tokens), hidden), "embd", std=0.5)
+    add("token_embd.weight", (len(tokens), hidden), "embd", std=embd_std)
     add("output_norm.weight", (hidden,), "norm", 0.1, 1.0)
     if not tied:
         add("output.weight", (len(tokens), hidden), "output", std=0.5)
@@ -100,6 +107,12 @@ def write_tiny_gguf(path: Path, arch: str, types: dict, pre: str, hidden=64, lay
         add(p + "ffn_gate.weight", (inter, hidden), "ffn", 0.3)
         add(p + "ffn_up.weight", (inter, hidden), "ffn", 0.3)
         add(p + "ffn_down.weight", (hidden, inter), "ffn", 0.3)
+        if arch in ("qwen3", "gemma3"):  # q/k scaled down: soft attention, so the sliding window shows
+            add(p + "attn_q_norm.weight", (hd,), "norm", 0.1, 0.5)
+            add(p + "attn_k_norm.weight", (hd,), "norm", 0.1, 0.5)
+        if arch == "gemma3":
+            add(p + "post_attention_norm.weight", (hidden,), "norm", 0.1, 1.0)
+            add(p + "post_ffw_norm.weight", (hidden,), "norm", 0.1, 1.0)
         if arch == "qwen2":
             for name, rows in (("attn_q", heads * hd), ("attn_k", kv_heads * hd), ("attn_v", kv_heads * hd)):
                 add(p + name + ".bias", (rows,), "bias", 0.3)

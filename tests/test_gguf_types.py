@@ -115,3 +115,33 @@ def test_a_k_quant_model_computes_transformers_logits(mix, tmp_path):
     print(f"{mix}: max |logit error| / max |logit| = {err:.2e}")
     assert err < (1e-4 if mix == "exact" else 2e-2)
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= (1.0 if mix == "exact" else 0.9)
+
+
+# Qwen3 (q/k norms, no rope permutation) and Gemma 3 (norms stored as 1 + w, pre/post norms, GeGLU,
+# sliding-window layers: a 4-token window and 6 layers, so the 6th is global) as llama.cpp writes them.
+ARCH_FILES = {
+    "qwen3": dict(types={"embd": Q.Q8_0, "attn": Q.Q4_K, "ffn": Q.Q5_K}, hidden=256, inter=512, heads=4,
+                  kv_heads=2, head_dim=128, tied=True),  # transformers reads no head_dim for qwen3: 128
+    "gemma3": dict(types={"embd": Q.Q4_K, "attn": Q.Q5_K, "ffn": Q.Q4_K, "ffn_down": Q.Q8_0}, hidden=256,
+                   inter=512, heads=2, kv_heads=1, head_dim=256, layers=6, tied=True, sliding_window=4,
+                   embd_std=0.05),  # Gemma scales embeddings by sqrt(hidden): small, so attention shows
+}
+
+
+@pytest.mark.parametrize("arch", ARCH_FILES)
+def test_new_architectures_compute_transformers_logits(arch, tmp_path):
+    """A K-quant Qwen3 and Gemma 3 file: our logits equal transformers' (its own GGUF loading of the
+    same file) within 2e-5 of their scale, on a prompt longer than Gemma's sliding window (no window
+    moves Gemma's logits by 8e-5 of their scale: the tolerance sees it)."""
+    pytest.importorskip("torch")
+    from test_gguf import prompt_ids, transformers_logits
+
+    path = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch, pre="qwen2", seed=4, **ARCH_FILES[arch])
+    model, tokenizer, model_dir = load_model(DPOConfig(model=str(path), cache_dir=str(tmp_path / "cache")))
+    ids = prompt_ids(tokenizer)
+    assert len(ids) > 3 * ARCH_FILES[arch].get("sliding_window", 0)
+    theirs = transformers_logits(path, ids)
+    ours = np.array(model(mx.array([ids]))[0].astype(mx.float32))
+    scale = np.abs(theirs).max()
+    assert scale > 1.0 and np.abs(ours - theirs).max() < 2e-5 * scale, np.abs(ours - theirs).max() / scale
+    assert model.model_type == {"qwen3": "qwen3", "gemma3": "gemma3_text"}[arch]

@@ -21,7 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..model.gguf import BIASED, BLOCK, HPARAMS, TOP
+from ..model.gguf_arch import BLOCK, GGUF_ARCHS, HPARAMS, TOP
 from ..errors import GGUFExportError
 
 GGUF_FILE = "model.gguf"
@@ -36,14 +36,14 @@ TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TO
 
 def gguf_tensor_name(name: str, arch: str) -> str:
     """llama.cpp's name of a merged weight under transformers' (= mlx-lm's) name: the inverse of
-    the reader's tables (:data:`mlx_dpo.model.gguf.TOP`, :data:`mlx_dpo.model.gguf.BLOCK`)."""
+    the reader's tables (:data:`mlx_dpo.model.gguf_arch.TOP`, :data:`mlx_dpo.model.gguf_arch.BLOCK`)."""
     stem, _, suffix = name.rpartition(".")
     layer = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", stem)
     if layer and layer.group(2) in GGUF_BLOCK:
         target = f"blk.{layer.group(1)}.{GGUF_BLOCK[layer.group(2)]}"
     else:
         target = GGUF_TOP.get(stem)
-    biased = suffix == "bias" and target and target.rpartition(".")[2] in BIASED.get(arch, ())
+    biased = suffix == "bias" and target and target.rpartition(".")[2] in GGUF_ARCHS[arch].biased
     if target is None or not (suffix == "weight" or biased):
         raise GGUFExportError(f"no GGUF name for tensor {name!r}")
     return f"{target}.{suffix}"

@@ -26,21 +26,9 @@ from ..errors import ConfigError
 from ..util.io import atomic_directory, atomic_write_text, save_safetensors
 from ..util.paths import cache_subdir
 from .ggml import GROUP, SUPPORTED, decode
+from .gguf_arch import GGUF_ARCHS, HPARAMS, TOP
 
 VERSION = 1  # of the conversion: part of the cache key
-ARCHITECTURES = ("llama", "qwen2")
-TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
-         "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-         "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
-BIASED = {"qwen2": ("attn_q", "attn_k", "attn_v")}  # layers with a ``.bias`` in the architecture
-# ``{arch}.*`` GGUF hyper-parameters as Hugging Face config keys (read here, written by
-# gguf_export): (GGUF key, config key, type, default when missing; None: required)
-HPARAMS = (("embedding_length", "hidden_size", int, None), ("block_count", "num_hidden_layers", int, None),
-           ("feed_forward_length", "intermediate_size", int, None),
-           ("attention.head_count", "num_attention_heads", int, None),
-           ("attention.layer_norm_rms_epsilon", "rms_norm_eps", float, 1e-6),
-           ("rope.freq_base", "rope_theta", float, 10000.0), ("context_length", "max_position_embeddings", int, 4096))
 # GGUF value types (gguf spec): struct formats of the scalars; 8 is a string, 9 an array
 SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 # tokenizer.ggml.pre types whose llama.cpp split transformers does not reproduce
@@ -144,9 +132,9 @@ def check_supported(path: Path, header: dict) -> str:
     what is not supported (architecture, tensor type, tensor, rope scaling) otherwise."""
     meta, tensors = header["metadata"], header["tensors"]
     arch = meta.get("general.architecture")
-    if arch not in ARCHITECTURES:
+    if arch not in GGUF_ARCHS:
         raise ConfigError(f"model: {path}: GGUF architecture {arch!r} is not supported; supported: "
-                          f"{', '.join(ARCHITECTURES)} (llama covers Llama, SmolLM and Mistral files)")
+                          f"{', '.join(GGUF_ARCHS)} (llama covers Llama, SmolLM and Mistral files)")
     missing = [f"{arch}.{key}" for key, _, _, default in HPARAMS if default is None and f"{arch}.{key}" not in meta]
     missing += [] if "token_embd.weight" in tensors else ["tensor token_embd.weight"]
     if missing:
@@ -171,17 +159,17 @@ def hf_name(name: str, arch: str, path: Path) -> str:
     """mlx-lm's (Hugging Face) name of the GGUF tensor ``name``: ``blk.3.attn_q.scales`` ->
     ``model.layers.3.self_attn.q_proj.scales``."""
     stem, _, suffix = name.rpartition(".")
-    parts = stem.split(".")
+    parts, block = stem.split("."), GGUF_ARCHS[arch].block
     if len(parts) == 1 and parts[0] in TOP:
         mapped = TOP[parts[0]]
-    elif len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in BLOCK:
-        mapped = f"model.layers.{parts[1]}.{BLOCK[parts[2]]}"
+    elif len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in block:
+        mapped = f"model.layers.{parts[1]}.{block[parts[2]]}"
     else:
         mapped = None
-    biased = suffix == "bias" and parts[-1] in BIASED.get(arch, ())
+    biased = suffix == "bias" and parts[-1] in GGUF_ARCHS[arch].biased
     if mapped is None or not (suffix in ("weight", "scales", "biases") or biased):
         raise ConfigError(f"model: {path}: tensor {name!r} has no place in a {arch} model (only plain "
-                          f"{'/'.join(ARCHITECTURES)} transformer tensors are supported)")
+                          f"{'/'.join(GGUF_ARCHS)} transformer tensors are supported)")
     return f"{mapped}.{suffix}"
 
 
@@ -192,15 +180,18 @@ def config_from_gguf(header: dict, arch: str, quantization) -> dict:
     def get(key, default=None):
         return meta.get(f"{arch}.{key}", default)
 
-    config = {"model_type": arch, "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]],
+    spec = GGUF_ARCHS[arch]
+    config = {"model_type": spec.model_type, "architectures": [spec.hf_class],
               **{hf: kind(get(key, default)) for key, hf, kind, default in HPARAMS}}
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     config.update({
         "num_key_value_heads": int(get("attention.head_count_kv", heads)),
         "head_dim": int(get("attention.key_length", hidden // heads)),
         "vocab_size": int(get("vocab_size", tensors["token_embd.weight"][0][0])),
-        "tie_word_embeddings": "output.weight" not in tensors, "hidden_act": "silu",
+        "tie_word_embeddings": "output.weight" not in tensors, "hidden_act": spec.hidden_act,
     })
+    if spec.extra_config:
+        config.update(spec.extra_config(meta, config))
     for key in ("bos_token_id", "eos_token_id", "padding_token_id"):
         if f"tokenizer.ggml.{key}" in meta:
             config[key.replace("padding", "pad")] = int(meta[f"tokenizer.ggml.{key}"])
@@ -259,20 +250,22 @@ def read_tensor(data, header: dict, name: str, path: Path) -> dict:
 
 def convert_weights(path: Path, arch: str, header: dict) -> dict:
     """The tensors of ``path`` under mlx-lm's names, quantized as stored (:func:`read_tensor`),
-    q/k rows un-permuted (llama)."""
+    q/k rows un-permuted (llama), Gemma's norms back to transformers' ``w`` (stored ``1 + w``)."""
     import numpy as np
 
     meta = header["metadata"]
     heads = int(meta[f"{arch}.attention.head_count"])
     kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
-    weights = {}
+    spec, weights = GGUF_ARCHS[arch], {}
     data = np.memmap(path, dtype=np.uint8, mode="r")
     for name in header["tensors"]:
         stem, _, suffix = name.rpartition(".")
         layer = stem.rpartition(".")[2]
         for part, w in read_tensor(data, header, name, path).items():
-            if arch == "llama" and layer in ("attn_q", "attn_k"):
+            if spec.rope_permuted and layer in ("attn_q", "attn_k"):
                 w = unpermute_rows(w, heads if layer == "attn_q" else kv_heads)
+            if spec.norm_plus_one and layer.endswith("norm"):
+                w = w - 1
             weights[hf_name(f"{stem}.{part if suffix == 'weight' else suffix}", arch, path)] = w
     return weights
 
