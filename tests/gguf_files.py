@@ -100,12 +100,16 @@ def write_tiny_gguf(path: Path, arch: str, types: dict, pre: str, hidden=64, lay
         p = f"blk.{i}."
         add(p + "attn_norm.weight", (hidden,), "norm", 0.1, 1.0)
         add(p + "ffn_norm.weight", (hidden,), "norm", 0.1, 1.0)
-        add(p + "attn_q.weight", (heads * hd, hidden), "attn", 0.3)
-        add(p + "attn_k.weight", (kv_heads * hd, hidden), "attn", 0.3)
-        add(p + "attn_v.weight", (kv_heads * hd, hidden), "attn", 0.3)
+        if arch == "phi3":  # fused q/k/v and gate/up, as Phi-3 stores them
+            add(p + "attn_qkv.weight", ((heads + 2 * kv_heads) * hd, hidden), "attn", 0.3)
+            add(p + "ffn_up.weight", (2 * inter, hidden), "ffn", 0.3)
+        else:
+            add(p + "attn_q.weight", (heads * hd, hidden), "attn", 0.3)
+            add(p + "attn_k.weight", (kv_heads * hd, hidden), "attn", 0.3)
+            add(p + "attn_v.weight", (kv_heads * hd, hidden), "attn", 0.3)
+            add(p + "ffn_gate.weight", (inter, hidden), "ffn", 0.3)
+            add(p + "ffn_up.weight", (inter, hidden), "ffn", 0.3)
         add(p + "attn_output.weight", (hidden, heads * hd), "attn", 0.3)
-        add(p + "ffn_gate.weight", (inter, hidden), "ffn", 0.3)
-        add(p + "ffn_up.weight", (inter, hidden), "ffn", 0.3)
         add(p + "ffn_down.weight", (hidden, inter), "ffn", 0.3)
         if arch in ("qwen3", "gemma3"):  # q/k scaled down: soft attention, so the sliding window shows
             add(p + "attn_q_norm.weight", (hd,), "norm", 0.1, 0.5)

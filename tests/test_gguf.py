@@ -230,7 +230,7 @@ def test_gguf_errors_name_the_problem(tmp_path, tiny_llama):
     with pytest.raises(ConfigError, match=r"tensor 'blk.0.ffn_gate_exps.weight' has no place in a llama model"):
         resolve_model_path(str(write_tiny_gguf(tmp_path / "moe.gguf", "llama", {}, "smollm", layers=1,
                                                extra={"blk.0.ffn_gate_exps.weight": (f32, None)})))
-    with pytest.raises(ConfigError, match=r"GGUF architecture 'gemma' is not supported; supported: llama, qwen2, qwen3, gemma3"):
+    with pytest.raises(ConfigError, match=r"GGUF architecture 'gemma' is not supported; supported: llama, qwen2, qwen3, gemma3, phi3"):
         resolve_model_path(str(write_tiny_gguf(tmp_path / "gemma.gguf", "gemma", {}, "smollm", layers=1)))
 
 

@@ -25,6 +25,9 @@ HPARAMS = (("embedding_length", "hidden_size", int, None), ("block_count", "num_
            ("attention.head_count", "num_attention_heads", int, None),
            ("attention.layer_norm_rms_epsilon", "rms_norm_eps", float, 1e-6),
            ("rope.freq_base", "rope_theta", float, 10000.0), ("context_length", "max_position_embeddings", int, 4096))
+# Phi-3's fused projections (mlx-lm's phi3 keeps them fused too)
+PHI3_BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_qkv": "self_attn.qkv_proj",
+              "attn_output": "self_attn.o_proj", "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj"}
 GEMMA3_SLIDING_PATTERN = 6  # every 6th layer global: llama.cpp's set_swa_pattern(6), transformers' default
 GEMMA3_LOCAL_ROPE_BASE = 10000.0  # llama.cpp's rope_freq_base_train_swa for gemma3, transformers' default
 
@@ -37,6 +40,14 @@ def _gemma3(meta: dict, config: dict) -> dict:
     return {"sliding_window": int(meta.get("gemma3.attention.sliding_window", 512)),
             "sliding_window_pattern": GEMMA3_SLIDING_PATTERN, "rope_local_base_freq": GEMMA3_LOCAL_ROPE_BASE,
             "query_pre_attn_scalar": scalar, "hidden_activation": "gelu_pytorch_tanh"}
+
+
+def _phi3(meta: dict, config: dict) -> dict:
+    """Phi-3's rotary share (Phi-4-mini rotates 3/4 of each head) and its trained context."""
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    rotary = int(meta.get("phi3.rope.dimension_count", head_dim))
+    return {"partial_rotary_factor": rotary / head_dim,
+            "original_max_position_embeddings": config["max_position_embeddings"]}
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,7 @@ GGUF_ARCHS = {
     "qwen3": GGUFArch("qwen3", "Qwen3ForCausalLM", block={**BLOCK, **QK_NORMS}),
     "gemma3": GGUFArch("gemma3_text", "Gemma3ForCausalLM", block={**BLOCK, **GEMMA_NORMS, **QK_NORMS},
                        norm_plus_one=True, hidden_act="gelu_pytorch_tanh", extra_config=_gemma3),
+    "phi3": GGUFArch("phi3", "Phi3ForCausalLM", block=PHI3_BLOCK, extra_config=_phi3),
 }
 
 
