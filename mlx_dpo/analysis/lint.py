@@ -29,6 +29,7 @@ from ..config.fields import DPOConfig
 from ..data import Row, column_map, get_format, load_records, tokenize_pairs
 from ..data.formats import map_columns
 from ..data.tokenize import encode, encode_pair
+from ..model.loader import use_chat_template
 
 MAX_EXAMPLES = 3
 BIAS_THRESHOLD = 0.7
@@ -173,19 +174,16 @@ def problems(result: dict) -> List[str]:
 
 
 def load_tokenizer(cfg: DPOConfig):
-    """The model's tokenizer alone (no weights loaded)."""
-    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
+    """The model's tokenizer alone (no weights loaded), with ``cfg.chat_template`` where it is set."""
+    from ..model.loader import load_tokenizer as load, resolve_model_path
 
-    from ..model.loader import resolve_model_path
-
-    extra = {"trust_remote_code": True} if cfg.trust_remote_code else None
-    return mlx_load_tokenizer(resolve_model_path(cfg.model, cfg.revision), extra)
+    return use_chat_template(load(resolve_model_path(cfg.model, cfg.revision), cfg.trust_remote_code), cfg)
 
 
 def lint(cfg: DPOConfig, tokenizer=None) -> dict:
     """Lint the training records of ``cfg.data`` with the tokenizer of ``cfg.model``."""
     rows, _ = load_records(cfg)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg) if tokenizer is None else use_chat_template(tokenizer, cfg)
     return lint_rows(rows, tokenizer, cfg)
 
 

@@ -249,7 +249,9 @@ class Conversational(Format):
         """The prompt messages rendered with the generation prompt (``continue_final_message``
         when they end with an assistant message): the text a completion follows."""
         if not getattr(tokenizer, "chat_template", None):
-            raise DataError(f"{where}: conversational data needs a tokenizer with a chat_template; this one has none")
+            raise DataError(f"{where}: conversational data (message lists) needs a chat template and this model's "
+                            "tokenizer has none: set chat_template (a Jinja file or the template text), or use "
+                            "standard data (prompt/chosen/rejected strings)")
         cont = prompt[-1]["role"] == "assistant"
         kwargs = cls.template_kwargs(cfg, example)
         try:
