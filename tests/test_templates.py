@@ -156,7 +156,7 @@ MARKED = ("{% for m in messages %}<{{ m['role'] }}>{% if enable_thinking is defi
           "[no think]{% endif %}{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
-def test_override_travels_with_the_run(llama_dir, tmp_path):
+def test_override_travels_with_the_run(llama_dir, tmp_path, monkeypatch):
     """Trained with chat_template and chat_template_kwargs: the data renders with them, the run's
     config.yaml records the text, generate/sample render with them, export writes the template where
     transformers reads it."""
@@ -164,6 +164,7 @@ def test_override_travels_with_the_run(llama_dir, tmp_path):
 
     from mlx_dpo.export.exporter import export
     from mlx_dpo.generation.generate import prompt_ids
+    from mlx_dpo.generation import sample as sample_mod
     from mlx_dpo.generation.sample import load_sampler_model
     from mlx_dpo.train.trainer import train
 
@@ -172,15 +173,20 @@ def test_override_travels_with_the_run(llama_dir, tmp_path):
     out = tmp_path / "run"
     train(DPOConfig(model=str(llama_dir), data=str(data), output_dir=str(out), max_steps=1, batch_size=2,
                     max_length=128, progress_bar=False, chat_template=str(tmp_path / "t.jinja"),
-                    chat_template_kwargs={"enable_thinking": False}))
+                    chat_template_kwargs={"enable_thinking": True}))  # mlx-lm's wrapper passes False here
     assert yaml.safe_load((out / "config.yaml").read_text())["chat_template"] == MARKED
     (tmp_path / "t.jinja").unlink()  # the run needs the file no more
     hf = AutoTokenizer.from_pretrained(llama_dir)
     hf.chat_template = MARKED
     expected = hf(hf.apply_chat_template([user("hi")], tokenize=False, add_generation_prompt=True,
-                                         enable_thinking=False), add_special_tokens=False)["input_ids"]
-    _, tokenizer, cfg = load_sampler_model(None, str(out))
+                                         enable_thinking=True), add_special_tokens=False)["input_ids"]
+    model, tokenizer, cfg = load_sampler_model(None, str(out))
     assert tokenizer.chat_template == MARKED and prompt_ids("hi", tokenizer, cfg, "p") == expected
+    seen = []  # the prompt ids sample generates from
+    monkeypatch.setattr(sample_mod, "generate_samples", lambda m, t, ids, k, *a: seen.extend(ids) or (
+        [[[5], [6, 7]]], [[True, True]], type("S", (), {"wall_time": 1.0, "peak_memory": 0.0})()))
+    sample_mod.sample_pairs(model, tokenizer, ["hi"], "longer", num_samples=2, cfg=cfg)
+    assert seen == [expected]
     exported = export(out, tmp_path / "hf")
     assert json.loads((exported / "tokenizer_config.json").read_text())["chat_template"] == MARKED
     assert AutoTokenizer.from_pretrained(exported).chat_template == MARKED
