@@ -43,7 +43,8 @@ def run_lint(tmp_path, rows, tokenizer, **kw):
 def test_each_planted_problem_is_counted(tmp_path, tokenizer):
     result = run_lint(tmp_path, planted(), tokenizer, max_length=32)
     counts = {name: c["count"] for name, c in result["checks"].items() if "count" in c}
-    assert counts == {"empty": 2, "duplicates": 2, "identical": 2, "prompt_echo": 1, "truncation": 2, "boundary": 1}
+    assert counts == {"empty": 2, "duplicates": 2, "identical": 2, "prompt_echo": 1, "truncation": 2, "boundary": 1,
+                      "split": 0}
     trunc = result["checks"]["truncation"]
     assert trunc["dropped"] == 1
     prompt = len(tokenizer.encode(LONG))

@@ -133,7 +133,7 @@ def test_without_a_chat_template_pairs_are_plain_strings(toy, monkeypatch):
     assert records == [{"prompt": "Q: hi\nA:", "chosen": "ab", "rejected": "a", "score_chosen": 2.0,
                         "score_rejected": 1.0}]
     assert encode_prompt("Q: hi", tokenizer, "")[0] == tokenizer.encode("Q: hi")  # with special tokens, as training
-    with pytest.raises(SampleError, match="prompt 0: conversational data needs a tokenizer with a chat_template"):
+    with pytest.raises(SampleError, match="prompt 0: conversational data .* has none: set chat_template"):
         sample_pairs(model, tokenizer, [[{"role": "user", "content": "hi"}]], "longer", num_samples=2)
 
 

@@ -15,7 +15,10 @@ counts (with a few examples, each named by its ``file:line``):
 - ``truncation``: pairs that lose completion tokens at ``max_length`` /
   ``max_completion_length``, the tokens lost, and pairs dropped with no room left;
 - ``boundary``: pairs where the tokenizer merges characters across the
-  prompt/completion join (see :mod:`mlx_dpo.data.tokenize`).
+  prompt/completion join, or the chat template renders the prompt alone differently
+  (see :mod:`mlx_dpo.data.tokenize`);
+- ``split``: conversational pairs the chat template leaves no completion token in
+  (``train`` refuses them): set ``chat_template``.
 
 ``fatal`` is set when no pair is usable for training (every pair empty, identical or
 dropped): the CLI then exits 1.
@@ -29,11 +32,12 @@ from ..config.fields import DPOConfig
 from ..data import Row, column_map, get_format, load_records, tokenize_pairs
 from ..data.formats import map_columns
 from ..data.tokenize import encode, encode_pair
+from ..model.loader import use_chat_template
 
 MAX_EXAMPLES = 3
 BIAS_THRESHOLD = 0.7
 MIN_ECHO_CHARS = 8
-CHECKS = ("empty", "duplicates", "identical", "length_bias", "prompt_echo", "truncation", "boundary")
+CHECKS = ("empty", "duplicates", "identical", "length_bias", "prompt_echo", "truncation", "boundary", "split")
 
 
 def _text(value) -> str:
@@ -72,9 +76,10 @@ def _encode_full(row: Row, example: dict, tokenizer, cfg: DPOConfig) -> dict:
     special = not example["chat"]
     prompt_ids = encode(tokenizer, prompt, special)
     merged = [name for name, text in (("chosen", chosen), ("rejected", rejected))
-              if encode(tokenizer, prompt + text, special)[: len(prompt_ids)] != prompt_ids]
+              if encode(tokenizer, text, special)[: len(prompt_ids)] != prompt_ids]
     _, chosen_ids, rejected_ids = encode_pair(tokenizer, prompt, chosen, rejected, example["chat"])
-    return {"chosen": chosen_ids, "rejected": rejected_ids, "merged": merged}
+    unlike = "" if chosen.startswith(prompt) and rejected.startswith(prompt) else "the chat template renders the prompt alone differently"
+    return {"chosen": chosen_ids, "rejected": rejected_ids, "merged": merged, "unlike": unlike}
 
 
 def _check_row(row: Row, tokenizer, cfg: DPOConfig, checks: dict, seen: dict) -> Optional[tuple]:
@@ -99,8 +104,13 @@ def _check_row(row: Row, tokenizer, cfg: DPOConfig, checks: dict, seen: dict) ->
     if isinstance(example, str):  # no prompt to extract: counted by train too
         return None
     full = _encode_full(row, example, tokenizer, cfg)
+    if not full["chosen"] or not full["rejected"]:
+        _note(checks["split"], row.where, "the chat template leaves no completion token after the prompt "
+              "(set chat_template)")
+        return None
     if full["merged"]:
-        _note(checks["boundary"], row.where, f"{' and '.join(full['merged'])} merge with the prompt's last token")
+        _note(checks["boundary"], row.where, full["unlike"] + ": its end is left out (TRL 1.16's split)" if
+              full["unlike"] else f"{' and '.join(full['merged'])} merge with the prompt's last token")
     pairs, stats = tokenize_pairs([row], tokenizer, cfg)
     if not pairs:
         if stats["dropped_too_long"]:
@@ -152,7 +162,8 @@ def problems(result: dict) -> List[str]:
     for name, what in (("empty", "have an empty or whitespace completion"), ("duplicates", "are duplicates"),
                        ("identical", "have chosen == rejected (after truncation)"),
                        ("prompt_echo", "repeat the prompt inside a completion"),
-                       ("boundary", "change tokens at the prompt/completion join")):
+                       ("boundary", "change tokens at the prompt/completion join"),
+                       ("split", "cannot be split into prompt and completion (training refuses them)")):
         if c[name]["count"]:
             lines.append(f"{c[name]['count']} of {n} pairs {what}")
     t = c["truncation"]
@@ -173,19 +184,16 @@ def problems(result: dict) -> List[str]:
 
 
 def load_tokenizer(cfg: DPOConfig):
-    """The model's tokenizer alone (no weights loaded)."""
-    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
+    """The model's tokenizer alone (no weights loaded), with ``cfg.chat_template`` where it is set."""
+    from ..model.loader import load_tokenizer as load, resolve_model_path
 
-    from ..model.loader import resolve_model_path
-
-    extra = {"trust_remote_code": True} if cfg.trust_remote_code else None
-    return mlx_load_tokenizer(resolve_model_path(cfg.model, cfg.revision), extra)
+    return use_chat_template(load(resolve_model_path(cfg.model, cfg.revision), cfg.trust_remote_code), cfg)
 
 
 def lint(cfg: DPOConfig, tokenizer=None) -> dict:
     """Lint the training records of ``cfg.data`` with the tokenizer of ``cfg.model``."""
     rows, _ = load_records(cfg)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg) if tokenizer is None else use_chat_template(tokenizer, cfg)
     return lint_rows(rows, tokenizer, cfg)
 
 

@@ -16,7 +16,8 @@ from ..errors import ConfigError
 from ..export.writers import DTYPES, WRITERS, default_dtypes_help, formats_help
 from ..generation.judges import JUDGE_HELP
 from ..generation.sample import DEFAULTS as SAMPLE_DEFAULTS
-from .options import TRUST_REMOTE_CODE, config_options, fail, given_options, quiet_interrupts, show_logs
+from .options import (TRUST_REMOTE_CODE, config_options, fail, given_options, quiet_interrupts, show_logs,
+                      template_options)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -191,7 +192,8 @@ def status(run_dir):
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (the same for both sides).")
 @click.option("--json", "json_out", is_flag=True, help="Print the generations as JSON.")
 @TRUST_REMOTE_CODE
-def generate(run_dir, prompt, prompts_file, max_tokens, temp, seed, json_out, trust_remote_code):
+@template_options
+def generate(run_dir, prompt, prompts_file, max_tokens, temp, seed, json_out, trust_remote_code, **template):
     """The policy (adapters on) beside the reference (adapters off) on the same prompts,
     from the same loaded weights, with the generated lengths."""
     import json
@@ -202,7 +204,7 @@ def generate(run_dir, prompt, prompts_file, max_tokens, temp, seed, json_out, tr
 
     try:
         results = run_generate(run_dir, gather_prompts(prompt, prompts_file), max_tokens, temp, seed,
-                               trust_remote_code=trust_remote_code)
+                               trust_remote_code=trust_remote_code, **template)
     except (RunError, DataError, ConfigError) as e:
         fail(e)
     click.echo(json.dumps(results, indent=2) if json_out else format_text(results))
@@ -231,8 +233,9 @@ def generate(run_dir, prompt, prompts_file, max_tokens, temp, seed, json_out, tr
               help="Completions generated at once (continuous batching).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @TRUST_REMOTE_CODE
+@template_options
 def sample(model, adapter_path, prompts_file, num_samples, judge, output, temperature, top_p, seed, max_tokens,
-           batch_size, overwrite, trust_remote_code):
+           batch_size, overwrite, trust_remote_code, **template):
     """On-policy preference pairs: K completions per prompt from the model (with a run's
     adapters), ranked by a judge; the best against the worst written as TRL pairs, ties
     skipped. Train on them, then sample again with the new adapters (iterative DPO).
@@ -247,7 +250,7 @@ def sample(model, adapter_path, prompts_file, num_samples, judge, output, temper
             result = run_sample(prompts_file, output, judge, model=model, adapter_path=adapter_path,
                                 overwrite=overwrite, trust_remote_code=trust_remote_code, num_samples=num_samples,
                                 temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens,
-                                batch_size=batch_size, progress=True)
+                                batch_size=batch_size, progress=True, **template)
     except (SampleError, JudgeError) as e:
         fail(e)
     click.echo(format_summary(result))

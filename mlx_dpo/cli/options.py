@@ -16,10 +16,11 @@ import click
 from ..config.fields import ALIASES, DPOConfig
 
 
-def config_options(func):
-    """Add one ``--option`` per config field (and per TRL alias), with the field's help."""
+def config_options(func, names: tuple = ()):
+    """Add one ``--option`` per config field (only ``names`` when given) and per TRL alias, with the
+    field's help."""
     hints = typing.get_type_hints(DPOConfig)
-    for f in reversed(fields(DPOConfig)):
+    for f in reversed([f for f in fields(DPOConfig) if not names or f.name in names]):
         name = f.name.replace("_", "-")
         aliases = [f"--{a.replace('_', '-')}" for a, target in ALIASES.items() if target == f.name]
         text = f"{f.metadata['help']} [default: {_shown(f.default)}]"
@@ -29,6 +30,12 @@ def config_options(func):
         else:
             func = click.option(f"--{name}", *aliases, f.name, default=None, metavar="VALUE", help=text)(func)
     return func
+
+
+def template_options(func):
+    """``--chat-template`` and ``--chat-template-kwargs`` (the config's fields) for the commands that
+    render prompts from a model or run without a config (``sample``, ``generate``)."""
+    return config_options(func, ("chat_template", "chat_template_kwargs"))
 
 
 def _shown(default) -> str:

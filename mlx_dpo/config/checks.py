@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import ConfigError
@@ -175,6 +176,21 @@ def check_layout(prefix_sharing: str, padding_free: str) -> None:
     if padding_free == "true" and prefix_sharing == "false":
         raise ConfigError("padding_free: true packs each prompt once with both of its completions, so it cannot "
                           "be combined with prefix_sharing: false (leave prefix_sharing at auto)")
+
+
+def chat_template_text(value: Optional[str]) -> Optional[str]:
+    """``chat_template`` as the template itself: the text of a Jinja file, or the value when it is
+    template text already (it has ``{%`` or ``{{``)."""
+    if not value or "{%" in value or "{{" in value:
+        return value or None
+    path = Path(value).expanduser()
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise ConfigError(f"chat_template: {value} {what}; expected a Jinja file (.jinja) or the template text")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"chat_template: cannot read {value} ({e})") from None
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:

@@ -15,7 +15,8 @@ from typing import Any, Callable, Optional, Union
 
 import yaml
 
-from .checks import check_choices, check_combinations, check_file_code, check_ranges, quantize_options
+from .checks import (chat_template_text, check_choices, check_combinations, check_file_code, check_ranges,
+                     quantize_options)
 from .coerce import as_bool, coerce_fields, load_yaml
 from ..errors import ConfigError
 
@@ -36,6 +37,7 @@ ALIASES = {
     "lora_r": "lora_rank",
     "target_modules": "lora_target_modules",
     "lora_layers": "num_layers",
+    "chat_template_path": "chat_template",
 }
 
 DEFAULT_LORA_TARGETS = (
@@ -150,6 +152,9 @@ class DPOConfig:
     chat_template_kwargs: Optional[dict] = option(None, "Extra variables for the chat template (TRL's name), e.g. "
                                                   "{enable_thinking: false}; a 'chat_template_kwargs' column adds to "
                                                   "them per row.", "data")
+    chat_template: Optional[str] = option(None, "Chat template to use instead of the model's (TRL's "
+                                          "chat_template_path): a Jinja file or the template text; the run records "
+                                          "the text, and export writes it with the tokenizer.", "data")
     max_length: Optional[int] = option(1024, "Maximum prompt + completion tokens; each joined sequence is cut "
                                        "to it as truncation_mode says (TRL 1.16).", "data", keys=("card",))
     max_prompt_length: Optional[int] = option(None, "Maximum prompt tokens, their end is kept (not in TRL 1.16; "
@@ -291,6 +296,7 @@ class DPOConfig:
         check_choices(self)
         check_ranges(self)
         self.quantize = quantize_options(self.quantize)
+        self.chat_template = chat_template_text(self.chat_template)
         check_combinations(self)
 
     # ---- (de)serialisation ---------------------------------------------------

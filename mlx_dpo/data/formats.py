@@ -8,8 +8,11 @@ first record of each file, after ``columns``):
   ``rejected`` lists of assistant messages (TRL's conversational preference format),
   rendered with the tokenizer's chat template: the prompt with
   ``add_generation_prompt=True`` (``continue_final_message`` when it ends with an
-  assistant message), a completion as ``render(prompt + completion)`` minus the
-  rendered prompt. ``system_prompt`` is prepended as a system message when the
+  assistant message), and ``render(prompt + completion)``; a completion is the tokens
+  after those the two share (TRL 1.16's ``common_prefix_length``), so a template that
+  renders the prompt differently alone (a thinking model's empty think block) still
+  splits. Assistant messages keep their other fields (``reasoning_content``,
+  ``tool_calls``) for the template to read. ``system_prompt`` is prepended as a system message when the
   prompt has none; ``tools`` is passed to ``apply_chat_template``;
 - ``implicit``: only ``chosen`` / ``rejected`` (strings or message lists) that share
   a prefix, as Anthropic/hh-rlhf. The prompt is the longest common prefix, with
@@ -24,7 +27,8 @@ response_k}``) and ``prompt_template`` (``"Question: {prompt}\\n\\nAnswer: "``)
 wraps string prompts.
 
 A format is a :class:`Format` subclass with a ``name``, ``detect(record)``,
-``normalize(row, mapping, cfg)`` and ``render(example, tokenizer, cfg, where)``;
+``normalize(row, mapping, cfg)`` and ``render(example, tokenizer, cfg, where)`` (the
+prompt and each prompt + completion as text);
 adding one is a class here and its entry in :data:`FORMATS`.
 """
 
@@ -159,7 +163,8 @@ class Format:
     """A preference format. ``normalize`` returns an example ``{prompt, chosen, rejected,
     chat}`` (``chat``: the texts come from a chat template, so they are encoded without
     the tokenizer's special tokens), or why the pair is skipped (``"identical"``,
-    ``"no_prompt"``); ``render`` turns an example into ``(prompt, chosen, rejected)`` text."""
+    ``"no_prompt"``); ``render`` turns an example into ``(prompt, prompt + chosen, prompt +
+    rejected)`` text."""
 
     name = ""
     chat = False  # fields are message lists rendered with the chat template
@@ -198,7 +203,8 @@ class Format:
 
     @classmethod
     def render(cls, example: dict, tokenizer, cfg: DPOConfig, where: str) -> Tuple[str, str, str]:
-        return example["prompt"], example["chosen"], example["rejected"]
+        """``(prompt, prompt + chosen, prompt + rejected)`` as text."""
+        return example["prompt"], example["prompt"] + example["chosen"], example["prompt"] + example["rejected"]
 
 
 class Standard(Format):
@@ -249,7 +255,9 @@ class Conversational(Format):
         """The prompt messages rendered with the generation prompt (``continue_final_message``
         when they end with an assistant message): the text a completion follows."""
         if not getattr(tokenizer, "chat_template", None):
-            raise DataError(f"{where}: conversational data needs a tokenizer with a chat_template; this one has none")
+            raise DataError(f"{where}: conversational data (message lists) needs a chat template and this model's "
+                            "tokenizer has none: set chat_template (a Jinja file or the template text), or use "
+                            "standard data (prompt/chosen/rejected strings)")
         cont = prompt[-1]["role"] == "assistant"
         kwargs = cls.template_kwargs(cfg, example)
         try:
@@ -261,25 +269,18 @@ class Conversational(Format):
 
     @classmethod
     def render(cls, example: dict, tokenizer, cfg: DPOConfig, where: str) -> Tuple[str, str, str]:
-        """The prompt with the generation prompt; a completion as ``render(prompt + completion)`` minus it."""
+        """The prompt with the generation prompt, and the whole conversation with each completion. Where
+        a template renders the prompt differently alone (a thinking template's empty think block in the
+        generation prompt, reasoning stripped from the conversation) the first is no prefix of the
+        others: :func:`.tokenize.encode_pair` splits at their common tokens, as TRL 1.16."""
         prompt = example["prompt"]
         prompt_text = cls.render_prompt(prompt, tokenizer, cfg, where, example)
         kwargs = cls.template_kwargs(cfg, example)
         try:
-            texts = []
-            for name in ("chosen", "rejected"):
-                full = tokenizer.apply_chat_template(prompt + example[name], tokenize=False, **kwargs)
-                if not full.startswith(prompt_text):
-                    raise DataError(
-                        f"{where}: the chat template applied to prompt + {name} does not start with the template "
-                        f"applied to the prompt alone; this template cannot be split into prompt and completion"
-                    )
-                texts.append(full[len(prompt_text):])
-        except DataError:
-            raise
+            return (prompt_text, *(tokenizer.apply_chat_template(prompt + example[name], tokenize=False, **kwargs)
+                                   for name in ("chosen", "rejected")))
         except Exception as e:  # jinja errors, e.g. a template that rejects a role order
             raise DataError(f"{where}: chat template failed: {e}") from None
-        return prompt_text, texts[0], texts[1]
 
 
 class Implicit(Format):

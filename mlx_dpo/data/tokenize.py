@@ -7,7 +7,11 @@ those after the prompt's; where the tokenizer merges characters across the join
 (``"Answer: " + "blue"`` encodes as ``Answer: | blue``, not ``Answer: |  | blue``) the
 prompt is cut to the tokens it shares with both ``prompt + chosen`` and ``prompt +
 rejected`` (TRL's ``common_prefix_length``), so the merged token belongs to the
-completions and chosen and rejected share the same prompt tokens. EOS is appended to a
+completions and chosen and rejected share the same prompt tokens. A chat template that
+renders the prompt alone differently (a generation prompt the conversation lacks, as a
+thinking model's think block) is split the same way (TRL 1.16's ``_prepare_dataset``):
+the prompt's tokens after the shared ones are left out; a completion left with no token
+is an error naming the row. EOS is appended to a
 string completion unless it already ends with an EOS token (possibly followed by
 whitespace); a chat completion ends as the template ends the turn (no EOS added), as TRL.
 
@@ -22,6 +26,7 @@ import json
 from typing import List, Optional, Tuple
 
 from ..config.fields import DPOConfig
+from ..errors import DataError
 from .base import Row, TokenizedPair
 from .formats import Conversational, check_format_options, column_map, detect_format, get_format
 
@@ -65,10 +70,11 @@ def common_prefix_length(a: List[int], b: List[int]) -> int:
     return n
 
 
-def encode_pair(tokenizer, prompt: str, chosen: str, rejected: str, chat: bool):
-    """``(prompt_ids, chosen_ids, rejected_ids)`` of rendered text (see the module docstring)."""
+def encode_pair(tokenizer, prompt: str, prompt_chosen: str, prompt_rejected: str, chat: bool):
+    """``(prompt_ids, chosen_ids, rejected_ids)`` of rendered text: the prompt and each prompt +
+    completion (see the module docstring)."""
     prompt_ids = encode(tokenizer, prompt, not chat)
-    full = [encode(tokenizer, prompt + text, not chat) for text in (chosen, rejected)]
+    full = [encode(tokenizer, text, not chat) for text in (prompt_chosen, prompt_rejected)]
     if not chat and tokenizer.eos_token_id is not None:
         full = [ids if _ends_with_eos(tokenizer, ids, eos_ids(tokenizer)) else ids + [tokenizer.eos_token_id]
                 for ids in full]
@@ -108,7 +114,14 @@ def _validate(rows: List[Row], cfg: DPOConfig, stats: dict) -> List[Tuple[Row, d
 
 
 def _encode_example(row: Row, example: dict, tokenizer, cfg: DPOConfig) -> Tuple[List[int], List[int], List[int]]:
-    return encode_pair(tokenizer, *get_format(row.format).render(example, tokenizer, cfg, row.where), example["chat"])
+    """The pair's token ids; a completion with no token after the shared prompt is refused."""
+    ids = encode_pair(tokenizer, *get_format(row.format).render(example, tokenizer, cfg, row.where), example["chat"])
+    for name, completion in zip(("chosen", "rejected"), ids[1:]):
+        if not completion:
+            raise DataError(f"{row.where}: cannot split into prompt and completion: the chat template renders the "
+                            f"conversation with the {name} reply with no token after the prompt; set chat_template "
+                            "to a template that renders the assistant turn")
+    return ids
 
 
 def _truncate_pair(prompt_ids, chosen_ids, rejected_ids, cfg: DPOConfig, stats: dict) -> Optional[TokenizedPair]:

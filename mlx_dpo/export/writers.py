@@ -89,12 +89,25 @@ def check_names(names, base_dir: Path, model_type: str) -> None:
         )
 
 
-def copy_model_files(base_dir: Path, out_dir: Path) -> None:
-    """Copy the base's tokenizer files, custom code and ``generation_config.json``."""
+def copy_model_files(run, out_dir: Path) -> None:
+    """Copy the base's tokenizer files, custom code and ``generation_config.json``; the run's
+    ``chat_template`` (when it set one) replaces the base's template."""
     for pattern in TOKENIZER_COPY_PATTERNS + ("generation_config.json",):
-        for file in Path(base_dir).glob(pattern):
+        for file in Path(run.base_path).glob(pattern):
             if file.is_file() and not (out_dir / file.name).exists():
                 shutil.copyfile(file, out_dir / file.name)  # the umask's mode, not the source's
+    if run.cfg.chat_template:
+        write_chat_template(out_dir, run.cfg.chat_template)
+
+
+def write_chat_template(out_dir: Path, template: str) -> None:
+    """``template`` in ``tokenizer_config.json`` and in ``chat_template.jinja`` (transformers reads
+    either); a ``chat_template.json`` (the older file) would hold the base's: it goes."""
+    config_path = out_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    atomic_write_text(config_path, json.dumps({**config, "chat_template": template}, indent=2, ensure_ascii=False))
+    atomic_write_text(out_dir / "chat_template.jinja", template)
+    (out_dir / "chat_template.json").unlink(missing_ok=True)
 
 
 def save_sharded(weights: dict, out_dir: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> list:
@@ -138,7 +151,7 @@ def write_hf(run, out_dir: Path, dtype: str, max_shard_bytes: int = MAX_SHARD_BY
         weights.pop("lm_head.weight", None)
     save_sharded(weights, out_dir, max_shard_bytes)
     atomic_write_text(out_dir / "config.json", json.dumps(merged_hf_config(run.base_config, dtype), indent=2))
-    copy_model_files(run.base_path, out_dir)
+    copy_model_files(run, out_dir)
 
 
 def write_mlx(run, out_dir: Path, dtype: str, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
@@ -155,7 +168,7 @@ def write_mlx(run, out_dir: Path, dtype: str, max_shard_bytes: int = MAX_SHARD_B
         run.model, config = quantize_model(run.model, config, q["group_size"], q["bits"], mode=q["mode"])
     save_model(out_dir, run.model)
     save_config(config, out_dir / "config.json")
-    copy_model_files(run.base_path, out_dir)
+    copy_model_files(run, out_dir)
 
 
 def peft_weights(model: nn.Module, dtype: str) -> dict:
@@ -208,7 +221,7 @@ def write_peft(run, out_dir: Path, dtype: str, max_shard_bytes: int = MAX_SHARD_
                 run.base_path, run.base_config.get("model_type"))
     save_safetensors(out_dir / "adapter_model.safetensors", weights, metadata={"format": "pt"})
     atomic_write_text(out_dir / "adapter_config.json", json.dumps(peft_config(run), indent=2))
-    copy_model_files(run.base_path, out_dir)
+    copy_model_files(run, out_dir)
     (out_dir / "generation_config.json").unlink(missing_ok=True)
 
 
@@ -222,6 +235,8 @@ def write_gguf(run, out_dir: Path, dtype: str, max_shard_bytes: int = MAX_SHARD_
     source = source_gguf(run.base_path)
     vocab_size = run.base_config["vocab_size"]
     tokenizer = gguf_tokenizer_fields(source) if source else hf_tokenizer_fields(run.base_path, vocab_size)
+    if run.cfg.chat_template:
+        tokenizer["tokenizer.chat_template"] = run.cfg.chat_template
     name = Path(run.base_model).name.removesuffix(".gguf") + "-dpo"
     write_gguf_file(out_dir / GGUF_FILE, weights, run.base_config, dtype, tokenizer, name=name)
     atomic_write_text(out_dir / "Modelfile", f"FROM ./{GGUF_FILE}\n")

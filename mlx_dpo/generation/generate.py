@@ -11,12 +11,14 @@ tokenizer with a chat template renders each prompt as a user turn, as training a
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple, Union
 
 import mlx.core as mx
 
 from ..model.adapters import adapter_mode
+from ..model.loader import use_chat_template
 from ..config.fields import DPOConfig
 from ..errors import ConfigError, DataError
 from ..model.trained import load_adapter_run
@@ -90,12 +92,25 @@ def prompt_ids(prompt: Union[str, list], tokenizer, cfg: DPOConfig, where: str) 
     return tokenize.encode_prompt(prompt, tokenizer, where, cfg)[0]
 
 
+def template_config(cfg: DPOConfig, tokenizer, **given) -> DPOConfig:
+    """``cfg`` (a run's) with the ``chat_template`` / ``chat_template_kwargs`` in ``given`` that are
+    set over it, the template applied to ``tokenizer``: how ``generate`` and ``sample`` render prompts."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if given:
+        cfg = replace(cfg, **given)  # validated again: a template file is read, a bad path refused
+        use_chat_template(tokenizer, cfg)
+    return cfg
+
+
 def generate(run_dir: Union[str, Path], prompts: List[str], max_tokens: int = 64, temp: float = 0.0,
-             seed: int = 0, batch_size: int = 16, trust_remote_code: bool = False) -> List[dict]:
+             seed: int = 0, batch_size: int = 16, trust_remote_code: bool = False,
+             chat_template: Optional[str] = None, chat_template_kwargs: Optional[dict] = None) -> List[dict]:
     """``{prompt, policy: {text, tokens}, reference: {text, tokens}}`` for every prompt, each side
     generated as one batch (``batch_size`` sequences at a time); ``tokens`` counts the EOS
     that ended a completion, as mlx-lm's ``stream_generate`` does. ``trust_remote_code``: the command's own
-    flag (:mod:`mlx_dpo.model.trained`)."""
+    flag (:mod:`mlx_dpo.model.trained`). Prompts render as the run's training did (its
+    ``chat_template``, ``chat_template_kwargs``, ``tools``), or with the ``chat_template`` /
+    ``chat_template_kwargs`` given."""
     from mlx_lm.sample_utils import make_sampler
 
     if not prompts:
@@ -103,7 +118,9 @@ def generate(run_dir: Union[str, Path], prompts: List[str], max_tokens: int = 64
     if max_tokens < 1 or temp < 0:
         raise ConfigError(f"max_tokens must be >= 1 and temp >= 0; got {max_tokens} and {temp}")
     run = load_adapter_run(run_dir, trust_remote_code=trust_remote_code)
-    ids = [prompt_ids(p, run.tokenizer, run.cfg, f"prompt {n}") for n, p in enumerate(prompts)]
+    cfg = template_config(run.cfg, run.tokenizer, chat_template=chat_template,
+                          chat_template_kwargs=chat_template_kwargs)
+    ids = [prompt_ids(p, run.tokenizer, cfg, f"prompt {n}") for n, p in enumerate(prompts)]
     results = [{"prompt": p} for p in prompts]
     for side, mode in (("policy", "policy"), ("reference", "base")):
         mx.random.seed(seed)

@@ -24,7 +24,7 @@ from typing import List, Optional, Tuple, Union
 from ..config.fields import DPOConfig
 from ..errors import ConfigError, DataError, RunError, SampleError
 from ..data import tokenize
-from .generate import generate_samples
+from .generate import generate_samples, template_config
 from ..util.io import atomic_write_text, unwritable_ancestor
 from .judges import Judge, make_judge, pick_pair, score
 
@@ -35,10 +35,11 @@ DEFAULTS = {"num_samples": 4, "temperature": 1.0, "top_p": 1.0, "seed": 0, "max_
 # --------------------------------------------------------------------------- prompts
 
 
-def encode_prompt(prompt: Union[str, list], tokenizer, where: str) -> Tuple[List[int], bool]:
+def encode_prompt(prompt: Union[str, list], tokenizer, where: str,
+                  cfg: Optional[DPOConfig] = None) -> Tuple[List[int], bool]:
     """``(token ids, chat)``: the prompt as training encodes it (:func:`data.tokenize.encode_prompt`)."""
     try:
-        return tokenize.encode_prompt(prompt, tokenizer, where)
+        return tokenize.encode_prompt(prompt, tokenizer, where, cfg)
     except DataError as e:
         raise SampleError(str(e)) from None
 
@@ -72,9 +73,10 @@ def sample_pairs(model, tokenizer, prompts: List[Union[str, list]], judge: Union
                  num_samples: int = DEFAULTS["num_samples"], temperature: float = DEFAULTS["temperature"],
                  top_p: float = DEFAULTS["top_p"], seed: int = DEFAULTS["seed"],
                  max_tokens: int = DEFAULTS["max_tokens"], batch_size: int = DEFAULTS["batch_size"],
-                 progress: bool = False) -> Tuple[List[dict], dict]:
+                 progress: bool = False, cfg: Optional[DPOConfig] = None) -> Tuple[List[dict], dict]:
     """``(records, summary)``: ``num_samples`` completions of every prompt from ``model`` (adapters
-    as they are switched), the judge's best against its worst as TRL pairs, ties skipped."""
+    as they are switched), the judge's best against its worst as TRL pairs, ties skipped. Prompts
+    render with ``cfg``'s ``tools`` and ``chat_template_kwargs`` (a run's: as it trained)."""
     import mlx.core as mx
     from mlx_lm.sample_utils import make_sampler
     from tqdm import tqdm
@@ -83,7 +85,7 @@ def sample_pairs(model, tokenizer, prompts: List[Union[str, list]], judge: Union
     judge = make_judge(judge)
     if not prompts:
         raise SampleError("no prompts given")
-    encoded = [encode_prompt(p, tokenizer, f"prompt {i}") for i, p in enumerate(prompts)]
+    encoded = [encode_prompt(p, tokenizer, f"prompt {i}", cfg) for i, p in enumerate(prompts)]
     mx.random.seed(seed)
     sampler = make_sampler(temperature, top_p=top_p if top_p < 1 else 0.0)
     with tqdm(total=len(prompts), unit="prompt", desc="sampling", disable=not progress) as bar:
@@ -111,28 +113,33 @@ def sample_pairs(model, tokenizer, prompts: List[Union[str, list]], judge: Union
     return records, summary
 
 
-def load_sampler_model(model: Optional[str], adapter_path: Optional[str], trust_remote_code: bool = False) -> tuple:
-    """``(model, tokenizer)``: ``model`` alone, or a run's adapters on its base (or on ``model``).
-    ``trust_remote_code``: the command's own flag (a run's config never sets it: :mod:`mlx_dpo.model.trained`)."""
+def load_sampler_model(model: Optional[str], adapter_path: Optional[str], trust_remote_code: bool = False,
+                       **template) -> tuple:
+    """``(model, tokenizer, cfg)``: ``model`` alone, or a run's adapters on its base (or on ``model``), and
+    the config its prompts render with: the run's, with ``template`` (``chat_template``,
+    ``chat_template_kwargs``) over it (:func:`.generate.template_config`). ``trust_remote_code``: the
+    command's own flag (a run's config never sets it: :mod:`mlx_dpo.model.trained`)."""
     from ..model.loader import dequantize_for_inference, load_model
     from ..model.trained import load_adapter_run
 
     if adapter_path:
         run = load_adapter_run(adapter_path, model, trust_remote_code)
-        return run.model, run.tokenizer
+        return run.model, run.tokenizer, template_config(run.cfg, run.tokenizer, **template)
     if not model:
         raise SampleError("pass --model (a model to sample from) or --adapter-path (a training run)")
-    loaded, tokenizer, _ = load_model(DPOConfig(model=model, trust_remote_code=trust_remote_code))
+    cfg = template_config(DPOConfig(model=model, trust_remote_code=trust_remote_code), None, **template)
+    loaded, tokenizer, _ = load_model(cfg)
     dequantize_for_inference(loaded)
-    return loaded, tokenizer
+    return loaded, tokenizer, cfg
 
 
 def sample(prompts: Union[str, Path], output: Union[str, Path], judge: Union[str, Judge], model: Optional[str] = None,
            adapter_path: Optional[str] = None, overwrite: bool = False, trust_remote_code: bool = False,
-           **options) -> dict:
+           chat_template: Optional[str] = None, chat_template_kwargs: Optional[dict] = None, **options) -> dict:
     """Read ``prompts`` (:func:`generate.read_prompts`), :func:`sample_pairs` from ``model`` (with the
     adapters of the run ``adapter_path``) and write the pairs to ``output`` (JSONL, atomically;
-    nothing is written when every prompt tied). Returns the summary, with ``output``."""
+    nothing is written when every prompt tied). Prompts render with the run's chat template options,
+    or the ``chat_template`` / ``chat_template_kwargs`` given. Returns the summary, with ``output``."""
     from .generate import read_prompts
 
     output = Path(output)
@@ -156,10 +163,11 @@ def sample(prompts: Union[str, Path], output: Union[str, Path], judge: Union[str
     if not texts:
         raise SampleError(f"prompts file {prompts} holds no prompts")
     try:
-        loaded, tokenizer = load_sampler_model(model, adapter_path, trust_remote_code)
+        loaded, tokenizer, cfg = load_sampler_model(model, adapter_path, trust_remote_code, chat_template=chat_template,
+                                                    chat_template_kwargs=chat_template_kwargs)
     except (RunError, ConfigError) as e:
         raise SampleError(str(e)) from None
-    records, summary = sample_pairs(loaded, tokenizer, texts, judge, **options)
+    records, summary = sample_pairs(loaded, tokenizer, texts, judge, cfg=cfg, **options)
     if records:
         atomic_write_text(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return {**summary, "output": str(output) if records else None}

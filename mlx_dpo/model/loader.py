@@ -113,7 +113,6 @@ def check_model_dir(path: Path) -> None:
 def _load(path: Path, trust_remote_code: bool):
     """mlx-lm's model and tokenizer loaders, their errors turned into one line naming ``path``."""
     from mlx_lm.utils import load_model as mlx_load_model
-    from mlx_lm.utils import load_tokenizer
 
     check_model_dir(path)
     try:
@@ -124,13 +123,30 @@ def _load(path: Path, trust_remote_code: bool):
                               f"is not an mlx-lm architecture; supported: {', '.join(supported_architectures())}"
                               ) from None
         raise ConfigError(f"model: {path}: the weights do not fit its config.json ({e})") from None
+    return model, model_config, load_tokenizer(path, trust_remote_code, model_config.get("eos_token_id"))
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False, eos_token_ids=None):
+    """mlx-lm's tokenizer of the model in ``path``, its errors turned into one line naming ``path``."""
+    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
+
     try:
-        tokenizer = load_tokenizer(path, {"trust_remote_code": True} if trust_remote_code else None,
-                                   eos_token_ids=model_config.get("eos_token_id"))
+        return mlx_load_tokenizer(path, {"trust_remote_code": True} if trust_remote_code else None,
+                                  eos_token_ids=eos_token_ids)
     except Exception as e:  # transformers raises many types for broken tokenizer files
         raise ConfigError(f"model: cannot load the tokenizer in {path} ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
-    return model, model_config, tokenizer
+
+
+def use_chat_template(tokenizer, cfg: DPOConfig):
+    """``tokenizer`` rendering with ``cfg.chat_template`` (the text: :func:`.checks.chat_template_text`)
+    where it is set, instead of its own template (and of a template mlx-lm implements in Python)."""
+    if cfg.chat_template and tokenizer is not None:
+        tokenizer.chat_template = cfg.chat_template
+        if hasattr(tokenizer, "_chat_template"):  # mlx-lm's TokenizerWrapper
+            tokenizer._chat_template = None
+            tokenizer.has_chat_template = True
+    return tokenizer
 
 
 def compute_dtype(cfg: DPOConfig) -> Optional[mx.Dtype]:
@@ -146,7 +162,7 @@ def load_model(cfg: DPOConfig) -> Tuple[nn.Module, object, Path]:
     """
     path = resolve_model_path(cfg.model, cfg.revision)
     model, model_config, tokenizer = _load(path, cfg.trust_remote_code)
-    return prepare_model(model, cfg, model_config, str(path)), tokenizer, path
+    return prepare_model(model, cfg, model_config, str(path)), use_chat_template(tokenizer, cfg), path
 
 
 def model_for_training(cfg: DPOConfig, model: Optional[nn.Module], tokenizer, train_pairs,
@@ -165,7 +181,7 @@ def model_for_training(cfg: DPOConfig, model: Optional[nn.Module], tokenizer, tr
             "cannot name the base model; set DPOConfig(model=...) to its directory or Hub id so "
             "export and mlx_lm can find it (or pass --model to mlx-dpo export)")
         model_path = None
-    return prepare_model(model, cfg), tokenizer, model_path
+    return prepare_model(model, cfg), use_chat_template(tokenizer, cfg), model_path
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -320,7 +336,8 @@ def recompute_block_in_backward(block: nn.Module) -> None:
 
 
 __all__ = [
-    "resolve_model_path", "check_model_dir", "supported_architectures", "compute_dtype", "load_model", "prepare_model", "is_quantized", "cast_floats",
+    "resolve_model_path", "check_model_dir", "supported_architectures", "compute_dtype", "load_model",
+    "load_tokenizer", "use_chat_template", "prepare_model", "is_quantized", "cast_floats",
     "dequantize_for_inference",
     "disable_dropout", "setup_full_finetune", "hold_master_weights", "count_parameters", "setup_trainable",
     "recompute_block_in_backward",
