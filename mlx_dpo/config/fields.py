@@ -102,7 +102,7 @@ class DPOConfig:
     lora_dropout: float = option(0.0, "Dropout on the adapter's input (policy pass only).", "adapter", keys=("card",))
     lora_target_modules: Optional[list] = option(None, "Linear layers inside a transformer block that get adapters: "
                                                  "mlx-lm keys (self_attn.q_proj), PEFT's suffix names (q_proj) or "
-                                                 "all-linear (default: attention and MLP projections).", "adapter")
+                                                 "all-linear (default: attention and MLP projections, fused ones too).", "adapter")
     num_layers: int = option(-1, "Number of (last) transformer blocks that get adapters or are trained; -1 = all.",
                              "adapter", keys=("card",))
     gradient_checkpointing: bool = option(False, "Recompute each block's activations in the backward pass "

@@ -1,11 +1,12 @@
 """``export --format gguf``: the merged model as one GGUF file for llama.cpp, Ollama, LM Studio.
 
 Written with the ``gguf`` package (llama.cpp's own Python writer). Tensor names and
-metadata follow llama.cpp's ``convert_hf_to_gguf.py`` for the ``llama`` architecture
-(Llama, SmolLM, Mistral) and ``qwen2``. llama.cpp's ``llama`` rope pairs dimension
-``i`` with ``i + 1`` where transformers pairs ``i`` with ``i + d/2``, so the rows of
-``q_proj``/``k_proj`` are permuted per head (:func:`permute_rope`); ``qwen2`` uses the
-NeoX layout and is written as is.
+metadata follow llama.cpp's ``convert_hf_to_gguf.py`` for the architectures the reader
+knows (:data:`mlx_dpo.model.gguf_arch.GGUF_ARCHS`: ``llama`` for Llama, SmolLM and Mistral,
+``qwen2``, ``qwen3``, ``gemma3``, ``phi3``), undoing what the reader undoes: llama.cpp's
+``llama`` rope pairs dimension ``i`` with ``i + 1`` where transformers pairs ``i`` with
+``i + d/2``, so the rows of ``q_proj``/``k_proj`` are permuted per head
+(:func:`permute_rope`); Gemma's norms are stored as ``1 + w``.
 
 Tokenizer metadata comes from the source GGUF when the model was loaded from one
 (copied field by field), else from ``tokenizer.json`` (byte-level BPE, llama.cpp's
@@ -21,16 +22,15 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..model.gguf_arch import BLOCK, GGUF_ARCHS, HPARAMS, TOP
+from ..model.gguf_arch import GGUF_ARCHS, HPARAMS, TOP
 from ..errors import GGUFExportError
 
 GGUF_FILE = "model.gguf"
 # export --dtype -> the ggml type of 2-D weights (1-D tensors, the norms, stay float32 as in llama.cpp)
 GGUF_DTYPES = ("float32", "float16", "bfloat16", "q8_0", "q4_0", "q4_1")
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # model_type -> general.architecture
-
+# model_type -> general.architecture
+GGUF_ARCH = {"mistral": "llama", **{spec.model_type: arch for arch, spec in GGUF_ARCHS.items()}}
 GGUF_TOP = {hf: name for name, hf in TOP.items()}  # model.norm -> output_norm
-GGUF_BLOCK = {hf: name for name, hf in BLOCK.items()}  # self_attn.q_proj -> attn_q
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
 
@@ -39,8 +39,9 @@ def gguf_tensor_name(name: str, arch: str) -> str:
     the reader's tables (:data:`mlx_dpo.model.gguf_arch.TOP`, :data:`mlx_dpo.model.gguf_arch.BLOCK`)."""
     stem, _, suffix = name.rpartition(".")
     layer = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", stem)
-    if layer and layer.group(2) in GGUF_BLOCK:
-        target = f"blk.{layer.group(1)}.{GGUF_BLOCK[layer.group(2)]}"
+    block = {hf: name for name, hf in GGUF_ARCHS[arch].block.items()}  # self_attn.q_proj -> attn_q
+    if layer and layer.group(2) in block:
+        target = f"blk.{layer.group(1)}.{block[layer.group(2)]}"
     else:
         target = GGUF_TOP.get(stem)
     biased = suffix == "bias" and target and target.rpartition(".")[2] in GGUF_ARCHS[arch].biased
@@ -100,6 +101,12 @@ def model_fields(config: dict) -> dict:
                    "rope.dimension_count": head_dim, "vocab_size": config["vocab_size"]})
     if scaling.get("rope_type", scaling.get("type")) == "linear":
         fields["rope.scaling.type"], fields["rope.scaling.factor"] = "linear", float(scaling["factor"])
+    if config.get("head_dim"):  # convert_hf_to_gguf.py writes it whenever the config has it
+        fields["attention.key_length"] = fields["attention.value_length"] = config["head_dim"]
+    if config.get("partial_rotary_factor"):  # Phi-4-mini: 3/4 of each head rotates
+        fields["rope.dimension_count"] = int(head_dim * config["partial_rotary_factor"])
+    if arch == "gemma3":
+        fields["attention.sliding_window"] = config["sliding_window"]
     return {f"{arch}.{k}": v for k, v in fields.items()}
 
 
@@ -193,16 +200,20 @@ def _token_text(token):
 
 
 def gguf_tensors(weights: dict, config: dict, dtype: str):
-    """``(gguf name, data, raw_dtype)`` for every merged float weight, rope rows permuted."""
+    """``(gguf name, data, raw_dtype)`` for every merged float weight, rope rows permuted (llama),
+    norms as ``1 + w`` (Gemma)."""
     arch = GGUF_ARCH[config["model_type"]]
+    spec = GGUF_ARCHS[arch]
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads", heads)
     for name in sorted(weights):
         if name == "lm_head.weight" and config.get("tie_word_embeddings"):
             continue
         w = np.array(weights[name].astype(mx.float32))
-        if arch == "llama" and re.search(r"self_attn\.[qk]_proj\.", name):
+        if spec.rope_permuted and re.search(r"self_attn\.[qk]_proj\.", name):
             w = permute_rope(w, heads if ".q_proj." in name else kv_heads)
+        if spec.norm_plus_one and name.rpartition(".")[0].endswith("norm"):
+            w = w + 1
         yield (gguf_tensor_name(name, arch), *encode_tensor(w, dtype))
 
 

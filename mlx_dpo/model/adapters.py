@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 
-from ..config.fields import DPOConfig
+from ..config.fields import DEFAULT_LORA_TARGETS, DPOConfig
 from ..errors import ConfigError
 from .quant import base_linear, dense_weight
 
@@ -189,9 +189,14 @@ def add_adapters(model: nn.Module, cfg: DPOConfig) -> int:
     """Attach switchable LoRA/DoRA layers to ``cfg.target_modules`` of the last
     ``cfg.num_layers`` blocks (resolved by :func:`resolve_target_modules`; PEFT-style names
     are written back to ``cfg.lora_target_modules`` as mlx-lm's keys, which
-    adapter_config.json, config.yaml and checkpoints then hold). Returns the number of
-    adapted blocks."""
-    resolved = resolve_target_modules(cfg.target_modules, linear_keys(model.layers[0]))
+    adapter_config.json, config.yaml and checkpoints then hold). The default (attention and MLP
+    projections) is every linear layer where a model fuses them (Phi-3's ``qkv_proj``,
+    ``gate_up_proj``). Returns the number of adapted blocks."""
+    available = linear_keys(model.layers[0])
+    names = cfg.target_modules
+    if cfg.lora_target_modules is None and not set(DEFAULT_LORA_TARGETS) <= set(available):
+        names = ALL_LINEAR
+    resolved = resolve_target_modules(names, available)
     if set(resolved) != set(cfg.target_modules):
         cfg.lora_target_modules = resolved
     keys = set(resolved)
