@@ -34,7 +34,7 @@ def random_blocks(rng, shape: tuple, kind, std: float) -> np.ndarray:
 
 def write_tiny_gguf(path: Path, arch: str, types: dict, pre: str, hidden=64, layers=2, heads=4, kv_heads=2,
                     inter=128, tied=False, seed=0, extra=None, drop=(), head_dim=None, sliding_window=None,
-                    embd_std=0.5) -> Path:
+                    embd_std=0.5, std=0.3) -> Path:
     """A random-weight ``arch`` model in GGUF (llama.cpp's names and layout), with a
     byte-level BPE vocabulary trained by ``tokenizers``; ``types`` maps a tensor kind
     (``embd``, ``attn``, ``ffn``, ``output``) to its ggml type; ``extra`` adds or replaces tensors,
@@ -101,16 +101,16 @@ def write_tiny_gguf(path: Path, arch: str, types: dict, pre: str, hidden=64, lay
         add(p + "attn_norm.weight", (hidden,), "norm", 0.1, 1.0)
         add(p + "ffn_norm.weight", (hidden,), "norm", 0.1, 1.0)
         if arch == "phi3":  # fused q/k/v and gate/up, as Phi-3 stores them
-            add(p + "attn_qkv.weight", ((heads + 2 * kv_heads) * hd, hidden), "attn", 0.3)
-            add(p + "ffn_up.weight", (2 * inter, hidden), "ffn", 0.3)
+            add(p + "attn_qkv.weight", ((heads + 2 * kv_heads) * hd, hidden), "attn", std)
+            add(p + "ffn_up.weight", (2 * inter, hidden), "ffn", std)
         else:
-            add(p + "attn_q.weight", (heads * hd, hidden), "attn", 0.3)
-            add(p + "attn_k.weight", (kv_heads * hd, hidden), "attn", 0.3)
-            add(p + "attn_v.weight", (kv_heads * hd, hidden), "attn", 0.3)
-            add(p + "ffn_gate.weight", (inter, hidden), "ffn", 0.3)
-            add(p + "ffn_up.weight", (inter, hidden), "ffn", 0.3)
-        add(p + "attn_output.weight", (hidden, heads * hd), "attn", 0.3)
-        add(p + "ffn_down.weight", (hidden, inter), "ffn", 0.3)
+            add(p + "attn_q.weight", (heads * hd, hidden), "attn", std)
+            add(p + "attn_k.weight", (kv_heads * hd, hidden), "attn", std)
+            add(p + "attn_v.weight", (kv_heads * hd, hidden), "attn", std)
+            add(p + "ffn_gate.weight", (inter, hidden), "ffn", std)
+            add(p + "ffn_up.weight", (inter, hidden), "ffn", std)
+        add(p + "attn_output.weight", (hidden, heads * hd), "attn", std)
+        add(p + "ffn_down.weight", (hidden, inter), "ffn", std)
         if arch in ("qwen3", "gemma3"):  # q/k scaled down: soft attention, so the sliding window shows
             add(p + "attn_q_norm.weight", (hd,), "norm", 0.1, 0.5)
             add(p + "attn_k_norm.weight", (hd,), "norm", 0.1, 0.5)

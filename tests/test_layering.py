@@ -25,7 +25,7 @@ MODULE_ORDER = {
     "monitor": ["callbacks", "trackers", "health", "perf", "__init__"],
     "train": ["schedule", "state", "checkpoint", "rundir", "stopping", "preflight", "steps", "precompute",
               "evaluation", "loop", "trainer", "__init__"],
-    "export": ["verify", "gguf_export", "writers", "hub", "exporter", "__init__"],
+    "export": ["kquants", "gguf_types", "verify", "gguf_export", "writers", "hub", "exporter", "__init__"],
     "generation": ["judges", "generate", "sample", "__init__"],
     "analysis": ["lint", "report", "audit", "plan", "__init__"],
     "cli": ["options", "commands", "__init__"],

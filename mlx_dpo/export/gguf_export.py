@@ -18,16 +18,18 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 import numpy as np
 
 from ..model.gguf_arch import GGUF_ARCHS, HPARAMS, TOP
 from ..errors import GGUFExportError
+from .gguf_types import FILE_TYPES, SOURCE, encode, file_type, tensor_type
 
 GGUF_FILE = "model.gguf"
-# export --dtype -> the ggml type of 2-D weights (1-D tensors, the norms, stay float32 as in llama.cpp)
-GGUF_DTYPES = ("float32", "float16", "bfloat16", "q8_0", "q4_0", "q4_1")
+# export --dtype: a llama-quantize file type (:mod:`.gguf_types`), or ``source``: each tensor's type in the source GGUF
+GGUF_DTYPES = (*FILE_TYPES, SOURCE)
 # model_type -> general.architecture
 GGUF_ARCH = {"mistral": "llama", **{spec.model_type: arch for arch, spec in GGUF_ARCHS.items()}}
 GGUF_TOP = {hf: name for name, hf in TOP.items()}  # model.norm -> output_norm
@@ -54,30 +56,6 @@ def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     """transformers' half-split rope rows -> llama.cpp's interleaved ones, per head
     (``convert_hf_to_gguf.py``'s ``permute``): row ``h·d + 2j + s`` <- ``h·d + s·d/2 + j``."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def ggml_type(dtype: str):
-    from gguf import GGMLQuantizationType as T
-
-    return {"float32": T.F32, "float16": T.F16, "bfloat16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0,
-            "q4_1": T.Q4_1}[dtype]
-
-
-def encode_tensor(w: np.ndarray, dtype: str):
-    """``(data, raw_dtype)`` for ``GGUFWriter.add_tensor``: floats as numpy arrays, quantized
-    types as their byte blocks (``gguf.quants.quantize``, llama.cpp's reference rounding)."""
-    from gguf import GGMLQuantizationType as T
-    from gguf import quants
-
-    qtype = ggml_type(dtype)
-    if w.ndim == 1 or qtype == T.F32:
-        return w.astype(np.float32), None
-    if qtype == T.F16:
-        return w.astype(np.float16), None
-    block = quants.GGML_QUANT_SIZES[qtype][0]
-    if w.shape[-1] % block:
-        return w.astype(np.float16), None  # llama.cpp's fallback for rows that do not fill blocks
-    return quants.quantize(w.astype(np.float32), qtype), qtype
 
 
 # --------------------------------------------------------------------------- metadata
@@ -199,10 +177,11 @@ def _token_text(token):
 # --------------------------------------------------------------------------- writing
 
 
-def gguf_tensors(weights: dict, config: dict, dtype: str):
+def gguf_tensors(weights: dict, config: dict, dtype: str, source_types: Optional[dict] = None):
     """``(gguf name, data, raw_dtype)`` for every merged float weight, rope rows permuted (llama),
-    norms as ``1 + w`` (Gemma)."""
+    norms as ``1 + w`` (Gemma), each of the type :func:`.gguf_types.tensor_type` gives."""
     arch = GGUF_ARCH[config["model_type"]]
+    tied = bool(config.get("tie_word_embeddings")) or "lm_head.weight" not in weights
     spec = GGUF_ARCHS[arch]
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads", heads)
@@ -214,26 +193,32 @@ def gguf_tensors(weights: dict, config: dict, dtype: str):
             w = permute_rope(w, heads if ".q_proj." in name else kv_heads)
         if spec.norm_plus_one and name.rpartition(".")[0].endswith("norm"):
             w = w + 1
-        yield (gguf_tensor_name(name, arch), *encode_tensor(w, dtype))
+        target = gguf_tensor_name(name, arch)
+        kind = tensor_type(target, w.shape, dtype, config["num_hidden_layers"], tied, source_types)
+        yield (target, *encode(w, kind))
 
 
 def write_gguf_file(path: Path, weights: dict, config: dict, dtype: str, tokenizer_fields: dict,
-                    name: str = "model") -> None:
-    """One GGUF file: ``general.*``, the model's hyper-parameters, the tokenizer, the tensors."""
+                    name: str = "model", source: Optional[dict] = None) -> None:
+    """One GGUF file: ``general.*``, the model's hyper-parameters, the tokenizer, the tensors
+    (``source``: the header of the GGUF file the model came from, for ``--dtype source``)."""
     import gguf
 
     arch = GGUF_ARCH.get(config.get("model_type"))
     hparams = model_fields(config)  # refuses unsupported architectures before anything is written
+    if dtype == SOURCE and source is None:
+        raise GGUFExportError("--dtype source keeps the tensor types of the GGUF file the model was loaded from; "
+                              "this model was not loaded from one: pick a type (e.g. --dtype q4_k_m)")
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(name)
-    writer.add_file_type({"float32": 0, "float16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "bfloat16": 32}[dtype])
+    writer.add_file_type(file_type(dtype, source and source["metadata"]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, value in {**hparams, **tokenizer_fields}.items():
         if isinstance(value, tuple):  # copied from a GGUF with its own types
             writer.add_key_value(key, *value)
         else:
             writer.add_key_value(key, value, *_value_type(value))
-    for tensor_name, data, raw_dtype in gguf_tensors(weights, config, dtype):
+    for tensor_name, data, raw_dtype in gguf_tensors(weights, config, dtype, source and source["tensors"]):
         writer.add_tensor(tensor_name, data, raw_dtype=raw_dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -5,7 +5,8 @@
 ``mlx``  the same merged model, re-quantized when the run quantized, in mlx-lm's format.
 ``peft`` the adapters alone as a PEFT LoRA/DoRA adapter for the float base model.
 ``gguf`` the merged model as one GGUF file (llama.cpp, Ollama, LM Studio), float or
-         llama.cpp's Q8_0/Q4_0/Q4_1 (:mod:`mlx_dpo.export.gguf_export`).
+         llama.cpp's Q8_0/Q4_0/Q4_1 and K mixes (Q4_K_M, Q5_K_M, Q6_K), or the source file's types
+         (:mod:`mlx_dpo.export.gguf_export`).
 
 Adding a format is one ``WRITERS`` entry and its writer function, here. A writer is
 ``write(run, out_dir, dtype, max_shard_bytes)``; ``run`` is a ``model.trained.TrainedRun``.
@@ -227,7 +228,7 @@ def write_peft(run, out_dir: Path, dtype: str, max_shard_bytes: int = MAX_SHARD_
 
 def write_gguf(run, out_dir: Path, dtype: str, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """One ``model.gguf`` (unsharded; ``max_shard_bytes`` is for ``hf``) and an Ollama ``Modelfile``."""
-    from ..model.gguf import source_gguf
+    from ..model.gguf import read_header, source_gguf
     from .gguf_export import gguf_tokenizer_fields, hf_tokenizer_fields
 
     merge_and_dequantize(run.model)
@@ -238,7 +239,8 @@ def write_gguf(run, out_dir: Path, dtype: str, max_shard_bytes: int = MAX_SHARD_
     if run.cfg.chat_template:
         tokenizer["tokenizer.chat_template"] = run.cfg.chat_template
     name = Path(run.base_model).name.removesuffix(".gguf") + "-dpo"
-    write_gguf_file(out_dir / GGUF_FILE, weights, run.base_config, dtype, tokenizer, name=name)
+    write_gguf_file(out_dir / GGUF_FILE, weights, run.base_config, dtype, tokenizer, name=name,
+                    source=read_header(source) if source else None)
     atomic_write_text(out_dir / "Modelfile", f"FROM ./{GGUF_FILE}\n")
 
 
