@@ -17,7 +17,8 @@ def fake_model(model_type):
 
 def test_known_and_unknown_architectures():
     assert with_feature("prefix_sharing") == ["llama", "qwen2", "mistral", "qwen3"]
-    assert set(with_feature("plain_head")) == {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "internlm3"}
+    assert set(with_feature("plain_head")) == {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text", "olmo2",
+                                               "internlm3"}
     assert has_feature("phi3", "plain_head") and not has_feature("phi3", "prefix_sharing")
     assert not has_feature("gpt2", "plain_head") and not has_feature(None, "hf_names")
     with pytest.raises(ValueError, match="prefix_sharing"):
@@ -31,3 +32,57 @@ def test_one_entry_adds_an_architecture(monkeypatch):
     sliding = fake_model("newarch")
     sliding.model.layers[0].use_sliding = True
     assert not supports_prefix_sharing(sliding)
+
+
+def tiny(model_type: str):
+    """A random mlx-lm model of ``model_type`` (float32, a few layers, Gemma 3 with a 4-token window)."""
+    import importlib
+
+    import mlx.core as mx
+
+    module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    common = dict(model_type=model_type, hidden_size=64, num_hidden_layers=3, intermediate_size=96,
+                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=101)
+    extra = {"gemma3_text": dict(head_dim=16, sliding_window=4, sliding_window_pattern=2, query_pre_attn_scalar=16),
+             "phi3": {}}[model_type]
+    mx.random.seed(0)
+    model = module.Model(module.ModelArgs(**common, **extra))
+    if model_type == "gemma3_text":
+        model.sanitize({})  # no lm_head: the tied embedding, as Gemma 3 ships
+    model.update(tree_map(lambda p: p * 4, model.parameters()))  # sharper than the default init
+    mx.eval(model.parameters())
+    return model
+
+
+def tree_map(fn, tree):
+    from mlx.utils import tree_map as mlx_tree_map
+
+    return mlx_tree_map(fn, tree)
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "phi3"])
+def test_plain_head_log_probs_equal_the_models_own_logits(model_type):
+    """The plain-head path (only the scoring positions meet the head, in chunks) gives the
+    log-probs of mlx-lm's own forward pass, taken in float64 (log-softmax of its full logits)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_dpo.forward.logprobs import completion_logps
+
+    model = tiny(model_type)
+    assert has_plain_head(model)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 101, (2, 12)).astype(np.int32)
+    positions = np.tile(np.arange(5, 11, dtype=np.int32), (2, 1))  # the last 6 tokens, scored
+    targets = np.take_along_axis(tokens, positions + 1, axis=1)
+    mask = np.ones_like(targets, np.float32)
+    batch = {"tokens": mx.array(tokens), "positions": mx.array(positions), "targets": mx.array(targets),
+             "mask": mx.array(mask)}
+    ours = np.array(completion_logps(model, batch, chunked=True)["token_logps"])
+    logits = np.array(model(mx.array(tokens))).astype(np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    expected = np.take_along_axis(np.take_along_axis(logp, positions[..., None], axis=1), targets[..., None],
+                                  axis=2)[..., 0]
+    assert np.abs(expected).max() > 1.0
+    np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0)
