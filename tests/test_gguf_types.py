@@ -125,6 +125,8 @@ ARCH_FILES = {
     "gemma3": dict(types={"embd": Q.Q4_K, "attn": Q.Q5_K, "ffn": Q.Q4_K, "ffn_down": Q.Q8_0}, hidden=256,
                    inter=512, heads=2, kv_heads=1, head_dim=256, layers=6, tied=True, sliding_window=4,
                    embd_std=0.05),  # Gemma scales embeddings by sqrt(hidden): small, so attention shows
+    "gemma2": dict(types={"embd": Q.Q5_K, "attn": Q.Q4_K, "ffn": Q.Q3_K}, hidden=256, inter=512, heads=2,
+                   kv_heads=1, head_dim=256, tied=True, embd_std=0.05),  # softcaps at llama.cpp's defaults
     "phi3": dict(types={"embd": Q.Q3_K, "attn": Q.Q4_K, "ffn": Q.Q5_K, "output": Q.Q8_0}, hidden=256, inter=512,
                  heads=4, kv_heads=4),  # fused qkv and gate_up
 }
@@ -146,4 +148,4 @@ def test_new_architectures_compute_transformers_logits(arch, tmp_path):
     ours = np.array(model(mx.array([ids]))[0].astype(mx.float32))
     scale = np.abs(theirs).max()
     assert scale > 1.0 and np.abs(ours - theirs).max() < 2e-5 * scale, np.abs(ours - theirs).max() / scale
-    assert model.model_type == {"qwen3": "qwen3", "gemma3": "gemma3_text", "phi3": "phi3"}[arch]
+    assert model.model_type == {"qwen3": "qwen3", "gemma3": "gemma3_text", "phi3": "phi3", "gemma2": "gemma2"}[arch]

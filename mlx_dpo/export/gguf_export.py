@@ -83,8 +83,11 @@ def model_fields(config: dict) -> dict:
         fields["attention.key_length"] = fields["attention.value_length"] = config["head_dim"]
     if config.get("partial_rotary_factor"):  # Phi-4-mini: 3/4 of each head rotates
         fields["rope.dimension_count"] = int(head_dim * config["partial_rotary_factor"])
-    if arch == "gemma3":
+    if arch in ("gemma2", "gemma3"):
         fields["attention.sliding_window"] = config["sliding_window"]
+    if arch == "gemma2":
+        fields["attn_logit_softcapping"] = float(config["attn_logit_softcapping"])
+        fields["final_logit_softcapping"] = float(config["final_logit_softcapping"])
     return {f"{arch}.{k}": v for k, v in fields.items()}
 
 

@@ -32,14 +32,29 @@ GEMMA3_SLIDING_PATTERN = 6  # every 6th layer global: llama.cpp's set_swa_patter
 GEMMA3_LOCAL_ROPE_BASE = 10000.0  # llama.cpp's rope_freq_base_train_swa for gemma3, transformers' default
 
 
+def _attention_scalar(config: dict, layers_27b: int) -> int:
+    """Gemma's attention scale as llama.cpp sets it: 1/sqrt(head_dim), hidden/heads for the 27B."""
+    if config["num_hidden_layers"] == layers_27b:
+        return config["hidden_size"] // config["num_attention_heads"]
+    return config["head_dim"]
+
+
 def _gemma3(meta: dict, config: dict) -> dict:
     """Gemma 3's settings llama.cpp fixes rather than stores: the sliding-window pattern, the local
-    rope base, and the attention scale (1/sqrt(head_dim); hidden/heads for the 62-layer 27B)."""
-    scalar = (config["hidden_size"] // config["num_attention_heads"] if config["num_hidden_layers"] == 62
-              else config["head_dim"])
+    rope base, and the attention scale (the 27B has 62 layers)."""
     return {"sliding_window": int(meta.get("gemma3.attention.sliding_window", 512)),
             "sliding_window_pattern": GEMMA3_SLIDING_PATTERN, "rope_local_base_freq": GEMMA3_LOCAL_ROPE_BASE,
-            "query_pre_attn_scalar": scalar, "hidden_activation": "gelu_pytorch_tanh"}
+            "query_pre_attn_scalar": _attention_scalar(config, 62), "hidden_activation": "gelu_pytorch_tanh"}
+
+
+def _gemma2(meta: dict, config: dict) -> dict:
+    """Gemma 2's logit soft-capping (stored, llama.cpp's defaults 50 and 30) and attention scale
+    (the 27B has 46 layers). mlx-lm's gemma2 has no sliding window: it computes transformers'
+    Gemma 2 for sequences up to the window (4096), which DPO pairs rarely pass."""
+    return {"attn_logit_softcapping": float(meta.get("gemma2.attn_logit_softcapping", 50.0)),
+            "final_logit_softcapping": float(meta.get("gemma2.final_logit_softcapping", 30.0)),
+            "sliding_window": int(meta.get("gemma2.attention.sliding_window", 4096)),
+            "query_pre_attn_scalar": _attention_scalar(config, 46), "hidden_activation": "gelu_pytorch_tanh"}
 
 
 def _phi3(meta: dict, config: dict) -> dict:
@@ -69,6 +84,8 @@ GGUF_ARCHS = {
     "gemma3": GGUFArch("gemma3_text", "Gemma3ForCausalLM", block={**BLOCK, **GEMMA_NORMS, **QK_NORMS},
                        norm_plus_one=True, hidden_act="gelu_pytorch_tanh", extra_config=_gemma3),
     "phi3": GGUFArch("phi3", "Phi3ForCausalLM", block=PHI3_BLOCK, extra_config=_phi3),
+    "gemma2": GGUFArch("gemma2", "Gemma2ForCausalLM", block={**BLOCK, **GEMMA_NORMS}, norm_plus_one=True,
+                       hidden_act="gelu_pytorch_tanh", extra_config=_gemma2),
 }
 
 
