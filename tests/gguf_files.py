@@ -10,7 +10,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from mlx_dpo.model.toy import CHAT_TEMPLATE, build_bpe_tokenizer
+from mlx_dpo.model.toy import CHAT_TEMPLATE, build_bpe_tokenizer, build_sentencepiece_tokenizer
 
 Q = gguf.GGMLQuantizationType
 # byte offsets of the float16 fields (d, dmin) in a block of each type (ggml-common.h)
@@ -32,15 +32,8 @@ def random_blocks(rng, shape: tuple, kind, std: float) -> np.ndarray:
     return raw.reshape(shape[0], -1)
 
 
-def write_tiny_gguf(path: Path, arch: str, types: dict, pre: str, hidden=64, layers=2, heads=4, kv_heads=2,
-                    inter=128, tied=False, seed=0, extra=None, drop=(), head_dim=None, sliding_window=None,
-                    embd_std=0.5, std=0.3) -> Path:
-    """A random-weight ``arch`` model in GGUF (llama.cpp's names and layout), with a
-    byte-level BPE vocabulary trained by ``tokenizers``; ``types`` maps a tensor kind
-    (``embd``, ``attn``, ``ffn``, ``output``) to its ggml type; ``extra`` adds or replaces tensors,
-    ``drop`` leaves out hyper-parameters (``feed_forward_length``). ``qwen3`` adds q/k norms,
-    ``gemma3`` those and the norms after attention and MLP (stored as 1 + w, as llama.cpp does)."""
-    tok_dir = path.parent / f"{path.stem}-tok"
+def add_bpe_vocab(w, tok_dir: Path, pre: str) -> list:
+    """A byte-level BPE vocabulary trained by ``tokenizers`` (llama.cpp's ``gpt2`` model)."""
     tok_dir.mkdir(parents=True, exist_ok=True)
     build_bpe_tokenizer(tok_dir)
     model = json.loads((tok_dir / "tokenizer.json").read_text())["model"]
@@ -48,6 +41,48 @@ def write_tiny_gguf(path: Path, arch: str, types: dict, pre: str, hidden=64, lay
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]] + ["Ġ Ġ"]
     tokens.append("ĠĠ")  # so that where llama.cpp's smollm split puts two spaces together shows
     specials = {"<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_merges(merges)
+    w.add_token_types([3 if t in specials else 1 for t in tokens])
+    w.add_add_bos_token(False)
+    return tokens
+
+
+def add_sentencepiece_vocab(w, tok_dir: Path, pre: str, gemma: bool = False) -> list:
+    """A SentencePiece BPE model (byte fallback) trained by ``sentencepiece``, as llama.cpp stores
+    one: pieces, scores and token types (normal 1, unknown 2, control 3, user-defined 4, byte 6);
+    ``gemma``: without the dummy prefix, and the file says ``add_space_prefix: false`` as Gemma's do."""
+    import sentencepiece as spm
+
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    build_sentencepiece_tokenizer(tok_dir, dummy_prefix=not gemma)
+    if gemma:
+        w.add_add_space_prefix(False)
+    sp = spm.SentencePieceProcessor(model_file=str(tok_dir / "tokenizer.model"))
+    tokens = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
+    kinds = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else
+             4 if tokens[i].startswith("<|") else 1 for i in range(len(tokens))]
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores([sp.get_score(i) for i in range(len(tokens))])
+    w.add_token_types(kinds)
+    w.add_add_bos_token(True)
+    return tokens + ["<|im_end|>"] * ("<|im_end|>" not in tokens)
+
+
+def write_tiny_gguf(path: Path, arch: str, types: dict, pre: str, hidden=64, layers=2, heads=4, kv_heads=2,
+                    inter=128, tied=False, seed=0, extra=None, drop=(), head_dim=None, sliding_window=None,
+                    embd_std=0.5, std=0.3, sentencepiece=False) -> Path:
+    """A random-weight ``arch`` model in GGUF (llama.cpp's names and layout), with a
+    byte-level BPE vocabulary trained by ``tokenizers``; ``types`` maps a tensor kind
+    (``embd``, ``attn``, ``ffn``, ``output``) to its ggml type; ``extra`` adds or replaces tensors,
+    ``drop`` leaves out hyper-parameters (``feed_forward_length``). ``qwen3`` adds q/k norms,
+    ``gemma3`` those and the norms after attention and MLP (stored as 1 + w, as llama.cpp does).
+    ``sentencepiece``: a SentencePiece BPE vocabulary (llama.cpp's ``llama`` tokenizer model:
+    pieces, scores, token types, as ``convert_hf_to_gguf.py`` writes them) instead."""
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny")
@@ -67,15 +102,12 @@ def write_tiny_gguf(path: Path, arch: str, types: dict, pre: str, hidden=64, lay
         w.add_value_length(hd)
     if sliding_window:
         w.add_sliding_window(sliding_window)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_merges(merges)
-    w.add_token_types([3 if t in specials else 1 for t in tokens])
+    tok_dir = path.parent / f"{path.stem}-tok"
+    tokens = (add_sentencepiece_vocab(w, tok_dir, pre, gemma=arch.startswith("gemma")) if sentencepiece
+              else add_bpe_vocab(w, tok_dir, pre))
     w.add_bos_token_id(tokens.index("<s>"))
     w.add_eos_token_id(tokens.index("<|im_end|>"))
     w.add_pad_token_id(tokens.index("<pad>"))
-    w.add_add_bos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
 
     def add(name, shape, kind, std=0.05, mean=0.0):

@@ -5,6 +5,8 @@ weights, and transformers' own GGUF loading for a whole model mixing the types a
 ``_K_M`` files do.
 """
 
+import re
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -149,3 +151,32 @@ def test_new_architectures_compute_transformers_logits(arch, tmp_path):
     scale = np.abs(theirs).max()
     assert scale > 1.0 and np.abs(ours - theirs).max() < 2e-5 * scale, np.abs(ours - theirs).max() / scale
     assert model.model_type == {"qwen3": "qwen3", "gemma3": "gemma3_text", "phi3": "phi3", "gemma2": "gemma2"}[arch]
+
+
+MULTILINGUAL = ["Hello world", "Grüße aus Köln, naïve café", "日本の首都は東京です。", "Привет, мир!",
+                "  two leading spaces and trailing  ", "emoji 🙂 and digits 12345", "<|im_start|>user\nhi<|im_end|>"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_a_sentencepiece_gguf_vocabulary_encodes_as_sentencepiece(arch, tmp_path):
+    """A SentencePiece vocabulary as llama.cpp stores it (``tokenizer.ggml.model = llama``; Gemma's
+    files are such, with 262k pieces): our tokenizer gives llama.cpp's ids on multilingual text:
+    BOS, then SentencePiece's own encoding of each piece of text between special tokens (llama.cpp
+    adds the space prefix to each such piece; Gemma's vocabulary has none), byte fallback for
+    characters the vocabulary lacks. Decoding gives the text back."""
+    import sentencepiece as spm
+
+    path = write_tiny_gguf(tmp_path / f"{arch}-spm.gguf", arch, {}, "default", sentencepiece=True,
+                           **({"head_dim": 16, "tied": True} if arch == "gemma3" else {}))
+    _, tokenizer, _ = load_model(DPOConfig(model=str(path), cache_dir=str(tmp_path / "cache")))
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / f"{arch}-spm-tok" / "tokenizer.model"))
+    specials = ("<|im_start|>", "<|im_end|>")
+    for text in MULTILINGUAL:
+        expected = [sp.bos_id()]
+        for piece in re.split("(<\\|im_start\\|>|<\\|im_end\\|>)", text):
+            expected += [sp.piece_to_id(piece)] if piece in specials else sp.encode(piece) if piece else []
+        ids = tokenizer.encode(text)
+        assert ids == expected, text
+        if not any(s in text for s in specials):
+            assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert any(sp.is_byte(i) for i in sp.encode(MULTILINGUAL[2]))

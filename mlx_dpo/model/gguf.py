@@ -28,7 +28,7 @@ from ..util.paths import cache_subdir
 from .ggml import GROUP, SUPPORTED, decode
 from .gguf_arch import GGUF_ARCHS, HPARAMS, TOP
 
-VERSION = 1  # of the conversion: part of the cache key
+VERSION = 2  # of the conversion: part of the cache key (2: K types, SentencePiece spaces)
 # GGUF value types (gguf spec): struct formats of the scalars; 8 is a string, 9 an array
 SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 # tokenizer.ggml.pre types whose llama.cpp split transformers does not reproduce
@@ -297,6 +297,20 @@ def gguf_tokenizer(path: Path):
     return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
 
 
+def sentencepiece_spaces(backend, space_prefix: bool) -> None:
+    """Spaces as llama.cpp's SentencePiece tokenizer writes them: each space a ``▁``, and with
+    ``add_space_prefix`` (Llama's default; Gemma's files say false) one ``▁`` before the text and
+    before the text after each special token. transformers' Metaspace adds none where the text
+    starts with a space, so ``"  hi"`` lost a ``▁`` (and a space on the way back)."""
+    from tokenizers import decoders, normalizers
+
+    spaces = [normalizers.Replace(" ", "▁")]
+    backend.normalizer = normalizers.Sequence(([normalizers.Prepend("▁")] if space_prefix else []) + spaces)
+    backend.pre_tokenizer = None
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                        + ([decoders.Strip(" ", 1, 0)] if space_prefix else []))
+
+
 def write_tokenizer(path: Path, out: Path, header: dict) -> None:
     """``tokenizer.json`` + ``tokenizer_config.json`` (with the chat template, special tokens,
     ``add_bos_token``) rebuilt from the GGUF metadata (:func:`gguf_tokenizer`)."""
@@ -311,6 +325,8 @@ def write_tokenizer(path: Path, out: Path, header: dict) -> None:
     if meta.get("tokenizer.ggml.pre") in SMOLLM_PRE:  # as SmolLM's own tokenizer.json
         tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    if meta.get("tokenizer.ggml.model") == "llama":
+        sentencepiece_spaces(tokenizer.backend_tokenizer, bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
     tokenizer.save_pretrained(str(out))
     config = json.loads((out / "tokenizer_config.json").read_text())
     for key in ("is_local", "local_files_only", "backend", "name_or_path"):

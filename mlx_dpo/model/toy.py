@@ -96,8 +96,9 @@ def build_bpe_tokenizer(out_dir: Union[str, Path], vocab_size: int = 512) -> Non
     _write_tokenizer_config(out_dir, "PreTrainedTokenizerFast", add_bos=True)
 
 
-def build_sentencepiece_tokenizer(out_dir: Union[str, Path], vocab_size: int = 400) -> None:
-    """Train a SentencePiece (``tokenizer.model``) tokenizer, Llama-style."""
+def build_sentencepiece_tokenizer(out_dir: Union[str, Path], vocab_size: int = 400, dummy_prefix: bool = True) -> None:
+    """Train a SentencePiece (``tokenizer.model``) tokenizer, Llama-style (``dummy_prefix``: a
+    ``▁`` before the text, as Llama's; Gemma's has none)."""
     import sentencepiece as spm
 
     out_dir = Path(out_dir)
@@ -114,6 +115,9 @@ def build_sentencepiece_tokenizer(out_dir: Union[str, Path], vocab_size: int = 4
         pad_id=3,
         user_defined_symbols=["<|im_start|>", "<|im_end|>"],
         byte_fallback=True,
+        normalization_rule_name="identity",  # as Llama's: text as written, spaces kept
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=dummy_prefix,
         minloglevel=2,
     )
     corpus.unlink()
