@@ -114,7 +114,7 @@ def write_tiny_gguf(path: Path, arch: str, types: dict, pre: str, hidden=64, lay
         if name in (extra or {}):
             return
         a = (mean + std * rng.standard_normal(shape)).astype(np.float32)
-        t = types.get(name.split(".")[-2], types.get(kind, Q.F32))  # by layer (attn_v), else by kind
+        t = Q.F32 if len(shape) == 1 else types.get(name.split(".")[-2], types.get(kind, Q.F32))  # by layer, kind
         if t == Q.F32:
             w.add_tensor(name, a)
         elif t == Q.F16:
