@@ -17,8 +17,8 @@ def fake_model(model_type):
 
 def test_known_and_unknown_architectures():
     assert with_feature("prefix_sharing") == ["llama", "qwen2", "mistral", "qwen3"]
-    assert set(with_feature("plain_head")) == {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text", "olmo2",
-                                               "internlm3"}
+    assert set(with_feature("plain_head")) == {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text", "gemma2",
+                                               "olmo2", "internlm3"}
     assert has_feature("phi3", "plain_head") and not has_feature("phi3", "prefix_sharing")
     assert not has_feature("gpt2", "plain_head") and not has_feature(None, "hf_names")
     with pytest.raises(ValueError, match="prefix_sharing"):
@@ -35,7 +35,8 @@ def test_one_entry_adds_an_architecture(monkeypatch):
 
 
 def tiny(model_type: str):
-    """A random mlx-lm model of ``model_type`` (float32, a few layers, Gemma 3 with a 4-token window)."""
+    """A random mlx-lm model of ``model_type`` (float32, a few layers, Gemma 3 with a 4-token window,
+    Gemma 2 with its logits capped at 5, so the cap shapes them)."""
     import importlib
 
     import mlx.core as mx
@@ -44,7 +45,7 @@ def tiny(model_type: str):
     common = dict(model_type=model_type, hidden_size=64, num_hidden_layers=3, intermediate_size=96,
                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=101)
     extra = {"gemma3_text": dict(head_dim=16, sliding_window=4, sliding_window_pattern=2, query_pre_attn_scalar=16),
-             "phi3": {}}[model_type]
+             "gemma2": dict(head_dim=16, query_pre_attn_scalar=16, final_logit_softcapping=5.0), "phi3": {}}[model_type]
     mx.random.seed(0)
     model = module.Model(module.ModelArgs(**common, **extra))
     if model_type == "gemma3_text":
@@ -60,7 +61,7 @@ def tree_map(fn, tree):
     return mlx_tree_map(fn, tree)
 
 
-@pytest.mark.parametrize("model_type", ["gemma3_text", "phi3"])
+@pytest.mark.parametrize("model_type", ["gemma3_text", "gemma2", "phi3"])
 def test_plain_head_log_probs_equal_the_models_own_logits(model_type):
     """The plain-head path (only the scoring positions meet the head, in chunks) gives the
     log-probs of mlx-lm's own forward pass, taken in float64 (log-softmax of its full logits)."""

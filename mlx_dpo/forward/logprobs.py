@@ -30,13 +30,18 @@ def has_plain_head(model: nn.Module) -> bool:
 
 
 def project(model: nn.Module, h: mx.array) -> mx.array:
-    """Hidden states -> logits through the LM head (tied or not)."""
+    """Hidden states -> logits through the LM head (tied or not), soft-capped where the model
+    caps its logits (Gemma 2's ``final_logit_softcapping``)."""
     if getattr(model.args, "tie_word_embeddings", False) or not hasattr(model, "lm_head"):
         embed = model.model.embed_tokens
         if isinstance(embed, nn.QuantizedEmbedding) and on_cpu():
-            return h @ dequantized_weight(embed).astype(h.dtype).T
-        return embed.as_linear(h)
-    return base_linear(model.lm_head, h)
+            logits = h @ dequantized_weight(embed).astype(h.dtype).T
+        else:
+            logits = embed.as_linear(h)
+    else:
+        logits = base_linear(model.lm_head, h)
+    cap = getattr(model.args, "final_logit_softcapping", None)
+    return mx.tanh(logits / cap) * cap if cap else logits
 
 
 def _score(logits: mx.array, targets: mx.array, with_wpo: bool):

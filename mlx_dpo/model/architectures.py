@@ -33,6 +33,7 @@ ARCHITECTURES = {
     "qwen3": Arch(prefix_sharing=True, plain_head=True, hf_names=True, cpu_math=True),
     "phi3": Arch(plain_head=True),
     "gemma3_text": Arch(plain_head=True),  # its 262k vocabulary: only scoring positions meet the head
+    "gemma2": Arch(plain_head=True),  # the head's soft-capping is in forward/logprobs.project
     "olmo2": Arch(plain_head=True),
     "internlm3": Arch(plain_head=True),
 }
