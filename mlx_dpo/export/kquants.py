@@ -181,6 +181,8 @@ CHUNK = 1 << 14  # super-blocks quantized at once (4M weights): bounds the tempo
 def quantize_k(w: np.ndarray, kind: str) -> np.ndarray:
     """Float32 ``w`` ``[rows, n]`` (``n`` a multiple of 256) as ``kind`` blocks ``[rows, bytes]``."""
     rows, n = w.shape
+    if n % QK_K:
+        raise ValueError(f"{kind} needs rows of a multiple of {QK_K} weights; these have {n}")
     blocks = w.reshape(rows * n // QK_K, QK_K)
     out = [QUANTIZERS[kind](blocks[i:i + CHUNK]) for i in range(0, len(blocks), CHUNK)]
     return np.concatenate(out).reshape(rows, -1)
