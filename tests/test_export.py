@@ -387,7 +387,9 @@ def test_gguf_export_matches_mlx(runs, name, tmp_path):
     run = runs(name)
     ref = mlx_reference(run)
     out = export(run, tmp_path / "gguf", format="gguf", dtype="float32")
-    assert (out / "model.gguf").is_file() and (out / "Modelfile").read_text() == "FROM ./model.gguf\n"
+    eos = transformers.AutoTokenizer.from_pretrained(str(out), gguf_file="model.gguf").eos_token
+    assert (out / "model.gguf").is_file() and eos
+    assert (out / "Modelfile").read_text() == f'FROM ./model.gguf\nPARAMETER stop "{eos}"\n'  # Ollama's stop
     model = transformers.AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf",
                                                               dtype=torch.float32).eval()
     assert_torch_model_matches(model, ref, f"{name}: gguf export")

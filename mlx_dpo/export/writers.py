@@ -241,7 +241,20 @@ def write_gguf(run, out_dir: Path, dtype: str, max_shard_bytes: int = MAX_SHARD_
     name = Path(run.base_model).name.removesuffix(".gguf") + "-dpo"
     write_gguf_file(out_dir / GGUF_FILE, weights, run.base_config, dtype, tokenizer, name=name,
                     source=read_header(source) if source else None)
-    atomic_write_text(out_dir / "Modelfile", f"FROM ./{GGUF_FILE}\n")
+    atomic_write_text(out_dir / "Modelfile", modelfile(tokenizer))
+
+
+def modelfile(tokenizer_fields: dict) -> str:
+    """Ollama's ``Modelfile``: the file, and the end-of-turn token as a stop. The chat template is
+    the GGUF's ``tokenizer.chat_template``, which Ollama reads itself (a Go ``TEMPLATE`` here would
+    be a second, hand-translated copy)."""
+    def value(key):
+        field = tokenizer_fields.get(key)
+        return field[0] if isinstance(field, tuple) else field
+
+    tokens, eos = value("tokenizer.ggml.tokens"), value("tokenizer.ggml.eos_token_id")
+    stop = f"PARAMETER stop {json.dumps(tokens[eos])}\n" if tokens and eos is not None else ""
+    return f"FROM ./{GGUF_FILE}\n{stop}"
 
 
 # --------------------------------------------------------------------------- the table
