@@ -108,7 +108,7 @@ def export(
     if verify:
         report = verify_export(output, writer.load, reference, run.tokenizer, run.base_path)
         if report is not None:
-            requantized = (writer.requantizes and run.quantization) or dtype.startswith("q")  # gguf q8_0, ...
+            requantized = (writer.requantizes and run.quantization) or dtype.startswith("q") or dtype == "source"
             log.info(
                 f"verify: max |logit diff| = {report['max_abs_diff']:.3g} "
                 f"({report['relative']:.3g} of the logit scale {report['logit_scale']:.3g}); "
