@@ -75,7 +75,7 @@ def add_sentencepiece_vocab(w, tok_dir: Path, pre: str, gemma: bool = False) -> 
 
 def write_tiny_gguf(path: Path, arch: str, types: dict, pre: str, hidden=64, layers=2, heads=4, kv_heads=2,
                     inter=128, tied=False, seed=0, extra=None, drop=(), head_dim=None, sliding_window=None,
-                    embd_std=0.5, std=0.3, sentencepiece=False) -> Path:
+                    embd_std=0.5, std=0.3, sentencepiece=False, rope_linear=None) -> Path:
     """A random-weight ``arch`` model in GGUF (llama.cpp's names and layout), with a
     byte-level BPE vocabulary trained by ``tokenizers``; ``types`` maps a tensor kind
     (``embd``, ``attn``, ``ffn``, ``output``) to its ggml type; ``extra`` adds or replaces tensors,
@@ -102,6 +102,9 @@ def write_tiny_gguf(path: Path, arch: str, types: dict, pre: str, hidden=64, lay
         w.add_value_length(hd)
     if sliding_window:
         w.add_sliding_window(sliding_window)
+    if rope_linear:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope_linear)
     tok_dir = path.parent / f"{path.stem}-tok"
     tokens = (add_sentencepiece_vocab(w, tok_dir, pre, gemma=arch.startswith("gemma")) if sentencepiece
               else add_bpe_vocab(w, tok_dir, pre))

@@ -476,7 +476,8 @@ def test_a_gguf_converts_without_torch(tiny_llama, tmp_path):
     import subprocess
     import sys
 
-    from mlx_dpo.model.gguf import gguf_tokenizer, read_header
+    from mlx_dpo.model.gguf import read_header
+    from mlx_dpo.model.gguf_tokenizer import TOKENIZER_ARRAYS, gguf_tokenizer
 
     code = ("import sys; sys.modules['torch'] = None; "  # `import torch` raises ImportError
             "from mlx_dpo.model.gguf import gguf_model_dir; "
@@ -484,6 +485,6 @@ def test_a_gguf_converts_without_torch(tiny_llama, tmp_path):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     converted = json.loads((Path(p.stdout.strip().splitlines()[-1]) / "tokenizer.json").read_text())
-    here = json.loads(gguf_tokenizer(tiny_llama).backend_tokenizer.to_str())
+    here = json.loads(gguf_tokenizer(read_header(tiny_llama, TOKENIZER_ARRAYS)["metadata"]).backend_tokenizer.to_str())
     assert converted["model"]["vocab"] == here["model"]["vocab"] and converted["model"]["merges"] == here["model"]["merges"]
     assert len(converted["model"]["vocab"]) == read_header(tiny_llama)["metadata"]["tokenizer.ggml.tokens"]  # the count

@@ -180,3 +180,89 @@ def test_a_sentencepiece_gguf_vocabulary_encodes_as_sentencepiece(arch, tmp_path
         if not any(s in text for s in specials):
             assert tokenizer.decode(ids, skip_special_tokens=True) == text
     assert any(sp.is_byte(i) for i in sp.encode(MULTILINGUAL[2]))
+
+
+def llama3_factors(theta, head_dim, factor, low=1.0, high=4.0, original=8192):
+    """convert_hf_to_gguf.py's rope_freqs for a llama3 rope, written out."""
+    import math
+
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * theta ** (i / head_dim)
+        smooth = (original / wavelen - low) / (high - low)
+        out.append(1.0 if wavelen < original / high else factor if wavelen > original / low
+                   else 1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, np.float32)
+
+
+ROPES = {  # Llama 3.2's rope (factor 32, as llama.cpp stores it: rope_freqs) and Gemma 3 4B+'s (linear 8)
+    "llama3": dict(arch="llama", extra={"rope_freqs.weight": (llama3_factors(10000.0, 16, 32.0), None)}),
+    "linear": dict(arch="gemma3", head_dim=256, heads=2, kv_heads=1, layers=6, tied=True, sliding_window=4,
+                   embd_std=0.05, rope_linear=8.0),
+}
+HF_ROPES = {"llama3": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192}, "linear": {"rope_type": "linear", "factor": 8.0}}
+
+
+@pytest.mark.parametrize("rope", ROPES)
+def test_rope_scaling_computes_transformers_logits(rope, tmp_path):
+    """A Llama 3 file with llama.cpp's rope_freqs and a Gemma 3 file with linear rope scaling: our
+    logits equal transformers' on the same file with the rope set as the model's config.json sets it
+    (transformers' GGUF reader reads neither), over 1500 positions so the scaled frequencies turn."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(ROPES[rope])
+    path = write_tiny_gguf(tmp_path / f"{rope}.gguf", spec.pop("arch"), {}, "smollm", seed=6, **spec)
+    model, _, model_dir = load_model(DPOConfig(model=str(path), cache_dir=str(tmp_path / "cache")))
+    config = AutoConfig.from_pretrained(str(tmp_path), gguf_file=path.name)
+    if rope == "llama3":
+        config.rope_parameters = {**HF_ROPES[rope], "rope_theta": 10000.0}
+    else:
+        config.rope_parameters["full_attention"].update(HF_ROPES[rope])  # Gemma 3: global layers only
+    theirs_model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, config=config,
+                                                        dtype=torch.float32).eval()
+    ids = np.random.default_rng(0).integers(10, 300, 1500).tolist()
+    with torch.no_grad():
+        theirs = theirs_model(torch.tensor([ids])).logits[0].numpy()
+    ours = np.array(model(mx.array([ids]))[0].astype(mx.float32))
+    scale = np.abs(theirs).max()
+    assert np.abs(ours - theirs).max() < 1e-4 * scale, np.abs(ours - theirs).max() / scale
+
+
+def test_rope_freqs_that_are_not_llama3s_are_refused(tmp_path):
+    from mlx_dpo.errors import ConfigError
+
+    odd = llama3_factors(10000.0, 16, 32.0) * 1.5
+    path = write_tiny_gguf(tmp_path / "odd.gguf", "llama", {}, "smollm", extra={"rope_freqs.weight": (odd, None)})
+    with pytest.raises(ConfigError, match="odd.gguf: its rope_freqs are not Llama 3.1/3.2's llama3 rope"):
+        load_model(DPOConfig(model=str(path), cache_dir=str(tmp_path / "cache")))
+    assert not (tmp_path / "cache" / "gguf").exists() or not any((tmp_path / "cache" / "gguf").iterdir())
+
+
+@pytest.mark.parametrize("rope", ROPES)
+def test_export_writes_the_rope_back(rope, tmp_path):
+    """GGUF export of such a model stores its rope as llama.cpp reads it (Llama 3's rope_freqs equal
+    to the source's, Gemma's linear scaling in the metadata): read back, the same logits."""
+    import json
+
+    from mlx.utils import tree_flatten
+
+    from mlx_dpo.export.gguf_export import gguf_tokenizer_fields, write_gguf_file
+
+    spec = dict(ROPES[rope])
+    path = write_tiny_gguf(tmp_path / f"{rope}.gguf", spec.pop("arch"), {}, "smollm", seed=6, **spec)
+    model, _, model_dir = load_model(DPOConfig(model=str(path), cache_dir=str(tmp_path / "cache")))
+    config = json.loads((model_dir / "config.json").read_text())
+    out = tmp_path / "out" / "back.gguf"
+    out.parent.mkdir()
+    write_gguf_file(out, dict(tree_flatten(model.parameters())), config, "float32", gguf_tokenizer_fields(path))
+    written = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    source = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    if rope == "llama3":
+        np.testing.assert_allclose(written["rope_freqs.weight"].data, source["rope_freqs.weight"].data, rtol=1e-6)
+    back, _, back_dir = load_model(DPOConfig(model=str(out), cache_dir=str(tmp_path / "cache")))
+    assert json.loads((back_dir / "config.json").read_text())["rope_scaling"] == config["rope_scaling"]
+    ids = mx.array([list(range(10, 400))])
+    ours, theirs = np.array(model(ids)), np.array(back(ids))
+    assert np.abs(ours - theirs).max() < 1e-5 * np.abs(ours).max()

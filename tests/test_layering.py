@@ -17,7 +17,7 @@ LAYERS = ["errors", "util", "config", "model", "data", "forward", "loss", "monit
 MODULE_ORDER = {
     "util": ["io", "paths", "clock", "hubnet", "metal", "distributed", "__init__"],
     "config": ["coerce", "checks", "fields", "__init__"],
-    "model": ["architectures", "quant", "adapters", "toy", "ggml", "gguf_arch", "gguf", "demo", "loader", "trainable", "trained",
+    "model": ["architectures", "quant", "adapters", "toy", "ggml", "gguf_arch", "gguf_tokenizer", "gguf", "demo", "loader", "trainable", "trained",
               "__init__"],
     "data": ["base", "readers", "sources", "formats", "tokenize", "cache", "shapes", "batching", "__init__"],
     "forward": ["cpu_math", "blocks", "packed", "prefix", "logprobs", "__init__"],

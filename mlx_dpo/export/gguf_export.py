@@ -23,7 +23,7 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-from ..model.gguf_arch import GGUF_ARCHS, HPARAMS, TOP
+from ..model.gguf_arch import GGUF_ARCHS, HPARAMS, LLAMA3_ROPE, TOP, llama3_rope_factors
 from ..errors import GGUFExportError
 from .gguf_types import FILE_TYPES, SOURCE, encode, file_type, tensor_type
 
@@ -68,7 +68,7 @@ def model_fields(config: dict) -> dict:
         raise GGUFExportError(f"GGUF export supports model types {', '.join(GGUF_ARCH)}; this model is "
                               f"{model_type!r} (use --format hf and llama.cpp's convert_hf_to_gguf.py)")
     scaling = config.get("rope_scaling") or {}
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default", "linear"):
+    if scaling and rope_type(config) not in (None, "default", "linear", "llama3"):
         raise GGUFExportError(f"GGUF export: rope_scaling {scaling} is not supported "
                               "(use --format hf and llama.cpp's convert_hf_to_gguf.py)")
     heads = config["num_attention_heads"]
@@ -77,7 +77,7 @@ def model_fields(config: dict) -> dict:
     fields = {key: kind(config[hf] if default is None else config.get(hf, default)) for key, hf, kind, default in HPARAMS}
     fields.update({"attention.head_count_kv": config.get("num_key_value_heads", heads),
                    "rope.dimension_count": head_dim, "vocab_size": config["vocab_size"]})
-    if scaling.get("rope_type", scaling.get("type")) == "linear":
+    if rope_type(config) == "linear":
         fields["rope.scaling.type"], fields["rope.scaling.factor"] = "linear", float(scaling["factor"])
     if config.get("head_dim"):  # convert_hf_to_gguf.py writes it whenever the config has it
         fields["attention.key_length"] = fields["attention.value_length"] = config["head_dim"]
@@ -180,6 +180,11 @@ def _token_text(token):
 # --------------------------------------------------------------------------- writing
 
 
+def rope_type(config: dict):
+    scaling = config.get("rope_scaling") or {}
+    return scaling.get("rope_type", scaling.get("type"))
+
+
 def gguf_tensors(weights: dict, config: dict, dtype: str, source_types: Optional[dict] = None):
     """``(gguf name, data, raw_dtype)`` for every merged float weight, rope rows permuted (llama),
     norms as ``1 + w`` (Gemma), each of the type :func:`.gguf_types.tensor_type` gives."""
@@ -199,6 +204,10 @@ def gguf_tensors(weights: dict, config: dict, dtype: str, source_types: Optional
         target = gguf_tensor_name(name, arch)
         kind = tensor_type(target, w.shape, dtype, config["num_hidden_layers"], tied, source_types)
         yield (target, *encode(w, kind))
+    if rope_type(config) == "llama3":  # llama.cpp reads Llama 3's rope as per-frequency factors
+        params = {k: config["rope_scaling"][k] for k in ("factor", *LLAMA3_ROPE)}
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        yield "rope_freqs.weight", llama3_rope_factors(config["rope_theta"], head_dim, **params), None
 
 
 def write_gguf_file(path: Path, weights: dict, config: dict, dtype: str, tokenizer_fields: dict,

@@ -26,13 +26,13 @@ from ..errors import ConfigError
 from ..util.io import atomic_directory, atomic_write_text, save_safetensors
 from ..util.paths import cache_subdir
 from .ggml import GROUP, SUPPORTED, decode
-from .gguf_arch import GGUF_ARCHS, HPARAMS, TOP
+from .gguf_arch import GGUF_ARCHS, HPARAMS, TOP, rope_scaling
+from .gguf_tokenizer import TOKENIZER_ARRAYS, write_tokenizer
 
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's llama3 rope factors
 VERSION = 2  # of the conversion: part of the cache key (2: K types, SentencePiece spaces)
 # GGUF value types (gguf spec): struct formats of the scalars; 8 is a string, 9 an array
 SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-# tokenizer.ggml.pre types whose llama.cpp split transformers does not reproduce
-SMOLLM_PRE = ("smollm",)  # llama.cpp: digits split one by one ("\p{N}"), then the GPT-2 regex
 
 
 # --------------------------------------------------------------------------- reading the header
@@ -129,7 +129,7 @@ def _value(buf, pos, kind, full: bool = False):
 
 def check_supported(path: Path, header: dict) -> str:
     """The architecture of a GGUF ``path`` this module converts; a ``ConfigError`` naming
-    what is not supported (architecture, tensor type, tensor, rope scaling) otherwise."""
+    what is not supported (architecture, tensor type, tensor) otherwise."""
     meta, tensors = header["metadata"], header["tensors"]
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHS:
@@ -147,11 +147,8 @@ def check_supported(path: Path, header: dict) -> str:
                           f"cannot read; supported types: {', '.join(SUPPORTED)}: use a Q4_K_M, Q5_K_M, Q8_0 or "
                           "F16 file of the model (IQ* and TQ* files need an importance matrix or ternary kernels)")
     for name in tensors:
-        hf_name(name, arch, path)
-    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
-    if scaling != "none" or "rope_freqs.weight" in tensors:
-        raise ConfigError(f"model: {path}: rope scaling ({scaling if scaling != 'none' else 'rope_freqs'}) "
-                          "is not supported for GGUF files")
+        if name != ROPE_FREQS:
+            hf_name(name, arch, path)
     return arch
 
 
@@ -173,7 +170,7 @@ def hf_name(name: str, arch: str, path: Path) -> str:
     return f"{mapped}.{suffix}"
 
 
-def config_from_gguf(header: dict, arch: str, quantization) -> dict:
+def config_from_gguf(header: dict, arch: str, quantization, rope_factors=None) -> dict:
     """The Hugging Face ``config.json`` mlx-lm's ``arch`` model reads, from the GGUF metadata."""
     meta, tensors = header["metadata"], header["tensors"]
 
@@ -192,6 +189,9 @@ def config_from_gguf(header: dict, arch: str, quantization) -> dict:
     })
     if spec.extra_config:
         config.update(spec.extra_config(meta, config))
+    scaling = rope_scaling(meta, arch, config, rope_factors)
+    if scaling:
+        config["rope_scaling"] = scaling
     for key in ("bos_token_id", "eos_token_id", "padding_token_id"):
         if f"tokenizer.ggml.{key}" in meta:
             config[key.replace("padding", "pad")] = int(meta[f"tokenizer.ggml.{key}"])
@@ -259,6 +259,8 @@ def convert_weights(path: Path, arch: str, header: dict) -> dict:
     spec, weights = GGUF_ARCHS[arch], {}
     data = np.memmap(path, dtype=np.uint8, mode="r")
     for name in header["tensors"]:
+        if name == ROPE_FREQS:  # the rope's frequency factors: config.json's rope_scaling
+            continue
         stem, _, suffix = name.rpartition(".")
         layer = stem.rpartition(".")[2]
         for part, w in read_tensor(data, header, name, path).items():
@@ -268,76 +270,6 @@ def convert_weights(path: Path, arch: str, header: dict) -> dict:
                 w = w - 1
             weights[hf_name(f"{stem}.{part if suffix == 'weight' else suffix}", arch, path)] = w
     return weights
-
-
-# The vocabulary arrays a tokenizer is rebuilt from, read in full (read_header counts other arrays).
-TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
-                    "tokenizer.ggml.token_type")
-SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
-                  "pad_token": "padding_token_id"}
-
-
-def gguf_tokenizer(path: Path):
-    """A fast tokenizer rebuilt from the GGUF metadata of ``path`` by transformers' GGUF tokenizer
-    conversion (BPE or Unigram from the vocabulary, merges, scores and token types), fed by this
-    module's reader: transformers' own GGUF reader imports torch, which ``pip install mlx-dpo`` lacks."""
-    from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
-
-    meta = read_header(path, TOKENIZER_ARRAYS)["metadata"]
-    grouped = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta}
-               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
-    tokenizer, config = grouped["tokenizer"], grouped["tokenizer_config"]
-    if tokenizer.get("tokenizer_type") == "llama":  # llama.cpp adds BOS to a sentencepiece vocabulary by default
-        config.setdefault("add_bos_token", True)
-    for name, key in SPECIAL_TOKENS.items():
-        token_id = meta.get(f"tokenizer.ggml.{key}")
-        config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
-    backend, extra = convert_gguf_tokenizer(meta["general.architecture"], tokenizer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
-
-
-def sentencepiece_spaces(backend, space_prefix: bool) -> None:
-    """Spaces as llama.cpp's SentencePiece tokenizer writes them: each space a ``▁``, and with
-    ``add_space_prefix`` (Llama's default; Gemma's files say false) one ``▁`` before the text and
-    before the text after each special token. transformers' Metaspace adds none where the text
-    starts with a space, so ``"  hi"`` lost a ``▁`` (and a space on the way back)."""
-    from tokenizers import decoders, normalizers
-
-    spaces = [normalizers.Replace(" ", "▁")]
-    backend.normalizer = normalizers.Sequence(([normalizers.Prepend("▁")] if space_prefix else []) + spaces)
-    backend.pre_tokenizer = None
-    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-                                        + ([decoders.Strip(" ", 1, 0)] if space_prefix else []))
-
-
-def write_tokenizer(path: Path, out: Path, header: dict) -> None:
-    """``tokenizer.json`` + ``tokenizer_config.json`` (with the chat template, special tokens,
-    ``add_bos_token``) rebuilt from the GGUF metadata (:func:`gguf_tokenizer`)."""
-    from tokenizers import pre_tokenizers
-
-    meta = header["metadata"]
-    try:
-        tokenizer = gguf_tokenizer(path)
-    except Exception as e:  # transformers raises many types for metadata it cannot convert
-        raise ConfigError(f"model: cannot rebuild the tokenizer of {path} from its GGUF metadata "
-                          f"({type(e).__name__}: {e})") from None
-    if meta.get("tokenizer.ggml.pre") in SMOLLM_PRE:  # as SmolLM's own tokenizer.json
-        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    if meta.get("tokenizer.ggml.model") == "llama":
-        sentencepiece_spaces(tokenizer.backend_tokenizer, bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
-    tokenizer.save_pretrained(str(out))
-    config = json.loads((out / "tokenizer_config.json").read_text())
-    for key in ("is_local", "local_files_only", "backend", "name_or_path"):
-        config.pop(key, None)
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config["add_bos_token"] = bool(meta.get("tokenizer.ggml.add_bos_token", getattr(tokenizer, "add_bos_token", False)))
-    config["add_eos_token"] = bool(meta.get("tokenizer.ggml.add_eos_token", False))
-    if tokenizer.chat_template:
-        config["chat_template"] = tokenizer.chat_template
-        (out / "chat_template.jinja").unlink(missing_ok=True)  # one copy, where every transformers reads it
-    atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
 
 
 def conversion_key(path: Path) -> str:
@@ -354,6 +286,17 @@ def source_gguf(model_dir: Path):
     return Path(path) if path and Path(path).is_file() else None
 
 
+def rope_factors(path: Path, header: dict):
+    """The ``rope_freqs.weight`` of a Llama 3 file as a float32 numpy vector (``None`` without one)."""
+    import mlx.core as mx
+    import numpy as np
+
+    if ROPE_FREQS not in header["tensors"]:
+        return None
+    factors = read_tensor(np.memmap(path, dtype=np.uint8, mode="r"), header, ROPE_FREQS, path)["weight"]
+    return np.array(factors.astype(mx.float32))
+
+
 def gguf_model_dir(path, cache_dir=None) -> Path:
     """The MLX model directory of the GGUF file ``path``, converted on first use into
     ``<cache_dir or MLX_DPO_CACHE>/gguf/<name>-<key>`` (written atomically: an interrupted
@@ -363,15 +306,20 @@ def gguf_model_dir(path, cache_dir=None) -> Path:
         raise ConfigError(f"model: {path} is not a file")
     header = read_header(path)
     arch = check_supported(path, header)
+    factors = rope_factors(path, header)
+    try:
+        config_from_gguf(header, arch, {}, factors)  # before the conversion: what is refused, is refused first
+    except ValueError as e:
+        raise ConfigError(f"model: {path}: {e}") from None
     target = cache_subdir(cache_dir, "gguf") / f"{path.stem}-{conversion_key(path)}"
     if (target / "gguf_source.json").is_file():
         return target
     weights = convert_weights(path, arch, header)
     with atomic_directory(target, overwrite=True) as tmp:
         save_safetensors(tmp / "model.safetensors", weights, {"format": "mlx"})
-        config = config_from_gguf(header, arch, quantization_of(weights))
+        config = config_from_gguf(header, arch, quantization_of(weights), factors)
         atomic_write_text(tmp / "config.json", json.dumps(config, indent=2))
-        write_tokenizer(path, tmp, header)
+        write_tokenizer(read_header(path, TOKENIZER_ARRAYS)["metadata"], tmp, path)
         source = {"gguf_file": str(path.resolve()), "size": path.stat().st_size, "architecture": arch,
                   "file_type": header["metadata"].get("general.file_type"), "conversion_version": VERSION}
         atomic_write_text(tmp / "gguf_source.json", json.dumps(source, indent=2))
@@ -379,4 +327,4 @@ def gguf_model_dir(path, cache_dir=None) -> Path:
 
 
 __all__ = ["read_header", "check_supported", "hf_name", "config_from_gguf", "quantization_of", "unpermute_rows",
-           "convert_weights", "write_tokenizer", "conversion_key", "source_gguf", "gguf_model_dir"]
+           "convert_weights", "conversion_key", "source_gguf", "gguf_model_dir"]

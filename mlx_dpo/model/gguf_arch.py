@@ -6,8 +6,11 @@ Adding an architecture is one :class:`GGUFArch` entry (and, if it needs one, a c
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
+
+import numpy as np
 
 TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 # llama.cpp's block tensors -> transformers' (= mlx-lm's) names, as most architectures use them
@@ -89,4 +92,44 @@ GGUF_ARCHS = {
 }
 
 
-__all__ = ["TOP", "BLOCK", "HPARAMS", "GGUFArch", "GGUF_ARCHS"]
+# --------------------------------------------------------------------------- rope scaling
+
+LINEAR_ROPE = ("llama", "qwen2", "qwen3", "gemma3")  # mlx-lm classes taking a linear rope_scaling (Gemma 3 4B+)
+# Llama 3.1/3.2's rope: llama.cpp stores the per-frequency factors (rope_freqs.weight), not these
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def llama3_rope_factors(theta: float, head_dim: int, factor: float, low_freq_factor: float,
+                        high_freq_factor: float, original_max_position_embeddings: int) -> np.ndarray:
+    """The ``rope_freqs.weight`` llama.cpp's ``convert_hf_to_gguf.py`` writes for a ``llama3`` rope."""
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    low, high = original_max_position_embeddings / low_freq_factor, original_max_position_embeddings / high_freq_factor
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        out.append(1.0 if wavelen < high else factor if wavelen > low else 1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, np.float32)
+
+
+def rope_scaling(meta: dict, arch: str, config: dict, factors: Optional[np.ndarray]) -> Optional[dict]:
+    """The Hugging Face ``rope_scaling`` of a GGUF file: ``linear`` from its metadata, ``llama3`` from
+    its ``rope_freqs`` (``factors``: matched against Llama 3.1/3.2's parameters); ``ValueError``
+    naming what is not supported."""
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    if factors is not None:
+        params = {**LLAMA3_ROPE, "factor": float(factors.max())}
+        expected = llama3_rope_factors(config["rope_theta"], config["head_dim"], **params)
+        if arch != "llama" or expected.shape != factors.shape or not np.allclose(expected, factors, rtol=1e-5):
+            raise ValueError("its rope_freqs are not Llama 3.1/3.2's llama3 rope (factor, low/high frequency factors "
+                             "1 and 4, 8192 original positions)")
+        return {"rope_type": "llama3", **params}
+    if kind == "none":
+        return None
+    if kind == "linear" and arch in LINEAR_ROPE:
+        return {"rope_type": "linear", "type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
+    raise ValueError(f"rope scaling {kind!r} is not supported for {arch} files (linear is, for "
+                     f"{', '.join(LINEAR_ROPE)}; and Llama 3's rope_freqs)")
+
+
+__all__ = ["TOP", "BLOCK", "HPARAMS", "GGUFArch", "GGUF_ARCHS", "llama3_rope_factors", "rope_scaling"]
