@@ -274,3 +274,42 @@ def test_precomputed_reference_covers_the_kl_pairs(llama_dir, feedback_file, tmp
 def test_a_paired_loss_on_unpaired_data_is_refused_by_the_trainer(llama_dir, feedback_file, tmp_path):
     with pytest.raises(DataError, match="set loss_type: kto"):
         _trainer(llama_dir, feedback_file, tmp_path, loss_type="sigmoid")
+
+
+def test_resume_mid_window_reproduces_an_uninterrupted_run(llama_dir, toy_data_dir, tmp_path):
+    """Labels in blocks of 4 = one label per batch: a logged mean of rewards/chosen covers only the
+    steps that had desirable rows. Interrupted at step 4 (inside the window of logging_steps 3), resumed:
+    the same metrics.jsonl and adapters as a straight run (the window's per-metric counts are checkpointed)."""
+    import os
+    import signal
+
+    from mlx_dpo.errors import TrainingInterrupted
+    from test_checkpoint import inject, metrics, weights
+
+    records = [json.loads(line) for line in (toy_data_dir / "train.jsonl").read_text().splitlines()][:40]
+    data = _write(tmp_path / "blocks.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"],
+                                               "label": (i // 4) % 3 == 0} for i, r in enumerate(records)])
+    kw = dict(max_steps=9, save_steps=4, logging_steps=3, lr_scheduler_type="constant")
+    straight = _trainer(llama_dir, data, tmp_path / "a", **kw).train()
+    first = _trainer(llama_dir, data, tmp_path / "b", **kw)
+    inject(first, 4, lambda o: (os.kill(os.getpid(), signal.SIGINT), o)[1])
+    with pytest.raises(TrainingInterrupted):
+        first.train()
+    _trainer(llama_dir, data, tmp_path / "b", resume_from_checkpoint="latest", **kw).train()
+    ma, mb = metrics(tmp_path / "a" / "run"), metrics(tmp_path / "b" / "run")
+    assert [r["step"] for r in ma] == [r["step"] for r in straight.history] == [r["step"] for r in mb] == [3, 6, 9]
+    # each window: 1 desirable batch and 2 undesirable ones; no batch has both labels, so no margin
+    assert all("rewards/chosen" in r and "rewards/rejected" in r and "rewards/margins" not in r for r in ma)
+    for ra, rb in zip(ma, mb):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            assert rb[k] == pytest.approx(ra[k], abs=1e-6), (ra["step"], k)
+    # TRL's log: the mean of the values appended in the window (steps without a value append none)
+    steps = _trainer(llama_dir, data, tmp_path / "c", **{**kw, "logging_steps": 1}).train().history
+    for r in ma:
+        for k in ("rewards/chosen", "rewards/rejected", "kl", "loss"):
+            values = [s[k] for s in steps if r["step"] - 3 < s["step"] <= r["step"] and k in s]
+            assert r[k] == pytest.approx(sum(values) / len(values), rel=1e-6, abs=1e-7), (r["step"], k)
+    wa, wb = (weights(tmp_path / x / "run" / "adapters.safetensors") for x in "ab")
+    for k in wa:
+        np.testing.assert_allclose(wa[k], wb[k], atol=1e-6, rtol=0)
