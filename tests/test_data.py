@@ -266,7 +266,7 @@ def test_data_format_choices_are_the_registry(bpe_tok, tmp_path, monkeypatch):
     """data_format accepts auto and the registered formats' names, and a new one once registered."""
     from mlx_dpo.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="data_format must be one of auto, standard, conversational, implicit; "
+    with pytest.raises(ConfigError, match="data_format must be one of auto, standard, conversational, unpaired, implicit; "
                                           "got 'ranked'"):
         load(bpe_tok, tmp_path, data_format="ranked")
     monkeypatch.setattr(formats, "FORMATS", [*formats.FORMATS, Ranked])

@@ -219,6 +219,34 @@ def test_two_ranks_bco_pair_with_a_precomputed_reference(llama_dir, small_data, 
             np.testing.assert_allclose(a[k], b[k], rtol=2e-6, atol=1e-5, err_msg=k)
 
 
+@pytest.fixture(scope="module")
+def feedback_data(small_data, tmp_path_factory):
+    """Unpaired rows where each 4 consecutive rows share one completion (under different prompts), so the
+    KL pairs rotated within a rank's 2 rows are those of one process's 4: the same KL sequences."""
+    pairs = [json.loads(line) for line in (small_data / "train.jsonl").read_text().splitlines()]
+    labels = [True, False, True, True, False, True, False, False]
+    rows = [{"prompt": p["prompt"], "completion": pairs[i - i % 4]["chosen"], "label": labels[i % 8]}
+            for i, p in enumerate(pairs)]
+    path = tmp_path_factory.mktemp("fb") / "feedback.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.slow
+def test_two_ranks_kto_gather_the_kl_reference_point_and_the_metrics(llama_dir, feedback_data, tmp_path):
+    """KTO's KL reference point is a batch mean gathered over the ranks (then clamped) and its
+    metrics are sums and counts over the ranks: two ranks of 2 rows train as one process of 4."""
+    kw = dict(loss_type="kto", desirable_weight=1.3, max_steps=6, save_steps=0)
+    one = one_process(llama_dir, feedback_data, tmp_path / "one", **kw)
+    cfg = write_config(tmp_path / "two.yaml", **base_config(llama_dir, feedback_data, tmp_path / "two", batch_size=2,
+                                                            **kw))
+    run_ranks(tmp_path, cfg)
+    assert_same_adapters(one / "adapters.safetensors", tmp_path / "two" / "adapters.safetensors")
+    assert_same_metrics(one, tmp_path / "two")
+    assert {"kl", "rewards/chosen", "rewards/rejected"} <= set(metrics(one)[0])
+    assert max(r["kl"] for r in metrics(one)) > 1e-3  # the reference point moved: its gathering is tested
+
+
 @pytest.mark.slow
 def test_a_killed_rank_stops_the_other_and_the_run_resumes_on_one_process(llama_dir, small_data, tmp_path):
     """Measured: after a SIGKILL of rank 1 inside a step, the ring backend on rank 0 reports

@@ -169,7 +169,8 @@ class DPOConfig:
 
     # ---- loss ----------------------------------------------------------------
     loss_type: Union[str, list] = option("sigmoid", "Loss name (sigmoid, ipo, hinge, robust, bco_pair, ... see "
-                                         "docs/losses.md) or a list of them (a weighted mixture).", "loss",
+                                         "docs/losses.md) or a list of them (a weighted mixture); kto or "
+                                         "apo_zero_unpaired train on unpaired rows (prompt/completion/label).", "loss",
                                          keys=("card",))
     loss_weights: Optional[list] = option(None, "Weights of a loss_type mixture (default: 1 each).", "loss")
     beta: float = option(0.1, "Temperature of the implicit reward beta * log(pi / pi_ref); higher stays closer "
@@ -187,6 +188,9 @@ class DPOConfig:
     use_weighting: bool = option(False, "WPO: weight each pair by its policy probability.", "loss")
     ld_alpha: Optional[float] = option(None, "LD-DPO: weight of the completion tokens past the shorter one's "
                                        "length.", "loss", keys=("ref_cache",))
+    desirable_weight: float = option(1.0, "KTO: weight of the desirable rows' losses (to counter unequal "
+                                     "numbers of desirable and undesirable rows).", "loss")
+    undesirable_weight: float = option(1.0, "KTO: weight of the undesirable rows' losses.", "loss")
     simpo_gamma: float = option(0.5, "SimPO target reward margin gamma.", "loss")
     cpo_alpha: float = option(1.0, "CPO/SimPO: weight of the NLL term on the chosen completions.", "loss")
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 
 @dataclass
 class TokenizedPair:
+    """A pair, or (``label`` set: True desirable, False undesirable) an unpaired row of KTO data:
+    ``chosen`` is its completion and ``rejected`` its KL completion (see ``data/unpaired.py``)."""
+
     prompt: List[int]
     chosen: List[int]
     rejected: List[int]
+    label: Optional[bool] = None
 
     @property
     def length(self) -> int:

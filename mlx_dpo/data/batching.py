@@ -52,6 +52,7 @@ class Batch:
     branch: Optional[np.ndarray] = None
     slots: int = 0  # input positions the forward runs (real + padding)
     filled: int = 0  # of which real tokens
+    labels: Optional[np.ndarray] = None  # (B,) float32 of unpaired rows: 1 desirable, 0 not (data/unpaired.py)
 
     @property
     def num_pairs(self) -> int:
@@ -65,6 +66,8 @@ class Batch:
         keys = ("prompt", "prompt_lens", "completion") if self.prompt is not None else ("tokens", "positions")
         if self.branch is not None:
             keys += ("rope_pos", "branch")
+        if self.labels is not None:
+            keys += ("labels",)
         return {**{k: getattr(self, k) for k in keys}, "targets": self.targets, "mask": self.mask}
 
 
@@ -86,6 +89,13 @@ def collate(pairs: List[TokenizedPair], indices: List[int], pad_id: int = 0, buc
     if empty:  # position len(prompt) - 1 would be -1: the first completion token scored from padding
         raise ValueError(f"pairs {empty[:5]} have an empty prompt; the first completion token needs at least one "
                          "prompt token (e.g. BOS) to be scored (tokenize_pairs drops such pairs)")
+    batch = _collate(pairs, indices, pad_id, bucket, layout, shape)
+    if pairs[0].label is not None:
+        batch.labels = np.array([float(p.label) for p in pairs], dtype=np.float32)
+    return batch
+
+
+def _collate(pairs, indices, pad_id, bucket, layout, shape) -> Batch:
     if layout == "prefix":
         return collate_prefix(pairs, indices, pad_id, bucket, shape)
     if layout == "packed":
@@ -183,23 +193,28 @@ class BatchSampler:
     dropped (different pairs each epoch), and the batch order is shuffled. So the order
     resumes exactly from ``(epoch, index)`` and every epoch has the same length.
 
+    ``sequential``: the batches are consecutive ``batch_size`` rows in data order, every epoch
+    (unpaired rows, whose KL completions were drawn from those batches; TRL's sequential sampling).
+
     Data parallel: the global micro-batches hold ``batch_size * ranks`` pairs (the batches
     one process with that batch size walks over, in the same order) and rank ``rank``
     yields its ``batch_size`` of each, ``[rank * batch_size, (rank + 1) * batch_size)``."""
 
     def __init__(self, pairs: List[TokenizedPair], batch_size: int, seed: int, shuffle: bool = True,
-                 shapes: Optional[ShapePlan] = None, rank: int = 0, ranks: int = 1):
+                 shapes: Optional[ShapePlan] = None, rank: int = 0, ranks: int = 1, sequential: bool = False):
         self.rank, self.per_rank = rank, batch_size
         batch_size *= ranks
         if len(pairs) < batch_size:
             raise ValueError(f"{len(pairs)} training pairs is fewer than batch_size {batch_size}")
         self.pairs = pairs
         self.batch_size = batch_size
-        self.shuffle = shuffle
+        self.shuffle = shuffle and not sequential
         self.state = SamplerState(seed=seed)
         self.shapes = shapes or ShapePlan(pairs, "unshared", max_cells=16)
         cell_of = np.array(self.shapes.assign(pairs))
         self.members = [np.flatnonzero(cell_of == k) for k in range(len(self.shapes.cells))]
+        if sequential:  # one group in data order: the batches are the consecutive rows
+            self.members = [np.arange(len(pairs))]
         leftover = sum(len(m) % batch_size for m in self.members)
         self.num_batches = sum(len(m) // batch_size for m in self.members) + leftover // batch_size
         self._epoch: Optional[Tuple[int, List[List[int]]]] = None

@@ -12,7 +12,7 @@ import hashlib
 import io
 import json
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -63,6 +63,8 @@ def data_fingerprint(pairs, sample: int = 1000) -> str:
     (cheap for large data sets; a changed data file changes it)."""
     h = hashlib.sha256(np.array([(len(p.prompt), len(p.chosen), len(p.rejected)) for p in pairs],
                                 dtype=np.int64).tobytes())
+    if any(p.label is not None for p in pairs):  # unpaired rows: their labels too
+        h.update(_labels(pairs).tobytes())
     for p in pairs[:: max(1, len(pairs) // sample)]:
         h.update(np.asarray([*p.prompt, -1, *p.chosen, -1, *p.rejected], dtype=np.int64).tobytes())
     return h.hexdigest()[:16]
@@ -94,11 +96,18 @@ def _pack(pairs: List[TokenizedPair]) -> Tuple[np.ndarray, np.ndarray]:
     return np.array(ids, dtype=np.int32), lengths
 
 
-def _unpack(ids: np.ndarray, lengths: np.ndarray) -> List[TokenizedPair]:
+def _labels(pairs: List[TokenizedPair]) -> np.ndarray:
+    """Unpaired rows' labels: 1 desirable, 0 undesirable, -1 a pair."""
+    return np.array([-1 if p.label is None else int(p.label) for p in pairs], dtype=np.int8)
+
+
+def _unpack(ids: np.ndarray, lengths: np.ndarray, labels: Optional[np.ndarray] = None) -> List[TokenizedPair]:
     flat = ids.tolist()
+    labels = [-1] * len(lengths) if labels is None else labels.tolist()
     pairs, pos = [], 0
-    for a, b, c in lengths.tolist():
-        pairs.append(TokenizedPair(flat[pos:pos + a], flat[pos + a:pos + a + b], flat[pos + a + b:pos + a + b + c]))
+    for (a, b, c), label in zip(lengths.tolist(), labels):
+        pairs.append(TokenizedPair(flat[pos:pos + a], flat[pos + a:pos + a + b], flat[pos + a + b:pos + a + b + c],
+                                   None if label < 0 else bool(label)))
         pos += a + b + c
     return pairs
 
@@ -111,6 +120,7 @@ def save_cache(path: Path, train, evals, stats: dict) -> None:
     buf = io.BytesIO()
     np.savez(
         buf, train_ids=train_ids, train_lengths=train_len, eval_ids=eval_ids, eval_lengths=eval_len,
+        train_labels=_labels(train), eval_labels=_labels(evals),
         stats=np.array(json.dumps(stats)),
     )
     atomic_write_bytes(path, buf.getvalue())
@@ -122,8 +132,9 @@ def load_cache(path: Path):
         return None
     try:
         with np.load(path, allow_pickle=False) as f:
-            train = _unpack(f["train_ids"], f["train_lengths"])
-            evals = _unpack(f["eval_ids"], f["eval_lengths"])
+            labels = {k: f[f"{k}_labels"] if f"{k}_labels" in f.files else None for k in ("train", "eval")}
+            train = _unpack(f["train_ids"], f["train_lengths"], labels["train"])
+            evals = _unpack(f["eval_ids"], f["eval_lengths"], labels["eval"])
             stats = json.loads(str(f["stats"]))
     except Exception:
         return None

@@ -26,10 +26,10 @@ first record of each file, after ``columns``):
 response_k}``) and ``prompt_template`` (``"Question: {prompt}\\n\\nAnswer: "``)
 wraps string prompts.
 
-A format is a :class:`Format` subclass with a ``name``, ``detect(record)``,
-``normalize(row, mapping, cfg)`` and ``render(example, tokenizer, cfg, where)`` (the
-prompt and each prompt + completion as text);
-adding one is a class here and its entry in :data:`FORMATS`.
+- ``unpaired``: ``prompt``, ``completion``, boolean ``label`` (TRL's KTO format), strings or messages.
+
+A format is a :class:`Format` subclass (``name``, ``detect``, ``normalize``, ``render``: the
+prompt and each prompt + completion as text) and its entry in :data:`FORMATS`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ from ..config.fields import DPOConfig
 from ..errors import ConfigError, DataError
 from .base import Row
 
-FIELDS = ("prompt", "chosen", "rejected")
+PAIRED = ("prompt", "chosen", "rejected")
+FIELDS = PAIRED + ("completion", "label")  # paired, then unpaired (TRL's KTO format)
 ROW_OPTIONS = {"tools": list, "chat_template_kwargs": dict}  # optional per-row columns (TRL's names)
 
 
@@ -84,7 +85,6 @@ def require_fields(row: Row, mapping: dict, names: tuple) -> dict:
 def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
-
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -114,9 +114,8 @@ def _check_messages(value: Any, name: str, where: str) -> list:
     for i, message in enumerate(value):
         if not isinstance(message, dict):
             raise DataError(f"{where}: field '{name}' message {i} must be an object, got {_type_name(message)}")
-        for key in ("role", "content"):
-            if key not in message:
-                raise DataError(f"{where}: field '{name}' message {i} has no '{key}'")
+        if "role" not in message or "content" not in message:
+            raise DataError(f"{where}: field '{name}' message {i} has no '{'content' if 'role' in message else 'role'}'")
         if not isinstance(message["role"], str):
             raise DataError(f"{where}: field '{name}' message {i}: 'role' must be a string, got {_type_name(message['role'])}")
         if not isinstance(message["content"], str):
@@ -176,8 +175,8 @@ class Format:
 
     @classmethod
     def normalize(cls, row: Row, mapping: dict, cfg: DPOConfig) -> Union[dict, str]:
-        rec = require_fields(row, mapping, FIELDS)
-        prompt, chosen, rejected = [check_value(rec[name], mapping[name], row.where, cls.chat) for name in FIELDS]
+        rec = require_fields(row, mapping, PAIRED)
+        prompt, chosen, rejected = [check_value(rec[name], mapping[name], row.where, cls.chat) for name in PAIRED]
         if chosen == rejected:
             return "identical"
         return cls.row_options(cls.example(prompt, chosen, rejected, cfg), row)
@@ -214,7 +213,7 @@ class Standard(Format):
 
     @classmethod
     def detect(cls, record: dict) -> bool:
-        return set(FIELDS) <= set(record) and not isinstance(record["prompt"], list)
+        return set(PAIRED) <= set(record) and not isinstance(record["prompt"], list)
 
     @classmethod
     def example(cls, prompt, chosen, rejected, cfg: DPOConfig) -> dict:
@@ -233,7 +232,7 @@ class Conversational(Format):
 
     @classmethod
     def detect(cls, record: dict) -> bool:
-        return set(FIELDS) <= set(record) and isinstance(record["prompt"], list)
+        return set(PAIRED) <= set(record) and isinstance(record["prompt"], list)
 
     @classmethod
     def example(cls, prompt, chosen, rejected, cfg: DPOConfig) -> dict:
@@ -283,6 +282,34 @@ class Conversational(Format):
             raise DataError(f"{where}: chat template failed: {e}") from None
 
 
+class Unpaired(Format):
+    """TRL's unpaired format (KTO): ``prompt``, ``completion`` (strings or message lists) and a boolean
+    ``label`` (desirable or not). The example holds the completion as both ``chosen`` and ``rejected``
+    (so it renders and truncates as a pair does) and its ``label``; ``data/unpaired.py`` builds the KL pairs."""
+
+    name = "unpaired"
+
+    @classmethod
+    def detect(cls, record: dict) -> bool:
+        return not {"chosen", "rejected"} & set(record) and bool({"completion", "label"} & set(record))
+
+    @classmethod
+    def normalize(cls, row: Row, mapping: dict, cfg: DPOConfig) -> Union[dict, str]:
+        rec = require_fields(row, mapping, ("prompt", "completion", "label"))
+        chat = isinstance(rec["prompt"], list)
+        prompt, completion = (check_value(rec[k], mapping[k], row.where, chat) for k in ("prompt", "completion"))
+        label = rec["label"]
+        if type(label).__name__ not in ("bool", "bool_"):  # numpy's bool from parquet too
+            raise DataError(f"{row.where}: field '{mapping['label']}' must be true or false (desirable or not), "
+                            f"got {_type_name(label)} {label!r}")
+        example = Implicit._kind(chat).example(prompt, completion, completion, cfg)
+        return cls.row_options({**example, "label": bool(label)}, row)
+
+    @classmethod
+    def render(cls, example: dict, tokenizer, cfg: DPOConfig, where: str) -> Tuple[str, str, str]:
+        return Implicit._kind(example["chat"]).render(example, tokenizer, cfg, where)
+
+
 class Implicit(Format):
     """``chosen`` / ``rejected`` only (strings or message lists); the prompt is their common prefix."""
 
@@ -314,7 +341,7 @@ class Implicit(Format):
         return cls._kind(example["chat"]).render(example, tokenizer, cfg, where)
 
 
-FORMATS: List[type] = [Standard, Conversational, Implicit]  # detection order
+FORMATS: List[type] = [Standard, Conversational, Unpaired, Implicit]  # detection order
 
 
 # ---------------------------------------------------------------------------
@@ -355,7 +382,8 @@ def detect_format(row: Row, mapping: dict, cfg: DPOConfig) -> str:
     hint = " (set `columns` to map other names)" if not cfg.columns else ""
     raise DataError(
         f"{row.where}: unknown format: found keys {found}; expected prompt/chosen/rejected "
-        f"(standard strings or conversational message lists) or chosen/rejected (implicit prompt){hint}"
+        f"(standard strings or conversational message lists), chosen/rejected (implicit prompt) or "
+        f"prompt/completion/label (unpaired){hint}"
     )
 
 

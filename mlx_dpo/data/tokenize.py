@@ -174,6 +174,7 @@ def tokenize_pairs(records: list, tokenizer, cfg: DPOConfig) -> Tuple[List[Token
     for row, example in examples:
         pair = _truncate_pair(*_encode_example(row, example, tokenizer, cfg), cfg, stats)
         if pair is not None:
+            pair.label = example.get("label")  # unpaired rows
             pairs.append(pair)
     stats["kept"] = len(pairs)
     return pairs, stats

@@ -20,6 +20,7 @@ import mlx.core as mx
 
 from ..util import distributed
 from ..errors import ConfigError
+from . import kto
 from .pair_losses import LOSSES, bco_pair, preference_loss, sigmoid, update_bco_state
 from .reduce import chosen_nll, reduce_logps, wpo_weights
 
@@ -62,6 +63,8 @@ def resolve_loss(name_or_callable) -> Callable:
 
 def _info(name_or_callable):
     """(reduction, reference_free, options, nll) of a built-in or custom loss."""
+    if isinstance(name_or_callable, str) and name_or_callable in kto.UNPAIRED_LOSSES:
+        return "sum", False, (), None  # summed log-probs with a reference (loss/kto.py)
     fn = LOSSES.get(name_or_callable) if isinstance(name_or_callable, str) else None
     if fn is None:
         fn = resolve_loss(name_or_callable)
@@ -140,6 +143,11 @@ def validate_loss_config(cfg) -> None:
         raise ConfigError(f"loss_weights has {len(cfg.loss_weights)} entries but loss_type has {len(names)}")
     if cfg.beta <= 0:
         raise ConfigError(f"beta must be > 0, got {cfg.beta}")
+    if kto.is_unpaired(cfg):
+        why = kto.check_unpaired_config(cfg)
+        if why:
+            raise ConfigError(why)
+        return
     ld_alpha = getattr(cfg, "ld_alpha", None)
     if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
         raise ConfigError(f"ld_alpha must be in [0, 1], got {ld_alpha}")
@@ -183,7 +191,7 @@ def validate_loss_config(cfg) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def batch_loss(policy: dict, ref: Optional[dict], cfg, state: dict, group=None):
+def batch_loss(policy: dict, ref: Optional[dict], cfg, state: dict, group=None, labels=None):
     """Scalar loss, metrics and new state for one batch of B pairs (this rank's slice of the
     global batch when ``group`` is a data-parallel group, see :mod:`mlx_dpo.util.distributed`).
 
@@ -200,7 +208,11 @@ def batch_loss(policy: dict, ref: Optional[dict], cfg, state: dict, group=None):
     With a ``group`` of N ranks each loss sees the gathered global batch (its rows of the
     per-pair losses are kept) and the NLL divides by the global chosen token count (times N),
     so the mean over the ranks of this loss is the single-process loss of the global batch.
+
+    Unpaired losses (kto, apo_zero_unpaired) take the batch's ``labels`` (:mod:`.kto`).
     """
+    if kto.is_unpaired(cfg):
+        return (*kto.unpaired_batch_loss(policy, ref, labels, cfg, group), dict(state))
     tl, mask = policy["token_logps"], policy["mask"]
     nll = _global_nll(tl, mask, group)
     reference_free = cfg.reference_free or ref is None

@@ -3,6 +3,7 @@ is due (``eval_strategy``), and the logged record of a logging step (TRL / trans
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -24,6 +25,7 @@ def evaluate(model, eval_step: Callable, pairs: List[TokenizedPair], cfg: DPOCon
     model.eval()
     bs = cfg.eval_batch_size or cfg.batch_size
     totals: Dict[str, float] = {}
+    weights: Dict[str, float] = {}
     count, tic = 0, time.perf_counter()
     for indices in eval_batches(pairs, bs, cfg.max_eval_batches):
         batch = collate(pairs, indices)
@@ -31,12 +33,14 @@ def evaluate(model, eval_step: Callable, pairs: List[TokenizedPair], cfg: DPOCon
         mx.eval(loss, metrics)
         n = batch.num_pairs
         for k, v in {"loss": loss, **metrics}.items():
-            totals[k] = totals.get(k, 0.0) + float(v.item()) * n
+            if k == "loss" or not math.isnan(v.item()):  # NaN: no value in this batch (KTO's one-label batches)
+                totals[k] = totals.get(k, 0.0) + float(v.item()) * n
+                weights[k] = weights.get(k, 0.0) + n
         count += n
     model.train(was_training)
     release_cache()  # the eval batches' buffers: shapes the training step does not reuse
     log(f"evaluation: {count} pairs in {time.perf_counter() - tic:.1f} s")
-    return {f"eval_{k}": v / count for k, v in totals.items()}
+    return {f"eval_{k}": v / weights[k] for k, v in totals.items()}
 
 
 def eval_every(cfg: DPOConfig, steps_per_epoch: int) -> int:

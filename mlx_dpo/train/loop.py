@@ -66,7 +66,7 @@ class TrainingLoop:
             seconds = time.perf_counter() - tic
             self.throughput.add(tokens, seconds)
             self.clock.step(seconds, tokens, traced=self.trace_count > traces)
-            state.window.add(metrics, tokens, seconds)
+            state.window.add(metrics, tokens, seconds, self.metric_counts)
             self.callbacks.on_step_end(state, metrics)
             self._log_and_evaluate(metrics["learning_rate"], metrics["grad_norm"])
             if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < state.max_steps:
@@ -132,7 +132,10 @@ class TrainingLoop:
             return None
         self.state.loss_state = self._pending_loss_state
         self.state.consecutive_skips = 0
-        metrics = {k: sum(out[k] for out, _ in floats) / len(floats) for k in floats[0][0]}
+        # a NaN metric has no value in that micro-batch (KTO's rewards/rejected with only desirable rows): left out
+        found = {k: [out[k] for out, _ in floats if not math.isnan(out[k])] for k in floats[0][0]}
+        self.metric_counts = {k: len(v) for k, v in found.items() if v}
+        metrics = {k: sum(v) / len(v) for k, v in found.items() if v}
         metrics.update(learning_rate=float(learning_rate.item()), grad_norm=float(norm.item()))
         return metrics
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from ..data.batching import SamplerState
 
@@ -25,30 +25,37 @@ class LogWindow:
     tokens: int = 0
     seconds: float = 0.0
     last_eval: Dict[str, float] = field(default_factory=dict)
+    counts: Dict[str, int] = field(default_factory=dict)  # values summed per metric (default: steps)
 
-    def add(self, metrics: Dict[str, float], tokens: int, seconds: float) -> None:
+    def add(self, metrics: Dict[str, float], tokens: int, seconds: float,
+            counts: Optional[Dict[str, int]] = None) -> None:
+        """``counts``: of how many micro-batch values each metric is the mean (1 if absent);
+        the window's mean is over those values, as TRL averages what it appended."""
+        counts = counts or {}
         for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
+            n = counts.get(k, 1)
+            self.sums[k] = self.sums.get(k, 0.0) + v * n
+            self.counts[k] = self.counts.get(k, 0) + n
         self.steps += 1
         self.tokens += tokens
         self.seconds += seconds
 
     def flush(self) -> dict:
         """Means over the window and its tokens/s; the window starts again empty."""
-        out = {k: v / max(self.steps, 1) for k, v in self.sums.items()}
+        out = {k: v / max(self.counts.get(k, self.steps), 1) for k, v in self.sums.items()}
         out["tokens_per_second"] = self.tokens / max(self.seconds, 1e-9)
-        self.sums, self.steps, self.tokens, self.seconds = {}, 0, 0, 0.0
+        self.sums, self.counts, self.steps, self.tokens, self.seconds = {}, {}, 0, 0, 0.0
         return out
 
     def to_dict(self) -> dict:
         """The checkpoint's ``log`` entry (format 1 names)."""
         return {"window": dict(self.sums), "steps": self.steps, "tokens": self.tokens, "time": self.seconds,
-                "last_eval": dict(self.last_eval)}
+                "last_eval": dict(self.last_eval), "counts": dict(self.counts)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LogWindow":
         return cls(dict(d.get("window", {})), int(d.get("steps", 0)), int(d.get("tokens", 0)),
-                   float(d.get("time", 0.0)), dict(d.get("last_eval", {})))
+                   float(d.get("time", 0.0)), dict(d.get("last_eval", {})), dict(d.get("counts", {})))
 
 
 @dataclass

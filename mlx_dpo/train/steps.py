@@ -105,7 +105,7 @@ def build_steps(model: nn.Module, optimizer: optim.Optimizer, cfg: DPOConfig, re
 
     def loss_fn(model, batch, ref, loss_state, group=None):
         policy = completion_logps(model, batch, with_wpo=cfg.use_weighting)
-        loss, metrics, new_state = losses.batch_loss(policy, ref, cfg, loss_state, group)
+        loss, metrics, new_state = losses.batch_loss(policy, ref, cfg, loss_state, group, batch.get("labels"))
         return loss, (metrics, new_state)
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import checkpoint, evaluation, stopping
 from ..util import distributed, metal
-from ..loss import losses
+from ..loss import kto, losses
 from ..model.adapters import adapter_config, reference_mode
 from ..data.batching import Batch, BatchSampler, collate
 from ..monitor.callbacks import CallbackList, console, default_callbacks
@@ -36,7 +36,7 @@ from ..util.clock import RunClock
 from ..config.fields import DPOConfig, resolve_config
 from ..errors import CheckpointError, ConfigError
 from ..forward.cpu_math import enable_cpu_math
-from ..data import TokenizedPair, load_datasets
+from ..data import TokenizedPair, load_datasets, unpaired
 from ..data.cache import data_fingerprint
 from ..data.formats import check_data_format
 from ..monitor.health import HealthMonitor
@@ -90,7 +90,7 @@ class DPOTrainer(TrainingLoop):
         if train_pairs is None:
             with self.clock.phase("data"):
                 train_pairs, eval_pairs = load_datasets(cfg, tokenizer, log=self.log)
-        self.train_pairs, self.eval_pairs = train_pairs, eval_pairs or []
+        self.train_pairs, self.eval_pairs = self._rows_for_loss(train_pairs, eval_pairs or [])
         self.pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
         self.layout = batch_layout(cfg.prefix_sharing, cfg.padding_free, model)
         self.prefix_sharing = self.layout != "unshared"  # each prompt runs once
@@ -134,6 +134,16 @@ class DPOTrainer(TrainingLoop):
         self.log(f"parameters: {self.num_parameters / 1e6:.2f}M total, {trainable / 1e6:.3f}M trainable "
                  f"({100 * trainable / max(self.num_parameters, 1):.3f}%)")
 
+    def _rows_for_loss(self, train: List[TokenizedPair], evals: List[TokenizedPair]) -> tuple:
+        """Pairs for a paired loss (unpaired rows refused); unpaired rows with their KL completions
+        for kto / apo_zero_unpaired, paired data unpaired (:mod:`mlx_dpo.data.unpaired`)."""
+        if not kto.is_unpaired(self.cfg):
+            unpaired.check_paired(train, self.cfg)
+            unpaired.check_paired(evals, self.cfg)
+            return train, evals
+        return tuple(unpaired.prepare_rows(pairs, self.cfg, kto.uses_kl(self.cfg), self.log, split)
+                     for pairs, split in ((train, "train"), (evals, "eval")))
+
     def _resume(self) -> None:
         """Advance the freshly built state, model and optimizer to the checkpoint's."""
         self.state = checkpoint.restore(checkpoint.load_checkpoint(self.resume_path), self.state, self.model,
@@ -155,7 +165,7 @@ class DPOTrainer(TrainingLoop):
         self.shapes = ShapePlan(self.train_pairs, self.layout, cfg.max_batch_shapes,
                                 batch_size=cfg.batch_size * self.ranks, passes=passes)
         self.sampler = BatchSampler(self.train_pairs, cfg.batch_size, cfg.seed, shapes=self.shapes,
-                                    rank=self.rank, ranks=self.ranks)
+                                    rank=self.rank, ranks=self.ranks, sequential=kto.is_unpaired(cfg))
 
     def _build_optimizer(self) -> None:
         cfg = self.cfg
