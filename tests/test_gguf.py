@@ -373,8 +373,9 @@ NEW_ARCHS = {"qwen3": dict(heads=4, kv_heads=2, head_dim=128, tied=True),
              "gemma2": dict(heads=2, kv_heads=1, head_dim=256, tied=True, embd_std=0.05)}
 
 
+# float32 noise between implementations: 2-5e-6 of the scale for Llama; Gemma 2's tanh caps showed 1.1e-5
 @pytest.mark.parametrize("source,dtype,tol", [("tiny_llama", "float32", 1e-5), ("tiny_llama", "q8_0", 1e-1),
-                                              *((arch, "float32", 1e-5) for arch in NEW_ARCHS)])
+                                              *((arch, "float32", 3e-5) for arch in NEW_ARCHS)])
 def test_gguf_round_trip_train_export_read_back(source, toy_data_dir, tmp_path, dtype, tol, request):
     """A run trained on a GGUF model, exported as GGUF: the source's tokenizer fields are copied
     unchanged, and the file read back by our loader (MLX) and by transformers' GGUF reader gives
@@ -413,7 +414,7 @@ def test_gguf_round_trip_train_export_read_back(source, toy_data_dir, tmp_path, 
     print(f"gguf {dtype}: max |logit diff| / scale, read back by mlx-dpo {rel(ours, back):.2e}, "
           f"by transformers {rel(ours, theirs):.2e}, between the two {rel(back, theirs):.2e}")
     assert rel(ours, back) < tol and rel(ours, theirs) < tol
-    assert rel(back, theirs) < 1e-5  # two readers of the same file (float32 summation order: 2-5e-6 measured)
+    assert rel(back, theirs) < min(tol, 1e-5)  # two readers of the same file (float32 summation: 2-5e-6 seen)
 
 
 CHAT_PAIRS = [  # as users bring them: a system prompt, multi-turn, Unicode, TRL's implicit-prompt form
