@@ -38,6 +38,37 @@ TOKENIZE_ONLY = [
      "rejected": [{"role": "assistant", "content": "Green."}]},
     {"prompt": "Answer: ", "chosen": "blue.", "rejected": "red."},
 ]
+# Real chat templates (tests/fixtures/templates) on conversational rows with TRL 1.16's per-row
+# ``chat_template_kwargs`` and ``tools``: (template file, row). TRL splits at the common tokens of the
+# prompt (with the generation prompt) and each whole conversation, as thinking templates need.
+TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "templates"
+_WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                              "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                             "required": ["city"]}}}]
+_ASK = [{"role": "user", "content": "What is 2 + 2?"}]
+_MULTI = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
+          {"role": "assistant", "content": "Hello.", "reasoning_content": "Greet back."},
+          {"role": "user", "content": "Capital of France?"}]
+TEMPLATE_RECORDS = [
+    ("Qwen-Qwen3-0.6B.jinja", {"prompt": _ASK, "chosen": [{"role": "assistant", "content": "4."}],
+                               "rejected": [{"role": "assistant", "content": "5."}],
+                               "chat_template_kwargs": {"enable_thinking": False}}),
+    ("Qwen-Qwen3-0.6B.jinja", {"prompt": _ASK, "chosen": [{"role": "assistant", "content": "4.",
+                                                          "reasoning_content": "Two and two."}],
+                               "rejected": [{"role": "assistant", "content": "5."}],
+                               "chat_template_kwargs": {"enable_thinking": True}}),
+    ("Qwen-Qwen3-0.6B.jinja", {"prompt": _MULTI, "chosen": [{"role": "assistant", "content": "Paris."}],
+                               "rejected": [{"role": "assistant", "content": "Lyon."}], "tools": _WEATHER}),
+    ("google-gemma-3-it.jinja", {"prompt": _MULTI, "chosen": [{"role": "assistant", "content": "Paris."}],
+                                 "rejected": [{"role": "assistant", "content": "Lyon."}]}),
+    ("microsoft-Phi-3.5-mini-instruct.jinja", {"prompt": _MULTI[1:], "chosen": [{"role": "assistant", "content": "Paris."}],
+                                               "rejected": [{"role": "assistant", "content": "Lyon."}]}),
+    ("meta-llama-Llama-3.1-Instruct.jinja", {"prompt": _ASK, "chosen": [{"role": "assistant", "content": "4."}],
+                                             "rejected": [{"role": "assistant", "content": "5."}], "tools": _WEATHER}),
+    ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja", {"prompt": _ASK,
+                                                        "chosen": [{"role": "assistant", "content": "4."}],
+                                                        "rejected": [{"role": "assistant", "content": "5."}]}),
+]
 # Truncation (TRL's dataset filter + collator at max_length TRUNCATE_AT): a long prompt, a long completion.
 TRUNCATE = PAIRS + [
     {"prompt": "Repeat: " + "cat dog " * 8 + "Answer:", "chosen": " cat dog.", "rejected": " sun."},
@@ -193,6 +224,22 @@ def mlx_tokenize(model_dir: Path, records: list) -> list:
     return [{"prompt_ids": p.prompt, "chosen_ids": p.chosen, "rejected_ids": p.rejected} for p in pairs]
 
 
+def mlx_tokenize_templates(model_dir: Path, records: list) -> list:
+    """Our tokenization of each template record, the template given as the ``chat_template`` option."""
+    from mlx_lm.utils import load_tokenizer
+
+    from mlx_dpo import DPOConfig
+    from mlx_dpo.data import tokenize_pairs
+    from mlx_dpo.model.loader import use_chat_template
+
+    out = []
+    for template, row in records:
+        cfg = DPOConfig(chat_template=str(TEMPLATES_DIR / template))
+        pairs, _ = tokenize_pairs([dict(row)], use_chat_template(load_tokenizer(model_dir), cfg), cfg)
+        out.append({"prompt_ids": pairs[0].prompt, "chosen_ids": pairs[0].chosen, "rejected_ids": pairs[0].rejected})
+    return out
+
+
 # --------------------------------------------------------------------------- TRL 1.16
 
 
@@ -284,6 +331,27 @@ def trl_tokenize(model_dir: Path, work: Path) -> list:
     return out
 
 
+def trl_tokenize_templates(model_dir: Path, work: Path) -> list:
+    """TRL 1.16's prompt_ids / chosen_ids / rejected_ids of each template record (tools as TRL's JSON string)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    out = []
+    for template, row in TEMPLATE_RECORDS:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer.chat_template = (TEMPLATES_DIR / template).read_text()
+        record = {**row, **({"tools": json.dumps(row["tools"])} if "tools" in row else {})}
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        args = DPOConfig(output_dir=str(work / "tpl"), report_to=[], use_cpu=True)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list([record]),
+                             processing_class=tokenizer)
+        done = trainer.train_dataset[0]
+        out.append({k: list(done[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")})
+    return out
+
+
 def trl_truncate(model_dir: Path, work: Path, mode: str) -> list:
     """Per kept pair, TRL's truncated ``[prompt + chosen, prompt + rejected]`` and their completion masks."""
     import torch
@@ -359,6 +427,7 @@ def record(path: Path, names=None) -> None:
         model_dir = build_model(work / "model")
         fixture.update(trl_version=trl.__version__, steps=STEPS, tokenizer_json_sha256=_sha(model_dir / "tokenizer.json"),
                        tokenize={"records": TOKENIZE_ONLY, "trl": trl_tokenize(model_dir, work)},
+                       templates={"records": TEMPLATE_RECORDS, "trl": trl_tokenize_templates(model_dir, work)},
                        truncate={mode: trl_truncate(model_dir, work, mode) for mode in ("keep_start", "keep_end")})
         _write_fixture(path, fixture)
         for name in names:

@@ -89,3 +89,15 @@ def test_wpo_clamp_is_the_only_difference(parity_model, tmp_path, monkeypatch):
     monkeypatch.setattr(losses, "wpo_weights", unclamped)
     diffs = tp.rel_diffs(tp.run_mlx("sigmoid+use_weighting", parity_model, tmp_path), FIXTURE["cases"]["sigmoid+use_weighting"])
     assert max(diffs.values()) <= TOLERANCE, diffs
+
+
+def test_real_chat_templates_tokenize_as_trl(parity_model):
+    """Qwen3 (enable_thinking false and true, reasoning_content, tools, multi-turn), Gemma 3, Phi-3.5,
+    Llama 3.1 (tools) and DeepSeek-R1-Distill templates on conversational rows: our prompt and
+    completion ids are TRL 1.16's own (recorded with its DPOTrainer, per-row chat_template_kwargs
+    and tools), including where the prompt alone renders differently (the thinking templates)."""
+    records, theirs = FIXTURE["templates"]["records"], FIXTURE["templates"]["trl"]
+    assert len(records) == len(tp.TEMPLATE_RECORDS) >= 7
+    ours = tp.mlx_tokenize_templates(parity_model, records)
+    for (template, _), a, b in zip(records, ours, theirs):
+        assert a == b, template

@@ -206,6 +206,16 @@ class Format:
         return example["prompt"], example["prompt"] + example["chosen"], example["prompt"] + example["rejected"]
 
 
+def render_chat(tokenizer, messages: list, **kwargs) -> str:
+    """``apply_chat_template`` as transformers (and TRL 1.16) call it, with only these keyword
+    arguments: mlx-lm's wrapper adds its own ``enable_thinking`` default (false where the vocabulary
+    has no ``<think>``), so it is bypassed unless it implements the template itself."""
+    inner = getattr(tokenizer, "_tokenizer", None)
+    if inner is None or getattr(tokenizer, "_chat_template", None) is not None:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    return inner.apply_chat_template(messages, tokenize=False, **kwargs)
+
+
 class Standard(Format):
     """``prompt``, ``chosen``, ``rejected`` strings; ``prompt_template`` wraps the prompt."""
 
@@ -260,9 +270,7 @@ class Conversational(Format):
         cont = prompt[-1]["role"] == "assistant"
         kwargs = cls.template_kwargs(cfg, example)
         try:
-            return tokenizer.apply_chat_template(
-                prompt, tokenize=False, add_generation_prompt=not cont, continue_final_message=cont, **kwargs
-            )
+            return render_chat(tokenizer, prompt, add_generation_prompt=not cont, continue_final_message=cont, **kwargs)
         except Exception as e:  # jinja errors, e.g. a template that rejects a role order
             raise DataError(f"{where}: chat template failed: {e}") from None
 
@@ -276,7 +284,7 @@ class Conversational(Format):
         prompt_text = cls.render_prompt(prompt, tokenizer, cfg, where, example)
         kwargs = cls.template_kwargs(cfg, example)
         try:
-            return (prompt_text, *(tokenizer.apply_chat_template(prompt + example[name], tokenize=False, **kwargs)
+            return (prompt_text, *(render_chat(tokenizer, prompt + example[name], **kwargs)
                                    for name in ("chosen", "rejected")))
         except Exception as e:  # jinja errors, e.g. a template that rejects a role order
             raise DataError(f"{where}: chat template failed: {e}") from None
