@@ -101,3 +101,30 @@ def test_real_chat_templates_tokenize_as_trl(parity_model):
     ours = tp.mlx_tokenize_templates(parity_model, records)
     for (template, _), a, b in zip(records, ours, theirs):
         assert a == b, template
+
+
+def test_prompts_left_short_are_counted_for_the_warning(parity_model):
+    """Where TRL 1.16 leaves the end of a rendered prompt out (it warns once), our data step counts
+    the pairs for its warning: the rows whose prompt, rendered by transformers alone, is longer than
+    TRL's recorded prompt_ids (the DeepSeek-R1 template's '<think>' generation prompt)."""
+    from mlx_lm.utils import load_tokenizer
+    from transformers import AutoTokenizer
+
+    from mlx_dpo import DPOConfig
+    from mlx_dpo.data import tokenize_pairs
+    from mlx_dpo.model.loader import use_chat_template
+
+    records, theirs = FIXTURE["templates"]["records"], FIXTURE["templates"]["trl"]
+    hf = AutoTokenizer.from_pretrained(parity_model)
+    short = set()
+    for i, ((template, row), trl) in enumerate(zip(records, theirs)):
+        hf.chat_template = (tp.TEMPLATES_DIR / template).read_text()
+        tools = {"tools": row["tools"]} if "tools" in row else {}
+        text = hf.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True, **tools,
+                                      **row.get("chat_template_kwargs", {}))
+        if len(hf(text, add_special_tokens=False)["input_ids"]) > len(trl["prompt_ids"]):
+            short.add(i)
+        cfg = DPOConfig(chat_template=str(tp.TEMPLATES_DIR / template))
+        _, stats = tokenize_pairs([dict(row)], use_chat_template(load_tokenizer(parity_model), cfg), cfg)
+        assert stats.get("prompt_end_dropped", 0) == (i in short), template
+    assert short  # the R1 template leaves its '<think>' out

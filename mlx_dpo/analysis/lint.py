@@ -77,7 +77,7 @@ def _encode_full(row: Row, example: dict, tokenizer, cfg: DPOConfig) -> dict:
     prompt_ids = encode(tokenizer, prompt, special)
     merged = [name for name, text in (("chosen", chosen), ("rejected", rejected))
               if encode(tokenizer, text, special)[: len(prompt_ids)] != prompt_ids]
-    _, chosen_ids, rejected_ids = encode_pair(tokenizer, prompt, chosen, rejected, example["chat"])
+    _, chosen_ids, rejected_ids, _ = encode_pair(tokenizer, prompt, chosen, rejected, example["chat"])
     unlike = "" if chosen.startswith(prompt) and rejected.startswith(prompt) else "the chat template renders the prompt alone differently"
     return {"chosen": chosen_ids, "rejected": rejected_ids, "merged": merged, "unlike": unlike}
 

@@ -129,6 +129,11 @@ def load_datasets(cfg: DPOConfig, tokenizer, log=print) -> Tuple[List[TokenizedP
         if (stats.get(name) or {}).get("duplicates"):
             log(f"warning: {name}: {stats[name]['duplicates']} exact-duplicate pairs (the same prompt, chosen and "
                 f"rejected as an earlier pair); they are kept and weigh more; remove them if that is not intended")
+        if (stats.get(name) or {}).get("prompt_end_dropped"):
+            log(f"warning: {name}: in {stats[name]['prompt_end_dropped']} pairs the chat template renders the prompt "
+                "alone differently from the conversation (e.g. a thinking template's empty think block); as TRL 1.16 "
+                "does, the prompt's end is left out and the model trains on a context it will not see at inference "
+                "(mlx-dpo lint lists them; chat_template_kwargs, e.g. enable_thinking, or chat_template can avoid it)")
     if not train:
         raise DataError(f"data: no usable training pairs in {cfg.data}" + _why_none(stats.get("train"), cfg))
     return train, evals

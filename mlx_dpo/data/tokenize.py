@@ -71,15 +71,16 @@ def common_prefix_length(a: List[int], b: List[int]) -> int:
 
 
 def encode_pair(tokenizer, prompt: str, prompt_chosen: str, prompt_rejected: str, chat: bool):
-    """``(prompt_ids, chosen_ids, rejected_ids)`` of rendered text: the prompt and each prompt +
-    completion (see the module docstring)."""
+    """``(prompt_ids, chosen_ids, rejected_ids, left_out)`` of rendered text: the prompt and each
+    prompt + completion (see the module docstring); ``left_out``: the prompt's end tokens that are
+    not in the conversations (a chat template rendering the prompt alone differently)."""
     prompt_ids = encode(tokenizer, prompt, not chat)
     full = [encode(tokenizer, text, not chat) for text in (prompt_chosen, prompt_rejected)]
     if not chat and tokenizer.eos_token_id is not None:
         full = [ids if _ends_with_eos(tokenizer, ids, eos_ids(tokenizer)) else ids + [tokenizer.eos_token_id]
                 for ids in full]
     n = min(common_prefix_length(prompt_ids, ids) for ids in full)
-    return prompt_ids[:n], full[0][n:], full[1][n:]
+    return prompt_ids[:n], full[0][n:], full[1][n:], len(prompt_ids) - n
 
 
 def _keep(ids: List[int], n: Optional[int], end: bool) -> List[int]:
@@ -113,9 +114,15 @@ def _validate(rows: List[Row], cfg: DPOConfig, stats: dict) -> List[Tuple[Row, d
     return examples
 
 
-def _encode_example(row: Row, example: dict, tokenizer, cfg: DPOConfig) -> Tuple[List[int], List[int], List[int]]:
-    """The pair's token ids; a completion with no token after the shared prompt is refused."""
-    ids = encode_pair(tokenizer, *get_format(row.format).render(example, tokenizer, cfg, row.where), example["chat"])
+def _encode_example(row: Row, example: dict, tokenizer, cfg: DPOConfig,
+                    stats: dict) -> Tuple[List[int], List[int], List[int]]:
+    """The pair's token ids; a completion with no token after the shared prompt is refused. A chat
+    prompt whose end is not in the conversation (its rendered tokens are no prefix of it) is counted
+    as ``prompt_end_dropped`` (TRL 1.16 warns once)."""
+    *ids, left_out = encode_pair(tokenizer, *get_format(row.format).render(example, tokenizer, cfg, row.where),
+                                 example["chat"])
+    if example["chat"] and left_out:
+        stats["prompt_end_dropped"] = stats.get("prompt_end_dropped", 0) + 1
     for name, completion in zip(("chosen", "rejected"), ids[1:]):
         if not completion:
             raise DataError(f"{row.where}: cannot split into prompt and completion: the chat template renders the "
@@ -172,7 +179,7 @@ def tokenize_pairs(records: list, tokenizer, cfg: DPOConfig) -> Tuple[List[Token
     examples = _validate(rows, cfg, stats)  # everything before the (slower) tokenization
     pairs = []
     for row, example in examples:
-        pair = _truncate_pair(*_encode_example(row, example, tokenizer, cfg), cfg, stats)
+        pair = _truncate_pair(*_encode_example(row, example, tokenizer, cfg, stats), cfg, stats)
         if pair is not None:
             pair.label = example.get("label")  # unpaired rows
             pairs.append(pair)
