@@ -21,8 +21,9 @@ from ..util.paths import cache_subdir
 from .base import TokenizedPair
 from .tokenize import eos_ids
 
-CACHE_VERSION = 4  # 2: pairs with a 0-token prompt are dropped; 3: key from config roles;
-# 4: TRL 1.16's truncation_mode and tokenization at the join
+CACHE_VERSION = 5  # 2: pairs with a 0-token prompt are dropped; 3: key from config roles;
+# 4: TRL 1.16's truncation_mode and tokenization at the join; 5: chat pairs split at their common tokens and
+# rendered with only the given template arguments (TRL 1.16), unpaired rows' labels
 TOKENIZER_HASHED_FILES = (
     "tokenizer.json",
     "tokenizer.model",
