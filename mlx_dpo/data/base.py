@@ -1,4 +1,4 @@
-"""Types shared by the data modules: the error, a raw record and a tokenized pair."""
+"""Types and helpers shared by the data modules: a raw record, a tokenized pair, rendering a chat."""
 
 from __future__ import annotations
 
@@ -31,3 +31,13 @@ class Row:
     where: str
     record: dict
     format: str = "auto"
+
+
+def render_chat(tokenizer, messages: list, **kwargs) -> str:
+    """``apply_chat_template`` as transformers (and TRL 1.16) call it, with only these keyword
+    arguments: mlx-lm's wrapper adds its own ``enable_thinking`` default (false where the vocabulary
+    has no ``<think>``), so it is bypassed unless it implements the template itself."""
+    inner = getattr(tokenizer, "_tokenizer", None)
+    if inner is None or getattr(tokenizer, "_chat_template", None) is not None:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    return inner.apply_chat_template(messages, tokenize=False, **kwargs)

@@ -38,7 +38,7 @@ from typing import Any, List, Optional, Tuple, Union
 
 from ..config.fields import DPOConfig
 from ..errors import ConfigError, DataError
-from .base import Row
+from .base import Row, render_chat
 
 PAIRED = ("prompt", "chosen", "rejected")
 FIELDS = PAIRED + ("completion", "label")  # paired, then unpaired (TRL's KTO format)
@@ -204,16 +204,6 @@ class Format:
     def render(cls, example: dict, tokenizer, cfg: DPOConfig, where: str) -> Tuple[str, str, str]:
         """``(prompt, prompt + chosen, prompt + rejected)`` as text."""
         return example["prompt"], example["prompt"] + example["chosen"], example["prompt"] + example["rejected"]
-
-
-def render_chat(tokenizer, messages: list, **kwargs) -> str:
-    """``apply_chat_template`` as transformers (and TRL 1.16) call it, with only these keyword
-    arguments: mlx-lm's wrapper adds its own ``enable_thinking`` default (false where the vocabulary
-    has no ``<think>``), so it is bypassed unless it implements the template itself."""
-    inner = getattr(tokenizer, "_tokenizer", None)
-    if inner is None or getattr(tokenizer, "_chat_template", None) is not None:
-        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
-    return inner.apply_chat_template(messages, tokenize=False, **kwargs)
 
 
 class Standard(Format):
