@@ -17,6 +17,7 @@ for every TRL ``loss_type`` and the main options. Per step it compares ``loss``,
 from __future__ import annotations
 
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -389,38 +390,69 @@ def mlx_truncate(model_dir: Path, mode: str) -> list:
 # --------------------------------------------------------------------------- comparing
 
 
-def rel_diffs(ours: list, theirs: list, beta: float = 0.1) -> dict:
+def rel_diffs(ours: list, theirs: list, beta: float = 0.1, metrics: tuple = METRICS) -> dict:
     """Max over steps of ``|ours - theirs| / scale`` per metric. The scale is ``|theirs|``,
     at least 0.05 for the loss (a loss near zero is held to 2e-4 * 0.05 absolute); for
     ``rewards/margins`` (a difference of two rewards), at least the rewards' own size; and for
     every ``rewards/*`` (beta x a difference of two log-probs of size ``|logps|``, which float32
     resolves to ~1e-7 of ``|logps|``), at least ``beta |logps| / 100``: a reward at or crossing
     zero is held to ``2e-6 beta |logps|`` absolute (seen on one CPU: 9e-7 at reward -0.0036, logps
-    -35, beta 0.1, where another gave 3e-7; a first-step margin of 5e-8 where TRL's is 0)."""
+    -35, beta 0.1, where another gave 3e-7; a first-step margin of 5e-8 where TRL's is 0). KTO's
+    ``kl`` (a mean difference of log-probs, clamped at 0) is a reward with beta 1; ``logits/*`` (the
+    mean over the vocabulary and the completion tokens, near 0 on the random toy model) is held to
+    2e-7 absolute at least (seen: 2.4e-8 on a mean of 2.4e-4). A metric TRL left out of a step (no
+    row to average) must be absent from ours too (else: infinite)."""
     if [r["step"] for r in ours] != [r["step"] for r in theirs]:
         raise AssertionError(f"logged steps differ: {[r['step'] for r in ours]} vs {[r['step'] for r in theirs]}")
     out = {}
-    for key in METRICS:
+    for key in metrics:
         worst = 0.0
         for a, b in zip(ours, theirs):
-            scale = abs(b[key])
-            if key == "loss":
-                scale = max(scale, 0.05)
-            if key == "rewards/margins":
-                scale = max(scale, abs(b["rewards/chosen"]), abs(b["rewards/rejected"]))
-            if key.startswith("rewards/"):
-                scale = max(scale, beta * max(abs(b["logps/chosen"]), abs(b["logps/rejected"])) / 100)
-            worst = max(worst, abs(a[key] - b[key]) / max(scale, 1e-12))
+            if key not in a or key not in b:
+                worst = worst if key not in a and key not in b else math.inf
+                continue
+            worst = max(worst, abs(a[key] - b[key]) / max(_scale(key, b, beta), 1e-12))
         out[key] = worst
     return out
 
 
+def _scale(key: str, b: dict, beta: float) -> float:
+    """:func:`rel_diffs`' scale of TRL's value ``b[key]``."""
+    scale = abs(b[key])
+    logps = max([abs(b[k]) for k in ("logps/chosen", "logps/rejected") if k in b] or [0.0])
+    if key == "loss":
+        scale = max(scale, 0.05)
+    if key == "rewards/margins":
+        scale = max(scale, abs(b["rewards/chosen"]), abs(b["rewards/rejected"]))
+    if key.startswith("rewards/"):
+        scale = max(scale, beta * logps / 100)
+    if key == "kl":
+        scale = max(scale, logps / 100)
+    if key.startswith("logits/"):
+        scale = max(scale, 1e-3)
+    return scale
+
+
+def kto_harness():
+    """The KTOTrainer cases (``benchmarks/trl_parity_kto.py``), the ``kto`` section of the fixture."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import trl_parity_kto
+
+    return trl_parity_kto
+
+
 def record(path: Path, names=None) -> None:
     """Run TRL on every case (or ``names``, updating an existing fixture; ``tokenize`` alone redoes
-    only the tokenization and truncation records) and write the fixture."""
+    only the tokenization and truncation records; ``kto [case ...]`` only the KTOTrainer records)
+    and write the fixture."""
     import trl
 
     fixture = json.loads(path.read_text()) if names and path.exists() else {"cases": {}}
+    if names and names[0] == "kto":
+        with tempfile.TemporaryDirectory() as tmp:
+            kto_harness().record(fixture, build_model(Path(tmp) / "model"), Path(tmp), names[1:] or None,
+                                 write=lambda: _write_fixture(path, fixture))
+        return
     names = [n for n in names or CASES if n != "tokenize"]  # "tokenize": only the tokenization records
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -437,12 +469,20 @@ def record(path: Path, names=None) -> None:
 
 
 def _write_fixture(path: Path, fixture: dict) -> None:
-    """JSON with one line per record (small diffs when a case is re-recorded)."""
-    head = {k: v for k, v in fixture.items() if k != "cases"}
-    cases = ",\n".join(f" {json.dumps(name)}: [\n" + ",\n".join("  " + json.dumps(r) for r in records) + "]"
-                       for name, records in fixture["cases"].items())
+    """JSON with one line per record (small diffs when a case is re-recorded); the KTO cases last."""
+    head = {k: v for k, v in fixture.items() if k not in ("cases", "kto")}
+    text = json.dumps(head)[:-1] + ',\n"cases": {\n' + _cases_text(fixture["cases"]) + "\n}"
+    if "kto" in fixture:
+        kto_head = {k: v for k, v in fixture["kto"].items() if k != "cases"}
+        text += (',\n"kto": ' + json.dumps(kto_head)[:-1] + ',\n"cases": {\n' + _cases_text(fixture["kto"]["cases"])
+                 + "\n}}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(head)[:-1] + ',\n"cases": {\n' + cases + "\n}}\n")
+    path.write_text(text + "}\n")
+
+
+def _cases_text(cases: dict) -> str:
+    return ",\n".join(f" {json.dumps(name)}: [\n" + ",\n".join("  " + json.dumps(r) for r in records) + "]"
+                       for name, records in cases.items())
 
 
 def _sha(path: Path) -> str:
@@ -451,29 +491,34 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def checked_model(work: Path, fixture: dict) -> Path:
+    """The toy model, its tokenizer the one the fixture was recorded with."""
+    model_dir = build_model(work / "model")
+    if _sha(model_dir / "tokenizer.json") != fixture["tokenizer_json_sha256"]:
+        raise AssertionError("the toy tokenizer differs from the one the fixture was recorded with")
+    return model_dir
+
+
 def compare(path: Path, names=None) -> dict:
-    """``{case: {metric: max rel. diff}}`` of mlx-dpo against the recorded TRL run."""
+    """``{case: {metric: max rel. diff}}`` of mlx-dpo against the recorded TRL run (``kto [case ...]``:
+    the KTOTrainer cases)."""
     fixture = json.loads(path.read_text())
-    out = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        model_dir = build_model(work / "model")
-        if _sha(model_dir / "tokenizer.json") != fixture["tokenizer_json_sha256"]:
-            raise AssertionError("the toy tokenizer differs from the one the fixture was recorded with")
-        for name in names or fixture["cases"]:
-            out[name] = rel_diffs(run_mlx(name, model_dir, work), fixture["cases"][name])
-    return out
+        model_dir = checked_model(work, fixture)
+        if names and names[0] == "kto":
+            return kto_harness().compare(fixture, model_dir, work, names[1:] or None)
+        return {name: rel_diffs(run_mlx(name, model_dir, work), fixture["cases"][name])
+                for name in names or fixture["cases"]}
 
 
-def table(diffs: dict, version: str) -> str:
-    short = {"loss": "loss", "rewards/chosen": "r/chosen", "rewards/rejected": "r/rejected",
-             "rewards/margins": "r/margins", "logps/chosen": "lp/chosen", "logps/rejected": "lp/rejected",
-             "grad_norm": "grad_norm"}
-    lines = [f"| case (vs TRL {version}) | " + " | ".join(short[k] for k in METRICS) + " |",
-             "|---" * (len(METRICS) + 1) + "|"]
+def table(diffs: dict, version: str, metrics: tuple = METRICS, expected: dict = EXPECTED_DIFFERENCES) -> str:
+    short = {k: k.replace("rewards/", "r/").replace("logps/", "lp/").replace("logits/", "lg/") for k in metrics}
+    lines = [f"| case (vs TRL {version}) | " + " | ".join(short[k] for k in metrics) + " |",
+             "|---" * (len(metrics) + 1) + "|"]
     for name, d in diffs.items():
-        note = " (documented difference)" if name in EXPECTED_DIFFERENCES else ""
-        lines.append(f"| `{name}`{note} | " + " | ".join(f"{d[k]:.1e}" for k in METRICS) + " |")
+        note = " (documented difference)" if name in expected else ""
+        lines.append(f"| `{name}`{note} | " + " | ".join(f"{d[k]:.1e}" for k in metrics) + " |")
     return "\n".join(lines)
 
 
@@ -484,7 +529,12 @@ def main(argv) -> None:
     if argv[0] == "record":
         record(path, argv[2:] or None)
     else:
-        print(table(compare(path, argv[2:] or None), json.loads(path.read_text())["trl_version"]))
+        names, version = argv[2:] or None, json.loads(path.read_text())["trl_version"]
+        if names and names[0] == "kto":
+            kto = kto_harness()
+            print(table(compare(path, names), version, kto.METRICS, kto.EXPECTED_DIFFERENCES))
+        else:
+            print(table(compare(path, names), version))
 
 
 if __name__ == "__main__":
