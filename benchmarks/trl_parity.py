@@ -11,6 +11,9 @@ for every TRL ``loss_type`` and the main options. Per step it compares ``loss``,
     # mlx-dpo against the recorded TRL numbers (no TRL needed); prints the table
     python benchmarks/trl_parity.py compare tests/fixtures/trl_parity.json [case ...]
 
+    # TRL 1.16's KTOTrainer on unpaired rows (issue 30, benchmarks/trl_parity_kto.py): add "kto"
+    python benchmarks/trl_parity.py record tests/fixtures/trl_parity.json kto [case ...]
+
 ``tests/test_trl_parity.py`` runs the comparison against the committed fixture.
 """
 
