@@ -11,70 +11,28 @@ for every TRL ``loss_type`` and the main options. Per step it compares ``loss``,
     # mlx-dpo against the recorded TRL numbers (no TRL needed); prints the table
     python benchmarks/trl_parity.py compare tests/fixtures/trl_parity.json [case ...]
 
+    # TRL 1.16's KTOTrainer on unpaired rows (issue 30, benchmarks/trl_parity_kto.py): add "kto"
+    python benchmarks/trl_parity.py record tests/fixtures/trl_parity.json kto [case ...]
+
 ``tests/test_trl_parity.py`` runs the comparison against the committed fixture.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-PAIRS = [
-    {"prompt": "Repeat: cat dog. Answer:", "chosen": " cat dog.", "rejected": " sun moon."},
-    {"prompt": "Repeat: red blue green. Answer:", "chosen": " red blue green.", "rejected": " one two."},
-    {"prompt": "Repeat: tree. Answer:", "chosen": " tree.", "rejected": " car bus train boat."},
-    {"prompt": "Repeat: sky sea sand sun. Answer:", "chosen": " sky sea sand sun.", "rejected": " no."},
-]
-# Tokenization only (TRL's prompt_ids / chosen_ids / rejected_ids are recorded): BOS on a
-# string prompt, a chat-template pair, a boundary merge ("Answer: " + "blue").
-TOKENIZE_ONLY = [
-    {"prompt": "Question: why? Answer:", "chosen": " because.", "rejected": " no idea at all."},
-    {"prompt": [{"role": "user", "content": "What color is the sky?"}],
-     "chosen": [{"role": "assistant", "content": "It is blue."}],
-     "rejected": [{"role": "assistant", "content": "Green."}]},
-    {"prompt": "Answer: ", "chosen": "blue.", "rejected": "red."},
-]
-# Real chat templates (tests/fixtures/templates) on conversational rows with TRL 1.16's per-row
-# ``chat_template_kwargs`` and ``tools``: (template file, row). TRL splits at the common tokens of the
-# prompt (with the generation prompt) and each whole conversation, as thinking templates need.
-TEMPLATES_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "templates"
-_WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                              "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                                                             "required": ["city"]}}}]
-_ASK = [{"role": "user", "content": "What is 2 + 2?"}]
-_MULTI = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
-          {"role": "assistant", "content": "Hello.", "reasoning_content": "Greet back."},
-          {"role": "user", "content": "Capital of France?"}]
-TEMPLATE_RECORDS = [
-    ("Qwen-Qwen3-0.6B.jinja", {"prompt": _ASK, "chosen": [{"role": "assistant", "content": "4."}],
-                               "rejected": [{"role": "assistant", "content": "5."}],
-                               "chat_template_kwargs": {"enable_thinking": False}}),
-    ("Qwen-Qwen3-0.6B.jinja", {"prompt": _ASK, "chosen": [{"role": "assistant", "content": "4.",
-                                                          "reasoning_content": "Two and two."}],
-                               "rejected": [{"role": "assistant", "content": "5."}],
-                               "chat_template_kwargs": {"enable_thinking": True}}),
-    ("Qwen-Qwen3-0.6B.jinja", {"prompt": _MULTI, "chosen": [{"role": "assistant", "content": "Paris."}],
-                               "rejected": [{"role": "assistant", "content": "Lyon."}], "tools": _WEATHER}),
-    ("google-gemma-3-it.jinja", {"prompt": _MULTI, "chosen": [{"role": "assistant", "content": "Paris."}],
-                                 "rejected": [{"role": "assistant", "content": "Lyon."}]}),
-    ("microsoft-Phi-3.5-mini-instruct.jinja", {"prompt": _MULTI[1:], "chosen": [{"role": "assistant", "content": "Paris."}],
-                                               "rejected": [{"role": "assistant", "content": "Lyon."}]}),
-    ("meta-llama-Llama-3.1-Instruct.jinja", {"prompt": _ASK, "chosen": [{"role": "assistant", "content": "4."}],
-                                             "rejected": [{"role": "assistant", "content": "5."}], "tools": _WEATHER}),
-    ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja", {"prompt": _ASK,
-                                                        "chosen": [{"role": "assistant", "content": "4."}],
-                                                        "rejected": [{"role": "assistant", "content": "5."}]}),
-]
-# Truncation (TRL's dataset filter + collator at max_length TRUNCATE_AT): a long prompt, a long completion.
-TRUNCATE = PAIRS + [
-    {"prompt": "Repeat: " + "cat dog " * 8 + "Answer:", "chosen": " cat dog.", "rejected": " sun."},
-    {"prompt": "Say:", "chosen": " cat dog sun" * 2, "rejected": " no."},
-]
-TRUNCATE_AT = 14
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness's other modules
+
+from trl_parity_data import (PAIRS, TEMPLATE_RECORDS, TEMPLATES_DIR, TOKENIZE_ONLY, TRUNCATE,  # noqa: E402,F401
+                             TRUNCATE_AT, mlx_tokenize, mlx_tokenize_templates, mlx_truncate, trl_tokenize,
+                             trl_tokenize_templates, trl_truncate)
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA, STEPS, SEED = 4, 8.0, 10, 0
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
@@ -214,32 +172,6 @@ def run_mlx(name: str, model_dir: Path, work: Path) -> list:
     return [{k: float(r[k]) for k in METRICS} | {"step": int(r["step"])} for r in recorder.records]
 
 
-def mlx_tokenize(model_dir: Path, records: list) -> list:
-    from mlx_lm.utils import load_tokenizer
-
-    from mlx_dpo import DPOConfig
-    from mlx_dpo.data import tokenize_pairs
-
-    pairs, _ = tokenize_pairs([dict(r) for r in records], load_tokenizer(model_dir), DPOConfig())
-    return [{"prompt_ids": p.prompt, "chosen_ids": p.chosen, "rejected_ids": p.rejected} for p in pairs]
-
-
-def mlx_tokenize_templates(model_dir: Path, records: list) -> list:
-    """Our tokenization of each template record, the template given as the ``chat_template`` option."""
-    from mlx_lm.utils import load_tokenizer
-
-    from mlx_dpo import DPOConfig
-    from mlx_dpo.data import tokenize_pairs
-    from mlx_dpo.model.loader import use_chat_template
-
-    out = []
-    for template, row in records:
-        cfg = DPOConfig(chat_template=str(TEMPLATES_DIR / template))
-        pairs, _ = tokenize_pairs([dict(row)], use_chat_template(load_tokenizer(model_dir), cfg), cfg)
-        out.append({"prompt_ids": pairs[0].prompt, "chosen_ids": pairs[0].chosen, "rejected_ids": pairs[0].rejected})
-    return out
-
-
 # --------------------------------------------------------------------------- TRL 1.16
 
 
@@ -314,113 +246,71 @@ def run_trl(name: str, model_dir: Path, work: Path) -> list:
     return recorder.records
 
 
-def trl_tokenize(model_dir: Path, work: Path) -> list:
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
-
-    out = []
-    for record in TOKENIZE_ONLY:  # one trainer each: TRL wants one format per dataset
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        args = DPOConfig(output_dir=str(work / "tok"), report_to=[], use_cpu=True)
-        trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list([record]),
-                             processing_class=AutoTokenizer.from_pretrained(model_dir))
-        row = trainer.train_dataset[0]
-        out.append({k: list(row[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")})
-    return out
-
-
-def trl_tokenize_templates(model_dir: Path, work: Path) -> list:
-    """TRL 1.16's prompt_ids / chosen_ids / rejected_ids of each template record (tools as TRL's JSON string)."""
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
-
-    out = []
-    for template, row in TEMPLATE_RECORDS:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        tokenizer.chat_template = (TEMPLATES_DIR / template).read_text()
-        record = {**row, **({"tools": json.dumps(row["tools"])} if "tools" in row else {})}
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        args = DPOConfig(output_dir=str(work / "tpl"), report_to=[], use_cpu=True)
-        trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list([record]),
-                             processing_class=tokenizer)
-        done = trainer.train_dataset[0]
-        out.append({k: list(done[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")})
-    return out
-
-
-def trl_truncate(model_dir: Path, work: Path, mode: str) -> list:
-    """Per kept pair, TRL's truncated ``[prompt + chosen, prompt + rejected]`` and their completion masks."""
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    args = DPOConfig(output_dir=str(work / "trunc"), report_to=[], use_cpu=True, max_length=TRUNCATE_AT,
-                     truncation_mode=mode)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(TRUNCATE),
-                         processing_class=AutoTokenizer.from_pretrained(model_dir))
-    out = []
-    for row in trainer.train_dataset:
-        batch = trainer.data_collator([{k: row[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}])
-        keep = batch["attention_mask"].bool()
-        out.append({"ids": [batch["input_ids"][i][keep[i]].tolist() for i in (0, 1)],
-                    "completion_mask": [batch["completion_mask"][i][keep[i]].tolist() for i in (0, 1)]})
-    return out
-
-
-def mlx_truncate(model_dir: Path, mode: str) -> list:
-    """:func:`trl_truncate`'s rows from mlx-dpo's tokenized pairs."""
-    from mlx_lm.utils import load_tokenizer
-
-    from mlx_dpo import DPOConfig
-    from mlx_dpo.data import tokenize_pairs
-
-    cfg = DPOConfig(max_length=TRUNCATE_AT, truncation_mode=mode)
-    pairs, _ = tokenize_pairs([dict(r) for r in TRUNCATE], load_tokenizer(model_dir), cfg)
-    return [{"ids": [p.prompt + p.chosen, p.prompt + p.rejected],
-             "completion_mask": [[0] * len(p.prompt) + [1] * len(c) for c in (p.chosen, p.rejected)]} for p in pairs]
-
-
 # --------------------------------------------------------------------------- comparing
 
 
-def rel_diffs(ours: list, theirs: list, beta: float = 0.1) -> dict:
+def rel_diffs(ours: list, theirs: list, beta: float = 0.1, metrics: tuple = METRICS) -> dict:
     """Max over steps of ``|ours - theirs| / scale`` per metric. The scale is ``|theirs|``,
     at least 0.05 for the loss (a loss near zero is held to 2e-4 * 0.05 absolute); for
     ``rewards/margins`` (a difference of two rewards), at least the rewards' own size; and for
     every ``rewards/*`` (beta x a difference of two log-probs of size ``|logps|``, which float32
     resolves to ~1e-7 of ``|logps|``), at least ``beta |logps| / 100``: a reward at or crossing
     zero is held to ``2e-6 beta |logps|`` absolute (seen on one CPU: 9e-7 at reward -0.0036, logps
-    -35, beta 0.1, where another gave 3e-7; a first-step margin of 5e-8 where TRL's is 0)."""
+    -35, beta 0.1, where another gave 3e-7; a first-step margin of 5e-8 where TRL's is 0). KTO's
+    ``kl`` (a mean difference of log-probs, clamped at 0) is a reward with beta 1; ``logits/*`` (the
+    mean over the vocabulary and the completion tokens, near 0 on the random toy model) is held to
+    2e-7 absolute at least (seen: 2.4e-8 on a mean of 2.4e-4). A metric TRL left out of a step (no
+    row to average) must be absent from ours too (else: infinite)."""
     if [r["step"] for r in ours] != [r["step"] for r in theirs]:
         raise AssertionError(f"logged steps differ: {[r['step'] for r in ours]} vs {[r['step'] for r in theirs]}")
     out = {}
-    for key in METRICS:
+    for key in metrics:
         worst = 0.0
         for a, b in zip(ours, theirs):
-            scale = abs(b[key])
-            if key == "loss":
-                scale = max(scale, 0.05)
-            if key == "rewards/margins":
-                scale = max(scale, abs(b["rewards/chosen"]), abs(b["rewards/rejected"]))
-            if key.startswith("rewards/"):
-                scale = max(scale, beta * max(abs(b["logps/chosen"]), abs(b["logps/rejected"])) / 100)
-            worst = max(worst, abs(a[key] - b[key]) / max(scale, 1e-12))
+            if key not in a or key not in b:
+                worst = worst if key not in a and key not in b else math.inf
+                continue
+            worst = max(worst, abs(a[key] - b[key]) / max(_scale(key, b, beta), 1e-12))
         out[key] = worst
     return out
 
 
+def _scale(key: str, b: dict, beta: float) -> float:
+    """:func:`rel_diffs`' scale of TRL's value ``b[key]``."""
+    scale = abs(b[key])
+    logps = max([abs(b[k]) for k in ("logps/chosen", "logps/rejected") if k in b] or [0.0])
+    if key == "loss":
+        scale = max(scale, 0.05)
+    if key == "rewards/margins":
+        scale = max(scale, abs(b["rewards/chosen"]), abs(b["rewards/rejected"]))
+    if key.startswith("rewards/"):
+        scale = max(scale, beta * logps / 100)
+    if key == "kl":
+        scale = max(scale, logps / 100)
+    if key.startswith("logits/"):
+        scale = max(scale, 1e-3)
+    return scale
+
+
+def kto_harness():
+    """The KTOTrainer cases (``benchmarks/trl_parity_kto.py``), the ``kto`` section of the fixture."""
+    import trl_parity_kto
+
+    return trl_parity_kto
+
+
 def record(path: Path, names=None) -> None:
     """Run TRL on every case (or ``names``, updating an existing fixture; ``tokenize`` alone redoes
-    only the tokenization and truncation records) and write the fixture."""
+    only the tokenization and truncation records; ``kto [case ...]`` only the KTOTrainer records)
+    and write the fixture."""
     import trl
 
     fixture = json.loads(path.read_text()) if names and path.exists() else {"cases": {}}
+    if names and names[0] == "kto":
+        with tempfile.TemporaryDirectory() as tmp:
+            kto_harness().record(fixture, build_model(Path(tmp) / "model"), Path(tmp), names[1:] or None,
+                                 write=lambda: _write_fixture(path, fixture))
+        return
     names = [n for n in names or CASES if n != "tokenize"]  # "tokenize": only the tokenization records
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -437,12 +327,20 @@ def record(path: Path, names=None) -> None:
 
 
 def _write_fixture(path: Path, fixture: dict) -> None:
-    """JSON with one line per record (small diffs when a case is re-recorded)."""
-    head = {k: v for k, v in fixture.items() if k != "cases"}
-    cases = ",\n".join(f" {json.dumps(name)}: [\n" + ",\n".join("  " + json.dumps(r) for r in records) + "]"
-                       for name, records in fixture["cases"].items())
+    """JSON with one line per record (small diffs when a case is re-recorded); the KTO cases last."""
+    head = {k: v for k, v in fixture.items() if k not in ("cases", "kto")}
+    text = json.dumps(head)[:-1] + ',\n"cases": {\n' + _cases_text(fixture["cases"]) + "\n}"
+    if "kto" in fixture:
+        kto_head = {k: v for k, v in fixture["kto"].items() if k != "cases"}
+        text += (',\n"kto": ' + json.dumps(kto_head)[:-1] + ',\n"cases": {\n' + _cases_text(fixture["kto"]["cases"])
+                 + "\n}}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(head)[:-1] + ',\n"cases": {\n' + cases + "\n}}\n")
+    path.write_text(text + "}\n")
+
+
+def _cases_text(cases: dict) -> str:
+    return ",\n".join(f" {json.dumps(name)}: [\n" + ",\n".join("  " + json.dumps(r) for r in records) + "]"
+                       for name, records in cases.items())
 
 
 def _sha(path: Path) -> str:
@@ -451,29 +349,34 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def checked_model(work: Path, fixture: dict) -> Path:
+    """The toy model, its tokenizer the one the fixture was recorded with."""
+    model_dir = build_model(work / "model")
+    if _sha(model_dir / "tokenizer.json") != fixture["tokenizer_json_sha256"]:
+        raise AssertionError("the toy tokenizer differs from the one the fixture was recorded with")
+    return model_dir
+
+
 def compare(path: Path, names=None) -> dict:
-    """``{case: {metric: max rel. diff}}`` of mlx-dpo against the recorded TRL run."""
+    """``{case: {metric: max rel. diff}}`` of mlx-dpo against the recorded TRL run (``kto [case ...]``:
+    the KTOTrainer cases)."""
     fixture = json.loads(path.read_text())
-    out = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        model_dir = build_model(work / "model")
-        if _sha(model_dir / "tokenizer.json") != fixture["tokenizer_json_sha256"]:
-            raise AssertionError("the toy tokenizer differs from the one the fixture was recorded with")
-        for name in names or fixture["cases"]:
-            out[name] = rel_diffs(run_mlx(name, model_dir, work), fixture["cases"][name])
-    return out
+        model_dir = checked_model(work, fixture)
+        if names and names[0] == "kto":
+            return kto_harness().compare(fixture, model_dir, work, names[1:] or None)
+        return {name: rel_diffs(run_mlx(name, model_dir, work), fixture["cases"][name])
+                for name in names or fixture["cases"]}
 
 
-def table(diffs: dict, version: str) -> str:
-    short = {"loss": "loss", "rewards/chosen": "r/chosen", "rewards/rejected": "r/rejected",
-             "rewards/margins": "r/margins", "logps/chosen": "lp/chosen", "logps/rejected": "lp/rejected",
-             "grad_norm": "grad_norm"}
-    lines = [f"| case (vs TRL {version}) | " + " | ".join(short[k] for k in METRICS) + " |",
-             "|---" * (len(METRICS) + 1) + "|"]
+def table(diffs: dict, version: str, metrics: tuple = METRICS, expected: dict = EXPECTED_DIFFERENCES) -> str:
+    short = {k: k.replace("rewards/", "r/").replace("logps/", "lp/").replace("logits/", "lg/") for k in metrics}
+    lines = [f"| case (vs TRL {version}) | " + " | ".join(short[k] for k in metrics) + " |",
+             "|---" * (len(metrics) + 1) + "|"]
     for name, d in diffs.items():
-        note = " (documented difference)" if name in EXPECTED_DIFFERENCES else ""
-        lines.append(f"| `{name}`{note} | " + " | ".join(f"{d[k]:.1e}" for k in METRICS) + " |")
+        note = " (documented difference)" if name in expected else ""
+        lines.append(f"| `{name}`{note} | " + " | ".join(f"{d[k]:.1e}" for k in metrics) + " |")
     return "\n".join(lines)
 
 
@@ -484,7 +387,12 @@ def main(argv) -> None:
     if argv[0] == "record":
         record(path, argv[2:] or None)
     else:
-        print(table(compare(path, argv[2:] or None), json.loads(path.read_text())["trl_version"]))
+        names, version = argv[2:] or None, json.loads(path.read_text())["trl_version"]
+        if names and names[0] == "kto":
+            kto = kto_harness()
+            print(table(compare(path, names), version, kto.METRICS, kto.EXPECTED_DIFFERENCES))
+        else:
+            print(table(compare(path, names), version))
 
 
 if __name__ == "__main__":

@@ -128,3 +128,52 @@ def test_prompts_left_short_are_counted_for_the_warning(parity_model):
         _, stats = tokenize_pairs([dict(row)], use_chat_template(load_tokenizer(parity_model), cfg), cfg)
         assert stats.get("prompt_end_dropped", 0) == (i in short), template
     assert short  # the R1 template leaves its '<think>' out
+
+
+# --------------------------------------------------------------------------- KTOTrainer (issue 30)
+
+kto = tp.kto_harness()
+KTO = FIXTURE["kto"]
+
+
+def test_kto_fixture_covers_every_case():
+    """Every KTO case recorded; the recording exercises what it is for: a step whose KL estimate TRL
+    clamped to 0, a first step with desirable rows only (no rewards/rejected, no margin), a log
+    every 5 steps."""
+    assert set(KTO["cases"]) == set(kto.CASES) and KTO["records"]["rows"] == kto.ROWS
+    assert any(r["kl"] == 0.0 for r in KTO["cases"]["kto"]) and any(r["kl"] > 0 for r in KTO["cases"]["kto"])
+    first = KTO["cases"]["kto+desirable-only batch"][0]
+    assert "rewards/chosen" in first and "rewards/rejected" not in first and "rewards/margins" not in first
+    assert [r["step"] for r in KTO["cases"]["kto+logging_steps 5"]] == [5, 10]
+    assert all(r["kl"] == 0.0 for r in KTO["cases"]["apo_zero_unpaired"])
+
+
+def test_kto_tokenization_matches_trl(parity_model):
+    """TRL 1.16's KTOTrainer rows: the string prompt with BOS, the completion with EOS, the KL
+    completion the previous row's of its batch of 4 (the first row takes the batch's last); a chat
+    row with only the template's tokens; a token merged across the join goes to the completion."""
+    assert kto.mlx_tokenize(parity_model, KTO["records"]["rows"]) == KTO["tokenize"]["rows"]
+    for record, theirs in zip(KTO["records"]["tokenize_only"], KTO["tokenize"]["tokenize_only"]):
+        assert kto.mlx_tokenize(parity_model, [record]) == [theirs]
+
+
+@pytest.mark.parametrize("name", [n for n in kto.CASES if n not in kto.EXPECTED_DIFFERENCES])
+def test_kto_per_step_metrics_match_trl(parity_model, tmp_path, name):
+    diffs = tp.rel_diffs(kto.run_mlx(name, parity_model, tmp_path), KTO["cases"][name], metrics=kto.METRICS)
+    assert max(diffs.values()) <= TOLERANCE, diffs
+
+
+def test_kto_without_the_kl_clamp_does_not_match_trl(parity_model, tmp_path, monkeypatch):
+    """The mutation the parity test catches: a KL reference point not clamped at 0 (the estimate is
+    negative at some steps) logs the wrong ``kl`` and trains differently (the gradients)."""
+    from mlx_dpo.loss import kto as kto_loss
+    from mlx_dpo.util import distributed
+
+    def unclamped(kl_logps, ref_kl_logps, group=None):
+        import mlx.core as mx
+
+        return distributed.all_mean(mx.stop_gradient((kl_logps - ref_kl_logps).mean()), group)
+
+    monkeypatch.setattr(kto_loss, "kl_reference_point", unclamped)
+    diffs = tp.rel_diffs(kto.run_mlx("kto", parity_model, tmp_path), KTO["cases"]["kto"], metrics=kto.METRICS)
+    assert diffs["kl"] > 100 * TOLERANCE and diffs["grad_norm"] > 2 * TOLERANCE, diffs
