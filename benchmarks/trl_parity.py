@@ -195,7 +195,9 @@ def _set_peft_lora(model, lora: dict) -> None:
 
 
 class _TrlRecorder:
-    def __init__(self):
+    """The ``metrics`` TRL logs at each logged step (a metric TRL leaves out of a step is absent)."""
+
+    def __init__(self, metrics=METRICS):
         from transformers import TrainerCallback
 
         outer = self
@@ -204,7 +206,8 @@ class _TrlRecorder:
         class CB(TrainerCallback):
             def on_log(self, args, state, control, logs=None, **kw):
                 if logs and "loss" in logs:
-                    outer.records.append({"step": state.global_step, **{k: float(logs[k]) for k in METRICS}})
+                    outer.records.append({"step": state.global_step} | {k: float(v) for k, v in logs.items()
+                                                                        if k in metrics})
 
         self.callback = CB()
 

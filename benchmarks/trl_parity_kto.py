@@ -101,22 +101,6 @@ def mlx_tokenize(model_dir: Path, records: list, batch_size: int = 4) -> list:
 # --------------------------------------------------------------------------- TRL 1.16
 
 
-class _TrlRecorder:
-    def __init__(self):
-        from transformers import TrainerCallback
-
-        outer = self
-        self.records = []
-
-        class CB(TrainerCallback):
-            def on_log(self, args, state, control, logs=None, **kw):
-                if logs and "loss" in logs:
-                    outer.records.append({"step": state.global_step} | {k: float(v) for k, v in logs.items()
-                                                                        if k in METRICS})
-
-        self.callback = CB()
-
-
 def _trl_trainer(model_dir: Path, rows: list, out: Path, callbacks=(), **options):
     """TRL 1.16's KTOTrainer with a fresh LoRA adapter (reference: adapters off) on ``rows``."""
     import torch
@@ -137,7 +121,7 @@ def _trl_trainer(model_dir: Path, rows: list, out: Path, callbacks=(), **options
 def run_trl(name: str, model_dir: Path, work: Path) -> list:
     """Per logged step, the metrics of TRL 1.16's KTOTrainer on case ``name``."""
     options, rows = case_options(name)
-    recorder = _TrlRecorder()
+    recorder = tp._TrlRecorder(METRICS)
     trainer = _trl_trainer(model_dir, rows, work / "trl_kto" / name.replace(" ", "_").replace("/", "_"),
                            [recorder.callback], **options)
     tp._set_peft_lora(trainer.model, tp.initial_lora(json.loads((model_dir / "config.json").read_text()),
