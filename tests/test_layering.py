@@ -16,7 +16,7 @@ LAYERS = ["errors", "util", "config", "model", "data", "forward", "loss", "monit
 # Lowest first inside each sub-package (``__init__`` last). A module may be listed before it exists.
 MODULE_ORDER = {
     "util": ["io", "paths", "clock", "hubnet", "metal", "distributed", "__init__"],
-    "config": ["coerce", "checks", "fields", "__init__"],
+    "config": ["coerce", "checks", "keys", "fields", "__init__"],
     "model": ["architectures", "quant", "adapters", "toy", "ggml", "gguf_arch", "gguf", "demo", "loader", "trainable", "trained",
               "__init__"],
     "data": ["base", "readers", "sources", "formats", "tokenize", "cache", "shapes", "batching", "__init__"],

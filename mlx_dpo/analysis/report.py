@@ -179,6 +179,26 @@ def metric_figure(Figure, panels: Sequence[Panel], runs: Sequence[RunRecords]):
     return fig
 
 
+def best_eval(run: RunRecords) -> Optional[Tuple[int, str]]:
+    """``(step, "eval_loss 0.61")``: the run's best evaluation by ``metric_for_best_model``, as
+    its last evaluation recorded it (``best_step`` / ``best_metric``); None without one."""
+    last = next((r for r in reversed(run.records) if r.get("best_step") is not None), None)
+    if last is None:
+        return None
+    name = str(run.config.get("metric_for_best_model", "eval_loss"))
+    return last["best_step"], f"{name if name.startswith('eval_') else 'eval_' + name} {last['best_metric']:.4g}"
+
+
+def mark_best(fig, runs: Sequence[RunRecords]) -> None:
+    """A dashed vertical line at each run's best step on the loss figure."""
+    for i, run in enumerate(runs):
+        best = best_eval(run)
+        if best is not None:
+            label = f"best: step {best[0]}" if len(runs) == 1 else f"{run.name}: best step {best[0]}"
+            fig.axes[0].axvline(best[0], linestyle="--", linewidth=1, color=f"C{i}", label=label)
+            fig.axes[0].legend(fontsize=8)
+
+
 def build_figures(runs: Sequence[RunRecords]) -> Tuple[dict, List[str]]:
     """``({name: Figure}, notes)``: the metric figures, then the completion lengths; a note
     for each figure left out."""
@@ -191,6 +211,8 @@ def build_figures(runs: Sequence[RunRecords]) -> Tuple[dict, List[str]]:
             notes.append(f"{name}: no run logged any of {keys}")
         else:
             figures[name] = fig
+    if "loss" in figures:
+        mark_best(figures["loss"], runs)
     lengths = {run.name: completion_lengths(run.config) for run in runs}
     missing = [f"{n} ({why})" for n, (_, why) in lengths.items() if why]
     if missing:
@@ -275,7 +297,9 @@ def run_warnings(run: RunRecords) -> List[Tuple[int, str]]:
 
 def _run_row(run: RunRecords) -> str:
     c = run.config
-    cells = [run.name, str(run.path), str(run.records[-1]["step"]), str(c.get("loss_type", "")),
+    best = best_eval(run)
+    cells = [run.name, str(run.path), str(run.records[-1]["step"]), f"{best[0]} ({best[1]})" if best else "",
+             str(c.get("loss_type", "")),
              str(c.get("beta", "")), str(c.get("learning_rate", "")), str(c.get("model", ""))]
     return "<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in cells) + "</tr>"
 
@@ -286,7 +310,7 @@ def write_html(runs: Sequence[RunRecords], pngs: Dict[str, Path], notes: Sequenc
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>mlx-dpo report</title>",
              "<style>body{font-family:sans-serif;margin:2em}img{max-width:100%;display:block;margin:1em 0}"
              "td,th{padding:2px 10px;text-align:left}</style></head><body>",
-             "<h1>mlx-dpo report</h1><table><tr><th>run</th><th>path</th><th>last step</th><th>loss</th>"
+             "<h1>mlx-dpo report</h1><table><tr><th>run</th><th>path</th><th>last step</th><th>best step</th><th>loss</th>"
              "<th>beta</th><th>learning rate</th><th>model</th></tr>", *map(_run_row, runs), "</table>"]
     warnings = [(run.name, step, msg) for run in runs for step, msg in run_warnings(run)]
     if warnings:

@@ -48,7 +48,7 @@ def check_ranges(cfg) -> None:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     for name in ("eval_batch_size", "precompute_ref_batch_size", "max_prompt_length", "max_completion_length",
-                 "save_total_limit"):
+                 "save_total_limit", "early_stopping_patience"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1 (or unset), got {getattr(cfg, name)}")
     if cfg.max_length is not None and cfg.max_length < 2:
@@ -58,7 +58,7 @@ def check_ranges(cfg) -> None:
         if limit is not None and cfg.max_length is not None and limit >= cfg.max_length:
             raise ConfigError(f"{name} {limit} has no effect with max_length {cfg.max_length} (a pair is cut to "
                               f"max_length first): set it below max_length, or leave it unset")
-    for name in ("warmup_steps", "save_steps", "max_grad_norm", "weight_decay"):
+    for name in ("warmup_steps", "save_steps", "max_grad_norm", "weight_decay", "early_stopping_threshold"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.eval_steps is not None and cfg.eval_steps < 0:
@@ -100,6 +100,9 @@ APPLIES = (
     ("ref_model_mixup_alpha", lambda c: c.sync_ref_model, "sync_ref_model: true (TR-DPO)"),
     ("ref_model_sync_steps", lambda c: c.sync_ref_model, "sync_ref_model: true (TR-DPO)"),
     ("precompute_ref_batch_size", lambda c: c.precompute_ref_log_probs, "precompute_ref_log_probs: true"),
+    ("early_stopping_threshold", lambda c: c.early_stopping_patience, "early_stopping_patience"),
+    ("load_best_model_at_end", lambda c: c.eval_mode != "no", "evaluation (eval_steps or eval_strategy)"),
+    ("early_stopping_patience", lambda c: c.eval_mode != "no", "evaluation (eval_steps or eval_strategy)"),
 )
 
 

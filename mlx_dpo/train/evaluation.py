@@ -1,5 +1,7 @@
 """Evaluation and logging for the training loop: the eval pass over held-out pairs, when it
-is due (``eval_strategy``), and the logged record of a logging step (TRL / transformers names)."""
+is due (``eval_strategy``), the best evaluation so far and early stopping (transformers'
+``metric_for_best_model`` / ``EarlyStoppingCallback``), and the logged record of a logging
+step (TRL / transformers names)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import mlx.core as mx
 
 from ..data.batching import eval_batches
 from ..config.fields import DPOConfig
+from ..errors import ConfigError
 from ..data import TokenizedPair
 from ..util.metal import peak_memory_gb, release_cache
 from .state import TrainState
@@ -53,6 +56,27 @@ def eval_due(cfg: DPOConfig, state: TrainState, steps_per_epoch: int, has_eval: 
     if not every or not has_eval:
         return False
     return state.step % every == 0 or state.step == state.max_steps
+
+
+def track_best(cfg: DPOConfig, state: TrainState, metrics: Dict[str, float]) -> bool:
+    """Update ``state.best`` with an evaluation's ``metrics`` at ``state.step``; True when
+    ``early_stopping_patience`` evaluations in a row have not improved on the best so far by
+    more than ``early_stopping_threshold``. As transformers: the best moves on any strict
+    improvement, the count resets only on one larger than the threshold."""
+    key, best = cfg.best_metric_key, state.best
+    if key not in metrics:
+        raise ConfigError(f"metric_for_best_model: this run's evaluation has no {key}; it has "
+                          f"{', '.join(sorted(metrics))}")
+    value, sign = metrics[key], 1.0 if cfg.best_is_greater else -1.0
+    better = best.metric is None or sign * (value - best.metric) > 0
+    if better and (best.metric is None or abs(value - best.metric) > cfg.early_stopping_threshold):
+        best.evals_without_improvement = 0
+    else:
+        best.evals_without_improvement += 1
+    if better:
+        best.metric, best.step = value, state.step
+    patience = cfg.early_stopping_patience
+    return patience is not None and best.evals_without_improvement >= patience
 
 
 def log_record(cfg: DPOConfig, state: TrainState, learning_rate: float, grad_norm: float, compiled_shapes: int,

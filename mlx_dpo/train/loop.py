@@ -17,7 +17,7 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_map
 
-from . import evaluation, stopping
+from . import checkpoint, evaluation, stopping
 from ..model.adapters import sync_reference
 from ..monitor.perf import Throughput, reference_blas_warning, warn_if_too_big
 from ..util import distributed, metal
@@ -33,6 +33,7 @@ class TrainingLoop:
         cfg, state = self.cfg, self.state
         batches = iter(self.sampler)
         self.stop_signals, self.stop_agreed = stop, False  # data parallel: every rank stops after the same step
+        self.stopped_early = False  # early_stopping_patience ran out (:func:`.evaluation.track_best`)
         self.log(f"training: {state.max_steps} steps, {len(self.train_pairs)} pairs, "
                  f"{distributed.global_batch_message(cfg.batch_size, cfg.gradient_accumulation_steps, self.ranks)}"
                  f", loss {cfg.loss_type}, reference {self.reference_source or 'none'}")
@@ -46,7 +47,7 @@ class TrainingLoop:
         if cfg.eval_on_start and state.step == 0 and self.eval_pairs:
             self._log_and_evaluate(start=True)
         self.clock.started_training()
-        while state.step < state.max_steps:
+        while state.step < state.max_steps and not self.stopped_early:
             if stop.signum is not None and (self.ranks == 1 or self.stop_agreed):
                 self._stop(stop.signum)
             tic, traces = time.perf_counter(), self.trace_count
@@ -71,7 +72,15 @@ class TrainingLoop:
             self._log_and_evaluate(metrics["learning_rate"], metrics["grad_norm"])
             if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < state.max_steps:
                 self.save_checkpoint()
+        return self._finish()
+
+    def _finish(self) -> TrainResult:
+        """The last checkpoint, the adapters (the best evaluation's with ``load_best_model_at_end``),
+        the done lines; the run's result."""
+        cfg, state = self.cfg, self.state
         self.save_checkpoint()
+        if cfg.load_best_model_at_end:
+            self._load_best()
         self.save()
         self.callbacks.on_train_end(state)
         if self.main:
@@ -143,16 +152,36 @@ class TrainingLoop:
         cfg, state = self.cfg, self.state
         record = None if start else evaluation.log_record(cfg, state, learning_rate, grad_norm, self.trace_count,
                                                            self.clock.compile_seconds())
-        if start or evaluation.eval_due(cfg, state, self.steps_per_epoch, bool(self.eval_pairs)):
+        evaluated = start or evaluation.eval_due(cfg, state, self.steps_per_epoch, bool(self.eval_pairs))
+        if evaluated:
             with self.clock.phase("eval"):
                 state.window.last_eval = self.evaluate()
+            self.stopped_early = evaluation.track_best(cfg, state, state.window.last_eval)
             self.callbacks.on_evaluate(state, state.window.last_eval)
-            record = {**(record or {"step": state.step, "epoch": round(state.epoch, 4)}), **state.window.last_eval}
-        if record is not None and state.step == state.max_steps and not start:
+            record = {**(record or {"step": state.step, "epoch": round(state.epoch, 4)}), **state.window.last_eval,
+                      "best_metric": state.best.metric, "best_step": state.best.step}
+        if record is not None and (state.step == state.max_steps or self.stopped_early) and not start:
             record.update(self._time_split())  # the final save is in the done line's split only
         if record is not None:
             state.log_history.append(record)
             self.callbacks.on_log(state, record)
+        if evaluated and cfg.load_best_model_at_end and state.best.step == state.step:
+            self.save_checkpoint()  # the best so far stays on disk (save_total_limit keeps it)
+        if self.stopped_early:
+            self.log(f"early stopping: {cfg.best_metric_key} has not improved on its best by more than "
+                     f"{cfg.early_stopping_threshold} for {state.best.evals_without_improvement} evaluations "
+                     f"(early_stopping_patience {cfg.early_stopping_patience}; best {state.best.metric:.6g} at step "
+                     f"{state.best.step}): stopping after step {state.step} of {state.max_steps}")
+
+    def _load_best(self) -> None:
+        """``load_best_model_at_end``: the best evaluation's adapters (from its checkpoint) into the model."""
+        best, step = self.state.best, self.state.step
+        if best.step is None or best.step == step or not self.main:
+            return
+        path = checkpoint.checkpoints_dir(self.output_dir) / f"step-{best.step}"
+        checkpoint.load_adapters(self.model, path)
+        self.log(f"load_best_model_at_end: the adapters written are step {best.step}'s ({self.cfg.best_metric_key} "
+                 f"{best.metric:.6g}, the best evaluation; {path}); the last step's are in its checkpoint, step-{step}")
 
     def _nonfinite(self, values: dict, grad_norm_sq: float) -> None:
         """Stop on a non-finite step, or (``skip_nonfinite_steps``) count it and go on."""
