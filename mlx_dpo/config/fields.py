@@ -196,8 +196,8 @@ class DPOConfig:
                                  "baseline); not again on resume.")
     max_eval_batches: int = option(-1, "Evaluate on at most this many (evenly spaced) batches; -1 = all.")
     save_steps: int = option(500, "Save a resumable checkpoint every N steps (and at the end); 0 = only at the end.")
-    save_total_limit: Optional[int] = option(None, "Keep only the newest N checkpoints (and always the best "
-                                             "evaluation's, see load_best_model_at_end).")
+    save_total_limit: Optional[int] = option(None, "Keep only the newest N checkpoints (and, with "
+                                             "load_best_model_at_end, the best evaluation's).")
     metric_for_best_model: str = option("eval_loss", "Evaluation metric that ranks evaluations, for "
                                         "load_best_model_at_end, early stopping and the report's best step "
                                         "(transformers' name; the eval_ prefix may be left out): eval_loss, "

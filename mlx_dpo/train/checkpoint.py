@@ -187,7 +187,8 @@ def save_checkpoint(output_dir: Path, state: TrainState, model, optimizer, cfg: 
         last = latest_checkpoint(output_dir)
         raise CheckpointError(f"could not save checkpoint {path}: {write_failure(e)}, then resume with --resume. "
                               f"No partial checkpoint was left; the last good one is {last or 'none'}.") from e
-    prune(output_dir, cfg.save_total_limit, keep=(path, best_checkpoint(output_dir, state)))
+    best = best_checkpoint(output_dir, state) if cfg.load_best_model_at_end else None
+    prune(output_dir, cfg.save_total_limit, keep=(path, best))
     return path
 
 
