@@ -138,15 +138,29 @@ class DPOConfig:
     cpo_alpha: float = option(1.0, "CPO/SimPO: weight of the NLL term on the chosen completions.", "loss")
 
     # ---- optimisation --------------------------------------------------------
-    learning_rate: float = option(1e-6, "Peak learning rate of AdamW.", "optim", keys=("card",))
-    weight_decay: float = option(0.0, "AdamW decoupled weight decay (0 disables); as transformers' Trainer, "
-                                 "not on biases and norm weights.", "optim")
-    adam_beta1: float = option(0.9, "AdamW beta1 (first-moment decay).", "optim")
-    adam_beta2: float = option(0.999, "AdamW beta2 (second-moment decay).", "optim")
+    optim: str = option("adamw", "Optimizer (transformers' optim; MLX's implementations): adamw (bias-corrected, "
+                        "as torch's; adamw_torch, adamw_torch_fused, adamw_hf name it too), adafactor (a fixed "
+                        "learning rate, no relative step or parameter scaling, as transformers' adafactor), lion "
+                        "(lion_32bit; betas adam_beta1, adam_beta2), sgd, muon (2-D weights orthogonalized).",
+                        "optim", resume="match", keys=("card",))
+    optim_args: Optional[dict] = option(None, "Extra arguments of the optimizer's MLX class (transformers' "
+                                        "optim_args), e.g. {momentum: 0.9, nesterov: true} for sgd, {momentum: "
+                                        "0.95, ns_steps: 5} for muon, {beta_1: 0.9} for adafactor.", "optim")
+    learning_rate: float = option(1e-6, "Peak learning rate.", "optim", keys=("card",))
+    loraplus_lr_ratio: Optional[float] = option(None, "LoRA+ (PEFT/TRL's name): the LoRA B matrices learn at "
+                                                "this multiple of the learning rate (the paper suggests 16).",
+                                                "optim")
+    weight_decay: float = option(0.0, "Decoupled weight decay, p -= lr * weight_decay * p, with every optim "
+                                 "(0 disables); as transformers' Trainer, not on biases and norm weights.", "optim")
+    adam_beta1: float = option(0.9, "AdamW and Lion beta1 (first-moment decay).", "optim")
+    adam_beta2: float = option(0.999, "AdamW and Lion beta2 (second-moment decay).", "optim")
     adam_epsilon: float = option(1e-8, "AdamW epsilon (denominator term).", "optim")
     max_grad_norm: float = option(1.0, "Clip the global gradient norm to this (0 disables).", "optim")
-    lr_scheduler_type: str = option("linear", "Schedule: constant, constant_with_warmup, linear or cosine.",
-                                    "optim", keys=("card",))
+    lr_scheduler_type: str = option("linear", "Schedule: constant, constant_with_warmup, linear, cosine or "
+                                    "cosine_with_min_lr (transformers' get_scheduler).", "optim", keys=("card",))
+    lr_scheduler_kwargs: Optional[dict] = option(None, "Extra arguments of the schedule (transformers' name): "
+                                                 "num_cycles for cosine (default 0.5: one half-wave), and min_lr "
+                                                 "or min_lr_rate for cosine_with_min_lr.", "optim")
     warmup_steps: int = option(0, "Linear warmup steps (overrides warmup_ratio).", "optim", keys=("card",))
     warmup_ratio: float = option(0.0, "Warmup as a fraction of the total steps.", "optim")
     batch_size: int = option(4, "Pairs per micro-batch (TRL's per_device_train_batch_size).", "optim",

@@ -38,7 +38,7 @@ class TrainingLoop:
                  f"{distributed.global_batch_message(cfg.batch_size, cfg.gradient_accumulation_steps, self.ranks)}"
                  f", loss {cfg.loss_type}, reference {self.reference_source or 'none'}")
         warn_if_too_big(self.model, self.train_pairs, cfg.batch_size, self.prefix_sharing,
-                        cfg.gradient_checkpointing, self.log)
+                        cfg.gradient_checkpointing, self.log, self.optimizer)
         for warning in (reference_blas_warning(), metal.memory_limit_warning()):
             if warning:
                 self.log(warning)
