@@ -165,6 +165,26 @@ def test_schedules_match_transformers(kind, kwargs):
         ref.step()
 
 
+def test_the_run_follows_lr_scheduler_kwargs(llama_dir, toy_data_dir, tmp_path):
+    """The rate each update of a run used (logged) is transformers' cosine_with_min_lr at that step."""
+    torch = pytest.importorskip("torch")
+    from transformers import get_scheduler
+
+    kwargs = {"min_lr_rate": 0.3, "num_cycles": 0.7}
+    trainer = trainer_for(llama_dir, toy_data_dir, tmp_path, lr_scheduler_type="cosine_with_min_lr",
+                          lr_scheduler_kwargs=kwargs, warmup_steps=1, logging_steps=1, save_steps=0)
+    logged = [r["learning_rate"] for r in trainer.train().history]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+    ref = get_scheduler("cosine_with_min_lr", opt, num_warmup_steps=1, num_training_steps=6,
+                        scheduler_specific_kwargs=kwargs)
+    expected = []
+    for _ in range(6):
+        expected.append(ref.get_last_lr()[0])
+        opt.step()
+        ref.step()
+    np.testing.assert_allclose(logged, expected, atol=1e-8)
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(optim="adam"), "optim must be one of adamw, adafactor, lion, sgd, muon"),
     (dict(optim="sgd", optim_args={"momentum": 0.9, "nesterof": True}), "takes dampening, momentum, nesterov"),

@@ -53,8 +53,8 @@ class TrainingLoop:
             tic, traces = time.perf_counter(), self.trace_count
             with self._guard(f"step {state.step + 1}"):
                 grads, ok, values, tokens = self._accumulate(batches)
-                learning_rate = self.optimizer.learning_rate  # this update's (the schedule at the current step)
                 norm = self.apply_update(grads, ok)
+                learning_rate = self.optimizer.learning_rate  # the rate this update used (set by the update)
                 mx.eval(norm, ok, learning_rate, values, self._pending_loss_state,
                         self.model.trainable_parameters(), self.optimizer.state)  # the step's one host sync
                 tokens = self._share_tokens_and_stop(tokens)
