@@ -113,6 +113,7 @@ APPLIES = (
     ("ref_model_sync_steps", lambda c: c.sync_ref_model, "sync_ref_model: true (TR-DPO)"),
     ("precompute_ref_batch_size", lambda c: c.precompute_ref_log_probs, "precompute_ref_log_probs: true"),
     ("loraplus_lr_ratio", lambda c: c.train_type == "adapter", "train_type: adapter (LoRA's B matrices)"),
+    ("dpop_lambda", lambda c: "dpop" in c.loss_types, "loss_type: dpop"),
     ("early_stopping_threshold", lambda c: c.early_stopping_patience, "early_stopping_patience"),
     ("load_best_model_at_end", lambda c: c.eval_mode != "no", "evaluation (eval_steps or eval_strategy)"),
     ("early_stopping_patience", lambda c: c.eval_mode != "no", "evaluation (eval_steps or eval_strategy)"),

@@ -135,6 +135,9 @@ class DPOConfig:
     ld_alpha: Optional[float] = option(None, "LD-DPO: weight of the completion tokens past the shorter one's "
                                        "length.", "loss", keys=("ref_cache",))
     simpo_gamma: float = option(0.5, "SimPO target reward margin gamma.", "loss")
+    dpop_lambda: float = option(50.0, "DPO-Positive (loss_type dpop) lambda: weight of the penalty on the "
+                                "chosen log-prob falling below the reference's, inside the sigmoid as the paper (mlx-lm-lora's "
+                                "delta adds it outside).", "loss")
     cpo_alpha: float = option(1.0, "CPO/SimPO: weight of the NLL term on the chosen completions.", "loss")
 
     # ---- optimisation --------------------------------------------------------
