@@ -70,8 +70,8 @@ def test_a_missing_tracker_package_is_a_config_error_before_loading(tmp_path, mo
     monkeypatch.setitem(sys.modules, "wandb", None)  # import fails
     with pytest.raises(ConfigError, match=r"report_to: wandb needs the wandb package \(pip install wandb\)"):
         DPOTrainer(DPOConfig(model="/nonexistent", output_dir=str(tmp_path / "run"), report_to="wandb"))
-    with pytest.raises(ConfigError, match="report_to must be one of none, wandb, tensorboard"):
-        DPOConfig(report_to="mlflow")
+    with pytest.raises(ConfigError, match="report_to must be one of none, wandb, tensorboard, mlflow"):
+        DPOConfig(report_to="comet_ml")
 
 
 def test_wandb_without_a_key_is_refused_before_loading(tmp_path, monkeypatch):
@@ -107,3 +107,26 @@ def test_a_tracker_directory_that_cannot_be_written_is_refused_before_overwrite(
 def test_scalars_use_transformers_names():
     assert scalars({"step": 3, "loss": 0.5, "eval_loss": 0.6, "warnings": ["x"], "epoch": 1}) == {
         "train/loss": 0.5, "eval/loss": 0.6, "train/epoch": 1.0}
+
+
+def test_mlflow_logs_the_config_and_every_record_to_a_local_store(llama_dir, toy_data_dir, tmp_path, monkeypatch):
+    """A real MLflow (when installed): the run in OUTPUT_DIR/mlflow.db holds the config and each
+    record's values at its step, and is marked finished."""
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    result = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path, report_to="mlflow"), log=lambda *a: None).train()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("mlx-dpo").experiment_id])
+    assert run.info.run_name == "run" and run.info.status == "FINISHED" and run.data.params["beta"] == "0.1"
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [(m.step, m.value) for m in losses] == [(r["step"], pytest.approx(r["loss"])) for r in result.history]
+    (eval_loss,) = client.get_metric_history(run.info.run_id, "eval/loss")
+    assert (eval_loss.step, eval_loss.value) == (4, pytest.approx(result.history[-1]["eval_loss"]))
+
+
+def test_mlflow_is_imported_only_when_asked(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # import fails
+    DPOConfig(report_to="wandb")  # never touches mlflow
+    with pytest.raises(ConfigError, match=r"mlflow package \(pip install mlflow\)"):
+        DPOTrainer(DPOConfig(report_to="mlflow", output_dir=str(tmp_path / "run")), log=lambda *a: None)
