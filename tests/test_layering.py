@@ -20,7 +20,7 @@ MODULE_ORDER = {
     "model": ["architectures", "quant", "adapters", "toy", "ggml", "gguf_arch", "gguf", "demo", "loader", "trainable", "trained",
               "__init__"],
     "data": ["base", "readers", "sources", "formats", "tokenize", "cache", "shapes", "batching", "__init__"],
-    "forward": ["cpu_math", "blocks", "packed", "prefix", "logprobs", "__init__"],
+    "forward": ["cpu_math", "blocks", "packed", "prefix", "logprobs", "decode", "__init__"],
     "loss": ["reduce", "pair_losses", "losses", "__init__"],
     "monitor": ["callbacks", "trackers", "health", "perf", "__init__"],
     "train": ["schedule", "state", "checkpoint", "rundir", "stopping", "preflight", "steps", "precompute",

@@ -30,6 +30,7 @@ def fake_modules(monkeypatch):
 
     wandb = types.ModuleType("wandb")
     wandb.init = lambda **kw: calls.append(("wandb.init", kw["project"], kw["config"]["beta"])) or Run()
+    wandb.Table = lambda columns, data: ("table", tuple(columns), len(data))
 
     class Writer:
         def __init__(self, log_dir):
@@ -37,6 +38,9 @@ def fake_modules(monkeypatch):
 
         def add_scalar(self, key, value, step):
             calls.append(("tb.scalar", key, step))
+
+        def add_text(self, key, text, step):
+            calls.append(("tb.text", key, step, text))
 
         def flush(self):
             pass
@@ -130,3 +134,14 @@ def test_mlflow_is_imported_only_when_asked(tmp_path, monkeypatch):
     DPOConfig(report_to="wandb")  # never touches mlflow
     with pytest.raises(ConfigError, match=r"mlflow package \(pip install mlflow\)"):
         DPOTrainer(DPOConfig(report_to="mlflow", output_dir=str(tmp_path / "run")), log=lambda *a: None)
+
+
+def test_trackers_get_the_completions_of_each_evaluation(llama_dir, toy_data_dir, tmp_path, monkeypatch):
+    calls = fake_modules(monkeypatch)
+    DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path, report_to=["wandb", "tensorboard"], generate_during_eval=True,
+                       generate_eval_prompts=2, generate_max_new_tokens=4), log=lambda *a: None).train()
+    tables = [c for c in calls if c[0] == "wandb.log" and "completions" in c[2]]
+    assert [(c[1], c[2]["completions"]) for c in tables] == [(4, ("table", ("step", "model", "prompt", "completion"), 4))]
+    (text,) = [c for c in calls if c[0] == "tb.text"]
+    assert text[1:3] == ("completions", 4) and text[3].count("| 4 | reference |") == 2
+    assert text[3].count("| 4 | policy |") == 2

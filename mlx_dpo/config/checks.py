@@ -54,7 +54,7 @@ def check_ranges(cfg) -> None:
     if cfg.max_steps == 0 or cfg.max_steps < -1:
         raise ConfigError(f"max_steps must be -1 (train num_train_epochs) or >= 1, got {cfg.max_steps}")
     for name in ("lora_rank", "batch_size", "gradient_accumulation_steps", "logging_steps",
-                 "ref_model_sync_steps", "max_batch_shapes"):
+                 "ref_model_sync_steps", "max_batch_shapes", "generate_eval_prompts", "generate_max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     for name in ("eval_batch_size", "precompute_ref_batch_size", "max_prompt_length", "max_completion_length",
@@ -114,6 +114,9 @@ APPLIES = (
     ("precompute_ref_batch_size", lambda c: c.precompute_ref_log_probs, "precompute_ref_log_probs: true"),
     ("loraplus_lr_ratio", lambda c: c.train_type == "adapter", "train_type: adapter (LoRA's B matrices)"),
     ("dpop_lambda", lambda c: "dpop" in c.loss_types, "loss_type: dpop"),
+    ("generate_during_eval", lambda c: c.eval_mode != "no", "evaluation (eval_steps or eval_strategy)"),
+    ("generate_eval_prompts", lambda c: c.generate_during_eval, "generate_during_eval: true"),
+    ("generate_max_new_tokens", lambda c: c.generate_during_eval, "generate_during_eval: true"),
     ("early_stopping_threshold", lambda c: c.early_stopping_patience, "early_stopping_patience"),
     ("load_best_model_at_end", lambda c: c.eval_mode != "no", "evaluation (eval_steps or eval_strategy)"),
     ("early_stopping_patience", lambda c: c.eval_mode != "no", "evaluation (eval_steps or eval_strategy)"),

@@ -209,6 +209,12 @@ class DPOConfig:
                                           "eval_steps is set, else no (TRL's default).")
     eval_steps: Optional[int] = option(None, "Evaluate every N steps with eval_strategy steps (default: "
                                        "logging_steps); 0 disables evaluation.")
+    generate_during_eval: bool = option(False, "At each evaluation, greedy completions of the first "
+                                        "generate_eval_prompts eval prompts by the policy (and, at the first, by the "
+                                        "reference) to completions.jsonl, report.html and wandb/tensorboard (TRL's "
+                                        "name); the training model generates, no second copy.")
+    generate_eval_prompts: int = option(4, "How many (distinct) eval prompts generate_during_eval completes.")
+    generate_max_new_tokens: int = option(64, "Longest completion generate_during_eval writes, in tokens.")
     eval_on_start: bool = option(False, "Evaluate before the first step (logged as step 0: the untrained "
                                  "baseline); not again on resume.")
     max_eval_batches: int = option(-1, "Evaluate on at most this many (evenly spaced) batches; -1 = all.")

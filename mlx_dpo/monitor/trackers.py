@@ -59,6 +59,16 @@ def wandb_credentials() -> bool:
         return False
 
 
+COMPLETION_COLUMNS = ("step", "model", "prompt", "completion")
+
+
+def completions_markdown(rows: list) -> str:
+    """``generate_during_eval``'s rows as a Markdown table (TensorBoard's text panel)."""
+    cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(COMPLETION_COLUMNS) + " |", "|" + "---|" * len(COMPLETION_COLUMNS)]
+    return "\n".join(lines + ["| " + " | ".join(cell(r[k]) for k in COMPLETION_COLUMNS) + " |" for r in rows])
+
+
 def scalars(record: dict) -> Dict[str, float]:
     """Numeric entries of a logged record under transformers' names (``eval_loss`` -> ``eval/loss``)."""
     out = {}
@@ -87,6 +97,11 @@ class WandbCallback(TrainerCallback):
         if self.run is not None:
             self.run.log(scalars(record), step=state.step)
 
+    def on_completions(self, state, rows: list) -> None:
+        if self.run is not None:
+            data = [[r[k] for k in COMPLETION_COLUMNS] for r in rows]
+            self.run.log({"completions": self.wandb.Table(columns=list(COMPLETION_COLUMNS), data=data)}, step=state.step)
+
     def on_train_end(self, state) -> None:
         if self.run is not None:
             self.run.finish()
@@ -107,6 +122,11 @@ class TensorBoardCallback(TrainerCallback):
         if self.writer is not None:
             for key, value in scalars(record).items():
                 self.writer.add_scalar(key, value, state.step)
+            self.writer.flush()
+
+    def on_completions(self, state, rows: list) -> None:
+        if self.writer is not None:
+            self.writer.add_text("completions", completions_markdown(rows), state.step)
             self.writer.flush()
 
     def on_train_end(self, state) -> None:

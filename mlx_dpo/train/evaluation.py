@@ -14,6 +14,8 @@ from ..data.batching import eval_batches
 from ..config.fields import DPOConfig
 from ..errors import ConfigError
 from ..data import TokenizedPair
+from ..forward.decode import detokenize, generate_samples
+from ..model.adapters import adapter_mode
 from ..util.metal import peak_memory_gb, release_cache
 from .state import TrainState
 
@@ -40,6 +42,38 @@ def evaluate(model, eval_step: Callable, pairs: List[TokenizedPair], cfg: DPOCon
     release_cache()  # the eval batches' buffers: shapes the training step does not reuse
     log(f"evaluation: {count} pairs in {time.perf_counter() - tic:.1f} s")
     return {f"eval_{k}": v / count for k, v in totals.items()}
+
+
+def eval_prompts(pairs: List[TokenizedPair], n: int) -> List[List[int]]:
+    """The token ids of the first ``n`` distinct prompts of ``pairs`` (``generate_during_eval``'s)."""
+    seen: Dict[tuple, None] = {}
+    for pair in pairs:
+        seen.setdefault(tuple(pair.prompt), None)
+        if len(seen) == n:
+            break
+    return [list(p) for p in seen]
+
+
+def completions(model, tokenizer, prompts: List[List[int]], max_tokens: int, modes: Dict[str, str], step: int,
+                log: Callable[[str], None]) -> List[dict]:
+    """Greedy completions of ``prompts`` by ``model`` in each adapter mode of ``modes`` (``{"policy":
+    "policy", "reference": "base"}``), in inference mode, the train/eval mode left as it was: rows of
+    ``step``, ``model`` (the key), ``prompt``, ``completion`` and ``tokens``; the cost is logged."""
+    from mlx_lm.sample_utils import make_sampler
+
+    was_training, tic, rows = model.training, time.perf_counter(), []
+    model.eval()
+    texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+    for name, mode in modes.items():
+        with adapter_mode(model, mode):
+            tokens, _, _ = generate_samples(model, tokenizer, prompts, 1, make_sampler(0.0), max_tokens, len(prompts))
+        rows += [{"step": step, "model": name, "prompt": text, "completion": detokenize(tokenizer, out[0]),
+                  "tokens": len(out[0])} for text, out in zip(texts, tokens)]
+    model.train(was_training)
+    release_cache()
+    log(f"completions: {len(prompts)} prompts x {' and '.join(modes)}, {sum(r['tokens'] for r in rows)} tokens in "
+        f"{time.perf_counter() - tic:.1f} s")
+    return rows
 
 
 def eval_every(cfg: DPOConfig, steps_per_epoch: int) -> int:

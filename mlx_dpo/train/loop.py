@@ -19,6 +19,7 @@ from mlx.utils import tree_map
 
 from . import checkpoint, evaluation, stopping
 from ..model.adapters import sync_reference
+from ..monitor.callbacks import COMPLETIONS_FILE
 from ..monitor.perf import Throughput, reference_blas_warning, warn_if_too_big
 from ..util import distributed, metal
 from .rundir import mark_complete
@@ -34,6 +35,8 @@ class TrainingLoop:
         batches = iter(self.sampler)
         self.stop_signals, self.stop_agreed = stop, False  # data parallel: every rank stops after the same step
         self.stopped_early = False  # early_stopping_patience ran out (:func:`.evaluation.track_best`)
+        self.reference_sampled = self.resume_path is not None and any(  # generate_during_eval's, once a run
+            '"model": "reference"' in line for line in self._completions_lines())
         self.log(f"training: {state.max_steps} steps, {len(self.train_pairs)} pairs, "
                  f"{distributed.global_batch_message(cfg.batch_size, cfg.gradient_accumulation_steps, self.ranks)}"
                  f", loss {cfg.loss_type}, reference {self.reference_source or 'none'}")
@@ -165,6 +168,9 @@ class TrainingLoop:
         if record is not None:
             state.log_history.append(record)
             self.callbacks.on_log(state, record)
+        if evaluated and cfg.generate_during_eval and self.main:
+            with self.clock.phase("eval"):
+                self.callbacks.on_completions(state, self._sample_completions())
         if evaluated and cfg.load_best_model_at_end and state.best.step == state.step:
             self.save_checkpoint()  # the best so far stays on disk (save_total_limit keeps it)
         if self.stopped_early:
@@ -172,6 +178,22 @@ class TrainingLoop:
                      f"{cfg.early_stopping_threshold} for {state.best.evals_without_improvement} evaluations "
                      f"(early_stopping_patience {cfg.early_stopping_patience}; best {state.best.metric:.6g} at step "
                      f"{state.best.step}): stopping after step {state.step} of {state.max_steps}")
+
+    def _sample_completions(self) -> list:
+        """``generate_during_eval``: the policy's completions of the fixed eval prompts, and the
+        reference's the first time (adapters off, or the reference adapter; none for full training)."""
+        cfg = self.cfg
+        modes = {"policy": "policy"}
+        if not self.reference_sampled and cfg.train_type == "adapter":
+            modes = {"reference": "reference" if cfg.reference == "adapter" else "base", **modes}
+        self.reference_sampled = True
+        prompts = evaluation.eval_prompts(self.eval_pairs, cfg.generate_eval_prompts)
+        return evaluation.completions(self.model, self.tokenizer, prompts, cfg.generate_max_new_tokens, modes,
+                                      self.state.step, self.log)
+
+    def _completions_lines(self) -> list:
+        path = self.output_dir / COMPLETIONS_FILE
+        return path.read_text().splitlines() if path.is_file() else []
 
     def _load_best(self) -> None:
         """``load_best_model_at_end``: the best evaluation's adapters (from its checkpoint) into the model."""
