@@ -19,6 +19,12 @@ from mlx_dpo.model.trained import load_adapter_run
 PROMPTS, TOKENS = 3, 10
 
 
+def _without_timing(text: bytes) -> list:
+    timing = ("tokens_per_second", "peak_memory_gb", "compile_seconds", "train_runtime")
+    return [{k: v for k, v in json.loads(line).items() if k not in timing and not k.startswith("time/")}
+            for line in text.decode().splitlines()]
+
+
 def greedy(model, tokenizer, ids, max_tokens):
     """Greedy decoding without a cache: the whole sequence through the model for every token."""
     out = []
@@ -57,6 +63,15 @@ def test_completions_of_policy_and_reference_at_each_evaluation(llama_dir, toy_d
     assert [r["completion"] for r in rows[:3]] == [t.lstrip() for t in reference]
     assert [r["completion"] for r in rows[6:]] == [t.lstrip() for t in policy]
     assert policy != reference  # training moved the policy
+
+    # generating changed nothing in training: a run without it ends with the same adapters and metrics
+    plain = DPOTrainer(DPOConfig(**{**cfg.to_dict(), "output_dir": str(tmp_path / "plain"),
+                                    "generate_during_eval": False, "generate_eval_prompts": 4,
+                                    "generate_max_new_tokens": 64}), log=lambda *a: None)
+    plain.train()
+    for name in ("adapters.safetensors", "metrics.jsonl"):
+        a, b = (out / name).read_bytes(), (tmp_path / "plain" / name).read_bytes()
+        assert a == b or name == "metrics.jsonl" and _without_timing(a) == _without_timing(b), name
 
     with open(report([out])[0], newline="") as f:  # the random model's completions hold \r
         page = f.read()
