@@ -74,7 +74,7 @@ def test_a_missing_tracker_package_is_a_config_error_before_loading(tmp_path, mo
     monkeypatch.setitem(sys.modules, "wandb", None)  # import fails
     with pytest.raises(ConfigError, match=r"report_to: wandb needs the wandb package \(pip install wandb\)"):
         DPOTrainer(DPOConfig(model="/nonexistent", output_dir=str(tmp_path / "run"), report_to="wandb"))
-    with pytest.raises(ConfigError, match="report_to must be one of none, wandb, tensorboard, mlflow"):
+    with pytest.raises(ConfigError, match="report_to must be one of none, wandb, tensorboard, mlflow, trackio"):
         DPOConfig(report_to="comet_ml")
 
 
@@ -145,3 +145,16 @@ def test_trackers_get_the_completions_of_each_evaluation(llama_dir, toy_data_dir
     (text,) = [c for c in calls if c[0] == "tb.text"]
     assert text[1:3] == ("completions", 4) and text[3].count("| 4 | reference |") == 2
     assert text[3].count("| 4 | policy |") == 2
+
+
+def test_trackio_logs_every_record_to_its_local_store(llama_dir, toy_data_dir, tmp_path, monkeypatch):
+    """A real trackio (when installed), its store in TRACKIO_DIR: each record's values at its step."""
+    pytest.importorskip("trackio")
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
+    monkeypatch.delenv("TRACKIO_PROJECT", raising=False)
+    result = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path, report_to="trackio"), log=lambda *a: None).train()
+    from trackio.sqlite_storage import SQLiteStorage
+
+    logs = SQLiteStorage.get_logs("mlx-dpo", "run")
+    assert [(r["step"], r["train/loss"]) for r in logs] == [(r["step"], pytest.approx(r["loss"])) for r in result.history]
+    assert logs[-1]["eval/loss"] == pytest.approx(result.history[-1]["eval_loss"])

@@ -31,7 +31,7 @@ def check_choices(cfg) -> None:
     _check_choice("reference", cfg.reference, ("base", "adapter"))
     _check_choice("truncation_mode", cfg.truncation_mode, ("keep_end", "keep_start"))
     for name in cfg.trackers:
-        _check_choice("report_to", name, ("none", "wandb", "tensorboard", "mlflow"))
+        _check_choice("report_to", name, ("none", "wandb", "tensorboard", "mlflow", "trackio"))
     if cfg.eval_strategy is not None:
         _check_choice("eval_strategy", cfg.eval_strategy, ("no", "steps", "epoch"))
     _check_choice("lr_scheduler_type", cfg.lr_scheduler_type, tuple(LR_SCHEDULERS))

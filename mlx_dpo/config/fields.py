@@ -239,7 +239,8 @@ class DPOConfig:
                                                    "directory to resume from.")
     progress_bar: bool = option(True, "Show a progress bar (metric lines are printed either way).")
     report_to: Optional[Union[str, list]] = option(None, "Live trackers (TRL's report_to): wandb, tensorboard, mlflow "
-                                                   "(MLFLOW_TRACKING_URI, else OUTPUT_DIR/mlflow.db), or a list of them; "
+                                                   "(MLFLOW_TRACKING_URI, else OUTPUT_DIR/mlflow.db), trackio "
+                                                   "(TRACKIO_DIR), or a list of them; "
                                                    "none by default (metrics.jsonl is always written).")
     health_warnings: bool = option(True, "Warn about unhealthy training (loss stuck at ln 2, chosen log-probs "
                                    "below the reference, overfitting, exploding margins, grad_norm spikes); "

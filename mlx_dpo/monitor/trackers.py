@@ -1,4 +1,5 @@
-"""Live experiment trackers as callbacks (TRL's ``report_to``): ``wandb``, ``tensorboard`` and ``mlflow``.
+"""Live experiment trackers as callbacks (TRL's ``report_to``): ``wandb``, ``tensorboard``, ``mlflow``
+and ``trackio``.
 
 Each is imported only when asked for; a missing package is a config error with the install
 line, before anything loads. Metric names follow transformers' integrations: ``train/loss``,
@@ -20,7 +21,7 @@ from ..util.io import unwritable_ancestor
 
 # report_to name -> (modules to try, in order; the pip package to suggest)
 PACKAGES = {"wandb": (("wandb",), "wandb"), "tensorboard": (("tensorboardX", "torch.utils.tensorboard"), "tensorboardX"),
-            "mlflow": (("mlflow",), "mlflow")}
+            "mlflow": (("mlflow",), "mlflow"), "trackio": (("trackio",), "trackio")}
 MLFLOW_PARAM_LENGTH = 500  # longer config values (a chat template) are cut to this in the run's params
 
 
@@ -177,7 +178,34 @@ class MLflowCallback(TrainerCallback):
             self.run_id = None
 
 
-TRACKERS = {"wandb": WandbCallback, "tensorboard": TensorBoardCallback, "mlflow": MLflowCallback}
+class TrackioCallback(TrainerCallback):
+    """Logs every record to a trackio run (project ``$TRACKIO_PROJECT`` or ``mlx-dpo``, named after
+    ``output_dir``), in trackio's local store (``$TRACKIO_DIR``, by default in the Hugging Face cache);
+    no system-metrics thread."""
+
+    def __init__(self, cfg: DPOConfig, output_dir: Path):
+        self.trackio, self.cfg, self.output_dir, self.running = _import("trackio"), cfg, Path(output_dir), False
+
+    def on_train_begin(self, state) -> None:
+        self.trackio.init(project=os.environ.get("TRACKIO_PROJECT", "mlx-dpo"), name=self.output_dir.name,
+                          config=self.cfg.to_dict(), auto_log_cpu=False, auto_log_gpu=False)
+        self.running = True
+
+    def on_log(self, state, record: dict) -> None:
+        if self.running:
+            self.trackio.log(scalars(record), step=state.step)
+
+    def on_train_end(self, state) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.running:
+            self.running = False
+            self.trackio.finish()
+
+
+TRACKERS = {"wandb": WandbCallback, "tensorboard": TensorBoardCallback, "mlflow": MLflowCallback,
+            "trackio": TrackioCallback}
 
 
 def tracker_callbacks(cfg: DPOConfig, output_dir: Path) -> list:
