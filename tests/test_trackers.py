@@ -147,14 +147,33 @@ def test_trackers_get_the_completions_of_each_evaluation(llama_dir, toy_data_dir
     assert text[3].count("| 4 | policy |") == 2
 
 
-def test_trackio_logs_every_record_to_its_local_store(llama_dir, toy_data_dir, tmp_path, monkeypatch):
-    """A real trackio (when installed), its store in TRACKIO_DIR: each record's values at its step."""
-    pytest.importorskip("trackio")
-    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
-    monkeypatch.delenv("TRACKIO_PROJECT", raising=False)
-    result = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path, report_to="trackio"), log=lambda *a: None).train()
-    from trackio.sqlite_storage import SQLiteStorage
+TRACKIO_RUN = """
+import json, sys
+from mlx_dpo import DPOConfig, DPOTrainer
+from trackio.sqlite_storage import SQLiteStorage
+model, data, out = sys.argv[1:]
+cfg = DPOConfig(model=model, data=data, output_dir=out, max_steps=4, batch_size=4, logging_steps=2, eval_steps=4,
+                max_eval_batches=1, progress_bar=False, report_to="trackio")
+history = DPOTrainer(cfg, log=lambda *a: None).train().history
+print(json.dumps({"history": history, "logs": SQLiteStorage.get_logs("mlx-dpo", "run")}))
+"""
 
-    logs = SQLiteStorage.get_logs("mlx-dpo", "run")
-    assert [(r["step"], r["train/loss"]) for r in logs] == [(r["step"], pytest.approx(r["loss"])) for r in result.history]
-    assert logs[-1]["eval/loss"] == pytest.approx(result.history[-1]["eval_loss"])
+
+def test_trackio_logs_every_record_to_its_local_store(llama_dir, toy_data_dir, tmp_path):
+    """A real trackio (when installed), in a process of its own (trackio reads TRACKIO_DIR when
+    imported), its store in the test's TRACKIO_DIR: each record's values at its step."""
+    pytest.importorskip("trackio")
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("TRACKIO_PROJECT", None)
+    done = subprocess.run([sys.executable, "-c", TRACKIO_RUN, str(llama_dir), str(toy_data_dir), str(tmp_path / "run")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    history, logs = out["history"], out["logs"]
+    assert [(r["step"], r["train/loss"]) for r in logs] == [(r["step"], pytest.approx(r["loss"])) for r in history]
+    assert logs[-1]["eval/loss"] == pytest.approx(history[-1]["eval_loss"])
+    assert (tmp_path / "trackio" / "mlx-dpo.db").is_file()
