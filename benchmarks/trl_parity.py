@@ -42,7 +42,7 @@ LORA_LR, FULL_LR = 5e-3, 3e-4
 # name -> (mlx-dpo options, TRL DPOConfig options where they differ, None = absent there); every case trains LoRA
 # against the base (adapters off) unless it sets train_type / reference.
 LOSSES = ["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-          "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm"]
+          "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft"]
 CASES = {name: ({"loss_type": name}, None) for name in LOSSES}
 CASES["exo_pair"] = ({"loss_type": "exo_pair", "label_smoothing": 1e-3}, None)  # TRL refuses 0
 CASES.update({
@@ -55,6 +55,7 @@ CASES.update({
     "ipo+alpha_divergence": ({"loss_type": "ipo", "f_divergence_type": "alpha_divergence"}, None),
     "hinge+js_divergence": ({"loss_type": "hinge", "f_divergence_type": "js_divergence"}, None),
     "sigmoid+ld_alpha": ({"ld_alpha": 0.5}, None),
+    "sigmoid+sft": ({"loss_type": ["sigmoid", "sft"], "loss_weights": [0.8, 1.0]}, None),  # MPO-style
     "sigmoid+use_weighting": ({"use_weighting": True}, None),
     "sigmoid+rpo_alpha": ({"rpo_alpha": 0.5},  # TRL 1.16 has no rpo_alpha: its sft loss in a mixture
                           {"rpo_alpha": None, "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]}),

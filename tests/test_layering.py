@@ -16,11 +16,11 @@ LAYERS = ["errors", "util", "config", "model", "data", "forward", "loss", "monit
 # Lowest first inside each sub-package (``__init__`` last). A module may be listed before it exists.
 MODULE_ORDER = {
     "util": ["io", "paths", "clock", "hubnet", "metal", "distributed", "__init__"],
-    "config": ["coerce", "checks", "fields", "__init__"],
+    "config": ["coerce", "checks", "keys", "fields", "__init__"],
     "model": ["architectures", "quant", "adapters", "toy", "ggml", "gguf_arch", "gguf_tokenizer", "gguf", "demo", "loader", "trainable", "trained",
               "__init__"],
     "data": ["base", "readers", "sources", "formats", "tokenize", "unpaired", "cache", "shapes", "batching", "__init__"],
-    "forward": ["cpu_math", "blocks", "packed", "prefix", "logprobs", "__init__"],
+    "forward": ["cpu_math", "blocks", "packed", "prefix", "logprobs", "decode", "__init__"],
     "loss": ["reduce", "pair_losses", "kto", "losses", "__init__"],
     "monitor": ["callbacks", "trackers", "health", "perf", "__init__"],
     "train": ["schedule", "state", "checkpoint", "rundir", "stopping", "preflight", "steps", "precompute",

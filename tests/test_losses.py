@@ -146,12 +146,22 @@ def np_orpo(c, r, rc, rr, beta, **_):
     return -beta * np.log(sig(np.log(odds(c) / odds(r))))
 
 
+def np_dpop(c, r, rc, rr, beta, lam=50.0, **_):
+    """Pal et al. 2024 (arXiv:2402.13228), eq. 3: the penalty max(0, log(pi_ref(y_w)/pi(y_w))) inside the sigmoid."""
+    penalty = np.maximum(0.0, rc - c)
+    return -np.log(sig(beta * ((c - rc) - (r - rr) - lam * penalty)))
+
+
+def np_sft(c, r, rc, rr, beta, **_):
+    return np.zeros_like(c)  # its NLL term is batch-level (np_batch)
+
+
 NP = {
     "sigmoid": np_sigmoid, "cdpo": np_sigmoid, "hinge": np_hinge, "rso": np_hinge, "ipo": np_ipo,
     "robust": np_robust, "exo_pair": np_exo, "nca_pair": np_nca, "bco_pair": np_bco, "sppo_hard": np_sppo,
     "aot": np_aot, "aot_unpaired": np_aot_unpaired, "aot_pair": np_aot_unpaired, "apo_zero": np_apo_zero,
     "apo_down": np_apo_down, "discopop": np_discopop, "kto_pair": np_kto_pair, "sigmoid_norm": np_sigmoid,
-    "simpo": np_simpo, "cpo": np_cpo, "orpo": np_orpo,
+    "simpo": np_simpo, "cpo": np_cpo, "orpo": np_orpo, "dpop": np_dpop, "sft": np_sft,
 }
 SMOOTHABLE = {"sigmoid", "cdpo", "robust", "exo_pair", "aot", "aot_unpaired", "aot_pair", "simpo", "cpo"}
 REF_FREE = {"simpo", "cpo", "orpo"}
@@ -256,6 +266,18 @@ def test_alpha_divergence_default_and_clamp():
     c, r, rc, rr = make_logps(8)
     with pytest.raises(ValueError, match="lengths"):
         mlx_loss("ipo", c, r, rc, rr, 0.1, f_divergence_type="js_divergence")
+
+
+@pytest.mark.parametrize("lam", [0.0, 5.0, 50.0])
+def test_dpop_lambda_matches_numpy(lam):
+    """Pairs with the chosen log-prob above and below the reference's: only the latter are penalised;
+    lambda 0 is DPO."""
+    c, r, rc, rr = make_logps(5)
+    assert (rc > c).any() and (rc < c).any()
+    got = mlx_loss("dpop", c, r, rc, rr, 0.5, dpop_lambda=lam)[0]
+    np.testing.assert_allclose(got, np_dpop(c, r, rc, rr, 0.5, lam=lam), rtol=2e-5, atol=2e-6)
+    if lam == 0.0:
+        np.testing.assert_allclose(got, mlx_loss("sigmoid", c, r, rc, rr, 0.5)[0], rtol=1e-6)
 
 
 def test_discopop_tau_and_simpo_gamma_and_bco_mean():
@@ -396,12 +418,12 @@ def np_batch(cfg, tl, ref_tl, mask, logits_sum, wpo_adjust, bco_delta=None):
         if name in REF_FREE or cfg.reference_free:
             ref = 0 * ref
         c, r, rc, rr = lp[:B], lp[B:], ref[:B], ref[B:]
-        kw = dict(ls=cfg.label_smoothing, gamma=cfg.simpo_gamma, tau=cfg.discopop_tau, delta=bco_delta,
+        kw = dict(ls=cfg.label_smoothing, gamma=cfg.simpo_gamma, tau=cfg.discopop_tau, delta=bco_delta, lam=cfg.dpop_lambda,
                   fdiv=cfg.f_divergence_type, alpha=cfg.f_alpha_divergence_coef)
         if name in ("ipo", "sigmoid_norm"):
             kw["n"] = (mask[:B].sum(1), mask[B:].sum(1))
         pair = pair + w * NP[name](c, r, rc, rr, cfg.beta, **kw)
-        extra += w * {"cpo": cfg.cpo_alpha, "orpo": 1.0}.get(name, 0.0) * nll
+        extra += w * {"cpo": cfg.cpo_alpha, "orpo": 1.0, "sft": 1.0}.get(name, 0.0) * nll
     if cfg.rpo_alpha is not None:
         pair = pair + cfg.rpo_alpha * nll
     if cfg.use_weighting:
@@ -420,7 +442,7 @@ def np_batch(cfg, tl, ref_tl, mask, logits_sum, wpo_adjust, bco_delta=None):
         "logps/chosen": first[:B].mean(), "logps/rejected": first[B:].mean(),
         "logits/chosen": logits_sum[:B].sum() / mask[:B].sum(), "logits/rejected": logits_sum[B:].sum() / mask[B:].sum(),
     }
-    if cfg.rpo_alpha is not None or any(n in ("cpo", "orpo") for n in names):
+    if cfg.rpo_alpha is not None or any(n in ("cpo", "orpo", "sft") for n in names):
         metrics["nll_loss"] = nll
     return pair.mean() + extra, metrics
 
@@ -463,6 +485,8 @@ BATCH_CONFIGS = [dict(loss_type=n) for n in sorted(set(NP) - {"cdpo", "rso", "ao
     dict(loss_type=["sigmoid", "hinge"], ld_alpha=0.4),
     dict(loss_type=["sigmoid", "hinge"], loss_weights=[0.7, 2.0]),
     dict(loss_type=["orpo", "cpo"]),
+    dict(loss_type="dpop", dpop_lambda=5.0, beta=0.5),
+    dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),  # MPO, TRL's example
 ]
 
 
@@ -586,6 +610,7 @@ def test_unknown_loss_names_the_closest():
     (dict(loss_type="orpo", rpo_alpha=1.0), "rpo_alpha"),
     (dict(loss_type=["sigmoid", "sigmoid"]), "repeats"),
     (dict(loss_type="sigmoid", beta=0.0), "beta"),
+    (dict(loss_type="sigmoid", dpop_lambda=5.0), "dpop_lambda.*no effect without loss_type: dpop"),
 ])
 def test_validate_rejects(kw, match):
     with pytest.raises(ConfigError, match=match):

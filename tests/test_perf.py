@@ -276,7 +276,8 @@ def test_plan_suggests_gradient_checkpointing_when_activations_dominate(llama_di
     def advice(length, ckpt=False):
         pairs = [TokenizedPair([1] * (length // 2), [5] * (length // 2), [6])]  # prompt + completion = length
         cfg = DPOConfig(model=str(llama_dir), batch_size=8, gradient_checkpointing=ckpt)
-        return checkpointing_advice(SimpleNamespace(cfg=cfg, train_pairs=pairs, model=model, prefix_sharing=False))
+        return checkpointing_advice(SimpleNamespace(cfg=cfg, train_pairs=pairs, model=model, prefix_sharing=False,
+                                                    optimizer=None))  # None: AdamW's two states
 
     long = static_memory_estimate(model, 8, 1024)
     assert long["activations"] > 0.5 * long["total"]

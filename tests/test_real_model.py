@@ -64,6 +64,32 @@ def test_greedy_answers_on_heldout_prompts_get_shorter(run_dir):
     assert policy <= 0.75 * reference  # measured 27.9 -> 15.8 tokens
 
 
+def test_completions_during_eval_are_the_policy_and_the_reference_answers(run_dir):
+    """generate_during_eval: at step 0 (eval_on_start) the policy answers as the reference (LoRA B
+    is 0); at the end, the same prompts get other answers, those of ``mlx-dpo generate`` on the
+    saved run (a fresh load, its own prompt rendering); report.html shows them."""
+    from mlx_dpo.analysis.report import report
+    from mlx_dpo.generation.generate import generate
+
+    rows = [json.loads(line) for line in (run_dir / "completions.jsonl").read_text().splitlines()]
+    reference = [r for r in rows if r["model"] == "reference"]
+    first, last = ([r for r in rows if r["model"] == "policy" and r["step"] == s] for s in (0, rows[-1]["step"]))
+    assert len(reference) == len(first) == len(last) == 4 and rows[-1]["step"] > 0
+    assert [r["step"] for r in reference] == [0] * 4 and [r["prompt"] for r in last] == [r["prompt"] for r in reference]
+    assert [r["completion"] for r in first] == [r["completion"] for r in reference]
+    assert [r["completion"] for r in last] != [r["completion"] for r in reference]
+    print("completion tokens during eval, reference -> policy:", [(r["tokens"], s["tokens"]) for r, s in
+                                                                  zip(reference, last)])
+    heldout = [json.loads(line) for line in (ROOT / "examples/data/smollm2-shorter/heldout.jsonl").open()][:4]
+    questions = [r["prompt"][-1]["content"] for r in heldout]
+    assert all(r["prompt"].endswith(f"{q}\nassistant\n") for r, q in zip(last, questions))
+    fresh = generate(run_dir, questions, max_tokens=64)
+    assert [r["completion"].strip() for r in last] == [f["policy"]["text"].strip() for f in fresh]
+    assert [r["completion"].strip() for r in reference] == [f["reference"]["text"].strip() for f in fresh]
+    page = report([run_dir])[0].read_text()
+    assert "<h2>Completions: run</h2>" in page and f"<th>policy (step {last[0]['step']})</th>" in page
+
+
 def test_gguf_export_reads_back_as_the_trained_model(run_dir, tmp_path):
     """The merged float32 GGUF, read back by our loader: the logits of the in-memory model
     (4-bit base + adapters), the same greedy tokens."""

@@ -172,3 +172,16 @@ def test_a_last_record_cut_short_by_a_crash_is_skipped(tmp_path):
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n{"step": 2, "loss": 0.6}\n{"step": 3, "lo')
     assert [r["step"] for r in read_run_records(run).records] == [1, 2]
+
+
+def test_the_best_step_is_marked(tmp_path):
+    """The last evaluation's best_step / best_metric: a column of the runs table and a line on the loss plot."""
+    records = fake_records(1.0)
+    records[5].update(best_step=50, best_metric=0.5)
+    records[-1].update(best_step=50, best_metric=0.5)  # the run's last evaluation
+    run = write_run(tmp_path / "run", records, {"metric_for_best_model": "loss"})
+    figures, _ = build_figures([read_run_records(run)])
+    lines = [line for line in figures["loss"].axes[0].get_lines() if list(line.get_xdata()) == [50, 50]]
+    assert [line.get_label() for line in lines] == ["best: step 50"]
+    page = write_html([read_run_records(run)], {}, [], tmp_path / "report.html").read_text()
+    assert "<th>best step</th>" in page and "<td>50 (eval_loss 0.5)</td>" in page

@@ -30,6 +30,7 @@ def fake_modules(monkeypatch):
 
     wandb = types.ModuleType("wandb")
     wandb.init = lambda **kw: calls.append(("wandb.init", kw["project"], kw["config"]["beta"])) or Run()
+    wandb.Table = lambda columns, data: ("table", tuple(columns), len(data))
 
     class Writer:
         def __init__(self, log_dir):
@@ -37,6 +38,9 @@ def fake_modules(monkeypatch):
 
         def add_scalar(self, key, value, step):
             calls.append(("tb.scalar", key, step))
+
+        def add_text(self, key, text, step):
+            calls.append(("tb.text", key, step, text))
 
         def flush(self):
             pass
@@ -70,8 +74,8 @@ def test_a_missing_tracker_package_is_a_config_error_before_loading(tmp_path, mo
     monkeypatch.setitem(sys.modules, "wandb", None)  # import fails
     with pytest.raises(ConfigError, match=r"report_to: wandb needs the wandb package \(pip install wandb\)"):
         DPOTrainer(DPOConfig(model="/nonexistent", output_dir=str(tmp_path / "run"), report_to="wandb"))
-    with pytest.raises(ConfigError, match="report_to must be one of none, wandb, tensorboard"):
-        DPOConfig(report_to="mlflow")
+    with pytest.raises(ConfigError, match="report_to must be one of none, wandb, tensorboard, mlflow, trackio"):
+        DPOConfig(report_to="comet_ml")
 
 
 def test_wandb_without_a_key_is_refused_before_loading(tmp_path, monkeypatch):
@@ -107,3 +111,69 @@ def test_a_tracker_directory_that_cannot_be_written_is_refused_before_overwrite(
 def test_scalars_use_transformers_names():
     assert scalars({"step": 3, "loss": 0.5, "eval_loss": 0.6, "warnings": ["x"], "epoch": 1}) == {
         "train/loss": 0.5, "eval/loss": 0.6, "train/epoch": 1.0}
+
+
+def test_mlflow_logs_the_config_and_every_record_to_a_local_store(llama_dir, toy_data_dir, tmp_path, monkeypatch):
+    """A real MLflow (when installed): the run in OUTPUT_DIR/mlflow.db holds the config and each
+    record's values at its step, and is marked finished."""
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    result = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path, report_to="mlflow"), log=lambda *a: None).train()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("mlx-dpo").experiment_id])
+    assert run.info.run_name == "run" and run.info.status == "FINISHED" and run.data.params["beta"] == "0.1"
+    losses = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [(m.step, m.value) for m in losses] == [(r["step"], pytest.approx(r["loss"])) for r in result.history]
+    (eval_loss,) = client.get_metric_history(run.info.run_id, "eval/loss")
+    assert (eval_loss.step, eval_loss.value) == (4, pytest.approx(result.history[-1]["eval_loss"]))
+
+
+def test_mlflow_is_imported_only_when_asked(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # import fails
+    DPOConfig(report_to="wandb")  # never touches mlflow
+    with pytest.raises(ConfigError, match=r"mlflow package \(pip install mlflow\)"):
+        DPOTrainer(DPOConfig(report_to="mlflow", output_dir=str(tmp_path / "run")), log=lambda *a: None)
+
+
+def test_trackers_get_the_completions_of_each_evaluation(llama_dir, toy_data_dir, tmp_path, monkeypatch):
+    calls = fake_modules(monkeypatch)
+    DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path, report_to=["wandb", "tensorboard"], generate_during_eval=True,
+                       generate_eval_prompts=2, generate_max_new_tokens=4), log=lambda *a: None).train()
+    tables = [c for c in calls if c[0] == "wandb.log" and "completions" in c[2]]
+    assert [(c[1], c[2]["completions"]) for c in tables] == [(4, ("table", ("step", "model", "prompt", "completion"), 4))]
+    (text,) = [c for c in calls if c[0] == "tb.text"]
+    assert text[1:3] == ("completions", 4) and text[3].count("| 4 | reference |") == 2
+    assert text[3].count("| 4 | policy |") == 2
+
+
+TRACKIO_RUN = """
+import json, sys
+from mlx_dpo import DPOConfig, DPOTrainer
+from trackio.sqlite_storage import SQLiteStorage
+model, data, out = sys.argv[1:]
+cfg = DPOConfig(model=model, data=data, output_dir=out, max_steps=4, batch_size=4, logging_steps=2, eval_steps=4,
+                max_eval_batches=1, progress_bar=False, report_to="trackio")
+history = DPOTrainer(cfg, log=lambda *a: None).train().history
+print(json.dumps({"history": history, "logs": SQLiteStorage.get_logs("mlx-dpo", "run")}))
+"""
+
+
+def test_trackio_logs_every_record_to_its_local_store(llama_dir, toy_data_dir, tmp_path):
+    """A real trackio (when installed), in a process of its own (trackio reads TRACKIO_DIR when
+    imported), its store in the test's TRACKIO_DIR: each record's values at its step."""
+    pytest.importorskip("trackio")
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("TRACKIO_PROJECT", None)
+    done = subprocess.run([sys.executable, "-c", TRACKIO_RUN, str(llama_dir), str(toy_data_dir), str(tmp_path / "run")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    history, logs = out["history"], out["logs"]
+    assert [(r["step"], r["train/loss"]) for r in logs] == [(r["step"], pytest.approx(r["loss"])) for r in history]
+    assert logs[-1]["eval/loss"] == pytest.approx(history[-1]["eval_loss"])
+    assert (tmp_path / "trackio" / "mlx-dpo.db").is_file()

@@ -25,7 +25,8 @@ from mlx.utils import tree_flatten
 from ..util import distributed
 from ..data.batching import eval_batches
 from ..train.evaluation import eval_every
-from ..monitor.perf import flops_per_token, gemm_peak_gflops, mfu, static_memory_estimate, system_memory_bytes
+from ..monitor.perf import (flops_per_token, gemm_peak_gflops, mfu, optimizer_state_bytes, static_memory_estimate,
+                            system_memory_bytes)
 
 ACTIVATIONS_DOMINATE = 0.5  # share of the estimated peak above which gradient_checkpointing is suggested
 
@@ -112,10 +113,11 @@ def checkpointing_advice(trainer) -> Optional[str]:
     longest = max(trainer.train_pairs, key=lambda p: p.length)
     seq = len(longest.prompt) + max(len(longest.chosen), len(longest.rejected))
     prompt = len(longest.prompt) if trainer.prefix_sharing else 0
-    est = static_memory_estimate(trainer.model, cfg.batch_size, seq, prompt)
+    est = static_memory_estimate(trainer.model, cfg.batch_size, seq, prompt, optimizer=trainer.optimizer)
     if est["activations"] <= ACTIVATIONS_DOMINATE * est["total"]:
         return None
-    ckpt = static_memory_estimate(trainer.model, cfg.batch_size, seq, prompt, gradient_checkpointing=True)
+    ckpt = static_memory_estimate(trainer.model, cfg.batch_size, seq, prompt, gradient_checkpointing=True,
+                                  optimizer=trainer.optimizer)
     return (f"  suggestion: gradient_checkpointing: true -- activations are ~{est['activations'] / 1e9:.2f} of "
             f"~{est['total'] / 1e9:.2f} GB estimated for the longest batch; with it ~{ckpt['total'] / 1e9:.2f} GB "
             f"(~30% slower steps)")
@@ -159,6 +161,7 @@ def plan(cfg, memory_budget_gb: Optional[float] = None, steps: int = 3, log=prin
         "mfu": mfu(main["tokens_per_second"], fpt, peak),
         "peak_memory_gb": main["peak_bytes"] / 1e9,
         "memory_per_pair_gb": slope / 1e9,
+        "optimizer_state_gb": optimizer_state_bytes(trainer.optimizer) / 1e9,
         "memory_budget_gb": budget / 1e9,
         "max_batch_size": max_batch,
         "fits": main["peak_bytes"] <= budget,
@@ -182,6 +185,7 @@ def _log_plan(result: Dict[str, object], trainer, log) -> None:
         f"(float32 GEMM peak {result['gemm_peak_gflops']:.0f} GFLOP/s, "
         f"{result['flops_per_token'] / 1e6:.0f} MFLOP/token)")
     log(f"  memory: peak {result['peak_memory_gb']:.3f} GB, +{result['memory_per_pair_gb'] * 1e3:.1f} MB per pair; "
+        f"optimizer state ({cfg.optim}) {result['optimizer_state_gb'] * 1e3:.2f} MB; "
         f"budget {result['memory_budget_gb']:.2f} GB -> largest batch_size {result['max_batch_size']}"
         f"{'' if result['fits'] else '  (the configured batch does NOT fit)'}")
     n, mb = result["ranks"], result["allreduce_bytes_per_step"] / 1e6

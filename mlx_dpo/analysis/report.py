@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from ..monitor.callbacks import COMPLETIONS_FILE
 from ..train.rundir import METRICS_FILE
 from ..errors import ReportError
 
@@ -37,6 +38,7 @@ class RunRecords:
     path: Path
     records: List[dict]
     config: dict = field(default_factory=dict)
+    completions: List[dict] = field(default_factory=list)  # generate_during_eval's rows
 
 
 @dataclass(frozen=True)
@@ -77,20 +79,7 @@ def read_run_records(path) -> RunRecords:
     metrics = path / METRICS_FILE
     if not metrics.is_file():
         raise ReportError(f"{path}: no {METRICS_FILE} (is it a training run's output_dir?)")
-    records, text = [], metrics.read_text()
-    lines = text.splitlines()
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == len(lines) and not text.endswith("\n"):
-                break  # the last record of a killed run, cut short (every record ends with a newline)
-            raise ReportError(f"{metrics}:{i}: not a JSON object ({e.msg})") from None
-        if not isinstance(record, dict) or "step" not in record:
-            raise ReportError(f"{metrics}:{i}: expected a JSON object with a 'step', got {line[:80]!r}")
-        records.append(record)
+    records = read_jsonl(metrics)
     if not records:
         raise ReportError(f"{metrics} is empty: the run has logged nothing yet (a record is written every "
                           "logging_steps)")
@@ -102,7 +91,27 @@ def read_run_records(path) -> RunRecords:
         where = f":{mark.line + 1}" if mark is not None else ""
         raise ReportError(f"{config_file}{where}: not a readable YAML config ({getattr(e, 'problem', None) or e})"
                           ) from None
-    return RunRecords(path.resolve().name, path, records, config if isinstance(config, dict) else {})
+    completions = read_jsonl(path / COMPLETIONS_FILE) if (path / COMPLETIONS_FILE).is_file() else []
+    return RunRecords(path.resolve().name, path, records, config if isinstance(config, dict) else {}, completions)
+
+
+def read_jsonl(path: Path) -> List[dict]:
+    """The JSON objects (each with a ``step``) of ``metrics.jsonl`` or ``completions.jsonl``."""
+    records, text = [], path.read_text()
+    lines = text.splitlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) and not text.endswith("\n"):
+                break  # the last record of a killed run, cut short (every record ends with a newline)
+            raise ReportError(f"{path}:{i}: not a JSON object ({e.msg})") from None
+        if not isinstance(record, dict) or "step" not in record:
+            raise ReportError(f"{path}:{i}: expected a JSON object with a 'step', got {line[:80]!r}")
+        records.append(record)
+    return records
 
 
 def points(records: Sequence[dict], key: str) -> Tuple[List[float], List[float]]:
@@ -179,6 +188,26 @@ def metric_figure(Figure, panels: Sequence[Panel], runs: Sequence[RunRecords]):
     return fig
 
 
+def best_eval(run: RunRecords) -> Optional[Tuple[int, str]]:
+    """``(step, "eval_loss 0.61")``: the run's best evaluation by ``metric_for_best_model``, as
+    its last evaluation recorded it (``best_step`` / ``best_metric``); None without one."""
+    last = next((r for r in reversed(run.records) if r.get("best_step") is not None), None)
+    if last is None:
+        return None
+    name = str(run.config.get("metric_for_best_model", "eval_loss"))
+    return last["best_step"], f"{name if name.startswith('eval_') else 'eval_' + name} {last['best_metric']:.4g}"
+
+
+def mark_best(fig, runs: Sequence[RunRecords]) -> None:
+    """A dashed vertical line at each run's best step on the loss figure."""
+    for i, run in enumerate(runs):
+        best = best_eval(run)
+        if best is not None:
+            label = f"best: step {best[0]}" if len(runs) == 1 else f"{run.name}: best step {best[0]}"
+            fig.axes[0].axvline(best[0], linestyle="--", linewidth=1, color=f"C{i}", label=label)
+            fig.axes[0].legend(fontsize=8)
+
+
 def build_figures(runs: Sequence[RunRecords]) -> Tuple[dict, List[str]]:
     """``({name: Figure}, notes)``: the metric figures, then the completion lengths; a note
     for each figure left out."""
@@ -191,6 +220,8 @@ def build_figures(runs: Sequence[RunRecords]) -> Tuple[dict, List[str]]:
             notes.append(f"{name}: no run logged any of {keys}")
         else:
             figures[name] = fig
+    if "loss" in figures:
+        mark_best(figures["loss"], runs)
     lengths = {run.name: completion_lengths(run.config) for run in runs}
     missing = [f"{n} ({why})" for n, (_, why) in lengths.items() if why]
     if missing:
@@ -275,9 +306,25 @@ def run_warnings(run: RunRecords) -> List[Tuple[int, str]]:
 
 def _run_row(run: RunRecords) -> str:
     c = run.config
-    cells = [run.name, str(run.path), str(run.records[-1]["step"]), str(c.get("loss_type", "")),
+    best = best_eval(run)
+    cells = [run.name, str(run.path), str(run.records[-1]["step"]), f"{best[0]} ({best[1]})" if best else "",
+             str(c.get("loss_type", "")),
              str(c.get("beta", "")), str(c.get("learning_rate", "")), str(c.get("model", ""))]
     return "<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in cells) + "</tr>"
+
+
+def completions_table(run: RunRecords) -> str:
+    """``generate_during_eval``'s completions side by side: a row per prompt, the reference's,
+    then the policy's at each evaluated step."""
+    columns = sorted({(r["model"] != "reference", r["step"], r["model"]) for r in run.completions})
+    text = {(r["prompt"], r["model"], r["step"]): r["completion"] for r in run.completions}
+    prompts = list(dict.fromkeys(r["prompt"] for r in run.completions))
+    esc = lambda s: html.escape(str(s))  # noqa: E731
+    head = "".join(f"<th>{esc(model)} (step {step})</th>" for _, step, model in columns)
+    rows = ["<tr><td>" + esc(p) + "</td>" + "".join(f"<td>{esc(text.get((p, m, s), ''))}</td>"
+                                                    for _, s, m in columns) + "</tr>" for p in prompts]
+    return (f"<h2>Completions: {esc(run.name)}</h2><table class='completions'><tr><th>prompt</th>{head}</tr>"
+            + "".join(rows) + "</table>")
 
 
 def write_html(runs: Sequence[RunRecords], pngs: Dict[str, Path], notes: Sequence[str], path) -> Path:
@@ -285,14 +332,16 @@ def write_html(runs: Sequence[RunRecords], pngs: Dict[str, Path], notes: Sequenc
     path = Path(path)
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>mlx-dpo report</title>",
              "<style>body{font-family:sans-serif;margin:2em}img{max-width:100%;display:block;margin:1em 0}"
-             "td,th{padding:2px 10px;text-align:left}</style></head><body>",
-             "<h1>mlx-dpo report</h1><table><tr><th>run</th><th>path</th><th>last step</th><th>loss</th>"
+             "td,th{padding:2px 10px;text-align:left;vertical-align:top}"
+             ".completions td{white-space:pre-wrap;border-top:1px solid #ddd;max-width:30em}</style></head><body>",
+             "<h1>mlx-dpo report</h1><table><tr><th>run</th><th>path</th><th>last step</th><th>best step</th><th>loss</th>"
              "<th>beta</th><th>learning rate</th><th>model</th></tr>", *map(_run_row, runs), "</table>"]
     warnings = [(run.name, step, msg) for run in runs for step, msg in run_warnings(run)]
     if warnings:
         parts.append("<h2>Health warnings</h2><ul>")
         parts += [f"<li>{html.escape(n)} step {s}: {html.escape(m)}</li>" for n, s, m in warnings]
         parts.append("</ul>")
+    parts += [completions_table(run) for run in runs if run.completions]
     if notes:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
     for name, png in pngs.items():

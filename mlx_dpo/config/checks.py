@@ -12,7 +12,15 @@ from typing import Any, Optional
 from ..errors import ConfigError
 from .coerce import as_bool
 
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+# Each schedule and the lr_scheduler_kwargs it takes (transformers' names).
+LR_SCHEDULERS = {"constant": (), "constant_with_warmup": (), "linear": (), "cosine": ("num_cycles",),
+                 "cosine_with_min_lr": ("num_cycles", "min_lr", "min_lr_rate")}
+# optim: transformers' names of ours, and the MLX optimizer class of each.
+OPTIM_ALIASES = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw", "lion_32bit": "lion"}
+OPTIMIZERS = {"adamw": "AdamW", "adafactor": "Adafactor", "lion": "Lion", "sgd": "SGD", "muon": "Muon"}
+# Arguments of the MLX classes that other options set (optim_args may not).
+OPTIM_SET_BY = {"learning_rate": "learning_rate", "weight_decay": "weight_decay", "betas": "adam_beta1/adam_beta2",
+                "eps": "adam_epsilon", "bias_correction": "optim: adamw (always bias-corrected)"}
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
 
 
@@ -23,10 +31,12 @@ def check_choices(cfg) -> None:
     _check_choice("reference", cfg.reference, ("base", "adapter"))
     _check_choice("truncation_mode", cfg.truncation_mode, ("keep_end", "keep_start"))
     for name in cfg.trackers:
-        _check_choice("report_to", name, ("none", "wandb", "tensorboard"))
+        _check_choice("report_to", name, ("none", "wandb", "tensorboard", "mlflow", "trackio"))
     if cfg.eval_strategy is not None:
         _check_choice("eval_strategy", cfg.eval_strategy, ("no", "steps", "epoch"))
-    _check_choice("lr_scheduler_type", cfg.lr_scheduler_type, LR_SCHEDULERS)
+    _check_choice("lr_scheduler_type", cfg.lr_scheduler_type, tuple(LR_SCHEDULERS))
+    cfg.optim = OPTIM_ALIASES.get(cfg.optim, cfg.optim)
+    _check_choice("optim", cfg.optim, tuple(OPTIMIZERS))
     _check_choice("compute_dtype", cfg.compute_dtype, ("auto", "float32", "bfloat16", "float16"))
     _check_choice("f_divergence_type", cfg.f_divergence_type, ("reverse_kl", "forward_kl", "js_divergence",
                                                               "alpha_divergence"))
@@ -44,11 +54,11 @@ def check_ranges(cfg) -> None:
     if cfg.max_steps == 0 or cfg.max_steps < -1:
         raise ConfigError(f"max_steps must be -1 (train num_train_epochs) or >= 1, got {cfg.max_steps}")
     for name in ("lora_rank", "batch_size", "gradient_accumulation_steps", "logging_steps",
-                 "ref_model_sync_steps", "max_batch_shapes"):
+                 "ref_model_sync_steps", "max_batch_shapes", "generate_eval_prompts", "generate_max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     for name in ("eval_batch_size", "precompute_ref_batch_size", "max_prompt_length", "max_completion_length",
-                 "save_total_limit"):
+                 "save_total_limit", "early_stopping_patience"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1 (or unset), got {getattr(cfg, name)}")
     if cfg.max_length is not None and cfg.max_length < 2:
@@ -58,7 +68,7 @@ def check_ranges(cfg) -> None:
         if limit is not None and cfg.max_length is not None and limit >= cfg.max_length:
             raise ConfigError(f"{name} {limit} has no effect with max_length {cfg.max_length} (a pair is cut to "
                               f"max_length first): set it below max_length, or leave it unset")
-    for name in ("warmup_steps", "save_steps", "max_grad_norm", "weight_decay"):
+    for name in ("warmup_steps", "save_steps", "max_grad_norm", "weight_decay", "early_stopping_threshold"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.eval_steps is not None and cfg.eval_steps < 0:
@@ -71,6 +81,8 @@ def check_ranges(cfg) -> None:
         raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
     if cfg.lora_alpha <= 0:
         raise ConfigError(f"lora_alpha must be > 0, got {cfg.lora_alpha}")
+    if cfg.loraplus_lr_ratio is not None and cfg.loraplus_lr_ratio <= 0:
+        raise ConfigError(f"loraplus_lr_ratio must be > 0, got {cfg.loraplus_lr_ratio}")
     if cfg.learning_rate <= 0:
         raise ConfigError(f"learning_rate must be > 0, got {cfg.learning_rate}")
     if not 0.0 <= cfg.eval_split < 1.0:
@@ -100,6 +112,14 @@ APPLIES = (
     ("ref_model_mixup_alpha", lambda c: c.sync_ref_model, "sync_ref_model: true (TR-DPO)"),
     ("ref_model_sync_steps", lambda c: c.sync_ref_model, "sync_ref_model: true (TR-DPO)"),
     ("precompute_ref_batch_size", lambda c: c.precompute_ref_log_probs, "precompute_ref_log_probs: true"),
+    ("loraplus_lr_ratio", lambda c: c.train_type == "adapter", "train_type: adapter (LoRA's B matrices)"),
+    ("dpop_lambda", lambda c: "dpop" in c.loss_types, "loss_type: dpop"),
+    ("generate_during_eval", lambda c: c.eval_mode != "no", "evaluation (eval_steps or eval_strategy)"),
+    ("generate_eval_prompts", lambda c: c.generate_during_eval, "generate_during_eval: true"),
+    ("generate_max_new_tokens", lambda c: c.generate_during_eval, "generate_during_eval: true"),
+    ("early_stopping_threshold", lambda c: c.early_stopping_patience, "early_stopping_patience"),
+    ("load_best_model_at_end", lambda c: c.eval_mode != "no", "evaluation (eval_steps or eval_strategy)"),
+    ("early_stopping_patience", lambda c: c.eval_mode != "no", "evaluation (eval_steps or eval_strategy)"),
 )
 
 
@@ -143,8 +163,38 @@ def check_combinations(cfg) -> None:
         raise ConfigError("warmup_steps/warmup_ratio have no effect with lr_scheduler_type 'constant' (as in "
                           "transformers); use constant_with_warmup, or remove the warmup")
     check_applies(cfg)
+    check_optim_args(cfg.optim, cfg.optim_args or {})
+    check_scheduler_kwargs(cfg.lr_scheduler_type, cfg.lr_scheduler_kwargs or {})
     if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
         raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
+
+
+def check_optim_args(optim: str, args: dict) -> None:
+    """``optim_args`` must be arguments of the optimizer's MLX class that no other option sets."""
+    import inspect
+
+    import mlx.optimizers
+
+    accepted = set(inspect.signature(getattr(mlx.optimizers, OPTIMIZERS[optim])).parameters) - set(OPTIM_SET_BY)
+    for key in args:
+        if key in OPTIM_SET_BY:
+            raise ConfigError(f"optim_args: {key} is set by {OPTIM_SET_BY[key]}, not optim_args")
+        if key not in accepted:
+            raise ConfigError(f"optim_args: optim {optim} (mlx.optimizers.{OPTIMIZERS[optim]}) takes "
+                              f"{', '.join(sorted(accepted)) or 'no extra arguments'}; got {key!r}")
+
+
+def check_scheduler_kwargs(kind: str, kwargs: dict) -> None:
+    """``lr_scheduler_kwargs`` must be arguments of the schedule (:data:`LR_SCHEDULERS`)."""
+    for key, value in kwargs.items():
+        if key not in LR_SCHEDULERS[kind]:
+            takes = ", ".join(LR_SCHEDULERS[kind]) or "no arguments"
+            raise ConfigError(f"lr_scheduler_kwargs: lr_scheduler_type {kind} takes {takes}; got {key!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"lr_scheduler_kwargs: {key} must be a number >= 0, got {value!r}")
+    if kind == "cosine_with_min_lr" and len({"min_lr", "min_lr_rate"} & set(kwargs)) != 1:
+        raise ConfigError("lr_scheduler_type cosine_with_min_lr needs one of min_lr and min_lr_rate in "
+                          "lr_scheduler_kwargs (as transformers), e.g. {min_lr_rate: 0.1}")
 
 
 def code_settings(values: dict) -> list:

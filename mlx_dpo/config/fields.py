@@ -8,69 +8,16 @@ layers over :class:`DPOConfig`: ``defaults < YAML file < command line``.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Optional, Union
 
 import yaml
 
 from .checks import (chat_template_text, check_choices, check_combinations, check_file_code, check_ranges,
                      quantize_options)
 from .coerce import as_bool, coerce_fields, load_yaml
-from ..errors import ConfigError
-
-# TRL / transformers spellings accepted as aliases of our keys.
-ALIASES = {
-    "per_device_train_batch_size": "batch_size",
-    "train_batch_size": "batch_size",
-    "per_device_eval_batch_size": "eval_batch_size",
-    "model_name_or_path": "model",
-    "dataset_name": "data",
-    "dataset_config": "dataset_subset",
-    "dataset_train_split": "dataset_split",
-    "dataset_test_split": "eval_dataset_split",
-    "iters": "max_steps",
-    "adapter_path": "output_dir",
-    "grad_checkpoint": "gradient_checkpointing",
-    "fine_tune_type": "adapter",
-    "lora_r": "lora_rank",
-    "target_modules": "lora_target_modules",
-    "lora_layers": "num_layers",
-    "chat_template_path": "chat_template",
-}
-
-DEFAULT_LORA_TARGETS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
-
-
-ROLES = ("model", "adapter", "reference", "data", "loss", "optim", "run")
-# What a change of a key of each role means on --resume: "match" (refused), "note"
-# (allowed and reported), "free" (allowed silently). A field may override it.
-RESUME_BY_ROLE = {"model": "match", "adapter": "match", "reference": "match", "data": "match",
-                  "loss": "match", "optim": "note", "run": "free"}
-# Derived key lists a field can join beyond its role (``keys=...``):
-#   data_cache  the tokenized-data cache key (every ``data`` key is in it)
-#   ref_cache   the reference log-prob cache key (every ``model`` key is in it)
-#   card        the model card's "Training configuration" table
-KEY_LISTS = ("data_cache", "ref_cache", "card")
-
-
-def option(default: Any = None, help: str = "", role: str = "run", *, resume: Optional[str] = None,
-           keys: tuple = (), factory: Optional[Callable] = None):
-    """A :class:`DPOConfig` field with its help text and role (see :func:`config_keys`)."""
-    assert role in ROLES and resume in (None, "match", "note", "free") and set(keys) <= set(KEY_LISTS)
-    metadata = {"help": help, "role": role, "resume": resume or RESUME_BY_ROLE[role], "keys": tuple(keys)}
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
+from .keys import ALIASES, DEFAULT_LORA_TARGETS, KEY_LISTS, ROLES, canonical_keys, option  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -192,18 +139,35 @@ class DPOConfig:
                                      "numbers of desirable and undesirable rows).", "loss")
     undesirable_weight: float = option(1.0, "KTO: weight of the undesirable rows' losses.", "loss")
     simpo_gamma: float = option(0.5, "SimPO target reward margin gamma.", "loss")
+    dpop_lambda: float = option(50.0, "DPO-Positive (loss_type dpop) lambda: weight of the penalty on the "
+                                "chosen log-prob falling below the reference's, inside the sigmoid as the paper (mlx-lm-lora's "
+                                "delta adds it outside).", "loss")
     cpo_alpha: float = option(1.0, "CPO/SimPO: weight of the NLL term on the chosen completions.", "loss")
 
     # ---- optimisation --------------------------------------------------------
-    learning_rate: float = option(1e-6, "Peak learning rate of AdamW.", "optim", keys=("card",))
-    weight_decay: float = option(0.0, "AdamW decoupled weight decay (0 disables); as transformers' Trainer, "
-                                 "not on biases and norm weights.", "optim")
-    adam_beta1: float = option(0.9, "AdamW beta1 (first-moment decay).", "optim")
-    adam_beta2: float = option(0.999, "AdamW beta2 (second-moment decay).", "optim")
+    optim: str = option("adamw", "Optimizer (transformers' optim; MLX's implementations): adamw (bias-corrected, "
+                        "as torch's; adamw_torch, adamw_torch_fused, adamw_hf name it too), adafactor (a fixed "
+                        "learning rate, no relative step or parameter scaling, as transformers' adafactor), lion "
+                        "(lion_32bit; betas adam_beta1, adam_beta2), sgd, muon (2-D weights orthogonalized).",
+                        "optim", resume="match", keys=("card",))
+    optim_args: Optional[dict] = option(None, "Extra arguments of the optimizer's MLX class (transformers' "
+                                        "optim_args), e.g. {momentum: 0.9, nesterov: true} for sgd, {momentum: "
+                                        "0.95, ns_steps: 5} for muon, {beta_1: 0.9} for adafactor.", "optim")
+    learning_rate: float = option(1e-6, "Peak learning rate.", "optim", keys=("card",))
+    loraplus_lr_ratio: Optional[float] = option(None, "LoRA+ (PEFT/TRL's name): the LoRA B matrices learn at "
+                                                "this multiple of the learning rate (the paper suggests 16).",
+                                                "optim")
+    weight_decay: float = option(0.0, "Decoupled weight decay, p -= lr * weight_decay * p, with every optim "
+                                 "(0 disables); as transformers' Trainer, not on biases and norm weights.", "optim")
+    adam_beta1: float = option(0.9, "AdamW and Lion beta1 (first-moment decay).", "optim")
+    adam_beta2: float = option(0.999, "AdamW and Lion beta2 (second-moment decay).", "optim")
     adam_epsilon: float = option(1e-8, "AdamW epsilon (denominator term).", "optim")
     max_grad_norm: float = option(1.0, "Clip the global gradient norm to this (0 disables).", "optim")
-    lr_scheduler_type: str = option("linear", "Schedule: constant, constant_with_warmup, linear or cosine.",
-                                    "optim", keys=("card",))
+    lr_scheduler_type: str = option("linear", "Schedule: constant, constant_with_warmup, linear, cosine or "
+                                    "cosine_with_min_lr (transformers' get_scheduler).", "optim", keys=("card",))
+    lr_scheduler_kwargs: Optional[dict] = option(None, "Extra arguments of the schedule (transformers' name): "
+                                                 "num_cycles for cosine (default 0.5: one half-wave), and min_lr "
+                                                 "or min_lr_rate for cosine_with_min_lr.", "optim")
     warmup_steps: int = option(0, "Linear warmup steps (overrides warmup_ratio).", "optim", keys=("card",))
     warmup_ratio: float = option(0.0, "Warmup as a fraction of the total steps.", "optim")
     batch_size: int = option(4, "Pairs per micro-batch (TRL's per_device_train_batch_size).", "optim",
@@ -249,16 +213,39 @@ class DPOConfig:
                                           "eval_steps is set, else no (TRL's default).")
     eval_steps: Optional[int] = option(None, "Evaluate every N steps with eval_strategy steps (default: "
                                        "logging_steps); 0 disables evaluation.")
+    generate_during_eval: bool = option(False, "At each evaluation, greedy completions of the first "
+                                        "generate_eval_prompts eval prompts by the policy (and, at the first, by the "
+                                        "reference) to completions.jsonl, report.html and wandb/tensorboard (TRL's "
+                                        "name); the training model generates, no second copy.")
+    generate_eval_prompts: int = option(4, "How many (distinct) eval prompts generate_during_eval completes.")
+    generate_max_new_tokens: int = option(64, "Longest completion generate_during_eval writes, in tokens.")
     eval_on_start: bool = option(False, "Evaluate before the first step (logged as step 0: the untrained "
                                  "baseline); not again on resume.")
     max_eval_batches: int = option(-1, "Evaluate on at most this many (evenly spaced) batches; -1 = all.")
     save_steps: int = option(500, "Save a resumable checkpoint every N steps (and at the end); 0 = only at the end.")
-    save_total_limit: Optional[int] = option(None, "Keep only the newest N checkpoints.")
+    save_total_limit: Optional[int] = option(None, "Keep only the newest N checkpoints (and, with "
+                                             "load_best_model_at_end, the best evaluation's).")
+    metric_for_best_model: str = option("eval_loss", "Evaluation metric that ranks evaluations, for "
+                                        "load_best_model_at_end, early stopping and the report's best step "
+                                        "(transformers' name; the eval_ prefix may be left out): eval_loss, "
+                                        "eval_rewards/accuracies, eval_rewards/margins, ...", resume="note")
+    greater_is_better: Optional[bool] = option(None, "Whether a higher metric_for_best_model is better; default: "
+                                               "false for a metric ending in loss, true otherwise.", resume="note")
+    load_best_model_at_end: bool = option(False, "Write the best evaluation's adapters to output_dir at the end "
+                                          "(a checkpoint is saved at each new best, and save_total_limit keeps "
+                                          "it); the last checkpoint still holds the last step, to resume from.")
+    early_stopping_patience: Optional[int] = option(None, "Stop after this many evaluations in a row without "
+                                                    "improvement of metric_for_best_model (transformers' "
+                                                    "EarlyStoppingCallback); unset: never stop early.")
+    early_stopping_threshold: float = option(0.0, "How much metric_for_best_model must improve on the best so far "
+                                             "to reset early_stopping_patience's count.")
     resume_from_checkpoint: Optional[str] = option(None, "latest, a run directory or a checkpoints/step-N "
                                                    "directory to resume from.")
     progress_bar: bool = option(True, "Show a progress bar (metric lines are printed either way).")
-    report_to: Optional[Union[str, list]] = option(None, "Live trackers (TRL's report_to): wandb, tensorboard, or a "
-                                                   "list of them; none by default (metrics.jsonl is always written).")
+    report_to: Optional[Union[str, list]] = option(None, "Live trackers (TRL's report_to): wandb, tensorboard, mlflow "
+                                                   "(MLFLOW_TRACKING_URI, else OUTPUT_DIR/mlflow.db), trackio "
+                                                   "(TRACKIO_DIR), or a list of them; "
+                                                   "none by default (metrics.jsonl is always written).")
     health_warnings: bool = option(True, "Warn about unhealthy training (loss stuck at ln 2, chosen log-probs "
                                    "below the reference, overfitting, exploding margins, grad_norm spikes); "
                                    "also recorded under warnings in metrics.jsonl.")
@@ -279,6 +266,19 @@ class DPOConfig:
         if self.eval_steps == 0:
             return "no"
         return self.eval_strategy or ("steps" if self.eval_steps else "no")
+
+    @property
+    def best_metric_key(self) -> str:
+        """``metric_for_best_model`` with its ``eval_`` prefix (transformers adds it too)."""
+        name = self.metric_for_best_model
+        return name if name.startswith("eval_") else f"eval_{name}"
+
+    @property
+    def best_is_greater(self) -> bool:
+        """``greater_is_better`` resolved: unset means lower is better for a ``*loss`` metric."""
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return not self.best_metric_key.endswith("loss")
 
     @property
     def lora_scale(self) -> float:
@@ -359,19 +359,7 @@ def config_keys(kind: str) -> tuple:
 
 def normalize_keys(values: dict, source: str = "config") -> dict:
     """Map aliases to canonical names; unknown keys raise, naming the closest key."""
-    valid = set(config_field_names())
-    out = {}
-    for key, value in values.items():
-        name = str(key).replace("-", "_")
-        name = ALIASES.get(name, name)
-        if name not in valid:
-            close = difflib.get_close_matches(name, sorted(valid | set(ALIASES)), n=1, cutoff=0.5)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
-        if name in out:
-            raise ConfigError(f"{source}: '{key}' given twice (as '{name}' and an alias)")
-        out[name] = value
-    return out
+    return canonical_keys(values, set(config_field_names()), source)
 
 
 def resolve_config(config: Optional[Union[str, Path]] = None, **overrides) -> DPOConfig:

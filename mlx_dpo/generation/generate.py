@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple, Union
+from typing import List, Optional, Union
 
 import mlx.core as mx
 
 from ..model.adapters import adapter_mode
+from ..forward.decode import detokenize, generate_samples  # noqa: F401 (sample.py and users import them here)
 from ..model.loader import use_chat_template
 from ..config.fields import DPOConfig
 from ..errors import ConfigError, DataError
@@ -50,37 +51,6 @@ def read_prompts(path: Union[str, Path], messages: bool = False) -> List[Union[s
             raise DataError(f"{path}:{n}: expected an object with {kind}")
         prompts.append(prompt)
     return prompts
-
-
-def generate_samples(model, tokenizer, prompt_ids: List[List[int]], k: int, sampler, max_tokens: int,
-                     batch_size: int, on_prompt_done: Callable = lambda: None) -> Tuple[list, list, object]:
-    """``k`` completions of every prompt with mlx-lm's ``BatchGenerator`` (continuous batching,
-    ``batch_size`` sequences at once): ``(tokens[prompt][sample], finished[prompt][sample], stats)``,
-    ``finished`` False for a completion cut at ``max_tokens``; EOS is not part of the tokens."""
-    from mlx_lm.generate import BatchGenerator
-
-    gen = BatchGenerator(model, max_tokens=max_tokens, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
-                         sampler=sampler, completion_batch_size=batch_size, prefill_batch_size=min(batch_size, 8))
-    uids = gen.insert([ids for ids in prompt_ids for _ in range(k)])
-    slot = {uid: divmod(n, k) for n, uid in enumerate(uids)}
-    tokens = [[[] for _ in range(k)] for _ in prompt_ids]
-    finished = [[False] * k for _ in prompt_ids]
-    left = [k] * len(prompt_ids)
-    try:
-        with gen.stats() as stats:
-            while responses := gen.next_generated():
-                for r in responses:
-                    p, s = slot[r.uid]
-                    if r.finish_reason != "stop":
-                        tokens[p][s].append(r.token)
-                    if r.finish_reason is not None:
-                        finished[p][s] = r.finish_reason == "stop"
-                        left[p] -= 1
-                        if not left[p]:
-                            on_prompt_done()
-    finally:
-        gen.close()
-    return tokens, finished, stats
 
 
 def prompt_ids(prompt: Union[str, list], tokenizer, cfg: DPOConfig, where: str) -> List[int]:
@@ -130,17 +100,6 @@ def generate(run_dir: Union[str, Path], prompts: List[str], max_tokens: int = 64
         for row, sample, done in zip(results, tokens, finished):
             row[side] = {"text": detokenize(run.tokenizer, sample[0]), "tokens": len(sample[0]) + int(done[0])}
     return results
-
-
-def detokenize(tokenizer, tokens: List[int]) -> str:
-    """The text of generated ``tokens`` as mlx-lm's streaming detokenizer writes it (which, unlike
-    ``decode``, drops a SentencePiece word-start space before the first token)."""
-    detokenizer = tokenizer.detokenizer
-    detokenizer.reset()
-    for token in tokens:
-        detokenizer.add_token(token)
-    detokenizer.finalize()
-    return detokenizer.text
 
 
 def format_text(results: List[dict]) -> str:

@@ -21,7 +21,7 @@ import mlx.core as mx
 from ..util import distributed
 from ..errors import ConfigError
 from . import kto
-from .pair_losses import LOSSES, bco_pair, preference_loss, sigmoid, update_bco_state
+from .pair_losses import LOSSES, bco_pair, dpop, preference_loss, sigmoid, update_bco_state
 from .reduce import chosen_nll, reduce_logps, wpo_weights
 
 
@@ -281,6 +281,8 @@ def _one_loss(name, c, r, rc, rr, cfg, reference_free: bool, state: dict, length
         losses, cw, rw, state = _one_loss(name, c, r, rc, rr, cfg, reference_free, state, lengths)
         return (*(distributed.local(x, group) for x in (losses, cw, rw)), state)
     extra = {"simpo_gamma": cfg.simpo_gamma, "lengths": lengths}
+    if isinstance(name, str) and LOSSES.get(name) is dpop:
+        extra["dpop_lambda"] = cfg.dpop_lambda
     if isinstance(name, str) and LOSSES.get(name) is bco_pair:
         state = update_bco_state(state, cfg.beta * (c - rc), cfg.beta * (r - rr))
         extra["bco_mean"] = state["bco_running_mean"]

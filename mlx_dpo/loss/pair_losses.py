@@ -258,6 +258,26 @@ def kto_pair(c, r, rc, rr, beta, **_):
     return ((1 - mx.sigmoid(beta * (cl - kl_r))) + (1 - mx.sigmoid(beta * (kl_c - rl)))) / 2
 
 
+@_loss(options=("dpop_lambda",))
+def dpop(c, r, rc, rr, beta, dpop_lambda=50.0, **_):
+    """DPO-Positive (Smaug), Pal et al. 2024 (arXiv:2402.13228): DPO with a penalty, inside the
+    sigmoid, on the chosen log-prob falling below the reference's (lambda = ``dpop_lambda``):
+
+        loss = -logsig(b (h - lambda max(0, rc - c)))
+    """
+    return -logsig(beta * ((c - rc) - (r - rr) - dpop_lambda * mx.maximum(rc - c, 0.0)))
+
+
+@_loss(options=("f_divergence_type",), nll="one")  # f_divergence_type accepted (no effect), as TRL
+def sft(c, r, rc, rr, beta, **_):
+    """TRL 1.16's ``sft`` (for MPO mixtures, arXiv:2411.10442): the NLL of the chosen tokens alone
+    (the batch loss adds it, times its loss weight); no per-pair term.
+
+        loss = 0   + NLL(chosen)
+    """
+    return mx.zeros_like(c)
+
+
 @_loss(reduction="mean", options=("f_divergence_type",))
 def sigmoid_norm(c, r, rc, rr, beta, **opts):
     """Length-normalised DPO (Tulu 3, Lambert et al. 2024, arXiv:2411.15124; TRL ``sigmoid_norm``):
@@ -328,7 +348,7 @@ def preference_loss(
     ``loss_type`` is a name in :data:`LOSSES` (or a callable with this signature).
     Reference log-probs may be ``None`` for reference-free losses or ``reference_free=True``
     (an implicit reference that gives every completion the same probability).
-    ``extra``: ``simpo_gamma`` (simpo), ``bco_mean`` (bco_pair running mean).
+    ``extra``: ``simpo_gamma`` (simpo), ``bco_mean`` (bco_pair running mean), ``dpop_lambda`` (dpop).
 
     Returns ``(losses, chosen_rewards, rejected_rewards)``, each ``(B,)``; rewards are
     ``beta * (logps - ref_logps)`` (``beta * logps`` when reference-free) and carry no gradient.

@@ -8,6 +8,7 @@ in transformers' ``TrainerCallback`` / mlx-lm's ``TrainingCallback``::
     on_log(state, record)            a logged record (window means; also eval results)
     on_evaluate(state, metrics)      after an evaluation (``eval_*`` metrics)
     on_save(state, path)             after a checkpoint was written
+    on_completions(state, rows)      after ``generate_during_eval`` (rows: step, model, prompt, completion, tokens)
     on_train_end(state)              after the final save
 
 ``state`` is the :class:`~mlx_dpo.train.state.TrainState`; ``state.log_history`` already
@@ -24,7 +25,8 @@ from typing import Callable, Iterable, List, Optional
 
 from ..util.io import open_no_follow
 
-EVENTS = ("on_train_begin", "on_step_end", "on_log", "on_evaluate", "on_save", "on_train_end")
+EVENTS = ("on_train_begin", "on_step_end", "on_log", "on_evaluate", "on_save", "on_completions", "on_train_end")
+COMPLETIONS_FILE = "completions.jsonl"  # in output_dir, beside metrics.jsonl
 CONSOLE_KEYS = ("step", "loss", "rewards/accuracies", "rewards/margins", "eval_loss", "eval_rewards/accuracies",
                 "learning_rate", "tokens_per_second", "peak_memory_gb")
 
@@ -37,6 +39,7 @@ class TrainerCallback:
     def on_log(self, state, record: dict) -> None: ...
     def on_evaluate(self, state, metrics: dict) -> None: ...
     def on_save(self, state, path: Path) -> None: ...
+    def on_completions(self, state, rows: list) -> None: ...
     def on_train_end(self, state) -> None: ...
 
 
@@ -64,15 +67,23 @@ class CallbackList:
             getattr(cb, "close", lambda: None)()
 
 
+def append_jsonl(path: Path, records: Iterable[dict]) -> None:
+    with os.fdopen(open_no_follow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+
+
 class JSONLWriter(TrainerCallback):
-    """Appends every logged record to ``metrics.jsonl`` (one JSON object a line)."""
+    """Appends every logged record to ``metrics.jsonl``, and the completions of
+    ``generate_during_eval`` to ``completions.jsonl`` beside it (one JSON object a line)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
 
     def on_log(self, state, record: dict) -> None:
-        with os.fdopen(open_no_follow(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(self.path, [record])
+
+    def on_completions(self, state, rows: list) -> None:
+        append_jsonl(self.path.with_name(COMPLETIONS_FILE), rows)
 
 
 def format_record(record: dict) -> str:

@@ -72,9 +72,16 @@ def mfu(tokens_per_second: float, flops_token: float, peak_gflops: float) -> flo
     return tokens_per_second * flops_token / (peak_gflops * 1e9)
 
 
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of an initialized MLX optimizer's per-parameter state (AdamW's m and v, Lion's m,
+    Adafactor's row and column factors...; scalars such as the step left out)."""
+    return sum(v.nbytes for _, v in tree_flatten(optimizer.state) if isinstance(v, mx.array) and v.ndim > 0)
+
+
 def static_memory_estimate(model: nn.Module, batch_size: int, seq_len: int, prompt_len: int = 0,
-                           gradient_checkpointing: bool = False) -> Dict[str, float]:
-    """Rough peak bytes of one step: weights, trainable state (param, grad, Adam m, v),
+                           gradient_checkpointing: bool = False, optimizer=None) -> Dict[str, float]:
+    """Rough peak bytes of one step: weights, trainable state (param, grad, and the state of
+    ``optimizer``: :func:`optimizer_state_bytes`, or Adam's m and v when it is None),
     activations kept for the backward pass (~16 hidden + 3 MLP + attention-score values
     per token per layer, float32, the scores over the keys a block-causal chunk sees; one hidden
     per token per layer with checkpointing)
@@ -83,7 +90,9 @@ def static_memory_estimate(model: nn.Module, batch_size: int, seq_len: int, prom
     hidden, inter = args.hidden_size, getattr(args, "intermediate_size", 4 * args.hidden_size)
     heads, layers = args.num_attention_heads, len(model.layers)
     weights = weights_bytes(model)
-    trainable = 4 * sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
+    params = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
+    state = 2 * params if optimizer is None else optimizer_state_bytes(optimizer)
+    trainable = 2 * params + state
     tokens = 2 * batch_size * seq_len - (batch_size * prompt_len if prompt_len else 0)
     n = len(chunk_bounds(seq_len)) - 1 if standard_blocks(model) else 1
     keys = seq_len * (n + 1) / (2 * n)  # block-causal chunks see (n+1)/(2n) of the keys on average
@@ -93,8 +102,8 @@ def static_memory_estimate(model: nn.Module, batch_size: int, seq_len: int, prom
 
     logits = 3 * 4 * min(MAX_LOGIT_ELEMENTS, 2 * batch_size * seq_len * args.vocab_size)
     total = weights + trainable + activations + logits
-    return {"weights": weights, "trainable_state": trainable, "activations": activations, "logits": logits,
-            "total": total}
+    return {"weights": weights, "trainable_state": trainable, "optimizer_state": state, "activations": activations,
+            "logits": logits, "total": total}
 
 
 FAST_BLAS = ("openblas", "libmkl", "blis")
@@ -159,14 +168,14 @@ class Throughput:
 
 
 def warn_if_too_big(model: nn.Module, pairs: list, batch_size: int, prefix_sharing: bool,
-                    gradient_checkpointing: bool, log=print) -> Optional[Dict[str, float]]:
+                    gradient_checkpointing: bool, log=print, optimizer=None) -> Optional[Dict[str, float]]:
     """Static estimate for the longest batch; warns when it exceeds this machine's memory."""
     if not pairs:
         return None
     longest = max(pairs, key=lambda p: p.length)
     seq = len(longest.prompt) + max(len(longest.chosen), len(longest.rejected))
     est = static_memory_estimate(model, batch_size, seq, len(longest.prompt) if prefix_sharing else 0,
-                                 gradient_checkpointing)
+                                 gradient_checkpointing, optimizer)
     available = system_memory_bytes()
     if est["total"] > 0.8 * available:
         log(f"warning: estimated peak memory {est['total'] / 1e9:.2f} GB (weights {est['weights'] / 1e9:.2f}, "

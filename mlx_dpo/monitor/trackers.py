@@ -1,4 +1,5 @@
-"""Live experiment trackers as callbacks (TRL's ``report_to``): ``wandb`` and ``tensorboard``.
+"""Live experiment trackers as callbacks (TRL's ``report_to``): ``wandb``, ``tensorboard``, ``mlflow``
+and ``trackio``.
 
 Each is imported only when asked for; a missing package is a config error with the install
 line, before anything loads. Metric names follow transformers' integrations: ``train/loss``,
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import time
 from pathlib import Path
 from typing import Dict
 
@@ -18,7 +20,9 @@ from ..errors import ConfigError
 from ..util.io import unwritable_ancestor
 
 # report_to name -> (modules to try, in order; the pip package to suggest)
-PACKAGES = {"wandb": (("wandb",), "wandb"), "tensorboard": (("tensorboardX", "torch.utils.tensorboard"), "tensorboardX")}
+PACKAGES = {"wandb": (("wandb",), "wandb"), "tensorboard": (("tensorboardX", "torch.utils.tensorboard"), "tensorboardX"),
+            "mlflow": (("mlflow",), "mlflow"), "trackio": (("trackio",), "trackio")}
+MLFLOW_PARAM_LENGTH = 500  # longer config values (a chat template) are cut to this in the run's params
 
 
 def _import(name: str):
@@ -56,6 +60,16 @@ def wandb_credentials() -> bool:
         return False
 
 
+COMPLETION_COLUMNS = ("step", "model", "prompt", "completion")
+
+
+def completions_markdown(rows: list) -> str:
+    """``generate_during_eval``'s rows as a Markdown table (TensorBoard's text panel)."""
+    cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(COMPLETION_COLUMNS) + " |", "|" + "---|" * len(COMPLETION_COLUMNS)]
+    return "\n".join(lines + ["| " + " | ".join(cell(r[k]) for k in COMPLETION_COLUMNS) + " |" for r in rows])
+
+
 def scalars(record: dict) -> Dict[str, float]:
     """Numeric entries of a logged record under transformers' names (``eval_loss`` -> ``eval/loss``)."""
     out = {}
@@ -84,6 +98,11 @@ class WandbCallback(TrainerCallback):
         if self.run is not None:
             self.run.log(scalars(record), step=state.step)
 
+    def on_completions(self, state, rows: list) -> None:
+        if self.run is not None:
+            data = [[r[k] for k in COMPLETION_COLUMNS] for r in rows]
+            self.run.log({"completions": self.wandb.Table(columns=list(COMPLETION_COLUMNS), data=data)}, step=state.step)
+
     def on_train_end(self, state) -> None:
         if self.run is not None:
             self.run.finish()
@@ -106,6 +125,11 @@ class TensorBoardCallback(TrainerCallback):
                 self.writer.add_scalar(key, value, state.step)
             self.writer.flush()
 
+    def on_completions(self, state, rows: list) -> None:
+        if self.writer is not None:
+            self.writer.add_text("completions", completions_markdown(rows), state.step)
+            self.writer.flush()
+
     def on_train_end(self, state) -> None:
         self.close()
 
@@ -115,7 +139,73 @@ class TensorBoardCallback(TrainerCallback):
             self.writer = None
 
 
-TRACKERS = {"wandb": WandbCallback, "tensorboard": TensorBoardCallback}
+class MLflowCallback(TrainerCallback):
+    """Logs the config as params and every record as metrics to an MLflow run (transformers'
+    environment names): ``$MLFLOW_TRACKING_URI``, else a local store in ``OUTPUT_DIR/mlflow.db``
+    (MLflow 3 keeps the ``./mlruns`` file store in maintenance mode); experiment
+    ``$MLFLOW_EXPERIMENT_NAME`` or ``mlx-dpo``; the run is named after ``output_dir``."""
+
+    def __init__(self, cfg: DPOConfig, output_dir: Path):
+        self.mlflow, self.cfg, self.output_dir, self.run_id = _import("mlflow"), cfg, Path(output_dir), None
+        self.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.output_dir.resolve() / 'mlflow.db'}"
+        self.client = None
+
+    def on_train_begin(self, state) -> None:
+        entities = self.mlflow.entities
+        self.client = self.mlflow.MlflowClient(tracking_uri=self.uri)
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "mlx-dpo")
+        found = self.client.get_experiment_by_name(name)
+        experiment = found.experiment_id if found else self.client.create_experiment(name)
+        self.run_id = self.client.create_run(experiment, run_name=self.output_dir.name).info.run_id
+        params = [entities.Param(k, str(v)[:MLFLOW_PARAM_LENGTH]) for k, v in self.cfg.to_dict().items()]
+        self.client.log_batch(self.run_id, params=params)
+
+    def on_log(self, state, record: dict) -> None:
+        if self.run_id is not None:
+            now = int(time.time() * 1000)
+            metrics = [self.mlflow.entities.Metric(k, v, now, state.step) for k, v in scalars(record).items()]
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+    def on_train_end(self, state) -> None:
+        self._end("FINISHED")
+
+    def close(self) -> None:
+        self._end("FAILED")  # still open: training raised
+
+    def _end(self, status: str) -> None:
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id, status=status)
+            self.run_id = None
+
+
+class TrackioCallback(TrainerCallback):
+    """Logs every record to a trackio run (project ``$TRACKIO_PROJECT`` or ``mlx-dpo``, named after
+    ``output_dir``), in trackio's local store (``$TRACKIO_DIR``, by default in the Hugging Face cache);
+    no system-metrics thread."""
+
+    def __init__(self, cfg: DPOConfig, output_dir: Path):
+        self.trackio, self.cfg, self.output_dir, self.running = _import("trackio"), cfg, Path(output_dir), False
+
+    def on_train_begin(self, state) -> None:
+        self.trackio.init(project=os.environ.get("TRACKIO_PROJECT", "mlx-dpo"), name=self.output_dir.name,
+                          config=self.cfg.to_dict(), auto_log_cpu=False, auto_log_gpu=False)
+        self.running = True
+
+    def on_log(self, state, record: dict) -> None:
+        if self.running:
+            self.trackio.log(scalars(record), step=state.step)
+
+    def on_train_end(self, state) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.running:
+            self.running = False
+            self.trackio.finish()
+
+
+TRACKERS = {"wandb": WandbCallback, "tensorboard": TensorBoardCallback, "mlflow": MLflowCallback,
+            "trackio": TrackioCallback}
 
 
 def tracker_callbacks(cfg: DPOConfig, output_dir: Path) -> list:

@@ -26,7 +26,7 @@ import re
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -187,8 +187,25 @@ def save_checkpoint(output_dir: Path, state: TrainState, model, optimizer, cfg: 
         last = latest_checkpoint(output_dir)
         raise CheckpointError(f"could not save checkpoint {path}: {write_failure(e)}, then resume with --resume. "
                               f"No partial checkpoint was left; the last good one is {last or 'none'}.") from e
-    prune(output_dir, cfg.save_total_limit, keep=path)
+    best = best_checkpoint(output_dir, state) if cfg.load_best_model_at_end else None
+    prune(output_dir, cfg.save_total_limit, keep=(path, best))
     return path
+
+
+def best_checkpoint(output_dir: Path, state: TrainState) -> Optional[Path]:
+    """The checkpoint of the best evaluation so far (``state.best``), if it was saved."""
+    if state.best.step is None:
+        return None
+    path = checkpoints_dir(output_dir) / f"step-{state.best.step}"
+    return path if path.is_dir() else None
+
+
+def load_adapters(model, path: Path) -> None:
+    """Load the trainable parameters saved in checkpoint ``path`` into ``model``."""
+    adapters = mx.load(str(Path(path) / "adapters.safetensors"))
+    _check_same("adapters", path, adapters, dict(tree_flatten(model.trainable_parameters())))
+    model.load_weights(list(adapters.items()), strict=False)
+    mx.eval(model.parameters())
 
 
 def save_adapters(directory: Path, model, cfg: DPOConfig, adapter_config: dict) -> None:
@@ -222,16 +239,17 @@ def _write_checkpoint(tmp: Path, state: TrainState, model, optimizer, cfg: DPOCo
     atomic_write_text(tmp / "trainer_state.json", json.dumps(meta, indent=2))
 
 
-def prune(output_dir: Path, limit: Optional[int], keep: Optional[Path] = None) -> None:
-    """Keep the newest ``limit`` checkpoints (and ``keep``); delete the rest atomically
-    (rename to ``.step-N.deleting`` first, so no half-deleted ``step-N`` is ever visible)."""
+def prune(output_dir: Path, limit: Optional[int], keep: Sequence[Optional[Path]] = ()) -> None:
+    """Keep the newest ``limit`` checkpoints (and those in ``keep``: the one just written, the
+    best); delete the rest atomically (rename to ``.step-N.deleting`` first, so no half-deleted
+    ``step-N`` is ever visible)."""
     if not limit or limit < 1:
         return
     found = list_checkpoints(output_dir)
+    kept = {Path(p).resolve() for p in keep if p is not None}
     for old in found[: max(0, len(found) - limit)]:
-        if keep is not None and old.resolve() == Path(keep).resolve():
-            continue
-        remove_checkpoint(old)
+        if old.resolve() not in kept:
+            remove_checkpoint(old)
 
 
 def remove_checkpoint(path: Path) -> None:

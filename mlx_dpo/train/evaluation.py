@@ -1,5 +1,7 @@
 """Evaluation and logging for the training loop: the eval pass over held-out pairs, when it
-is due (``eval_strategy``), and the logged record of a logging step (TRL / transformers names)."""
+is due (``eval_strategy``), the best evaluation so far and early stopping (transformers'
+``metric_for_best_model`` / ``EarlyStoppingCallback``), and the logged record of a logging
+step (TRL / transformers names)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,10 @@ import mlx.core as mx
 
 from ..data.batching import eval_batches
 from ..config.fields import DPOConfig
+from ..errors import ConfigError
 from ..data import TokenizedPair
+from ..forward.decode import detokenize, generate_samples
+from ..model.adapters import adapter_mode
 from ..util.metal import peak_memory_gb, release_cache
 from .state import TrainState
 
@@ -43,6 +48,38 @@ def evaluate(model, eval_step: Callable, pairs: List[TokenizedPair], cfg: DPOCon
     return {f"eval_{k}": v / weights[k] for k, v in totals.items()}
 
 
+def eval_prompts(pairs: List[TokenizedPair], n: int) -> List[List[int]]:
+    """The token ids of the first ``n`` distinct prompts of ``pairs`` (``generate_during_eval``'s)."""
+    seen: Dict[tuple, None] = {}
+    for pair in pairs:
+        seen.setdefault(tuple(pair.prompt), None)
+        if len(seen) == n:
+            break
+    return [list(p) for p in seen]
+
+
+def completions(model, tokenizer, prompts: List[List[int]], max_tokens: int, modes: Dict[str, str], step: int,
+                log: Callable[[str], None]) -> List[dict]:
+    """Greedy completions of ``prompts`` by ``model`` in each adapter mode of ``modes`` (``{"policy":
+    "policy", "reference": "base"}``), in inference mode, the train/eval mode left as it was: rows of
+    ``step``, ``model`` (the key), ``prompt``, ``completion`` and ``tokens``; the cost is logged."""
+    from mlx_lm.sample_utils import make_sampler
+
+    was_training, tic, rows = model.training, time.perf_counter(), []
+    model.eval()
+    texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+    for name, mode in modes.items():
+        with adapter_mode(model, mode):
+            tokens, _, _ = generate_samples(model, tokenizer, prompts, 1, make_sampler(0.0), max_tokens, len(prompts))
+        rows += [{"step": step, "model": name, "prompt": text, "completion": detokenize(tokenizer, out[0]),
+                  "tokens": len(out[0])} for text, out in zip(texts, tokens)]
+    model.train(was_training)
+    release_cache()
+    log(f"completions: {len(prompts)} prompts x {' and '.join(modes)}, {sum(r['tokens'] for r in rows)} tokens in "
+        f"{time.perf_counter() - tic:.1f} s")
+    return rows
+
+
 def eval_every(cfg: DPOConfig, steps_per_epoch: int) -> int:
     """Steps between evaluations by ``eval_strategy``: ``eval_steps`` (``steps``), an epoch
     (``epoch``), or 0 (``no``)."""
@@ -57,6 +94,27 @@ def eval_due(cfg: DPOConfig, state: TrainState, steps_per_epoch: int, has_eval: 
     if not every or not has_eval:
         return False
     return state.step % every == 0 or state.step == state.max_steps
+
+
+def track_best(cfg: DPOConfig, state: TrainState, metrics: Dict[str, float]) -> bool:
+    """Update ``state.best`` with an evaluation's ``metrics`` at ``state.step``; True when
+    ``early_stopping_patience`` evaluations in a row have not improved on the best so far by
+    more than ``early_stopping_threshold``. As transformers: the best moves on any strict
+    improvement, the count resets only on one larger than the threshold."""
+    key, best = cfg.best_metric_key, state.best
+    if key not in metrics:
+        raise ConfigError(f"metric_for_best_model: this run's evaluation has no {key}; it has "
+                          f"{', '.join(sorted(metrics))}")
+    value, sign = metrics[key], 1.0 if cfg.best_is_greater else -1.0
+    better = best.metric is None or sign * (value - best.metric) > 0
+    if better and (best.metric is None or abs(value - best.metric) > cfg.early_stopping_threshold):
+        best.evals_without_improvement = 0
+    else:
+        best.evals_without_improvement += 1
+    if better:
+        best.metric, best.step = value, state.step
+    patience = cfg.early_stopping_patience
+    return patience is not None and best.evals_without_improvement >= patience
 
 
 def log_record(cfg: DPOConfig, state: TrainState, learning_rate: float, grad_norm: float, compiled_shapes: int,

@@ -17,8 +17,9 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_map
 
-from . import evaluation, stopping
+from . import checkpoint, evaluation, stopping
 from ..model.adapters import sync_reference
+from ..monitor.callbacks import COMPLETIONS_FILE
 from ..monitor.perf import Throughput, reference_blas_warning, warn_if_too_big
 from ..util import distributed, metal
 from .rundir import mark_complete
@@ -33,11 +34,14 @@ class TrainingLoop:
         cfg, state = self.cfg, self.state
         batches = iter(self.sampler)
         self.stop_signals, self.stop_agreed = stop, False  # data parallel: every rank stops after the same step
+        self.stopped_early = False  # early_stopping_patience ran out (:func:`.evaluation.track_best`)
+        self.reference_sampled = self.resume_path is not None and any(  # generate_during_eval's, once a run
+            '"model": "reference"' in line for line in self._completions_lines())
         self.log(f"training: {state.max_steps} steps, {len(self.train_pairs)} pairs, "
                  f"{distributed.global_batch_message(cfg.batch_size, cfg.gradient_accumulation_steps, self.ranks)}"
                  f", loss {cfg.loss_type}, reference {self.reference_source or 'none'}")
         warn_if_too_big(self.model, self.train_pairs, cfg.batch_size, self.prefix_sharing,
-                        cfg.gradient_checkpointing, self.log)
+                        cfg.gradient_checkpointing, self.log, self.optimizer)
         for warning in (reference_blas_warning(), metal.memory_limit_warning()):
             if warning:
                 self.log(warning)
@@ -46,14 +50,14 @@ class TrainingLoop:
         if cfg.eval_on_start and state.step == 0 and self.eval_pairs:
             self._log_and_evaluate(start=True)
         self.clock.started_training()
-        while state.step < state.max_steps:
+        while state.step < state.max_steps and not self.stopped_early:
             if stop.signum is not None and (self.ranks == 1 or self.stop_agreed):
                 self._stop(stop.signum)
             tic, traces = time.perf_counter(), self.trace_count
             with self._guard(f"step {state.step + 1}"):
                 grads, ok, values, tokens = self._accumulate(batches)
-                learning_rate = self.optimizer.learning_rate  # this update's (the schedule at the current step)
                 norm = self.apply_update(grads, ok)
+                learning_rate = self.optimizer.learning_rate  # the rate this update used (set by the update)
                 mx.eval(norm, ok, learning_rate, values, self._pending_loss_state,
                         self.model.trainable_parameters(), self.optimizer.state)  # the step's one host sync
                 tokens = self._share_tokens_and_stop(tokens)
@@ -71,7 +75,15 @@ class TrainingLoop:
             self._log_and_evaluate(metrics["learning_rate"], metrics["grad_norm"])
             if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < state.max_steps:
                 self.save_checkpoint()
+        return self._finish()
+
+    def _finish(self) -> TrainResult:
+        """The last checkpoint, the adapters (the best evaluation's with ``load_best_model_at_end``),
+        the done lines; the run's result."""
+        cfg, state = self.cfg, self.state
         self.save_checkpoint()
+        if cfg.load_best_model_at_end:
+            self._load_best()
         self.save()
         self.callbacks.on_train_end(state)
         if self.main:
@@ -146,16 +158,55 @@ class TrainingLoop:
         cfg, state = self.cfg, self.state
         record = None if start else evaluation.log_record(cfg, state, learning_rate, grad_norm, self.trace_count,
                                                            self.clock.compile_seconds())
-        if start or evaluation.eval_due(cfg, state, self.steps_per_epoch, bool(self.eval_pairs)):
+        evaluated = start or evaluation.eval_due(cfg, state, self.steps_per_epoch, bool(self.eval_pairs))
+        if evaluated:
             with self.clock.phase("eval"):
                 state.window.last_eval = self.evaluate()
+            self.stopped_early = evaluation.track_best(cfg, state, state.window.last_eval)
             self.callbacks.on_evaluate(state, state.window.last_eval)
-            record = {**(record or {"step": state.step, "epoch": round(state.epoch, 4)}), **state.window.last_eval}
-        if record is not None and state.step == state.max_steps and not start:
+            record = {**(record or {"step": state.step, "epoch": round(state.epoch, 4)}), **state.window.last_eval,
+                      "best_metric": state.best.metric, "best_step": state.best.step}
+        if record is not None and (state.step == state.max_steps or self.stopped_early) and not start:
             record.update(self._time_split())  # the final save is in the done line's split only
         if record is not None:
             state.log_history.append(record)
             self.callbacks.on_log(state, record)
+        if evaluated and cfg.generate_during_eval and self.main:
+            with self.clock.phase("eval"):
+                self.callbacks.on_completions(state, self._sample_completions())
+        if evaluated and cfg.load_best_model_at_end and state.best.step == state.step:
+            self.save_checkpoint()  # the best so far stays on disk (save_total_limit keeps it)
+        if self.stopped_early:
+            self.log(f"early stopping: {cfg.best_metric_key} has not improved on its best by more than "
+                     f"{cfg.early_stopping_threshold} for {state.best.evals_without_improvement} evaluations "
+                     f"(early_stopping_patience {cfg.early_stopping_patience}; best {state.best.metric:.6g} at step "
+                     f"{state.best.step}): stopping after step {state.step} of {state.max_steps}")
+
+    def _sample_completions(self) -> list:
+        """``generate_during_eval``: the policy's completions of the fixed eval prompts, and the
+        reference's the first time (adapters off, or the reference adapter; none for full training)."""
+        cfg = self.cfg
+        modes = {"policy": "policy"}
+        if not self.reference_sampled and cfg.train_type == "adapter":
+            modes = {"reference": "reference" if cfg.reference == "adapter" else "base", **modes}
+        self.reference_sampled = True
+        prompts = evaluation.eval_prompts(self.eval_pairs, cfg.generate_eval_prompts)
+        return evaluation.completions(self.model, self.tokenizer, prompts, cfg.generate_max_new_tokens, modes,
+                                      self.state.step, self.log)
+
+    def _completions_lines(self) -> list:
+        path = self.output_dir / COMPLETIONS_FILE
+        return path.read_text().splitlines() if path.is_file() else []
+
+    def _load_best(self) -> None:
+        """``load_best_model_at_end``: the best evaluation's adapters (from its checkpoint) into the model."""
+        best, step = self.state.best, self.state.step
+        if best.step is None or best.step == step or not self.main:
+            return
+        path = checkpoint.checkpoints_dir(self.output_dir) / f"step-{best.step}"
+        checkpoint.load_adapters(self.model, path)
+        self.log(f"load_best_model_at_end: the adapters written are step {best.step}'s ({self.cfg.best_metric_key} "
+                 f"{best.metric:.6g}, the best evaluation; {path}); the last step's are in its checkpoint, step-{step}")
 
     def _nonfinite(self, values: dict, grad_norm_sq: float) -> None:
         """Stop on a non-finite step, or (``skip_nonfinite_steps``) count it and go on."""

@@ -18,6 +18,7 @@ from typing import Callable, List, Optional, Tuple
 from . import checkpoint
 from ..config.fields import DPOConfig
 from ..errors import ConfigError
+from ..monitor.callbacks import COMPLETIONS_FILE
 from ..util.io import atomic_write_text, link_refusal, open_no_follow, unwritable_ancestor
 
 METRICS_FILE = "metrics.jsonl"
@@ -97,8 +98,8 @@ def check_output_dir(cfg: DPOConfig) -> Path:
 
 
 # What a run writes or removes in its directory (besides temporaries).
-RUN_ENTRIES = (LOCK_FILE, METRICS_FILE, COMPLETE_FILE, checkpoint.CHECKPOINTS, "adapters.safetensors",
-               "adapter_config.json", "config.yaml")
+RUN_ENTRIES = (LOCK_FILE, METRICS_FILE, COMPLETIONS_FILE, COMPLETE_FILE, checkpoint.CHECKPOINTS,
+               "adapters.safetensors", "adapter_config.json", "config.yaml")
 
 
 def check_no_links(out: Path) -> None:
@@ -148,11 +149,13 @@ def prepare_output_dir(out: Path, step: int, resuming: bool, overwrite: bool, lo
         if overwrite:
             clear_run(out)
         os.close(open_no_follow(metrics_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
+        (out / COMPLETIONS_FILE).unlink(missing_ok=True)
         return []
     for newer in checkpoint.list_checkpoints(out):
         if checkpoint.step_of(newer) > step:
             log(f"removing {newer} (newer than the resumed step {step})")
             checkpoint.remove_checkpoint(newer)
+    truncate_metrics(out / COMPLETIONS_FILE, step)
     return truncate_metrics(metrics_file, step)
 
 
@@ -199,12 +202,13 @@ def clear_run(output_dir: Path) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
         os.replace(root, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
-    for name in ("adapters.safetensors", "adapter_config.json", METRICS_FILE, COMPLETE_FILE):
+    for name in ("adapters.safetensors", "adapter_config.json", METRICS_FILE, COMPLETIONS_FILE, COMPLETE_FILE):
         (Path(output_dir) / name).unlink(missing_ok=True)
 
 
 def truncate_metrics(metrics_file: Path, step: int) -> List[dict]:
-    """Keep the records with ``step <= step`` (a resumed run rewrites the rest)."""
+    """Keep the records with ``step <= step`` (a resumed run rewrites the rest); metrics.jsonl or
+    completions.jsonl."""
     if not metrics_file.is_file():
         return []
     kept = []

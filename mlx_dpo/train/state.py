@@ -59,6 +59,17 @@ class LogWindow:
 
 
 @dataclass
+class BestSoFar:
+    """The best evaluation so far by ``metric_for_best_model`` (transformers' ``best_metric`` and
+    ``best_global_step``) and the evaluations since one improved on it by more than
+    ``early_stopping_threshold`` (transformers' ``early_stopping_patience_counter``)."""
+
+    metric: Optional[float] = None
+    step: Optional[int] = None
+    evals_without_improvement: int = 0
+
+
+@dataclass
 class TrainState:
     """Progress of a run (transformers' ``TrainerState`` in spirit).
 
@@ -67,6 +78,7 @@ class TrainState:
     - ``skipped_steps`` / ``consecutive_skips``: non-finite steps skipped (in total / in a row);
     - ``loss_state``: the loss's running state (e.g. BCO's reward mean), MLX arrays;
     - ``window``: the logging window; ``log_history``: every record logged so far;
+    - ``best``: the best evaluation so far and the early-stopping count (:class:`BestSoFar`);
     - ``num_batches`` / ``data_fingerprint``: the training data this state walks over
       (a resume refuses other data); ``world_size``: the data-parallel ranks of the run.
     """
@@ -82,6 +94,7 @@ class TrainState:
     window: LogWindow = field(default_factory=LogWindow)
     log_history: List[dict] = field(default_factory=list)
     world_size: int = 1
+    best: BestSoFar = field(default_factory=BestSoFar)
 
     @property
     def epoch(self) -> float:
@@ -93,7 +106,7 @@ class TrainState:
         return {"step": self.step, "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
                 "sampler": asdict(self.sampler), "num_batches": self.num_batches,
                 "data_fingerprint": self.data_fingerprint, "log": self.window.to_dict(),
-                "world_size": self.world_size}
+                "world_size": self.world_size, "best": asdict(self.best)}
 
     def load_json(self, d: dict) -> None:
         """Restore the counters, sampler position and logging window saved by :meth:`to_json`."""
@@ -102,6 +115,7 @@ class TrainState:
         self.consecutive_skips = int(d.get("consecutive_skips", 0))
         self.sampler = SamplerState(**d["sampler"])
         self.window = LogWindow.from_dict(d.get("log", {}))
+        self.best = BestSoFar(**d.get("best", {}))
 
 
 @dataclass

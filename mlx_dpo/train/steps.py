@@ -4,7 +4,8 @@
 same model with adapters off / on the frozen reference copy, under ``stop_gradient``) +
 policy forward/backward + loss, returning ``(loss, metrics, new_loss_state, grads,
 ||grads||^2)``. ``apply_update(grads)``: global-norm clipping + the optimizer update
-(decoupled weight decay on :func:`decay_parameter_names` only), returning the pre-clip norm. ``eval_step(batch, loss_state)``: loss and metrics, no
+(decoupled weight decay on :func:`decay_parameter_names` only; LoRA+ scales the B matrices'
+updates), returning the pre-clip norm. ``eval_step(batch, loss_state)``: loss and metrics, no
 gradients. With a data-parallel ``group`` (:mod:`mlx_dpo.util.distributed`) ``grad_step`` sees this rank's
 slice of the global batch and returns the global loss, metrics and averaged gradients (the
 same on every rank); ``eval_step`` stays local (every rank evaluates every pair).
@@ -74,6 +75,20 @@ def _decay(model: nn.Module, before: list, rate: mx.array) -> None:
     model.update(tree_unflatten([(k, now[k] - rate.astype(p.dtype) * p) for k, p in before]))
 
 
+def loraplus_names(model: nn.Module) -> set:
+    """The LoRA B matrices (``lora_b``), which LoRA+ trains at ``loraplus_lr_ratio`` x the learning rate."""
+    return {k for k, _ in tree_flatten(model.trainable_parameters()) if k.rsplit(".", 1)[-1] == "lora_b"}
+
+
+def _scale_updates(model: nn.Module, before: list, ratio: float) -> None:
+    """LoRA+: ``p <- p_before + ratio (p - p_before)`` for the ``(name, p_before)`` in ``before``: the
+    update (weight decay included) at ``ratio`` x the learning rate. Every optimizer here moves a
+    parameter by lr x (something its state does not scale with lr), so this is its own update at the
+    higher rate, and the state is the same (PEFT's separate parameter group)."""
+    now = dict(tree_flatten(model.trainable_parameters()))
+    model.update(tree_unflatten([(k, p + ratio * (now[k] - p)) for k, p in before]))
+
+
 def _keep_where(ok: mx.array, tree, old) -> None:
     """In place: each leaf of ``tree`` (dicts and lists) becomes ``where(ok, leaf, old leaf)``
     (a skipped update leaves the optimizer state, its step count included, as it was)."""
@@ -102,6 +117,7 @@ def build_steps(model: nn.Module, optimizer: optim.Optimizer, cfg: DPOConfig, re
     assert source in REFERENCE_SOURCES, source
     state = [model.state, optimizer.state, mx.random.state]
     decayed = decay_parameter_names(model) if cfg.weight_decay else set()
+    lora_b = loraplus_names(model) if cfg.loraplus_lr_ratio else set()
 
     def loss_fn(model, batch, ref, loss_state, group=None):
         policy = completion_logps(model, batch, with_wpo=cfg.use_weighting)
@@ -133,10 +149,13 @@ def build_steps(model: nn.Module, optimizer: optim.Optimizer, cfg: DPOConfig, re
             grads, norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
         else:
             norm = mx.sqrt(_grad_sq(grads))
-        before = [(k, p) for k, p in tree_flatten(model.trainable_parameters()) if k in decayed]
-        optimizer.update(model, grads)  # AdamW with weight_decay 0: the decay is ours, by parameter group
+        params = tree_flatten(model.trainable_parameters())
+        before = [(k, p) for k, p in params if k in decayed]
+        optimizer.update(model, grads)  # weight_decay 0: the decay is ours, by parameter group
         if before:
             _decay(model, before, optimizer.learning_rate * cfg.weight_decay)
+        if lora_b:
+            _scale_updates(model, [(k, p) for k, p in params if k in lora_b], cfg.loraplus_lr_ratio)
         return norm
 
     @partial(mx.compile, inputs=state)

@@ -3,8 +3,8 @@
 One step = reference forward (adapters switched off, or the frozen reference
 adapter, under ``mx.stop_gradient``; skipped when reference log-probs are
 precomputed or the loss is reference-free) + policy forward/backward + loss, all in
-one ``mx.compile``d function; the optimizer update (clipping + AdamW with bias
-correction) is a second compiled function, applied every
+one ``mx.compile``d function; the optimizer update (clipping + ``optim``, AdamW
+with bias correction by default) is a second compiled function, applied every
 ``gradient_accumulation_steps`` micro-batches and only when loss and gradients are
 finite.
 
@@ -23,7 +23,6 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 import numpy as np
 
 from . import checkpoint, evaluation, stopping
@@ -47,7 +46,7 @@ from ..model.quant import on_cpu
 from .preflight import warn_unused_settings
 from .precompute import precompute_reference_logps
 from .rundir import METRICS_FILE, RunLock, check_output_dir, check_resume, prepare_output_dir
-from .schedule import build_schedule
+from .schedule import build_optimizer, build_schedule
 from ..data.shapes import ShapePlan, run_passes
 from .loop import TrainingLoop
 from .state import TrainResult, TrainState
@@ -176,11 +175,9 @@ class DPOTrainer(TrainingLoop):
             self.total_steps = max(1, math.ceil(cfg.num_train_epochs * self.steps_per_epoch))
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
         warn_unused_settings(cfg, bool(self.eval_pairs), self.total_steps, warmup, self.log)
-        self.schedule = build_schedule(cfg.lr_scheduler_type, cfg.learning_rate, self.total_steps, warmup)
-        self.optimizer = optim.AdamW(
-            learning_rate=self.schedule, betas=[cfg.adam_beta1, cfg.adam_beta2], eps=cfg.adam_epsilon,
-            weight_decay=0.0, bias_correction=True,
-        )  # cfg.weight_decay is applied by apply_update, to transformers' parameter groups
+        self.schedule = build_schedule(cfg.lr_scheduler_type, cfg.learning_rate, self.total_steps, warmup,
+                                       cfg.lr_scheduler_kwargs)
+        self.optimizer = build_optimizer(cfg, self.schedule)  # weight decay: apply_update's, by parameter group
         self.optimizer.init(self.model.trainable_parameters())
 
     @property
