@@ -115,3 +115,32 @@ def test_generate_wraps_prompts_in_the_runs_prompt_template(run_dir, llama_dir, 
     for r in results:
         text = f"Q: {r['prompt']}\nA:"
         assert r["policy"]["text"] == mlx_generate(model, tokenizer, text, max_tokens=8, sampler=make_sampler(0.0))
+
+
+def test_an_unpaired_run_ranks_rows_rewarded_against_their_label_first(llama_dir, tmp_path):
+    """A KTO run on thumbs-up/down rows (the toy pairs' chosen replies labeled true, the rejected
+    false) with two labels flipped: those two rows are among the first four of 64, each with its
+    reward and label (the reward signed by the label is negative: the model, trained on 62
+    consistent rows, disagrees)."""
+    rows = []
+    for pair in toy_pairs(32):
+        rows += [{"prompt": pair["prompt"], "completion": pair["chosen"], "label": True},
+                 {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False}]
+    flipped = [6, 41]
+    for i in flipped:
+        rows[i]["label"] = not rows[i]["label"]
+    write_jsonl(tmp_path / "rows.jsonl", rows)
+    cfg = DPOConfig(model=str(llama_dir), data=str(tmp_path / "rows.jsonl"), output_dir=str(tmp_path / "run"),
+                    loss_type="kto", max_steps=24, batch_size=4, learning_rate=3e-3, logging_steps=8,
+                    progress_bar=False, seed=0)
+    DPOTrainer(cfg).train()
+    result = audit(tmp_path / "run", top=4, output=tmp_path / "worst.jsonl")
+    worst = result["worst"]
+    assert result["unpaired"] and result["pairs"] == 64
+    assert set(flipped) <= {r["index"] for r in worst}  # both among the 4 of 64 rated most against their label
+    assert set(worst[0]) == {"index", "where", "signed_reward", "reward", "label", "prompt", "completion"}
+    for r in worst:
+        assert r["signed_reward"] == (r["reward"] if r["label"] else -r["reward"])
+    assert worst[0]["signed_reward"] < 0 and worst[0]["label"] == rows[worst[0]["index"]]["label"]
+    out = CliRunner().invoke(main, ["audit", str(tmp_path / "run"), "--top", "2", "-o", str(tmp_path / "a.jsonl")])
+    assert out.exit_code == 0 and "64 rows" in out.output and "against their label" in out.output, out.output

@@ -5,6 +5,10 @@ policy = the run's adapters on and the reference = adapters off, on the same loa
 weights (summed completion log-probs, as the sigmoid DPO loss uses them). A pair the
 trained model still ranks the wrong way round after training is often mislabeled: the
 most negative margins are written as JSONL for review.
+
+An unpaired (KTO) run: each row's reward ``beta * (log pi(y) - log pi_ref(y))`` signed by its label
+(``+`` for a desirable row, ``-`` for an undesirable one), so a row the trained model still rates
+against its label comes first, with its reward and label.
 """
 
 from __future__ import annotations
@@ -38,15 +42,31 @@ def sequence_logps(model, pairs: list, indices: List[int], pad_id: int, mode: st
     return np.stack([sums[:b], sums[b:]], axis=1)
 
 
-def margins(model, pairs: list, beta: float, pad_id: int = 0, batch_size: int = 8) -> np.ndarray:
-    """The implicit reward margin of every pair (policy = adapters on, reference = adapters off)."""
-    out = np.zeros(len(pairs), dtype=np.float64)
+def rewards(model, pairs: list, beta: float, pad_id: int = 0, batch_size: int = 8) -> np.ndarray:
+    """The implicit rewards ``(N, 2)`` (chosen, rejected) of every pair (policy = adapters on,
+    reference = adapters off)."""
+    out = np.zeros((len(pairs), 2), dtype=np.float64)
     for indices in eval_batches(pairs, batch_size):
         policy = sequence_logps(model, pairs, indices, pad_id, "policy")
         reference = sequence_logps(model, pairs, indices, pad_id, "base")
-        rewards = beta * (policy - reference)
-        out[indices] = rewards[:, 0] - rewards[:, 1]
+        out[indices] = beta * (policy - reference)
     return out
+
+
+def margins(model, pairs: list, beta: float, pad_id: int = 0, batch_size: int = 8) -> np.ndarray:
+    """The implicit reward margin of every pair."""
+    r = rewards(model, pairs, beta, pad_id, batch_size)
+    return r[:, 0] - r[:, 1]
+
+
+def _entry(row, mapping, index: int, value: float, pair, reward: float) -> dict:
+    """One audit line: the pair's margin, or an unpaired row's signed reward, its reward and label."""
+    rec = map_columns(row, mapping)
+    if pair.label is None:
+        return {"index": index, "where": row.where, "margin": round(value, 6), "prompt": rec.get("prompt"),
+                "chosen": rec.get("chosen"), "rejected": rec.get("rejected")}
+    return {"index": index, "where": row.where, "signed_reward": round(value, 6), "reward": round(reward, 6),
+            "label": bool(pair.label), "prompt": rec.get("prompt"), "completion": rec.get("completion")}
 
 
 def check_auditable(run_dir: Path, data: Optional[str]) -> None:
@@ -85,16 +105,17 @@ def audit(run_dir: Union[str, Path], data: Optional[str] = None, top: int = 20,
     if not kept:
         raise AuditError(f"no usable pairs in {cfg.data}")
     pad_id = getattr(run.tokenizer, "pad_token_id", None) or 0
-    values = margins(run.model, [pairs[i] for i in kept], cfg.beta, pad_id, batch_size)
+    r = rewards(run.model, [pairs[i] for i in kept], cfg.beta, pad_id, batch_size)
+    labels = [pairs[i].label for i in kept]
+    unpaired = labels[0] is not None
+    values = np.where(labels, r[:, 0], -r[:, 0]) if unpaired else r[:, 0] - r[:, 1]
     order = np.argsort(values, kind="stable")
     mapping = column_map(cfg)
-    ranked = []
-    for j in order:
-        rec = map_columns(rows[kept[j]], mapping)
-        ranked.append({"index": kept[j], "where": rows[kept[j]].where, "margin": round(float(values[j]), 6),
-                       "prompt": rec.get("prompt"), "chosen": rec.get("chosen"), "rejected": rec.get("rejected")})
+    ranked = [_entry(rows[kept[j]], mapping, kept[j], float(values[j]), pairs[kept[j]], float(r[j, 0]))
+              for j in order]
     path = Path(output) if output else Path(run_dir) / "audit.jsonl"
     worst = ranked[:top]
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in worst))
     return {"output": str(path), "pairs": len(kept), "skipped": len(rows) - len(kept), "beta": cfg.beta,
-            "negative": int((values < 0).sum()), "mean_margin": float(values.mean()), "worst": worst}
+            "unpaired": unpaired, "negative": int((values < 0).sum()), "mean_margin": float(values.mean()),
+            "worst": worst}

@@ -158,10 +158,14 @@ def audit(run_dir, data, top, output, trust_remote_code):
         result = run_audit(run_dir, data, top, output, trust_remote_code=trust_remote_code)
     except (AuditError, RunError) as e:
         fail(e)
-    click.echo(f"{result['pairs']} pairs ({result['skipped']} skipped), beta {result['beta']}: "
-               f"{result['negative']} with a negative margin, mean margin {result['mean_margin']:.4f}")
+    if result["unpaired"]:
+        click.echo(f"{result['pairs']} rows ({result['skipped']} skipped), beta {result['beta']}: "
+                   f"{result['negative']} rewarded against their label, mean signed reward {result['mean_margin']:.4f}")
+    else:
+        click.echo(f"{result['pairs']} pairs ({result['skipped']} skipped), beta {result['beta']}: "
+                   f"{result['negative']} with a negative margin, mean margin {result['mean_margin']:.4f}")
     for r in result["worst"][:5]:
-        click.echo(f"  {r['margin']:+.4f}  {r['where']}")
+        click.echo(f"  {r.get('margin', r.get('signed_reward')):+.4f}  {r['where']}")
     click.echo(f"most negative {len(result['worst'])}: {result['output']}")
 
 
