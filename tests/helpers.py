@@ -2,6 +2,8 @@
 oracles and workloads that are not part of the package."""
 
 import json
+import os
+import signal
 import socket
 from typing import Optional
 
@@ -54,3 +56,23 @@ def write_local_hostfile(path, ranks: int):
         s.close()
     path.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in ports]))
     return path
+
+
+def inject(trainer, at_step, fault):
+    """Wrap the compiled step: ``fault(outputs)`` runs once, during step ``at_step`` (1-based)."""
+    step = trainer.grad_step
+    fired = []
+
+    def wrapped(batch, loss_state):
+        out = step(batch, loss_state)
+        if trainer.step + 1 == at_step and not fired:
+            fired.append(True)
+            return fault(out)
+        return out
+
+    trainer.grad_step = wrapped
+
+
+def interrupt_in_step(trainer, at_step: int) -> None:
+    """A SIGINT during step ``at_step`` (1-based): the run saves a checkpoint and stops after it."""
+    inject(trainer, at_step, lambda out: (os.kill(os.getpid(), signal.SIGINT), out)[1])

@@ -3,8 +3,6 @@ load_best_model_at_end, early_stopping_patience/threshold) on a toy run whose ev
 (an over-high learning rate); the expected stop and best are computed here from the logged eval losses."""
 
 import json
-import os
-import signal
 
 import mlx.core as mx
 import numpy as np
@@ -13,6 +11,7 @@ import pytest
 from mlx_dpo import DPOConfig, DPOTrainer
 from mlx_dpo.errors import ConfigError, TrainingInterrupted
 from mlx_dpo.train import checkpoint
+from helpers import interrupt_in_step
 
 
 def config(model_dir, data_dir, out, **kw):
@@ -83,14 +82,7 @@ def test_early_stopping_resumes_with_its_best_so_far(llama_dir, toy_data_dir, tm
 
     out = tmp_path / "b"
     first = DPOTrainer(config(llama_dir, toy_data_dir, out, **kw), log=lambda *a: None)
-    step = first.grad_step
-
-    def interrupt_after(batch, loss_state):
-        if first.step + 1 == stop - 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return step(batch, loss_state)
-
-    first.grad_step = interrupt_after
+    interrupt_in_step(first, stop - 2)
     with pytest.raises(TrainingInterrupted):
         first.train()
     resumed = DPOTrainer(config(llama_dir, toy_data_dir, out, resume_from_checkpoint="latest", **kw),

@@ -21,6 +21,7 @@ from mlx_dpo.errors import CheckpointError, ConfigError, NonFiniteError, Trainin
 from mlx_dpo.cli.commands import main
 from mlx_dpo.config.fields import DPOConfig
 from mlx_dpo.train.trainer import DPOTrainer
+from helpers import inject, interrupt_in_step
 
 QUIET = dict(log=lambda *a: None)
 TIMING = ("tokens_per_second", "peak_memory_gb", "compiled_shapes", "compile_seconds", "train_runtime")  # per process
@@ -31,21 +32,6 @@ def cfg_for(model_dir, data_dir, out, **kw):
                   learning_rate=3e-3, logging_steps=2, eval_steps=0, save_steps=2, progress_bar=False, seed=0)
     values.update(kw)
     return DPOConfig(**values)
-
-
-def inject(trainer, at_step, fault):
-    """Wrap the compiled step: ``fault(outputs)`` runs once, during step ``at_step`` (1-based)."""
-    step = trainer.grad_step
-    fired = []
-
-    def wrapped(batch, loss_state):
-        out = step(batch, loss_state)
-        if trainer.step + 1 == at_step and not fired:
-            fired.append(True)
-            return fault(out)
-        return out
-
-    trainer.grad_step = wrapped
 
 
 def metrics(out):
@@ -68,7 +54,7 @@ def test_resume_reproduces_an_uninterrupted_run(llama_dir, toy_data_dir, tmp_pat
 
     out = tmp_path / "b"
     first = DPOTrainer(cfg_for(llama_dir, toy_data_dir, out, **kw), **QUIET)
-    inject(first, 10, lambda o: (os.kill(os.getpid(), signal.SIGINT), o)[1])
+    interrupt_in_step(first, 10)
     with pytest.raises(TrainingInterrupted) as info:
         first.train()
     assert info.value.exit_code == 130 and "--resume" in str(info.value) and "step 10" in str(info.value)

@@ -4,8 +4,6 @@ saved adapters loaded afresh."""
 
 import html
 import json
-import os
-import signal
 
 import mlx.core as mx
 import pytest
@@ -15,6 +13,7 @@ from mlx_dpo.analysis.report import report
 from mlx_dpo.errors import ConfigError, TrainingInterrupted
 from mlx_dpo.model.adapters import adapter_mode
 from mlx_dpo.model.trained import load_adapter_run
+from helpers import interrupt_in_step
 
 PROMPTS, TOKENS = 3, 10
 
@@ -91,14 +90,7 @@ def test_a_resumed_run_writes_the_completions_of_an_uninterrupted_one(llama_dir,
 
     DPOTrainer(cfg(tmp_path / "a"), log=lambda *a: None).train()
     first = DPOTrainer(cfg(tmp_path / "b"), log=lambda *a: None)
-    step = first.grad_step
-
-    def interrupt(batch, loss_state):  # SIGINT in step 4: completions at step 3 are written, then step-4 saved
-        if first.step + 1 == 4:
-            os.kill(os.getpid(), signal.SIGINT)
-        return step(batch, loss_state)
-
-    first.grad_step = interrupt
+    interrupt_in_step(first, 4)  # completions at step 3 are written, then step-4 saved
     with pytest.raises(TrainingInterrupted):
         first.train()
     assert '"step": 3' in (tmp_path / "b" / "completions.jsonl").read_text()

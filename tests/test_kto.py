@@ -280,11 +280,9 @@ def test_resume_mid_window_reproduces_an_uninterrupted_run(llama_dir, toy_data_d
     """Labels in blocks of 4 = one label per batch: a logged mean of rewards/chosen covers only the
     steps that had desirable rows. Interrupted at step 4 (inside the window of logging_steps 3), resumed:
     the same metrics.jsonl and adapters as a straight run (the window's per-metric counts are checkpointed)."""
-    import os
-    import signal
-
     from mlx_dpo.errors import TrainingInterrupted
-    from test_checkpoint import inject, metrics, weights
+    from helpers import interrupt_in_step
+    from test_checkpoint import metrics, weights
 
     records = [json.loads(line) for line in (toy_data_dir / "train.jsonl").read_text().splitlines()][:40]
     data = _write(tmp_path / "blocks.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"],
@@ -292,7 +290,7 @@ def test_resume_mid_window_reproduces_an_uninterrupted_run(llama_dir, toy_data_d
     kw = dict(max_steps=9, save_steps=4, logging_steps=3, lr_scheduler_type="constant")
     straight = _trainer(llama_dir, data, tmp_path / "a", **kw).train()
     first = _trainer(llama_dir, data, tmp_path / "b", **kw)
-    inject(first, 4, lambda o: (os.kill(os.getpid(), signal.SIGINT), o)[1])
+    interrupt_in_step(first, 4)
     with pytest.raises(TrainingInterrupted):
         first.train()
     _trainer(llama_dir, data, tmp_path / "b", resume_from_checkpoint="latest", **kw).train()

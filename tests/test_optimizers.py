@@ -2,8 +2,6 @@
 rule against a float64 numpy implementation written here, exact resume with each, and plan's count
 of their state; the schedules against transformers' get_scheduler."""
 
-import os
-import signal
 
 import mlx.core as mx
 import numpy as np
@@ -14,6 +12,7 @@ from mlx_dpo import DPOConfig, DPOTrainer
 from mlx_dpo.errors import ConfigError, TrainingInterrupted
 from mlx_dpo.monitor.perf import static_memory_estimate
 from mlx_dpo.train.schedule import build_schedule
+from helpers import interrupt_in_step
 
 LR, WD, STEPS = 1e-2, 0.1, 3
 
@@ -107,14 +106,7 @@ def test_exact_resume_with_each_optimizer(llama_dir, toy_data_dir, tmp_path, opt
     straight = trainer_for(llama_dir, toy_data_dir, tmp_path / "a", **kw)
     straight.train()
     first = trainer_for(llama_dir, toy_data_dir, tmp_path / "b", **kw)
-    step = first.grad_step
-
-    def interrupt(batch, loss_state):
-        if first.step + 1 == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return step(batch, loss_state)
-
-    first.grad_step = interrupt
+    interrupt_in_step(first, 3)
     with pytest.raises(TrainingInterrupted):
         first.train()
     resumed = trainer_for(llama_dir, toy_data_dir, tmp_path / "b", resume_from_checkpoint="latest", **kw)
