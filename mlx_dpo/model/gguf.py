@@ -170,8 +170,10 @@ def hf_name(name: str, arch: str, path: Path) -> str:
     return f"{mapped}.{suffix}"
 
 
-def config_from_gguf(header: dict, arch: str, quantization, rope_factors=None) -> dict:
-    """The Hugging Face ``config.json`` mlx-lm's ``arch`` model reads, from the GGUF metadata."""
+def config_from_gguf(header: dict, arch: str, rope_factors=None) -> dict:
+    """The Hugging Face ``config.json`` mlx-lm's ``arch`` model reads, from the GGUF metadata (and
+    ``rope_factors``: a Llama 3 file's ``rope_freqs``); the quantization entry is the converted
+    weights' (:func:`quantization_of`). ``ValueError`` for a rope scaling that is not supported."""
     meta, tensors = header["metadata"], header["tensors"]
 
     def get(key, default=None):
@@ -195,8 +197,6 @@ def config_from_gguf(header: dict, arch: str, quantization, rope_factors=None) -
     for key in ("bos_token_id", "eos_token_id", "padding_token_id"):
         if f"tokenizer.ggml.{key}" in meta:
             config[key.replace("padding", "pad")] = int(meta[f"tokenizer.ggml.{key}"])
-    if quantization:
-        config["quantization"] = config["quantization_config"] = quantization
     return config
 
 
@@ -306,18 +306,19 @@ def gguf_model_dir(path, cache_dir=None) -> Path:
         raise ConfigError(f"model: {path} is not a file")
     header = read_header(path)
     arch = check_supported(path, header)
-    factors = rope_factors(path, header)
-    try:
-        config_from_gguf(header, arch, {}, factors)  # before the conversion: what is refused, is refused first
-    except ValueError as e:
-        raise ConfigError(f"model: {path}: {e}") from None
     target = cache_subdir(cache_dir, "gguf") / f"{path.stem}-{conversion_key(path)}"
     if (target / "gguf_source.json").is_file():
         return target
+    try:  # before the conversion: what is refused, is refused first
+        config = config_from_gguf(header, arch, rope_factors(path, header))
+    except ValueError as e:
+        raise ConfigError(f"model: {path}: {e}") from None
     weights = convert_weights(path, arch, header)
+    quantization = quantization_of(weights)
+    if quantization:
+        config["quantization"] = config["quantization_config"] = quantization
     with atomic_directory(target, overwrite=True) as tmp:
         save_safetensors(tmp / "model.safetensors", weights, {"format": "mlx"})
-        config = config_from_gguf(header, arch, quantization_of(weights), factors)
         atomic_write_text(tmp / "config.json", json.dumps(config, indent=2))
         write_tokenizer(read_header(path, TOKENIZER_ARRAYS)["metadata"], tmp, path)
         source = {"gguf_file": str(path.resolve()), "size": path.stat().st_size, "architecture": arch,
