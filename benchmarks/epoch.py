@@ -104,7 +104,8 @@ def run_peer(work: Path, model: Path, data: Path, pairs: int) -> tuple:
     return timed(["bash", str(SHARED / "run_mlxlora.sh"), str(model), str(data)], env, work / f"peer-{data.name}.log")
 
 
-def run_ours(work: Path, model: Path, data: Path, pairs: int, name: str, options: dict) -> tuple:
+def run_ours(work: Path, model: Path, data: Path, pairs: int, name: str, options: dict, env: dict = None) -> tuple:
+    """``mlx-dpo train`` with the defaults plus ``options``, under ``env`` (default: this process's)."""
     slug = f"{data.name}-{re.sub(r'[^a-z0-9]+', '_', name)}"
     out, cache = work / f"ours-{slug}", work / f"cache-{slug}"
     for d in (out, cache):
@@ -116,7 +117,7 @@ def run_ours(work: Path, model: Path, data: Path, pairs: int, name: str, options
                lora_target_modules=TARGETS, max_steps=pairs // BATCH, **options)
     path = work / f"ours-{slug}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    seconds, rss, stdout = timed(["mlx-dpo", "train", "--config", str(path)], dict(os.environ),
+    seconds, rss, stdout = timed(["mlx-dpo", "train", "--config", str(path)], env or dict(os.environ),
                                  work / f"ours-{slug}.log")
     split = next((line for line in stdout.splitlines() if line.startswith("time: ")), "")
     return seconds, rss, split

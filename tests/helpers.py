@@ -76,3 +76,29 @@ def inject(trainer, at_step, fault):
 def interrupt_in_step(trainer, at_step: int) -> None:
     """A SIGINT during step ``at_step`` (1-based): the run saves a checkpoint and stops after it."""
     inject(trainer, at_step, lambda out: (os.kill(os.getpid(), signal.SIGINT), out)[1])
+
+
+def tiny_mlx_lm(model_type: str, window: int = 4, cap: float = 5.0, scale: float = 4.0, seed: int = 0):
+    """A random float32 mlx-lm model of ``model_type`` (``gemma3_text``, ``gemma2`` or ``phi3``;
+    3 layers, 72 wide (Gemma's sqrt(72) embedding scale is not exact in bfloat16), vocabulary 101), built from mlx-lm's own class: Gemma 3 with a
+    ``window``-token sliding window on every other layer and a tied embedding (as it ships),
+    Gemma 2 with its logits capped at ``cap`` (so the cap shapes them). The weights are scaled
+    by ``scale`` (sharper than the default init)."""
+    import importlib
+
+    from mlx.utils import tree_map
+
+    module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    common = dict(model_type=model_type, hidden_size=72, num_hidden_layers=3, intermediate_size=96,
+                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=101)
+    extra = {"gemma3_text": dict(head_dim=16, sliding_window=window, sliding_window_pattern=2,
+                                 query_pre_attn_scalar=16),
+             "gemma2": dict(head_dim=16, query_pre_attn_scalar=16, final_logit_softcapping=cap),
+             "phi3": {}}[model_type]
+    mx.random.seed(seed)
+    model = module.Model(module.ModelArgs(**common, **extra))
+    if model_type == "gemma3_text":
+        model.sanitize({})  # no lm_head: the tied embedding
+    model.update(tree_map(lambda p: p * scale, model.parameters()))
+    mx.eval(model.parameters())
+    return model

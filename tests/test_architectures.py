@@ -8,6 +8,7 @@ from mlx_dpo.model import architectures
 from mlx_dpo.model.architectures import Arch, has_feature, with_feature
 from mlx_dpo.forward.logprobs import has_plain_head
 from mlx_dpo.forward.prefix import supports_prefix_sharing
+from helpers import tiny_mlx_lm
 
 
 def fake_model(model_type):
@@ -16,10 +17,13 @@ def fake_model(model_type):
 
 
 def test_known_and_unknown_architectures():
-    assert with_feature("prefix_sharing") == ["llama", "qwen2", "mistral", "qwen3"]
+    assert with_feature("prefix_sharing") == ["llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3_text", "gemma2"]
+    assert with_feature("cpu_math") == ["llama", "qwen2", "mistral", "qwen3", "phi3", "gemma3_text"]
+    assert [has_feature(a, "mlp") for a in ("llama", "phi3", "gemma3_text", "gemma2", "olmo2")] == \
+        ["swiglu", "fused_swiglu", "geglu", "geglu", ""]
     assert set(with_feature("plain_head")) == {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text", "gemma2",
                                                "olmo2", "internlm3"}
-    assert has_feature("phi3", "plain_head") and not has_feature("phi3", "prefix_sharing")
+    assert has_feature("olmo2", "plain_head") and not has_feature("olmo2", "prefix_sharing")
     assert not has_feature("gpt2", "plain_head") and not has_feature(None, "hf_names")
     with pytest.raises(ValueError, match="prefix_sharing"):
         has_feature("llama", "flash")
@@ -34,33 +38,6 @@ def test_one_entry_adds_an_architecture(monkeypatch):
     assert not supports_prefix_sharing(sliding)
 
 
-def tiny(model_type: str):
-    """A random mlx-lm model of ``model_type`` (float32, a few layers, Gemma 3 with a 4-token window,
-    Gemma 2 with its logits capped at 5, so the cap shapes them)."""
-    import importlib
-
-    import mlx.core as mx
-
-    module = importlib.import_module(f"mlx_lm.models.{model_type}")
-    common = dict(model_type=model_type, hidden_size=64, num_hidden_layers=3, intermediate_size=96,
-                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, vocab_size=101)
-    extra = {"gemma3_text": dict(head_dim=16, sliding_window=4, sliding_window_pattern=2, query_pre_attn_scalar=16),
-             "gemma2": dict(head_dim=16, query_pre_attn_scalar=16, final_logit_softcapping=5.0), "phi3": {}}[model_type]
-    mx.random.seed(0)
-    model = module.Model(module.ModelArgs(**common, **extra))
-    if model_type == "gemma3_text":
-        model.sanitize({})  # no lm_head: the tied embedding, as Gemma 3 ships
-    model.update(tree_map(lambda p: p * 4, model.parameters()))  # sharper than the default init
-    mx.eval(model.parameters())
-    return model
-
-
-def tree_map(fn, tree):
-    from mlx.utils import tree_map as mlx_tree_map
-
-    return mlx_tree_map(fn, tree)
-
-
 @pytest.mark.parametrize("model_type", ["gemma3_text", "gemma2", "phi3"])
 def test_plain_head_log_probs_equal_the_models_own_logits(model_type):
     """The plain-head path (only the scoring positions meet the head, in chunks) gives the
@@ -70,7 +47,7 @@ def test_plain_head_log_probs_equal_the_models_own_logits(model_type):
 
     from mlx_dpo.forward.logprobs import completion_logps
 
-    model = tiny(model_type)
+    model = tiny_mlx_lm(model_type)
     assert has_plain_head(model)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 101, (2, 12)).astype(np.int32)

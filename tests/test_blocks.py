@@ -15,6 +15,7 @@ from mlx_dpo.data import TokenizedPair
 from mlx_dpo.forward.logprobs import completion_logps
 from mlx_dpo.model.loader import recompute_block_in_backward, load_model
 from mlx_dpo.forward.packed import enable_position_rope
+from helpers import tiny_mlx_lm
 
 
 def test_chunk_bounds():
@@ -45,9 +46,18 @@ def oracle(model, pairs):
     return mx.stack(out)
 
 
+NEW_ARCHS = ("gemma3_text", "gemma2", "phi3")  # built straight from mlx-lm's classes (helpers.tiny_mlx_lm)
+WINDOW = 48  # Gemma 3's sliding window here: shorter than every sequence of long_pairs
+
+
 def adapted(model_dir, checkpointing=False):
-    cfg = DPOConfig(model=str(model_dir), lora_target_modules=["self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj"])
-    model, _, _ = load_model(cfg)
+    """A model with random LoRA B matrices: a toy model directory, or one of :data:`NEW_ARCHS`
+    (their default targets: Phi-3's fused projections, Gemma's attention and MLP)."""
+    if str(model_dir) in NEW_ARCHS:
+        model, cfg = tiny_mlx_lm(str(model_dir), window=WINDOW, scale=1.0), DPOConfig(model="tiny")
+    else:
+        cfg = DPOConfig(model=str(model_dir), lora_target_modules=["self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj"])
+        model, _, _ = load_model(cfg)
     add_adapters(model, cfg)
     for layer in [m for _, m in model.named_modules() if hasattr(m, "lora_b")]:
         layer.lora_b = mx.random.normal(layer.lora_b.shape, key=mx.random.key(3)) * 0.1
@@ -62,10 +72,19 @@ def weights_of(n):
     return mx.array(np.linspace(1.0, 2.0, n), dtype=mx.float32)  # a different weight per sequence
 
 
+def model_source(arch, request):
+    """A toy model fixture's directory (``*_dir``), or the name of one of :data:`NEW_ARCHS`."""
+    return request.getfixturevalue(arch) if arch.endswith("_dir") else arch
+
+
 @pytest.mark.parametrize("layout", ["unshared", "prefix", "packed"])
-@pytest.mark.parametrize("arch, checkpointing", [("llama_dir", False), ("qwen2_dir", False), ("llama_dir", True)])
+@pytest.mark.parametrize("arch, checkpointing", [("llama_dir", False), ("qwen2_dir", False), ("llama_dir", True),
+                                                 ("gemma3_text", False), ("gemma3_text", True), ("gemma2", False),
+                                                 ("phi3", False)])
 def test_chunked_layouts_equal_mlx_lm_forward(arch, checkpointing, layout, request):
-    model = adapted(request.getfixturevalue(arch), checkpointing)
+    """Gemma 3's sliding windows (48 positions, every other layer) are mlx-lm's own masks in the
+    oracle; Gemma 2 scores grouped heads with its soft-capped attention; Phi-3 has fused projections."""
+    model = adapted(model_source(arch, request), checkpointing)
     pairs = long_pairs(model.args.vocab_size)
     batch = collate(pairs, [0, 1, 2], layout=layout)
     widths = [batch.prompt.shape[1], batch.completion.shape[1]] if layout == "prefix" else [batch.tokens.shape[1]]

@@ -189,8 +189,8 @@ class DPOConfig:
                                             "name; mlx_dpo/forward/packed.py). auto: on with MLX's CPU backend, where whole "
                                             "runs measured 1.3x faster, off on Metal (TRL's default).", "optim",
                                             keys=("ref_cache",))
-    cpu_fast_math: bool = option(False, "On MLX's CPU backend, run attention's softmax and SwiGLU through "
-                                 "polynomial exp/sigmoid that MLX fuses (mlx_dpo/forward/cpu_math.py; float32 error "
+    cpu_fast_math: bool = option(False, "On MLX's CPU backend, run attention's softmax and the gated MLP (SwiGLU, "
+                                 "Gemma's GeGLU) through polynomial exp/sigmoid/tanh that MLX fuses (mlx_dpo/forward/cpu_math.py; float32 error "
                                  "<= 4e-7). Its sign depends on the processor (1.08x a whole run on an AMD EPYC, "
                                  "3.4x slower steps on an AVX-512 Xeon), so it is off unless asked for; no effect "
                                  "on Metal, which keeps MLX's kernels.", "optim", keys=("ref_cache",))

@@ -100,18 +100,74 @@ def run_block(layer: nn.Module, h: mx.array, mask, offset: Offset = 0,
 
 def standard_blocks(model: nn.Module) -> bool:
     """An architecture whose blocks are the standard ones (``model/architectures.py``'s
-    ``prefix_sharing`` feature) under ``model.model.{embed_tokens,layers,norm}``, without
-    sliding windows: ``model.model(x)`` is embed -> blocks (causal) -> norm."""
+    ``prefix_sharing`` feature) under ``model.model.{embed_tokens,layers,norm}``:
+    ``model.model(x)`` is :func:`embed` -> blocks (causal, or windowed per :func:`layer_windows`)
+    -> norm. Layers with another kind of sliding window (``use_sliding``) are not."""
     inner = getattr(model, "model", None)
     return (has_feature(model_type(model), "prefix_sharing") and inner is not None
             and all(hasattr(inner, k) for k in ("embed_tokens", "layers", "norm"))
             and not any(getattr(layer, "use_sliding", False) for layer in inner.layers))
 
 
+def embed(model: nn.Module, tokens: mx.array) -> mx.array:
+    """``model.model``'s input embeddings, scaled as the architecture scales them (Gemma's
+    ``sqrt(hidden_size)``, ``model/architectures.py``'s ``embed_scale``)."""
+    h = model.model.embed_tokens(tokens)
+    scale = has_feature(model_type(model), "embed_scale")
+    if not scale:
+        return h
+    factor = model.args.hidden_size ** 0.5
+    if scale == "bf16":  # Gemma 3 rounds the factor to bfloat16 first
+        return h * mx.array(factor, mx.bfloat16).astype(h.dtype)
+    return h * factor
+
+
+def layer_windows(model: nn.Module) -> List[Optional[int]]:
+    """Each block's sliding window (``None``: global attention). Gemma 3's sliding layers
+    (``self_attn.is_sliding``) let a query see the model's last ``window_size`` positions,
+    itself included: key ``k`` iff ``q - window < k <= q`` (mlx-lm's and transformers' rule)."""
+    inner = model.model
+    window = getattr(inner, "window_size", None)
+    return [window if window and getattr(layer.self_attn, "is_sliding", False) else None
+            for layer in inner.layers]
+
+
+def within(distance: mx.array, window: Optional[int]) -> mx.array:
+    """``distance < window`` (query position minus key position; every key if no window)."""
+    return distance < (window if window is not None else 1 << 30)
+
+
+def _grouped(model: nn.Module, masks):
+    """Masks as the attention applies them: Gemma 2 (``array_mask``) scores grouped query heads
+    (B, kv_heads, repeats, L, K), so a (B, 1, L, K) mask gets an axis there."""
+    if not has_feature(model_type(model), "array_mask") or getattr(model.model.layers[0].self_attn, "repeats", 1) == 1:
+        return masks
+    if isinstance(masks, tuple):
+        return tuple(_grouped(model, m) for m in masks)
+    return masks[:, :, None] if isinstance(masks, mx.array) and masks.ndim == 4 else masks
+
+
+def per_layer(model: nn.Module, make, longest: int) -> list:
+    """``make(window)`` (a mask or a tuple of masks) once per distinct window of the blocks (a
+    window of ``longest`` positions or more masks nothing: it is built as global), listed per block."""
+    windows = [w if w is not None and w < longest else None for w in layer_windows(model)]
+    built = {w: _grouped(model, make(w)) for w in dict.fromkeys(windows)}
+    return [built[w] for w in windows]
+
+
 def causal_hidden(model: nn.Module, tokens: mx.array) -> mx.array:
     """``model.model(tokens)`` for an architecture with standard blocks, block-causally."""
     inner = model.model
-    h = inner.embed_tokens(tokens)
-    for layer in inner.layers:
-        h, _ = run_block(layer, h, "causal")
+    length = tokens.shape[1]
+    array_mask = has_feature(model_type(model), "array_mask")
+
+    def mask(window):
+        if window is None and not array_mask:
+            return "causal"
+        q, k = mx.arange(length)[:, None], mx.arange(length)[None]
+        return (k <= q) & within(q - k, window)
+
+    h = embed(model, tokens)
+    for layer, m in zip(inner.layers, per_layer(model, mask, length)):
+        h, _ = run_block(layer, h, m)
     return inner.norm(h)

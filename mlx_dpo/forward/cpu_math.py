@@ -3,8 +3,9 @@
 MLX's CPU backend evaluates transcendental element-wise ops one element at a time
 (``exp``, ``sigmoid``: ~15 ns per element here), while a fused chain of multiplies and
 adds in a compiled graph costs ~0.1 ns per op per element. Training spends most of its
-non-GEMM time in two such ops, the softmax inside attention and ``silu(gate) * up``. This
-module writes them from polynomials MLX fuses:
+non-GEMM time in two such ops, the softmax inside attention and the gated MLP's
+``silu(gate) * up`` (Gemma's ``gelu_approx(gate) * up``: a tanh). This module writes them
+from polynomials MLX fuses:
 
 - ``exp`` for ``x <= 0``: Cephes' ``expf`` (Moshier, 1984): ``x = n ln2 + r``,
   ``|r| <= ln2 / 2``, ``e^r = 1 + r + r^2 P(r)`` (degree-5 ``P``) and ``2^n`` written
@@ -25,6 +26,7 @@ of their largest entry.
 
 from __future__ import annotations
 
+import math
 import sys
 
 import mlx.core as mx
@@ -107,10 +109,32 @@ def _swiglu_vjp(primals, cotangent, output):
     return (c * u * s * (1.0 + g * (1.0 - s))).astype(gate.dtype), (c * g * s).astype(up.dtype)
 
 
-# ``silu(gate) * up`` (mlx-lm's ``swiglu``), computed in float32. Compiled (per shape: a
-# ``custom_function`` cannot be shapeless) for the MLPs' calls outside a compiled step, as in
-# generation: eager, its ~30 separate ops take twice mlx-lm's time for a decoded token.
+_GELU_C, _GELU_A = math.sqrt(2.0 / math.pi), 0.044715
+
+
+@mx.custom_function
+def _geglu(gate: mx.array, up: mx.array) -> mx.array:
+    """``gelu_approx(gate) * up`` (MLX's tanh approximation, which Gemma uses), in float32."""
+    g = gate.astype(mx.float32)
+    return (0.5 * g * (1.0 + _tanh(_GELU_C * (g + _GELU_A * g * g * g))) * up.astype(mx.float32)).astype(up.dtype)
+
+
+@_geglu.vjp
+def _geglu_vjp(primals, cotangent, output):
+    """``d/dg = c u (0.5 (1 + t) + 0.5 g (1 - t^2) C (1 + 3 A g^2))``, ``d/du = c gelu(g)``."""
+    gate, up = primals
+    g, u, c = (a.astype(mx.float32) for a in (gate, up, cotangent))
+    t = _tanh(_GELU_C * (g + _GELU_A * g * g * g))
+    dgelu = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * _GELU_C * (1.0 + 3.0 * _GELU_A * g * g)
+    return (c * u * dgelu).astype(gate.dtype), (c * 0.5 * g * (1.0 + t)).astype(up.dtype)
+
+
+# ``silu(gate) * up`` (mlx-lm's ``swiglu``) and ``gelu_approx(gate) * up``, computed in float32.
+# Compiled (per shape: a ``custom_function`` cannot be shapeless) for the MLPs' calls outside a
+# compiled step, as in generation: eager, their ~30 separate ops take twice mlx-lm's time for a
+# decoded token.
 swiglu = mx.compile(_swiglu)
+geglu = mx.compile(_geglu)
 
 
 @mx.custom_function
@@ -165,34 +189,44 @@ def _fast_sdpa(original):
 MIN_TOKENS = 64  # fewer (a decoded token): mlx-lm's own MLP, whose one fused kernel costs less
 
 
-def _swiglu_mlp(cls):
-    """A subclass of the MLP class ``cls`` whose SwiGLU is :func:`swiglu`."""
+def _gated(self, x):
+    """The MLP's gate and up projections of ``x`` (``model/architectures.py``'s ``mlp`` form)."""
+    if self.mlp_form == "fused_swiglu":  # Phi-3: one gate_up_proj, gate first
+        return mx.split(self.gate_up_proj(x), 2, axis=-1)
+    return self.gate_proj(x), self.up_proj(x)
+
+
+def _mlp_class(cls, form: str):
+    """A subclass of the MLP class ``cls`` whose gated unit is :func:`swiglu` or :func:`geglu`."""
     def __call__(self, x):
         if x.size < MIN_TOKENS * x.shape[-1]:
             return cls.__call__(self, x)
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        gate, up = _gated(self, x)
+        return self.down_proj((geglu if form == "geglu" else swiglu)(gate, up))
 
-    return type(cls.__name__ + "CPUMath", (cls,), {"__call__": __call__, "cpu_math": True})
+    return type(cls.__name__ + "CPUMath", (cls,), {"__call__": __call__, "cpu_math": True, "mlp_form": form})
 
 
 def enable_cpu_math(model: nn.Module) -> bool:
-    """Run the blocks' attention and SwiGLU through this module, for an architecture with
-    the ``cpu_math`` feature (``model/architectures.py``); returns whether it did. Idempotent; call
-    it before the step functions are compiled. The MLPs get a subclass per instance
-    (parameters unchanged); attention goes through the model's module-level
-    ``scaled_dot_product_attention``, replaced once by a wrapper that changes nothing for
-    any cache but an enabled block's ``ChunkCache`` (generation, other models)."""
-    if not has_feature(model_type(model), "cpu_math"):
+    """Run the blocks' attention (architectures with the ``cpu_math`` feature) and gated MLP (those
+    with an ``mlp`` form, ``model/architectures.py``) through this module; returns whether it
+    did. Idempotent; call it before the step functions are compiled. The MLPs get a subclass
+    per instance (parameters unchanged); attention goes through the model's module-level
+    ``scaled_dot_product_attention``, replaced once by a wrapper that changes nothing for any
+    cache but an enabled block's ``ChunkCache`` (generation, other models)."""
+    kind = model_type(model)
+    attention_too, form = has_feature(kind, "cpu_math"), has_feature(kind, "mlp")
+    if not (attention_too or form):
         return False
     for layer in model.model.layers:
         module = sys.modules[type(layer.self_attn).__module__]
-        if not hasattr(module.scaled_dot_product_attention, "original"):
+        if attention_too and not hasattr(module.scaled_dot_product_attention, "original"):
             module.scaled_dot_product_attention = _fast_sdpa(module.scaled_dot_product_attention)
         mlp = layer.mlp
-        if not getattr(type(mlp), "cpu_math", False):
-            mlp.__class__ = _swiglu_mlp(type(mlp))
+        if form and not getattr(type(mlp), "cpu_math", False):
+            mlp.__class__ = _mlp_class(type(mlp), form)
         layer.cpu_math = True
     return True
 
 
-__all__ = ["exp_nonpositive", "sigmoid", "swiglu", "softmax", "attention", "enable_cpu_math"]
+__all__ = ["exp_nonpositive", "sigmoid", "swiglu", "geglu", "softmax", "attention", "enable_cpu_math"]

@@ -19,13 +19,13 @@ work at ``sum_i S_i^2`` rather than ``(sum_i S_i)^2``.
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..data.batching import PROMPT
-from .blocks import Positions, run_block
+from .blocks import Positions, embed, per_layer, run_block, within
 
 
 class PositionRoPE(nn.Module):
@@ -55,12 +55,13 @@ def enable_position_rope(model: nn.Module) -> None:
             attn.rope = PositionRoPE(attn.rope)
 
 
-def packed_mask(rope_pos: mx.array, branch: mx.array) -> mx.array:
+def packed_mask(rope_pos: mx.array, branch: mx.array, window: Optional[int] = None) -> mx.array:
     """(B, 1, S, S) boolean (True = attend): ``pos_k <= pos_q`` and ``k`` in the prompt or
-    in ``q``'s branch. A padding query sees the padding keys (so no row is empty)."""
+    in ``q``'s branch (and, with a sliding ``window``, ``pos_q - pos_k < window``). A padding
+    query sees the padding keys (so no row is empty)."""
     pq, pk = rope_pos[:, :, None], rope_pos[:, None, :]
     bq, bk = branch[:, :, None], branch[:, None, :]
-    return ((pk <= pq) & ((bk == PROMPT) | (bk == bq)))[:, None]
+    return ((pk <= pq) & ((bk == PROMPT) | (bk == bq)) & within(pq - pk, window))[:, None]
 
 
 def packed_hidden(model: nn.Module, batch: Dict[str, mx.array]) -> mx.array:
@@ -70,9 +71,9 @@ def packed_hidden(model: nn.Module, batch: Dict[str, mx.array]) -> mx.array:
     if not isinstance(inner.layers[0].self_attn.rope, PositionRoPE):
         raise RuntimeError("padding_free batches need packed.enable_position_rope(model) first")
     tokens, pos = batch["tokens"], batch["rope_pos"]
-    mask = packed_mask(pos, batch["branch"])
-    h = inner.embed_tokens(tokens)
-    for layer in inner.layers:
+    masks = per_layer(model, lambda w: packed_mask(pos, batch["branch"], w), tokens.shape[1])
+    h = embed(model, tokens)
+    for layer, mask in zip(inner.layers, masks):
         h, _ = run_block(layer, h, mask, pos)
     h = inner.norm(h)
     return h.reshape(-1, h.shape[-1])[batch["positions"]]

@@ -17,13 +17,13 @@ column scores the first completion token; completion column ``j`` scores token `
 
 from __future__ import annotations
 
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..model.architectures import with_feature
-from .blocks import run_block, standard_blocks
+from .blocks import embed, per_layer, run_block, standard_blocks, within
 from ..model.quant import on_cpu
 
 
@@ -64,19 +64,24 @@ def batch_layout(prefix_sharing: Union[str, bool], padding_free: Union[str, bool
     return "packed"
 
 
-def prefix_masks(prompt_lens: mx.array, p: int, c: int, reps: int = 2):
+def prefix_masks(prompt_lens: mx.array, p: int, c: int, reps: int = 2, window: Optional[int] = None):
     """Boolean masks (True = attend; mlx-lm's own convention, exact in every dtype, where an
     additive -1e9 is -inf in float16): prompts (B, 1, P, P) causal with left-pad keys hidden
     (a pad query still sees itself, so no row is empty); completions (reps*B, 1, C, P + C):
-    the real prompt keys + causal over the completion."""
+    the real prompt keys + causal over the completion. Left padding shifts a whole row, so a
+    column difference is a position difference: a sliding ``window`` keeps keys less than
+    ``window`` columns back."""
     start = (p - prompt_lens)[:, None, None, None]  # first real prompt column
     qi = mx.arange(p)[:, None]
     kj = mx.arange(p)[None, :]
-    prompt_mask = (kj <= qi) & ((kj >= start) | (kj == qi))
+    prompt_mask = (kj <= qi) & ((kj >= start) | (kj == qi)) & within(qi - kj, window)
     prompt_keys = mx.broadcast_to(kj[None, None] >= start, (prompt_lens.shape[0], 1, c, p))  # (B, 1, C, P)
     prompt_keys = mx.concatenate([prompt_keys] * reps)
     causal = mx.broadcast_to(mx.arange(c)[None, :] <= mx.arange(c)[:, None], (prompt_keys.shape[0], 1, c, c))
-    return prompt_mask, mx.concatenate([prompt_keys, causal], axis=-1)
+    completion_mask = mx.concatenate([prompt_keys, causal], axis=-1)
+    if window is not None:  # query column p + i, key column k
+        completion_mask = completion_mask & within(p + mx.arange(c)[:, None] - mx.arange(p + c)[None], window)
+    return prompt_mask, completion_mask
 
 
 def shared_prefix_hidden(model: nn.Module, batch: Dict[str, mx.array]) -> mx.array:
@@ -86,17 +91,17 @@ def shared_prefix_hidden(model: nn.Module, batch: Dict[str, mx.array]) -> mx.arr
     prompt, completion, lens = batch["prompt"], batch["completion"], batch["prompt_lens"]
     p, c = prompt.shape[1], completion.shape[1]
     reps = completion.shape[0] // prompt.shape[0]
+    masks = per_layer(model, lambda w: prefix_masks(lens, p, c, reps, w), p + c)
 
-    h = inner.embed_tokens(prompt)
-    prompt_mask, completion_mask = prefix_masks(lens, p, c, reps)
+    h = embed(model, prompt)
     kvs = []
-    for layer in inner.layers:
+    for layer, (prompt_mask, _) in zip(inner.layers, masks):
         h, kv = run_block(layer, h, prompt_mask, 0)
         kvs.append(kv)
     last = inner.norm(h[:, -1:])  # scores each pair's first completion token
 
-    h = inner.embed_tokens(completion)
-    for layer, (keys, values) in zip(inner.layers, kvs):  # the prompt's, once per completion row
+    h = embed(model, completion)
+    for layer, (keys, values), (_, completion_mask) in zip(inner.layers, kvs, masks):  # the prompt's, once per row
         lead = mx.concatenate([keys] * reps), mx.concatenate([values] * reps)
         h, _ = run_block(layer, h, completion_mask, p, lead)
     h = inner.norm(h)

@@ -127,7 +127,7 @@ class DPOTrainer(TrainingLoop):
         if self.layout == "packed":
             enable_position_rope(model)
         if cfg.cpu_fast_math and on_cpu() and enable_cpu_math(model):
-            self.log("CPU backend: attention softmax and SwiGLU through mlx_dpo/forward/cpu_math.py "
+            self.log("CPU backend: attention softmax and the gated MLP through mlx_dpo/forward/cpu_math.py "
                      "(cpu_fast_math: false for MLX's kernels)")
         self.num_parameters, trainable = count_parameters(model)
         self.log(f"parameters: {self.num_parameters / 1e6:.2f}M total, {trainable / 1e6:.3f}M trainable "
