@@ -290,3 +290,23 @@ def test_buffer_cache_is_freed_after_evaluation_and_the_precompute(llama_dir, to
     assert mx.get_cache_memory() > 2**20
     assert trainer.evaluate()["eval_loss"] > 0
     assert mx.get_cache_memory() < 1024  # at most the last batch's scalars, freed on return
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_gemma3_windows_in_16_bit_stay_as_close_to_float32_as_mlx_lm(dtype):
+    """Gemma 3 in a Mac's compute dtypes (float16 takes its clipped residuals), sliding windows in the
+    shared-prefix layout (Metal's) and the packed one: summed completion log-probs stray from the
+    float32 forward by at most 1.5 times what mlx-lm's own forward in that dtype strays."""
+    from test_blocks import adapted, long_pairs, oracle
+
+    model = adapted("gemma3_text")
+    pairs = long_pairs(model.args.vocab_size)
+    ref = np.array(oracle(model, pairs))
+    model.set_dtype(dtype, lambda d: mx.issubdtype(d, mx.floating))
+    theirs = np.abs(np.array(oracle(model, pairs).astype(mx.float32)) - ref).max()
+    assert theirs > 0  # the dtype rounds
+    for layout in ("prefix", "packed"):
+        batch = {k: mx.array(v) for k, v in collate(pairs, [0, 1, 2], layout=layout).arrays().items()}
+        sums = completion_logps(model, batch)["token_logps"].astype(mx.float32).sum(axis=-1)
+        ours = np.abs(np.array(sums) - ref).max()
+        assert ours <= 1.5 * theirs + 1e-3 * np.abs(ref).max(), (layout, ours, theirs)
