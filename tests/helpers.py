@@ -3,8 +3,12 @@ oracles and workloads that are not part of the package."""
 
 import json
 import os
+import shutil
 import signal
 import socket
+import subprocess
+import tempfile
+from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
@@ -102,3 +106,33 @@ def tiny_mlx_lm(model_type: str, window: int = 4, cap: float = 5.0, scale: float
     model.update(tree_map(lambda p: p * scale, model.parameters()))
     mx.eval(model.parameters())
     return model
+
+
+def screenshot(page, png, size=(1200, 800), timeout: float = 120):
+    """``page`` (an HTML file) as headless Chromium (Debian's ``chromium``) draws the top of it in a
+    window of ``size``, saved to ``png``; its own profile, killed after ``timeout`` s.
+    Returns the pixels, ``(height, width, 3)`` uint8."""
+    import matplotlib.image
+
+    url = Path(page).resolve().as_uri()
+    with tempfile.TemporaryDirectory() as profile:
+        args = [shutil.which("chromium"), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                "--no-first-run", f"--user-data-dir={profile}", f"--screenshot={png}",
+                f"--window-size={size[0]},{size[1]}", url]
+        env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # OpenBLAS preloaded: its GPU process dies
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        try:
+            _, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise AssertionError(f"chromium drew no screenshot of {url} in {timeout} s") from None
+    assert proc.returncode == 0 and Path(png).is_file(), err.decode(errors="replace")[-2000:]
+    return (matplotlib.image.imread(png)[..., :3] * 255).round().astype(np.uint8)
+
+
+def spans(flags) -> list:
+    """``[(start, stop), ...]`` of the runs of True in a 1-d boolean array."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], np.asarray(flags, np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))

@@ -30,6 +30,7 @@ from ..errors import ReportError
 
 SMOOTHING = 0.6  # EMA weight of the previous value (TensorBoard's slider)
 STEP_LABEL = "step (optimizer steps)"
+COMPLETIONS_HEADER = "#1f4e79"  # the background of the completions tables' header row (white text on it)
 
 
 @dataclass
@@ -333,7 +334,8 @@ def write_html(runs: Sequence[RunRecords], pngs: Dict[str, Path], notes: Sequenc
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>mlx-dpo report</title>",
              "<style>body{font-family:sans-serif;margin:2em}img{max-width:100%;display:block;margin:1em 0}"
              "td,th{padding:2px 10px;text-align:left;vertical-align:top}"
-             ".completions td{white-space:pre-wrap;border-top:1px solid #ddd;max-width:30em}</style></head><body>",
+             ".completions td{white-space:pre-wrap;border-top:1px solid #ddd;max-width:30em}"
+             f".completions th{{background:{COMPLETIONS_HEADER};color:#fff}}</style></head><body>",
              "<h1>mlx-dpo report</h1><table><tr><th>run</th><th>path</th><th>last step</th><th>best step</th><th>loss</th>"
              "<th>beta</th><th>learning rate</th><th>model</th></tr>", *map(_run_row, runs), "</table>"]
     warnings = [(run.name, step, msg) for run in runs for step, msg in run_warnings(run)]
@@ -341,7 +343,7 @@ def write_html(runs: Sequence[RunRecords], pngs: Dict[str, Path], notes: Sequenc
         parts.append("<h2>Health warnings</h2><ul>")
         parts += [f"<li>{html.escape(n)} step {s}: {html.escape(m)}</li>" for n, s, m in warnings]
         parts.append("</ul>")
-    parts += [completions_table(run) for run in runs if run.completions]
+    parts += [completions_table(run) for run in runs if run.completions]  # before the figures: on the first screen
     if notes:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
     for name, png in pngs.items():
