@@ -1,21 +1,31 @@
 """report_to: wandb / tensorboard callbacks get every logged record; a missing package is a clear error."""
 
+import json
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
 from mlx_dpo import DPOConfig, DPOTrainer
 from mlx_dpo.errors import ConfigError
-from mlx_dpo.monitor.trackers import scalars
+from mlx_dpo.monitor.trackers import COMPLETION_COLUMNS, scalars
 
 from test_faults import cli, snapshot
+
+GENERATE = dict(generate_during_eval=True, generate_eval_prompts=2, generate_max_new_tokens=4)  # at the step-4 eval
 
 
 def cfg_for(model_dir, data_dir, tmp_path, **kw):
     return DPOConfig(model=str(model_dir), data=str(data_dir), output_dir=str(tmp_path / "run"), max_steps=4,
                      batch_size=4, logging_steps=2, eval_steps=4, max_eval_batches=1, progress_bar=False,
                      cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def written_completions(run_dir) -> list:
+    """completions.jsonl (the metrics file's writer, not a tracker) as table rows."""
+    rows = [json.loads(line) for line in (run_dir / "completions.jsonl").read_text().splitlines()]
+    return [[r[k] for k in COMPLETION_COLUMNS] for r in rows]
 
 
 def fake_modules(monkeypatch):
@@ -115,11 +125,15 @@ def test_scalars_use_transformers_names():
 
 def test_mlflow_logs_the_config_and_every_record_to_a_local_store(llama_dir, toy_data_dir, tmp_path, monkeypatch):
     """A real MLflow (when installed): the run in OUTPUT_DIR/mlflow.db holds the config and each
-    record's values at its step, and is marked finished."""
+    record's values at its step, and is marked finished; the completions are a table artifact in
+    OUTPUT_DIR/mlartifacts (none in the working directory)."""
     mlflow = pytest.importorskip("mlflow")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-    result = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path, report_to="mlflow"), log=lambda *a: None).train()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    result = DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path, report_to="mlflow", **GENERATE),
+                        log=lambda *a: None).train()
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("mlx-dpo").experiment_id])
     assert run.info.run_name == "run" and run.info.status == "FINISHED" and run.data.params["beta"] == "0.1"
@@ -127,6 +141,12 @@ def test_mlflow_logs_the_config_and_every_record_to_a_local_store(llama_dir, toy
     assert [(m.step, m.value) for m in losses] == [(r["step"], pytest.approx(r["loss"])) for r in result.history]
     (eval_loss,) = client.get_metric_history(run.info.run_id, "eval/loss")
     assert (eval_loss.step, eval_loss.value) == (4, pytest.approx(result.history[-1]["eval_loss"]))
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "completions")] == ["completions/step-4.json"]
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "completions/step-4.json", str(tmp_path)))
+                       .read_text())
+    assert table == {"columns": list(COMPLETION_COLUMNS), "data": written_completions(tmp_path / "run")}
+    assert run.info.artifact_uri.startswith((tmp_path / "run" / "mlartifacts").as_uri())
+    assert list((tmp_path / "cwd").iterdir()) == []
 
 
 def test_mlflow_is_imported_only_when_asked(tmp_path, monkeypatch):
@@ -138,8 +158,8 @@ def test_mlflow_is_imported_only_when_asked(tmp_path, monkeypatch):
 
 def test_trackers_get_the_completions_of_each_evaluation(llama_dir, toy_data_dir, tmp_path, monkeypatch):
     calls = fake_modules(monkeypatch)
-    DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path, report_to=["wandb", "tensorboard"], generate_during_eval=True,
-                       generate_eval_prompts=2, generate_max_new_tokens=4), log=lambda *a: None).train()
+    DPOTrainer(cfg_for(llama_dir, toy_data_dir, tmp_path, report_to=["wandb", "tensorboard"], **GENERATE),
+               log=lambda *a: None).train()
     tables = [c for c in calls if c[0] == "wandb.log" and "completions" in c[2]]
     assert [(c[1], c[2]["completions"]) for c in tables] == [(4, ("table", ("step", "model", "prompt", "completion"), 4))]
     (text,) = [c for c in calls if c[0] == "tb.text"]
@@ -151,9 +171,9 @@ TRACKIO_RUN = """
 import json, sys
 from mlx_dpo import DPOConfig, DPOTrainer
 from trackio.sqlite_storage import SQLiteStorage
-model, data, out = sys.argv[1:]
+model, data, out = sys.argv[1:4]
 cfg = DPOConfig(model=model, data=data, output_dir=out, max_steps=4, batch_size=4, logging_steps=2, eval_steps=4,
-                max_eval_batches=1, progress_bar=False, report_to="trackio")
+                max_eval_batches=1, progress_bar=False, report_to="trackio", **json.loads(sys.argv[4]))
 history = DPOTrainer(cfg, log=lambda *a: None).train().history
 print(json.dumps({"history": history, "logs": SQLiteStorage.get_logs("mlx-dpo", "run")}))
 """
@@ -161,19 +181,22 @@ print(json.dumps({"history": history, "logs": SQLiteStorage.get_logs("mlx-dpo", 
 
 def test_trackio_logs_every_record_to_its_local_store(llama_dir, toy_data_dir, tmp_path):
     """A real trackio (when installed), in a process of its own (trackio reads TRACKIO_DIR when
-    imported), its store in the test's TRACKIO_DIR: each record's values at its step."""
+    imported), its store in the test's TRACKIO_DIR: each record's values at its step, and the
+    completions of the evaluation as a table at its step."""
     pytest.importorskip("trackio")
-    import json
     import os
     import subprocess
 
     env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "PYTHONPATH": os.pathsep.join(sys.path)}
     env.pop("TRACKIO_PROJECT", None)
-    done = subprocess.run([sys.executable, "-c", TRACKIO_RUN, str(llama_dir), str(toy_data_dir), str(tmp_path / "run")],
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", TRACKIO_RUN, str(llama_dir), str(toy_data_dir), str(tmp_path / "run"),
+                           json.dumps(GENERATE)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    history, logs = out["history"], out["logs"]
+    history, logs = out["history"], [r for r in out["logs"] if "completions" not in r]
+    (tables,) = [(r["step"], r["completions"]) for r in out["logs"] if "completions" in r]
+    rows = [dict(zip(COMPLETION_COLUMNS, row)) for row in written_completions(tmp_path / "run")]
+    assert tables == (4, {"_type": "trackio.table", "_value": rows})
     assert [(r["step"], r["train/loss"]) for r in logs] == [(r["step"], pytest.approx(r["loss"])) for r in history]
     assert logs[-1]["eval/loss"] == pytest.approx(history[-1]["eval_loss"])
     assert (tmp_path / "trackio" / "mlx-dpo.db").is_file()

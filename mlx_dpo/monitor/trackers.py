@@ -63,6 +63,11 @@ def wandb_credentials() -> bool:
 COMPLETION_COLUMNS = ("step", "model", "prompt", "completion")
 
 
+def completion_rows(rows: list) -> list:
+    """``generate_during_eval``'s rows as lists in :data:`COMPLETION_COLUMNS` order (a table's data)."""
+    return [[r[k] for k in COMPLETION_COLUMNS] for r in rows]
+
+
 def completions_markdown(rows: list) -> str:
     """``generate_during_eval``'s rows as a Markdown table (TensorBoard's text panel)."""
     cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
@@ -100,8 +105,8 @@ class WandbCallback(TrainerCallback):
 
     def on_completions(self, state, rows: list) -> None:
         if self.run is not None:
-            data = [[r[k] for k in COMPLETION_COLUMNS] for r in rows]
-            self.run.log({"completions": self.wandb.Table(columns=list(COMPLETION_COLUMNS), data=data)}, step=state.step)
+            table = self.wandb.Table(columns=list(COMPLETION_COLUMNS), data=completion_rows(rows))
+            self.run.log({"completions": table}, step=state.step)
 
     def on_train_end(self, state) -> None:
         if self.run is not None:
@@ -140,14 +145,18 @@ class TensorBoardCallback(TrainerCallback):
 
 
 class MLflowCallback(TrainerCallback):
-    """Logs the config as params and every record as metrics to an MLflow run (transformers'
-    environment names): ``$MLFLOW_TRACKING_URI``, else a local store in ``OUTPUT_DIR/mlflow.db``
-    (MLflow 3 keeps the ``./mlruns`` file store in maintenance mode); experiment
-    ``$MLFLOW_EXPERIMENT_NAME`` or ``mlx-dpo``; the run is named after ``output_dir``."""
+    """Logs the config as params, every record as metrics and each evaluation's completions as a
+    table (``completions/step-N.json``) to an MLflow run (transformers' environment names):
+    ``$MLFLOW_TRACKING_URI``, else a local store in ``OUTPUT_DIR/mlflow.db`` with its artifacts in
+    ``OUTPUT_DIR/mlartifacts`` (MLflow 3 keeps the ``./mlruns`` file store in maintenance mode);
+    experiment ``$MLFLOW_EXPERIMENT_NAME`` or ``mlx-dpo``; the run is named after ``output_dir``."""
 
     def __init__(self, cfg: DPOConfig, output_dir: Path):
         self.mlflow, self.cfg, self.output_dir, self.run_id = _import("mlflow"), cfg, Path(output_dir), None
-        self.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.output_dir.resolve() / 'mlflow.db'}"
+        given, local = os.environ.get("MLFLOW_TRACKING_URI"), self.output_dir.resolve()
+        self.uri = given or f"sqlite:///{local / 'mlflow.db'}"
+        # the local store's artifacts beside it (MLflow's default is ./mlruns in the working directory)
+        self.artifacts = None if given else (local / "mlartifacts").as_uri()
         self.client = None
 
     def on_train_begin(self, state) -> None:
@@ -155,7 +164,7 @@ class MLflowCallback(TrainerCallback):
         self.client = self.mlflow.MlflowClient(tracking_uri=self.uri)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "mlx-dpo")
         found = self.client.get_experiment_by_name(name)
-        experiment = found.experiment_id if found else self.client.create_experiment(name)
+        experiment = found.experiment_id if found else self.client.create_experiment(name, self.artifacts)
         self.run_id = self.client.create_run(experiment, run_name=self.output_dir.name).info.run_id
         params = [entities.Param(k, str(v)[:MLFLOW_PARAM_LENGTH]) for k, v in self.cfg.to_dict().items()]
         self.client.log_batch(self.run_id, params=params)
@@ -165,6 +174,11 @@ class MLflowCallback(TrainerCallback):
             now = int(time.time() * 1000)
             metrics = [self.mlflow.entities.Metric(k, v, now, state.step) for k, v in scalars(record).items()]
             self.client.log_batch(self.run_id, metrics=metrics)
+
+    def on_completions(self, state, rows: list) -> None:
+        if self.run_id is not None:
+            columns = {k: [r[k] for r in rows] for k in COMPLETION_COLUMNS}
+            self.client.log_table(self.run_id, columns, f"completions/step-{state.step}.json")
 
     def on_train_end(self, state) -> None:
         self._end("FINISHED")
@@ -179,9 +193,10 @@ class MLflowCallback(TrainerCallback):
 
 
 class TrackioCallback(TrainerCallback):
-    """Logs every record to a trackio run (project ``$TRACKIO_PROJECT`` or ``mlx-dpo``, named after
-    ``output_dir``), in trackio's local store (``$TRACKIO_DIR``, by default in the Hugging Face cache);
-    no system-metrics thread."""
+    """Logs every record, and each evaluation's completions as a table (``completions``), to a
+    trackio run (project ``$TRACKIO_PROJECT`` or ``mlx-dpo``, named after ``output_dir``), in
+    trackio's local store (``$TRACKIO_DIR``, by default in the Hugging Face cache); no
+    system-metrics thread."""
 
     def __init__(self, cfg: DPOConfig, output_dir: Path):
         self.trackio, self.cfg, self.output_dir, self.running = _import("trackio"), cfg, Path(output_dir), False
@@ -194,6 +209,11 @@ class TrackioCallback(TrainerCallback):
     def on_log(self, state, record: dict) -> None:
         if self.running:
             self.trackio.log(scalars(record), step=state.step)
+
+    def on_completions(self, state, rows: list) -> None:
+        if self.running:
+            table = self.trackio.Table(columns=list(COMPLETION_COLUMNS), data=completion_rows(rows))
+            self.trackio.log({"completions": table}, step=state.step)
 
     def on_train_end(self, state) -> None:
         self.close()
