@@ -108,6 +108,10 @@ def tiny_mlx_lm(model_type: str, window: int = 4, cap: float = 5.0, scale: float
     return model
 
 
+CHROMIUM_MISSING = (None if shutil.which("chromium")
+                    else "chromium is not installed (apt-get install chromium; .ci/run installs it)")
+
+
 def screenshot(page, png, size=(1200, 800), timeout: float = 120):
     """``page`` (an HTML file) as headless Chromium (Debian's ``chromium``) draws the top of it in a
     window of ``size``, saved to ``png``; its own profile, killed after ``timeout`` s.
@@ -136,3 +140,33 @@ def spans(flags) -> list:
     """``[(start, stop), ...]`` of the runs of True in a 1-d boolean array."""
     edges = np.flatnonzero(np.diff(np.concatenate([[0], np.asarray(flags, np.int8), [0]])))
     return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+def completions_header(rgb, colour) -> tuple:
+    """``(top, bottom, cells)``: the rows of the one band of ``colour`` (``#rrggbb``) in a screenshot
+    and the ``(left, right)`` of each cell in it (cells are apart by the table's border spacing)."""
+    rgb_colour = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
+    fill = (np.abs(rgb.astype(int) - rgb_colour) <= 2).all(-1)
+    bands = spans(fill.any(1))
+    assert len(bands) == 1, f"expected one header row in {colour}, found rows {bands}"
+    top, bottom = bands[0]
+    return top, bottom, spans(fill[top:bottom].any(0))
+
+
+def assert_completions_on_screen(rgb, rows: list) -> None:
+    """The screenshot of a report shows the completions table of ``rows`` (completions.jsonl):
+    its header row (white text on the report's header colour) with a cell for the prompt and one
+    per model and step, each with text in it, and dark text beneath every column with any."""
+    from mlx_dpo.analysis.report import COMPLETIONS_HEADER
+
+    columns = sorted({(r["model"] != "reference", r["step"], r["model"]) for r in rows})
+    top, bottom, cells = completions_header(rgb, COMPLETIONS_HEADER)
+    assert 12 <= bottom - top <= 60, (top, bottom)  # one line of text and its padding
+    assert len(cells) == 1 + len(columns), cells
+    body = rgb[bottom:bottom + 40 * len({r["prompt"] for r in rows})].astype(int)
+    texts = [[r["prompt"] for r in rows]] + [[r["completion"] for r in rows if (r["model"], r["step"]) == (model, step)]
+                                             for _, step, model in columns]
+    for i, ((left, right), column) in enumerate(zip(cells, texts)):
+        assert (rgb[top:bottom, left:right] >= 200).all(-1).sum() >= 10, f"header cell {i}: no light text on its colour"
+        if any(t.strip() for t in column):  # a column of empty completions draws nothing
+            assert (body[:, left:right] <= 100).all(-1).sum() >= 10, f"column {i}: no dark text beneath its header"

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import CHROMIUM_MISSING, assert_completions_on_screen, screenshot
+
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "configs" / "smollm2-135m.yaml"
 HELDOUT = ROOT / "examples" / "prompts" / "heldout.txt"
@@ -88,6 +90,17 @@ def test_completions_during_eval_are_the_policy_and_the_reference_answers(run_di
     assert [r["completion"].strip() for r in reference] == [f["reference"]["text"].strip() for f in fresh]
     page = report([run_dir])[0].read_text()
     assert "<h2>Completions: run</h2>" in page and f"<th>policy (step {last[0]['step']})</th>" in page
+
+
+@pytest.mark.skipif(CHROMIUM_MISSING is not None, reason=str(CHROMIUM_MISSING))
+def test_the_report_shows_the_completions_in_chromium(run_dir, tmp_path):
+    """report.html as headless Chromium draws it: the completions table, a column per model and
+    evaluation, is on the first screen (as tests/test_report_browser.py checks on a toy run)."""
+    from mlx_dpo.analysis.report import report
+
+    rows = [json.loads(line) for line in (run_dir / "completions.jsonl").read_text().splitlines()]
+    rgb = screenshot(report([run_dir], tmp_path / "report")[0], tmp_path / "report.png", (1200, 900))
+    assert_completions_on_screen(rgb, rows)
 
 
 def test_gguf_export_reads_back_as_the_trained_model(run_dir, tmp_path):
