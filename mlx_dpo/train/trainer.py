@@ -218,8 +218,9 @@ class DPOTrainer(TrainingLoop):
         if self.precompute and self.use_reference:
             cache = self.ref_cache[split]
             for r in self.reductions:
-                values = cache[r][batch.indices]  # (B, 2): chosen, rejected
-                arrays[f"ref_{r}"] = mx.array(np.concatenate([values[:, 0], values[:, 1]]).astype(np.float32))
+                values = cache[r][batch.indices]  # (B, 2): chosen, rejected (KL; none: only chosen)
+                values = np.concatenate([values[:, 0], values[:, 1]]) if batch.two_rows else values[:, 0]
+                arrays[f"ref_{r}"] = mx.array(values.astype(np.float32))
         return arrays
 
     # ------------------------------------------------------------------ precompute
