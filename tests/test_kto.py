@@ -220,14 +220,14 @@ def feedback_file(toy_data_dir, tmp_path_factory):
     return _write(tmp_path_factory.mktemp("fb") / "feedback.jsonl", rows)
 
 
-def _trainer(llama_dir, feedback_file, tmp_path, **kw):
+def _trainer(llama_dir, feedback_file, tmp_path, log=lambda *a: None, **kw):
     from mlx_dpo.train.trainer import DPOTrainer
 
     values = dict(model=str(llama_dir), data=str(feedback_file), output_dir=str(tmp_path / "run"), max_steps=4,
                   batch_size=4, learning_rate=1e-2, logging_steps=2, eval_steps=0, progress_bar=False, seed=0,
                   loss_type="kto", cache_dir=str(tmp_path / "cache"))
     values.update(kw)
-    return DPOTrainer(DPOConfig(**values), log=lambda *a: None)
+    return DPOTrainer(DPOConfig(**values), log=log)
 
 
 def _row_logps(model, pair, completion, mode):
@@ -294,6 +294,28 @@ def test_apo_zero_unpaired_forwards_no_kl_rows(llama_dir, feedback_file, tmp_pat
     np.testing.assert_allclose(cache[indices, 0], [_row_logps(trainer.model, r, r.chosen, "base") for r in rows],
                                rtol=1e-5)
     _check_batch_against_the_oracle(trainer, indices, "apo_zero_unpaired")
+
+
+def test_the_last_incomplete_batch_never_trains_as_for_pairs(llama_dir, feedback_file, tmp_path):
+    """48 rows, batch_size 5, 2 epochs: 9 full batches of consecutive rows per epoch, the same each epoch,
+    18 steps; rows 45-47 never train (TRL: a 10th batch of 3 rows, 20 steps), with a warning. The paired
+    path drops its leftover too (full batches: bounded compiled shapes), different pairs each epoch."""
+    lines = []
+    trainer = _trainer(llama_dir, feedback_file, tmp_path, log=lines.append, batch_size=5, max_steps=-1,
+                       num_train_epochs=2, logging_steps=6)
+    consecutive = [list(range(i, i + 5)) for i in range(0, 45, 5)]
+    assert trainer.sampler.epoch_batches(0) == trainer.sampler.epoch_batches(1) == consecutive
+    assert trainer.total_steps == 18
+    assert [r["step"] for r in trainer.train().history] == [6, 12, 18]
+    assert any(line.startswith("warning: the last 3 of the 48 training rows never train") and "e.g. 45 or 50" in line
+               for line in lines)
+    assert unpaired.leftover_warning(48, 4) is None and "batch_size 4 x 2 ranks" in unpaired.leftover_warning(50, 4, 2)
+    from mlx_dpo.data.batching import BatchSampler
+
+    pairs = [TokenizedPair([1, 2], [3] * 4, [4] * 4) for _ in range(10)]
+    paired = BatchSampler(pairs, 4, seed=0)
+    dropped = [set(range(10)) - {i for b in paired.epoch_batches(e) for i in b} for e in range(4)]
+    assert len(paired) == 2 and all(len(d) == 2 for d in dropped) and len(set.union(*dropped)) > 2
 
 
 def test_precomputed_reference_covers_the_kl_pairs(llama_dir, feedback_file, tmp_path):

@@ -209,8 +209,15 @@ class BatchSampler:
     dropped (different pairs each epoch), and the batch order is shuffled. So the order
     resumes exactly from ``(epoch, index)`` and every epoch has the same length.
 
+    Every batch is full on purpose (TRL's dataloader keeps a smaller last batch instead,
+    ``dataloader_drop_last=False``): a smaller batch would be one more shape for ``mx.compile`` to
+    trace at each cell it falls in, data-parallel ranks each need ``batch_size`` rows, and an epoch's
+    length and position stay a pure function of ``(epoch, index)``.
+
     ``sequential``: the batches are consecutive ``batch_size`` rows in data order, every epoch
     (unpaired rows, whose KL completions were drawn from those batches; TRL's sequential sampling).
+    So the same last ``len(pairs) % batch_size`` rows are dropped every epoch: they never train
+    (the trainer warns, :func:`~mlx_dpo.data.unpaired.leftover_warning`).
 
     Data parallel: the global micro-batches hold ``batch_size * ranks`` pairs (the batches
     one process with that batch size walks over, in the same order) and rank ``rank``

@@ -11,6 +11,10 @@ empty) and are forwarded alone. The batches are then walked in that order (TRL's
 Paired data given to an unpaired loss becomes one desirable and one undesirable row per pair
 in TRL's ``unpair_preference_dataset`` order: per block of 1000 pairs (``datasets.map``'s
 batch), the chosen rows then the rejected rows.
+
+Batches are full, as for pairs (``batching.BatchSampler``: bounded compiled shapes): TRL's
+dataloader keeps a smaller last batch, here the last ``len(rows) % batch_size`` rows never train
+(:func:`leftover_warning`).
 """
 
 from __future__ import annotations
@@ -73,6 +77,19 @@ def prepare_rows(pairs: List[TokenizedPair], cfg: DPOConfig, kl: bool, log: Call
             log(warning)
     return with_kl_completions(pairs, cfg.batch_size, kl, cfg.max_length if cfg.truncation_mode == "keep_start"
                                else None)
+
+
+def leftover_warning(n_rows: int, batch_size: int, ranks: int = 1) -> Optional[str]:
+    """What the sequential walk drops (``batching.BatchSampler``: full batches only, for bounded
+    compiled shapes, as for pairs): the same last ``n_rows % (batch_size * ranks)`` rows every epoch."""
+    step = batch_size * ranks
+    left = n_rows % step
+    if not left:
+        return None
+    per = f"batch_size {batch_size}" + (f" x {ranks} ranks" if ranks > 1 else "")
+    return (f"warning: the last {left} of the {n_rows} training rows never train: batches are full ({per}; "
+            f"TRL's last smaller batch would hold them) and unpaired rows are walked in order; give a multiple "
+            f"of {step} rows (e.g. {n_rows - left} or {n_rows - left + step}) to train every row")
 
 
 def check_paired(pairs: List[TokenizedPair], cfg: DPOConfig) -> None:
