@@ -76,3 +76,11 @@ def inject(trainer, at_step, fault):
 def interrupt_in_step(trainer, at_step: int) -> None:
     """A SIGINT during step ``at_step`` (1-based): the run saves a checkpoint and stops after it."""
     inject(trainer, at_step, lambda out: (os.kill(os.getpid(), signal.SIGINT), out)[1])
+
+
+def feedback_rows(toy_data_dir, n: int = 48) -> list:
+    """Unpaired rows from the toy pairs: one side of each of the first ``n`` pairs, labels alternating
+    in blocks of 3 (rows 0-2 desirable: the chosen side, 3-5 undesirable: the rejected side, ...)."""
+    records = [json.loads(line) for line in (toy_data_dir / "train.jsonl").read_text().splitlines()][:n]
+    return [{"prompt": r["prompt"], "completion": r["chosen" if (i // 3) % 2 == 0 else "rejected"],
+             "label": (i // 3) % 2 == 0} for i, r in enumerate(records)]

@@ -213,11 +213,10 @@ def toy_tokenizer(llama_dir):
 
 @pytest.fixture(scope="module")
 def feedback_file(toy_data_dir, tmp_path_factory):
-    """Unpaired rows from the toy pairs: one side of each pair, labels alternating in blocks of 3."""
-    records = [json.loads(line) for line in (toy_data_dir / "train.jsonl").read_text().splitlines()][:48]
-    rows = [{"prompt": r["prompt"], "completion": r["chosen" if (i // 3) % 2 == 0 else "rejected"],
-             "label": (i // 3) % 2 == 0} for i, r in enumerate(records)]
-    return _write(tmp_path_factory.mktemp("fb") / "feedback.jsonl", rows)
+    """Unpaired rows from the toy pairs (``helpers.feedback_rows``): labels alternating in blocks of 3."""
+    from helpers import feedback_rows
+
+    return _write(tmp_path_factory.mktemp("fb") / "feedback.jsonl", feedback_rows(toy_data_dir))
 
 
 def _trainer(llama_dir, feedback_file, tmp_path, log=lambda *a: None, **kw):
