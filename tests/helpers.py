@@ -84,7 +84,8 @@ def interrupt_in_step(trainer, at_step: int) -> None:
 
 def tiny_mlx_lm(model_type: str, window: int = 4, cap: float = 5.0, scale: float = 4.0, seed: int = 0):
     """A random float32 mlx-lm model of ``model_type`` (``gemma3_text``, ``gemma2`` or ``phi3``;
-    3 layers, 72 wide (Gemma's sqrt(72) embedding scale is not exact in bfloat16), vocabulary 101), built from mlx-lm's own class: Gemma 3 with a
+    3 layers, 72 wide (Gemma's sqrt(72) embedding scale is not exact in bfloat16), vocabulary 101),
+    built from mlx-lm's own class: Gemma 3 with a
     ``window``-token sliding window on every other layer and a tied embedding (as it ships),
     Gemma 2 with its logits capped at ``cap`` (so the cap shapes them). The weights are scaled
     by ``scale`` (sharper than the default init)."""
@@ -170,3 +171,11 @@ def assert_completions_on_screen(rgb, rows: list) -> None:
         assert (rgb[top:bottom, left:right] >= 200).all(-1).sum() >= 10, f"header cell {i}: no light text on its colour"
         if any(t.strip() for t in column):  # a column of empty completions draws nothing
             assert (body[:, left:right] <= 100).all(-1).sum() >= 10, f"column {i}: no dark text beneath its header"
+
+
+def feedback_rows(toy_data_dir, n: int = 48) -> list:
+    """Unpaired rows from the toy pairs: one side of each of the first ``n`` pairs, labels alternating
+    in blocks of 3 (rows 0-2 desirable: the chosen side, 3-5 undesirable: the rejected side, ...)."""
+    records = [json.loads(line) for line in (toy_data_dir / "train.jsonl").read_text().splitlines()][:n]
+    return [{"prompt": r["prompt"], "completion": r["chosen" if (i // 3) % 2 == 0 else "rejected"],
+             "label": (i // 3) % 2 == 0} for i, r in enumerate(records)]

@@ -70,7 +70,8 @@ def test_loss_and_metrics_match_the_float64_oracle(loss_type, dw, uw, kl_shift):
         B = len(labels)
         logps = (tl * mask).sum(-1)
         want_loss, want = oracle(logps[:B], ref[:B], logps[B:], ref[B:], labels, loss_type, 0.3, dw, uw)
-        loss, metrics, _ = _mlx_loss(tl, mask, ref, labels, cfg)
+        n = 2 * B if loss_type == "kto" else B  # apo_zero_unpaired forwards no KL rows
+        loss, metrics, _ = _mlx_loss(tl[:n], mask[:n], ref[:n], labels, cfg)
         assert loss.item() == pytest.approx(want_loss, rel=2e-6, abs=1e-7)
         for k, v in want.items():
             assert metrics[k].item() == pytest.approx(v, rel=2e-6, abs=1e-6), k
@@ -133,7 +134,7 @@ def test_unpairing_and_kl_completions_follow_trl():
     # add_kl_completion_ids per batch of 4: [c[-1]] + c[:-1]
     assert [r.rejected for r in kl] == [[20, 20], [10], [11], [12], [22, 22], [21, 21]]
     assert [r.chosen for r in kl] == [r.chosen for r in rows] and kl[1].prompt == rows[1].prompt
-    assert [r.rejected for r in unpaired.with_kl_completions(rows, 4, kl=False)] == [r.chosen for r in rows]
+    assert [r.rejected for r in unpaired.with_kl_completions(rows, 4, kl=False)] == [[]] * 6  # no KL rows
     cut = unpaired.with_kl_completions(rows, 4, max_length=3)  # prompt (2) + KL completion cut to 3 tokens
     assert cut[0].rejected == [20]
 
@@ -212,21 +213,20 @@ def toy_tokenizer(llama_dir):
 
 @pytest.fixture(scope="module")
 def feedback_file(toy_data_dir, tmp_path_factory):
-    """Unpaired rows from the toy pairs: one side of each pair, labels alternating in blocks of 3."""
-    records = [json.loads(line) for line in (toy_data_dir / "train.jsonl").read_text().splitlines()][:48]
-    rows = [{"prompt": r["prompt"], "completion": r["chosen" if (i // 3) % 2 == 0 else "rejected"],
-             "label": (i // 3) % 2 == 0} for i, r in enumerate(records)]
-    return _write(tmp_path_factory.mktemp("fb") / "feedback.jsonl", rows)
+    """Unpaired rows from the toy pairs (``helpers.feedback_rows``): labels alternating in blocks of 3."""
+    from helpers import feedback_rows
+
+    return _write(tmp_path_factory.mktemp("fb") / "feedback.jsonl", feedback_rows(toy_data_dir))
 
 
-def _trainer(llama_dir, feedback_file, tmp_path, **kw):
+def _trainer(llama_dir, feedback_file, tmp_path, log=lambda *a: None, **kw):
     from mlx_dpo.train.trainer import DPOTrainer
 
     values = dict(model=str(llama_dir), data=str(feedback_file), output_dir=str(tmp_path / "run"), max_steps=4,
                   batch_size=4, learning_rate=1e-2, logging_steps=2, eval_steps=0, progress_bar=False, seed=0,
                   loss_type="kto", cache_dir=str(tmp_path / "cache"))
     values.update(kw)
-    return DPOTrainer(DPOConfig(**values), log=lambda *a: None)
+    return DPOTrainer(DPOConfig(**values), log=log)
 
 
 def _row_logps(model, pair, completion, mode):
@@ -237,9 +237,24 @@ def _row_logps(model, pair, completion, mode):
         return sequence_logps_reference(model, pair.prompt + completion, len(pair.prompt))
 
 
+def _check_batch_against_the_oracle(trainer, indices, loss_type, dw=1.0):
+    """One batch through the compiled eval step against the oracle fed with log-probs from a slow
+    unbatched forward of each sequence (adapters on / off); the KL rows' only with kto."""
+    rows = [trainer.train_pairs[i] for i in indices]
+    loss, metrics = trainer.eval_step(trainer.to_device(trainer.collate(trainer.train_pairs, indices)), {})
+    m = trainer.model
+    pol, ref = (np.array([_row_logps(m, r, r.chosen, mode) for r in rows]) for mode in ("policy", "base"))
+    kl_pol, kl_ref = ((np.array([_row_logps(m, r, r.rejected, mode) for r in rows]) for mode in ("policy", "base"))
+                      if loss_type == "kto" else (None, None))
+    labels = np.array([r.label for r in rows], dtype=float)
+    want_loss, want = oracle(pol, ref, kl_pol, kl_ref, labels, loss_type, 0.1, dw, 1.0)
+    assert loss.item() == pytest.approx(want_loss, rel=1e-5)
+    for k, v in want.items():
+        assert metrics[k].item() == pytest.approx(v, rel=1e-4, abs=1e-5), k
+
+
 def test_a_trained_batch_matches_the_oracle_on_per_sequence_log_probs(llama_dir, feedback_file, tmp_path):
-    """After training, one batch through the compiled eval step against the oracle fed with
-    log-probs from a slow unbatched forward of each sequence (adapters on / off)."""
+    """After training, one batch through the compiled eval step against the oracle."""
     trainer = _trainer(llama_dir, feedback_file, tmp_path, desirable_weight=1.2)
     result = trainer.train()
     first = result.history[0]
@@ -248,17 +263,58 @@ def test_a_trained_batch_matches_the_oracle_on_per_sequence_log_probs(llama_dir,
     indices = [4, 5, 6, 7]  # a batch of both labels (rows 3-5 desirable... by the block-of-3 labels)
     rows = [trainer.train_pairs[i] for i in indices]
     assert rows[1].rejected == rows[0].chosen and rows[0].rejected == rows[3].chosen  # the KL rotation
-    loss, metrics = trainer.eval_step(trainer.to_device(trainer.collate(trainer.train_pairs, indices)), {})
-    m = trainer.model
-    pol = np.array([_row_logps(m, r, r.chosen, "policy") for r in rows])
-    ref = np.array([_row_logps(m, r, r.chosen, "base") for r in rows])
-    kl_pol = np.array([_row_logps(m, r, r.rejected, "policy") for r in rows])
-    kl_ref = np.array([_row_logps(m, r, r.rejected, "base") for r in rows])
-    labels = np.array([r.label for r in rows], dtype=float)
-    want_loss, want = oracle(pol, ref, kl_pol, kl_ref, labels, "kto", 0.1, 1.2, 1.0)
-    assert loss.item() == pytest.approx(want_loss, rel=1e-5)
-    for k, v in want.items():
-        assert metrics[k].item() == pytest.approx(v, rel=1e-4, abs=1e-5), k
+    _check_batch_against_the_oracle(trainer, indices, "kto", dw=1.2)
+
+
+@pytest.mark.parametrize("layout", ["unshared", "prefix", "packed"])
+def test_apo_zero_unpaired_forwards_no_kl_rows(llama_dir, feedback_file, tmp_path, layout):
+    """apo_zero_unpaired (TRL's calculate_KL False): a batch is its B rows only, in every layout and in
+    the reference precompute, and its loss and metrics after training are the oracle's."""
+    options = {"unshared": {"prefix_sharing": False, "padding_free": False}, "prefix": {"padding_free": False},
+               "packed": {"padding_free": True}}[layout]
+    trainer = _trainer(llama_dir, feedback_file, tmp_path, loss_type="apo_zero_unpaired",
+                       precompute_ref_log_probs=True, **options)
+    assert trainer.layout == layout
+    trainer.train()
+    indices = [4, 5, 6, 7]
+    rows = [trainer.train_pairs[i] for i in indices]
+    batch = trainer.collate(trainer.train_pairs, indices)
+    arrays = batch.arrays()
+    assert all(not r.rejected for r in rows) and not batch.two_rows
+    assert arrays["targets"].shape[0] == arrays["mask"].shape[0] == 4  # 8 with a KL row per row
+    assert batch.num_tokens == sum(len(r.prompt) + len(r.chosen) for r in rows)
+    inputs = {"unshared": "tokens", "prefix": "completion", "packed": "positions"}[layout]
+    assert arrays[inputs].shape[0] == 4
+    if layout == "packed":  # each row: its prompt and completion, padding after
+        assert set(np.unique(arrays["branch"])) == {0, 1, 3}
+        assert (arrays["branch"] != 3).sum(1).tolist() == [len(r.prompt) + len(r.chosen) - 1 for r in rows]
+    cache = trainer.ref_cache["train"]["sum"]  # the precompute forwarded no KL rows: their column is 0
+    assert cache.shape == (48, 2) and not cache[:, 1].any()
+    np.testing.assert_allclose(cache[indices, 0], [_row_logps(trainer.model, r, r.chosen, "base") for r in rows],
+                               rtol=1e-5)
+    _check_batch_against_the_oracle(trainer, indices, "apo_zero_unpaired")
+
+
+def test_the_last_incomplete_batch_never_trains_as_for_pairs(llama_dir, feedback_file, tmp_path):
+    """48 rows, batch_size 5, 2 epochs: 9 full batches of consecutive rows per epoch, the same each epoch,
+    18 steps; rows 45-47 never train (TRL: a 10th batch of 3 rows, 20 steps), with a warning. The paired
+    path drops its leftover too (full batches: bounded compiled shapes), different pairs each epoch."""
+    lines = []
+    trainer = _trainer(llama_dir, feedback_file, tmp_path, log=lines.append, batch_size=5, max_steps=-1,
+                       num_train_epochs=2, logging_steps=6)
+    consecutive = [list(range(i, i + 5)) for i in range(0, 45, 5)]
+    assert trainer.sampler.epoch_batches(0) == trainer.sampler.epoch_batches(1) == consecutive
+    assert trainer.total_steps == 18
+    assert [r["step"] for r in trainer.train().history] == [6, 12, 18]
+    assert any(line.startswith("warning: the last 3 of the 48 training rows never train") and "e.g. 45 or 50" in line
+               for line in lines)
+    assert unpaired.leftover_warning(48, 4) is None and "batch_size 4 x 2 ranks" in unpaired.leftover_warning(50, 4, 2)
+    from mlx_dpo.data.batching import BatchSampler
+
+    pairs = [TokenizedPair([1, 2], [3] * 4, [4] * 4) for _ in range(10)]
+    paired = BatchSampler(pairs, 4, seed=0)
+    dropped = [set(range(10)) - {i for b in paired.epoch_batches(e) for i in b} for e in range(4)]
+    assert len(paired) == 2 and all(len(d) == 2 for d in dropped) and len(set.union(*dropped)) > 2
 
 
 def test_precomputed_reference_covers_the_kl_pairs(llama_dir, feedback_file, tmp_path):

@@ -66,7 +66,7 @@ def axes_with_data(fig):
 
 def test_every_panel_is_drawn(two_runs):
     figures, notes = build_figures([read_run_records(two_runs[0])])
-    assert notes == [] and set(figures) == set(FIGURES) | {"lengths"}
+    assert notes == [] and set(figures) == set(FIGURES) - {"kl"} | {"lengths"}  # kl: unpaired runs only
     assert {name: len(axes_with_data(fig)) for name, fig in figures.items()} == PANELS
     for fig in figures.values():
         for ax in axes_with_data(fig):
@@ -185,3 +185,67 @@ def test_the_best_step_is_marked(tmp_path):
     assert [line.get_label() for line in lines] == ["best: step 50"]
     page = write_html([read_run_records(run)], {}, [], tmp_path / "report.html").read_text()
     assert "<th>best step</th>" in page and "<td>50 (eval_loss 0.5)</td>" in page
+
+
+# ---------------------------------------------------------------------------------------------
+# An unpaired (KTO) run: a real tiny one on the toy model
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kto_run(llama_dir, toy_data_dir, tmp_path_factory):
+    """``(run_dir, history, rows)`` of 6 KTO steps (eval every 3) on 48 unpaired rows."""
+    from helpers import feedback_rows
+    from mlx_dpo.config.fields import DPOConfig
+    from mlx_dpo.train.trainer import DPOTrainer
+
+    tmp = tmp_path_factory.mktemp("kto_report")
+    rows = feedback_rows(toy_data_dir, 64)
+    data, evals = tmp / "feedback.jsonl", tmp / "feedback_eval.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:48]))
+    evals.write_text("".join(json.dumps(r) + "\n" for r in rows[48:]))
+    cfg = DPOConfig(model=str(llama_dir), data=str(data), eval_data=str(evals), output_dir=str(tmp / "kto"),
+                    loss_type="kto", max_steps=6, batch_size=4, learning_rate=1e-2, logging_steps=1, eval_steps=3,
+                    progress_bar=False, seed=0, cache_dir=str(tmp / "cache"))
+    history = DPOTrainer(cfg, log=lambda *a: None).train().history
+    return tmp / "kto", history, rows[:48]
+
+
+def _legend(fig):
+    return [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+
+
+def test_an_unpaired_run_is_reported_by_label(kto_run):
+    """rewards/chosen and rewards/rejected drawn as the desirable and undesirable rows' means, no accuracy
+    (a note says why), the KL reference point, and completion lengths by label."""
+    run_dir, history, rows = kto_run
+    run = read_run_records(run_dir)
+    assert run.unpaired
+    figures, notes = build_figures([run])
+    assert set(figures) == {"loss", "rewards", "logps", "kl", "optimizer", "speed", "lengths"}
+    assert _legend(figures["rewards"]) == ["desirable rows (rewards/chosen)", "undesirable rows (rewards/rejected)",
+                                           "desirable mean - undesirable mean"]
+    assert _legend(figures["logps"]) == ["desirable rows (logps/chosen)", "undesirable rows (logps/rejected)"]
+    assert any(n.startswith("accuracy: unpaired (KTO) rows have no pair to rank") for n in notes)
+    kl = figures["kl"].axes[0]
+    assert _legend(figures["kl"]) == ["train", "eval"]
+    eval_line = [line for line in kl.get_lines() if line.get_label() == "eval"][0]  # eval: not smoothed
+    want = [(r["step"], r["eval_kl"]) for r in history if "eval_kl" in r]
+    assert [(int(x), y) for x, y in zip(eval_line.get_xdata(), eval_line.get_ydata())] == want and len(want) >= 2
+    rewards = figures["rewards"].axes[0].collections[0].get_offsets()  # the raw points of rewards/chosen
+    np.testing.assert_allclose(rewards[:, 1], [r["rewards/chosen"] for r in history if "rewards/chosen" in r])
+    lengths = _legend(figures["lengths"])  # the characters of each label's completions, all 48 rows
+    for side, want in (("desirable", True), ("undesirable", False)):
+        mean = np.mean([len(r["completion"]) for r in rows if r["label"] is want])
+        assert f"{side} (mean {mean:.0f})" in lengths
+    assert len(lengths) == 2
+
+
+def test_an_unpaired_run_overlaid_with_a_paired_one(kto_run, two_runs):
+    """Each run's series named by its own kind; the accuracy figure holds the paired run only."""
+    figures, notes = build_figures([read_run_records(kto_run[0]), read_run_records(two_runs[0])])
+    rewards = _legend(figures["rewards"])
+    assert "kto: desirable rows (rewards/chosen)" in rewards and "beta0.1: chosen" in rewards
+    assert "kto: chosen" not in rewards and "beta0.1: desirable rows (rewards/chosen)" not in rewards
+    assert _legend(figures["accuracy"]) == ["beta0.1: train", "beta0.1: eval"]
+    assert _legend(figures["kl"]) == ["kto: train", "kto: eval"] and not any("accuracy" in n for n in notes)

@@ -9,7 +9,9 @@ completion-length panel, the local training data ``config.yaml`` names). Pure st
     write_html(runs, pngs, notes, out_dir / "report.html")
 
 :func:`report` does all four. Several runs overlay on the same axes (label: the run
-directory's name). matplotlib (``pip install "mlx-dpo[report]"``) is imported only here.
+directory's name). An unpaired (KTO) run's ``rewards/chosen`` and ``rewards/rejected`` are the
+desirable and undesirable rows' means (TRL's KTO names), labelled so; it has no pairs, so no
+accuracy, and its margin is a difference of two means. matplotlib (``pip install "mlx-dpo[report]"``) is imported only here.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class RunRecords:
     records: List[dict]
     config: dict = field(default_factory=dict)
     completions: List[dict] = field(default_factory=list)  # generate_during_eval's rows
+    unpaired: bool = False  # a kto / apo_zero_unpaired run (its config's loss_type)
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class Series:
     key: str
     label: str
     smooth: bool = True
+    unpaired: Optional[str] = None  # its label in an unpaired run's plot ("": not drawn; None: ``label``)
 
 
 @dataclass(frozen=True)
@@ -60,17 +64,23 @@ class Panel:
 FIGURES: Dict[str, Tuple[Panel, ...]] = {
     "loss": (Panel("Loss", "loss (nats)", (Series("loss", "train"), Series("eval_loss", "eval", False))),),
     "rewards": (Panel("Implicit rewards: beta * log(pi / pi_ref)", "reward (beta x nats)",
-                      (Series("rewards/chosen", "chosen"), Series("rewards/rejected", "rejected"),
-                       Series("rewards/margins", "margin"))),),
+                      (Series("rewards/chosen", "chosen", unpaired="desirable rows (rewards/chosen)"),
+                       Series("rewards/rejected", "rejected", unpaired="undesirable rows (rewards/rejected)"),
+                       Series("rewards/margins", "margin", unpaired="desirable mean - undesirable mean"))),),
     "accuracy": (Panel("Reward accuracy (chosen reward > rejected)", "fraction of pairs",
-                       (Series("rewards/accuracies", "train"), Series("eval_rewards/accuracies", "eval", False))),),
+                       (Series("rewards/accuracies", "train", unpaired=""),
+                        Series("eval_rewards/accuracies", "eval", False, unpaired=""))),),
     "logps": (Panel("Policy log-probs (both falling: the chosen likelihood is lost too)", "log-prob (nats)",
-                    (Series("logps/chosen", "chosen"), Series("logps/rejected", "rejected"))),),
+                    (Series("logps/chosen", "chosen", unpaired="desirable rows (logps/chosen)"),
+                     Series("logps/rejected", "rejected", unpaired="undesirable rows (logps/rejected)"))),),
+    "kl": (Panel("KTO's KL reference point (the rewards are measured against it)", "KL estimate (nats, >= 0)",
+                 (Series("kl", "train"), Series("eval_kl", "eval", False))),),
     "optimizer": (Panel("Gradient norm (before clipping)", "L2 norm", (Series("grad_norm", "grad_norm"),)),
                   Panel("Learning rate", "learning rate", (Series("learning_rate", "lr", False),))),
     "speed": (Panel("Throughput", "tokens / s", (Series("tokens_per_second", "tokens/s"),)),
               Panel("Peak memory", "GB", (Series("peak_memory_gb", "peak memory", False),))),
 }
+UNPAIRED_ONLY = ("kl",)  # figures drawn only when an unpaired run is in the report
 
 
 # ---------------------------------------------------------------------------- loading
@@ -93,7 +103,16 @@ def read_run_records(path) -> RunRecords:
         raise ReportError(f"{config_file}{where}: not a readable YAML config ({getattr(e, 'problem', None) or e})"
                           ) from None
     completions = read_jsonl(path / COMPLETIONS_FILE) if (path / COMPLETIONS_FILE).is_file() else []
-    return RunRecords(path.resolve().name, path, records, config if isinstance(config, dict) else {}, completions)
+    config = config if isinstance(config, dict) else {}
+    return RunRecords(path.resolve().name, path, records, config, completions, is_unpaired(config))
+
+
+def is_unpaired(config: dict) -> bool:
+    """Whether a run's config trains an unpaired loss (``loss.kto.UNPAIRED_LOSSES``)."""
+    from ..loss.kto import UNPAIRED_LOSSES
+
+    loss = config.get("loss_type")
+    return any(name in UNPAIRED_LOSSES for name in (loss if isinstance(loss, list) else [loss]))
 
 
 def read_jsonl(path: Path) -> List[dict]:
@@ -158,10 +177,11 @@ def plot_panel(ax, panel: Panel, runs: Sequence[RunRecords]) -> bool:
     for i, run in enumerate(runs):
         for j, s in enumerate(panel.series):
             xs, ys = points(run.records, s.key)
-            if not xs:
+            name = s.unpaired if run.unpaired and s.unpaired is not None else s.label
+            if not xs or not name:
                 continue
             style = _style(i, j, len(panel.series))
-            label = s.label if len(runs) == 1 else f"{run.name}: {s.label}"
+            label = name if len(runs) == 1 else f"{run.name}: {name}"
             ax.scatter(xs, ys, s=10, alpha=0.3, color=style["color"], label="_nolegend_")
             ax.plot(xs, ema(ys) if s.smooth else ys, label=label, linewidth=1.8, marker=None if s.smooth else "o",
                     markersize=3, **style)
@@ -215,8 +235,13 @@ def build_figures(runs: Sequence[RunRecords]) -> Tuple[dict, List[str]]:
     Figure = _matplotlib()
     figures, notes = {}, []
     for name, panels in FIGURES.items():
+        if name in UNPAIRED_ONLY and not any(run.unpaired for run in runs):
+            continue
         fig = metric_figure(Figure, panels, runs)
-        if fig is None:
+        if fig is None and name == "accuracy" and all(run.unpaired for run in runs):
+            notes.append("accuracy: unpaired (KTO) rows have no pair to rank, so no reward accuracy; the rewards "
+                         "figure shows the desirable and undesirable rows' mean rewards")
+        elif fig is None:
             keys = ", ".join(s.key for p in panels for s in p.series)
             notes.append(f"{name}: no run logged any of {keys}")
         else:
@@ -242,7 +267,8 @@ def _text_length(value) -> int:
 
 def completion_lengths(config: dict) -> Tuple[Optional[dict], str]:
     """``({"chosen": [...], "rejected": [...]}, "")``: the characters of each training pair's
-    completions, read from the local (or ``toy``) data ``config`` names; else ``(None, why)``."""
+    completions (unpaired rows: ``desirable`` and ``undesirable``, by label), read from the local
+    (or ``toy``) data ``config`` names; else ``(None, why)``."""
     from ..config.fields import DPOConfig
     from ..data import column_map, get_format, load_records
 
@@ -261,28 +287,32 @@ def completion_lengths(config: dict) -> Tuple[Optional[dict], str]:
     examples = [e for e in examples if isinstance(e, dict)]
     if not examples:
         return None, f"data {data} has no usable pairs"
+    if "label" in examples[0]:  # unpaired rows, the completion in both "chosen" and "rejected"
+        sides = {side: [_text_length(e["chosen"]) for e in examples if e["label"] == want]
+                 for side, want in (("desirable", True), ("undesirable", False))}
+        return {k: v for k, v in sides.items() if v}, ""
     return {k: [_text_length(e[k]) for e in examples] for k in ("chosen", "rejected")}, ""
 
 
 def length_figure(Figure, lengths: Dict[str, dict]):
-    """Histograms (shared bins) of chosen and rejected completion lengths; runs on the
-    same data are drawn once, labelled with all their names."""
+    """Histograms (shared bins) of chosen and rejected (or desirable and undesirable) completion
+    lengths; runs on the same data are drawn once, labelled with all their names."""
     import numpy as np
 
     same: Dict[tuple, List[str]] = {}
     for name, lens in lengths.items():
-        same.setdefault((tuple(lens["chosen"]), tuple(lens["rejected"])), []).append(name)
+        same.setdefault(tuple((side, tuple(v)) for side, v in lens.items()), []).append(name)
     bins = np.histogram_bin_edges([v for lens in lengths.values() for k in lens for v in lens[k]], bins=30)
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.subplots()
     for i, (data, names) in enumerate(same.items()):
-        for j, (side, values) in enumerate(zip(("chosen", "rejected"), data)):
+        for j, (side, values) in enumerate(data):
             label = f"{side} (mean {np.mean(values):.0f})"
             label = label if len(lengths) == 1 else f"{', '.join(names)}: {label}"
             ax.hist(values, bins=bins, histtype="step", linewidth=1.8, label=label, **_style(i, j, 2))
     ax.set_title("Training data: completion lengths (a length gap is what DPO may learn)", fontsize=10)
     ax.set_xlabel("completion length (characters, before tokenization)")
-    ax.set_ylabel("pairs")
+    ax.set_ylabel("pairs (unpaired: rows)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return fig

@@ -2,9 +2,10 @@
 
 Each pair's chosen and rejected sequences go through ONE forward pass: a batch of
 ``B`` pairs is a ``(2B, L)`` token array, rows ``[0:B]`` = prompt + chosen and rows
-``[B:2B]`` = prompt + rejected, right-padded. Batches pad to one of the few cells of a
-:class:`~mlx_dpo.data.shapes.ShapePlan` (at most ``max_batch_shapes``), so ``mx.compile``
-traces a small bounded number of shapes per run, whatever the lengths.
+``[B:2B]`` = prompt + rejected, right-padded (unpaired rows: completion, KL completion; rows
+without a KL completion, apo_zero_unpaired's, are ``B`` rows only: :func:`second_rows`). Batches
+pad to one of the few cells of a :class:`~mlx_dpo.data.shapes.ShapePlan` (at most
+``max_batch_shapes``), so ``mx.compile`` traces a small bounded number of shapes per run.
 
 With ``layout="prefix"`` the batch holds each prompt once instead (see ``forward/prefix.py``):
 ``prompt`` (B, P) left-padded, ``prompt_lens`` (B,) and ``completion`` (2B, T - 1).
@@ -56,7 +57,12 @@ class Batch:
 
     @property
     def num_pairs(self) -> int:
-        return self.targets.shape[0] // 2
+        return len(self.indices)
+
+    @property
+    def two_rows(self) -> bool:
+        """Whether each item has a second row (:func:`second_rows`): ``targets`` is (2B, T), else (B, T)."""
+        return self.targets.shape[0] > len(self.indices)
 
     @property
     def padding_fraction(self) -> float:
@@ -74,10 +80,17 @@ class Batch:
 LAYOUTS = ("unshared", "prefix", "packed")
 
 
+def second_rows(pairs: List[TokenizedPair]) -> bool:
+    """Whether each item of ``pairs`` is forwarded as two sequences: a pair's chosen and rejected,
+    an unpaired row's completion and KL completion. Unpaired rows without a KL completion
+    (``rejected`` empty: apo_zero_unpaired, ``data/unpaired.py``) are forwarded once, a (B, ...) batch."""
+    return pairs[0].label is None or any(p.rejected for p in pairs)
+
+
 def real_tokens(pairs: List[TokenizedPair]) -> int:
-    """Tokens of both sequences of each pair, the prompt counted twice (``Batch.num_tokens``,
+    """Tokens of the sequences of each item, the prompt counted once per sequence (``Batch.num_tokens``,
     what tokens/s counts in every layout)."""
-    return sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+    return sum((1 + bool(p.rejected)) * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
 
 
 def collate(pairs: List[TokenizedPair], indices: List[int], pad_id: int = 0, bucket: int = 32,
@@ -100,7 +113,8 @@ def _collate(pairs, indices, pad_id, bucket, layout, shape) -> Batch:
         return collate_prefix(pairs, indices, pad_id, bucket, shape)
     if layout == "packed":
         return collate_packed(pairs, indices, pad_id, shape)
-    rows = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+    rows = [(p.prompt, p.chosen) for p in pairs]
+    rows += [(p.prompt, p.rejected) for p in pairs] if second_rows(pairs) else []
     # Inputs are the sequence minus its last token; hidden state t predicts token t + 1.
     seq_len, comp_len = shape or (bucket_length(max(len(a) + len(b) for a, b in rows) - 1, bucket),
                                   bucket_length(max(len(b) for _, b in rows), min(bucket, 16)))
@@ -125,7 +139,7 @@ def collate_prefix(pairs: List[TokenizedPair], indices: List[int], pad_id: int =
                    shape: Optional[Tuple[int, int]] = None) -> Batch:
     """Shared-prefix layout: prompts once, left-padded to a bucketed ``P``; chosen then
     rejected completions (minus the last token) right-padded to ``T - 1``."""
-    completions = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    completions = [p.chosen for p in pairs] + ([p.rejected for p in pairs] if second_rows(pairs) else [])
     p_len, comp_len = shape or (bucket_length(max(len(p.prompt) for p in pairs), min(bucket, 16)),
                                 bucket_length(max(len(c) for c in completions), min(bucket, 16)))
     b, n = len(pairs), len(completions)
@@ -153,15 +167,17 @@ def collate_packed(pairs: List[TokenizedPair], indices: List[int], pad_id: int =
     dims = np.array([pair_dims(p, "packed") for p in pairs])
     width, comp_len = shape or (bucket_length(int(dims[:, 0].max()), 16), bucket_length(int(dims[:, 1].max()), 16))
     b = len(pairs)
+    kinds = (PROMPT, CHOSEN, REJECTED) if second_rows(pairs) else (PROMPT, CHOSEN)
     tokens = np.full((b, width), pad_id, dtype=np.int32)
     rope_pos = np.zeros((b, width), dtype=np.int32)
     branch = np.full((b, width), PAD, dtype=np.int32)
-    positions = np.zeros((2 * b, comp_len), dtype=np.int32)
-    targets = np.zeros((2 * b, comp_len), dtype=np.int32)
-    mask = np.zeros((2 * b, comp_len), dtype=np.float32)
+    positions = np.zeros(((len(kinds) - 1) * b, comp_len), dtype=np.int32)
+    targets = np.zeros_like(positions)
+    mask = np.zeros(positions.shape, dtype=np.float32)
     for i, p in enumerate(pairs):
         n_p, start = len(p.prompt), 0
-        for kind, part in ((PROMPT, p.prompt), (CHOSEN, p.chosen[:-1]), (REJECTED, p.rejected[:-1])):
+        for kind in kinds:
+            part = (p.prompt, p.chosen[:-1], p.rejected[:-1])[kind]
             end = start + len(part)
             tokens[i, start:end], branch[i, start:end] = part, kind
             rope_pos[i, start:end] = np.arange(len(part)) + (0 if kind == PROMPT else n_p)
@@ -193,8 +209,15 @@ class BatchSampler:
     dropped (different pairs each epoch), and the batch order is shuffled. So the order
     resumes exactly from ``(epoch, index)`` and every epoch has the same length.
 
+    Every batch is full on purpose (TRL's dataloader keeps a smaller last batch instead,
+    ``dataloader_drop_last=False``): a smaller batch would be one more shape for ``mx.compile`` to
+    trace at each cell it falls in, data-parallel ranks each need ``batch_size`` rows, and an epoch's
+    length and position stay a pure function of ``(epoch, index)``.
+
     ``sequential``: the batches are consecutive ``batch_size`` rows in data order, every epoch
     (unpaired rows, whose KL completions were drawn from those batches; TRL's sequential sampling).
+    So the same last ``len(pairs) % batch_size`` rows are dropped every epoch: they never train
+    (the trainer warns, :func:`~mlx_dpo.data.unpaired.leftover_warning`).
 
     Data parallel: the global micro-batches hold ``batch_size * ranks`` pairs (the batches
     one process with that batch size walks over, in the same order) and rank ``rank``

@@ -51,7 +51,7 @@ def pair_dims(pair, layout: str) -> Cell:
     """The two widths ``pair`` needs in a batch of ``layout`` (module docstring)."""
     c = max(len(pair.chosen), len(pair.rejected))
     if layout == "packed":
-        return len(pair.prompt) + len(pair.chosen) + len(pair.rejected) - 2, c
+        return len(pair.prompt) + len(pair.chosen) - 1 + max(len(pair.rejected) - 1, 0), c
     return (len(pair.prompt), c) if layout == "prefix" else (len(pair.prompt) + c - 1, c)
 
 

@@ -5,11 +5,16 @@ A tokenized unpaired row is a :class:`TokenizedPair` with a ``label`` (True: des
 previous row of its batch (the first row takes the batch's last), TRL's
 ``add_kl_completion_ids`` over fixed batches of ``batch_size`` rows in data order. So one
 forward pass scores both, the KL sequence sharing the row's prompt (prefix sharing, the
-reference cache). The batches are then walked in that order (TRL's sequential sampling).
+reference cache). ``apo_zero_unpaired`` uses no KL term: its rows have none (``rejected``
+empty) and are forwarded alone. The batches are then walked in that order (TRL's sequential sampling).
 
 Paired data given to an unpaired loss becomes one desirable and one undesirable row per pair
 in TRL's ``unpair_preference_dataset`` order: per block of 1000 pairs (``datasets.map``'s
 batch), the chosen rows then the rejected rows.
+
+Batches are full, as for pairs (``batching.BatchSampler``: bounded compiled shapes): TRL's
+dataloader keeps a smaller last batch, here the last ``len(rows) % batch_size`` rows never train
+(:func:`leftover_warning`).
 """
 
 from __future__ import annotations
@@ -45,11 +50,12 @@ def unpair(pairs: List[TokenizedPair]) -> List[TokenizedPair]:
 def with_kl_completions(rows: List[TokenizedPair], batch_size: int, kl: bool = True,
                         max_length: Optional[int] = None) -> List[TokenizedPair]:
     """Each row with its KL completion (module docstring), cut to ``max_length`` with its
-    prompt as TRL's collator cuts it; ``kl=False`` (apo_zero_unpaired) keeps the row's own."""
+    prompt as TRL's collator cuts it; ``kl=False`` (apo_zero_unpaired, TRL's ``calculate_KL``
+    False): none (``rejected`` empty), so a batch forwards only the rows (``batching.second_rows``)."""
     out = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        others = [chunk[-1].chosen] + [r.chosen for r in chunk[:-1]] if kl else [r.chosen for r in chunk]
+        others = [chunk[-1].chosen] + [r.chosen for r in chunk[:-1]] if kl else [[] for _ in chunk]
         for row, other in zip(chunk, others):
             if max_length is not None:
                 other = other[:max(0, max_length - len(row.prompt))]
@@ -71,6 +77,19 @@ def prepare_rows(pairs: List[TokenizedPair], cfg: DPOConfig, kl: bool, log: Call
             log(warning)
     return with_kl_completions(pairs, cfg.batch_size, kl, cfg.max_length if cfg.truncation_mode == "keep_start"
                                else None)
+
+
+def leftover_warning(n_rows: int, batch_size: int, ranks: int = 1) -> Optional[str]:
+    """What the sequential walk drops (``batching.BatchSampler``: full batches only, for bounded
+    compiled shapes, as for pairs): the same last ``n_rows % (batch_size * ranks)`` rows every epoch."""
+    step = batch_size * ranks
+    left = n_rows % step
+    if not left:
+        return None
+    per = f"batch_size {batch_size}" + (f" x {ranks} ranks" if ranks > 1 else "")
+    return (f"warning: the last {left} of the {n_rows} training rows never train: batches are full ({per}; "
+            f"TRL's last smaller batch would hold them) and unpaired rows are walked in order; give a multiple "
+            f"of {step} rows (e.g. {n_rows - left} or {n_rows - left + step}) to train every row")
 
 
 def check_paired(pairs: List[TokenizedPair], cfg: DPOConfig) -> None:

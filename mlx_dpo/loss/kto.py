@@ -1,8 +1,9 @@
 """Unpaired losses on thumbs-up / thumbs-down rows, as TRL 1.16's ``KTOTrainer``.
 
 A batch holds ``B`` rows: token log-probs ``(2B, T)`` whose first ``B`` rows are the
-completions and last ``B`` the KL completions (``data/unpaired.py``), and ``labels`` ``(B,)``
-(1 desirable, 0 undesirable). With ``r = log pi(y|x) - log pi_ref(y|x)`` (summed log-probs):
+completions and last ``B`` the KL completions (``data/unpaired.py``; ``apo_zero_unpaired`` has
+none: ``(B, T)``), and ``labels`` ``(B,)`` (1 desirable, 0 undesirable). With
+``r = log pi(y|x) - log pi_ref(y|x)`` (summed log-probs):
 
 * the KL reference point ``z = max(0, mean_ranks(mean_batch(log pi(y'|x) - log pi_ref(y'|x))))``
   over the mismatched pairs, under ``stop_gradient`` (TRL: ``.mean().detach()``,
@@ -66,6 +67,10 @@ def unpaired_batch_loss(policy: dict, ref: dict, labels: mx.array, cfg, group=No
     tl, mask = policy["token_logps"], policy["mask"]
     logps = reduce_logps(tl, mask, "sum", cfg)
     B = labels.shape[0]
+    if logps.shape[0] != (2 * B if uses_kl(cfg) else B):
+        what = "each row and its KL completion" if uses_kl(cfg) else "the rows only"
+        raise ValueError(f"unpaired_batch_loss: {logps.shape[0]} sequences for {B} rows; "
+                         f"loss_type {cfg.loss_type} forwards {what}")
     logratios = logps[:B] - ref["sum"][:B]
     kl = kl_reference_point(logps[B:], ref["sum"][B:], group) if uses_kl(cfg) else mx.array(0.0)
     loss = unpaired_losses(logratios, labels, kl, cfg.loss_types[0], cfg.beta, cfg.desirable_weight,

@@ -98,7 +98,8 @@ def compute_reference_logps(model, pairs: List[TokenizedPair], cfg: DPOConfig, c
                             reductions: List[str], progress: bool = False,
                             group=None) -> Tuple[Dict[str, np.ndarray], int]:
     """Reference log-probs of ``pairs`` in inference mode: ``{reduction: (N, 2)}`` with
-    columns (chosen, rejected), and the number of batches run (by this rank). ``collate(pairs, indices)`` builds a batch as the trainer does
+    columns (chosen, rejected) (unpaired rows: completion, KL completion, 0 without one), and the
+    number of batches run (by this rank). ``collate(pairs, indices)`` builds a batch as the trainer does
     (shared-prefix layout when it uses it); with a data-parallel ``group`` the batches are split over its ranks."""
     mode = "base" if cfg.train_type == "full" else reference_mode(model)
 
@@ -123,7 +124,8 @@ def compute_reference_logps(model, pairs: List[TokenizedPair], cfg: DPOConfig, c
         for r, values in out.items():
             values = np.array(values)
             result[r][indices, 0] = values[:n]
-            result[r][indices, 1] = values[n:]
+            if batch.two_rows:  # else unpaired rows with no KL completion: their column stays 0
+                result[r][indices, 1] = values[n:]
     model.train(was_training)
     if group is not None:
         summed = distributed.all_sum(mx.stack([mx.array(result[r]) for r in reductions]), group)

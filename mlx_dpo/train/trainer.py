@@ -165,6 +165,9 @@ class DPOTrainer(TrainingLoop):
                                 batch_size=cfg.batch_size * self.ranks, passes=passes)
         self.sampler = BatchSampler(self.train_pairs, cfg.batch_size, cfg.seed, shapes=self.shapes,
                                     rank=self.rank, ranks=self.ranks, sequential=kto.is_unpaired(cfg))
+        leftover = unpaired.leftover_warning(len(self.train_pairs), cfg.batch_size, self.ranks)
+        if kto.is_unpaired(cfg) and leftover:
+            self.log(leftover)
 
     def _build_optimizer(self) -> None:
         cfg = self.cfg
@@ -218,8 +221,9 @@ class DPOTrainer(TrainingLoop):
         if self.precompute and self.use_reference:
             cache = self.ref_cache[split]
             for r in self.reductions:
-                values = cache[r][batch.indices]  # (B, 2): chosen, rejected
-                arrays[f"ref_{r}"] = mx.array(np.concatenate([values[:, 0], values[:, 1]]).astype(np.float32))
+                values = cache[r][batch.indices]  # (B, 2): chosen, rejected (KL; none: only chosen)
+                values = np.concatenate([values[:, 0], values[:, 1]]) if batch.two_rows else values[:, 0]
+                arrays[f"ref_{r}"] = mx.array(values.astype(np.float32))
         return arrays
 
     # ------------------------------------------------------------------ precompute
