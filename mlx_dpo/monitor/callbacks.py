@@ -114,7 +114,7 @@ class ProgressBar(TrainerCallback):
     def on_train_begin(self, state) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=state.max_steps, initial=state.step, desc="dpo", dynamic_ncols=True)
+        self.bar = tqdm(total=state.max_steps, initial=state.step, desc="train", dynamic_ncols=True)
 
     def on_step_end(self, state, metrics: dict) -> None:
         if self.bar is not None:

@@ -18,6 +18,7 @@ import mlx.core as mx
 from mlx.utils import tree_map
 
 from . import checkpoint, evaluation, stopping
+from ..loss import kto
 from ..model.adapters import sync_reference
 from ..monitor.callbacks import COMPLETIONS_FILE
 from ..monitor.perf import Throughput, reference_blas_warning, warn_if_too_big
@@ -37,7 +38,8 @@ class TrainingLoop:
         self.stopped_early = False  # early_stopping_patience ran out (:func:`.evaluation.track_best`)
         self.reference_sampled = self.resume_path is not None and any(  # generate_during_eval's, once a run
             '"model": "reference"' in line for line in self._completions_lines())
-        self.log(f"training: {state.max_steps} steps, {len(self.train_pairs)} pairs, "
+        items = "rows" if kto.is_unpaired(cfg) else "pairs"  # unpaired: each a completion and its label
+        self.log(f"training: {state.max_steps} steps, {len(self.train_pairs)} {items}, "
                  f"{distributed.global_batch_message(cfg.batch_size, cfg.gradient_accumulation_steps, self.ranks)}"
                  f", loss {cfg.loss_type}, reference {self.reference_source or 'none'}")
         warn_if_too_big(self.model, self.train_pairs, cfg.batch_size, self.prefix_sharing,
