@@ -379,13 +379,14 @@ NEW_ARCHS = {"qwen3": dict(heads=4, kv_heads=2, head_dim=128, tied=True),
 def test_gguf_round_trip_train_export_read_back(source, toy_data_dir, tmp_path, dtype, tol, request):
     """A run trained on a GGUF model, exported as GGUF: the source's tokenizer fields are copied
     unchanged, and the file read back by our loader (MLX) and by transformers' GGUF reader gives
-    the logits of the in-memory model with its adapters (Llama, and Qwen3, Gemma 3, Phi-3)."""
+    the logits of the in-memory model with its adapters (Llama, and Qwen3, Gemma 3, Phi-3, Gemma 2);
+    the new architectures exported as Hugging Face models too, read by transformers."""
     from mlx_dpo.model.adapters import add_adapters, load_adapter_weights
     from mlx_dpo.config.fields import DPOConfig
     from mlx_dpo.export.exporter import export
     from mlx_dpo.model.loader import load_model
     from mlx_dpo.train.trainer import train
-    from mlx_dpo.export.verify import load_gguf, mlx_logits, prompt_batch, torch_logits
+    from mlx_dpo.export.verify import load_gguf, load_transformers, mlx_logits, prompt_batch, torch_logits
 
     tiny = request.getfixturevalue(source) if source == "tiny_llama" else write_tiny_gguf(
         tmp_path / f"tiny-{source}.gguf", source, {"ffn": Q.Q8_0}, "qwen2", seed=5, **NEW_ARCHS[source])
@@ -415,6 +416,9 @@ def test_gguf_round_trip_train_export_read_back(source, toy_data_dir, tmp_path, 
           f"by transformers {rel(ours, theirs):.2e}, between the two {rel(back, theirs):.2e}")
     assert rel(ours, back) < tol and rel(ours, theirs) < tol
     assert rel(back, theirs) < min(tol, 1e-5)  # two readers of the same file (float32 summation: 2-5e-6 seen)
+    if source in NEW_ARCHS:  # and as a Hugging Face model: mlx-lm's names are transformers' (hf_names)
+        hf = export(run, tmp_path / "hf", format="hf", dtype="float32")
+        assert rel(ours, torch_logits(load_transformers(hf, None), batch, lengths)) < tol
 
 
 CHAT_PAIRS = [  # as users bring them: a system prompt, multi-turn, Unicode, TRL's implicit-prompt form

@@ -44,12 +44,14 @@ ARCHITECTURES = {
     "qwen2": Arch(**_STANDARD),
     "mistral": Arch(**_STANDARD),
     "qwen3": Arch(**_STANDARD),
-    "phi3": Arch(prefix_sharing=True, plain_head=True, cpu_math=True, mlp="fused_swiglu"),
+    "phi3": Arch(prefix_sharing=True, plain_head=True, hf_names=True, cpu_math=True, mlp="fused_swiglu"),
     # Gemma 3's sliding-window layers get windowed masks (forward/blocks.layer_windows); its 262k
     # vocabulary: only scoring positions meet the head.
-    "gemma3_text": Arch(prefix_sharing=True, plain_head=True, cpu_math=True, mlp="geglu", embed_scale="bf16"),
+    "gemma3_text": Arch(prefix_sharing=True, plain_head=True, hf_names=True, cpu_math=True, mlp="geglu",
+                        embed_scale="bf16"),
     # The head's soft-capping is in forward/logprobs.project; the attention's own, in mlx-lm's code.
-    "gemma2": Arch(prefix_sharing=True, plain_head=True, mlp="geglu", embed_scale="float", array_mask=True),
+    "gemma2": Arch(prefix_sharing=True, plain_head=True, hf_names=True, mlp="geglu", embed_scale="float",
+                   array_mask=True),
     "olmo2": Arch(plain_head=True),
     "internlm3": Arch(plain_head=True),
 }
