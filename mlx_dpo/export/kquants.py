@@ -19,7 +19,10 @@ GROUP_MAX_EPS = F32(1e-15)
 
 
 def _rint(x):
-    return np.rint(x).astype(np.int32)
+    """``nearest_int``: the level as float32 (a float32 times an int32 array is float64 in numpy,
+    whose products round differently from the C code's float ones and can settle a near-tie of two
+    trial scales the other way)."""
+    return np.rint(x).astype(F32)
 
 
 def _f16(x) -> np.ndarray:
