@@ -114,7 +114,8 @@ def run_ours(work: Path, model: Path, data: Path, pairs: int, name: str, options
                learning_rate=1e-5, lora_rank=8, lora_alpha=16, lora_dropout=0.0, beta=0.1,
                lr_scheduler_type="constant", warmup_steps=0, max_length=1024, precompute_ref_log_probs=True,
                eval_steps=100000, save_steps=100000, seed=0, progress_bar=False, cache_dir=str(cache),
-               lora_target_modules=TARGETS, max_steps=pairs // BATCH, **options)
+               lora_target_modules=TARGETS, max_steps=pairs // BATCH)
+    cfg.update(options)
     path = work / f"ours-{slug}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     seconds, rss, stdout = timed(["mlx-dpo", "train", "--config", str(path)], env or dict(os.environ),

@@ -59,10 +59,19 @@ def english(work: Path) -> Path:
     return path
 
 
+class Stored(np.ndarray):
+    """llama.cpp's saved log-probs: those below max - 16 nats are clamped there (``kept`` False)."""
+
+    def __new__(cls, logp, kept):
+        out = np.asarray(logp).view(cls)
+        out.kept = kept
+        return out
+
+
 def llama_cpp_logprobs(binary: Path, gguf: Path, text: Path) -> tuple:
     """llama.cpp's perplexity of ``gguf`` on ``text`` and its saved log-probs: ``(ppl, tokens
-    [chunks, n_ctx], logp [chunks, n_ctx - 1 - first, vocab])`` (log-probs below max - 16 are clamped,
-    as llama.cpp stores them)."""
+    [chunks, n_ctx], log-probs [chunks, n_ctx - 1 - first, vocab])``, as llama.cpp stores them
+    (:class:`Stored`)."""
     base = gguf.with_suffix(".kld")
     out = sh(binary / "llama-perplexity", "-m", gguf, "-f", text, "-c", CONTEXT, "--chunks", CHUNKS, "-t", 2,
              "--kl-divergence-base", base)
@@ -75,8 +84,9 @@ def llama_cpp_logprobs(binary: Path, gguf: Path, text: Path) -> tuple:
     nv, scored = 2 * ((n_vocab + 1) // 2) + 4, n_ctx - 1 - n_ctx // 2
     rows = np.frombuffer(raw[at:], np.uint16).reshape(n_chunk, scored, nv)
     head = rows[..., :4].copy().view(np.float32)  # (scale, min log-prob) per position
-    logp = head[..., 1:2] + head[..., 0:1] * rows[..., 4:4 + n_vocab].astype(np.float32)
-    return ppl, tokens, logp
+    levels = rows[..., 4:4 + n_vocab]
+    logp = head[..., 1:2] + head[..., 0:1] * levels.astype(np.float32)
+    return ppl, tokens, Stored(logp, levels > 0)
 
 
 def mlx_dpo_logprobs(gguf: Path, tokens: np.ndarray) -> np.ndarray:
@@ -102,9 +112,12 @@ def mlx_dpo_logprobs(gguf: Path, tokens: np.ndarray) -> np.ndarray:
 
 
 def divergence(p_log: np.ndarray, q_log: np.ndarray) -> tuple:
-    """Mean KL(p || q) over positions and the share of positions with the same top token."""
-    p = np.exp(p_log.astype(np.float64))
-    kld = (p * (p_log - q_log)).sum(-1)
+    """Mean KL(p || q) over positions and the share of positions with the same top token (tokens
+    llama.cpp stored below its floor, max - 16 nats, are left out of the sum: p < 1e-7 each)."""
+    p = np.exp(np.asarray(p_log, np.float64))
+    if isinstance(p_log, Stored):
+        p = np.where(p_log.kept, p, 0)
+    kld = (p * (np.asarray(p_log) - np.asarray(q_log))).sum(-1)
     return float(kld.mean()), float((p_log.argmax(-1) == q_log.argmax(-1)).mean())
 
 

@@ -405,6 +405,8 @@ def test_gguf_round_trip_train_export_read_back(source, toy_data_dir, tmp_path, 
         return {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items() if k.startswith("tokenizer.")}
 
     assert tokenizer_fields(out / "model.gguf") == tokenizer_fields(tiny)
+    # the source's own name (llama.cpp's loader reads it: a 'phi3' in it asks for Phi-3's special tokens)
+    assert gguf.GGUFReader(str(out / "model.gguf")).fields["general.name"].contents() == "tiny-dpo"
     scale = max(np.abs(ours[i, :n]).max() for i, n in enumerate(lengths))
 
     def rel(a, b):

@@ -238,9 +238,11 @@ def write_gguf(run, out_dir: Path, dtype: str, max_shard_bytes: int = MAX_SHARD_
     tokenizer = gguf_tokenizer_fields(source) if source else hf_tokenizer_fields(run.base_path, vocab_size)
     if run.cfg.chat_template:
         tokenizer["tokenizer.chat_template"] = run.cfg.chat_template
-    name = Path(run.base_model).name.removesuffix(".gguf") + "-dpo"
-    write_gguf_file(out_dir / GGUF_FILE, weights, run.base_config, dtype, tokenizer, name=name,
-                    source=read_header(source) if source else None)
+    header = read_header(source) if source else None
+    # the source file's own name, which llama.cpp's loader also reads (e.g. Phi-3's token attributes)
+    name = (header or {}).get("metadata", {}).get("general.name") or Path(run.base_model).name.removesuffix(".gguf")
+    write_gguf_file(out_dir / GGUF_FILE, weights, run.base_config, dtype, tokenizer, name=f"{name}-dpo",
+                    source=header)
     atomic_write_text(out_dir / "Modelfile", modelfile(tokenizer))
 
 
