@@ -367,3 +367,23 @@ def test_resume_mid_window_reproduces_an_uninterrupted_run(llama_dir, toy_data_d
     wa, wb = (weights(tmp_path / x / "run" / "adapters.safetensors") for x in "ab")
     for k in wa:
         np.testing.assert_allclose(wa[k], wb[k], atol=1e-6, rtol=0)
+
+
+def test_evaluation_takes_trls_sequential_batches(llama_dir, feedback_file, tmp_path):
+    """Evaluation walks the eval rows in data order in batches of ``eval_batch_size`` (transformers'
+    sequential evaluation loop, so each batch's KL reference point is over TRL's rows, not rows
+    regrouped by length): ``eval_loss`` is the row-weighted mean of the oracle's batch losses over
+    those batches (12 rows at 5 a batch: 5, 5, 2; KL pairs rotated within train batches of 4)."""
+    trainer = _trainer(llama_dir, feedback_file, tmp_path, eval_data=str(feedback_file), eval_batch_size=5,
+                       max_eval_batches=-1, desirable_weight=1.2)
+    trainer.train()
+    trainer.eval_pairs = trainer.eval_pairs[:12]
+    metrics = trainer.evaluate()
+    rows, m, want, weights = trainer.eval_pairs, trainer.model, [], []
+    for start in range(0, 12, 5):
+        batch = rows[start:start + 5]
+        pol, ref, kl_pol, kl_ref = (np.array([_row_logps(m, r, getattr(r, side), mode) for r in batch])
+                                    for side in ("chosen", "rejected") for mode in ("policy", "base"))
+        loss, _ = oracle(pol, ref, kl_pol, kl_ref, np.array([r.label for r in batch], float), "kto", 0.1, 1.2, 1.0)
+        want.append(loss), weights.append(len(batch))
+    assert metrics["eval_loss"] == pytest.approx(np.average(want, weights=weights), rel=1e-5)

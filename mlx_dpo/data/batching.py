@@ -274,15 +274,21 @@ class BatchSampler:
             self.state.index = 0
 
 
-def eval_batches(pairs: List[TokenizedPair], batch_size: int, max_batches: int = -1) -> Iterator[List[int]]:
+def eval_batches(pairs: List[TokenizedPair], batch_size: int, max_batches: int = -1,
+                 sequential: bool = False) -> Iterator[List[int]]:
     """Every eval pair once, grouped by length; the last batch may be smaller.
 
     With ``max_batches >= 0`` only ``max_batches * batch_size`` pairs are evaluated: a
     subset evenly spaced over the original order (the same on every call, and not
-    biased to the shortest pairs), then grouped by length."""
+    biased to the shortest pairs), then grouped by length.
+
+    ``sequential``: consecutive rows in data order (the first ``max_batches * batch_size``), as
+    transformers' evaluation loop walks them: unpaired rows, whose KL reference point is each
+    batch's mean over the rows it holds (TRL's ``KTOTrainer``), take TRL's batches."""
     subset = range(len(pairs))
     if 0 <= max_batches * batch_size < len(pairs):
-        subset = np.linspace(0, len(pairs), max_batches * batch_size, endpoint=False).astype(int).tolist()
-    order = sorted(subset, key=lambda i: (pairs[i].length, i))
+        subset = (range(max_batches * batch_size) if sequential else
+                  np.linspace(0, len(pairs), max_batches * batch_size, endpoint=False).astype(int).tolist())
+    order = list(subset) if sequential else sorted(subset, key=lambda i: (pairs[i].length, i))
     groups = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     return iter(groups)

@@ -14,6 +14,7 @@ import mlx.core as mx
 from ..data.batching import eval_batches
 from ..config.fields import DPOConfig
 from ..errors import ConfigError
+from ..loss import kto
 from ..data import TokenizedPair
 from ..forward.decode import detokenize, generate_samples
 from ..model.adapters import adapter_mode
@@ -32,7 +33,7 @@ def evaluate(model, eval_step: Callable, pairs: List[TokenizedPair], cfg: DPOCon
     totals: Dict[str, float] = {}
     weights: Dict[str, float] = {}
     count, tic = 0, time.perf_counter()
-    for indices in eval_batches(pairs, bs, cfg.max_eval_batches):
+    for indices in eval_batches(pairs, bs, cfg.max_eval_batches, sequential=kto.is_unpaired(cfg)):
         batch = collate(pairs, indices)
         loss, metrics = eval_step(to_device(batch, "eval"), loss_state)
         mx.eval(loss, metrics)
@@ -44,7 +45,7 @@ def evaluate(model, eval_step: Callable, pairs: List[TokenizedPair], cfg: DPOCon
         count += n
     model.train(was_training)
     release_cache()  # the eval batches' buffers: shapes the training step does not reuse
-    log(f"evaluation: {count} pairs in {time.perf_counter() - tic:.1f} s")
+    log(f"evaluation: {count} {'rows' if kto.is_unpaired(cfg) else 'pairs'} in {time.perf_counter() - tic:.1f} s")
     return {f"eval_{k}": v / weights[k] for k, v in totals.items()}
 
 
