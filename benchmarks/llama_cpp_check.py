@@ -20,9 +20,10 @@ the sources the ``llama-cpp-python`` sdist on PyPI vendors (``pip download --no-
    (mean KL divergence, same top token);
 3. greedy decoding of the float32 export by both, and ``mlx-dpo train`` on llama.cpp's Q4_K_M.
 
-``--archs``: the same reading comparison on the Q4_K_M export of a random model of each architecture
-(``tests/gguf_cli_e2e.py``'s files: Gemma 3's sliding windows, Gemma 2's soft-caps, Phi-3's fused
-projections, as llama.cpp runs them).
+``--archs``: the same reading comparison on the float32 and Q4_K_M exports of a random model of each
+architecture trained on its Q4_K_M-like file (``tests/gguf_cli_e2e.py``'s: Gemma 3's 4-token sliding
+windows, Gemma 2's soft-caps, Phi-3's fused projections, as llama.cpp runs them). Random models have
+absurd perplexities on English; the divergence is the measure there.
 """
 
 from __future__ import annotations
@@ -112,12 +113,21 @@ def mlx_dpo_logprobs(gguf: Path, tokens: np.ndarray) -> np.ndarray:
 
 
 def divergence(p_log: np.ndarray, q_log: np.ndarray) -> tuple:
-    """Mean KL(p || q) over positions and the share of positions with the same top token (tokens
-    llama.cpp stored below its floor, max - 16 nats, are left out of the sum: p < 1e-7 each)."""
-    p = np.exp(np.asarray(p_log, np.float64))
-    if isinstance(p_log, Stored):
-        p = np.where(p_log.kept, p, 0)
-    kld = (p * (np.asarray(p_log) - np.asarray(q_log))).sum(-1)
+    """Mean KL(p || q) over positions and the share of positions with the same top token. Tokens
+    llama.cpp stored below its floor (max - 16 nats, p < 1e-7 each) are left out and both
+    distributions renormalised over the rest."""
+    keep = p_log.kept if isinstance(p_log, Stored) else np.ones(np.shape(p_log), bool)
+    if isinstance(q_log, Stored):
+        keep = keep & q_log.kept
+
+    def log_normalised(x):
+        x = np.where(keep, np.asarray(x, np.float64), -np.inf)
+        top = x.max(-1, keepdims=True)
+        return x - top - np.log(np.exp(x - top).sum(-1, keepdims=True))
+
+    lp, lq = log_normalised(p_log), log_normalised(q_log)
+    with np.errstate(invalid="ignore"):  # the left-out tokens: -inf - -inf, masked
+        kld = np.where(keep, np.exp(lp) * (lp - lq), 0).sum(-1)
     return float(kld.mean()), float((p_log.argmax(-1) == q_log.argmax(-1)).mean())
 
 
@@ -211,10 +221,16 @@ def architectures(binary: Path, work: Path, text: Path) -> None:
     from mlx_dpo.model.toy import build_toy_dataset
 
     data = build_toy_dataset(work / "data", n_train=16, n_valid=4)
+    files = {}
     for arch in ARCHS:
         if not (work / f"{arch}-gguf" / "model.gguf").exists():
             run(arch, work, data)
-    reading(binary, {f"{arch} (mlx-dpo q4_k_m)": work / f"{arch}-gguf" / "model.gguf" for arch in ARCHS}, text)
+        if not (work / f"{arch}-f32" / "model.gguf").exists():
+            sh("mlx-dpo", "export", "--adapter-path", work / f"{arch}-run", "--output", work / f"{arch}-f32",
+               "--format", "gguf", "--dtype", "float32")
+        files[f"{arch} float32"] = work / f"{arch}-f32" / "model.gguf"
+        files[f"{arch} q4_k_m"] = work / f"{arch}-gguf" / "model.gguf"
+    reading(binary, files, text)
 
 
 def main():
