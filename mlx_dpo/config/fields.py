@@ -221,7 +221,8 @@ class DPOConfig:
     generate_max_new_tokens: int = option(64, "Longest completion generate_during_eval writes, in tokens.")
     eval_on_start: bool = option(False, "Evaluate before the first step (logged as step 0: the untrained "
                                  "baseline); not again on resume.")
-    max_eval_batches: int = option(-1, "Evaluate on at most this many (evenly spaced) batches; -1 = all.")
+    max_eval_batches: int = option(-1, "Evaluate on at most this many batches; -1 = all (pairs: evenly spaced "
+                                   "over the data; unpaired rows: the first ones, TRL's sequential batches).")
     save_steps: int = option(500, "Save a resumable checkpoint every N steps (and at the end); 0 = only at the end.")
     save_total_limit: Optional[int] = option(None, "Keep only the newest N checkpoints (and, with "
                                              "load_best_model_at_end, the best evaluation's).")
