@@ -3,11 +3,12 @@
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
         python benchmarks/llama_cpp_check.py --bin LLAMA_CPP/build/bin --work /tmp/llama-cpp-check --archs
 
-``--bin`` holds llama.cpp's ``llama-quantize``, ``llama-perplexity`` and ``llama-simple``, built from
-the sources the ``llama-cpp-python`` sdist on PyPI vendors (``pip download --no-deps --no-binary
-:all: llama-cpp-python``, then in ``vendor/llama.cpp``: ``cmake -B build -DLLAMA_CURL=OFF && cmake
---build build --target llama-quantize llama-perplexity llama-simple``). On SmolLM2-135M-Instruct
-(``demo:smollm2``, real weights) after a 2-step run:
+``--bin`` holds llama.cpp's ``llama-quantize``, ``llama-perplexity``, ``llama-simple`` and
+``llama-tokenize``, built from the sources the ``llama-cpp-python`` sdist on PyPI vendors (``pip
+download --no-deps --no-binary :all: llama-cpp-python``, then in ``vendor/llama.cpp``: ``cmake -B
+build -DLLAMA_CURL=OFF && cmake --build build --target llama-quantize llama-perplexity llama-simple
+llama-tokenize``; ~20 min on 2 cores). On SmolLM2-135M-Instruct (``demo:smollm2``, real weights)
+after a 2-step run:
 
 1. ``mlx-dpo export --format gguf --dtype float32``, then ``llama-quantize`` of that file to each
    mix, beside ``mlx-dpo export --dtype`` of the same mix: each tensor's type and bytes compared
@@ -18,7 +19,9 @@ the sources the ``llama-cpp-python`` sdist on PyPI vendors (``pip download --no-
    divergence of mlx-dpo's next-token distributions from llama.cpp's, and how often their top token
    agrees; and each quantized file against the float32 export, as llama.cpp users measure a quant
    (mean KL divergence, same top token);
-3. greedy decoding of the float32 export by both, and ``mlx-dpo train`` on llama.cpp's Q4_K_M.
+3. greedy decoding of the float32 export by both, and ``mlx-dpo train`` on llama.cpp's Q4_K_M;
+4. tokenization: mlx-dpo's tokenizer, rebuilt from the file, against ``llama-tokenize`` on a
+   multilingual text (each architecture's file too with ``--archs``: Gemma's SentencePiece ones).
 
 ``--archs``: the same reading comparison on the float32 and Q4_K_M exports of a random model of each
 architecture trained on its Q4_K_M-like file (``tests/gguf_cli_e2e.py``'s: Gemma 3's 4-token sliding
@@ -170,6 +173,29 @@ def greedy(binary: Path, gguf: Path) -> None:
           f"\n  {'equal' if ours.strip() == theirs.strip() else 'DIFFERENT'}", flush=True)
 
 
+MULTILINGUAL = ("Hello world!  Tabs\tand  double  spaces. Français: où est la café? Deutsch: Größe, Straße.\n"
+                "日本語のテキストです。中文：你好，世界！ Русский текст. العربية. 🙂🎉 numbers 1234567 and 3.14159.\n"
+                "  leading spaces, trailing spaces   \nnewlines\n\nand code: def f(x): return x**2  # comment\n")
+
+
+def tokenization(binary: Path, work: Path, files: dict) -> None:
+    """mlx-dpo's tokenizer (rebuilt from each file's vocabulary) against ``llama-tokenize`` on
+    :data:`MULTILINGUAL`, special tokens (BOS) as each file asks."""
+    import ast
+
+    from mlx_dpo import DPOConfig
+    from mlx_dpo.model.loader import load_model
+
+    text = work / "multilingual.txt"
+    text.write_text(MULTILINGUAL)
+    for label, path in files.items():
+        theirs = ast.literal_eval(sh(binary / "llama-tokenize", "-m", path, "-f", text, "--ids",
+                                     "--log-disable").strip().splitlines()[-1])
+        ours = load_model(DPOConfig(model=str(path)))[1].encode(MULTILINGUAL)
+        print(f"tokens of a multilingual text, {label}: {len(theirs)}, "
+              f"{'the same ids' if ours == theirs else 'DIFFERENT ids'} from llama.cpp and mlx-dpo", flush=True)
+
+
 def tensors(path: Path) -> dict:
     from gguf import GGUFReader
 
@@ -205,6 +231,7 @@ def smollm2(binary: Path, work: Path, text: Path) -> None:
             print(f"llama-quantize {name}: {time.perf_counter() - tic:.1f} s", flush=True)
         files[f"llama-quantize {name}"] = out
         print(f"{name}: mlx-dpo vs llama-quantize: {compare_files(files[f'mlx-dpo {dtype}'], out)}", flush=True)
+    tokenization(binary, work, {"SmolLM2 (byte-level BPE)": files["mlx-dpo float32"]})
     reading(binary, files, text, base="mlx-dpo float32")
     greedy(binary, files["mlx-dpo float32"])
     tic = time.perf_counter()
@@ -230,6 +257,7 @@ def architectures(binary: Path, work: Path, text: Path) -> None:
                "--format", "gguf", "--dtype", "float32")
         files[f"{arch} float32"] = work / f"{arch}-f32" / "model.gguf"
         files[f"{arch} q4_k_m"] = work / f"{arch}-gguf" / "model.gguf"
+    tokenization(binary, work, {arch: work / f"{arch}.gguf" for arch in ARCHS})
     reading(binary, files, text)
 
 
