@@ -215,6 +215,7 @@ def write_gguf_file(path: Path, weights: dict, config: dict, dtype: str, tokeniz
     """One GGUF file: ``general.*``, the model's hyper-parameters, the tokenizer, the tensors
     (``source``: the header of the GGUF file the model came from, for ``--dtype source``)."""
     import gguf
+    from tqdm import tqdm
 
     arch = GGUF_ARCH.get(config.get("model_type"))
     hparams = model_fields(config)  # refuses unsupported architectures before anything is written
@@ -230,7 +231,10 @@ def write_gguf_file(path: Path, weights: dict, config: dict, dtype: str, tokeniz
             writer.add_key_value(key, *value)
         else:
             writer.add_key_value(key, value, *_value_type(value))
-    for tensor_name, data, raw_dtype in gguf_tensors(weights, config, dtype, source and source["tensors"]):
+    tensors = gguf_tensors(weights, config, dtype, source and source["tensors"])
+    # K quantization takes ~1 s per million weights: a bar on a terminal (tqdm leaves logs alone)
+    for tensor_name, data, raw_dtype in tqdm(tensors, total=len(weights), desc=f"gguf {dtype}", unit="tensor",
+                                             disable=None, leave=False):
         writer.add_tensor(tensor_name, data, raw_dtype=raw_dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
