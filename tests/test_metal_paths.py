@@ -292,14 +292,16 @@ def test_buffer_cache_is_freed_after_evaluation_and_the_precompute(llama_dir, to
     assert mx.get_cache_memory() < 1024  # at most the last batch's scalars, freed on return
 
 
+@pytest.mark.parametrize("arch", ["gemma3_text", "gemma2", "phi3"])
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-def test_gemma3_windows_in_16_bit_stay_as_close_to_float32_as_mlx_lm(dtype):
-    """Gemma 3 in a Mac's compute dtypes (float16 takes its clipped residuals), sliding windows in the
-    shared-prefix layout (Metal's) and the packed one: summed completion log-probs stray from the
-    float32 forward by at most 1.5 times what mlx-lm's own forward in that dtype strays."""
+def test_new_architectures_in_16_bit_stay_as_close_to_float32_as_mlx_lm(arch, dtype):
+    """Gemma 3 (float16 takes its clipped residuals; sliding windows), Gemma 2 (soft-capped attention
+    on grouped heads) and Phi-3 in a Mac's compute dtypes, in the shared-prefix layout (Metal's) and
+    the packed one: summed completion log-probs stray from the float32 forward by at most 1.5 times
+    what mlx-lm's own forward in that dtype strays."""
     from test_blocks import adapted, long_pairs, oracle
 
-    model = adapted("gemma3_text")
+    model = adapted(arch)
     pairs = long_pairs(model.args.vocab_size)
     ref = np.array(oracle(model, pairs))
     model.set_dtype(dtype, lambda d: mx.issubdtype(d, mx.floating))
