@@ -234,10 +234,11 @@ class BatchSampler:
         self.shuffle = shuffle and not sequential
         self.state = SamplerState(seed=seed)
         self.shapes = shapes or ShapePlan(pairs, "unshared", max_cells=16)
-        cell_of = np.array(self.shapes.assign(pairs))
-        self.members = [np.flatnonzero(cell_of == k) for k in range(len(self.shapes.cells))]
         if sequential:  # one group in data order: the batches are the consecutive rows
             self.members = [np.arange(len(pairs))]
+        else:
+            cell_of = np.array(self.shapes.assign(pairs))
+            self.members = [np.flatnonzero(cell_of == k) for k in range(len(self.shapes.cells))]
         leftover = sum(len(m) % batch_size for m in self.members)
         self.num_batches = sum(len(m) // batch_size for m in self.members) + leftover // batch_size
         self._epoch: Optional[Tuple[int, List[List[int]]]] = None

@@ -32,8 +32,8 @@ def evaluate(model, eval_step: Callable, pairs: List[TokenizedPair], cfg: DPOCon
     bs = cfg.eval_batch_size or cfg.batch_size
     totals: Dict[str, float] = {}
     weights: Dict[str, float] = {}
-    count, tic = 0, time.perf_counter()
-    for indices in eval_batches(pairs, bs, cfg.max_eval_batches, sequential=kto.is_unpaired(cfg)):
+    count, tic, rows = 0, time.perf_counter(), kto.is_unpaired(cfg)  # unpaired rows: TRL's sequential batches
+    for indices in eval_batches(pairs, bs, cfg.max_eval_batches, sequential=rows):
         batch = collate(pairs, indices)
         loss, metrics = eval_step(to_device(batch, "eval"), loss_state)
         mx.eval(loss, metrics)
@@ -45,7 +45,7 @@ def evaluate(model, eval_step: Callable, pairs: List[TokenizedPair], cfg: DPOCon
         count += n
     model.train(was_training)
     release_cache()  # the eval batches' buffers: shapes the training step does not reuse
-    log(f"evaluation: {count} {'rows' if kto.is_unpaired(cfg) else 'pairs'} in {time.perf_counter() - tic:.1f} s")
+    log(f"evaluation: {count} {'rows' if rows else 'pairs'} in {time.perf_counter() - tic:.1f} s")
     return {f"eval_{k}": v / weights[k] for k, v in totals.items()}
 
 

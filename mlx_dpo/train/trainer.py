@@ -165,9 +165,10 @@ class DPOTrainer(TrainingLoop):
                                 batch_size=cfg.batch_size * self.ranks, passes=passes)
         self.sampler = BatchSampler(self.train_pairs, cfg.batch_size, cfg.seed, shapes=self.shapes,
                                     rank=self.rank, ranks=self.ranks, sequential=kto.is_unpaired(cfg))
-        leftover = unpaired.leftover_warning(len(self.train_pairs), cfg.batch_size, self.ranks)
-        if kto.is_unpaired(cfg) and leftover:
-            self.log(leftover)
+        if kto.is_unpaired(cfg):
+            leftover = unpaired.leftover_warning(len(self.train_pairs), cfg.batch_size, self.ranks)
+            if leftover:
+                self.log(leftover)
 
     def _build_optimizer(self) -> None:
         cfg = self.cfg
