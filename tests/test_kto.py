@@ -387,3 +387,19 @@ def test_evaluation_takes_trls_sequential_batches(llama_dir, feedback_file, tmp_
         loss, _ = oracle(pol, ref, kl_pol, kl_ref, np.array([r.label for r in batch], float), "kto", 0.1, 1.2, 1.0)
         want.append(loss), weights.append(len(batch))
     assert metrics["eval_loss"] == pytest.approx(np.average(want, weights=weights), rel=1e-5)
+
+
+def test_loading_unpaired_rows_speaks_of_rows(llama_dir, toy_tokenizer, toy_data_dir, tmp_path):
+    """The load summary and the duplicate warning of an unpaired file count rows (prompt, completion and
+    label), with no chosen == rejected to skip (an unpaired row's completion stands in both fields)."""
+    from helpers import feedback_rows
+    from mlx_dpo.data import load_datasets
+
+    rows = feedback_rows(toy_data_dir, 6)
+    path = _write(tmp_path / "fb.jsonl", rows + rows[:2] + [{**rows[2], "label": not rows[2]["label"]}])
+    lines = []
+    train, _ = load_datasets(DPOConfig(model=str(llama_dir), data=str(path), loss_type="kto",
+                                       cache_dir=str(tmp_path / "cache")), toy_tokenizer, log=lines.append)
+    assert len(train) == 9 and lines[0] == "train: 9 rows (0 truncated, 0 dropped as too long)"
+    assert lines[1] == ("warning: train: 2 exact-duplicate rows (the same prompt, completion and label as an earlier "
+                        "row); they are kept and weigh more; remove them if that is not intended")

@@ -86,9 +86,12 @@ def load_records(cfg: DPOConfig, plan: Optional[dict] = None) -> Tuple[List[Row]
     return train, evals
 
 
-def _summary(name: str, s: dict) -> str:
-    text = f"{name}: {s['kept']} pairs ({s['truncated']} truncated, {s['dropped_too_long']} dropped as too long, "
-    text += f"{s['dropped_identical']} skipped with chosen == rejected"
+def _summary(name: str, s: dict, unpaired: bool = False) -> str:
+    """The set's counts; unpaired rows (a completion and a label) have no chosen == rejected to skip."""
+    text = f"{name}: {s['kept']} {'rows' if unpaired else 'pairs'} ({s['truncated']} truncated, "
+    text += f"{s['dropped_too_long']} dropped as too long"
+    if not unpaired:
+        text += f", {s['dropped_identical']} skipped with chosen == rejected"
     if s.get("dropped_no_prompt"):
         text += f", {s['dropped_no_prompt']} skipped with no prompt (no implicit prompt to extract, or 0 prompt tokens)"
     return text + ")"
@@ -123,12 +126,15 @@ def load_datasets(cfg: DPOConfig, tokenizer, log=print) -> Tuple[List[TokenizedP
     else:
         train, evals, stats = _tokenize_and_cache(cfg, tokenizer, plan, path, log)
         source = ""
+    unpaired = bool(train) and train[0].label is not None  # prompt/completion/label rows (data/unpaired.py)
+    fields = "prompt, completion and label as an earlier row" if unpaired else \
+        "prompt, chosen and rejected as an earlier pair"
     for name in ("train", "eval"):
         if stats.get(name):
-            log(_summary(name, stats[name]) + source)
+            log(_summary(name, stats[name], unpaired) + source)
         if (stats.get(name) or {}).get("duplicates"):
-            log(f"warning: {name}: {stats[name]['duplicates']} exact-duplicate pairs (the same prompt, chosen and "
-                f"rejected as an earlier pair); they are kept and weigh more; remove them if that is not intended")
+            log(f"warning: {name}: {stats[name]['duplicates']} exact-duplicate {'rows' if unpaired else 'pairs'} "
+                f"(the same {fields}); they are kept and weigh more; remove them if that is not intended")
         if (stats.get(name) or {}).get("prompt_end_dropped"):
             log(f"warning: {name}: in {stats[name]['prompt_end_dropped']} pairs the chat template renders the prompt "
                 "alone differently from the conversation (e.g. a thinking template's empty think block); as TRL 1.16 "
